@@ -1,0 +1,1 @@
+"""newfuse: an event-sourced agent-to-agent message bus on NATS JetStream."""

@@ -1,0 +1,5 @@
+"""`python -m newfuse` runs the `fuse` command."""
+
+from newfuse.cli import main
+
+raise SystemExit(main())

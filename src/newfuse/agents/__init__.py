@@ -1,0 +1,1 @@
+"""Agents: runtime, registry, health, task queues, result aggregation, review, model providers."""

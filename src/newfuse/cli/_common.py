@@ -1,0 +1,155 @@
+"""What every `fuse` subcommand shares: settings, the `fuse dev` state file, tables, progress."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from newfuse.config import Settings
+from newfuse.errors import NoDevServerError
+
+DEV_STATE_FILE = "dev.json"
+
+
+class DevState(msgspec.Struct, frozen=True, kw_only=True):
+    """What a running `fuse dev` records so other commands find its servers."""
+
+    pid: int
+    nats_url: str
+    redis_url: str
+    data_dir: str
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """defaults < FUSE_* environment < global flags."""
+    return Settings.from_env(
+        nats_url=getattr(args, "nats", None),
+        redis_url=getattr(args, "redis", None),
+        store=getattr(args, "store", None),
+        prefix=getattr(args, "prefix", None),
+    )
+
+
+def dev_state_path(settings: Settings) -> Path:
+    return Path(settings.state_dir) / DEV_STATE_FILE
+
+
+def read_dev_state(settings: Settings) -> DevState | None:
+    """The state of a `fuse dev` that is still running, or None."""
+    path = dev_state_path(settings)
+    try:
+        state = msgspec.json.decode(path.read_bytes(), type=DevState)
+    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    try:
+        os.kill(state.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return state
+
+
+def write_dev_state(settings: Settings, state: DevState) -> Path:
+    path = dev_state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(state))
+    tmp.replace(path)
+    return path
+
+
+def resolve_nats_url(settings: Settings) -> str:
+    """FUSE_NATS_URL / --nats, else the running `fuse dev`'s, else a clear error."""
+    if settings.nats_url:
+        return settings.nats_url
+    state = read_dev_state(settings)
+    if state is None:
+        raise NoDevServerError(what="NATS server", state_file=str(dev_state_path(settings)))
+    return state.nats_url
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """FUSE_REDIS_URL / --redis, else the running `fuse dev`'s, else a clear error."""
+    if settings.redis_url:
+        return settings.redis_url
+    state = read_dev_state(settings)
+    if state is None:
+        raise NoDevServerError(what="Redis server", state_file=str(dev_state_path(settings)))
+    return state.redis_url
+
+
+def resolve_store_url(settings: Settings) -> str:
+    """FUSE_STORE / --store, else JetStream on the resolved NATS URL."""
+    return settings.store or resolve_nats_url(settings)
+
+
+def print_table(
+    rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO = sys.stdout
+) -> None:
+    """A plain aligned table for people; long cells are cut to fit the terminal."""
+    width = shutil.get_terminal_size((160, 24)).columns
+    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    budget = max(width - 2 * (len(headers) - 1), 20)
+    while sum(widths) > budget and max(widths) > 12:
+        widest = widths.index(max(widths))
+        widths[widest] -= 1
+    for index, row in enumerate(cells):
+        line = "  ".join(
+            (c if len(c) <= w else c[: w - 1] + "…").ljust(w)
+            for c, w in zip(row, widths, strict=True)
+        )
+        out.write(line.rstrip() + "\n")
+        if index == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+class Progress:
+    """A progress line on stderr for long operations (only when stderr is a terminal, or forced).
+
+    `total` may be unknown (None): then it counts and shows a rate.
+    """
+
+    def __init__(
+        self, label: str, total: int | None = None, *, enabled: bool | None = None
+    ) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._started = time.monotonic()
+        self._last_draw = 0.0
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and now - self._last_draw >= 0.1:
+            self._last_draw = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            fraction = min(self.done / self.total, 1.0)
+            bar = "#" * int(fraction * 30)
+            text = f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:,.0f}/s"
+        else:
+            text = f"\r{self.label} {self.done} {rate:,.0f}/s"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -1,0 +1,1 @@
+"""Transactions across agents: sagas, compensation, locks and deadlock detection; the Bus facade."""

@@ -1,0 +1,242 @@
+"""The FuseError hierarchy: one base, one subclass per failure, each naming what went wrong.
+
+Every error carries the facts as attributes (so programs need not parse messages) and says
+whether retrying can help (`retryable`). Consumers map that mechanically: retryable -> nak with
+a delay; not retryable -> terminate and record a dead letter.
+
+This module is a leaf: it imports nothing of newfuse, and every layer may import it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class FuseError(Exception):
+    """Base of every error newfuse raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+
+
+# -- configuration and servers -------------------------------------------------------------------
+
+
+class ConfigError(FuseError, ValueError):
+    """A setting has a value newfuse cannot use."""
+
+    def __init__(self, *, variable: str, value: object, reason: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{variable}={value!r}: {reason}")
+
+
+class ServerStartError(FuseError):
+    """An embedded server (nats-server, valkey-server) did not start; quotes its log."""
+
+    def __init__(self, *, server: str, reason: str, log_tail: str = "") -> None:
+        self.server = server
+        self.reason = reason
+        self.log_tail = log_tail
+        message = f"{server} did not start: {reason}"
+        if log_tail:
+            quoted = "\n".join(f"    {line}" for line in log_tail.splitlines())
+            message += f"\nlast lines of its log:\n{quoted}"
+        super().__init__(message)
+
+
+class ServerNotFoundError(FuseError):
+    """No binary for an embedded server could be found."""
+
+    def __init__(self, *, server: str, looked_in: list[str], hint: str) -> None:
+        self.server = server
+        self.looked_in = looked_in
+        super().__init__(f"no {server} binary found (looked in: {', '.join(looked_in)}); {hint}")
+
+
+class NoDevServerError(FuseError):
+    """A command needs servers, none is configured and no `fuse dev` is running."""
+
+    def __init__(self, *, what: str, state_file: str) -> None:
+        self.what = what
+        self.state_file = state_file
+        super().__init__(
+            f"no {what} configured and no running `fuse dev` found (looked at {state_file}); "
+            f"start one with `fuse dev` in another terminal, or set FUSE_NATS_URL / FUSE_REDIS_URL"
+        )
+
+
+class ConnectionLostError(FuseError):
+    """A server could not be reached within the deadline."""
+
+    retryable = True
+
+    def __init__(self, *, server: str, url: str, reason: str) -> None:
+        self.server = server
+        self.url = url
+        super().__init__(f"{server} at {url} is unreachable: {reason}")
+
+
+# -- names and schemas -----------------------------------------------------------------------------
+
+
+class InvalidNameError(FuseError, ValueError):
+    """A stream, category, id, agent or queue name breaks the naming rules of the wire contract."""
+
+    def __init__(self, *, kind: str, name: str, reason: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.reason = reason
+        super().__init__(f"invalid {kind} {name!r}: {reason}")
+
+
+class SchemaError(FuseError):
+    """Base of the errors about event types, schema versions and payloads."""
+
+
+class UnknownTypeError(SchemaError, LookupError):
+    """An event type is not registered where it must be (a strict category, an upcaster, ...)."""
+
+    def __init__(self, *, type_name: str, context: str = "") -> None:
+        self.type_name = type_name
+        where = f" ({context})" if context else ""
+        super().__init__(
+            f"event type {type_name!r} is not registered{where}; register a payload struct for "
+            f"it with SchemaRegistry.register"
+        )
+
+
+class UnknownVersionError(SchemaError, LookupError):
+    """A type is registered but not at the schema version asked for, and no upcaster reaches it."""
+
+    def __init__(self, *, type_name: str, version: int, known: list[int]) -> None:
+        self.type_name = type_name
+        self.version = version
+        self.known = known
+        super().__init__(
+            f"event type {type_name!r} has no schema version {version} "
+            f"(known versions: {', '.join(map(str, known)) or 'none'}); register it, or an "
+            f"upcaster from it"
+        )
+
+
+class InvalidPayloadError(SchemaError, ValueError):
+    """A payload does not match the schema of its type and version."""
+
+    def __init__(self, *, type_name: str, version: int, path: str, reason: str) -> None:
+        self.type_name = type_name
+        self.version = version
+        self.path = path
+        self.reason = reason
+        super().__init__(f"invalid payload for {type_name!r} v{version} at {path}: {reason}")
+
+
+class InvalidEnvelopeError(SchemaError, ValueError):
+    """A message on an event subject is not a valid newfuse envelope."""
+
+    def __init__(self, *, where: str, path: str, reason: str) -> None:
+        self.where = where
+        self.path = path
+        self.reason = reason
+        super().__init__(f"invalid envelope {where} at {path}: {reason}")
+
+
+# -- event store -----------------------------------------------------------------------------------
+
+
+class EventStoreError(FuseError):
+    """Base of the event store's errors."""
+
+
+class WrongExpectedVersionError(EventStoreError):
+    """An append's expected version does not match the stream; nothing was written."""
+
+    def __init__(self, *, stream: str, expected: str | int, actual: int) -> None:
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+        expected_text = f"version {expected}" if isinstance(expected, int) else str(expected)
+        actual_text = f"at version {actual}" if actual else "empty (no stream)"
+        super().__init__(
+            f"append to {stream!r}: expected {expected_text}, stream is {actual_text}; "
+            f"read the stream and retry with its current version"
+        )
+
+
+class DuplicateEventError(EventStoreError):
+    """An event id was appended before with other content or at another place."""
+
+    def __init__(self, *, stream: str, event_id: str, reason: str) -> None:
+        self.stream = stream
+        self.event_id = event_id
+        super().__init__(f"append to {stream!r}: event id {event_id} {reason}")
+
+
+class BatchTooLargeError(EventStoreError, ValueError):
+    """An append carries more events than one atomic batch may hold."""
+
+    def __init__(self, *, stream: str, size: int, limit: int) -> None:
+        self.stream = stream
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"append to {stream!r}: {size} events in one batch, the limit is {limit}; "
+            f"split the append"
+        )
+
+
+class AtomicBatchUnsupportedError(EventStoreError):
+    """The server cannot store several events atomically (nats-server older than 2.12)."""
+
+    def __init__(self, *, stream: str, server_version: str) -> None:
+        self.stream = stream
+        self.server_version = server_version
+        super().__init__(
+            f"append to {stream!r}: several events need JetStream atomic batch publish "
+            f"(nats-server >= 2.12), the server is {server_version}; nothing was written — "
+            f"append one event per call or upgrade the server"
+        )
+
+
+class StreamConfigError(EventStoreError):
+    """The JetStream stream exists with a configuration newfuse cannot use; it is not changed."""
+
+    def __init__(self, *, stream: str, field: str, wanted: object, actual: object) -> None:
+        self.stream = stream
+        self.field = field
+        self.wanted = wanted
+        self.actual = actual
+        super().__init__(
+            f"JetStream stream {stream!r} exists with {field}={actual!r}, newfuse needs "
+            f"{wanted!r}; it was left unchanged — update it yourself (nats stream edit) or use "
+            f"another prefix"
+        )
+
+
+class StoreUnavailableError(EventStoreError):
+    """The store's server did not answer in time; the operation may be retried."""
+
+    retryable = True
+
+    def __init__(self, *, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"{operation}: event store unavailable: {reason}")
+
+
+class UnsupportedStoreError(EventStoreError, ValueError):
+    """A store URL names a scheme no backend handles."""
+
+    def __init__(self, *, url: str) -> None:
+        self.url = url
+        super().__init__(
+            f"no event store backend for {url!r}; use nats://host:port, sqlite:///path/to/file.db "
+            f"or sqlite://:memory:"
+        )
+
+
+class StoreClosedError(EventStoreError):
+    """The store was used after close()."""
+
+    def __init__(self, *, store: str) -> None:
+        super().__init__(f"{store} is closed")

@@ -1,0 +1,66 @@
+"""The event store: one contract (base.py), backends by technology, a factory choosing by URL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from newfuse.errors import UnsupportedStoreError
+from newfuse.eventstore.base import (
+    ANY,
+    MAX_BATCH,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    EventFilter,
+    EventStore,
+    Expected,
+    ExpectedVersion,
+    InvalidEventReport,
+    Subscription,
+    parse_expected,
+)
+from newfuse.schemas import SchemaRegistry
+
+
+async def open_event_store(
+    url: str,
+    *,
+    prefix: str = "fuse",
+    registry: SchemaRegistry | None = None,
+    **options: Any,
+) -> EventStore:
+    """Open the backend that `url` names; backends are imported only when used.
+
+    - `nats://host:port` (several comma separated): JetStream, subjects under `prefix`;
+    - `sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`: SQLite.
+    """
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in ("nats", "tls"):
+        from newfuse.eventstore.jetstream import JetStreamEventStore
+
+        return await JetStreamEventStore.connect(url, prefix=prefix, registry=registry, **options)
+    if scheme == "sqlite":
+        from newfuse.eventstore.sqlite import SQLiteEventStore
+
+        path = url[len("sqlite://") :]
+        if not path:
+            raise UnsupportedStoreError(url=url)
+        return await SQLiteEventStore.open(path, registry=registry, **options)
+    raise UnsupportedStoreError(url=url)
+
+
+__all__ = [
+    "ANY",
+    "MAX_BATCH",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendResult",
+    "EventFilter",
+    "EventStore",
+    "Expected",
+    "ExpectedVersion",
+    "InvalidEventReport",
+    "Subscription",
+    "open_event_store",
+    "parse_expected",
+]

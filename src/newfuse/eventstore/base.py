@@ -1,0 +1,447 @@
+"""The EventStore contract every backend honours, and the parts all backends share.
+
+A backend subclasses EventStore and implements the protected `_append`, `_read`, `_read_all`,
+`_head_position`, `_stream_version` and `_close`; the public methods validate input, encode
+payloads and decode envelopes once, here, so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Self
+
+import msgspec
+
+from newfuse.errors import (
+    BatchTooLargeError,
+    FuseError,
+    InvalidEnvelopeError,
+    SchemaError,
+    StoreClosedError,
+    UnknownTypeError,
+)
+from newfuse.schemas import (
+    ENVELOPE_DECODER,
+    ENVELOPE_ENCODER,
+    Envelope,
+    NewEvent,
+    RecordedEvent,
+    SchemaRegistry,
+    StreamName,
+    TraceContext,
+    default_registry,
+    utcnow,
+)
+
+log = logging.getLogger("newfuse.eventstore")
+
+MAX_BATCH = 1000
+"""Most events one append may carry (JetStream's atomic batch limit, ADR-50; kept for all)."""
+
+
+class ExpectedVersion(enum.Enum):
+    """Expectations about a stream's version other than an exact number."""
+
+    ANY = "any"
+    NO_STREAM = "no-stream"
+    STREAM_EXISTS = "stream-exists"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ANY = ExpectedVersion.ANY
+NO_STREAM = ExpectedVersion.NO_STREAM
+STREAM_EXISTS = ExpectedVersion.STREAM_EXISTS
+
+Expected = int | ExpectedVersion
+
+
+def parse_expected(value: str | int | ExpectedVersion) -> Expected:
+    """`3`, `"3"`, `"any"`, `"no-stream"` or `"stream-exists"` -> an expected version."""
+    if isinstance(value, ExpectedVersion):
+        return value
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str):
+        if value.isdigit():
+            return int(value)
+        for member in ExpectedVersion:
+            if member.value == value:
+                return member
+    raise ValueError(
+        f"expected version {value!r}: use a number >= 0, 'any', 'no-stream' or 'stream-exists'"
+    )
+
+
+def check_expected(stream: str, expected: Expected, actual: int) -> bool:
+    """True if a stream at `actual` meets `expected` (0 means the stream has no events)."""
+    if expected is ANY:
+        return True
+    if expected is NO_STREAM:
+        return actual == 0
+    if expected is STREAM_EXISTS:
+        return actual > 0
+    return actual == expected
+
+
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an append put its events: versions in the stream, global positions, ids."""
+
+    stream: str
+    first_version: int
+    last_version: int
+    first_position: int
+    last_position: int
+    ids: tuple[str, ...]
+
+    @property
+    def version(self) -> int:
+        """The stream's version after the append (its last event's version)."""
+        return self.last_version
+
+    @property
+    def position(self) -> int:
+        """The global position of the append's last event."""
+        return self.last_position
+
+
+class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Which events to read or subscribe to; empty fields match everything.
+
+    Streams and categories narrow on the server (they are subjects in JetStream); types and
+    correlation ids are checked against each envelope.
+    """
+
+    streams: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    correlation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for stream in self.streams:
+            StreamName.parse(stream)
+        for category in self.categories:
+            StreamName.parse(f"{category}.x")
+
+    def matches(self, envelope: Envelope) -> bool:
+        if self.streams and envelope.stream not in self.streams:
+            return False
+        if self.categories and envelope.stream.partition(".")[0] not in self.categories:
+            return False
+        if self.types and envelope.type not in self.types:
+            return False
+        return self.correlation_id is None or envelope.correlation_id == self.correlation_id
+
+
+class InvalidEventReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored message that is not a valid event: where it is and what is wrong with it."""
+
+    position: int
+    where: str
+    error: str
+
+
+class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event checked and encoded for appending, waiting for its version in the stream."""
+
+    id: str
+    type: str
+    schema_version: int
+    data: bytes
+    timestamp: datetime
+    correlation_id: str | None
+    causation_id: str | None
+    trace: TraceContext | None
+    metadata: dict[str, str]
+
+    def envelope(self, stream: str, version: int) -> Envelope:
+        return Envelope(
+            id=self.id,
+            stream=stream,
+            type=self.type,
+            schema_version=self.schema_version,
+            version=version,
+            timestamp=self.timestamp,
+            correlation_id=self.correlation_id,
+            causation_id=self.causation_id,
+            trace=self.trace,
+            metadata=self.metadata,
+            data=msgspec.Raw(self.data),
+        )
+
+    def encode(self, stream: str, version: int) -> bytes:
+        """The wire body: the envelope's UTF-8 JSON."""
+        return ENVELOPE_ENCODER.encode(self.envelope(stream, version))
+
+
+InvalidEventHandler = Callable[[InvalidEventReport], None]
+
+
+def _log_invalid(report: InvalidEventReport) -> None:
+    log.warning(
+        "skipped invalid event at position %d (%s): %s", report.position, report.where, report.error
+    )
+
+
+class Subscription:
+    """A live feed of events: catch-up from a position, then new events as they are stored.
+
+    Use as `async with store.subscribe(...) as sub: async for event in sub: ...`.
+    """
+
+    def __init__(self, source: AsyncIterator[RecordedEvent]) -> None:
+        self._source = source
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> RecordedEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        return await anext(self._source)
+
+    async def close(self) -> None:
+        """Stop the feed and release its consumer. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class EventStore(abc.ABC):
+    """An append-only log of events, grouped in streams named `<category>.<id>`.
+
+    Versions count from 1 within a stream; positions are global and monotonic. Every backend
+    passes the same conformance suite (tests/conformance).
+    """
+
+    max_batch: int = MAX_BATCH
+
+    def __init__(
+        self,
+        *,
+        registry: SchemaRegistry | None = None,
+        on_invalid: InvalidEventHandler | None = None,
+    ) -> None:
+        self.registry = registry or default_registry()
+        self.on_invalid: InvalidEventHandler = on_invalid or _log_invalid
+        self._closed = False
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent] | NewEvent,
+        expected_version: Expected = ANY,
+    ) -> AppendResult:
+        """Append events to `stream`, all or nothing.
+
+        Args:
+            stream: `<category>.<id>`.
+            events: one event or several (stored atomically, in order).
+            expected_version: a version number, or ANY / NO_STREAM / STREAM_EXISTS.
+
+        Returns:
+            Where the events went. Appending the same event ids again returns the first result.
+
+        Raises:
+            WrongExpectedVersionError: the stream is not at `expected_version`; nothing written.
+            InvalidNameError, SchemaError, BatchTooLargeError: bad input; nothing written.
+        """
+        self._check_open()
+        name = StreamName.parse(stream)
+        batch = [events] if isinstance(events, NewEvent) else list(events)
+        if not batch:
+            raise ValueError(f"append to {stream!r}: no events given")
+        if len(batch) > self.max_batch:
+            raise BatchTooLargeError(stream=stream, size=len(batch), limit=self.max_batch)
+        if isinstance(expected_version, int) and expected_version < 0:
+            raise ValueError(f"append to {stream!r}: expected version must be >= 0")
+        prepared = [self._prepare(name, event) for event in batch]
+        return await self._append(str(name), prepared, expected_version)
+
+    def _prepare(self, stream: StreamName, event: NewEvent) -> PreparedEvent:
+        type_name, version = event.type, event.schema_version
+        if isinstance(event.data, msgspec.Struct) and (type_name is None or version is None):
+            registered_type, registered_version = self.registry.type_of(event.data)
+            type_name = type_name or registered_type
+            version = version or registered_version
+        if type_name is None:
+            raise SchemaError(
+                f"append to {stream}: event {event.id} has no type; give NewEvent(type=...) or "
+                f"a registered payload struct"
+            )
+        StreamName.parse(f"x.{type_name}")  # type names follow the token rules but may hold dots
+        if version is None:
+            version = (
+                self.registry.latest_version(type_name)
+                if self.registry.is_registered(type_name)
+                else 1
+            )
+        if self.registry.is_strict(stream.category) and not self.registry.is_registered(type_name):
+            raise UnknownTypeError(
+                type_name=type_name, context=f"category {stream.category!r} is strict"
+            )
+        return PreparedEvent(
+            id=event.id,
+            type=type_name,
+            schema_version=version,
+            data=self.registry.encode(type_name, version, event.data),
+            timestamp=utcnow(),
+            correlation_id=event.correlation_id,
+            causation_id=event.causation_id,
+            trace=event.trace,
+            metadata=event.metadata,
+        )
+
+    @abc.abstractmethod
+    async def _append(
+        self, stream: str, events: list[PreparedEvent], expected: Expected
+    ) -> AppendResult: ...
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read(
+        self,
+        stream: str,
+        from_version: int = 1,
+        limit: int | None = None,
+        *,
+        backwards: bool = False,
+    ) -> AsyncIterator[RecordedEvent]:
+        """The events of one stream in version order (or reversed), from `from_version`.
+
+        Backwards, `from_version` is the highest version wanted (default: the last).
+        """
+        self._check_open()
+        StreamName.parse(stream)
+        if limit is not None and limit < 0:
+            raise ValueError(f"read {stream!r}: limit must be >= 0, got {limit}")
+        return self._read(stream, from_version, limit, backwards)
+
+    @abc.abstractmethod
+    def _read(
+        self, stream: str, from_version: int, limit: int | None, backwards: bool
+    ) -> AsyncIterator[RecordedEvent]: ...
+
+    def read_all(
+        self,
+        from_position: int = 1,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        filter: EventFilter | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event in position order from `from_position` (or from the first at/after
+        `since`), up to `until`, matching `filter`; stops at the head as it was when called."""
+        self._check_open()
+        return self._read_all(max(from_position, 1), since, until, filter or EventFilter(), limit)
+
+    @abc.abstractmethod
+    def _read_all(
+        self,
+        from_position: int,
+        since: datetime | None,
+        until: datetime | None,
+        filter: EventFilter,
+        limit: int | None,
+    ) -> AsyncIterator[RecordedEvent]: ...
+
+    def subscribe(self, filter: EventFilter | None = None, from_position: int = 1) -> Subscription:
+        """Catch up from `from_position`, then follow new events live: in order, no gaps, no
+        duplicates, across reconnects. Close it (or use `async with`) to stop."""
+        self._check_open()
+        return Subscription(self._subscribe(filter or EventFilter(), max(from_position, 1)))
+
+    @abc.abstractmethod
+    def _subscribe(
+        self, filter: EventFilter, from_position: int
+    ) -> AsyncIterator[RecordedEvent]: ...
+
+    async def head_position(self) -> int:
+        """The global position of the newest event (0 when the store is empty)."""
+        self._check_open()
+        return await self._head_position()
+
+    @abc.abstractmethod
+    async def _head_position(self) -> int: ...
+
+    async def stream_version(self, stream: str) -> int:
+        """The version of the newest event of `stream` (0 when it has none)."""
+        self._check_open()
+        StreamName.parse(stream)
+        return await self._stream_version(stream)
+
+    @abc.abstractmethod
+    async def _stream_version(self, stream: str) -> int: ...
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def decode(self, body: bytes, position: int, where: str) -> RecordedEvent | None:
+        """Decode a stored body into a RecordedEvent; report and return None if it is invalid."""
+        try:
+            envelope = ENVELOPE_DECODER.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            text = str(error)
+            path = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else "$"
+            self.on_invalid(
+                InvalidEventReport(
+                    position=position,
+                    where=where,
+                    error=str(InvalidEnvelopeError(where=where, path=path, reason=text)),
+                )
+            )
+            return None
+        try:
+            data = self.registry.decode(envelope.type, envelope.schema_version, envelope.data)
+        except FuseError as error:
+            self.on_invalid(InvalidEventReport(position=position, where=where, error=str(error)))
+            return None
+        return RecordedEvent(position=position, envelope=envelope, data=data)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(store=type(self).__name__)
+
+    async def close(self) -> None:
+        """Release connections and background tasks. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._close()
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

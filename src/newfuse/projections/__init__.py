@@ -1,0 +1,1 @@
+"""Projections: runner, checkpoints, rebuild, lag; built-in read models (agent state, audit)."""
