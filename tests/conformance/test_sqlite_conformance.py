@@ -1,0 +1,26 @@
+"""The event store contract on the SQLite backend (a file per test, as several processes see it)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from contract import EventStoreContract, StoreFactory
+
+from newfuse.eventstore import EventStore, open_event_store
+
+
+class TestSQLiteEventStore(EventStoreContract):
+    @pytest.fixture
+    async def open_store(self, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+        opened: list[EventStore] = []
+
+        async def factory() -> EventStore:
+            store = await open_event_store(f"sqlite://{tmp_path / 'events.db'}")
+            opened.append(store)
+            return store
+
+        yield factory
+        for store in opened:
+            await store.close()
