@@ -240,3 +240,84 @@ class StoreClosedError(EventStoreError):
 
     def __init__(self, *, store: str) -> None:
         super().__init__(f"{store} is closed")
+
+
+# -- schema registration (appended with the JSON Schema export) -----------------------------------
+
+
+class SchemaRegistrationError(SchemaError, ValueError):
+    """A payload struct or upcaster cannot be registered as asked; the registry is unchanged."""
+
+    def __init__(self, *, type_name: str, version: int, reason: str) -> None:
+        self.type_name = type_name
+        self.version = version
+        self.reason = reason
+        super().__init__(f"cannot register {type_name!r} v{version}: {reason}")
+
+
+class MissingUpcasterError(UnknownVersionError):
+    """An old schema version of a type has no chain of upcasters up to the newest version."""
+
+    def __init__(
+        self, *, type_name: str, version: int, known: list[int], missing_from: int, newest: int
+    ) -> None:
+        self.type_name = type_name
+        self.version = version
+        self.known = known
+        self.missing_from = missing_from
+        self.newest = newest
+        SchemaError.__init__(
+            self,
+            f"event type {type_name!r} v{version} cannot be upcast to v{newest}: no upcaster "
+            f"from v{missing_from} to v{missing_from + 1} (known versions: "
+            f"{', '.join(map(str, known)) or 'none'}); register one with "
+            f"@registry.upcaster({type_name!r}, {missing_from})",
+        )
+
+
+# -- JetStream publish answers (mapped from API error codes in newfuse.nats.jserrors) --------------
+
+
+class PublishRejectedError(EventStoreError):
+    """JetStream answered a publish with an API error that no more specific error covers."""
+
+    def __init__(self, *, subject: str, code: int, err_code: int, description: str) -> None:
+        self.subject = subject
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        super().__init__(
+            f"JetStream refused the publish to {subject!r}: {description} (status {code}, "
+            f"err_code {err_code}); nothing was stored — check the stream's configuration"
+        )
+
+
+class WrongLastSequenceError(PublishRejectedError):
+    """The subject's last sequence was not the expected one (err_code 10071); nothing stored.
+
+    The event store turns this into WrongExpectedVersionError with the stream's actual version.
+    """
+
+    def __init__(
+        self, *, subject: str, code: int, err_code: int, description: str, last_sequence: int | None
+    ) -> None:
+        self.last_sequence = last_sequence
+        super().__init__(subject=subject, code=code, err_code=err_code, description=description)
+
+
+class BatchDuplicateIdError(PublishRejectedError):
+    """An atomic batch holds a message id seen in the duplicate window (err_code 10201)."""
+
+
+class PublishTimeoutError(StoreUnavailableError):
+    """No answer to a publish in time: the event may or may not be stored; retry with the same
+    event ids (the retry is deduplicated)."""
+
+    def __init__(self, *, subject: str, timeout: float) -> None:
+        self.subject = subject
+        self.timeout = timeout
+        super().__init__(
+            operation=f"publish to {subject!r}",
+            reason=f"no acknowledgement within {timeout:g}s (the event may be stored; retry "
+            f"with the same event ids, retries are deduplicated)",
+        )

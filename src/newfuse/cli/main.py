@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="subject prefix (default: $FUSE_PREFIX or 'fuse')")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from newfuse.cli import dev, events
+    from newfuse.cli import dev, events, schemas
 
-    for module in (dev, events):
+    for module in (dev, events, schemas):
         module.register(commands)
     return parser
 

@@ -8,27 +8,52 @@ from newfuse.schemas.envelope import (
     RecordedEvent,
     TraceContext,
 )
+from newfuse.schemas.export import (
+    JSON_SCHEMA_DIALECT,
+    ExportedSchema,
+    build_export,
+    envelope_schema,
+    export_schemas,
+    payload_schema,
+)
 from newfuse.schemas.ids import new_event_id
-from newfuse.schemas.names import StreamName, check_token
-from newfuse.schemas.payloads import A2AMessage, A2AMetadata, StateUpdate, Transaction, utcnow
+from newfuse.schemas.names import StreamName, check_token, check_type_name
+from newfuse.schemas.payloads import (
+    A2AMessage,
+    A2AMetadata,
+    StateUpdate,
+    Timestamp,
+    Transaction,
+    TransactionStatus,
+    utcnow,
+)
 from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
 
 __all__ = [
     "ENVELOPE_DECODER",
     "ENVELOPE_ENCODER",
+    "JSON_SCHEMA_DIALECT",
     "A2AMessage",
     "A2AMetadata",
     "Envelope",
+    "ExportedSchema",
     "NewEvent",
     "RecordedEvent",
     "SchemaRegistry",
     "StateUpdate",
     "StreamName",
+    "Timestamp",
     "TraceContext",
     "Transaction",
+    "TransactionStatus",
     "Upcaster",
+    "build_export",
     "check_token",
+    "check_type_name",
     "default_registry",
+    "envelope_schema",
+    "export_schemas",
     "new_event_id",
+    "payload_schema",
     "utcnow",
 ]

@@ -7,11 +7,14 @@ global position is not in the body (it is the JetStream sequence, or the SQLite 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from newfuse.schemas.ids import new_event_id
+from newfuse.schemas.payloads import Timestamp
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class TraceContext(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -41,9 +44,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     stream: str
     type: str
-    schema_version: int = 1
-    version: int
-    timestamp: datetime
+    schema_version: PositiveInt = 1
+    version: PositiveInt
+    timestamp: Timestamp
     correlation_id: str | None = None
     causation_id: str | None = None
     trace: TraceContext | None = None

@@ -49,3 +49,43 @@ class StreamName(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.category}.{self.id}"
+
+
+def check_type_name(value: str) -> str:
+    """Return an event type name if it is valid, else raise InvalidNameError naming why.
+
+    A type name is one or more subject tokens joined by dots (`a2a.message`,
+    `agent.state_update`): it travels in the `Fuse-Type` header and names the exported schema
+    file, so the token rules apply to each part, and '/' and '\\' are refused.
+
+    Args:
+        value: the type name to check.
+
+    Returns:
+        `value` unchanged.
+
+    Raises:
+        InvalidNameError: the name is empty, has an empty part (`a..b`, `.a`) or a part breaks the
+            token rules.
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidNameError(kind="event type", name=str(value), reason="it is empty")
+    for separator in ("/", "\\"):
+        if separator in value:
+            raise InvalidNameError(
+                kind="event type",
+                name=value,
+                reason=f"it contains {separator!r} (the name becomes a schema file name)",
+            )
+    for part in value.split("."):
+        if not part:
+            raise InvalidNameError(
+                kind="event type",
+                name=value,
+                reason="it has an empty part (leading, trailing or doubled dot)",
+            )
+        try:
+            check_token(part, kind="event type part")
+        except InvalidNameError as error:
+            raise InvalidNameError(kind="event type", name=value, reason=error.reason) from None
+    return value

@@ -7,9 +7,12 @@ or reordered; a breaking change is a new schema version plus an upcaster (see re
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A timezone-aware datetime: naive values are rejected on decode (JSON Schema `date-time`)."""
 
 
 def utcnow() -> datetime:
@@ -20,7 +23,7 @@ def utcnow() -> datetime:
 class A2AMetadata(msgspec.Struct, frozen=True, kw_only=True):
     """Who sent an A2A message, when, and in which protocol version."""
 
-    timestamp: datetime = msgspec.field(default_factory=utcnow)
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
     sender: str
     protocol_version: str = "1.0"
 
@@ -39,7 +42,7 @@ class StateUpdate(msgspec.Struct, frozen=True, kw_only=True):
     agent_id: str = msgspec.field(name="agentId")
     state: dict[str, Any] = {}
     version: int
-    timestamp: datetime = msgspec.field(default_factory=utcnow)
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
 
 TransactionStatus = Literal["active", "committed", "rolled_back"]
@@ -51,4 +54,4 @@ class Transaction(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     operations: list[dict[str, Any]] = []
     status: TransactionStatus = "active"
-    timestamp: datetime = msgspec.field(default_factory=utcnow)
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
