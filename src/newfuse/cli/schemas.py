@@ -95,7 +95,14 @@ def load_registry(spec: str | None) -> SchemaRegistry:
             variable="--registry", value=spec, reason=f"{module_name} has no {attribute!r}"
         ) from None
     if not isinstance(found, SchemaRegistry) and callable(found):
-        found = found()
+        try:
+            found = found()
+        except Exception as error:
+            raise ConfigError(
+                variable="--registry",
+                value=spec,
+                reason=f"calling it raised {type(error).__name__}: {error}",
+            ) from error
     if not isinstance(found, SchemaRegistry):
         raise ConfigError(
             variable="--registry",
