@@ -1,0 +1,927 @@
+"""The JetStream event store (the default backend): one JetStream stream, one subject per stream.
+
+Every event stream `<category>.<id>` is the subject `<prefix>.ev.<category>.<id>` of one
+JetStream stream (`<PREFIX>_EVENTS`). The global position of an event is its JetStream sequence;
+its version within its stream is in the body (authoritative) and in the `Fuse-Stream-Version`
+header. Optimistic concurrency is checked by the server: every append carries
+`Nats-Expected-Last-Subject-Sequence` = the sequence of the stream's last event, which the store
+keeps in a bounded cache (stream -> version, last sequence) and refreshes from the server (a
+direct get of the subject's last message) on a miss or a conflict. Several events in one append
+are one atomic batch (ADR-50). Reads of one stream use batched direct gets; `read_all` and
+`subscribe` use an ordered push consumer implemented here on the raw client, which recreates
+itself from the last delivered position after a gap, a reconnect or a server restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from newfuse.errors import (
+    AtomicBatchUnsupportedError,
+    BatchDuplicateIdError,
+    DuplicateEventError,
+    PublishTimeoutError,
+    StoreUnavailableError,
+    WrongExpectedVersionError,
+    WrongLastSequenceError,
+)
+from newfuse.eventstore.base import (
+    NO_STREAM,
+    AppendResult,
+    EventFilter,
+    EventStore,
+    Expected,
+    InvalidEventHandler,
+    PreparedEvent,
+    check_expected,
+)
+from newfuse.nats import headers as h
+from newfuse.nats.batch import publish_atomic_batch
+from newfuse.nats.connection import connect
+from newfuse.nats.jserrors import PubAck, decode_pub_ack
+from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
+from newfuse.nats.subjects import Subjects
+from newfuse.schemas import ENVELOPE_DECODER, Envelope, RecordedEvent, SchemaRegistry
+
+log = logging.getLogger("newfuse.eventstore.jetstream")
+
+_DIRECT_BATCH: Final = 256
+"""Messages per batched direct get when reading one stream (ADR-31)."""
+_CACHE_SIZE: Final = 65_536
+"""Streams whose (version, last sequence) the store remembers."""
+_NS: Final = 1_000_000_000
+
+
+class _VersionOnly(msgspec.Struct):
+    version: int
+
+
+_VERSION_DECODER = msgspec.json.Decoder(_VersionOnly)
+
+
+class _StreamInfo(msgspec.Struct):
+    state: dict[str, Any] = {}
+    error: dict[str, Any] | None = None
+
+
+_STREAM_INFO_DECODER = msgspec.json.Decoder(_StreamInfo)
+
+
+class JetStreamEventStore(EventStore):
+    """The event store on NATS JetStream.
+
+    Use `await JetStreamEventStore.connect(url, prefix=...)` (the store owns its connection), or
+    `JetStreamEventStore(nc, prefix=...)` on a client you own (the store does not close it).
+
+    Example:
+        async with await JetStreamEventStore.connect("nats://127.0.0.1:4222") as store:
+            await store.append("agent.r1", NewEvent(type="note", data={"text": "hi"}))
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        prefix: str = "fuse",
+        registry: SchemaRegistry | None = None,
+        on_invalid: InvalidEventHandler | None = None,
+        replicas: int = 1,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+        duplicate_window: float = 120.0,
+        timeout: float = 5.0,
+        heartbeat: float = 1.0,
+        owns_connection: bool = False,
+    ) -> None:
+        """Wrap a connected client; the stream is provisioned on first use (or `ensure_stream`).
+
+        Args:
+            nc: a connected nats-py client.
+            prefix: first token of every subject; also names the JetStream stream.
+            registry: payload schemas (default: the built-in types).
+            on_invalid: called with each stored message that is not a valid event.
+            replicas: JetStream stream replicas.
+            max_age: seconds to keep events (None: forever).
+            max_bytes: stream size limit (None: none).
+            duplicate_window: seconds in which JetStream drops a repeated event id.
+            timeout: seconds allowed for each server answer (and for retries of one append).
+            heartbeat: idle heartbeat of the consumers behind read_all/subscribe; a consumer
+                silent for three heartbeats is recreated from its last position.
+            owns_connection: close `nc` when the store closes.
+        """
+        super().__init__(registry=registry, on_invalid=on_invalid)
+        self.nc = nc
+        self.subjects = Subjects(prefix)
+        self.stream_name = self.subjects.stream_name
+        self._spec = EventStreamSpec(
+            subjects=self.subjects,
+            replicas=replicas,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            duplicate_window=duplicate_window,
+        )
+        self._event_prefix = f"{prefix}.ev."
+        self._timeout = timeout
+        self._heartbeat = heartbeat
+        self._owns = owns_connection
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+        self._atomic = False
+        self._server_version = ""
+        self._cache: dict[str, tuple[int, int]] = {}
+        self._locks: dict[str, list[Any]] = {}
+        self._acks = _AckMux(nc)
+        self._direct = f"$JS.API.DIRECT.GET.{self.stream_name}"
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        prefix: str = "fuse",
+        registry: SchemaRegistry | None = None,
+        name: str = "newfuse-eventstore",
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-answer deadline, as in nats.py's API
+        **options: Any,
+    ) -> JetStreamEventStore:
+        """Connect to NATS, provision the events' stream, and return a store owning the link.
+
+        Args:
+            url: `nats://host:port`, several comma separated.
+            prefix: first token of every subject; also names the JetStream stream.
+            registry: payload schemas (default: the built-in types).
+            name: the connection's name on the server.
+            timeout: seconds for the first connect and for each server answer.
+            **options: the other keyword arguments of the constructor (replicas, max_age,
+                max_bytes, duplicate_window, heartbeat, on_invalid).
+
+        Raises:
+            ConnectionLostError: no server answered.
+            StreamConfigError: the stream exists with a configuration newfuse cannot use.
+        """
+        nc = await connect(url, name=name, timeout=timeout)
+        store = cls(
+            nc, prefix=prefix, registry=registry, timeout=timeout, owns_connection=True, **options
+        )
+        try:
+            await store.ensure_stream()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def ensure_stream(self) -> None:
+        """Provision the JetStream stream (idempotent) and start the acknowledgement inbox."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            state = await ensure_event_stream(self.nc, self._spec, timeout=self._timeout)
+            self._atomic = state.atomic
+            self._server_version = state.server_version or server_version(self.nc)
+            await self._acks.start()
+            self._ready = True
+
+    # -- appending --------------------------------------------------------------------------------
+
+    async def _append(
+        self, stream: str, events: list[PreparedEvent], expected: Expected
+    ) -> AppendResult:
+        if not self._ready:
+            await self.ensure_stream()
+        if len(events) > 1 and not self._atomic:
+            raise AtomicBatchUnsupportedError(
+                stream=stream, server_version=self._server_version or "unknown"
+            )
+        # Appends to one stream from this store go one at a time: they would only conflict.
+        entry = self._locks.get(stream)
+        if entry is None:
+            entry = self._locks[stream] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await self._append_locked(stream, events, expected)
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[stream]
+
+    async def _append_locked(
+        self, stream: str, events: list[PreparedEvent], expected: Expected
+    ) -> AppendResult:
+        subject = self._event_prefix + stream
+        state = self._cache.get(stream)
+        fresh = state is None
+        if state is None:
+            state = await self._fetch_state(stream, subject)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while True:
+            version, seq = state
+            if not check_expected(stream, expected, version):
+                if not fresh:  # the cache may be behind other writers: ask the server
+                    state = await self._fetch_state(stream, subject)
+                    fresh = True
+                    continue
+                return await self._conflict(stream, subject, events, expected, version)
+            try:
+                ack = await self._publish(stream, subject, events, version, seq)
+            except WrongLastSequenceError:
+                if loop.time() > deadline:
+                    raise StoreUnavailableError(
+                        operation=f"append to {stream!r}",
+                        reason=f"the stream kept changing for {self._timeout:g}s of retries",
+                    ) from None
+                state = await self._fetch_state(stream, subject)
+                fresh = True
+                continue
+            except BatchDuplicateIdError:
+                return await self._previous(stream, subject, events, None)
+            except BaseException:
+                self._cache.pop(stream, None)  # the outcome is unknown: ask next time
+                raise
+            count = len(events)
+            if ack.duplicate:
+                return await self._duplicate(stream, subject, events[0], ack.seq, version, seq)
+            self._remember(stream, version + count, ack.seq)
+            return AppendResult(
+                stream=stream,
+                first_version=version + 1,
+                last_version=version + count,
+                first_position=ack.seq - count + 1,
+                last_position=ack.seq,
+                ids=tuple(event.id for event in events),
+            )
+
+    async def _publish(
+        self, stream: str, subject: str, events: list[PreparedEvent], version: int, seq: int
+    ) -> PubAck:
+        if len(events) == 1:
+            event = events[0]
+            body = event.encode(stream, version + 1)
+            data = await self._acks.request(
+                subject, body, _headers(event, version + 1, seq), self._timeout
+            )
+            return decode_pub_ack(data, subject=subject)
+        messages = [
+            (
+                subject,
+                event.encode(stream, version + offset),
+                _headers(event, version + offset, seq if offset == 1 else None),
+            )
+            for offset, event in enumerate(events, 1)
+        ]
+        return await publish_atomic_batch(
+            self.nc, messages, timeout=self._timeout, server_version=self._server_version
+        )
+
+    def _remember(self, stream: str, version: int, seq: int) -> None:
+        cache = self._cache
+        if stream not in cache and len(cache) >= _CACHE_SIZE:
+            del cache[next(iter(cache))]
+        cache[stream] = (version, seq)
+
+    async def _fetch_state(self, stream: str, subject: str) -> tuple[int, int]:
+        """(version, sequence) of the stream's last event, from the server; (0, 0) if empty."""
+        msg = await self._direct_get(f"{self._direct}.{subject}", b"", f"read {stream!r}")
+        if msg is None:
+            state = (0, 0)
+        else:
+            seq = int(msg.headers[h.SEQUENCE]) if msg.headers else 0
+            version = _version_of(msg)
+            if version is None:  # not an envelope (a foreign publisher): the last valid one's
+                version = 0
+                async for found in self._subject_messages(subject, stream):
+                    found_version = _version_of(found)
+                    if found_version is not None:
+                        version = found_version
+            state = (version, seq)
+        self._remember(stream, *state)
+        return state
+
+    async def _conflict(
+        self,
+        stream: str,
+        subject: str,
+        events: list[PreparedEvent],
+        expected: Expected,
+        actual: int,
+    ) -> AppendResult:
+        """The stream does not meet `expected`: a retry of an append that already happened
+        returns its first result (even past the duplicate window); anything else conflicts."""
+        base = expected if isinstance(expected, int) else 0 if expected is NO_STREAM else None
+        if base is not None and base + len(events) <= actual:
+            found = await self._events_from(subject, stream, base + 1, len(events))
+            if [envelope.id for _, envelope in found] == [event.id for event in events]:
+                return _result(stream, found)
+        raise WrongExpectedVersionError(
+            stream=stream,
+            expected=expected if isinstance(expected, int) else str(expected),
+            actual=actual,
+        )
+
+    async def _duplicate(
+        self,
+        stream: str,
+        subject: str,
+        event: PreparedEvent,
+        position: int,
+        version: int,
+        seq: int,
+    ) -> AppendResult:
+        """JetStream dropped a repeated event id (PubAck `duplicate`): return the first result."""
+        if position == seq and version > 0:
+            return _single(stream, event.id, version, position)
+        msg = await self._direct_get(
+            self._direct, msgspec.json.encode({"seq": position}), f"read {stream!r}"
+        )
+        envelope = _envelope_of(msg) if msg is not None else None
+        if envelope is None or envelope.id != event.id:
+            raise DuplicateEventError(
+                stream=stream, event_id=event.id, reason="was stored before and cannot be found"
+            )
+        if envelope.stream != stream:
+            raise DuplicateEventError(
+                stream=stream,
+                event_id=event.id,
+                reason=f"was stored before in stream {envelope.stream!r} at position {position}",
+            )
+        return _single(stream, event.id, envelope.version, position)
+
+    async def _previous(
+        self, stream: str, subject: str, events: list[PreparedEvent], base: int | None
+    ) -> AppendResult:
+        """A batch repeated ids seen within the duplicate window: find the first append."""
+        wanted = [event.id for event in events]
+        found: list[tuple[int, Envelope]] = []
+        async for msg in self._subject_messages(subject, stream):
+            envelope = _envelope_of(msg)
+            if envelope is None:
+                continue
+            if found or envelope.id == wanted[0]:
+                found.append((int(msg.headers[h.SEQUENCE]) if msg.headers else 0, envelope))
+                if len(found) == len(wanted):
+                    break
+        if [envelope.id for _, envelope in found] == wanted:
+            return _result(stream, found)
+        raise DuplicateEventError(
+            stream=stream,
+            event_id=wanted[0],
+            reason="or another id of the batch was appended before, elsewhere or in another "
+            "batch; give new events new ids",
+        )
+
+    async def _events_from(
+        self, subject: str, stream: str, first_version: int, count: int
+    ) -> list[tuple[int, Envelope]]:
+        found: list[tuple[int, Envelope]] = []
+        async for msg in self._subject_messages(subject, stream):
+            envelope = _envelope_of(msg)
+            if envelope is None or envelope.version < first_version:
+                continue
+            found.append((int(msg.headers[h.SEQUENCE]) if msg.headers else 0, envelope))
+            if len(found) == count:
+                break
+        return found
+
+    # -- reading one stream -----------------------------------------------------------------------
+
+    async def _direct_get(self, subject: str, body: bytes, operation: str) -> Msg | None:
+        """One direct get (ADR-31); None when there is no such message."""
+        try:
+            msg = await self.nc.request(subject, body, timeout=self._timeout)
+        except (NatsTimeoutError, NoRespondersError) as error:
+            raise StoreUnavailableError(
+                operation=operation, reason=f"direct get: {type(error).__name__}"
+            ) from None
+        status = msg.headers.get(h.STATUS) if msg.headers else None
+        if status is None:
+            return msg
+        if status == "404":
+            return None
+        raise StoreUnavailableError(
+            operation=operation,
+            reason=f"direct get answered {status} {(msg.headers or {}).get(h.DESCRIPTION, '')}",
+        )
+
+    async def _subject_messages(self, subject: str, stream: str) -> AsyncIterator[Msg]:
+        """Every message on `subject` in sequence order, by batched direct gets."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            seq = 1
+            while True:
+                request = msgspec.json.encode(
+                    {"seq": seq, "next_by_subj": subject, "batch": _DIRECT_BATCH}
+                )
+                await self.nc.publish(self._direct, request, reply=inbox)
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=self._timeout)
+                    except NatsTimeoutError:
+                        raise StoreUnavailableError(
+                            operation=f"read {stream!r}", reason="direct get timed out"
+                        ) from None
+                    msg_headers = msg.headers or {}
+                    status = msg_headers.get(h.STATUS)
+                    if status is None:
+                        seq = int(msg_headers[h.SEQUENCE]) + 1
+                        yield msg
+                    elif status == "204":  # end of batch
+                        if msg_headers.get(h.NUM_PENDING, "0") == "0":
+                            return
+                        break
+                    elif status == "404":
+                        return
+                    else:
+                        raise StoreUnavailableError(
+                            operation=f"read {stream!r}",
+                            reason=f"direct get answered {status} "
+                            f"{msg_headers.get(h.DESCRIPTION, '')}",
+                        )
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _read(
+        self, stream: str, from_version: int, limit: int | None, backwards: bool
+    ) -> AsyncIterator[RecordedEvent]:
+        if limit == 0:
+            return
+        if not self._ready:
+            await self.ensure_stream()
+        subject = self._event_prefix + stream
+        where = f"on {subject}"
+        if backwards:
+            # No version index: read forward, keeping only the last `limit` events wanted.
+            top = from_version if from_version > 1 else None
+            kept: deque[RecordedEvent] = deque(maxlen=limit)
+            async for msg in self._subject_messages(subject, stream):
+                event = self.decode(msg.data, _seq_of(msg), where)
+                if event is None:
+                    continue
+                if top is not None and event.version > top:
+                    break
+                kept.append(event)
+            while kept:
+                yield kept.pop()
+            return
+        count = 0
+        async for msg in self._subject_messages(subject, stream):
+            event = self.decode(msg.data, _seq_of(msg), where)
+            if event is None or event.version < from_version:
+                continue
+            yield event
+            count += 1
+            if count == limit:
+                return
+
+    async def _stream_version(self, stream: str) -> int:
+        if not self._ready:
+            await self.ensure_stream()
+        version, _ = await self._fetch_state(stream, self._event_prefix + stream)
+        return version
+
+    async def _head_position(self) -> int:
+        if not self._ready:
+            await self.ensure_stream()
+        try:
+            msg = await self.nc.request(
+                f"$JS.API.STREAM.INFO.{self.stream_name}", b"", timeout=self._timeout
+            )
+        except (NatsTimeoutError, NoRespondersError) as error:
+            raise StoreUnavailableError(
+                operation="head position", reason=type(error).__name__
+            ) from None
+        info = _STREAM_INFO_DECODER.decode(msg.data)
+        if info.error is not None:
+            raise StoreUnavailableError(
+                operation="head position", reason=str(info.error.get("description"))
+            )
+        last: int = info.state.get("last_seq", 0)
+        return last
+
+    # -- reading everything, subscribing ----------------------------------------------------------
+
+    def _filter_subjects(self, filter: EventFilter) -> list[str]:
+        # JetStream refuses overlapping filter subjects: the narrowest set that covers the filter
+        # goes to the server, EventFilter.matches does the rest.
+        if filter.streams:
+            return sorted({self._event_prefix + stream for stream in filter.streams})
+        if filter.categories:
+            return sorted({self.subjects.category(category) for category in filter.categories})
+        return [self.subjects.all_events]
+
+    async def _read_all(
+        self,
+        from_position: int,
+        since: datetime | None,
+        until: datetime | None,
+        filter: EventFilter,
+        limit: int | None,
+    ) -> AsyncIterator[RecordedEvent]:
+        if limit == 0:
+            return
+        if not self._ready:
+            await self.ensure_stream()
+        head = await self._head_position()
+        if head < from_position:
+            return
+        until_ns = _epoch_ns(until) if until is not None else None
+        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, since)
+        try:
+            if await feed.start() == 0:
+                return
+            decode, matches, count = self.decode, filter.matches, 0
+            async for seq, stamp, pending, subject, data in feed:
+                if seq > head or (until_ns is not None and stamp > until_ns):
+                    return
+                event = decode(data, seq, f"on {subject}")
+                if event is not None and matches(event.envelope):
+                    yield event
+                    count += 1
+                    if count == limit:
+                        return
+                if seq >= head or pending == 0:
+                    return
+        finally:
+            await feed.close()
+
+    async def _subscribe(
+        self, filter: EventFilter, from_position: int
+    ) -> AsyncIterator[RecordedEvent]:
+        if not self._ready:
+            await self.ensure_stream()
+        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, None)
+        try:
+            await feed.start()
+            decode, matches = self.decode, filter.matches
+            async for seq, _stamp, _pending, subject, data in feed:
+                event = decode(data, seq, f"on {subject}")
+                if event is not None and matches(event.envelope):
+                    yield event
+        finally:
+            await feed.close()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def _close(self) -> None:
+        await self._acks.close()
+        if self._owns:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
+def _headers(event: PreparedEvent, version: int, expected_seq: int | None) -> dict[str, str]:
+    headers = {
+        h.MSG_ID: event.id,
+        h.TYPE: event.type,
+        h.SCHEMA_VERSION: str(event.schema_version),
+        h.STREAM_VERSION: str(version),
+    }
+    if expected_seq is not None:
+        headers[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_seq)
+    if event.trace is not None:
+        headers[h.TRACEPARENT] = event.trace.traceparent
+        if event.trace.tracestate:
+            headers[h.TRACESTATE] = event.trace.tracestate
+    return headers
+
+
+def _seq_of(msg: Msg) -> int:
+    return int(msg.headers[h.SEQUENCE]) if msg.headers else 0
+
+
+def _version_of(msg: Msg) -> int | None:
+    """The stream version of a stored message: the body's, else the header's, else None."""
+    try:
+        return _VERSION_DECODER.decode(msg.data).version
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    text = msg.headers.get(h.STREAM_VERSION) if msg.headers else None
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _envelope_of(msg: Msg) -> Envelope | None:
+    try:
+        return ENVELOPE_DECODER.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _single(stream: str, event_id: str, version: int, position: int) -> AppendResult:
+    return AppendResult(
+        stream=stream,
+        first_version=version,
+        last_version=version,
+        first_position=position,
+        last_position=position,
+        ids=(event_id,),
+    )
+
+
+def _result(stream: str, found: list[tuple[int, Envelope]]) -> AppendResult:
+    return AppendResult(
+        stream=stream,
+        first_version=found[0][1].version,
+        last_version=found[-1][1].version,
+        first_position=found[0][0],
+        last_position=found[-1][0],
+        ids=tuple(envelope.id for _, envelope in found),
+    )
+
+
+def _epoch_ns(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * _NS)
+
+
+class _AckMux:
+    """Publish-and-wait-for-PubAck over one wildcard inbox (as nats.py's publish_async does).
+
+    Cheaper than `nc.request` per append: no timer per request; one sweeper task fails the
+    requests whose deadline passed.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._cut = 0
+        self._futures: dict[str, asyncio.Future[bytes]] = {}
+        self._deadlines: deque[tuple[float, str, str, float]] = deque()
+        self._counter = 0
+        self._sub: NatsSubscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        inbox = self._nc.new_inbox()
+        self._prefix = inbox + "."
+        self._cut = len(self._prefix)
+        self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_reply)
+        self._sweeper = asyncio.create_task(self._sweep(), name="newfuse-jetstream-acks")
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._futures.pop(msg.subject[self._cut :], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get(h.STATUS) == "503":
+            future.set_exception(
+                StoreUnavailableError(
+                    operation="publish",
+                    reason="no JetStream stream answered (is the server restarting?)",
+                )
+            )
+        else:
+            future.set_result(msg.data)
+
+    async def request(
+        self, subject: str, body: bytes, headers: dict[str, str], wait: float
+    ) -> bytes:
+        self._counter += 1
+        token = str(self._counter)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        self._deadlines.append((asyncio.get_running_loop().time() + wait, token, subject, wait))
+        try:
+            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            self._futures.pop(token, None)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.05)
+            now = loop.time()
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][0] <= now:
+                _, token, subject, timeout = deadlines.popleft()
+                future = self._futures.pop(token, None)
+                if future is not None and not future.done():
+                    future.set_exception(PublishTimeoutError(subject=subject, timeout=timeout))
+            while deadlines and deadlines[0][1] not in self._futures:
+                deadlines.popleft()  # answered: forget early, the deque stays short
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(
+                    StoreUnavailableError(operation="publish", reason="the store was closed")
+                )
+        self._futures.clear()
+
+
+_RESET: Final = "reset"
+_BEAT: Final = "beat"
+FeedItem = tuple[int, int, int, str, bytes]
+"""(stream sequence, server timestamp in ns, pending after it, subject, body)."""
+
+
+class _OrderedFeed:
+    """An ordered push consumer on the raw client: every message of the filter subjects once,
+    in stream order, from a start sequence (or time), across gaps, reconnects and restarts.
+
+    The consumer is ephemeral (memory storage, no acks, flow control, idle heartbeats). A gap in
+    its delivery sequence, a heartbeat naming another last delivery, a status message, or three
+    silent heartbeat intervals make the feed recreate it from the last sequence handed out + 1;
+    anything at or below that sequence is dropped, so there are no duplicates either.
+    """
+
+    def __init__(
+        self,
+        store: JetStreamEventStore,
+        filter_subjects: list[str],
+        start: int,
+        since: datetime | None,
+    ) -> None:
+        self._store = store
+        self._nc = store.nc
+        self._filters = filter_subjects
+        self._last = start - 1
+        self._since = since
+        self._delivered_any = False
+        self._queue: asyncio.Queue[FeedItem | tuple[str, str] | str] = asyncio.Queue()
+        self._generation = 0
+        self._expected_cseq = 1
+        self._sub: NatsSubscription | None = None
+        self._consumer: str | None = None
+        self._closed = False
+
+    async def start(self) -> int:
+        """Create the consumer; returns how many messages it has pending."""
+        return await self._create()
+
+    async def _create(self) -> int:
+        await self._drop_consumer()
+        self._generation += 1
+        generation = self._generation
+        self._expected_cseq = 1
+        inbox = self._nc.new_inbox()
+
+        async def on_message(msg: Msg) -> None:
+            if generation == self._generation:
+                await self._on_message(msg)
+
+        self._sub = await self._nc.subscribe(inbox, cb=on_message)
+        heartbeat = self._store._heartbeat
+        config: dict[str, Any] = {
+            "deliver_subject": inbox,
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "flow_control": True,
+            "idle_heartbeat": int(heartbeat * _NS),
+            "mem_storage": True,
+            "num_replicas": 1,
+            "inactive_threshold": 60 * _NS,
+            "replay_policy": "instant",
+        }
+        if self._since is not None and not self._delivered_any:
+            config["deliver_policy"] = "by_start_time"
+            config["opt_start_time"] = self._since.astimezone(UTC).isoformat()
+        else:
+            config["deliver_policy"] = "by_start_sequence"
+            config["opt_start_seq"] = self._last + 1
+        if len(self._filters) == 1:
+            config["filter_subject"] = self._filters[0]
+        else:
+            config["filter_subjects"] = self._filters
+        name = self._store.stream_name
+        try:
+            msg = await self._nc.request(
+                f"$JS.API.CONSUMER.CREATE.{name}",
+                msgspec.json.encode({"stream_name": name, "config": config}),
+                timeout=self._store._timeout,
+            )
+        except (NatsTimeoutError, NoRespondersError) as error:
+            raise StoreUnavailableError(
+                operation="create consumer", reason=type(error).__name__
+            ) from None
+        answer = msgspec.json.decode(msg.data)
+        if "error" in answer:
+            raise StoreUnavailableError(
+                operation="create consumer", reason=str(answer["error"].get("description"))
+            )
+        self._consumer = answer["name"]
+        pending: int = answer.get("num_pending", 0)
+        return pending
+
+    async def _recreate(self) -> None:
+        """Recreate the consumer from the last sequence handed out, until the server answers."""
+        wait = 0.05
+        while not self._closed:
+            try:
+                await self._create()
+                return
+            except StoreUnavailableError as error:
+                log.debug("recreating consumer on %s: %s", self._filters, error)
+            except Exception as error:  # connection closed or reconnecting: keep trying
+                log.debug("recreating consumer on %s: %r", self._filters, error)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
+
+    async def _on_message(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers is not None and h.STATUS in headers:
+            if headers[h.STATUS] == "100":
+                if msg.reply:  # flow control: answer once everything before it is consumed
+                    self._queue.put_nowait(("fc", msg.reply))
+                    return
+                stalled = headers.get(h.CONSUMER_STALLED)
+                if stalled:
+                    with contextlib.suppress(Exception):
+                        await self._nc.publish(stalled, b"")
+                last = headers.get(h.LAST_CONSUMER)
+                if last is not None and int(last) != self._expected_cseq - 1:
+                    self._reset()
+                else:
+                    self._queue.put_nowait(_BEAT)
+                return
+            self._reset()  # 409 consumer deleted, leadership change, ...
+            return
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
+        # <domain>.<account hash> after $JS.ACK and a random token at the end (ADR-15).
+        tokens = msg.reply.split(".")
+        if len(tokens) == 9:
+            sseq, cseq, stamp, pending = tokens[5], tokens[6], tokens[7], tokens[8]
+        else:
+            sseq, cseq, stamp, pending = tokens[7], tokens[8], tokens[9], tokens[10]
+        if int(cseq) != self._expected_cseq:
+            self._reset()
+            return
+        self._expected_cseq += 1
+        self._queue.put_nowait((int(sseq), int(stamp), int(pending), msg.subject, msg.data))
+
+    def _reset(self) -> None:
+        self._generation += 1  # whatever the old consumer still sends is dropped
+        self._queue.put_nowait(_RESET)
+
+    def __aiter__(self) -> AsyncIterator[FeedItem]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[FeedItem]:
+        queue = self._queue
+        stall = 3 * self._store._heartbeat
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    async with asyncio.timeout(stall):
+                        item = await queue.get()
+                except TimeoutError:
+                    item = _RESET
+            if type(item) is tuple:
+                if len(item) == 5:
+                    seq: int = item[0]
+                    if seq <= self._last:
+                        continue
+                    self._last = seq
+                    self._delivered_any = True
+                    yield item
+                else:
+                    with contextlib.suppress(Exception):
+                        await self._nc.publish(item[1], b"")
+            elif item == _RESET:
+                await self._recreate()
+
+    async def _drop_consumer(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and self._nc.is_connected:
+            name = self._store.stream_name
+            with contextlib.suppress(Exception):
+                await self._nc.request(
+                    f"$JS.API.CONSUMER.DELETE.{name}.{consumer}", b"", timeout=1.0
+                )
+
+    async def close(self) -> None:
+        self._closed = True
+        self._generation += 1
+        await self._drop_consumer()

@@ -1,0 +1,60 @@
+"""NATS header names of the wire contract, one constant each (values are always strings)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+MSG_ID: Final[str] = "Nats-Msg-Id"
+"""The event id; JetStream drops a second message with the same id inside the duplicate window."""
+
+TYPE: Final[str] = "Fuse-Type"
+"""The event type name, e.g. `agent.state_update` (also in the body as `type`)."""
+
+SCHEMA_VERSION: Final[str] = "Fuse-Schema-Version"
+"""The payload's schema version as a decimal string (also in the body as `schema_version`)."""
+
+STREAM_VERSION: Final[str] = "Fuse-Stream-Version"
+"""The event's 1-based version within its stream (the body's `version` is authoritative)."""
+
+EXPECTED_LAST_SUBJECT_SEQUENCE: Final[str] = "Nats-Expected-Last-Subject-Sequence"
+"""Optimistic concurrency: the server stores the message only if the last message on its subject
+has this stream sequence (0: the subject has no message). Error 10071 otherwise."""
+
+BATCH_ID: Final[str] = "Nats-Batch-Id"
+"""Atomic batch publish (ADR-50): the id shared by every message of one batch."""
+
+BATCH_SEQUENCE: Final[str] = "Nats-Batch-Sequence"
+"""Atomic batch publish (ADR-50): 1-based position of the message in its batch, without gaps."""
+
+BATCH_COMMIT: Final[str] = "Nats-Batch-Commit"
+"""Atomic batch publish (ADR-50): `1` on the last message; the server stores all or nothing."""
+
+TRACEPARENT: Final[str] = "traceparent"
+"""W3C trace context: the producing span (https://www.w3.org/TR/trace-context/)."""
+
+TRACESTATE: Final[str] = "tracestate"
+"""W3C trace context: vendor-specific trace state."""
+
+STATUS: Final[str] = "Status"
+"""Set by nats-py on a server status message (e.g. `404`, `204` end of batch, `100` control)."""
+
+DESCRIPTION: Final[str] = "Description"
+"""Set by nats-py on a server status message: the status text (`EOB`, `Idle Heartbeat`, ...)."""
+
+NUM_PENDING: Final[str] = "Nats-Num-Pending"
+"""Direct get (ADR-31): how many matching messages remain after this batch."""
+
+SEQUENCE: Final[str] = "Nats-Sequence"
+"""Direct get (ADR-31): the stream sequence of the returned message."""
+
+SUBJECT: Final[str] = "Nats-Subject"
+"""Direct get (ADR-31): the subject of the returned message."""
+
+TIME_STAMP: Final[str] = "Nats-Time-Stamp"
+"""Direct get (ADR-31): when the server stored the message (RFC 3339)."""
+
+LAST_CONSUMER: Final[str] = "Nats-Last-Consumer"
+"""Idle heartbeat of a push consumer: the consumer sequence of the last message it delivered."""
+
+CONSUMER_STALLED: Final[str] = "Nats-Consumer-Stalled"
+"""Idle heartbeat of a push consumer waiting for a flow-control reply: where to send it."""

@@ -1,0 +1,183 @@
+"""Provisioning the JetStream stream of the events: create it once, never change it silently."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from newfuse.errors import StoreUnavailableError, StreamConfigError
+from newfuse.nats.subjects import Subjects
+
+log = logging.getLogger("newfuse.nats")
+
+STREAM_EXISTS_ERR = 10058
+"""JetStream err_code: a stream with that name exists (with another configuration)."""
+STREAM_NOT_FOUND_ERR = 10059
+"""JetStream err_code: no stream with that name."""
+_NS = 1_000_000_000
+
+
+class EventStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the events' JetStream stream must look like.
+
+    Attributes:
+        subjects: where the names come from (stream name and its one subject, `<prefix>.ev.>`).
+        replicas: copies in a cluster (1 on a single server).
+        max_age: seconds to keep events; None keeps them forever.
+        max_bytes: size limit of the stream; None for no limit.
+        duplicate_window: seconds during which a repeated `Nats-Msg-Id` is dropped.
+    """
+
+    subjects: Subjects
+    replicas: int = 1
+    max_age: float | None = None
+    max_bytes: int | None = None
+    duplicate_window: float = 120.0
+
+    def config(self, *, atomic: bool) -> dict[str, Any]:
+        """The JetStream API stream configuration (durations in nanoseconds)."""
+        config: dict[str, Any] = {
+            "name": self.subjects.stream_name,
+            "subjects": [self.subjects.all_events],
+            "retention": "limits",
+            "storage": "file",
+            "num_replicas": self.replicas,
+            "max_age": int((self.max_age or 0) * _NS),
+            "max_bytes": -1 if self.max_bytes is None else self.max_bytes,
+            "max_msgs": -1,
+            "max_msgs_per_subject": -1,
+            "duplicate_window": int(self.duplicate_window * _NS),
+            "discard": "old",
+            "allow_direct": True,
+            "description": "newfuse events (one subject per event stream)",
+        }
+        if atomic:
+            config["allow_atomic"] = True  # ADR-50, nats-server >= 2.12
+        return config
+
+
+class StreamState(msgspec.Struct, frozen=True, kw_only=True):
+    """What provisioning found out: the stream's name and whether it can take atomic batches."""
+
+    name: str
+    atomic: bool
+    server_version: str
+
+
+def server_version(nc: Client) -> str:
+    """The version of the server `nc` is connected to, e.g. `2.15.1` ("" when unknown)."""
+    found = nc.connected_server_version
+    try:
+        return f"{found.major}.{found.minor}.{found.patch}"
+    except (ValueError, TypeError):
+        return ""
+
+
+def server_supports_atomic(version: str) -> bool:
+    """True if a nats-server version string is 2.12 or newer (atomic batch publish, ADR-50)."""
+    try:
+        major, minor = (int(part) for part in version.split("-", 1)[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (2, 12)
+
+
+async def _api(nc: Client, subject: str, body: dict[str, Any] | None, wait: float) -> Any:
+    try:
+        msg = await nc.request(
+            subject, b"" if body is None else msgspec.json.encode(body), timeout=wait
+        )
+    except (NatsTimeoutError, NoRespondersError) as error:
+        raise StoreUnavailableError(
+            operation=f"JetStream API {subject}",
+            reason=f"{type(error).__name__}: is JetStream enabled on the server?",
+        ) from None
+    return msgspec.json.decode(msg.data)
+
+
+async def ensure_event_stream(
+    nc: Client,
+    spec: EventStreamSpec,
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a deadline per JetStream API answer
+) -> StreamState:
+    """Create the events' stream if it is missing; check it if it exists. Idempotent.
+
+    Args:
+        nc: a connected client.
+        spec: the wanted configuration.
+        timeout: seconds per JetStream API call.
+
+    Returns:
+        The stream's name, whether atomic batches are available, and the server version.
+
+    Raises:
+        StreamConfigError: the stream exists with a configuration newfuse cannot use (it names
+            the field, the wanted and the actual value); the stream is never updated.
+        StoreUnavailableError: JetStream did not answer.
+    """
+    version = server_version(nc)
+    atomic = server_supports_atomic(version)
+    name = spec.subjects.stream_name
+    wanted = spec.config(atomic=atomic)
+    info = await _api(nc, f"$JS.API.STREAM.INFO.{name}", None, timeout)
+    if "error" in info and info["error"].get("err_code") == STREAM_NOT_FOUND_ERR:
+        info = await _api(nc, f"$JS.API.STREAM.CREATE.{name}", wanted, timeout)
+        if "error" in info and info["error"].get("err_code") == STREAM_EXISTS_ERR:
+            # Someone created it between our two calls: check theirs like any existing stream.
+            info = await _api(nc, f"$JS.API.STREAM.INFO.{name}", None, timeout)
+        elif "error" not in info:
+            log.info("created JetStream stream %s on %s", name, spec.subjects.all_events)
+    if "error" in info:
+        error = info["error"]
+        raise StreamConfigError(
+            stream=name,
+            field="(create)",
+            wanted=wanted,
+            actual=f"error {error.get('err_code')}: {error.get('description')}",
+        )
+    actual: dict[str, Any] = info["config"]
+    _check(name, wanted, actual, atomic=atomic)
+    return StreamState(
+        name=name, atomic=atomic and bool(actual.get("allow_atomic")), server_version=version
+    )
+
+
+_DEFAULTS: dict[str, Any] = {
+    "retention": "limits",
+    "max_age": 0,
+    "max_bytes": -1,
+    "max_msgs": -1,
+    "max_msgs_per_subject": -1,
+    "allow_direct": False,
+    "allow_atomic": False,
+    "num_replicas": 1,
+}
+_CHECKED = (
+    "subjects",
+    "retention",
+    "storage",
+    "num_replicas",
+    "max_age",
+    "max_bytes",
+    "max_msgs",
+    "max_msgs_per_subject",
+    "duplicate_window",
+    "allow_direct",
+    "allow_atomic",
+)
+
+
+def _check(name: str, wanted: dict[str, Any], actual: dict[str, Any], *, atomic: bool) -> None:
+    for field in _CHECKED:
+        if field == "allow_atomic" and not atomic:
+            continue  # an older server: multi-event appends are refused instead
+        want = wanted.get(field, _DEFAULTS.get(field))
+        have = actual.get(field, _DEFAULTS.get(field))
+        if want != have:
+            raise StreamConfigError(stream=name, field=field, wanted=want, actual=have)

@@ -1,0 +1,70 @@
+"""Subject names under a prefix, and the name of the JetStream stream that holds the events."""
+
+from __future__ import annotations
+
+from newfuse.errors import InvalidNameError
+from newfuse.schemas import StreamName, check_token
+
+
+class Subjects:
+    """Every subject newfuse uses, under one prefix (the first token, default `fuse`).
+
+    Example:
+        >>> s = Subjects("fuse")
+        >>> s.events("agent.r1"), s.stream_name
+        ('fuse.ev.agent.r1', 'FUSE_EVENTS')
+    """
+
+    __slots__ = ("_event_prefix", "prefix", "stream_name")
+
+    def __init__(self, prefix: str) -> None:
+        check_token(prefix, kind="subject prefix")
+        if not all(c.isalnum() or c in "-_" for c in prefix):
+            raise InvalidNameError(
+                kind="subject prefix",
+                name=prefix,
+                reason="use letters, digits, '-' and '_' only (it also names the JetStream stream)",
+            )
+        self.prefix = prefix
+        self.stream_name = f"{prefix.upper().replace('-', '_')}_EVENTS"
+        """The JetStream stream holding every event under this prefix."""
+        self._event_prefix = f"{prefix}.ev."
+
+    def events(self, stream: str) -> str:
+        """The subject of one event stream: `<prefix>.ev.<category>.<id>`."""
+        return self._event_prefix + str(StreamName.parse(stream))
+
+    def events_unchecked(self, stream: str) -> str:
+        """As `events`, for a stream name the caller has already validated (hot paths)."""
+        return self._event_prefix + stream
+
+    def category(self, category: str) -> str:
+        """The wildcard subject of every stream of a category: `<prefix>.ev.<category>.*`."""
+        return f"{self._event_prefix}{check_token(category, kind='stream category')}.*"
+
+    @property
+    def all_events(self) -> str:
+        """The wildcard subject of every event: `<prefix>.ev.>` (the stream's only subject)."""
+        return f"{self._event_prefix}>"
+
+    def a2a(self, agent_id: str) -> str:
+        """The subject of A2A messages to one agent: `<prefix>.a2a.<agent>`."""
+        return f"{self.prefix}.a2a.{check_token(agent_id, kind='agent id')}"
+
+    def task(self, queue: str, priority: int | str) -> str:
+        """The subject of a task queue at one priority: `<prefix>.task.<queue>.<priority>`."""
+        check_token(queue, kind="task queue")
+        return f"{self.prefix}.task.{queue}.{check_token(str(priority), kind='task priority')}"
+
+    def stream_of(self, subject: str) -> str:
+        """The stream name (`<category>.<id>`) of an event subject; InvalidNameError otherwise."""
+        if not subject.startswith(self._event_prefix):
+            raise InvalidNameError(
+                kind="event subject",
+                name=subject,
+                reason=f"it does not start with {self._event_prefix!r}",
+            )
+        return str(StreamName.parse(subject[len(self._event_prefix) :]))
+
+    def __repr__(self) -> str:
+        return f"Subjects({self.prefix!r})"
