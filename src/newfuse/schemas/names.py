@@ -9,10 +9,16 @@ from newfuse.errors import InvalidNameError
 _FORBIDDEN = {".": "a dot", " ": "a space", "*": "'*'", ">": "'>'"}
 
 
+def _not_text(value: object) -> str:
+    return f"expected a string, got {type(value).__name__}"
+
+
 def check_token(value: str, *, kind: str) -> str:
     """Return `value` if it can be one subject token, else raise InvalidNameError naming why."""
-    if not isinstance(value, str) or not value:
-        raise InvalidNameError(kind=kind, name=str(value), reason="it is empty")
+    if not isinstance(value, str):
+        raise InvalidNameError(kind=kind, name=str(value), reason=_not_text(value))
+    if not value:
+        raise InvalidNameError(kind=kind, name=value, reason="it is empty")
     for char in value:
         if char in _FORBIDDEN:
             raise InvalidNameError(
@@ -36,7 +42,9 @@ class StreamName(NamedTuple):
     @classmethod
     def parse(cls, name: str) -> StreamName:
         """Split and validate `category.id`; the error names the offending token and character."""
-        if not isinstance(name, str) or "." not in name:
+        if not isinstance(name, str):
+            raise InvalidNameError(kind="stream name", name=str(name), reason=_not_text(name))
+        if "." not in name:
             raise InvalidNameError(
                 kind="stream name",
                 name=str(name),
@@ -68,8 +76,10 @@ def check_type_name(value: str) -> str:
         InvalidNameError: the name is empty, has an empty part (`a..b`, `.a`) or a part breaks the
             token rules.
     """
-    if not isinstance(value, str) or not value:
-        raise InvalidNameError(kind="event type", name=str(value), reason="it is empty")
+    if not isinstance(value, str):
+        raise InvalidNameError(kind="event type", name=str(value), reason=_not_text(value))
+    if not value:
+        raise InvalidNameError(kind="event type", name=value, reason="it is empty")
     for separator in ("/", "\\"):
         if separator in value:
             raise InvalidNameError(
