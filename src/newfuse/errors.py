@@ -321,3 +321,86 @@ class PublishTimeoutError(StoreUnavailableError):
             reason=f"no acknowledgement within {timeout:g}s (the event may be stored; retry "
             f"with the same event ids, retries are deduplicated)",
         )
+
+
+# -- projections -----------------------------------------------------------------------------------
+
+
+class ProjectionError(FuseError):
+    """Base of the errors of projections and their read models."""
+
+
+class ReadModelUnavailableError(ProjectionError):
+    """A read model's server (Redis, SQLite file) did not answer; the runner waits and resumes."""
+
+    retryable = True
+
+    def __init__(self, *, model: str, operation: str, reason: str) -> None:
+        self.model = model
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"{operation} on read model {model}: unavailable: {reason}")
+
+
+class ProjectionStoppedError(ProjectionError):
+    """A projection declared to stop on poison events met one; it stays at its checkpoint."""
+
+    def __init__(self, *, projection: str, position: int, event_type: str, error: str) -> None:
+        self.projection = projection
+        self.position = position
+        self.event_type = event_type
+        self.error = error
+        super().__init__(
+            f"projection {projection!r} stopped at the {event_type!r} event at position "
+            f"{position}: its handler kept failing ({error}); fix the handler and restart it, "
+            f"or declare on_poison='skip' to dead-letter such events"
+        )
+
+
+class UnknownProjectionError(ProjectionError, LookupError):
+    """No projection of that name is known."""
+
+    def __init__(self, *, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            f"no projection named {name!r} (known: {', '.join(known) or 'none'}); check the name"
+        )
+
+
+class ProjectionTimeoutError(ProjectionError, TimeoutError):
+    """A projection did not reach a position within the time allowed."""
+
+    def __init__(self, *, projection: str, position: int, checkpoint: int, timeout: float) -> None:
+        self.projection = projection
+        self.position = position
+        self.checkpoint = checkpoint
+        self.timeout = timeout
+        super().__init__(
+            f"projection {projection!r} did not reach position {position} within {timeout:g}s "
+            f"(its checkpoint is {checkpoint}); check its status for lag and errors"
+        )
+
+
+class RebuildConflictError(ProjectionError):
+    """The active generation changed under a rebuild (another rebuild swapped first)."""
+
+    def __init__(self, *, projection: str, expected: int, actual: int) -> None:
+        self.projection = projection
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"rebuild of projection {projection!r}: the active generation is {actual}, not "
+            f"{expected} as when the rebuild began (another rebuild swapped first); the new "
+            f"generation was dropped — run the rebuild again if still needed"
+        )
+
+
+class ReadOnlyQueryError(ProjectionError):
+    """A raw SQL query on a read-only connection tried to write, or failed."""
+
+    def __init__(self, *, database: str, sql: str, reason: str) -> None:
+        self.database = database
+        self.sql = sql
+        self.reason = reason
+        super().__init__(f"query on {database} refused: {reason} (SQL: {sql.strip()[:200]})")

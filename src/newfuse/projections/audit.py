@@ -1,0 +1,289 @@
+"""The built-in audit index (SQLite): one row per event, indexed for who did what, when, on whose
+behalf; queried through a Python API or raw SQL on a connection SQLite makes read-only.
+
+Readers use the view `audit_events` (always the active generation). Its columns: position,
+time (ISO-8601 UTC, sortable text), stream, category, type, schema_version, event_id, sender,
+agent, correlation_id, causation_id, trace_id, payload (JSON text).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiosqlite
+import msgspec
+
+from newfuse.errors import ReadModelUnavailableError, ReadOnlyQueryError
+from newfuse.projections.base import Projection
+from newfuse.projections.sqlite_model import SQLiteBatch, view_name
+from newfuse.schemas import A2AMessage, RecordedEvent
+
+NAME: Final = "audit"
+VIEW: Final = view_name(NAME, "events")
+COLUMNS: Final = (
+    "position",
+    "time",
+    "stream",
+    "category",
+    "type",
+    "schema_version",
+    "event_id",
+    "sender",
+    "agent",
+    "correlation_id",
+    "causation_id",
+    "trace_id",
+    "payload",
+)
+_ENCODER = msgspec.json.Encoder()
+
+
+def _time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _sender(event: RecordedEvent) -> str | None:
+    if "sender" in event.metadata:
+        return event.metadata["sender"]
+    data = event.data
+    if isinstance(data, A2AMessage):
+        return data.metadata.sender
+    if isinstance(data, dict):
+        metadata = data.get("metadata")
+        if isinstance(metadata, dict) and isinstance(metadata.get("sender"), str):
+            return str(metadata["sender"])
+    return None
+
+
+def readonly_uri(path: str) -> str:
+    """The `file:` URI that opens `path` read-only (SQLite then refuses every write)."""
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+
+
+def _trace_id(event: RecordedEvent) -> str | None:
+    if event.trace is None:
+        return None
+    parts = event.trace.traceparent.split("-")
+    return parts[1] if len(parts) >= 4 else None
+
+
+async def _setup(batch: SQLiteBatch) -> None:
+    table = batch.table("events")
+    await batch.execute(
+        f'CREATE TABLE "{table}" (position INTEGER PRIMARY KEY, time TEXT NOT NULL, '
+        "stream TEXT NOT NULL, category TEXT NOT NULL, type TEXT NOT NULL, "
+        "schema_version INTEGER NOT NULL, event_id TEXT NOT NULL, sender TEXT, agent TEXT, "
+        "correlation_id TEXT, causation_id TEXT, trace_id TEXT, payload TEXT NOT NULL)"
+    )
+    for suffix, columns in (
+        ("time", "time"),
+        ("stream", "stream, position"),
+        ("type", "type, position"),
+        ("sender", "sender, position"),
+        ("agent", "agent, position"),
+        ("correlation", "correlation_id, position"),
+        ("trace", "trace_id"),
+    ):
+        await batch.execute(f'CREATE INDEX "{table}_{suffix}" ON "{table}" ({columns})')
+
+
+def audit_projection() -> Projection[SQLiteBatch]:
+    """The `audit` projection: every event becomes one row of `audit_events`."""
+    projection: Projection[SQLiteBatch] = Projection(NAME, setup=_setup)
+
+    @projection.on("*")
+    async def _index(event: RecordedEvent, batch: SQLiteBatch) -> None:
+        sender = _sender(event)
+        category = event.category
+        agent = event.stream.partition(".")[2] if category == "agent" else sender
+        await batch.execute(
+            f'INSERT INTO "{batch.table("events")}" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)',
+            (
+                event.position,
+                _time(event.timestamp),
+                event.stream,
+                category,
+                event.type,
+                event.schema_version,
+                event.id,
+                sender,
+                agent,
+                event.correlation_id,
+                event.causation_id,
+                _trace_id(event),
+                bytes(event.envelope.data).decode(),
+            ),
+        )
+
+    return projection
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of the audit index."""
+
+    position: int
+    time: datetime
+    stream: str
+    category: str
+    type: str
+    schema_version: int
+    event_id: str
+    sender: str | None
+    agent: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    trace_id: str | None
+    payload: Any
+
+
+class SQLResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The columns and rows a raw SQL query returned."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+class AuditIndex:
+    """Queries the audit index of a SQLite read model file, on a read-only connection.
+
+    The connection is opened with `file:...?mode=ro`, so SQLite itself refuses writes, whatever
+    SQL is given.
+
+    Example:
+        async with await AuditIndex.open("audit.db") as audit:
+            rows = await audit.query(agent="researcher-1", since=yesterday, limit=50)
+    """
+
+    def __init__(self, path: str, connection: aiosqlite.Connection) -> None:
+        self.path = path
+        self.connection = connection
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str) -> AuditIndex:
+        """Open the read model file at `path` read-only.
+
+        Raises:
+            ReadModelUnavailableError: the file does not exist or cannot be read.
+        """
+        uri = readonly_uri(path)
+        try:
+            connection = await aiosqlite.connect(uri, uri=True)
+            await connection.execute("PRAGMA busy_timeout = 5000")
+        except sqlite3.Error as error:
+            raise ReadModelUnavailableError(
+                model=f"sqlite {path}",
+                operation="open the audit index read-only",
+                reason=str(error),
+            ) from error
+        return cls(path, connection)
+
+    async def query(
+        self,
+        *,
+        agent: str | None = None,
+        type: str | None = None,
+        stream: str | None = None,
+        correlation_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = 100,
+        newest_first: bool = False,
+    ) -> list[AuditRecord]:
+        """Events matching every filter given, by position.
+
+        Args:
+            agent: sent by this agent, or in its stream `agent.<id>`.
+            type: of this event type.
+            stream: of this stream.
+            correlation_id: of this conversation or saga.
+            since: written at or after this time.
+            until: written before this time.
+            limit: at most this many (None: all).
+            newest_first: highest positions first.
+        """
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        if agent is not None:
+            clauses.append("(agent = ? OR sender = ?)")
+            parameters += [agent, agent]
+        equal = (("type", type), ("stream", stream), ("correlation_id", correlation_id))
+        for column, value in equal:
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                parameters.append(value)
+        if since is not None:
+            clauses.append("time >= ?")
+            parameters.append(_time(since))
+        if until is not None:
+            clauses.append("time < ?")
+            parameters.append(_time(until))
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM {VIEW}{where} ORDER BY position {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(limit)
+        result = await self.sql(sql, parameters)
+        return [
+            AuditRecord(
+                position=row[0],
+                time=datetime.fromisoformat(row[1]),
+                stream=row[2],
+                category=row[3],
+                type=row[4],
+                schema_version=row[5],
+                event_id=row[6],
+                sender=row[7],
+                agent=row[8],
+                correlation_id=row[9],
+                causation_id=row[10],
+                trace_id=row[11],
+                payload=msgspec.json.decode(row[12]),
+            )
+            for row in result.rows
+        ]
+
+    async def sql(self, statement: str, parameters: Sequence[Any] = ()) -> SQLResult:
+        """Run raw SQL on the read-only connection (query the view `audit_events`).
+
+        Raises:
+            ReadOnlyQueryError: the statement tries to write, or SQLite rejects it.
+        """
+        try:
+            async with self.connection.execute(statement, parameters) as cursor:
+                rows = [tuple(row) for row in await cursor.fetchall()]
+                columns = [column[0] for column in cursor.description or ()]
+        except sqlite3.Error as error:
+            text = str(error)
+            reason = (
+                "the audit connection is read-only (SQLite opened it with mode=ro); "
+                "use SELECT statements only"
+                if "readonly" in text or "read-only" in text
+                else f"SQLite: {text}"
+            )
+            raise ReadOnlyQueryError(database=self.path, sql=statement, reason=reason) from error
+        return SQLResult(columns=columns, rows=rows)
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self.connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,369 @@
+"""Projections in SQLite: each batch and its checkpoint in one transaction, generations as
+tables, and views (one per table) that always select from the active generation.
+
+A projection `n` that creates a table `t` (with `SQLiteBatch.table("t")`) gets the physical table
+`p_n_g<g>_t` per generation and the view `n_t`, which readers query. Swapping generations
+redefines the views and the pointer in one transaction, so every query sees one generation whole.
+Bookkeeping tables: `_fuse_projections` (pointer), `_fuse_checkpoints`, `_fuse_tables`,
+`_fuse_dead_letters`, `_fuse_stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from newfuse.errors import InvalidNameError, ReadModelUnavailableError, RebuildConflictError
+from newfuse.projections.base import (
+    Batch,
+    BatchConflict,
+    DeadLetter,
+    Projection,
+    ReadModel,
+    RunnerStats,
+)
+
+_BASE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_DEAD_DECODER = msgspec.json.Decoder(DeadLetter)
+_STATS_DECODER = msgspec.json.Decoder(RunnerStats)
+_ENCODER = msgspec.json.Encoder()
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS _fuse_projections (
+        name TEXT PRIMARY KEY, active INTEGER, generations INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS _fuse_checkpoints (
+        name TEXT NOT NULL, generation INTEGER NOT NULL, position INTEGER NOT NULL,
+        PRIMARY KEY (name, generation))""",
+    """CREATE TABLE IF NOT EXISTS _fuse_tables (
+        name TEXT NOT NULL, generation INTEGER NOT NULL, base TEXT NOT NULL,
+        PRIMARY KEY (name, generation, base))""",
+    """CREATE TABLE IF NOT EXISTS _fuse_dead_letters (
+        name TEXT NOT NULL, generation INTEGER NOT NULL, position INTEGER NOT NULL,
+        body TEXT NOT NULL, PRIMARY KEY (name, generation, position))""",
+    """CREATE TABLE IF NOT EXISTS _fuse_stats (name TEXT PRIMARY KEY, body TEXT NOT NULL)""",
+)
+
+
+def physical_table(name: str, generation: int, base: str) -> str:
+    """The table holding `base` of projection `name` in `generation`."""
+    return f"p_{name}_g{generation}_{base}"
+
+
+def view_name(name: str, base: str) -> str:
+    """The view readers query for `base` of projection `name` (always the active generation)."""
+    return f"{name}_{base}"
+
+
+class SQLiteBatch(Batch):
+    """A transaction on the read model's connection; handlers run SQL on it directly.
+
+    Use `table("t")` for the physical name of a model table in this generation; reads inside a
+    handler see the batch's own earlier writes.
+    """
+
+    def __init__(self, *, projection: str, generation: int, connection: aiosqlite.Connection):
+        super().__init__(projection=projection, generation=generation)
+        self.connection = connection
+        self.tables: set[str] = set()
+
+    def table(self, base: str) -> str:
+        """The physical table of `base` in this generation (letters, digits, `_`)."""
+        if not _BASE_RE.match(base):
+            raise InvalidNameError(
+                kind="table name", name=base, reason="use a letter, then letters, digits or '_'"
+            )
+        self.tables.add(base)
+        return physical_table(self.projection, self.generation, base)
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> None:
+        """Run one statement."""
+        await self.connection.execute(sql, parameters)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement for each row of parameters."""
+        await self.connection.executemany(sql, rows)
+
+    async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """Run a query and return its rows."""
+        return list(await self.connection.execute_fetchall(sql, parameters))
+
+
+class SQLiteReadModel(ReadModel[SQLiteBatch]):
+    """A SQLite file holding projections; see the module docstring for its tables and views.
+
+    Example:
+        async with await SQLiteReadModel.open("/var/lib/fuse/audit.db") as model:
+            runner = ProjectionRunner(audit_projection(), store, model)
+    """
+
+    def __init__(self, path: str, connection: aiosqlite.Connection) -> None:
+        self.path = path
+        self.connection = connection
+        self.description = f"sqlite {path}"
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str, *, busy_timeout: float = 5.0) -> SQLiteReadModel:
+        """Open (creating if needed) the read model file at `path`, in WAL mode.
+
+        Raises:
+            ReadModelUnavailableError: the file cannot be opened or set up.
+        """
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as error:
+            raise ReadModelUnavailableError(
+                model=f"sqlite {path}", operation="open", reason=str(error)
+            ) from error
+        model = cls(path, connection)
+        try:
+            with model._guard("set up"):
+                await connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+                await connection.execute("PRAGMA journal_mode = WAL")
+                await connection.execute("PRAGMA synchronous = FULL")
+                for statement in _SCHEMA:
+                    await connection.execute(statement)
+        except BaseException:
+            await model.close()
+            raise
+        return model
+
+    @contextlib.contextmanager
+    def _guard(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise ReadModelUnavailableError(
+                model=self.description, operation=operation, reason=str(error)
+            ) from error
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE (the write lock up front) ... COMMIT, or ROLLBACK on any error."""
+        async with self._lock:
+            with self._guard(operation):
+                await self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.connection
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.connection.rollback()
+                raise
+            with self._guard(operation):
+                try:
+                    await self.connection.commit()
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self.connection.rollback()
+                    raise
+
+    async def _scalar(self, sql: str, parameters: Sequence[Any]) -> Any:
+        rows = list(await self.connection.execute_fetchall(sql, parameters))
+        return rows[0][0] if rows else None
+
+    async def _finish(self, batch: SQLiteBatch) -> None:
+        """Write what a batch collected: its tables, dead letters and checkpoint."""
+        connection, name, generation = self.connection, batch.projection, batch.generation
+        await connection.executemany(
+            "INSERT OR IGNORE INTO _fuse_tables (name, generation, base) VALUES (?, ?, ?)",
+            [(name, generation, base) for base in sorted(batch.tables)],
+        )
+        await connection.executemany(
+            "INSERT OR REPLACE INTO _fuse_dead_letters (name, generation, position, body) "
+            "VALUES (?, ?, ?, ?)",
+            [(name, generation, d.position, _ENCODER.encode(d).decode()) for d in batch.dead],
+        )
+        if batch.advanced_to is not None:
+            await connection.execute(
+                "INSERT INTO _fuse_checkpoints (name, generation, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (name, generation) DO UPDATE SET position = excluded.position",
+                (name, generation, batch.advanced_to),
+            )
+
+    async def _point_views(self, name: str, generation: int, old: int | None) -> None:
+        connection = self.connection
+        if old is not None:
+            for (base,) in await connection.execute_fetchall(
+                "SELECT base FROM _fuse_tables WHERE name = ? AND generation = ?", (name, old)
+            ):
+                await connection.execute(f'DROP VIEW IF EXISTS "{view_name(name, base)}"')
+        for (base,) in await connection.execute_fetchall(
+            "SELECT base FROM _fuse_tables WHERE name = ? AND generation = ?", (name, generation)
+        ):
+            view = view_name(name, base)
+            await connection.execute(f'DROP VIEW IF EXISTS "{view}"')
+            await connection.execute(
+                f'CREATE VIEW "{view}" AS SELECT * FROM "{physical_table(name, generation, base)}"'
+            )
+
+    # -- ReadModel ---------------------------------------------------------------------------------
+
+    async def active_generation(self, name: str) -> int | None:
+        async with self._lock:
+            with self._guard(f"read the active generation of {name!r}"):
+                value = await self._scalar(
+                    "SELECT active FROM _fuse_projections WHERE name = ?", (name,)
+                )
+        return int(value) if value is not None else None
+
+    async def checkpoint(self, name: str, generation: int | None = None) -> int:
+        if generation is None:
+            generation = await self.active_generation(name)
+            if generation is None:
+                return 0
+        async with self._lock:
+            with self._guard(f"read the checkpoint of {name!r}"):
+                value = await self._scalar(
+                    "SELECT position FROM _fuse_checkpoints WHERE name = ? AND generation = ?",
+                    (name, generation),
+                )
+        return int(value or 0)
+
+    async def _allocate(self, projection: Projection[SQLiteBatch], *, activate: bool) -> int:
+        name = projection.name
+        async with self._transaction(f"create a generation of {name!r}") as connection:
+            with self._guard(f"create a generation of {name!r}"):
+                row = list(
+                    await connection.execute_fetchall(
+                        "SELECT active, generations FROM _fuse_projections WHERE name = ?",
+                        (name,),
+                    )
+                )
+                if activate and row and row[0][0] is not None:
+                    return int(row[0][0])
+                generation = (int(row[0][1]) if row else 0) + 1
+                await connection.execute(
+                    "INSERT INTO _fuse_projections (name, active, generations) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET generations = excluded.generations",
+                    (name, None, generation),
+                )
+            batch = SQLiteBatch(projection=name, generation=generation, connection=connection)
+            await projection.prepare(batch)
+            batch.advance(0)
+            with self._guard(f"create generation {generation} of {name!r}"):
+                await self._finish(batch)
+                if activate:
+                    await connection.execute(
+                        "UPDATE _fuse_projections SET active = ? WHERE name = ?",
+                        (generation, name),
+                    )
+                    await self._point_views(name, generation, None)
+        return generation
+
+    async def prepare(self, projection: Projection[SQLiteBatch]) -> int:
+        return await self._allocate(projection, activate=True)
+
+    async def new_generation(self, projection: Projection[SQLiteBatch]) -> int:
+        return await self._allocate(projection, activate=False)
+
+    @contextlib.asynccontextmanager
+    async def batch(
+        self, name: str, generation: int, expected_checkpoint: int, *, active: bool
+    ) -> AsyncIterator[SQLiteBatch]:
+        operation = f"apply a batch to {name!r} generation {generation}"
+        async with self._transaction(operation) as connection:
+            with self._guard(operation):
+                stored = await self._scalar(
+                    "SELECT position FROM _fuse_checkpoints WHERE name = ? AND generation = ?",
+                    (name, generation),
+                )
+                pointer = await self._scalar(
+                    "SELECT active FROM _fuse_projections WHERE name = ?", (name,)
+                )
+            if int(stored or 0) != expected_checkpoint or (active and pointer != generation):
+                raise BatchConflict(f"{name!r}: checkpoint {stored}, active {pointer}")
+            batch = SQLiteBatch(projection=name, generation=generation, connection=connection)
+            yield batch
+            with self._guard(operation):
+                await self._finish(batch)
+
+    async def swap(self, name: str, generation: int, *, expected_active: int) -> bool:
+        async with self._transaction(f"swap {name!r} to generation {generation}") as connection:
+            pointer = await self._scalar(
+                "SELECT active FROM _fuse_projections WHERE name = ?", (name,)
+            )
+            if pointer != expected_active:
+                raise RebuildConflictError(
+                    projection=name, expected=expected_active, actual=int(pointer or 0)
+                )
+            checkpoints: dict[int, int] = dict(
+                await connection.execute_fetchall(  # type: ignore[arg-type]
+                    "SELECT generation, position FROM _fuse_checkpoints WHERE name = ? "
+                    "AND generation IN (?, ?)",
+                    (name, generation, expected_active),
+                )
+            )
+            if checkpoints.get(generation, 0) < checkpoints.get(expected_active, 0):
+                return False
+            await connection.execute(
+                "UPDATE _fuse_projections SET active = ? WHERE name = ?", (generation, name)
+            )
+            await self._point_views(name, generation, expected_active)
+        return True
+
+    async def drop_generation(self, name: str, generation: int) -> None:
+        async with self._transaction(f"drop {name!r} generation {generation}") as connection:
+            pointer = await self._scalar(
+                "SELECT active FROM _fuse_projections WHERE name = ?", (name,)
+            )
+            if pointer == generation:
+                raise ValueError(f"drop {name!r} generation {generation}: it is the active one")
+            for (base,) in await connection.execute_fetchall(
+                "SELECT base FROM _fuse_tables WHERE name = ? AND generation = ?",
+                (name, generation),
+            ):
+                table = physical_table(name, generation, base)
+                await connection.execute(f'DROP TABLE IF EXISTS "{table}"')
+            for table in ("_fuse_tables", "_fuse_checkpoints", "_fuse_dead_letters"):
+                await connection.execute(
+                    f"DELETE FROM {table} WHERE name = ? AND generation = ?", (name, generation)
+                )
+
+    async def dead_letters(self, name: str, generation: int | None = None) -> list[DeadLetter]:
+        if generation is None:
+            generation = await self.active_generation(name)
+            if generation is None:
+                return []
+        async with self._lock:
+            with self._guard(f"read the dead letters of {name!r}"):
+                rows = await self.connection.execute_fetchall(
+                    "SELECT body FROM _fuse_dead_letters WHERE name = ? AND generation = ? "
+                    "ORDER BY position",
+                    (name, generation),
+                )
+        return [_DEAD_DECODER.decode(body) for (body,) in rows]
+
+    async def write_stats(self, name: str, stats: RunnerStats) -> None:
+        async with self._lock:
+            with self._guard(f"report the stats of {name!r}"):
+                await self.connection.execute(
+                    "INSERT OR REPLACE INTO _fuse_stats (name, body) VALUES (?, ?)",
+                    (name, _ENCODER.encode(stats).decode()),
+                )
+
+    async def read_stats(self, name: str) -> RunnerStats | None:
+        async with self._lock:
+            with self._guard(f"read the stats of {name!r}"):
+                body = await self._scalar("SELECT body FROM _fuse_stats WHERE name = ?", (name,))
+        return _STATS_DECODER.decode(body) if body is not None else None
+
+    async def projections(self) -> list[str]:
+        async with self._lock:
+            with self._guard("list projections"):
+                rows = await self.connection.execute_fetchall(
+                    "SELECT name FROM _fuse_projections WHERE active IS NOT NULL ORDER BY name"
+                )
+        return [name for (name,) in rows]
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.connection.close()
