@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -126,6 +128,9 @@ class RedisReadModel(ReadModel[RedisBatch]):
             decode_responses=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # No hidden retries: the runner owns the waiting (and a retried EXEC must never run
+            # twice; WATCH already turns a lost connection into a conflict).
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, url=url, root=root)
 
