@@ -19,6 +19,7 @@ from newfuse.schemas.export import DEFAULT_BASE_URI, INDEX_FILE, JSON_SCHEMA_DIA
 
 
 def register(commands: Any) -> None:
+    """Add `fuse schemas export` and `fuse schemas list` to the `fuse` command."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "schemas",
         help="export or list the event schemas",
