@@ -39,6 +39,7 @@ from newfuse.errors import (
     WrongLastSequenceError,
 )
 from newfuse.eventstore.base import (
+    ANY,
     NO_STREAM,
     AppendResult,
     EventFilter,
@@ -142,7 +143,7 @@ class JetStreamEventStore(EventStore):
         self._atomic = False
         self._server_version = ""
         self._cache: dict[str, tuple[int, int]] = {}
-        self._locks: dict[str, list[Any]] = {}
+        self._busy: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks = _AckMux(nc)
         self._direct = f"$JS.API.DIRECT.GET.{self.stream_name}"
 
@@ -207,18 +208,36 @@ class JetStreamEventStore(EventStore):
             raise AtomicBatchUnsupportedError(
                 stream=stream, server_version=self._server_version or "unknown"
             )
-        # Appends to one stream from this store go one at a time: they would only conflict.
-        entry = self._locks.get(stream)
-        if entry is None:
-            entry = self._locks[stream] = [asyncio.Lock(), 0]
-        entry[1] += 1
+        # Appends to one stream from this store go one at a time (they would only conflict):
+        # the first takes the stream, later ones queue a future and are handed the turn.
+        busy = self._busy
+        waiters = busy.get(stream)
+        if waiters is None:
+            waiters = busy[stream] = deque()
+        else:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiters.append(turn)
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._hand_over(stream, waiters)  # we were given the turn: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(turn)
+                raise
         try:
-            async with entry[0]:
-                return await self._append_locked(stream, events, expected)
+            return await self._append_locked(stream, events, expected)
         finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[stream]
+            self._hand_over(stream, waiters)
+
+    def _hand_over(self, stream: str, waiters: deque[asyncio.Future[None]]) -> None:
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        del self._busy[stream]
 
     async def _append_locked(
         self, stream: str, events: list[PreparedEvent], expected: Expected
@@ -228,11 +247,10 @@ class JetStreamEventStore(EventStore):
         fresh = state is None
         if state is None:
             state = await self._fetch_state(stream, subject)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = 0.0
         while True:
             version, seq = state
-            if not check_expected(stream, expected, version):
+            if expected is not ANY and not check_expected(stream, expected, version):
                 if not fresh:  # the cache may be behind other writers: ask the server
                     state = await self._fetch_state(stream, subject)
                     fresh = True
@@ -241,7 +259,9 @@ class JetStreamEventStore(EventStore):
             try:
                 ack = await self._publish(stream, subject, events, version, seq)
             except WrongLastSequenceError:
-                if loop.time() > deadline:
+                now = asyncio.get_running_loop().time()
+                deadline = deadline or now + self._timeout
+                if now > deadline:
                     raise StoreUnavailableError(
                         operation=f"append to {stream!r}",
                         reason=f"the stream kept changing for {self._timeout:g}s of retries",
@@ -568,7 +588,7 @@ class JetStreamEventStore(EventStore):
             await self.ensure_stream()
         feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, None)
         try:
-            await feed.start()
+            await feed.recreate()  # a live feed waits for the server instead of failing
             decode, matches = self.decode, filter.matches
             async for seq, _stamp, _pending, subject, data in feed:
                 event = decode(data, seq, f"on {subject}")
@@ -694,9 +714,10 @@ class _AckMux:
     ) -> bytes:
         self._counter += 1
         token = str(self._counter)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         self._futures[token] = future
-        self._deadlines.append((asyncio.get_running_loop().time() + wait, token, subject, wait))
+        self._deadlines.append((loop.time() + wait, token, subject, wait))
         try:
             await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
             return await future
@@ -829,7 +850,7 @@ class _OrderedFeed:
         pending: int = answer.get("num_pending", 0)
         return pending
 
-    async def _recreate(self) -> None:
+    async def recreate(self) -> None:
         """Recreate the consumer from the last sequence handed out, until the server answers."""
         wait = 0.05
         while not self._closed:
@@ -906,7 +927,7 @@ class _OrderedFeed:
                     with contextlib.suppress(Exception):
                         await self._nc.publish(item[1], b"")
             elif item == _RESET:
-                await self._recreate()
+                await self.recreate()
 
     async def _drop_consumer(self) -> None:
         sub, self._sub = self._sub, None

@@ -49,10 +49,10 @@ async def connect(
     async def on_disconnected() -> None:
         if nc.is_closed:  # a deliberate close, not a lost connection
             return
-        log.warning("nats %s: disconnected from %s; reconnecting", name, nc.connected_url)
+        log.warning("nats %s: disconnected from %s; reconnecting", name, url)
 
     async def on_reconnected() -> None:
-        log.info("nats %s: reconnected to %s", name, nc.connected_url)
+        log.info("nats %s: reconnected to %s", name, nc.connected_url or url)
 
     async def on_closed() -> None:
         log.debug("nats %s: connection closed", name)

@@ -177,7 +177,9 @@ def _check(name: str, wanted: dict[str, Any], actual: dict[str, Any], *, atomic:
     for field in _CHECKED:
         if field == "allow_atomic" and not atomic:
             continue  # an older server: multi-event appends are refused instead
-        want = wanted.get(field, _DEFAULTS.get(field))
-        have = actual.get(field, _DEFAULTS.get(field))
+        want: Any = wanted.get(field, _DEFAULTS.get(field))
+        have: Any = actual.get(field, _DEFAULTS.get(field))
         if want != have:
+            if field in ("max_age", "duplicate_window") and have is not None:  # nanoseconds
+                field, want, have = f"{field} (seconds)", want / _NS, have / _NS
             raise StreamConfigError(stream=name, field=field, wanted=want, actual=have)

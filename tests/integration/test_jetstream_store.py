@@ -1,0 +1,228 @@
+"""JetStream backend behaviour beyond the shared contract: the wire format it writes,
+server-checked concurrency, idempotent retries inside and past the duplicate window, atomic
+batches on the raw client, and foreign messages on event subjects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats
+import pytest
+from nats.js.api import StorageType, StreamConfig
+
+from newfuse.errors import (
+    AtomicBatchUnsupportedError,
+    BatchDuplicateIdError,
+    DuplicateEventError,
+    WrongExpectedVersionError,
+    WrongLastSequenceError,
+)
+from newfuse.eventstore import ANY, NO_STREAM, EventFilter
+from newfuse.eventstore.jetstream import JetStreamEventStore
+from newfuse.nats import headers as h
+from newfuse.nats import publish_atomic_batch
+from newfuse.schemas import NewEvent, TraceContext
+from support import wait_for
+
+
+def note(n: int, **fields: object) -> NewEvent:
+    return NewEvent(type="note", data={"n": n}, **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(nats_url: str, prefix: str) -> AsyncIterator[JetStreamEventStore]:
+    async with await JetStreamEventStore.connect(nats_url, prefix=prefix) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.close()
+
+
+async def test_an_event_is_stored_as_the_documented_wire_message(
+    store: JetStreamEventStore, nc: nats.NATS, prefix: str
+) -> None:
+    trace = TraceContext(traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    first = await store.append("agent.w1", note(1, trace=trace, correlation_id="c1"), NO_STREAM)
+    second = await store.append("agent.w1", note(2), 1)
+    stream = f"{prefix.upper()}_EVENTS"
+    raw1 = await nc.jetstream().get_msg(stream, first.position)
+    raw2 = await nc.jetstream().get_msg(stream, second.position)
+    assert raw1.subject == f"{prefix}.ev.agent.w1" and raw1.seq == first.position
+    assert raw1.headers is not None and raw2.headers is not None
+    assert raw1.headers[h.MSG_ID] == first.ids[0]
+    assert raw1.headers[h.TYPE] == "note" and raw1.headers[h.SCHEMA_VERSION] == "1"
+    assert raw1.headers[h.STREAM_VERSION] == "1" and raw2.headers[h.STREAM_VERSION] == "2"
+    # The expectation sent is the subject's last sequence: 0 for a new stream, then the last.
+    assert raw1.headers[h.EXPECTED_LAST_SUBJECT_SEQUENCE] == "0"
+    assert raw2.headers[h.EXPECTED_LAST_SUBJECT_SEQUENCE] == str(first.position)
+    assert raw1.headers[h.TRACEPARENT] == trace.traceparent
+    assert raw1.data is not None
+    body = msgspec.json.decode(raw1.data)
+    assert body["id"] == first.ids[0] and body["stream"] == "agent.w1"
+    assert body["version"] == 1 and body["type"] == "note" and body["data"] == {"n": 1}
+    assert body["correlation_id"] == "c1" and body["trace"] == {"traceparent": trace.traceparent}
+
+
+async def test_the_server_catches_a_stale_cache_and_the_conflict_names_the_actual_version(
+    nats_url: str, prefix: str
+) -> None:
+    async with (
+        await JetStreamEventStore.connect(nats_url, prefix=prefix) as a,
+        await JetStreamEventStore.connect(nats_url, prefix=prefix) as b,
+    ):
+        await a.append("agent.s1", note(1), NO_STREAM)  # a now believes the stream is at 1
+        await b.append("agent.s1", note(2), 1)  # ... but b moved it to 2
+        head = await a.head_position()
+        # a does not read before writing: the server refuses its stale expectation (10071).
+        with pytest.raises(
+            WrongExpectedVersionError, match=r"expected version 1, stream is at version 2"
+        ):
+            await a.append("agent.s1", note(99), 1)
+        assert await a.head_position() == head
+        # With ANY, a retries with the fresh last sequence and the versions stay contiguous.
+        result = await a.append("agent.s1", note(3), ANY)
+        assert result.version == 3
+        events = [e async for e in b.read("agent.s1")]
+        assert [(e.version, e.data["n"]) for e in events] == [(1, 1), (2, 2), (3, 3)]
+
+
+async def test_a_retry_past_the_duplicate_window_returns_the_first_result(
+    nats_url: str, prefix: str
+) -> None:
+    async with await JetStreamEventStore.connect(
+        nats_url, prefix=prefix, duplicate_window=0.2
+    ) as store:
+        batch = [note(1), note(2)]
+        first_batch = await store.append("agent.r1", batch, NO_STREAM)
+        single = note(3)
+        first_single = await store.append("agent.r1", single, 2)
+        stored_at = time.monotonic()
+        await wait_for(lambda: _true(time.monotonic() - stored_at > 0.5))  # window is over
+        head = await store.head_position()
+        assert await store.append("agent.r1", batch, NO_STREAM) == first_batch
+        assert await store.append("agent.r1", single, 2) == first_single
+        async with await JetStreamEventStore.connect(
+            nats_url, prefix=prefix, duplicate_window=0.2
+        ) as cold:  # a new process, cache empty
+            assert await cold.append("agent.r1", single, 2) == first_single
+            assert await cold.append("agent.r1", batch, 0) == first_batch
+        assert await store.head_position() == head
+        # Other events at a taken version still conflict.
+        with pytest.raises(
+            WrongExpectedVersionError, match="expected version 2, stream is at version 3"
+        ):
+            await store.append("agent.r1", note(4), 2)
+
+
+async def test_a_duplicate_inside_the_window_from_another_store_returns_the_first_result(
+    nats_url: str, prefix: str
+) -> None:
+    async with (
+        await JetStreamEventStore.connect(nats_url, prefix=prefix) as a,
+        await JetStreamEventStore.connect(nats_url, prefix=prefix) as b,
+    ):
+        single, batch = note(1), [note(2), note(3)]
+        first_single = await a.append("agent.d1", single, ANY)
+        first_batch = await a.append("agent.d1", batch, ANY)
+        await a.append("agent.d1", note(4), ANY)
+        head = await a.head_position()
+        # b's cache is cold; JetStream answers `duplicate` (single) or 10201 (batch).
+        assert await b.append("agent.d1", single, ANY) == first_single
+        assert await b.append("agent.d1", batch, ANY) == first_batch
+        assert await a.head_position() == head
+        with pytest.raises(DuplicateEventError, match=r"stored before in stream 'agent\.d1'"):
+            await b.append("agent.other", single, ANY)
+
+
+async def test_batches_under_concurrent_writers_get_consecutive_positions(
+    store: JetStreamEventStore,
+) -> None:
+    async def batch(i: int) -> None:
+        result = await store.append(f"agent.b{i}", [note(i * 10 + k) for k in range(5)])
+        assert result.last_position - result.first_position == 4
+        events = [e async for e in store.read(f"agent.b{i}")]
+        assert [e.position for e in events] == list(
+            range(result.first_position, result.last_position + 1)
+        )
+
+    async def single(i: int) -> None:
+        await store.append("agent.singles", note(i))
+
+    await asyncio.gather(*(batch(i) for i in range(20)), *(single(i) for i in range(40)))
+    singles = [e async for e in store.read("agent.singles")]
+    assert [e.version for e in singles] == list(range(1, 41))
+
+
+async def test_atomic_batches_store_all_or_nothing_and_map_the_server_errors(
+    store: JetStreamEventStore, nc: nats.NATS, prefix: str
+) -> None:
+    await store.ensure_stream()
+    subject = f"{prefix}.ev.agent.x1"
+    ack = await publish_atomic_batch(
+        nc,
+        [(subject, b"1", {h.EXPECTED_LAST_SUBJECT_SEQUENCE: "0", h.MSG_ID: "m1"})]
+        + [(subject, str(i).encode(), {h.MSG_ID: f"m{i}"}) for i in range(2, 6)],
+    )
+    assert ack.count == 5 and ack.batch
+    head = await store.head_position()
+    assert head == ack.seq
+    with pytest.raises(WrongLastSequenceError, match="wrong last sequence") as caught:
+        await publish_atomic_batch(
+            nc,
+            [(subject, b"6", {h.EXPECTED_LAST_SUBJECT_SEQUENCE: "1"}), (subject, b"7", {})],
+        )
+    assert caught.value.last_sequence == ack.seq and caught.value.err_code == 10071
+    with pytest.raises(BatchDuplicateIdError, match="duplicate message id"):
+        await publish_atomic_batch(nc, [(subject, b"8", {h.MSG_ID: "new"}), (subject, b"9", {})])
+        await publish_atomic_batch(nc, [(subject, b"8", {h.MSG_ID: "m3"}), (subject, b"9", {})])
+    assert await store.head_position() == head + 2  # only the first of those two batches
+
+    plain = f"{prefix}plain"
+    await nc.jetstream().add_stream(
+        StreamConfig(name=plain.upper(), subjects=[f"{plain}.>"], storage=StorageType.FILE)
+    )
+    with pytest.raises(AtomicBatchUnsupportedError, match="allow_atomic off"):
+        await publish_atomic_batch(nc, [(f"{plain}.a", b"1", {}), (f"{plain}.a", b"2", {})])
+    assert (await nc.jetstream().stream_info(plain.upper())).state.messages == 0
+    await nc.jetstream().delete_stream(plain.upper())
+
+
+async def test_a_foreign_message_at_the_end_of_a_stream_keeps_versions_right(
+    store: JetStreamEventStore, nc: nats.NATS, nats_url: str, prefix: str
+) -> None:
+    reports = []
+    store.on_invalid = reports.append
+    await store.append("agent.f1", [note(1), note(2)], NO_STREAM)
+    junk = await nc.jetstream().publish(f"{prefix}.ev.agent.f1", b"{not an envelope")
+    async with await JetStreamEventStore.connect(nats_url, prefix=prefix) as cold:
+        assert await cold.stream_version("agent.f1") == 2
+        result = await cold.append("agent.f1", note(3), 2)
+        assert result.version == 3 and result.position == junk.seq + 1
+    assert [e.version async for e in store.read("agent.f1")] == [1, 2, 3]
+    assert [r.position for r in reports] == [junk.seq]
+
+
+async def test_read_all_stops_at_the_head_it_saw_and_filters_several_streams_on_the_server(
+    store: JetStreamEventStore,
+) -> None:
+    for i in range(30):
+        await store.append(f"agent.h{i % 3}", note(i))
+    seen = []
+    async for event in store.read_all(filter=EventFilter(streams=("agent.h0", "agent.h2"))):
+        seen.append(event.data["n"])
+        if len(seen) == 1:
+            await store.append("agent.h0", note(100))  # after the call began: not included
+    assert seen == [i for i in range(30) if i % 3 != 1]
+    tail = [e.data["n"] async for e in store.read_all(filter=EventFilter(streams=("agent.h0",)))]
+    assert tail[-1] == 100
+
+
+async def _true(condition: bool) -> bool:
+    return condition
