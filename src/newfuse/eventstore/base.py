@@ -34,6 +34,7 @@ from newfuse.schemas import (
     SchemaRegistry,
     StreamName,
     TraceContext,
+    check_type_name,
     default_registry,
     utcnow,
 )
@@ -291,7 +292,7 @@ class EventStore(abc.ABC):
                 f"append to {stream}: event {event.id} has no type; give NewEvent(type=...) or "
                 f"a registered payload struct"
             )
-        StreamName.parse(f"x.{type_name}")  # type names follow the token rules but may hold dots
+        check_type_name(type_name)
         if version is None:
             version = (
                 self.registry.latest_version(type_name)

@@ -1,0 +1,177 @@
+"""`fuse publish`, `replay` and `tail` as a user runs them: real processes, real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+Run = subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(params=["jetstream", "sqlite"])
+def fuse_args(
+    request: pytest.FixtureRequest, nats_url: str, prefix: str, tmp_path: Path
+) -> list[str]:
+    if request.param == "jetstream":
+        return ["--nats", nats_url, "--prefix", prefix]
+    return ["--store", f"sqlite://{tmp_path / 'cli.db'}"]
+
+
+def fuse(args: list[str], *extra: str, check: bool = True) -> Run:
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run(
+        [sys.executable, "-m", "newfuse", *args, *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_publish_prints_where_the_event_went_as_json(fuse_args: list[str]) -> None:
+    first = json.loads(
+        fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 1}', "--json").stdout
+    )
+    assert set(first) == {"stream", "version", "position", "id"}
+    assert (first["stream"], first["version"]) == ("agent.r1", 1)
+    second = json.loads(
+        fuse(
+            fuse_args,
+            "publish",
+            "agent.r1",
+            "note",
+            "--data",
+            '{"n": 2}',
+            "--expected-version",
+            "1",
+            "--json",
+        ).stdout
+    )
+    assert second["version"] == 2 and second["position"] > first["position"]
+
+
+def test_publish_with_a_stale_expected_version_exits_non_zero_naming_the_conflict(
+    fuse_args: list[str],
+) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", "{}")
+    result = fuse(
+        fuse_args,
+        "publish",
+        "agent.r1",
+        "note",
+        "--data",
+        "{}",
+        "--expected-version",
+        "0",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "append to 'agent.r1': expected version 0, stream is at version 1" in result.stderr
+    replay = fuse(fuse_args, "replay", "--json").stdout.splitlines()
+    assert len(replay) == 1
+
+
+def test_publish_rejects_bad_json_and_bad_stream_names_clearly(fuse_args: list[str]) -> None:
+    bad_json = fuse(fuse_args, "publish", "agent.r1", "note", "--data", "{nope", check=False)
+    assert (
+        bad_json.returncode == 1
+        and "--data" in bad_json.stderr
+        and "not valid JSON" in bad_json.stderr
+    )
+    bad_name = fuse(fuse_args, "publish", "agent.r 1", "note", "--data", "{}", check=False)
+    assert bad_name.returncode == 1 and "a space" in bad_name.stderr
+    bad_payload = fuse(
+        fuse_args,
+        "publish",
+        "agent.r1",
+        "agent.state_update",
+        "--data",
+        '{"agentId": "r1"}',
+        check=False,
+    )
+    assert bad_payload.returncode == 1 and "missing required field `version`" in bad_payload.stderr
+
+
+def test_replay_filters_and_prints_a_table_or_json_lines(fuse_args: list[str]) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 1}', "--correlation", "c1")
+    fuse(fuse_args, "publish", "saga.s1", "step", "--data", '{"n": 2}', "--correlation", "c1")
+    fuse(
+        fuse_args,
+        "publish",
+        "agent.r2",
+        "agent.state_update",
+        "--data",
+        '{"agentId": "r2", "state": {"x": 1}, "version": 1}',
+    )
+    lines = [json.loads(line) for line in fuse(fuse_args, "replay", "--json").stdout.splitlines()]
+    assert [line["stream"] for line in lines] == ["agent.r1", "saga.s1", "agent.r2"]
+    assert all(
+        {"position", "id", "type", "version", "data", "timestamp"} <= set(line) for line in lines
+    )
+    assert lines[2]["data"] == {
+        "agentId": "r2",
+        "state": {"x": 1},
+        "version": 1,
+        "timestamp": lines[2]["data"]["timestamp"],
+    }
+
+    def streams(*flags: str) -> list[str]:
+        out = fuse(fuse_args, "replay", "--json", *flags).stdout.splitlines()
+        return [json.loads(line)["stream"] for line in out]
+
+    assert streams("--category", "agent") == ["agent.r1", "agent.r2"]
+    assert streams("--type", "step") == ["saga.s1"]
+    assert streams("--correlation", "c1") == ["agent.r1", "saga.s1"]
+    assert streams("--stream", "agent.r2") == ["agent.r2"]
+    assert streams("--limit", "2") == ["agent.r1", "saga.s1"]
+    assert streams("--from-position", str(lines[1]["position"])) == ["saga.s1", "agent.r2"]
+    assert streams("--since", "1h") == ["agent.r1", "saga.s1", "agent.r2"]
+    assert streams("--until", "1h") == []
+    table = fuse(fuse_args, "replay").stdout
+    assert table.splitlines()[0].split()[:3] == ["POSITION", "TIME", "(UTC)"]
+    assert "agent.state_update" in table and "saga.s1" in table
+
+
+def test_replay_with_a_bad_time_names_the_flag(fuse_args: list[str]) -> None:
+    result = fuse(fuse_args, "replay", "--since", "yesterday-ish", check=False)
+    assert result.returncode == 1 and "--since='yesterday-ish'" in result.stderr
+
+
+def test_tail_prints_new_events_live_and_stops_on_sigint(fuse_args: list[str]) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 0}')
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "newfuse",
+            *fuse_args,
+            "tail",
+            "--json",
+            "--category",
+            "agent",
+            "--from-position",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        assert json.loads(tail.stdout.readline())["data"] == {"n": 0}
+        fuse(fuse_args, "publish", "saga.s1", "note", "--data", '{"n": 1}')
+        fuse(fuse_args, "publish", "agent.r2", "note", "--data", '{"n": 2}')
+        assert json.loads(tail.stdout.readline())["data"] == {"n": 2}
+    finally:
+        tail.send_signal(signal.SIGINT)
+        _, stderr = tail.communicate(timeout=30)
+    assert tail.returncode == 0, stderr
