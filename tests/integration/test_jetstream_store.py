@@ -226,3 +226,22 @@ async def test_read_all_stops_at_the_head_it_saw_and_filters_several_streams_on_
 
 async def _true(condition: bool) -> bool:
     return condition
+
+
+async def test_reads_far_into_a_long_stream_seek_instead_of_scanning_and_stay_exact(
+    store: JetStreamEventStore,
+) -> None:
+    for start in range(0, 900, 150):
+        await store.append("agent.long", [note(n) for n in range(start + 1, start + 151)])
+        await store.append("agent.noise", [note(-n) for n in range(50)])
+
+    async def versions(*args: object, **kwargs: object) -> list[int]:
+        return [e.version async for e in store.read("agent.long", *args, **kwargs)]  # type: ignore[arg-type]
+
+    assert await versions(450, 5) == [450, 451, 452, 453, 454]
+    assert await versions(899) == [899, 900]
+    assert await versions(901) == []
+    assert await versions(backwards=True, limit=3) == [900, 899, 898]
+    assert await versions(500, 4, backwards=True) == [500, 499, 498, 497]
+    assert await versions(257, 2) == [257, 258]
+    assert len(await versions(300)) == 601

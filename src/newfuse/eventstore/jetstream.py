@@ -438,12 +438,14 @@ class JetStreamEventStore(EventStore):
             reason=f"direct get answered {status} {(msg.headers or {}).get(h.DESCRIPTION, '')}",
         )
 
-    async def _subject_messages(self, subject: str, stream: str) -> AsyncIterator[Msg]:
-        """Every message on `subject` in sequence order, by batched direct gets."""
+    async def _subject_messages(
+        self, subject: str, stream: str, start: int = 1
+    ) -> AsyncIterator[Msg]:
+        """Every message on `subject` from sequence `start` on, in order, by batched direct gets."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         try:
-            seq = 1
+            seq = start
             while True:
                 request = msgspec.json.encode(
                     {"seq": seq, "next_by_subj": subject, "batch": _DIRECT_BATCH}
@@ -487,21 +489,26 @@ class JetStreamEventStore(EventStore):
         subject = self._event_prefix + stream
         where = f"on {subject}"
         if backwards:
-            # No version index: read forward, keeping only the last `limit` events wanted.
-            top = from_version if from_version > 1 else None
+            top = from_version if from_version > 1 else None  # 1 (the default): from the end
+            if top is None:
+                top, _ = await self._fetch_state(stream, subject)
+            first = max(1, top - limit + 1) if limit is not None else 1
+            # Read forward from the first version wanted, keeping at most `limit` events.
             kept: deque[RecordedEvent] = deque(maxlen=limit)
-            async for msg in self._subject_messages(subject, stream):
+            start = await self._seek(subject, stream, first)
+            async for msg in self._subject_messages(subject, stream, start):
                 event = self.decode(msg.data, _seq_of(msg), where)
                 if event is None:
                     continue
-                if top is not None and event.version > top:
+                if event.version > top:
                     break
                 kept.append(event)
             while kept:
                 yield kept.pop()
             return
         count = 0
-        async for msg in self._subject_messages(subject, stream):
+        start = await self._seek(subject, stream, from_version)
+        async for msg in self._subject_messages(subject, stream, start):
             event = self.decode(msg.data, _seq_of(msg), where)
             if event is None or event.version < from_version:
                 continue
@@ -509,6 +516,35 @@ class JetStreamEventStore(EventStore):
             count += 1
             if count == limit:
                 return
+
+    async def _seek(self, subject: str, stream: str, version: int) -> int:
+        """A sequence to start reading `subject` from so as to meet `version` first.
+
+        There is no version index, but versions grow with sequences: a binary search over the
+        stream's sequences with single direct gets (`next_by_subj`) finds the spot in about
+        log2(head) requests. Near the start of a stream, scanning is cheaper.
+        """
+        if version <= _DIRECT_BATCH:
+            return 1
+        _, last = await self._fetch_state(stream, subject)
+        low, high = 1, last
+        while low < high:
+            middle = (low + high) // 2
+            msg = await self._direct_get(
+                self._direct,
+                msgspec.json.encode({"seq": middle, "next_by_subj": subject}),
+                f"read {stream!r}",
+            )
+            found = _version_of(msg) if msg is not None else None
+            if msg is None:
+                high = middle
+            elif found is None:
+                return 1  # a foreign message without a version: scan instead of guessing
+            elif found >= version:
+                high = middle
+            else:
+                low = _seq_of(msg) + 1
+        return low
 
     async def _stream_version(self, stream: str) -> int:
         if not self._ready:
