@@ -1,0 +1,699 @@
+"""The SQLite event store: one WAL-mode table, group commit by a single writer task, paged reads.
+
+Layout: one table `events` whose `position` (INTEGER PRIMARY KEY) is the global position, with
+UNIQUE(stream, version) and UNIQUE(id); the body is the envelope's JSON exactly as the JetStream
+backend publishes it, so both backends store the same bytes.
+
+Writing (group commit): `append` only enqueues its prepared events with a future. One writer task
+owns the write connection; it drains the queue into ONE `BEGIN IMMEDIATE` transaction, looks up
+the versions of the streams involved, the event ids already stored and the head position (one
+query), checks every append on its own in order (idempotent replay, expected version, ids), inserts
+the rows of those that pass with one `executemany`, commits once (one fsync with
+synchronous=FULL), then resolves each append's future with its own result or its own error. The
+checks need no SAVEPOINT: `BEGIN IMMEDIATE` takes the write lock before the lookup, so nothing
+else can change what was read, and an append that fails a check contributes no rows. If the
+transaction itself fails (I/O, a constraint the checks did not foresee), the group is retried one
+append per transaction, so that the failure lands on the append that causes it. Four awaits on the
+connection per group, whatever its size.
+
+Within one process: any number of appenders and store instances; in-process subscribers are woken
+on commit (instances on the same file in the same process wake each other too).
+
+Across processes (each with its own SQLiteEventStore on the same file): versions and positions
+stay consistent and unique, because every writer takes the database's write lock with `BEGIN
+IMMEDIATE` before reading the stream versions and the head, and UNIQUE(stream, version) / UNIQUE(id)
+back that up; a writer that finds the lock taken waits up to `busy_timeout`, then its appends fail
+with the retryable StoreUnavailableError. Readers never block writers (WAL). A commit is visible to
+other processes at once, but their live subscribers see it only at their next poll
+(`poll_interval`). Positions are assigned under the write lock and committed in order, so a reader
+never sees position N+1 before N: "no gaps" holds across processes too. Not across machines:
+SQLite's locking needs a local file system (no NFS).
+
+Reading: a separate read connection (WAL lets it run beside the writer; `:memory:` shares the one
+connection, guarded by a lock so that readers never see a transaction in progress). Every read
+pages through the table with keyset queries of `page_size` rows, so a replay of millions of events
+holds one page in memory at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Self
+
+import aiosqlite
+import msgspec
+
+from newfuse.errors import (
+    ConfigError,
+    DuplicateEventError,
+    StoreClosedError,
+    StoreUnavailableError,
+    WrongExpectedVersionError,
+)
+from newfuse.eventstore.base import (
+    MAX_BATCH,
+    AppendResult,
+    EventFilter,
+    EventStore,
+    Expected,
+    InvalidEventHandler,
+    PreparedEvent,
+    check_expected,
+)
+from newfuse.schemas import RecordedEvent, SchemaRegistry
+
+MEMORY: Final[str] = ":memory:"
+"""The path of a store that lives in memory and disappears on close."""
+
+SYNCHRONOUS_MODES: Final[tuple[str, ...]] = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+_SCHEMA: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE IF NOT EXISTS events (
+        position INTEGER PRIMARY KEY,
+        stream TEXT NOT NULL,
+        category TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        correlation_id TEXT,
+        body BLOB NOT NULL,
+        UNIQUE (stream, version)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS events_by_category ON events (category, position)",
+    "CREATE INDEX IF NOT EXISTS events_by_type ON events (type, position)",
+    "CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp)",
+    "CREATE INDEX IF NOT EXISTS events_by_correlation ON events (correlation_id, position) "
+    "WHERE correlation_id IS NOT NULL",
+)
+"""`timestamp` is microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."""
+
+_SCHEMA_VERSION: Final[int] = 1
+
+# One query under the write lock: each stream's version, the ids already stored, the head.
+_LOOKUP: Final[str] = """
+    SELECT 'v', s.value, NULL, (SELECT max(version) FROM events WHERE stream = s.value), NULL
+    FROM json_each(?1) AS s
+    UNION ALL
+    SELECT 'i', e.id, e.stream, e.version, e.position
+    FROM events AS e WHERE e.id IN (SELECT value FROM json_each(?2))
+    UNION ALL
+    SELECT 'h', NULL, NULL, NULL, max(position) FROM events
+"""
+
+_INSERT: Final[str] = (
+    "INSERT INTO events (position, stream, category, version, id, type, schema_version, "
+    "timestamp, correlation_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_EPOCH: Final[datetime] = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final[timedelta] = timedelta(microseconds=1)
+_JSON: Final[msgspec.json.Encoder] = msgspec.json.Encoder()
+
+_Row = tuple[int, str, str, int, str, str, int, int, str | None, bytes]
+
+# Stores by file, so that an in-process commit wakes the subscribers of every instance on the file.
+_neighbours: weakref.WeakValueDictionary[int, SQLiteEventStore] = weakref.WeakValueDictionary()
+
+
+def _micros(moment: datetime) -> int:
+    """Microseconds since the epoch; a naive datetime is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+@dataclass(slots=True)
+class _Append:
+    """One append waiting for the writer: what to write, and the future its caller awaits."""
+
+    stream: str
+    events: list[PreparedEvent]
+    expected: Expected
+    future: asyncio.Future[AppendResult]
+
+
+class SQLiteEventStore(EventStore):
+    """The event store in one SQLite file (or in memory), through aiosqlite.
+
+    Open it with `await SQLiteEventStore.open(path)` or `open_event_store("sqlite:///path")`, and
+    close it (or use `async with`). See the module docstring for what holds across processes.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        registry: SchemaRegistry | None = None,
+        on_invalid: InvalidEventHandler | None = None,
+        synchronous: str = "FULL",
+        busy_timeout: float = 5.0,
+        poll_interval: float = 0.05,
+        page_size: int = 500,
+        max_group_events: int = 4 * MAX_BATCH,
+    ) -> None:
+        super().__init__(registry=registry, on_invalid=on_invalid)
+        mode = synchronous.upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ConfigError(
+                variable="synchronous",
+                value=synchronous,
+                reason=f"use one of {', '.join(SYNCHRONOUS_MODES)} (FULL: an fsync per commit)",
+            )
+        for variable, value in (("busy_timeout", busy_timeout), ("poll_interval", poll_interval)):
+            if value <= 0:
+                raise ConfigError(
+                    variable=variable, value=value, reason="must be a positive number of seconds"
+                )
+        for variable, count in (("page_size", page_size), ("max_group_events", max_group_events)):
+            if count < 1:
+                raise ConfigError(variable=variable, value=count, reason="must be at least 1")
+        self.path = path
+        self.synchronous = mode
+        self.busy_timeout = busy_timeout
+        self.poll_interval = poll_interval
+        self.page_size = page_size
+        self.max_group_events = max_group_events
+        # A filtered scan looks at this many positions per query at most, so that no query sorts
+        # or scans more than a bounded slice of the log, whatever the filter.
+        self._window = page_size * 20
+        self._memory = path == MEMORY
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        # `:memory:` has one connection; this lock keeps readers out of an open transaction.
+        self._shared_lock: asyncio.Lock | None = asyncio.Lock() if self._memory else None
+        self._queue: deque[_Append] = deque()
+        self._queued = asyncio.Event()
+        self._in_flight: list[_Append] = []
+        self._stopping = False
+        self._writer_task: asyncio.Task[None] | None = None
+        self._committed = asyncio.Event()
+        self._file_key = None if self._memory else str(Path(path).resolve())
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str,
+        *,
+        registry: SchemaRegistry | None = None,
+        on_invalid: InvalidEventHandler | None = None,
+        synchronous: str = "FULL",
+        busy_timeout: float = 5.0,
+        poll_interval: float = 0.05,
+        page_size: int = 500,
+        max_group_events: int = 4 * MAX_BATCH,
+    ) -> Self:
+        """Open (creating if needed) the store at `path`, or a fresh one in memory (`:memory:`).
+
+        Args:
+            path: a file path, or `:memory:`.
+            registry: payload types; the default registry when None.
+            on_invalid: called with each stored row that is not a valid event (default: a log
+                warning); the row is skipped.
+            synchronous: SQLite's `synchronous` pragma. FULL (default) fsyncs every commit;
+                NORMAL in WAL mode may lose the last commits on power loss, never consistency.
+            busy_timeout: seconds a writer waits for another process's write lock.
+            poll_interval: seconds between checks for events written by other processes.
+            page_size: rows fetched per query when reading.
+            max_group_events: most events the writer commits in one transaction.
+
+        Raises:
+            ConfigError: an option has an unusable value.
+            StoreUnavailableError: the file cannot be opened or its schema created.
+        """
+        store = cls(
+            path,
+            registry=registry,
+            on_invalid=on_invalid,
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            poll_interval=poll_interval,
+            page_size=page_size,
+            max_group_events=max_group_events,
+        )
+        try:
+            await store._start()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        operation = f"open SQLite event store {self.path!r}"
+        try:
+            self._writer = await self._connect()
+            if not self._memory:
+                await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
+            await self._create_schema(self._writer)
+            if self._memory:
+                self._reader = self._writer
+            else:
+                self._reader = await self._connect()
+                await self._reader.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as error:
+            raise StoreUnavailableError(operation=operation, reason=str(error)) from error
+        if not self._memory:
+            _neighbours[id(self)] = self
+        self._writer_task = asyncio.create_task(
+            self._write_loop(), name=f"newfuse sqlite writer {self.path}"
+        )
+
+    async def _connect(self) -> aiosqlite.Connection:
+        connection = await aiosqlite.connect(
+            self.path, isolation_level=None, timeout=self.busy_timeout
+        )
+        await connection.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        return connection
+
+    async def _create_schema(self, connection: aiosqlite.Connection) -> None:
+        await connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                await connection.execute(statement)
+            await connection.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            await connection.execute("COMMIT")
+        except BaseException:
+            await self._rollback(connection)
+            raise
+
+    async def _close(self) -> None:
+        self._stopping = True
+        _neighbours.pop(id(self), None)
+        closed = StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
+        while self._queue:  # never started: fail them, nothing of theirs was written
+            waiting = self._queue.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(closed)
+        task = self._writer_task
+        if task is not None:
+            self._queued.set()
+            # The group in flight (if any) finishes, so its callers learn the real outcome; the
+            # writer then exits. Cancel it only if the commit hangs past the busy timeout.
+            await asyncio.wait({task}, timeout=self.busy_timeout + 5.0)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        for waiting in self._in_flight:  # only after a cancelled commit: outcome unknown
+            if not waiting.future.done():
+                waiting.future.set_exception(closed)
+        self._committed.set()  # wake subscribers so that they see the store is closed
+        for connection in {id(c): c for c in (self._reader, self._writer) if c}.values():
+            await connection.close()
+        self._reader = self._writer = None
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def _append(
+        self, stream: str, events: list[PreparedEvent], expected: Expected
+    ) -> AppendResult:
+        task = self._writer_task
+        if self._stopping or task is None or task.done():
+            raise StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(stream, events, expected, future))
+        self._queued.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while not self._stopping:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue and not self._stopping:
+                group = self._take_group()
+                if not group:
+                    continue
+                self._in_flight = group
+                await self._commit_group(group)
+                self._in_flight = []
+
+    def _take_group(self) -> list[_Append]:
+        """Appends from the queue, oldest first, up to max_group_events (at least one)."""
+        group: list[_Append] = []
+        size = 0
+        while self._queue:
+            waiting = self._queue[0]
+            if waiting.future.done():  # its caller was cancelled before it was written
+                self._queue.popleft()
+                continue
+            if group and size + len(waiting.events) > self.max_group_events:
+                break
+            group.append(self._queue.popleft())
+            size += len(waiting.events)
+        return group
+
+    async def _commit_group(self, group: list[_Append]) -> None:
+        try:
+            outcomes = await self._write_group(group)
+        except Exception as error:  # the writer must outlive any failure, or appends would hang
+            # A busy lock, I/O error or full disk (OperationalError) would fail each append alike;
+            # anything else may come from one append: retry them alone so that only it fails.
+            retry_alone = not isinstance(error, sqlite3.OperationalError) and not self._stopping
+            if len(group) > 1 and retry_alone:
+                for waiting in group:  # find the append that fails, and fail only that one
+                    if not waiting.future.done():
+                        await self._commit_group([waiting])
+                return
+            for waiting in group:
+                if not waiting.future.done():
+                    waiting.future.set_exception(
+                        self._store_error(f"append to {waiting.stream!r}", error)
+                    )
+            return
+        wrote = False
+        for waiting, outcome in zip(group, outcomes, strict=True):
+            if waiting.future.done():
+                continue
+            if isinstance(outcome, AppendResult):
+                wrote = True
+                waiting.future.set_result(outcome)
+            else:
+                waiting.future.set_exception(outcome)
+        if wrote:
+            self._notify_commit()
+
+    async def _write_group(self, group: list[_Append]) -> list[AppendResult | Exception]:
+        """One transaction for the whole group; returns each append's result or error."""
+        connection = self._writer
+        if connection is None:
+            raise ValueError("the write connection is closed")
+        streams = list(dict.fromkeys(waiting.stream for waiting in group))
+        ids = [event.id for waiting in group for event in waiting.events]
+        async with self._shared():
+            await connection.execute("BEGIN IMMEDIATE")
+            try:
+                found = await connection.execute_fetchall(
+                    _LOOKUP, (_JSON.encode(streams).decode(), _JSON.encode(ids).decode())
+                )
+                rows, outcomes = self._plan(group, found)
+                if rows:
+                    await connection.executemany(_INSERT, rows)
+                await connection.execute("COMMIT")
+            except BaseException:
+                await self._rollback(connection)
+                raise
+        return outcomes
+
+    def _plan(
+        self, group: list[_Append], found: Iterable[Any]
+    ) -> tuple[list[_Row], list[AppendResult | Exception]]:
+        """Check each append against the stored state (and the group's earlier appends)."""
+        versions: dict[str, int] = {}
+        stored: dict[str, tuple[str, int, int]] = {}
+        head = 0
+        for kind, key, stream, version, position in found:
+            if kind == "v":
+                versions[key] = version or 0
+            elif kind == "i":
+                stored[key] = (stream, version, position)
+            else:
+                head = position or 0
+        rows: list[_Row] = []
+        outcomes: list[AppendResult | Exception] = []
+        for waiting in group:
+            stream, events = waiting.stream, waiting.events
+            ids = [event.id for event in events]
+            known = [stored.get(event_id) for event_id in ids]
+            if any(known):
+                outcomes.append(_replayed(stream, ids, known))
+                continue
+            if len(set(ids)) != len(ids):
+                twice = next(i for i in ids if ids.count(i) > 1)
+                outcomes.append(
+                    DuplicateEventError(
+                        stream=stream,
+                        event_id=twice,
+                        reason="appears twice in one batch; give each event its own id",
+                    )
+                )
+                continue
+            actual = versions.get(stream, 0)
+            if not check_expected(stream, waiting.expected, actual):
+                expected = waiting.expected
+                outcomes.append(
+                    WrongExpectedVersionError(
+                        stream=stream,
+                        expected=expected if isinstance(expected, int) else expected.value,
+                        actual=actual,
+                    )
+                )
+                continue
+            category = stream.partition(".")[0]
+            for offset, event in enumerate(events, start=1):
+                version, position = actual + offset, head + offset
+                rows.append(
+                    (
+                        position,
+                        stream,
+                        category,
+                        version,
+                        event.id,
+                        event.type,
+                        event.schema_version,
+                        _micros(event.timestamp),
+                        event.correlation_id,
+                        event.encode(stream, version),
+                    )
+                )
+                stored[event.id] = (stream, version, position)
+            outcomes.append(
+                AppendResult(
+                    stream=stream,
+                    first_version=actual + 1,
+                    last_version=actual + len(events),
+                    first_position=head + 1,
+                    last_position=head + len(events),
+                    ids=tuple(ids),
+                )
+            )
+            versions[stream] = actual + len(events)
+            head += len(events)
+        return rows, outcomes
+
+    async def _rollback(self, connection: aiosqlite.Connection) -> None:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await connection.execute("ROLLBACK")
+
+    def _store_error(self, operation: str, error: Exception) -> Exception:
+        if isinstance(error, ValueError) or self._stopping:  # aiosqlite: "Connection closed"
+            return StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
+        if isinstance(error, sqlite3.OperationalError):  # locked past busy_timeout, I/O, full
+            return StoreUnavailableError(operation=operation, reason=str(error))
+        return error
+
+    def _notify_commit(self) -> None:
+        self._wake()
+        if self._file_key is None:
+            return
+        for other in list(_neighbours.values()):
+            if (
+                other is not self
+                and other._file_key == self._file_key
+                and other._loop is self._loop
+            ):
+                other._wake()
+
+    def _wake(self) -> None:
+        # Waiters hold the event they saw before reading; a fresh one catches the next commit.
+        committed, self._committed = self._committed, asyncio.Event()
+        committed.set()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _shared(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._shared_lock if self._shared_lock is not None else contextlib.nullcontext()
+
+    async def _fetch(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        self._check_open()
+        connection = self._reader
+        if connection is None:
+            raise StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
+        try:
+            async with self._shared():
+                return list(await connection.execute_fetchall(sql, parameters))
+        except (sqlite3.Error, ValueError) as error:
+            raise self._store_error(f"read from SQLite event store {self.path!r}", error) from error
+
+    async def _scalar(self, sql: str, parameters: Sequence[Any] = ()) -> int:
+        rows = await self._fetch(sql, parameters)
+        return int(rows[0][0] or 0) if rows else 0
+
+    def _decoded(self, position: int, body: bytes) -> RecordedEvent | None:
+        return self.decode(body, position, f"at position {position} of {self.path}")
+
+    async def _read(
+        self, stream: str, from_version: int, limit: int | None, backwards: bool
+    ) -> AsyncIterator[RecordedEvent]:
+        if backwards:
+            # from_version is the highest version wanted; the default (1) means "from the last".
+            bound = from_version if from_version > 1 else (1 << 62)
+            sql = (
+                "SELECT position, body, version FROM events WHERE stream = ? AND version <= ? "
+                "ORDER BY version DESC LIMIT ?"
+            )
+        else:
+            bound = max(from_version, 1)
+            sql = (
+                "SELECT position, body, version FROM events WHERE stream = ? AND version >= ? "
+                "ORDER BY version LIMIT ?"
+            )
+        remaining = limit
+        while remaining is None or remaining > 0:
+            wanted = self.page_size if remaining is None else min(self.page_size, remaining)
+            rows = await self._fetch(sql, (stream, bound, wanted))
+            for position, body, _ in rows:
+                event = self._decoded(position, body)
+                if event is not None:
+                    yield event
+                    if remaining is not None:
+                        remaining -= 1
+            if len(rows) < wanted:
+                return
+            last_version = rows[-1][2]
+            bound = last_version - 1 if backwards else last_version + 1
+
+    async def _read_all(
+        self,
+        from_position: int,
+        since: datetime | None,
+        until: datetime | None,
+        filter: EventFilter,
+        limit: int | None,
+    ) -> AsyncIterator[RecordedEvent]:
+        clauses, parameters = _filter_sql(filter)
+        bounds = ["(SELECT max(position) FROM events)"]
+        bound_parameters: list[Any] = []
+        if since is not None:
+            clauses.append("+timestamp >= ?")  # '+': scan by position, not by the time index
+            parameters.append(_micros(since))
+            bounds.append("(SELECT min(position) FROM events WHERE timestamp >= ?)")
+            bound_parameters.append(_micros(since))
+        if until is not None:
+            clauses.append("+timestamp <= ?")
+            parameters.append(_micros(until))
+            bounds.append("(SELECT max(position) FROM events WHERE timestamp <= ?)")
+            bound_parameters.append(_micros(until))
+        # The head as it is now (reading stops there), narrowed by the time index when asked.
+        [found] = await self._fetch(f"SELECT {', '.join(bounds)}", bound_parameters)
+        head = found[0] or 0
+        start = from_position
+        if since is not None:
+            if found[1] is None:
+                return
+            start = max(start, found[1])
+        if until is not None:
+            head = min(head, found[-1] or 0)
+        async for event in self._scan(start - 1, head, clauses, parameters, limit):
+            yield event
+
+    async def _scan(
+        self,
+        after: int,
+        upto: int,
+        clauses: list[str],
+        parameters: list[Any],
+        limit: int | None,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Events at positions in (after, upto] matching `clauses`, in position order, paged."""
+        where = " AND ".join(["position > ?", "position <= ?", *clauses])
+        sql = f"SELECT position, body FROM events WHERE {where} ORDER BY position LIMIT ?"
+        remaining = limit
+        while after < upto and (remaining is None or remaining > 0):
+            high = min(upto, after + self._window) if clauses else upto
+            wanted = self.page_size if remaining is None else min(self.page_size, remaining)
+            rows = await self._fetch(sql, (after, high, *parameters, wanted))
+            for position, body in rows:
+                event = self._decoded(position, body)
+                if event is not None:
+                    yield event
+                    if remaining is not None:
+                        remaining -= 1
+            after = rows[-1][0] if len(rows) == wanted else high
+
+    async def _subscribe(
+        self, filter: EventFilter, from_position: int
+    ) -> AsyncIterator[RecordedEvent]:
+        clauses, parameters = _filter_sql(filter)
+        last = from_position - 1
+        while True:
+            committed = self._committed  # taken before reading: a commit after it sets it
+            head = await self._scalar("SELECT max(position) FROM events")
+            if head > last:
+                async for event in self._scan(last, head, clauses, parameters, None):
+                    yield event
+                last = head
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):  # other processes' commits
+                    await committed.wait()
+            self._check_open()
+
+    async def _head_position(self) -> int:
+        return await self._scalar("SELECT max(position) FROM events")
+
+    async def _stream_version(self, stream: str) -> int:
+        return await self._scalar("SELECT max(version) FROM events WHERE stream = ?", (stream,))
+
+
+def _filter_sql(filter: EventFilter) -> tuple[list[str], list[Any]]:
+    clauses: list[str] = []
+    parameters: list[Any] = []
+    for column, values in (
+        ("stream", filter.streams),
+        ("category", filter.categories),
+        ("type", filter.types),
+    ):
+        if values:
+            clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+            parameters.extend(values)
+    if filter.correlation_id is not None:
+        clauses.append("correlation_id = ?")
+        parameters.append(filter.correlation_id)
+    return clauses, parameters
+
+
+def _replayed(
+    stream: str, ids: list[str], known: list[tuple[str, int, int] | None]
+) -> AppendResult | DuplicateEventError:
+    """The first result when `ids` were appended before as one batch to `stream`, else an error."""
+    places = [place for place in known if place is not None]
+    if len(places) == len(ids):
+        versions = [version for _, version, _ in places]
+        if all(place[0] == stream for place in places) and versions == list(
+            range(versions[0], versions[0] + len(ids))
+        ):
+            return AppendResult(
+                stream=stream,
+                first_version=versions[0],
+                last_version=versions[-1],
+                first_position=places[0][2],
+                last_position=places[-1][2],
+                ids=tuple(ids),
+            )
+    index = next(i for i, place in enumerate(known) if place is not None)
+    where, version, position = places[0]
+    return DuplicateEventError(
+        stream=stream,
+        event_id=ids[index],
+        reason=(
+            f"was appended before to {where!r} at version {version} (position {position}), "
+            f"not in a batch like this one; retry with the original batch, or give new events "
+            f"new ids"
+        ),
+    )

@@ -1,0 +1,366 @@
+"""What only the SQLite backend shows: group commit, several instances and processes on one file,
+close with appends pending, reopening, paging, and rows that are not valid events."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from newfuse.errors import (
+    ConfigError,
+    DuplicateEventError,
+    StoreClosedError,
+    WrongExpectedVersionError,
+)
+from newfuse.eventstore import (
+    NO_STREAM,
+    AppendResult,
+    EventFilter,
+    InvalidEventReport,
+    open_event_store,
+)
+from newfuse.eventstore.sqlite import SQLiteEventStore
+from newfuse.schemas import NewEvent, RecordedEvent
+from support import wait_for
+
+
+def note(n: int, **fields: str) -> NewEvent:
+    return NewEvent(type="note", data={"n": n}, **fields)  # type: ignore[arg-type]
+
+
+async def numbers(events: AsyncIterator[RecordedEvent]) -> list[int]:
+    return [event.data["n"] async for event in events]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
+
+
+@pytest.fixture
+async def store(db: Path) -> AsyncIterator[SQLiteEventStore]:
+    opened = await SQLiteEventStore.open(str(db))
+    yield opened
+    await opened.close()
+
+
+def hold_write_lock(db: Path) -> sqlite3.Connection:
+    """Another connection (as another process would) takes the write lock and keeps it."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    return blocker
+
+
+async def queued(store: SQLiteEventStore, count: int) -> None:
+    """Wait until `count` appends wait in the writer's queue (white box: proves one group)."""
+
+    async def enough() -> bool:
+        return len(store._queue) == count
+
+    await wait_for(enough)
+
+
+# -- group commit ----------------------------------------------------------------------------------
+
+
+async def test_a_group_commit_fails_or_succeeds_each_append_on_its_own(
+    store: SQLiteEventStore, db: Path
+) -> None:
+    for i in range(10):
+        await store.append(f"agent.s{i}", note(0), NO_STREAM)
+    retried = [note(100), note(101)]
+    blocker = hold_write_lock(db)
+    try:
+        # The writer takes the first append and waits for the lock; the rest queue up behind it
+        # and are then committed together in one transaction.
+        first = asyncio.create_task(store.append("agent.s0", note(1), 1))
+        await wait_for(lambda: _true(not store._queue and bool(store._in_flight)))
+        calls = [
+            *(store.append(f"agent.s{i}", note(1), 1) for i in range(1, 10)),  # right
+            *(store.append(f"agent.s{i}", note(2), 7) for i in range(10)),  # wrong version
+            store.append("agent.fresh", note(1), NO_STREAM),  # wins
+            store.append("agent.fresh", note(2), NO_STREAM),  # loses to the one before it
+            store.append("agent.retried", retried, NO_STREAM),
+            store.append("agent.retried", retried, NO_STREAM),  # a retry in the same group
+            store.append("agent.s1", note(3), 2),  # right only after the group's earlier append
+        ]
+        tasks = [asyncio.create_task(call) for call in calls]
+        await queued(store, len(tasks))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    outcomes = await asyncio.gather(first, *tasks, return_exceptions=True)
+    assert isinstance(outcomes[0], AppendResult) and outcomes[0].version == 2
+    right, wrong = outcomes[1:10], outcomes[10:20]
+    assert all(isinstance(r, AppendResult) and r.version == 2 for r in right), right
+    for i, error in enumerate(wrong):
+        assert isinstance(error, WrongExpectedVersionError), error
+        assert (error.stream, error.expected, error.actual) == (f"agent.s{i}", 7, 2)
+    fresh_won, fresh_lost, retry_first, retry_again, chained = outcomes[20:]
+    assert isinstance(fresh_won, AppendResult) and fresh_won.version == 1
+    assert isinstance(fresh_lost, WrongExpectedVersionError) and fresh_lost.actual == 1
+    assert isinstance(retry_first, AppendResult) and retry_again == retry_first
+    assert isinstance(chained, AppendResult) and chained.version == 3
+
+    for i in range(10):
+        expected = [0, 1, 3] if i == 1 else [0, 1]
+        assert await numbers(store.read(f"agent.s{i}")) == expected
+    assert await numbers(store.read("agent.fresh")) == [1]
+    assert await numbers(store.read("agent.retried")) == [100, 101]
+    positions = [e.position async for e in store.read_all()]
+    assert positions == list(range(1, len(positions) + 1)), "positions have gaps"
+    assert len(positions) == 10 + 10 + 1 + 2 + 1
+
+
+async def test_ids_reused_elsewhere_or_twice_in_a_batch_are_refused_naming_the_id(
+    store: SQLiteEventStore,
+) -> None:
+    first = note(1)
+    await store.append("agent.a1", [first, note(2)])
+    with pytest.raises(
+        DuplicateEventError, match=rf"{first.id} was appended before to 'agent\.a1'"
+    ):
+        await store.append("agent.a2", first)
+    again = await store.append("agent.a1", first)  # its own place is found again: a no-op
+    assert (again.version, again.position, again.ids) == (1, 1, (first.id,))
+    twice = note(3)
+    with pytest.raises(DuplicateEventError, match="appears twice in one batch"):
+        await store.append("agent.a3", [twice, twice])
+    assert await store.head_position() == 2
+
+
+async def test_many_concurrent_appenders_to_their_own_streams_all_land(
+    store: SQLiteEventStore,
+) -> None:
+    async def appender(i: int) -> list[AppendResult]:
+        return [await store.append(f"agent.w{i}", note(n), n) for n in range(20)]
+
+    results = await asyncio.gather(*(appender(i) for i in range(50)))
+    for i, mine in enumerate(results):
+        assert [r.version for r in mine] == list(range(1, 21))
+        assert await numbers(store.read(f"agent.w{i}")) == list(range(20))
+    assert await store.head_position() == 50 * 20
+
+
+# -- several instances, several processes ----------------------------------------------------------
+
+
+async def test_two_instances_on_one_file_keep_versions_unique(db: Path) -> None:
+    one = await SQLiteEventStore.open(str(db))
+    two = await SQLiteEventStore.open(str(db))
+    try:
+        await asyncio.gather(
+            *(store.append("agent.shared", note(n)) for n in range(40) for store in (one, two))
+        )
+        events = [e async for e in two.read("agent.shared")]
+        assert [e.version for e in events] == list(range(1, 81))
+        assert [e.position for e in events] == list(range(1, 81))
+        with pytest.raises(
+            WrongExpectedVersionError, match="expected version 79, stream is at version 80"
+        ):
+            await one.append("agent.shared", note(99), 79)
+    finally:
+        await one.close()
+        await two.close()
+
+
+WRITER_PROCESS = """
+import asyncio, sys
+from newfuse.eventstore.sqlite import SQLiteEventStore
+from newfuse.schemas import NewEvent
+
+async def main(path: str, count: int) -> None:
+    store = await SQLiteEventStore.open(path)
+    for n in range(count):
+        await store.append("agent.shared", NewEvent(type="note", data={"n": 1000 + n}))
+    await store.close()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_another_process_writing_the_file_keeps_versions_unique_and_reaches_subscribers(
+    store: SQLiteEventStore, db: Path
+) -> None:
+    count = 150
+    seen: list[RecordedEvent] = []
+
+    async def follow() -> None:
+        async with store.subscribe(EventFilter(streams=("agent.shared",))) as subscription:
+            async for event in subscription:
+                seen.append(event)
+                if len(seen) == 2 * count:
+                    return
+
+    follower = asyncio.create_task(follow())
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER_PROCESS, str(db), str(count)
+    )
+    try:
+        for n in range(count):
+            await store.append("agent.shared", note(n))
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    await asyncio.wait_for(follower, 30)
+    assert [e.version for e in seen] == list(range(1, 2 * count + 1))
+    assert [e.position for e in seen] == list(range(1, 2 * count + 1))
+    assert sorted(e.data["n"] for e in seen) == sorted([*range(count), *range(1000, 1000 + count)])
+
+
+# -- closing and reopening -------------------------------------------------------------------------
+
+
+async def test_close_fails_queued_appends_finishes_the_one_in_flight_and_wakes_subscribers(
+    db: Path,
+) -> None:
+    store = await SQLiteEventStore.open(str(db), busy_timeout=30)
+    subscription = store.subscribe()
+    following = asyncio.create_task(anext(subscription))
+    blocker = hold_write_lock(db)
+    try:
+        in_flight = asyncio.create_task(store.append("agent.a0", note(0)))
+        await wait_for(lambda: _true(not store._queue and bool(store._in_flight)))
+        waiting = [asyncio.create_task(store.append(f"agent.a{i}", note(i))) for i in range(1, 20)]
+        await queued(store, len(waiting))
+        closing = asyncio.create_task(store.close())
+        failed = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(error, StoreClosedError) for error in failed), failed
+        assert not in_flight.done()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert (await in_flight).version == 1
+    await closing
+    with pytest.raises(StoreClosedError, match="is closed"):
+        await following
+    with pytest.raises(StoreClosedError):
+        await store.append("agent.a0", note(1))
+    await store.close()  # idempotent
+
+    reopened = await SQLiteEventStore.open(str(db))
+    try:
+        assert await numbers(reopened.read_all()) == [0]
+    finally:
+        await reopened.close()
+
+
+async def test_reopening_the_file_keeps_events_versions_positions_and_idempotency(db: Path) -> None:
+    first = await open_event_store(f"sqlite://{db}")
+    batch = [note(1), note(2, correlation_id="c-1")]
+    original = await first.append("agent.a1", batch, NO_STREAM)
+    await first.append("saga.s1", note(3))
+    before = [e.to_wire() async for e in first.read_all()]
+    await first.close()
+
+    second = await open_event_store(f"sqlite://{db}")
+    try:
+        assert [e.to_wire() async for e in second.read_all()] == before
+        assert await second.head_position() == 3
+        assert await second.stream_version("agent.a1") == 2
+        assert await second.append("agent.a1", batch, NO_STREAM) == original
+        result = await second.append("agent.a1", note(4), 2)
+        assert (result.version, result.position) == (3, 4)
+        correlated = second.read_all(filter=EventFilter(correlation_id="c-1"))
+        assert await numbers(correlated) == [2]
+    finally:
+        await second.close()
+
+
+async def test_an_in_memory_store_appends_reads_and_follows_on_its_one_connection() -> None:
+    store = await open_event_store("sqlite://:memory:")
+    try:
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for event in store.subscribe():
+                seen.append(event.data["n"])
+                if len(seen) == 100:
+                    return
+
+        follower = asyncio.create_task(follow())
+        await asyncio.gather(*(store.append(f"agent.m{n % 7}", note(n)) for n in range(100)))
+        await asyncio.wait_for(follower, 10)
+        assert sorted(seen) == list(range(100))
+        assert await store.head_position() == 100
+        assert len([e async for e in store.read("agent.m0")]) == 15
+    finally:
+        await store.close()
+
+
+# -- reading in pages ------------------------------------------------------------------------------
+
+
+async def test_reads_cross_page_and_window_boundaries_without_losing_or_repeating(
+    db: Path,
+) -> None:
+    store = await SQLiteEventStore.open(str(db), page_size=3)  # windows of 60 positions
+    try:
+        for start in range(0, 200, 10):
+            category = ("agent", "saga", "task")[start // 10 % 3]
+            await store.append(f"{category}.x", [note(n) for n in range(start, start + 10)])
+        everything = await numbers(store.read_all())
+        assert everything == list(range(200))
+        assert await numbers(store.read_all(from_position=57, limit=8)) == list(range(56, 64))
+        two = EventFilter(categories=("agent", "task"))
+        expected = [n for n in range(200) if n // 10 % 3 != 1]
+        assert await numbers(store.read_all(filter=two)) == expected
+        assert await numbers(store.read_all(filter=two, limit=13)) == expected[:13]
+        in_pages = await numbers(store.read("agent.x", from_version=5, limit=7))
+        assert in_pages == [*range(4, 10), 30]
+        backwards = await numbers(store.read("saga.x", backwards=True))
+        assert backwards == [n for n in reversed(range(200)) if n // 10 % 3 == 1]
+        got: list[int] = []
+        async with store.subscribe(two, from_position=150) as subscription:
+            async for event in subscription:
+                got.append(event.data["n"])
+                if event.data["n"] == expected[-1]:
+                    break
+        assert got == [n for n in expected if n >= 149]
+    finally:
+        await store.close()
+
+
+async def test_a_row_that_is_not_a_valid_event_is_reported_and_skipped(db: Path) -> None:
+    reports: list[InvalidEventReport] = []
+    store = await SQLiteEventStore.open(str(db), on_invalid=reports.append)
+    try:
+        await store.append("agent.a1", note(1))
+        with sqlite3.connect(db) as other:  # a foreign writer puts garbage into the log
+            other.execute(
+                "INSERT INTO events (position, stream, category, version, id, type, "
+                "schema_version, timestamp, correlation_id, body) "
+                "VALUES (2, 'agent.a1', 'agent', 2, 'bad', 'note', 1, 0, NULL, ?)",
+                (b'{"not": "an envelope"}',),
+            )
+        other.close()
+        await store.append("agent.a1", note(3))
+        assert await numbers(store.read_all()) == [1, 3]
+        assert await numbers(store.read("agent.a1")) == [1, 3]
+        assert [r.position for r in reports] == [2, 2]
+        assert "invalid envelope at position 2" in reports[0].error
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("synchronous", "SOMETIMES", "synchronous"), ("busy_timeout", 0, "busy_timeout")],
+)
+async def test_unusable_options_are_refused_naming_them(
+    db: Path, option: str, value: object, named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        await SQLiteEventStore.open(str(db), **{option: value})  # type: ignore[arg-type]
+    assert not await asyncio.to_thread(db.exists)
+
+
+async def _true(condition: bool) -> bool:
+    return condition
