@@ -827,6 +827,7 @@ class _OrderedFeed:
         self._sub: NatsSubscription | None = None
         self._consumer: str | None = None
         self._closed = False
+        self._reset_pending = False
 
     async def start(self) -> int:
         """Create the consumer; returns how many messages it has pending."""
@@ -934,7 +935,9 @@ class _OrderedFeed:
 
     def _reset(self) -> None:
         self._generation += 1  # whatever the old consumer still sends is dropped
-        self._queue.put_nowait(_RESET)
+        if not self._reset_pending:
+            self._reset_pending = True
+            self._queue.put_nowait(_RESET)
 
     def __aiter__(self) -> AsyncIterator[FeedItem]:
         return self._items()
@@ -963,6 +966,7 @@ class _OrderedFeed:
                     with contextlib.suppress(Exception):
                         await self._nc.publish(item[1], b"")
             elif item == _RESET:
+                self._reset_pending = False
                 await self.recreate()
 
     async def _drop_consumer(self) -> None:
