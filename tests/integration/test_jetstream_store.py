@@ -17,6 +17,7 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     BatchDuplicateIdError,
     DuplicateEventError,
+    StoreUnavailableError,
     WrongExpectedVersionError,
     WrongLastSequenceError,
 )
@@ -245,3 +246,21 @@ async def test_reads_far_into_a_long_stream_seek_instead_of_scanning_and_stay_ex
     assert await versions(500, 4, backwards=True) == [500, 499, 498, 497]
     assert await versions(257, 2) == [257, 258]
     assert len(await versions(300)) == 601
+
+
+async def test_a_store_on_a_borrowed_client_provisions_lazily_and_leaves_the_client_open(
+    nats_url: str, prefix: str
+) -> None:
+    client = await nats.connect(nats_url)
+    store = JetStreamEventStore(client, prefix=prefix)
+    result = await store.append("agent.l1", note(1))  # provisions the stream on first use
+    assert result.version == 1
+    await store.close()
+    assert client.is_connected  # not ours to close
+    other = JetStreamEventStore(client, prefix=prefix)
+    assert await other.stream_version("agent.l1") == 1
+    await client.close()
+    with pytest.raises(StoreUnavailableError, match="event store unavailable") as caught:
+        await other.append("agent.l1", note(2))
+    assert caught.value.retryable
+    await other.close()

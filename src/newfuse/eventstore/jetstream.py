@@ -26,8 +26,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.errors import Error as NatsError
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
@@ -424,7 +423,7 @@ class JetStreamEventStore(EventStore):
         """One direct get (ADR-31); None when there is no such message."""
         try:
             msg = await self.nc.request(subject, body, timeout=self._timeout)
-        except (NatsTimeoutError, NoRespondersError) as error:
+        except NatsError as error:  # timeout, no responders, connection closed, ...
             raise StoreUnavailableError(
                 operation=operation, reason=f"direct get: {type(error).__name__}"
             ) from None
@@ -454,9 +453,10 @@ class JetStreamEventStore(EventStore):
                 while True:
                     try:
                         msg = await sub.next_msg(timeout=self._timeout)
-                    except NatsTimeoutError:
+                    except NatsError as error:
                         raise StoreUnavailableError(
-                            operation=f"read {stream!r}", reason="direct get timed out"
+                            operation=f"read {stream!r}",
+                            reason=f"direct get: {type(error).__name__} {error}",
                         ) from None
                     msg_headers = msg.headers or {}
                     status = msg_headers.get(h.STATUS)
@@ -559,7 +559,7 @@ class JetStreamEventStore(EventStore):
             msg = await self.nc.request(
                 f"$JS.API.STREAM.INFO.{self.stream_name}", b"", timeout=self._timeout
             )
-        except (NatsTimeoutError, NoRespondersError) as error:
+        except NatsError as error:  # timeout, no responders, connection closed, ...
             raise StoreUnavailableError(
                 operation="head position", reason=type(error).__name__
             ) from None
@@ -755,7 +755,12 @@ class _AckMux:
         self._futures[token] = future
         self._deadlines.append((loop.time() + wait, token, subject, wait))
         try:
-            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            try:
+                await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            except NatsError as error:  # closed, or the reconnect buffer is full
+                raise StoreUnavailableError(
+                    operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
+                ) from None
             return await future
         finally:
             self._futures.pop(token, None)
@@ -844,7 +849,12 @@ class _OrderedFeed:
             if generation == self._generation:
                 await self._on_message(msg)
 
-        self._sub = await self._nc.subscribe(inbox, cb=on_message)
+        try:
+            self._sub = await self._nc.subscribe(inbox, cb=on_message)
+        except NatsError as error:
+            raise StoreUnavailableError(
+                operation="create consumer", reason=f"{type(error).__name__} {error}"
+            ) from None
         heartbeat = self._store._heartbeat
         config: dict[str, Any] = {
             "deliver_subject": inbox,
@@ -874,7 +884,7 @@ class _OrderedFeed:
                 msgspec.json.encode({"stream_name": name, "config": config}),
                 timeout=self._store._timeout,
             )
-        except (NatsTimeoutError, NoRespondersError) as error:
+        except NatsError as error:  # timeout, no responders, connection closed, ...
             raise StoreUnavailableError(
                 operation="create consumer", reason=type(error).__name__
             ) from None

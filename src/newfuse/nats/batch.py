@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
@@ -84,7 +85,12 @@ async def publish_atomic_batch(
             if answer:
                 decode_pub_ack(answer, subject=subject, server_version=server_version)
         else:
-            await nc.publish(subject, body, headers=headers)
+            try:
+                await nc.publish(subject, body, headers=headers)
+            except NatsError as error:  # nothing is stored: the batch never commits
+                raise StoreUnavailableError(
+                    operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
+                ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -99,6 +105,10 @@ async def _request(
         raise StoreUnavailableError(
             operation=f"publish to {subject!r}",
             reason="no JetStream stream answered (is the server restarting, or the stream gone?)",
+        ) from None
+    except NatsError as error:  # closed, or the reconnect buffer is full
+        raise StoreUnavailableError(
+            operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
         ) from None
     data: bytes = msg.data
     return data

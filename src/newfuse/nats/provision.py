@@ -7,8 +7,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.errors import Error as NatsError
 
 from newfuse.errors import StoreUnavailableError, StreamConfigError
 from newfuse.nats.subjects import Subjects
@@ -92,7 +91,7 @@ async def _api(nc: Client, subject: str, body: dict[str, Any] | None, wait: floa
         msg = await nc.request(
             subject, b"" if body is None else msgspec.json.encode(body), timeout=wait
         )
-    except (NatsTimeoutError, NoRespondersError) as error:
+    except NatsError as error:  # timeout, no responders, connection closed
         raise StoreUnavailableError(
             operation=f"JetStream API {subject}",
             reason=f"{type(error).__name__}: is JetStream enabled on the server?",
