@@ -264,3 +264,20 @@ async def test_a_store_on_a_borrowed_client_provisions_lazily_and_leaves_the_cli
         await other.append("agent.l1", note(2))
     assert caught.value.retryable
     await other.close()
+
+
+async def test_a_subscriber_gets_megabytes_of_events_in_order_through_flow_control(
+    store: JetStreamEventStore,
+) -> None:
+    blob = "x" * 4000  # 2000 events of 4 kB: enough for the server to ask for flow control
+    for b in range(20):
+        await store.append(
+            f"agent.big{b}", [note(b * 100 + i, metadata={"blob": blob}) for i in range(100)]
+        )
+    got: list[int] = []
+    async with store.subscribe() as subscription:
+        async for event in subscription:
+            got.append(event.data["n"])
+            if len(got) == 2000:
+                break
+    assert got == list(range(2000))

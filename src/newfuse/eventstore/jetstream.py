@@ -833,6 +833,7 @@ class _OrderedFeed:
         self._consumer: str | None = None
         self._closed = False
         self._reset_pending = False
+        self._flow_waiting: set[str] = set()
 
     async def start(self) -> int:
         """Create the consumer; returns how many messages it has pending."""
@@ -843,6 +844,7 @@ class _OrderedFeed:
         self._generation += 1
         generation = self._generation
         self._expected_cseq = 1
+        self._flow_waiting.clear()
         inbox = self._nc.new_inbox()
 
         async def on_message(msg: Msg) -> None:
@@ -916,10 +918,13 @@ class _OrderedFeed:
         if headers is not None and h.STATUS in headers:
             if headers[h.STATUS] == "100":
                 if msg.reply:  # flow control: answer once everything before it is consumed
+                    self._flow_waiting.add(msg.reply)
                     self._queue.put_nowait(("fc", msg.reply))
                     return
                 stalled = headers.get(h.CONSUMER_STALLED)
-                if stalled:
+                # Answer a stalled consumer only if its flow-control request is not still
+                # queued behind undelivered messages (then the reader is just slow: let it).
+                if stalled and stalled not in self._flow_waiting:
                     with contextlib.suppress(Exception):
                         await self._nc.publish(stalled, b"")
                 last = headers.get(h.LAST_CONSUMER)
@@ -975,6 +980,7 @@ class _OrderedFeed:
                 else:
                     with contextlib.suppress(Exception):
                         await self._nc.publish(item[1], b"")
+                    self._flow_waiting.discard(item[1])
             elif item == _RESET:
                 self._reset_pending = False
                 await self.recreate()
