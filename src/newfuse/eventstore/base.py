@@ -279,7 +279,7 @@ class EventStore(abc.ABC):
         if isinstance(expected_version, int) and expected_version < 0:
             raise ValueError(f"append to {stream!r}: expected version must be >= 0")
         prepared = [self._prepare(name, event) for event in batch]
-        return await self._append(str(name), prepared, expected_version)
+        return await self._append(stream, prepared, expected_version)
 
     def _prepare(self, stream: StreamName, event: NewEvent) -> PreparedEvent:
         type_name, version = event.type, event.schema_version

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from newfuse.errors import InvalidNameError
+
+# Fast paths: a name that matches is valid; one that does not goes through the slow checks
+# below, which find the offending character and say which it is. Appends validate every name,
+# so this keeps validation off the profile of the hot path.
+_SUBJECT_TOKEN = r"[^\s.*>\x00-\x1f\x7f]+"
+_TYPE_TOKEN = r"[^\s.*>/\\\x00-\x1f\x7f]+"
+_VALID_TOKEN = re.compile(_SUBJECT_TOKEN)
+_VALID_STREAM = re.compile(rf"({_SUBJECT_TOKEN})\.({_SUBJECT_TOKEN})")
+_VALID_TYPE = re.compile(rf"{_TYPE_TOKEN}(?:\.{_TYPE_TOKEN})*")
 
 _FORBIDDEN = {".": "a dot", " ": "a space", "*": "'*'", ">": "'>'"}
 
@@ -15,6 +25,8 @@ def _not_text(value: object) -> str:
 
 def check_token(value: str, *, kind: str) -> str:
     """Return `value` if it can be one subject token, else raise InvalidNameError naming why."""
+    if type(value) is str and _VALID_TOKEN.fullmatch(value):
+        return value
     if not isinstance(value, str):
         raise InvalidNameError(kind=kind, name=str(value), reason=_not_text(value))
     if not value:
@@ -42,6 +54,8 @@ class StreamName(NamedTuple):
     @classmethod
     def parse(cls, name: str) -> StreamName:
         """Split and validate `category.id`; the error names the offending token and character."""
+        if type(name) is str and (match := _VALID_STREAM.fullmatch(name)):
+            return cls(match.group(1), match.group(2))
         if not isinstance(name, str):
             raise InvalidNameError(kind="stream name", name=str(name), reason=_not_text(name))
         if "." not in name:
@@ -76,6 +90,8 @@ def check_type_name(value: str) -> str:
         InvalidNameError: the name is empty, has an empty part (`a..b`, `.a`) or a part breaks the
             token rules.
     """
+    if type(value) is str and _VALID_TYPE.fullmatch(value):
+        return value
     if not isinstance(value, str):
         raise InvalidNameError(kind="event type", name=str(value), reason=_not_text(value))
     if not value:
