@@ -283,7 +283,7 @@ class JetStreamEventStore(EventStore):
                 last_version=version + count,
                 first_position=ack.seq - count + 1,
                 last_position=ack.seq,
-                ids=tuple(event.id for event in events),
+                ids=(events[0].id,) if count == 1 else tuple(event.id for event in events),
             )
 
     async def _publish(
