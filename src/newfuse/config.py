@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         store: event store URL (`nats://...`, `sqlite:///path`, `sqlite://:memory:`); None means
             the JetStream store on `nats_url`.
         prefix: first token of every subject and of the JetStream stream name.
+        audit_db: SQLite file of the audit index (and other SQLite read models); None means
+            the running `fuse dev`'s.
         state_dir: where `fuse dev` records the URLs of the servers it runs.
         connect_timeout: seconds allowed to reach a server.
     """
@@ -41,6 +43,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None
     store: str | None = None
     prefix: str = "fuse"
+    audit_db: str | None = None
     state_dir: str = msgspec.field(default_factory=_default_state_dir)
     connect_timeout: float = 5.0
 
@@ -97,6 +100,7 @@ _VARIABLES: dict[str, str] = {
     "redis_url": "FUSE_REDIS_URL",
     "store": "FUSE_STORE",
     "prefix": "FUSE_PREFIX",
+    "audit_db": "FUSE_AUDIT_DB",
     "state_dir": "FUSE_STATE_DIR",
     "connect_timeout": "FUSE_CONNECT_TIMEOUT",
 }

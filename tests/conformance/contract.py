@@ -229,6 +229,8 @@ class EventStoreContract:
         assert await numbers(store.read("agent.a1", backwards=True, limit=3)) == [10, 9, 8]
         assert await numbers(store.read("agent.a1", 5, backwards=True)) == [5, 4, 3, 2, 1]
         assert await numbers(store.read("agent.a1", 5, 2, backwards=True)) == [5, 4]
+        assert await numbers(store.read("agent.a1", 1, backwards=True)) == [1]
+        assert await numbers(store.read("agent.a1", 30, 2, backwards=True)) == [10, 9]
 
     async def test_read_all_from_a_position_in_global_order(self, store: EventStore) -> None:
         await store.append("agent.a1", notes(1))

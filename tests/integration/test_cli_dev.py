@@ -56,9 +56,10 @@ async def test_fuse_dev_serves_nats_and_redis_and_stops_cleanly_on_sigterm(
     )
     try:
         assert process.stdout is not None
-        urls = dict(process.stdout.readline().strip().split("=", 1) for _ in range(2))
+        urls = dict(process.stdout.readline().strip().split("=", 1) for _ in range(3))
+        assert Path(urls["FUSE_AUDIT_DB"]).exists()
         nc = await nats.connect(urls["FUSE_NATS_URL"])
-        assert (await nc.jetstream().account_info()).streams == 0
+        assert (await nc.jetstream().account_info()).streams == 1  # provisioned for projections
         await nc.close()
         client = aioredis.Redis.from_url(urls["FUSE_REDIS_URL"])
         assert await client.ping()

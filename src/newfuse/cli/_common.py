@@ -25,6 +25,8 @@ class DevState(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     nats_url: str
     redis_url: str
+    audit_db: str
+    prefix: str
     data_dir: str
 
 
@@ -35,6 +37,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         redis_url=getattr(args, "redis", None),
         store=getattr(args, "store", None),
         prefix=getattr(args, "prefix", None),
+        audit_db=getattr(args, "audit_db", None),
     )
 
 
@@ -85,6 +88,16 @@ def resolve_redis_url(settings: Settings) -> str:
     if state is None:
         raise NoDevServerError(what="Redis server", state_file=str(dev_state_path(settings)))
     return state.redis_url
+
+
+def resolve_audit_db(settings: Settings) -> str:
+    """FUSE_AUDIT_DB / --audit-db, else the running `fuse dev`'s, else a clear error."""
+    if settings.audit_db:
+        return settings.audit_db
+    state = read_dev_state(settings)
+    if state is None:
+        raise NoDevServerError(what="audit database", state_file=str(dev_state_path(settings)))
+    return state.audit_db
 
 
 def resolve_store_url(settings: Settings) -> str:

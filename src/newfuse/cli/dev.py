@@ -8,11 +8,15 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from newfuse.cli._common import DevState, dev_state_path, settings_from_args, write_dev_state
+from newfuse.eventstore import open_event_store
 from newfuse.nats.embedded import NatsServer, ValkeyServer
+from newfuse.projections import ProjectionGroup
+from newfuse.projections.builtin import BuiltinProjections
 
 
 def register(commands: Any) -> None:
@@ -20,9 +24,10 @@ def register(commands: Any) -> None:
         "dev",
         help="run embedded NATS and valkey servers for development",
         description=(
-            "Start nats-server (JetStream) and valkey-server on free loopback ports, print their "
-            "URLs as FUSE_NATS_URL=/FUSE_REDIS_URL= lines, and run until Ctrl-C or SIGTERM. "
-            "Other fuse commands find them when no URL is configured."
+            "Start nats-server (JetStream) and valkey-server on free loopback ports, run the "
+            "built-in projections (agent state, audit index), print FUSE_NATS_URL=, "
+            "FUSE_REDIS_URL= and FUSE_AUDIT_DB= lines, and run until Ctrl-C or SIGTERM. "
+            "Other fuse commands find them when nothing is configured."
         ),
     )
     parser.add_argument(
@@ -36,35 +41,55 @@ def register(commands: Any) -> None:
 async def run_dev(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     data_dir: Path | None = args.data_dir
-    nats_dir = data_dir / "nats" if data_dir else None
-    valkey_dir = data_dir / "valkey" if data_dir else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     state_path = dev_state_path(settings)
-    async with NatsServer(data_dir=nats_dir) as nats, ValkeyServer(data_dir=valkey_dir) as valkey:
-        write_dev_state(
-            settings,
-            DevState(
-                pid=os.getpid(),
-                nats_url=nats.url,
-                redis_url=valkey.url,
-                data_dir=str(data_dir) if data_dir else "",
-            ),
+    with contextlib.ExitStack() as cleanup:
+        root = data_dir or Path(
+            cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fuse-dev-"))
         )
-        try:
-            print(f"FUSE_NATS_URL={nats.url}")
-            print(f"FUSE_REDIS_URL={valkey.url}")
-            sys.stdout.flush()
-            print(
-                f"fuse dev: nats-server pid {nats.pid}, valkey-server pid {valkey.pid}; "
-                f"recorded in {state_path}; Ctrl-C to stop",
-                file=sys.stderr,
+        root.mkdir(parents=True, exist_ok=True)
+        audit_db = str(root / "read-models.db")
+        async with (
+            NatsServer(data_dir=root / "nats") as nats,
+            ValkeyServer(data_dir=root / "valkey") as valkey,
+            await open_event_store(nats.url, prefix=settings.prefix) as store,
+            await BuiltinProjections.open(redis_url=valkey.url, audit_db=audit_db) as builtin,
+        ):
+            projections = ProjectionGroup(builtin.runners(store))
+            running = asyncio.create_task(projections.run(handle_signals=False))
+            write_dev_state(
+                settings,
+                DevState(
+                    pid=os.getpid(),
+                    nats_url=nats.url,
+                    redis_url=valkey.url,
+                    audit_db=audit_db,
+                    prefix=settings.prefix,
+                    data_dir=str(root),
+                ),
             )
-            await stop.wait()
-            print("fuse dev: stopping", file=sys.stderr)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                state_path.unlink()
+            try:
+                print(f"FUSE_NATS_URL={nats.url}")
+                print(f"FUSE_REDIS_URL={valkey.url}")
+                print(f"FUSE_AUDIT_DB={audit_db}")
+                sys.stdout.flush()
+                print(
+                    f"fuse dev: nats-server pid {nats.pid}, valkey-server pid {valkey.pid}, "
+                    f"projections {', '.join(builtin.names)} running; recorded in {state_path}; "
+                    f"Ctrl-C to stop",
+                    file=sys.stderr,
+                )
+                await asyncio.wait(
+                    [asyncio.create_task(stop.wait()), running],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                print("fuse dev: stopping", file=sys.stderr)
+            finally:
+                projections.request_stop()
+                await running
+                with contextlib.suppress(FileNotFoundError):
+                    state_path.unlink()
     return 0

@@ -22,11 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", metavar="URL", help="event store URL, nats://… or sqlite:///… ($FUSE_STORE)"
     )
     parser.add_argument("--prefix", help="subject prefix (default: $FUSE_PREFIX or 'fuse')")
+    parser.add_argument(
+        "--audit-db", metavar="PATH", help="SQLite file of the read models ($FUSE_AUDIT_DB)"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from newfuse.cli import dev, events, schemas
+    from newfuse.cli import dev, events, projections, schemas
 
-    for module in (dev, events, schemas):
+    for module in (dev, events, schemas, projections):
         module.register(commands)
     return parser
 

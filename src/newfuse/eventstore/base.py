@@ -325,25 +325,29 @@ class EventStore(abc.ABC):
     def read(
         self,
         stream: str,
-        from_version: int = 1,
+        from_version: int | None = None,
         limit: int | None = None,
         *,
         backwards: bool = False,
     ) -> AsyncIterator[RecordedEvent]:
         """The events of one stream in version order (or reversed), from `from_version`.
 
-        Backwards, `from_version` is the highest version wanted (default: the last).
+        Forwards, `from_version` is the first version wanted (default: 1); backwards, it is the
+        highest (default: the last).
         """
         self._check_open()
         StreamName.parse(stream)
         if limit is not None and limit < 0:
             raise ValueError(f"read {stream!r}: limit must be >= 0, got {limit}")
+        if not backwards:
+            from_version = max(from_version or 1, 1)
         return self._read(stream, from_version, limit, backwards)
 
     @abc.abstractmethod
     def _read(
-        self, stream: str, from_version: int, limit: int | None, backwards: bool
-    ) -> AsyncIterator[RecordedEvent]: ...
+        self, stream: str, from_version: int | None, limit: int | None, backwards: bool
+    ) -> AsyncIterator[RecordedEvent]:
+        """Backends: `from_version` is None only backwards, meaning "from the last event"."""
 
     def read_all(
         self,

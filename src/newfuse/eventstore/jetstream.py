@@ -480,7 +480,7 @@ class JetStreamEventStore(EventStore):
                 await sub.unsubscribe()
 
     async def _read(
-        self, stream: str, from_version: int, limit: int | None, backwards: bool
+        self, stream: str, from_version: int | None, limit: int | None, backwards: bool
     ) -> AsyncIterator[RecordedEvent]:
         if limit == 0:
             return
@@ -489,7 +489,7 @@ class JetStreamEventStore(EventStore):
         subject = self._event_prefix + stream
         where = f"on {subject}"
         if backwards:
-            top = from_version if from_version > 1 else None  # 1 (the default): from the end
+            top = from_version  # None: from the last event
             if top is None:
                 top, _ = await self._fetch_state(stream, subject)
             first = max(1, top - limit + 1) if limit is not None else 1
@@ -507,10 +507,11 @@ class JetStreamEventStore(EventStore):
                 yield kept.pop()
             return
         count = 0
-        start = await self._seek(subject, stream, from_version)
+        first_wanted = from_version or 1
+        start = await self._seek(subject, stream, first_wanted)
         async for msg in self._subject_messages(subject, stream, start):
             event = self.decode(msg.data, _seq_of(msg), where)
-            if event is None or event.version < from_version:
+            if event is None or event.version < first_wanted:
                 continue
             yield event
             count += 1

@@ -538,17 +538,17 @@ class SQLiteEventStore(EventStore):
         return self.decode(body, position, f"at position {position} of {self.path}")
 
     async def _read(
-        self, stream: str, from_version: int, limit: int | None, backwards: bool
+        self, stream: str, from_version: int | None, limit: int | None, backwards: bool
     ) -> AsyncIterator[RecordedEvent]:
         if backwards:
-            # from_version is the highest version wanted; the default (1) means "from the last".
-            bound = from_version if from_version > 1 else (1 << 62)
+            # from_version is the highest version wanted; None means "from the last".
+            bound = from_version if from_version is not None else (1 << 62)
             sql = (
                 "SELECT position, body, version FROM events WHERE stream = ? AND version <= ? "
                 "ORDER BY version DESC LIMIT ?"
             )
         else:
-            bound = max(from_version, 1)
+            bound = from_version or 1
             sql = (
                 "SELECT position, body, version FROM events WHERE stream = ? AND version >= ? "
                 "ORDER BY version LIMIT ?"
