@@ -4,6 +4,7 @@ close with appends pending, reopening, paging, and rows that are not valid event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from newfuse.eventstore import (
     open_event_store,
 )
 from newfuse.eventstore.sqlite import SQLiteEventStore
-from newfuse.schemas import NewEvent, RecordedEvent
+from newfuse.schemas import ENVELOPE_ENCODER, NewEvent, RecordedEvent
 from support import wait_for
 
 
@@ -74,6 +75,9 @@ async def test_a_group_commit_fails_or_succeeds_each_append_on_its_own(
     for i in range(10):
         await store.append(f"agent.s{i}", note(0), NO_STREAM)
     retried = [note(100), note(101)]
+    statements: list[str] = []
+    assert store._writer is not None
+    await store._writer.set_trace_callback(statements.append)
     blocker = hold_write_lock(db)
     try:
         # The writer takes the first append and waits for the lock; the rest queue up behind it
@@ -95,6 +99,8 @@ async def test_a_group_commit_fails_or_succeeds_each_append_on_its_own(
         blocker.rollback()
         blocker.close()
     outcomes = await asyncio.gather(first, *tasks, return_exceptions=True)
+    transactions = [sql for sql in statements if sql.startswith(("BEGIN", "COMMIT", "ROLLBACK"))]
+    assert transactions == ["BEGIN IMMEDIATE", "COMMIT"] * 2, "not one transaction for the group"
     assert isinstance(outcomes[0], AppendResult) and outcomes[0].version == 2
     right, wrong = outcomes[1:10], outcomes[10:20]
     assert all(isinstance(r, AppendResult) and r.version == 2 for r in right), right
@@ -258,7 +264,10 @@ async def test_reopening_the_file_keeps_events_versions_positions_and_idempotenc
     original = await first.append("agent.a1", batch, NO_STREAM)
     await first.append("saga.s1", note(3))
     before = [e.to_wire() async for e in first.read_all()]
+    envelopes = [ENVELOPE_ENCODER.encode(e.envelope) async for e in first.read_all()]
     await first.close()
+    with contextlib.closing(sqlite3.connect(db)) as raw:  # the body is the wire JSON, as is
+        assert [body for (body,) in raw.execute("SELECT body FROM events")] == envelopes
 
     second = await open_event_store(f"sqlite://{db}")
     try:
@@ -333,14 +342,13 @@ async def test_a_row_that_is_not_a_valid_event_is_reported_and_skipped(db: Path)
     store = await SQLiteEventStore.open(str(db), on_invalid=reports.append)
     try:
         await store.append("agent.a1", note(1))
-        with sqlite3.connect(db) as other:  # a foreign writer puts garbage into the log
+        with contextlib.closing(sqlite3.connect(db)) as other, other:  # a foreign writer: garbage
             other.execute(
                 "INSERT INTO events (position, stream, category, version, id, type, "
                 "schema_version, timestamp, correlation_id, body) "
                 "VALUES (2, 'agent.a1', 'agent', 2, 'bad', 'note', 1, 0, NULL, ?)",
                 (b'{"not": "an envelope"}',),
             )
-        other.close()
         await store.append("agent.a1", note(3))
         assert await numbers(store.read_all()) == [1, 3]
         assert await numbers(store.read("agent.a1")) == [1, 3]
