@@ -542,13 +542,13 @@ class SQLiteEventStore(EventStore):
     ) -> AsyncIterator[RecordedEvent]:
         if backwards:
             # from_version is the highest version wanted; None means "from the last".
-            bound = from_version if from_version is not None else (1 << 62)
+            bound = (1 << 62) if from_version is None else from_version
             sql = (
                 "SELECT position, body, version FROM events WHERE stream = ? AND version <= ? "
                 "ORDER BY version DESC LIMIT ?"
             )
         else:
-            bound = from_version or 1
+            bound = max(from_version or 1, 1)
             sql = (
                 "SELECT position, body, version FROM events WHERE stream = ? AND version >= ? "
                 "ORDER BY version LIMIT ?"
