@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
+from pathlib import Path
 
 from newfuse.eventstore import EventFilter, EventStore, open_event_store
 from newfuse.nats import NatsServer, ValkeyServer
-from newfuse.schemas import A2AMessage, A2AMetadata, NewEvent, RecordedEvent
+from newfuse.projections import AgentStateView, AuditIndex, ProjectionGroup
+from newfuse.projections.builtin import BuiltinProjections
+from newfuse.schemas import A2AMessage, A2AMetadata, NewEvent, RecordedEvent, StateUpdate
 
 CONVERSATION = "conv-1"
 QUESTIONS = ["summarise the Q3 report", "list the open risks", "draft a reply to the CFO"]
@@ -67,6 +71,38 @@ async def planner(store: EventStore) -> None:
                 return
 
 
+async def project(store: EventStore, redis_url: str, head: int) -> None:
+    """Run the built-in projections up to `head`; show agent state and an audit query."""
+    with tempfile.TemporaryDirectory(prefix="newfuse-demo-") as tmp:
+        audit_db = str(Path(tmp) / "read-models.db")
+        async with await BuiltinProjections.open(redis_url=redis_url, audit_db=audit_db) as models:
+            runners = models.runners(store)
+            group = ProjectionGroup(runners)
+            running = asyncio.create_task(group.run(handle_signals=False))
+            for runner in runners:
+                await runner.wait_until(head, timeout=10)
+                print(f"  projection {runner.name:<12} caught up: checkpoint {runner.checkpoint}")
+            group.request_stop()
+            await running
+
+            print("\n   agent state in Redis (the fold of each agent's stream):")
+            for state in await AgentStateView(models.redis).agents():
+                print(f"  {state.agent_id:<11} v{state.version} {state.state}")
+
+            print("\n4. audit: who did what in 'conv-1', from the SQLite audit index")
+            async with await AuditIndex.open(audit_db) as audit:
+                for row in await audit.query(correlation_id=CONVERSATION):
+                    print(
+                        f"  #{row.position:<3} {row.time:%H:%M:%S.%f} {row.sender or '-':>10} "
+                        f"{row.type:<12} {row.stream}"
+                    )
+                result = await audit.sql(
+                    "SELECT type, count(*) FROM audit_events GROUP BY type ORDER BY type"
+                )
+                counts = ", ".join(f"{kind}: {count}" for kind, count in result.rows)
+                print(f"  events by type: {counts}")
+
+
 async def main() -> int:
     print("starting nats-server (JetStream) and valkey-server from the installed wheels…")
     async with NatsServer() as nats, ValkeyServer() as valkey:
@@ -88,7 +124,17 @@ async def main() -> int:
                     f"  #{event.position:<3} v{event.version} {event.stream:<17} "
                     f"{event.data.type:<13}{cause}"
                 )
+            print("\n3. each agent records its state as events, then the projections catch up")
+            for agent, steps in (("planner", 3), ("researcher", 4)):
+                for version in range(1, steps + 1):
+                    update = StateUpdate(
+                        agent_id=agent,
+                        state={"step": version, "busy": version < steps},
+                        version=version,
+                    )
+                    await store.append(f"agent.{agent}", NewEvent(data=update))
             head = await store.head_position()
+            await project(store, valkey.url, head)
             print(f"\n{head} events stored; stopping the servers")
     print("done: no server left running")
     return 0
