@@ -70,34 +70,30 @@ def write_dev_state(settings: Settings, state: DevState) -> Path:
     return path
 
 
-def resolve_nats_url(settings: Settings) -> str:
-    """FUSE_NATS_URL / --nats, else the running `fuse dev`'s, else a clear error."""
-    if settings.nats_url:
-        return settings.nats_url
+def _configured_or_dev(settings: Settings, value: str | None, field: str, what: str) -> str:
+    """`value` when configured, else that field of the running `fuse dev`, else a clear error."""
+    if value:
+        return value
     state = read_dev_state(settings)
     if state is None:
-        raise NoDevServerError(what="NATS server", state_file=str(dev_state_path(settings)))
-    return state.nats_url
+        raise NoDevServerError(what=what, state_file=str(dev_state_path(settings)))
+    found: str = getattr(state, field)
+    return found
+
+
+def resolve_nats_url(settings: Settings) -> str:
+    """FUSE_NATS_URL / --nats, else the running `fuse dev`'s, else a clear error."""
+    return _configured_or_dev(settings, settings.nats_url, "nats_url", "NATS server")
 
 
 def resolve_redis_url(settings: Settings) -> str:
     """FUSE_REDIS_URL / --redis, else the running `fuse dev`'s, else a clear error."""
-    if settings.redis_url:
-        return settings.redis_url
-    state = read_dev_state(settings)
-    if state is None:
-        raise NoDevServerError(what="Redis server", state_file=str(dev_state_path(settings)))
-    return state.redis_url
+    return _configured_or_dev(settings, settings.redis_url, "redis_url", "Redis server")
 
 
 def resolve_audit_db(settings: Settings) -> str:
     """FUSE_AUDIT_DB / --audit-db, else the running `fuse dev`'s, else a clear error."""
-    if settings.audit_db:
-        return settings.audit_db
-    state = read_dev_state(settings)
-    if state is None:
-        raise NoDevServerError(what="audit database", state_file=str(dev_state_path(settings)))
-    return state.audit_db
+    return _configured_or_dev(settings, settings.audit_db, "audit_db", "audit database")
 
 
 def resolve_store_url(settings: Settings) -> str:

@@ -12,11 +12,11 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from types import TracebackType
 from typing import Self
 
 import msgspec
 
+from newfuse._closing import AsyncClosing
 from newfuse.errors import (
     BatchTooLargeError,
     FuseError,
@@ -190,7 +190,7 @@ def _log_invalid(report: InvalidEventReport) -> None:
     )
 
 
-class Subscription:
+class Subscription(AsyncClosing):
     """A live feed of events: catch-up from a position, then new events as they are stored.
 
     Use as `async with store.subscribe(...) as sub: async for event in sub: ...`.
@@ -216,19 +216,8 @@ class Subscription:
             if aclose is not None:
                 await aclose()
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
-class EventStore(abc.ABC):
+class EventStore(AsyncClosing, abc.ABC):
     """An append-only log of events, grouped in streams named `<category>.<id>`.
 
     Versions count from 1 within a stream; positions are global and monotonic. Every backend
@@ -439,14 +428,3 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     async def _close(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

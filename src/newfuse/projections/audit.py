@@ -13,12 +13,12 @@ import sqlite3
 import urllib.parse
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aiosqlite
 import msgspec
 
+from newfuse._closing import AsyncClosing
 from newfuse.errors import ReadModelUnavailableError, ReadOnlyQueryError
 from newfuse.projections.base import Projection
 from newfuse.projections.sqlite_model import SQLiteBatch, view_name
@@ -149,7 +149,7 @@ class SQLResult(msgspec.Struct, frozen=True, kw_only=True):
     rows: list[tuple[Any, ...]]
 
 
-class AuditIndex:
+class AuditIndex(AsyncClosing):
     """Queries the audit index of a SQLite read model file, on a read-only connection.
 
     The connection is opened with `file:...?mode=ro`, so SQLite itself refuses writes, whatever
@@ -276,14 +276,3 @@ class AuditIndex:
         if not self._closed:
             self._closed = True
             await self.connection.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

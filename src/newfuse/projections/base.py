@@ -14,11 +14,11 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from newfuse._closing import AsyncClosing
 from newfuse.errors import InvalidNameError
 from newfuse.eventstore import EventFilter
 from newfuse.schemas import RecordedEvent
@@ -198,7 +198,7 @@ class BatchConflict(Exception):
     """
 
 
-class ReadModel(abc.ABC, Generic[B]):
+class ReadModel(AsyncClosing, abc.ABC, Generic[B]):
     """Where projections keep their models, checkpoints, generations and dead letters.
 
     Backends implement the atomic batch (model change + checkpoint + dead letters), the
@@ -265,17 +265,6 @@ class ReadModel(abc.ABC, Generic[B]):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections. Idempotent."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 def encode_json(value: Any) -> str:

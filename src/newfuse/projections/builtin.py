@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from newfuse._closing import AsyncClosing
 from newfuse.errors import UnknownProjectionError
 from newfuse.eventstore import EventStore
 from newfuse.projections import agent_state, audit
@@ -17,7 +17,7 @@ from newfuse.projections.sqlite_model import SQLiteReadModel
 BUILTIN_NAMES: tuple[str, ...] = (agent_state.NAME, audit.NAME)
 
 
-class BuiltinProjections:
+class BuiltinProjections(AsyncClosing):
     """Opens the read models of the built-in projections and pairs each projection with its own.
 
     Example:
@@ -72,14 +72,3 @@ class BuiltinProjections:
         """Close both read models. Idempotent."""
         await self.redis.close()
         await self.sqlite.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
