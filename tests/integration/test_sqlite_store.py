@@ -353,7 +353,7 @@ async def test_a_row_that_is_not_a_valid_event_is_reported_and_skipped(db: Path)
         assert await numbers(store.read_all()) == [1, 3]
         assert await numbers(store.read("agent.a1")) == [1, 3]
         assert [r.position for r in reports] == [2, 2]
-        assert "invalid envelope at position 2" in reports[0].error
+        assert f"invalid envelope in SQLite event store {db}" in reports[0].error
     finally:
         await store.close()
 

@@ -42,7 +42,7 @@ import contextlib
 import sqlite3
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,6 +189,7 @@ class SQLiteEventStore(EventStore):
         # or scans more than a bounded slice of the log, whatever the filter.
         self._window = page_size * 20
         self._memory = path == MEMORY
+        self._where = f"in SQLite event store {path}"  # decode reports the position itself
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         # `:memory:` has one connection; this lock keeps readers out of an open transaction.
@@ -534,8 +535,22 @@ class SQLiteEventStore(EventStore):
         rows = await self._fetch(sql, parameters)
         return int(rows[0][0] or 0) if rows else 0
 
-    def _decoded(self, position: int, body: bytes) -> RecordedEvent | None:
-        return self.decode(body, position, f"at position {position} of {self.path}")
+    async def _pages(
+        self,
+        sql: str,
+        parameters: tuple[Any, ...] | None,
+        following: Callable[[list[Any], tuple[Any, ...]], tuple[Any, ...] | None],
+    ) -> AsyncIterator[list[Any]]:
+        """Pages of rows of `sql`: `following(rows, parameters)` gives the next page's parameters
+        once the caller is done with a page (None: that was the last page).
+
+        (Prefetching the next page while the caller decodes this one was measured: no gain, the
+        GIL serialises row building and decoding.)
+        """
+        while parameters is not None:
+            rows = await self._fetch(sql, parameters)
+            yield rows
+            parameters = following(rows, parameters)
 
     async def _read(
         self, stream: str, from_version: int | None, limit: int | None, backwards: bool
@@ -553,20 +568,26 @@ class SQLiteEventStore(EventStore):
                 "SELECT position, body, version FROM events WHERE stream = ? AND version >= ? "
                 "ORDER BY version LIMIT ?"
             )
+        step = -1 if backwards else 1
         remaining = limit
-        while remaining is None or remaining > 0:
+
+        def following(rows: list[Any], asked: tuple[Any, ...]) -> tuple[Any, ...] | None:
             wanted = self.page_size if remaining is None else min(self.page_size, remaining)
-            rows = await self._fetch(sql, (stream, bound, wanted))
+            if len(rows) < asked[-1] or wanted <= 0:
+                return None
+            return (stream, rows[-1][2] + step, wanted)
+
+        if limit == 0:
+            return
+        first = (stream, bound, self.page_size if limit is None else min(self.page_size, limit))
+        decode, where = self.decode, self._where
+        async for rows in self._pages(sql, first, following):
             for position, body, _ in rows:
-                event = self._decoded(position, body)
+                event = decode(body, position, where)
                 if event is not None:
                     yield event
                     if remaining is not None:
                         remaining -= 1
-            if len(rows) < wanted:
-                return
-            last_version = rows[-1][2]
-            bound = last_version - 1 if backwards else last_version + 1
 
     async def _read_all(
         self,
@@ -599,8 +620,9 @@ class SQLiteEventStore(EventStore):
             start = max(start, found[1])
         if until is not None:
             head = min(head, found[-1] or 0)
-        async for event in self._scan(start - 1, head, clauses, parameters, limit):
-            yield event
+        async for page in self._scan(start - 1, head, clauses, parameters, limit):
+            for event in page:
+                yield event
 
     async def _scan(
         self,
@@ -609,22 +631,40 @@ class SQLiteEventStore(EventStore):
         clauses: list[str],
         parameters: list[Any],
         limit: int | None,
-    ) -> AsyncIterator[RecordedEvent]:
-        """Events at positions in (after, upto] matching `clauses`, in position order, paged."""
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Pages of the events at positions in (after, upto] that match `clauses`, in order.
+
+        A filtered query looks at a window of `_window` positions at most, so that no query
+        scans or sorts more than a bounded slice of the log, whatever indexes the filter can use.
+        """
         where = " AND ".join(["position > ?", "position <= ?", *clauses])
         sql = f"SELECT position, body FROM events WHERE {where} ORDER BY position LIMIT ?"
         remaining = limit
-        while after < upto and (remaining is None or remaining > 0):
-            high = min(upto, after + self._window) if clauses else upto
+
+        def query(low: int) -> tuple[Any, ...] | None:
             wanted = self.page_size if remaining is None else min(self.page_size, remaining)
-            rows = await self._fetch(sql, (after, high, *parameters, wanted))
+            if low >= upto or wanted <= 0:
+                return None
+            high = min(upto, low + self._window) if clauses else upto
+            return (low, high, *parameters, wanted)
+
+        def following(rows: list[Any], asked: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            # A full page may have more after its last row; a short one finished its window.
+            return query(rows[-1][0] if len(rows) == asked[-1] else asked[1])
+
+        first = query(after)
+        if first is None:
+            return
+        decode, location = self.decode, self._where
+        async for rows in self._pages(sql, first, following):
+            page: list[RecordedEvent] = []
             for position, body in rows:
-                event = self._decoded(position, body)
+                event = decode(body, position, location)
                 if event is not None:
-                    yield event
-                    if remaining is not None:
-                        remaining -= 1
-            after = rows[-1][0] if len(rows) == wanted else high
+                    page.append(event)
+            if remaining is not None:
+                remaining -= len(page)
+            yield page
 
     async def _subscribe(
         self, filter: EventFilter, from_position: int
@@ -635,8 +675,9 @@ class SQLiteEventStore(EventStore):
             committed = self._committed  # taken before reading: a commit after it sets it
             head = await self._scalar("SELECT max(position) FROM events")
             if head > last:
-                async for event in self._scan(last, head, clauses, parameters, None):
-                    yield event
+                async for page in self._scan(last, head, clauses, parameters, None):
+                    for event in page:
+                        yield event
                 last = head
                 continue
             with contextlib.suppress(TimeoutError):
