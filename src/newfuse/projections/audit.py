@@ -98,11 +98,12 @@ def audit_projection() -> Projection[SQLiteBatch]:
     projection: Projection[SQLiteBatch] = Projection(NAME, setup=_setup)
 
     @projection.on("*")
-    async def _index(event: RecordedEvent, batch: SQLiteBatch) -> None:
+    def _index(event: RecordedEvent, batch: SQLiteBatch) -> None:
         sender = _sender(event)
         category = event.category
         agent = event.stream.partition(".")[2] if category == "agent" else sender
-        await batch.execute(
+        # Deferred: a batch's rows reach SQLite as one executemany (one thread round trip).
+        batch.defer(
             f'INSERT INTO "{batch.table("events")}" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)',
             (
                 event.position,

@@ -198,6 +198,18 @@ class BatchConflict(Exception):
     """
 
 
+class DeferredWriteError(Exception):
+    """A write that a handler deferred to the end of its batch failed when it was flushed.
+
+    Which event's write it was is not known: the runner re-applies the batch in halves until the
+    failing event is alone, then treats it as a poison event. Internal to the runner.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 class ReadModel(AsyncClosing, abc.ABC, Generic[B]):
     """Where projections keep their models, checkpoints, generations and dead letters.
 

@@ -27,6 +27,7 @@ from newfuse.projections.base import (
     B,
     BatchConflict,
     DeadLetter,
+    DeferredWriteError,
     Projection,
     ReadModel,
     RetryPolicy,
@@ -91,6 +92,8 @@ class _Applier(Generic[B]):
                 for index, event in enumerate(events):
                     try:
                         await self.projection.apply(event, batch)
+                    except DeferredWriteError:
+                        raise  # an earlier event's write, flushed by this handler's statement
                     except Exception as error:
                         raise _HandlerFailed(index, error) from error
                 batch.advance(events[-1].position)
@@ -100,6 +103,16 @@ class _Applier(Generic[B]):
             await self.apply(events[: failed.index])
             await self._poison(events[failed.index], failed.error)
             await self.apply(events[failed.index + 1 :])
+            return
+        except DeferredWriteError as failed:
+            # Nothing was written, and which event's deferred write failed is unknown: halve
+            # the batch until the event is alone (log2(batch) extra batches, errors only).
+            if len(events) == 1:
+                await self._poison(events[0], failed.error)
+                return
+            middle = len(events) // 2
+            await self.apply(events[:middle])
+            await self.apply(events[middle:])
             return
         self.checkpoint = events[-1].position
         self.applied += len(events)
@@ -116,7 +129,7 @@ class _Applier(Generic[B]):
                     except Exception as again:
                         raise _HandlerFailed(0, again) from again
                     batch.advance(event.position)
-            except _HandlerFailed as failed:
+            except (_HandlerFailed, DeferredWriteError) as failed:
                 error, failures = failed.error, failures + 1
                 continue
             self.checkpoint = event.position

@@ -25,6 +25,7 @@ from newfuse.projections.base import (
     Batch,
     BatchConflict,
     DeadLetter,
+    DeferredWriteError,
     Projection,
     ReadModel,
     RunnerStats,
@@ -65,13 +66,15 @@ class SQLiteBatch(Batch):
     """A transaction on the read model's connection; handlers run SQL on it directly.
 
     Use `table("t")` for the physical name of a model table in this generation; reads inside a
-    handler see the batch's own earlier writes.
+    handler see the batch's own earlier writes (deferred ones included: `execute`,
+    `executemany` and `fetchall` flush them first).
     """
 
     def __init__(self, *, projection: str, generation: int, connection: aiosqlite.Connection):
         super().__init__(projection=projection, generation=generation)
         self.connection = connection
         self.tables: set[str] = set()
+        self._deferred: list[tuple[str, list[Sequence[Any]]]] = []
 
     def table(self, base: str) -> str:
         """The physical table of `base` in this generation (letters, digits, `_`)."""
@@ -82,16 +85,49 @@ class SQLiteBatch(Batch):
         self.tables.add(base)
         return physical_table(self.projection, self.generation, base)
 
+    def defer(self, sql: str, parameters: Sequence[Any] = ()) -> None:
+        """Queue a write; a run of deferred writes with the same SQL goes to SQLite as one
+        `executemany`, before the batch's next statement or at its commit.
+
+        This saves a round trip to SQLite's thread per event. Its error (a constraint, say)
+        shows at the flush; the runner then re-applies the batch in halves until the failing
+        event is alone, and that event is retried and dead-lettered like any poison event.
+        Handlers that use `connection` directly must call `flush()` first.
+        """
+        if self._deferred and self._deferred[-1][0] == sql:
+            self._deferred[-1][1].append(parameters)
+        else:
+            self._deferred.append((sql, [parameters]))
+
+    async def flush(self) -> None:
+        """Send the deferred writes, in the order they were queued.
+
+        Raises:
+            DeferredWriteError: SQLite refused one of them (the batch is then discarded).
+        """
+        deferred, self._deferred = self._deferred, []
+        for sql, rows in deferred:
+            try:
+                await self.connection.executemany(sql, rows)
+            except sqlite3.Error as error:
+                raise DeferredWriteError(error) from error
+
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> None:
-        """Run one statement."""
+        """Run one statement (after the deferred writes)."""
+        if self._deferred:
+            await self.flush()
         await self.connection.execute(sql, parameters)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        """Run one statement for each row of parameters."""
+        """Run one statement for each row of parameters (after the deferred writes)."""
+        if self._deferred:
+            await self.flush()
         await self.connection.executemany(sql, rows)
 
     async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
-        """Run a query and return its rows."""
+        """Run a query and return its rows (after the deferred writes)."""
+        if self._deferred:
+            await self.flush()
         return list(await self.connection.execute_fetchall(sql, parameters))
 
 
@@ -172,15 +208,17 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
     async def _finish(self, batch: SQLiteBatch) -> None:
         """Write what a batch collected: its tables, dead letters and checkpoint."""
         connection, name, generation = self.connection, batch.projection, batch.generation
-        await connection.executemany(
-            "INSERT OR IGNORE INTO _fuse_tables (name, generation, base) VALUES (?, ?, ?)",
-            [(name, generation, base) for base in sorted(batch.tables)],
-        )
-        await connection.executemany(
-            "INSERT OR REPLACE INTO _fuse_dead_letters (name, generation, position, body) "
-            "VALUES (?, ?, ?, ?)",
-            [(name, generation, d.position, _ENCODER.encode(d).decode()) for d in batch.dead],
-        )
+        if batch.tables:
+            await connection.executemany(
+                "INSERT OR IGNORE INTO _fuse_tables (name, generation, base) VALUES (?, ?, ?)",
+                [(name, generation, base) for base in sorted(batch.tables)],
+            )
+        if batch.dead:
+            await connection.executemany(
+                "INSERT OR REPLACE INTO _fuse_dead_letters (name, generation, position, body) "
+                "VALUES (?, ?, ?, ?)",
+                [(name, generation, d.position, _ENCODER.encode(d).decode()) for d in batch.dead],
+            )
         if batch.advanced_to is not None:
             await connection.execute(
                 "INSERT INTO _fuse_checkpoints (name, generation, position) VALUES (?, ?, ?) "
@@ -247,6 +285,7 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
                 )
             batch = SQLiteBatch(projection=name, generation=generation, connection=connection)
             await projection.prepare(batch)
+            await batch.flush()
             batch.advance(0)
             with self._guard(f"create generation {generation} of {name!r}"):
                 await self._finish(batch)
@@ -271,17 +310,18 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
         operation = f"apply a batch to {name!r} generation {generation}"
         async with self._transaction(operation) as connection:
             with self._guard(operation):
-                stored = await self._scalar(
-                    "SELECT position FROM _fuse_checkpoints WHERE name = ? AND generation = ?",
-                    (name, generation),
+                # One round trip to SQLite's thread for both facts the batch depends on.
+                rows = await connection.execute_fetchall(
+                    "SELECT (SELECT position FROM _fuse_checkpoints WHERE name = ? "
+                    "AND generation = ?), (SELECT active FROM _fuse_projections WHERE name = ?)",
+                    (name, generation, name),
                 )
-                pointer = await self._scalar(
-                    "SELECT active FROM _fuse_projections WHERE name = ?", (name,)
-                )
+                stored, pointer = next(iter(rows))
             if int(stored or 0) != expected_checkpoint or (active and pointer != generation):
                 raise BatchConflict(f"{name!r}: checkpoint {stored}, active {pointer}")
             batch = SQLiteBatch(projection=name, generation=generation, connection=connection)
             yield batch
+            await batch.flush()
             with self._guard(operation):
                 await self._finish(batch)
 
