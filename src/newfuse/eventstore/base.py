@@ -38,6 +38,7 @@ from newfuse.schemas import (
     default_registry,
     utcnow,
 )
+from newfuse.telemetry import current_trace_context
 
 log = logging.getLogger("newfuse.eventstore")
 
@@ -184,6 +185,14 @@ class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
 InvalidEventHandler = Callable[[InvalidEventReport], None]
 
 
+def _active_trace() -> TraceContext | None:
+    """The trace context of the active span, stamped on events appended without one."""
+    active = current_trace_context()
+    if active is None:
+        return None
+    return TraceContext(traceparent=active[0], tracestate=active[1])
+
+
 def _log_invalid(report: InvalidEventReport) -> None:
     log.warning(
         "skipped invalid event at position %d (%s): %s", report.position, report.where, report.error
@@ -300,7 +309,7 @@ class EventStore(AsyncClosing, abc.ABC):
             timestamp=utcnow(),
             correlation_id=event.correlation_id,
             causation_id=event.causation_id,
-            trace=event.trace,
+            trace=event.trace or _active_trace(),
             metadata=event.metadata,
         )
 
