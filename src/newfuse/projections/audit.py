@@ -45,7 +45,10 @@ _ENCODER = msgspec.json.Encoder()
 
 
 def _time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC (sortable text); isoformat is ~5x faster than
+    strftime, which showed in the profile of an index rebuild."""
+    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
 
 
 def _sender(event: RecordedEvent) -> str | None:
@@ -99,26 +102,26 @@ def audit_projection() -> Projection[SQLiteBatch]:
 
     @projection.on("*")
     def _index(event: RecordedEvent, batch: SQLiteBatch) -> None:
+        envelope = event.envelope
         sender = _sender(event)
-        category = event.category
-        agent = event.stream.partition(".")[2] if category == "agent" else sender
+        category, _, ident = envelope.stream.partition(".")
         # Deferred: a batch's rows reach SQLite as one executemany (one thread round trip).
         batch.defer(
             f'INSERT INTO "{batch.table("events")}" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)',
             (
                 event.position,
-                _time(event.timestamp),
-                event.stream,
+                _time(envelope.timestamp),
+                envelope.stream,
                 category,
-                event.type,
-                event.schema_version,
-                event.id,
+                envelope.type,
+                envelope.schema_version,
+                envelope.id,
                 sender,
-                agent,
-                event.correlation_id,
-                event.causation_id,
+                ident if category == "agent" else sender,
+                envelope.correlation_id,
+                envelope.causation_id,
                 _trace_id(event),
-                bytes(event.envelope.data).decode(),
+                bytes(envelope.data).decode(),
             ),
         )
 

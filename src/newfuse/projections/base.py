@@ -177,7 +177,7 @@ class Projection(Generic[B]):
         handler = self.handler_for(event.type)
         if handler is not None:
             result = handler(event, batch)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 await result
 
     async def prepare(self, batch: B) -> None:

@@ -74,16 +74,20 @@ class SQLiteBatch(Batch):
         super().__init__(projection=projection, generation=generation)
         self.connection = connection
         self.tables: set[str] = set()
+        self._physical: dict[str, str] = {}
         self._deferred: list[tuple[str, list[Sequence[Any]]]] = []
 
     def table(self, base: str) -> str:
         """The physical table of `base` in this generation (letters, digits, `_`)."""
-        if not _BASE_RE.match(base):
-            raise InvalidNameError(
-                kind="table name", name=base, reason="use a letter, then letters, digits or '_'"
-            )
-        self.tables.add(base)
-        return physical_table(self.projection, self.generation, base)
+        table = self._physical.get(base)
+        if table is None:
+            if not _BASE_RE.match(base):
+                raise InvalidNameError(
+                    kind="table name", name=base, reason="use a letter, then letters, digits or '_'"
+                )
+            self.tables.add(base)
+            table = self._physical[base] = physical_table(self.projection, self.generation, base)
+        return table
 
     def defer(self, sql: str, parameters: Sequence[Any] = ()) -> None:
         """Queue a write; a run of deferred writes with the same SQL goes to SQLite as one
