@@ -13,6 +13,7 @@ Keys, under `root` (default `fuse:proj`) and the projection's name `n`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -197,14 +198,35 @@ class RedisReadModel(ReadModel[RedisBatch]):
             )
 
     def _queue(self, pipe: Any, batch: RedisBatch) -> None:
-        for command in batch.commands:
+        commands = batch.commands
+        index = 0
+        while index < len(commands):
+            command = commands[index]
             if len(command) == 2:
                 pipe.execute_command(*command[1])
-            else:
-                _, lua, keys, args = command
+                index += 1
+                continue
+            # A run of calls of one script goes as one call of its batched form (one command
+            # to pack, send and answer instead of one per event; same effects, same order).
+            lua = command[1]
+            end = index + 1
+            while end < len(commands) and len(commands[end]) == 4 and commands[end][1] == lua:
+                end += 1
+            if end - index == 1:
+                _, _, keys, args = command
                 script = self.script(lua)
                 pipe.scripts.add(script)
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
+            else:
+                all_keys: list[Any] = []
+                all_args: list[Any] = []
+                for _, _, keys, args in commands[index:end]:  # type: ignore[misc]
+                    all_keys += keys
+                    all_args += [len(keys), len(args), *args]
+                script = self.script(_batched(lua))
+                pipe.scripts.add(script)
+                pipe.evalsha(script.sha, len(all_keys), *all_keys, *all_args)
+            index = end
         for letter in batch.dead:
             pipe.hset(
                 self._dead_key(batch.projection, batch.generation),
@@ -359,3 +381,25 @@ class RedisReadModel(ReadModel[RedisBatch]):
 
 def _by_position(letter: DeadLetter) -> int:
     return letter.position
+
+
+@functools.cache
+def _batched(lua: str) -> str:
+    """A script that runs `lua` once per call packed in its KEYS and ARGV.
+
+    ARGV holds, per call, its number of keys, its number of args, then its args; KEYS holds
+    every call's keys in order. The original source becomes the body of a function whose
+    parameters shadow KEYS and ARGV, so it runs unchanged (its return value is dropped).
+    """
+    return (
+        "local function call(KEYS, ARGV)\n"
+        f"{lua}\n"
+        "end\n"
+        "local k, a = 1, 1\n"
+        "while a <= #ARGV do\n"
+        "  local nkeys, nargs = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
+        "  call({unpack(KEYS, k, k + nkeys - 1)}, {unpack(ARGV, a + 2, a + 1 + nargs)})\n"
+        "  k, a = k + nkeys, a + 2 + nargs\n"
+        "end\n"
+        "return 1\n"
+    )
