@@ -45,7 +45,7 @@ async def send(
     )
 
 
-async def researcher(store: EventStore, done: asyncio.Event) -> None:
+async def researcher(store: EventStore) -> None:
     """Answers every task.request in its inbox with a task.result."""
     async with store.subscribe(EventFilter(streams=("inbox.researcher",))) as inbox:
         async for event in inbox:
@@ -54,7 +54,6 @@ async def researcher(store: EventStore, done: asyncio.Event) -> None:
             answer = {"question": question, "answer": f"done: {question}"}
             await send(store, "researcher", "planner", "task.result", answer, causation=event.id)
             if question == QUESTIONS[-1]:
-                done.set()
                 return
 
 
@@ -110,10 +109,9 @@ async def main() -> int:
         print(f"  valkey: {valkey.url} (pid {valkey.pid})")
         async with await open_event_store(nats.url, prefix="demo") as store:
             print("\n1. two agents exchange A2A messages; each is an event in JetStream")
-            done = asyncio.Event()
             async with asyncio.timeout(30):
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(researcher(store, done))
+                    group.create_task(researcher(store))
                     group.create_task(planner(store))
 
             print(f"\n2. replay the conversation {CONVERSATION!r} from the log")

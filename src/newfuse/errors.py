@@ -66,6 +66,19 @@ class NoDevServerError(FuseError):
         )
 
 
+class DevAlreadyRunningError(FuseError):
+    """A `fuse dev` already runs with the same state directory."""
+
+    def __init__(self, *, pid: int, nats_url: str, state_file: str) -> None:
+        self.pid = pid
+        self.nats_url = nats_url
+        self.state_file = state_file
+        super().__init__(
+            f"a `fuse dev` already runs (pid {pid}, NATS at {nats_url}, recorded in "
+            f"{state_file}); use it, stop it first, or set FUSE_STATE_DIR for a second one"
+        )
+
+
 class ConnectionLostError(FuseError):
     """A server could not be reached within the deadline."""
 

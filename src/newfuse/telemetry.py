@@ -32,7 +32,7 @@ def meter() -> metrics.Meter:
 
 
 def current_trace_context() -> tuple[str, str | None] | None:
-    """(traceparent, tracestate) of the active span, or None when no span is recording.
+    """(traceparent, tracestate) of the active span, or None without a valid span context.
 
     The event store stamps this on events appended without an explicit trace, so a consumer can
     continue the producer's trace (W3C Trace Context, https://www.w3.org/TR/trace-context/).

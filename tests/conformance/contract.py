@@ -18,6 +18,7 @@ from newfuse.errors import (
     BatchTooLargeError,
     InvalidNameError,
     InvalidPayloadError,
+    SchemaError,
     UnknownTypeError,
     WrongExpectedVersionError,
 )
@@ -206,6 +207,19 @@ class EventStoreContract:
         with pytest.raises(InvalidPayloadError, match=r"agent\.state_update.*\$\.version"):
             await store.append("agent.a1", [note(1), bad])
         assert await store.head_position() == 0
+
+    async def test_a_schema_version_below_one_is_refused_before_writing(
+        self, store: EventStore
+    ) -> None:
+        with pytest.raises(SchemaError, match=r"schema version 0; schema versions count from 1"):
+            await store.append("agent.a1", NewEvent(type="note", data={}, schema_version=0))
+        assert await store.head_position() == 0
+
+    async def test_bad_read_arguments_are_refused_naming_them(self, store: EventStore) -> None:
+        with pytest.raises(ValueError, match=r"read_all: limit must be >= 0, got -1"):
+            store.read_all(limit=-1)
+        with pytest.raises(InvalidNameError, match=r"invalid category 'a\.b': it contains a dot"):
+            EventFilter(categories=("a.b",))
 
     async def test_a_strict_category_rejects_unregistered_types(self, store: EventStore) -> None:
         store.registry.declare_strict("saga")

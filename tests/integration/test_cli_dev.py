@@ -68,6 +68,16 @@ async def test_fuse_dev_serves_nats_and_redis_and_stops_cleanly_on_sigterm(
         assert state["nats_url"] == urls["FUSE_NATS_URL"]
         children = _children(process.pid)
         assert len(children) == 2
+        second = subprocess.run(
+            [sys.executable, "-m", "newfuse", "dev"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"a `fuse dev` already runs (pid {process.pid}" in second.stderr
+        assert (tmp_path / "state" / "dev.json").exists()
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)

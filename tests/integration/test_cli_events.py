@@ -175,3 +175,22 @@ def test_tail_prints_new_events_live_and_stops_on_sigint(fuse_args: list[str]) -
         tail.send_signal(signal.SIGINT)
         _, stderr = tail.communicate(timeout=30)
     assert tail.returncode == 0, stderr
+
+
+def test_tail_since_a_time_replays_from_then_and_follows(fuse_args: list[str]) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 0}')
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", *fuse_args, "tail", "--json", "--since", "1h"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        assert json.loads(tail.stdout.readline())["data"] == {"n": 0}
+        fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 1}')
+        assert json.loads(tail.stdout.readline())["data"] == {"n": 1}
+    finally:
+        tail.send_signal(signal.SIGINT)
+        _, stderr = tail.communicate(timeout=30)
+    assert tail.returncode == 0, stderr

@@ -254,3 +254,17 @@ def test_a_registry_that_cannot_be_found_is_a_clear_error(tmp_path: Path) -> Non
     result = fuse("schemas", "list", "--registry", "json")
     assert result.returncode == 1
     assert "expected MODULE:NAME" in result.stderr
+
+
+def test_export_to_a_place_that_cannot_hold_a_directory_says_so(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "newfuse", "schemas", "export", str(blocker / "schemas")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot write the schemas there" in result.stderr
+    assert "Traceback" not in result.stderr

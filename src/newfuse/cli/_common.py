@@ -101,6 +101,20 @@ def resolve_store_url(settings: Settings) -> str:
     return settings.store or resolve_nats_url(settings)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def count_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def print_table(
     rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO = sys.stdout
 ) -> None:

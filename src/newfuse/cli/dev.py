@@ -12,7 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from newfuse.cli._common import DevState, dev_state_path, settings_from_args, write_dev_state
+from newfuse.cli._common import (
+    DevState,
+    dev_state_path,
+    read_dev_state,
+    settings_from_args,
+    write_dev_state,
+)
+from newfuse.errors import DevAlreadyRunningError
 from newfuse.eventstore import open_event_store
 from newfuse.nats.embedded import NatsServer, ValkeyServer
 from newfuse.projections import ProjectionGroup
@@ -46,6 +53,11 @@ async def run_dev(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     state_path = dev_state_path(settings)
+    running_dev = read_dev_state(settings)
+    if running_dev is not None:
+        raise DevAlreadyRunningError(
+            pid=running_dev.pid, nats_url=running_dev.nats_url, state_file=str(state_path)
+        )
     with contextlib.ExitStack() as cleanup:
         root = data_dir or Path(
             cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fuse-dev-"))
@@ -82,14 +94,15 @@ async def run_dev(args: argparse.Namespace) -> int:
                     f"Ctrl-C to stop",
                     file=sys.stderr,
                 )
-                await asyncio.wait(
-                    [asyncio.create_task(stop.wait()), running],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait([stopping, running], return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
                 print("fuse dev: stopping", file=sys.stderr)
             finally:
                 projections.request_stop()
                 await running
-                with contextlib.suppress(FileNotFoundError):
-                    state_path.unlink()
+                recorded = read_dev_state(settings)
+                if recorded is not None and recorded.pid == os.getpid():
+                    with contextlib.suppress(FileNotFoundError):
+                        state_path.unlink()
     return 0

@@ -13,7 +13,14 @@ from typing import Any
 
 import msgspec
 
-from newfuse.cli._common import Progress, print_table, resolve_store_url, settings_from_args
+from newfuse.cli._common import (
+    Progress,
+    count_int,
+    positive_int,
+    print_table,
+    resolve_store_url,
+    settings_from_args,
+)
 from newfuse.errors import ConfigError
 from newfuse.eventstore import EventFilter, EventStore, open_event_store, parse_expected
 from newfuse.schemas import NewEvent, RecordedEvent
@@ -36,7 +43,9 @@ def register(commands: Any) -> None:
         default="any",
         help="a version number, 'any' (default), 'no-stream' or 'stream-exists'",
     )
-    publish.add_argument("--schema-version", type=int, help="payload schema version")
+    publish.add_argument(
+        "--schema-version", type=positive_int, help="payload schema version (from 1)"
+    )
     publish.add_argument("--correlation", help="correlation id")
     publish.add_argument("--causation", help="causation id")
     publish.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,10 +66,12 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", action="append", default=[], help="a category (repeatable)")
     parser.add_argument("--type", action="append", default=[], help="an event type (repeatable)")
     parser.add_argument("--correlation", help="a correlation id")
-    parser.add_argument("--from-position", type=int, default=None, help="first global position")
+    parser.add_argument(
+        "--from-position", type=positive_int, default=None, help="first global position"
+    )
     parser.add_argument("--since", help="ISO time, or relative: 30s, 10m, 2h, 7d")
     parser.add_argument("--until", help="ISO time, or relative: 30s, 10m, 2h, 7d")
-    parser.add_argument("--limit", type=int, help="at most this many events")
+    parser.add_argument("--limit", type=count_int, help="at most this many events")
 
 
 def parse_time(value: str, *, flag: str) -> datetime:
@@ -186,9 +197,11 @@ async def run_replay(args: argparse.Namespace) -> int:
 
 
 async def _follow(store: EventStore, args: argparse.Namespace) -> AsyncIterator[RecordedEvent]:
-    start = args.from_position or (await store.head_position() + 1)
     until = parse_time(args.until, flag="--until") if args.until else None
     since = parse_time(args.since, flag="--since") if args.since else None
+    # New events only, unless asked to start earlier: at a position, or at a time (--since
+    # replays what is stored from then, then follows live).
+    start = args.from_position or (1 if since else await store.head_position() + 1)
     seen = 0
     async with store.subscribe(_filter(args), from_position=start) as subscription:
         async for event in subscription:

@@ -12,6 +12,7 @@ import msgspec
 
 from newfuse.cli._common import (
     Progress,
+    count_int,
     print_table,
     resolve_audit_db,
     resolve_redis_url,
@@ -84,7 +85,7 @@ def register(commands: Any) -> None:
     audit.add_argument("--correlation", help="correlation id")
     audit.add_argument("--since", help="ISO time, or relative: 30s, 10m, 2h, 7d")
     audit.add_argument("--until", help="ISO time, or relative: 30s, 10m, 2h, 7d")
-    audit.add_argument("--limit", type=int, default=100, help="at most this many rows (100)")
+    audit.add_argument("--limit", type=count_int, default=100, help="at most this many rows (100)")
     audit.add_argument("--newest-first", action="store_true", help="newest rows first")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.set_defaults(handler=run_audit)

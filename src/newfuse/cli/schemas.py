@@ -118,9 +118,17 @@ async def run_export(args: argparse.Namespace) -> int:
     """Write the schemas and index.json; print what was written."""
     registry = load_registry(args.registry)
     directory: Path = args.directory
-    written: list[ExportedSchema] = await asyncio.to_thread(
-        export_schemas, directory, registry, base_uri=args.base_uri
-    )
+    try:
+        written: list[ExportedSchema] = await asyncio.to_thread(
+            export_schemas, directory, registry, base_uri=args.base_uri
+        )
+    except OSError as error:
+        raise ConfigError(
+            variable="DIR",
+            value=str(directory),
+            reason=f"cannot write the schemas there ({error.strerror or error}); give a "
+            f"directory you can write to (it is created if missing)",
+        ) from None
     if args.json:
         report = {
             "directory": str(directory),

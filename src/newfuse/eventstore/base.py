@@ -34,6 +34,7 @@ from newfuse.schemas import (
     SchemaRegistry,
     StreamName,
     TraceContext,
+    check_token,
     check_type_name,
     default_registry,
     utcnow,
@@ -129,7 +130,7 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
         for stream in self.streams:
             StreamName.parse(stream)
         for category in self.categories:
-            StreamName.parse(f"{category}.x")
+            check_token(category, kind="category")
 
     def matches(self, envelope: Envelope) -> bool:
         if self.streams and envelope.stream not in self.streams:
@@ -297,6 +298,11 @@ class EventStore(AsyncClosing, abc.ABC):
                 if self.registry.is_registered(type_name)
                 else 1
             )
+        elif version < 1:
+            raise SchemaError(
+                f"append to {stream}: event {event.id} has schema version {version}; schema "
+                f"versions count from 1"
+            )
         if self.registry.is_strict(stream.category) and not self.registry.is_registered(type_name):
             raise UnknownTypeError(
                 type_name=type_name, context=f"category {stream.category!r} is strict"
@@ -359,6 +365,8 @@ class EventStore(AsyncClosing, abc.ABC):
         """Every event in position order from `from_position` (or from the first at/after
         `since`), up to `until`, matching `filter`; stops at the head as it was when called."""
         self._check_open()
+        if limit is not None and limit < 0:
+            raise ValueError(f"read_all: limit must be >= 0, got {limit}")
         return self._read_all(max(from_position, 1), since, until, filter or EventFilter(), limit)
 
     @abc.abstractmethod

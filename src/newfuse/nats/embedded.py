@@ -194,6 +194,10 @@ class _EmbeddedServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=self.data_dir,
+                    # Own session: a Ctrl-C in the terminal reaches the parent only, which then
+                    # stops its servers in order (after its clients); crashes are covered by
+                    # the parent-death signal.
+                    start_new_session=True,
                     preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 )
             try:
