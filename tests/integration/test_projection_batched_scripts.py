@@ -1,5 +1,6 @@
 """Runs of one Lua script in a Redis batch go as one call of its batched form: same effects, in
-the same order as one call per event, interleaved with plain commands and other scripts."""
+the same order as one call per event, interleaved with plain commands and other scripts, with
+non-ASCII text, floats, and bytes (which fall back to one call each)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ return #KEYS
 _OTHER = "redis.call('RPUSH', KEYS[1], 'other:' .. ARGV[1])"
 
 
+def tag(n: int) -> str | bytes:
+    """Mostly "log"; non-ASCII text now and then, and bytes (which go one call each)."""
+    if n % 13 == 0:
+        return b"log"
+    return "l\u00f6g" if n % 5 == 1 else "log"
+
+
+def value(n: int) -> int | float:
+    return n + 0.5 if n % 4 == 2 else n
+
+
 def logging_projection() -> Projection[RedisBatch]:
     projection: Projection[RedisBatch] = Projection("logged")
 
@@ -30,7 +42,7 @@ def logging_projection() -> Projection[RedisBatch]:
             batch.rpush(log, f"plain:{n}")  # a plain command cuts the run of script calls
         if n % 11 == 5:
             batch.eval(_OTHER, [log], [n])  # so does another script
-        batch.eval(_LOG, [log, *extra], ["log", n])
+        batch.eval(_LOG, [log, *extra], [tag(n), value(n)])
 
     return projection
 
@@ -42,8 +54,13 @@ def expected_log(numbers: range) -> list[str]:
             entries.append(f"plain:{n}")
         if n % 11 == 5:
             entries.append(f"other:{n}")
-        entries.append(f"log:{n}:{1 + n % 3}")
+        entries.append(entry(n))
     return entries
+
+
+def entry(n: int) -> str:
+    text = tag(n)
+    return f"{text.decode() if isinstance(text, bytes) else text}:{value(n)}:{1 + n % 3}"
 
 
 async def test_a_batch_of_script_calls_has_the_effects_of_one_call_per_event_in_order(
@@ -64,7 +81,7 @@ async def test_a_batch_of_script_calls_has_the_effects_of_one_call_per_event_in_
         base = model.model_prefix("logged", generation)
         assert await model.client.lrange(base + "log", 0, -1) == expected_log(numbers)  # type: ignore[misc]
         for i in range(2):
-            want = [f"log:{n}:{1 + n % 3}" for n in numbers if n % 3 > i]
+            want = [entry(n) for n in numbers if n % 3 > i]
             assert await model.client.lrange(f"{base}extra:{i}", 0, -1) == want  # type: ignore[misc]
     finally:
         await model.close()
