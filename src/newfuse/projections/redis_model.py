@@ -66,7 +66,11 @@ class RedisBatch(Batch):
         self.commands.append(("cmd", args))
 
     def eval(self, lua: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        """Queue a Lua script (loaded once per server, run with EVALSHA inside the MULTI)."""
+        """Queue a Lua script (loaded once per server, run with EVALSHA inside the MULTI).
+
+        Consecutive calls of one script in a batch are sent as one EVALSHA of a wrapper that
+        runs the script once per call, in order; the script's return value is not used.
+        """
         self.commands.append(("lua", lua, tuple(keys), tuple(args)))
 
     def hset(self, key: str, mapping: dict[str, Any]) -> None:
