@@ -417,3 +417,60 @@ class ReadOnlyQueryError(ProjectionError):
         self.sql = sql
         self.reason = reason
         super().__init__(f"query on {database} refused: {reason} (SQL: {sql.strip()[:200]})")
+
+
+# -- JetStream store: provisioning and interrupted operations (mapped in newfuse.nats) ------------
+
+
+class StreamCreateError(EventStoreError):
+    """JetStream refused to create the events' stream; nothing was created.
+
+    `advice` says what to do for the error code (newfuse.nats.jserrors maps the codes).
+    """
+
+    def __init__(
+        self, *, stream: str, code: int, err_code: int, description: str, advice: str
+    ) -> None:
+        self.stream = stream
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        self.advice = advice
+        super().__init__(
+            f"JetStream could not create stream {stream!r}: {description} (status {code}, "
+            f"err_code {err_code}); {advice}"
+        )
+
+
+class StreamCreateUnavailableError(StreamCreateError):
+    """JetStream could not create the stream for a passing reason (no leader, peers offline)."""
+
+    retryable = True
+
+
+class ReadInterruptedError(StoreUnavailableError):
+    """A finite read lost its server for longer than the store's timeout; resume it later from
+    `position + 1` (the events up to `position` were delivered)."""
+
+    def __init__(self, *, operation: str, position: int, timeout: float, reason: str) -> None:
+        self.position = position
+        self.timeout = timeout
+        super().__init__(
+            operation=operation,
+            reason=f"{reason}; gave up after {timeout:g}s at position {position} (the last "
+            f"event delivered) — resume from position {position + 1}",
+        )
+
+
+class ClosedDuringAppendError(StoreClosedError):
+    """The store was closed while an append waited for the server's acknowledgement."""
+
+    def __init__(self, *, store: str, subject: str) -> None:
+        self.store = store
+        self.subject = subject
+        EventStoreError.__init__(
+            self,
+            f"{store} was closed while an append to {subject!r} waited for its acknowledgement: "
+            f"the event may or may not be stored; open a store and retry with the same event "
+            f"ids (retries are deduplicated)",
+        )

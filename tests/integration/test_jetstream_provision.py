@@ -6,11 +6,19 @@ import msgspec
 import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 
-from newfuse.errors import ConnectionLostError, InvalidNameError, StreamConfigError
+from newfuse.errors import (
+    ConnectionLostError,
+    InvalidNameError,
+    StreamConfigError,
+    StreamCreateError,
+    StreamCreateUnavailableError,
+)
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import EventStreamSpec, Subjects, connect, ensure_event_stream
 from newfuse.nats.embedded import free_port
+from newfuse.nats.jserrors import ApiError, stream_create_error
 from newfuse.nats.provision import server_supports_atomic
 
 
@@ -123,3 +131,38 @@ async def test_no_server_gives_connection_lost_within_the_timeout() -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionLostError, match=r"nats-server at nats://127\.0\.0\.1:\d+ is"):
         await connect(url, timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "err_code", "says"),
+    [
+        ({"replicas": 3}, 10074, r"replicas > 1 not supported .*use replicas=1"),
+        ({"max_bytes": 10**18}, 10047, r"insufficient storage .*lower max_bytes"),
+    ],
+)
+async def test_a_refused_create_says_why_and_what_to_do_not_that_the_stream_differs(
+    nats_url: str, prefix: str, options: dict[str, int], err_code: int, says: str
+) -> None:
+    name = f"{prefix.upper()}_EVENTS"
+    with pytest.raises(StreamCreateError, match=rf"could not create stream '{name}': {says}") as e:
+        await JetStreamEventStore.connect(nats_url, prefix=prefix, **options)
+    assert not isinstance(e.value, StreamConfigError)
+    assert (e.value.stream, e.value.err_code) == (name, err_code)
+    assert not e.value.retryable  # retrying the same create cannot help
+    nc = await nats.connect(nats_url)
+    try:
+        with pytest.raises(NotFoundError):
+            await nc.jetstream().stream_info(name)  # nothing was created
+    finally:
+        await nc.close()
+
+
+def test_a_create_refused_for_a_passing_reason_is_retryable() -> None:
+    busy = stream_create_error(
+        "FUSE_EVENTS",
+        ApiError(code=503, err_code=10008, description="JetStream system temporarily unavailable"),
+    )
+    assert isinstance(busy, StreamCreateUnavailableError) and busy.retryable
+    assert "retry shortly" in str(busy)
+    other = stream_create_error("FUSE_EVENTS", ApiError(code=400, err_code=10999, description="x"))
+    assert type(other) is StreamCreateError and not other.retryable

@@ -11,6 +11,8 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     BatchDuplicateIdError,
     PublishRejectedError,
+    StreamCreateError,
+    StreamCreateUnavailableError,
     WrongLastSequenceError,
 )
 
@@ -22,6 +24,43 @@ ATOMIC_BATCH_INCOMPLETE: Final = 10176
 """A batch sequence is missing (a gap, or the server abandoned the batch)."""
 ATOMIC_BATCH_DUPLICATE_ID: Final = 10201
 """An atomic batch holds a `Nats-Msg-Id` seen within the duplicate window; nothing stored."""
+
+CLUSTER_NO_PEERS: Final = 10005
+"""No suitable peers for placement (too few servers online for the replicas asked)."""
+CLUSTER_NOT_AVAILABLE: Final = 10008
+"""JetStream system temporarily unavailable."""
+CLUSTER_NOT_LEADER: Final = 10009
+"""JetStream cluster can not handle the request (no meta leader yet)."""
+MAXIMUM_STREAMS: Final = 10027
+"""The account may create no more streams."""
+NOT_ENABLED_FOR_ACCOUNT: Final = 10039
+"""JetStream is not enabled for the account."""
+STORAGE_EXCEEDED: Final = 10047
+"""Insufficient storage resources (the stream's `max_bytes` does not fit the server/account)."""
+STREAM_INVALID_CONFIG: Final = 10052
+"""The server found the stream configuration invalid."""
+SUBJECT_OVERLAP: Final = 10065
+"""Another stream already takes (some of) the subjects."""
+REPLICAS_NOT_SUPPORTED: Final = 10074
+"""Replicas > 1 on a server that is not in a cluster."""
+NOT_ENABLED: Final = 10076
+"""JetStream is not enabled on the server."""
+
+_CREATE_ADVICE: Final = {
+    REPLICAS_NOT_SUPPORTED: "a single server keeps one copy: use replicas=1, or run a JetStream "
+    "cluster",
+    STORAGE_EXCEEDED: "the server or account has less file storage than max_bytes asks for: "
+    "lower max_bytes, or raise the server's max_file_store / the account's limit",
+    MAXIMUM_STREAMS: "the account has reached its stream limit: delete unused streams or raise "
+    "the limit",
+    SUBJECT_OVERLAP: "another stream already takes these subjects: use another prefix, or remove "
+    "that stream",
+    NOT_ENABLED: "start nats-server with JetStream (-js)",
+    NOT_ENABLED_FOR_ACCOUNT: "enable JetStream for the account in the server configuration",
+    STREAM_INVALID_CONFIG: "check the store's options (replicas, max_age, max_bytes, "
+    "duplicate_window: the window must not exceed max_age)",
+}
+_CREATE_TRANSIENT: Final = frozenset({CLUSTER_NO_PEERS, CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER})
 
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
 
@@ -94,3 +133,27 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
             server_version=f"{server_version or 'unknown'}, and its stream has allow_atomic off",
         )
     return PublishRejectedError(subject=subject, code=code, err_code=err_code, description=text)
+
+
+def stream_create_error(stream: str, error: ApiError) -> StreamCreateError:
+    """The FuseError for a JetStream API error answered to creating (or looking up) `stream`.
+
+    A passing condition (status 503, no leader, peers offline) gives the retryable
+    StreamCreateUnavailableError; anything else a StreamCreateError that says what to change.
+    """
+    code, err_code, text = error.code, error.err_code, error.description
+    if code == 503 or err_code in _CREATE_TRANSIENT:
+        return StreamCreateUnavailableError(
+            stream=stream,
+            code=code,
+            err_code=err_code,
+            description=text,
+            advice="the JetStream cluster is not ready (no leader, or peers offline): retry "
+            "shortly",
+        )
+    advice = _CREATE_ADVICE.get(
+        err_code, "check the server's JetStream limits and the store's options"
+    )
+    return StreamCreateError(
+        stream=stream, code=code, err_code=err_code, description=text, advice=advice
+    )

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from newfuse.errors import StoreUnavailableError, StreamConfigError
+from newfuse.nats.jserrors import ApiError, stream_create_error
 from newfuse.nats.subjects import Subjects
 
 log = logging.getLogger("newfuse.nats")
@@ -118,6 +119,9 @@ async def ensure_event_stream(
     Raises:
         StreamConfigError: the stream exists with a configuration newfuse cannot use (it names
             the field, the wanted and the actual value); the stream is never updated.
+        StreamCreateError: JetStream refused to create the stream (replicas > 1 on a single
+            server, not enough storage, ...); it says what to change. Its subclass
+            StreamCreateUnavailableError (retryable) is for a cluster that is not ready.
         StoreUnavailableError: JetStream did not answer.
     """
     version = server_version(nc)
@@ -132,14 +136,8 @@ async def ensure_event_stream(
             info = await _api(nc, f"$JS.API.STREAM.INFO.{name}", None, timeout)
         elif "error" not in info:
             log.info("created JetStream stream %s on %s", name, spec.subjects.all_events)
-    if "error" in info:
-        error = info["error"]
-        raise StreamConfigError(
-            stream=name,
-            field="(create)",
-            wanted=wanted,
-            actual=f"error {error.get('err_code')}: {error.get('description')}",
-        )
+    if "error" in info:  # the create was refused, or the look-up failed: not a config mismatch
+        raise stream_create_error(name, msgspec.convert(info["error"], ApiError))
     actual: dict[str, Any] = info["config"]
     _check(name, wanted, actual, atomic=atomic)
     return StreamState(
