@@ -7,7 +7,8 @@ Progress goes to stderr; results go to stdout as JSON lines with the keys name, 
 unit, ratio and n, where ratio is ours / baseline for throughput and baseline / ours for latency
 and memory (so higher is always better).
 
-Usage: `python benchmarks/eventstore.py [--quick]` (see benchmarks/README.md).
+Usage: `python benchmarks/eventstore.py [--quick] [--only sqlite|sqlite.append|sqlite.read]`
+(see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -669,7 +670,7 @@ async def es_sqlite_append(
     return await timed(run)
 
 
-async def bench_sqlite(workdir: Path, sizes: Sizes) -> None:
+async def bench_sqlite_append(workdir: Path, sizes: Sizes) -> None:
     ours_path = workdir / "ours-append.db"
     es_path = workdir / "es-append.db"
     store = await open_event_store(f"sqlite://{ours_path}")
@@ -710,6 +711,8 @@ async def bench_sqlite(workdir: Path, sizes: Sizes) -> None:
         await store.close()
         es.close()
 
+
+async def bench_sqlite_read(workdir: Path, sizes: Sizes) -> None:
     progress(f"sqlite read: populating {sizes.sqlite_read_events:,} events on each side")
     ours_path = workdir / "ours-read.db"
     es_path = workdir / "es-read.db"
@@ -870,6 +873,26 @@ async def bench_replay(
 # -- main ------------------------------------------------------------------------------------------
 
 
+SQLITE_PHASES = ("sqlite", "sqlite.append", "sqlite.read")
+"""What `--only` accepts: every SQLite line, or only its append or read lines."""
+
+
+async def main_sqlite(sizes: Sizes, only: str) -> None:
+    """Only the SQLite lines (no nats-server): append and read, and the replay when `sqlite`."""
+    workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-"))
+    try:
+        progress(f"only {only}: files in {workdir}")
+        if only in ("sqlite", "sqlite.append"):
+            await bench_sqlite_append(workdir, sizes)
+        if only in ("sqlite", "sqlite.read"):
+            await bench_sqlite_read(workdir, sizes)
+        if only == "sqlite":
+            await bench_replay("sqlite", f"sqlite://{workdir / 'replay.db'}", "fuse", sizes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    progress("done")
+
+
 async def main(sizes: Sizes) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-"))
     try:
@@ -887,7 +910,8 @@ async def main(sizes: Sizes) -> None:
                 finally:
                     await store.close()
                 await bench_jetstream_read(server.url, nc, sizes)
-                await bench_sqlite(workdir, sizes)
+                await bench_sqlite_append(workdir, sizes)
+                await bench_sqlite_read(workdir, sizes)
                 await bench_replay("jetstream", server.url, f"bm{run_id()}", sizes, nc.jetstream())
                 await bench_replay("sqlite", f"sqlite://{workdir / 'replay.db'}", "fuse", sizes)
             finally:
@@ -910,6 +934,11 @@ def cli(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark (or, internally, one replay child)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (a few seconds)")
+    parser.add_argument(
+        "--only",
+        choices=SQLITE_PHASES,
+        help="run only these SQLite lines (sqlite: append, read and replay), without nats-server",
+    )
     parser.add_argument("--child-replay", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="fuse", help=argparse.SUPPRESS)
     parser.add_argument("--events", type=int, default=0, help=argparse.SUPPRESS)
@@ -918,7 +947,8 @@ def cli(argv: list[str] | None = None) -> None:
     if args.child_replay:
         _run(child_replay(args.child_replay, args.prefix, args.events, args.mark))
         return
-    _run(main(QUICK if args.quick else FULL))
+    sizes = QUICK if args.quick else FULL
+    _run(main_sqlite(sizes, args.only) if args.only else main(sizes))
 
 
 if __name__ == "__main__":
