@@ -16,6 +16,7 @@ from newfuse.errors import (
     ConfigError,
     DuplicateEventError,
     StoreClosedError,
+    StoreUnavailableError,
     WrongExpectedVersionError,
 )
 from newfuse.eventstore import (
@@ -76,8 +77,9 @@ async def test_a_group_commit_fails_or_succeeds_each_append_on_its_own(
         await store.append(f"agent.s{i}", note(0), NO_STREAM)
     retried = [note(100), note(101)]
     statements: list[str] = []
-    assert store._writer is not None
-    await store._writer.set_trace_callback(statements.append)
+    # The write connection lives on the writer thread: its trace callback is set there.
+    assert store._writer is not None and store._write_thread is not None
+    await store._on(store._write_thread, store._writer.set_trace_callback, statements.append)
     blocker = hold_write_lock(db)
     try:
         # The writer takes the first append and waits for the lock; the rest queue up behind it
@@ -151,6 +153,71 @@ async def test_many_concurrent_appenders_to_their_own_streams_all_land(
         assert [r.version for r in mine] == list(range(1, 21))
         assert await numbers(store.read(f"agent.w{i}")) == list(range(20))
     assert await store.head_position() == 50 * 20
+
+
+async def test_a_failed_group_transaction_is_retried_one_append_at_a_time(
+    store: SQLiteEventStore, db: Path
+) -> None:
+    for i in range(3):
+        await store.append(f"agent.g{i}", note(0), NO_STREAM)
+    with contextlib.closing(sqlite3.connect(db)) as other, other:  # a failure no check foresees
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.stream = 'agent.bad' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
+    statements: list[str] = []
+    assert store._writer is not None and store._write_thread is not None
+    await store._on(store._write_thread, store._writer.set_trace_callback, statements.append)
+    blocker = hold_write_lock(db)
+    try:
+        first = asyncio.create_task(store.append("agent.g0", note(1), 1))
+        await wait_for(lambda: _true(not store._queue and bool(store._in_flight)))
+        calls = [
+            store.append("agent.g1", note(1), 1),
+            store.append("agent.bad", note(1)),
+            store.append("agent.g2", note(1), 1),
+        ]
+        tasks = [asyncio.create_task(call) for call in calls]
+        await queued(store, len(tasks))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    outcomes = await asyncio.gather(first, *tasks, return_exceptions=True)
+    assert isinstance(outcomes[0], AppendResult)
+    good_one, bad, good_two = outcomes[1:]
+    assert isinstance(bad, sqlite3.IntegrityError) and "refused by a trigger" in str(bad), bad
+    assert isinstance(good_one, AppendResult) and good_one.version == 2
+    assert isinstance(good_two, AppendResult) and good_two.version == 2
+    transactions = [sql for sql in statements if sql.startswith(("BEGIN", "COMMIT", "ROLLBACK"))]
+    # The first group, the failed group of three, then each of the three on its own.
+    assert transactions == [
+        *("BEGIN IMMEDIATE", "COMMIT"),
+        *("BEGIN IMMEDIATE", "ROLLBACK"),
+        *("BEGIN IMMEDIATE", "COMMIT"),
+        *("BEGIN IMMEDIATE", "ROLLBACK"),
+        *("BEGIN IMMEDIATE", "COMMIT"),
+    ]
+    assert await numbers(store.read("agent.g1")) == [0, 1]
+    assert await numbers(store.read("agent.bad")) == []
+    positions = [e.position async for e in store.read_all()]
+    assert positions == list(range(1, 7)), "positions have gaps"
+
+
+async def test_a_write_lock_held_past_busy_timeout_fails_the_append_retryably(db: Path) -> None:
+    store = await SQLiteEventStore.open(str(db), busy_timeout=0.2)
+    try:
+        blocker = hold_write_lock(db)
+        try:
+            with pytest.raises(StoreUnavailableError, match="database is locked") as caught:
+                await store.append("agent.l1", note(1))
+            assert caught.value.retryable
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert (await store.append("agent.l1", note(2), NO_STREAM)).version == 1
+        assert await numbers(store.read("agent.l1")) == [2]
+    finally:
+        await store.close()
 
 
 # -- several instances, several processes ----------------------------------------------------------
