@@ -68,6 +68,8 @@ class SchemaRegistry:
     def __init__(self) -> None:
         self._structs: dict[str, dict[int, type[msgspec.Struct]]] = {}
         self._decoders: dict[tuple[str, int], msgspec.json.Decoder[Any]] = {}
+        # Per type: its newest version and that version's decoder (decode's fast path).
+        self._newest: dict[str, tuple[int, msgspec.json.Decoder[Any]]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
         self._by_class: dict[type[msgspec.Struct], tuple[str, int]] = {}
         self._strict: set[str] = set()
@@ -131,6 +133,8 @@ class SchemaRegistry:
         decoder = msgspec.json.Decoder(cls)  # fails here, not on first use, if cls is unusable
         self._structs.setdefault(type_name, {})[version] = cls
         self._decoders[(type_name, version)] = decoder
+        newest = max(self._structs[type_name])
+        self._newest[type_name] = (newest, self._decoders[(type_name, newest)])
         self._by_class[cls] = (type_name, version)
 
     def upcaster(self, type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
@@ -289,6 +293,12 @@ class SchemaRegistry:
             InvalidPayloadError: the payload does not match the schema of `version`, or an
                 upcaster failed or produced something the newest schema rejects.
         """
+        newest_known = self._newest.get(type_name)
+        if newest_known is not None and newest_known[0] == version:  # the common case
+            try:
+                return newest_known[1].decode(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                pass  # invalid: decoded again below, which reports where and why
         versions = self._structs.get(type_name)
         if versions is None:
             try:
