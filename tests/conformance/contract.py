@@ -328,6 +328,36 @@ class EventStoreContract:
         assert second.position < 3
         assert got == [3, 5]
 
+    async def test_closing_a_subscription_from_another_task_ends_its_waiting_consumer_quietly(
+        self, store: EventStore
+    ) -> None:
+        await store.append("agent.a1", notes(1, 2))
+        before = asyncio.all_tasks()
+        subscription = store.subscribe()
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async with subscription:  # its own close on the way out is a no-op
+                async for event in subscription:
+                    seen.append(event.data["n"])
+
+        consumer = asyncio.create_task(consume())
+        await wait_for(lambda: _done(len(seen) == 2))  # caught up: now waiting for live events
+        await subscription.close()  # from this task, while the consumer waits in its loop
+        await asyncio.wait_for(consumer, 10)  # ends, and re-raises anything it raised
+        assert seen == [1, 2]
+        await subscription.close()  # idempotent
+        # Nothing left running: no task of the subscription (nor of the consumer) stays behind.
+        await wait_for(lambda: _done(not (asyncio.all_tasks() - before)))
+        # The store is fine: a new subscription still sees everything.
+        again: list[int] = []
+        async with store.subscribe() as second:
+            async for event in second:
+                again.append(event.data["n"])
+                if len(again) == 2:
+                    break
+        assert again == [1, 2]
+
     async def test_resubscribing_from_the_last_position_gives_no_gaps_and_no_duplicates(
         self, open_store: StoreFactory
     ) -> None:

@@ -1,14 +1,22 @@
 """The JetStream store across `kill -9` of its nats-server: live subscribers lose nothing and see
-nothing twice; an append in flight during the restart is stored once or fails retryably."""
+nothing twice; an append in flight during the restart is stored once or fails retryably; a
+finite read gives up after the store's timeout; closing the store never leaves an append
+waiting."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 
+import nats
 import pytest
 
-from newfuse.errors import FuseError
+from newfuse.errors import (
+    ClosedDuringAppendError,
+    FuseError,
+    ReadInterruptedError,
+    StoreClosedError,
+)
 from newfuse.eventstore import ANY, AppendResult
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats.embedded import NatsServer
@@ -118,6 +126,93 @@ async def test_a_subscriber_started_while_the_server_is_down_catches_up_after_re
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_a_finite_read_all_gives_up_after_the_store_timeout_and_names_where_to_resume(
+    nats_server: NatsServer,
+) -> None:
+    store = await JetStreamEventStore.connect(
+        nats_server.url, prefix="r", timeout=1.0, heartbeat=0.2
+    )
+    total = 3000
+    blob = "x" * 4000  # 12 MB in all: flow control keeps most of it on the server
+    try:
+        for start in range(0, total, 100):
+            await store.append(
+                f"agent.r{start % 7}",
+                [
+                    NewEvent(type="note", data={"n": n, "blob": blob})
+                    for n in range(start, start + 100)
+                ],
+            )
+        got: list[int] = []
+
+        async def replay() -> None:
+            async for event in store.read_all():
+                got.append(event.position)
+                if len(got) == 1:
+                    await nats_server.kill()
+
+        with pytest.raises(
+            ReadInterruptedError, match=r"gave up after 1s at position \d+ .*resume from position"
+        ) as caught:
+            await asyncio.wait_for(replay(), 60)  # a deadline for the test, not the store
+        assert caught.value.retryable
+        assert caught.value.position == got[-1]
+        assert got == list(range(1, len(got) + 1)) and len(got) < total
+
+        await nats_server.restart()
+        rest: list[int] = []
+
+        async def resume() -> bool:
+            try:
+                rest[:] = [e.position async for e in store.read_all(caught.value.position + 1)]
+            except FuseError as error:
+                if not error.retryable:
+                    raise
+                return False  # still reconnecting
+            return True
+
+        await wait_for(resume, timeout=30, interval=0.1)
+        assert got + rest == list(range(1, total + 1))
+    finally:
+        await store.close()
+
+
+async def test_an_append_on_a_borrowed_client_never_waits_on_a_store_closed_under_it(
+    nats_server: NatsServer,
+) -> None:
+    nc = await nats.connect(nats_server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    store = JetStreamEventStore(nc, prefix="c", timeout=10.0)
+    try:
+        await store.append("agent.warm", note(0))  # cached: the next append publishes at once
+        await nats_server.kill()
+        await wait_for(lambda: _true(nc.is_reconnecting))  # what is sent now waits in the client
+        sent = nc.stats["out_msgs"]
+        waiting_for_ack = asyncio.create_task(store.append("agent.warm", note(1)))
+        await wait_for(lambda: _true(nc.stats["out_msgs"] > sent), interval=0)
+        sent = nc.stats["out_msgs"]
+        # A stream the store has not seen: the append first asks the server for its state.
+        waiting_for_state = asyncio.create_task(store.append("agent.cold", note(2)))
+        await wait_for(lambda: _true(nc.stats["out_msgs"] > sent), interval=0)
+
+        await store.close()
+        # In flight: failed by close itself, with the server still down.
+        with pytest.raises(
+            ClosedDuringAppendError, match=r"append to 'c\.ev\.agent\.warm'.*may or may not"
+        ):
+            await asyncio.wait_for(waiting_for_ack, 10)
+        # Not yet publishing when the store closed: once the server answers its state request,
+        # it is refused at once instead of waiting for an acknowledgement nothing would deliver.
+        await nats_server.restart()
+        with pytest.raises(StoreClosedError, match="JetStreamEventStore is closed"):
+            await asyncio.wait_for(waiting_for_state, 30)
+        assert nc.is_connected or nc.is_reconnecting  # the client is the caller's: still open
+        async with JetStreamEventStore(nc, prefix="c") as other:
+            assert await other.stream_version("agent.cold") == 0  # nothing was written
+    finally:
+        await store.close()
+        await nc.close()
 
 
 async def _true(condition: bool) -> bool:

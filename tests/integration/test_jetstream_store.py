@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import nats
@@ -17,6 +18,7 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     BatchDuplicateIdError,
     DuplicateEventError,
+    StoreClosedError,
     StoreUnavailableError,
     WrongExpectedVersionError,
     WrongLastSequenceError,
@@ -281,3 +283,90 @@ async def test_a_subscriber_gets_megabytes_of_events_in_order_through_flow_contr
             if len(got) == 2000:
                 break
     assert got == list(range(2000))
+
+
+async def test_closing_the_store_ends_its_live_subscriptions_and_reads_and_drops_their_consumers(
+    nats_url: str, prefix: str, nc: nats.NATS
+) -> None:
+    store = await JetStreamEventStore.connect(nats_url, prefix=prefix)
+    await store.append("agent.c1", [note(n) for n in range(3)])
+    await nc.jetstream().account_info()  # the client's own request inbox (a task) exists now
+    before = asyncio.all_tasks()
+    followed: list[int] = []
+    read: list[int] = []
+    resume_reading = asyncio.Event()
+
+    async def follow() -> None:
+        async with store.subscribe() as subscription:
+            async for event in subscription:
+                followed.append(event.data["n"])
+
+    async def read_some() -> None:
+        async for event in store.read_all():
+            read.append(event.data["n"])
+            await resume_reading.wait()  # paused mid-read: the rest is already on its way
+
+    follower = asyncio.create_task(follow())
+    reader = asyncio.create_task(read_some())
+    await wait_for(lambda: _true(len(followed) == 3 and len(read) == 1))
+    info = await nc.jetstream().stream_info(store.stream_name)
+    assert info.state.consumer_count == 2
+    await store.close()
+    resume_reading.set()
+    # Both end with StoreClosedError (a read cut short must not look complete).
+    for task in (follower, reader):
+        with pytest.raises(StoreClosedError, match="JetStreamEventStore is closed"):
+            await asyncio.wait_for(task, 10)
+    assert read == [0]
+    await wait_for(lambda: _true(not (asyncio.all_tasks() - before)))
+    info = await nc.jetstream().stream_info(store.stream_name)
+    assert info.state.consumer_count == 0  # deleted on close, not left to expire
+
+
+async def test_closing_while_the_stream_is_provisioned_starts_nothing_and_fails_the_provisioning(
+    nc: nats.NATS, prefix: str
+) -> None:
+    store = JetStreamEventStore(nc, prefix=prefix)
+    await nc.jetstream().account_info()  # the client's own request inbox (a task) exists now
+    before = asyncio.all_tasks()
+    sent = nc.stats["out_msgs"]
+    provisioning = asyncio.create_task(store.ensure_stream())
+    # Close as soon as its first JetStream API request is out (it then waits for the answer).
+    await wait_for(lambda: _true(nc.stats["out_msgs"] > sent), interval=0)
+    await store.close()
+    with pytest.raises(StoreClosedError, match="JetStreamEventStore is closed"):
+        await provisioning
+    # No acknowledgement inbox or sweeper task was started after close.
+    await wait_for(lambda: _true(not (asyncio.all_tasks() - before - {provisioning})))
+    with pytest.raises(StoreClosedError):
+        await store.ensure_stream()
+
+
+@pytest.fixture
+def local_time_five_hours_behind_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is UTC-5, so mixing up naive local and UTC shows."""
+    monkeypatch.setenv("TZ", "FST+05")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_five_hours_behind_utc")
+async def test_naive_since_and_until_both_mean_utc_and_aware_ones_their_own_zone(
+    store: JetStreamEventStore,
+) -> None:
+    await store.append("agent.t1", [note(1), note(2)])
+    middle = datetime.now(UTC)
+    await wait_for(lambda: _true(datetime.now(UTC) > middle + timedelta(milliseconds=5)))
+    await store.append("agent.t1", [note(3), note(4)])
+
+    async def window(**bounds: datetime) -> list[int]:
+        return [e.data["n"] async for e in store.read_all(**bounds)]  # type: ignore[arg-type]
+
+    naive = middle.replace(tzinfo=None)
+    assert await window(since=naive) == [3, 4]
+    assert await window(until=naive) == [1, 2]
+    elsewhere = middle.astimezone(timezone(timedelta(hours=2)))
+    assert await window(since=elsewhere) == [3, 4]
+    assert await window(until=elsewhere) == [1, 2]

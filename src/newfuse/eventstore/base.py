@@ -8,6 +8,7 @@ payloads and decode envelopes once, here, so every backend behaves the same.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -203,12 +204,18 @@ def _log_invalid(report: InvalidEventReport) -> None:
 class Subscription(AsyncClosing):
     """A live feed of events: catch-up from a position, then new events as they are stored.
 
-    Use as `async with store.subscribe(...) as sub: async for event in sub: ...`.
+    Use as `async with store.subscribe(...) as sub: async for event in sub: ...`. To stop a
+    consumer from elsewhere, call `await sub.close()` from any task: the consumer's `async for`
+    ends (no error), also while it waits for the next event. If the store itself closes, the
+    iteration raises StoreClosedError instead.
     """
 
     def __init__(self, source: AsyncIterator[RecordedEvent]) -> None:
         self._source = source
         self._closed = False
+        self._reader: asyncio.Task[object] | None = None  # the task inside __anext__, if any
+        self._stopping: int | None = None  # the reader's cancelling() count before close()
+        self._left: asyncio.Future[None] | None = None  # resolved when the reader leaves
 
     def __aiter__(self) -> Self:
         return self
@@ -216,15 +223,35 @@ class Subscription(AsyncClosing):
     async def __anext__(self) -> RecordedEvent:
         if self._closed:
             raise StopAsyncIteration
-        return await anext(self._source)
+        reader = self._reader = asyncio.current_task()
+        try:
+            return await anext(self._source)
+        except asyncio.CancelledError:
+            # close() from another task cancels the waiting reader (the source cannot be
+            # closed while it runs); that cancellation ends the iteration, any other goes on.
+            baseline, self._stopping = self._stopping, None
+            if baseline is None or reader is None or reader.uncancel() > baseline:
+                raise
+            raise StopAsyncIteration from None
+        finally:
+            self._reader = None
+            if self._left is not None and not self._left.done():
+                self._left.set_result(None)
 
     async def close(self) -> None:
-        """Stop the feed and release its consumer. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            aclose = getattr(self._source, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        """Stop the feed and release its consumer; callable from any task. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        reader = self._reader
+        if reader is not None and reader is not asyncio.current_task():
+            self._left = asyncio.get_running_loop().create_future()
+            self._stopping = reader.cancelling()
+            reader.cancel()
+            await self._left  # the source ran its cleanup on the way out
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class EventStore(AsyncClosing, abc.ABC):

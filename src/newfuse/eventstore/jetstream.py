@@ -9,7 +9,10 @@ keeps in a bounded cache (stream -> version, last sequence) and refreshes from t
 direct get of the subject's last message) on a miss or a conflict. Several events in one append
 are one atomic batch (ADR-50). Reads of one stream use batched direct gets; `read_all` and
 `subscribe` use an ordered push consumer implemented here on the raw client, which recreates
-itself from the last delivered position after a gap, a reconnect or a server restart.
+itself from the last delivered position after a gap, a reconnect or a server restart: for as
+long as it takes behind `subscribe`, for the store's `timeout` behind a finite `read_all` (then
+ReadInterruptedError names the position reached). `close()` ends the feeds still open
+(StoreClosedError), deletes their consumers, and fails appends waiting for an acknowledgement.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -31,8 +35,11 @@ from nats.errors import Error as NatsError
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
     BatchDuplicateIdError,
+    ClosedDuringAppendError,
     DuplicateEventError,
     PublishTimeoutError,
+    ReadInterruptedError,
+    StoreClosedError,
     StoreUnavailableError,
     WrongExpectedVersionError,
     WrongLastSequenceError,
@@ -117,7 +124,8 @@ class JetStreamEventStore(EventStore):
             max_age: seconds to keep events (None: forever).
             max_bytes: stream size limit (None: none).
             duplicate_window: seconds in which JetStream drops a repeated event id.
-            timeout: seconds allowed for each server answer (and for retries of one append).
+            timeout: seconds allowed for each server answer (and for retries of one append);
+                a finite `read_all` that loses its server gives up this long after the loss.
             heartbeat: idle heartbeat of the consumers behind read_all/subscribe; a consumer
                 silent for three heartbeats is recreated from its last position.
             owns_connection: close `nc` when the store closes.
@@ -143,7 +151,8 @@ class JetStreamEventStore(EventStore):
         self._server_version = ""
         self._cache: dict[str, tuple[int, int]] = {}
         self._busy: dict[str, deque[asyncio.Future[None]]] = {}
-        self._acks = _AckMux(nc)
+        self._acks = _AckMux(nc, type(self).__name__)
+        self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
         self._direct = f"$JS.API.DIRECT.GET.{self.stream_name}"
 
     @classmethod
@@ -171,6 +180,7 @@ class JetStreamEventStore(EventStore):
         Raises:
             ConnectionLostError: no server answered.
             StreamConfigError: the stream exists with a configuration newfuse cannot use.
+            StreamCreateError: JetStream refused to create the stream (it says what to change).
         """
         nc = await connect(url, name=name, timeout=timeout)
         store = cls(
@@ -184,13 +194,22 @@ class JetStreamEventStore(EventStore):
         return store
 
     async def ensure_stream(self) -> None:
-        """Provision the JetStream stream (idempotent) and start the acknowledgement inbox."""
+        """Provision the JetStream stream (idempotent) and start the acknowledgement inbox.
+
+        Raises:
+            StoreClosedError: the store is closed, or was closed while provisioning.
+            StreamConfigError, StreamCreateError, StoreUnavailableError: see `connect`.
+        """
         if self._ready:
             return
         async with self._ready_lock:
+            self._check_open()
             if self._ready:
                 return
             state = await ensure_event_stream(self.nc, self._spec, timeout=self._timeout)
+            # close() may have run while we waited; it takes this lock to close the inbox, so
+            # checking here (under the lock) means nothing is started after it.
+            self._check_open()
             self._atomic = state.atomic
             self._server_version = state.server_version or server_version(self.nc)
             await self._acks.start()
@@ -289,6 +308,7 @@ class JetStreamEventStore(EventStore):
     async def _publish(
         self, stream: str, subject: str, events: list[PreparedEvent], version: int, seq: int
     ) -> PubAck:
+        self._check_open()  # closed while this append waited for its turn or the stream state
         if len(events) == 1:
             event = events[0]
             body = event.encode(stream, version + 1)
@@ -593,13 +613,16 @@ class JetStreamEventStore(EventStore):
     ) -> AsyncIterator[RecordedEvent]:
         if limit == 0:
             return
+        self._check_open()
         if not self._ready:
             await self.ensure_stream()
         head = await self._head_position()
         if head < from_position:
             return
         until_ns = _epoch_ns(until) if until is not None else None
-        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, since)
+        feed = _OrderedFeed(
+            self, self._filter_subjects(filter), from_position, since, patience=self._timeout
+        )
         try:
             if await feed.start() == 0:
                 return
@@ -621,9 +644,10 @@ class JetStreamEventStore(EventStore):
     async def _subscribe(
         self, filter: EventFilter, from_position: int
     ) -> AsyncIterator[RecordedEvent]:
+        self._check_open()
         if not self._ready:
             await self.ensure_stream()
-        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, None)
+        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, None, patience=None)
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
             decode, matches = self.decode, filter.matches
@@ -637,7 +661,14 @@ class JetStreamEventStore(EventStore):
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def _close(self) -> None:
-        await self._acks.close()
+        # Live feeds end first (their readers get StoreClosedError) and drop their consumers
+        # while the connection is still up.
+        feeds = list(self._feeds)
+        for feed in feeds:
+            feed.shut()
+        await asyncio.gather(*(feed.close() for feed in feeds))
+        async with self._ready_lock:  # not while ensure_stream is between its checks
+            await self._acks.close()
         if self._owns:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -702,21 +733,29 @@ def _result(stream: str, found: list[tuple[int, Envelope]]) -> AppendResult:
     )
 
 
-def _epoch_ns(moment: datetime) -> int:
+def _utc(moment: datetime) -> datetime:
+    """`moment` in UTC; a naive datetime is taken to be UTC already (never local time)."""
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * _NS)
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _epoch_ns(moment: datetime) -> int:
+    return int(_utc(moment).timestamp() * _NS)
 
 
 class _AckMux:
     """Publish-and-wait-for-PubAck over one wildcard inbox (as nats.py's publish_async does).
 
     Cheaper than `nc.request` per append: no timer per request; one sweeper task fails the
-    requests whose deadline passed.
+    requests whose deadline passed. Once closed, it refuses new requests at once and fails the
+    ones in flight (nothing would answer them: the sweeper is gone).
     """
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, store: str) -> None:
         self._nc = nc
+        self._store = store
+        self._closed = False
         self._prefix = ""
         self._cut = 0
         self._futures: dict[str, asyncio.Future[bytes]] = {}
@@ -726,6 +765,8 @@ class _AckMux:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self._closed:
+            raise StoreClosedError(store=self._store)
         inbox = self._nc.new_inbox()
         self._prefix = inbox + "."
         self._cut = len(self._prefix)
@@ -749,6 +790,8 @@ class _AckMux:
     async def request(
         self, subject: str, body: bytes, headers: dict[str, str], wait: float
     ) -> bytes:
+        if self._closed:
+            raise StoreClosedError(store=self._store)
         self._counter += 1
         token = str(self._counter)
         loop = asyncio.get_running_loop()
@@ -765,6 +808,8 @@ class _AckMux:
             return await future
         finally:
             self._futures.pop(token, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by close() while publishing: retrieved, not logged
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -781,6 +826,13 @@ class _AckMux:
                 deadlines.popleft()  # answered: forget early, the deque stays short
 
     async def close(self) -> None:
+        self._closed = True  # before any await: no request registers after this
+        for token, future in self._futures.items():
+            if not future.done():
+                subject = next((d[2] for d in self._deadlines if d[1] == token), "?")
+                future.set_exception(ClosedDuringAppendError(store=self._store, subject=subject))
+        self._futures.clear()
+        self._deadlines.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -790,16 +842,11 @@ class _AckMux:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
-        for future in self._futures.values():
-            if not future.done():
-                future.set_exception(
-                    StoreUnavailableError(operation="publish", reason="the store was closed")
-                )
-        self._futures.clear()
 
 
 _RESET: Final = "reset"
 _BEAT: Final = "beat"
+_CLOSED: Final = "closed"
 FeedItem = tuple[int, int, int, str, bytes]
 """(stream sequence, server timestamp in ns, pending after it, subject, body)."""
 
@@ -812,6 +859,11 @@ class _OrderedFeed:
     its delivery sequence, a heartbeat naming another last delivery, a status message, or three
     silent heartbeat intervals make the feed recreate it from the last sequence handed out + 1;
     anything at or below that sequence is dropped, so there are no duplicates either.
+
+    How long it tries: a live feed (`patience` None, behind `subscribe`) until the server is
+    back; a finite one (behind `read_all`) `patience` seconds from the failure, then it raises
+    ReadInterruptedError naming the last position delivered. When the store closes, the
+    iteration raises StoreClosedError.
     """
 
     def __init__(
@@ -820,12 +872,17 @@ class _OrderedFeed:
         filter_subjects: list[str],
         start: int,
         since: datetime | None,
+        *,
+        patience: float | None,
     ) -> None:
         self._store = store
         self._nc = store.nc
         self._filters = filter_subjects
         self._last = start - 1
         self._since = since
+        self._patience = patience
+        self._failing_since: float | None = None
+        self._stop = asyncio.Event()
         self._delivered_any = False
         self._queue: asyncio.Queue[FeedItem | tuple[str, str] | str] = asyncio.Queue()
         self._generation = 0
@@ -835,6 +892,7 @@ class _OrderedFeed:
         self._closed = False
         self._reset_pending = False
         self._flow_waiting: set[str] = set()
+        store._feeds.add(self)
 
     async def start(self) -> int:
         """Create the consumer; returns how many messages it has pending."""
@@ -858,6 +916,9 @@ class _OrderedFeed:
             raise StoreUnavailableError(
                 operation="create consumer", reason=f"{type(error).__name__} {error}"
             ) from None
+        if self._closed:  # closed while subscribing: leave nothing behind
+            await self._drop_consumer()
+            raise self._closed_error()
         heartbeat = self._store._heartbeat
         config: dict[str, Any] = {
             "deliver_subject": inbox,
@@ -872,7 +933,7 @@ class _OrderedFeed:
         }
         if self._since is not None and not self._delivered_any:
             config["deliver_policy"] = "by_start_time"
-            config["opt_start_time"] = self._since.astimezone(UTC).isoformat()
+            config["opt_start_time"] = _utc(self._since).isoformat()
         else:
             config["deliver_policy"] = "by_start_sequence"
             config["opt_start_seq"] = self._last + 1
@@ -897,21 +958,59 @@ class _OrderedFeed:
                 operation="create consumer", reason=str(answer["error"].get("description"))
             )
         self._consumer = answer["name"]
+        if self._closed:  # closed while the server created it: delete it again
+            await self._drop_consumer()
+            raise self._closed_error()
         pending: int = answer.get("num_pending", 0)
         return pending
 
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(store=type(self._store).__name__)
+
     async def recreate(self) -> None:
-        """Recreate the consumer from the last sequence handed out, until the server answers."""
+        """Recreate the consumer from the last sequence handed out, until the server answers
+        (live) or until `patience` seconds after the failure began (finite).
+
+        Raises:
+            ReadInterruptedError: a finite feed's patience ran out.
+            StoreClosedError: the store was closed.
+        """
+        loop = asyncio.get_running_loop()
+        if self._failing_since is None:
+            self._failing_since = loop.time()
+        patience = self._patience
+        deadline = None if patience is None else self._failing_since + patience
         wait = 0.05
-        while not self._closed:
+        reason = "the server did not answer"
+        while True:
+            if self._closed:
+                raise self._closed_error()
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ReadInterruptedError(
+                        operation=f"read_all on {', '.join(self._filters)}",
+                        position=self._last,
+                        timeout=patience or 0.0,
+                        reason=reason,
+                    )
             try:
-                await self._create()
+                async with asyncio.timeout(remaining):  # one deadline over all attempts
+                    await self._create()
                 return
+            except StoreClosedError:
+                raise
             except StoreUnavailableError as error:
+                reason = error.reason
                 log.debug("recreating consumer on %s: %s", self._filters, error)
-            except Exception as error:  # connection closed or reconnecting: keep trying
+            except Exception as error:  # timeout, connection closed or reconnecting: again
+                reason = f"the server did not answer ({type(error).__name__})"
                 log.debug("recreating consumer on %s: %r", self._filters, error)
-            await asyncio.sleep(wait)
+            pause = wait if deadline is None else max(0.0, min(wait, deadline - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stop.wait()  # set by shut(): stop waiting at once
             wait = min(wait * 2, 1.0)
 
     async def _on_message(self, msg: Msg) -> None:
@@ -962,6 +1061,8 @@ class _OrderedFeed:
         queue = self._queue
         stall = 3 * self._store._heartbeat
         while True:
+            if self._closed:
+                raise self._closed_error()
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -977,6 +1078,7 @@ class _OrderedFeed:
                         continue
                     self._last = seq
                     self._delivered_any = True
+                    self._failing_since = None
                     yield item
                 else:
                     with contextlib.suppress(Exception):
@@ -985,6 +1087,8 @@ class _OrderedFeed:
             elif item == _RESET:
                 self._reset_pending = False
                 await self.recreate()
+            elif item == _BEAT:
+                self._failing_since = None  # the consumer is alive and has sent everything
 
     async def _drop_consumer(self) -> None:
         sub, self._sub = self._sub, None
@@ -999,7 +1103,15 @@ class _OrderedFeed:
                     f"$JS.API.CONSUMER.DELETE.{name}.{consumer}", b"", timeout=1.0
                 )
 
+    def shut(self) -> None:
+        """Mark the feed closed and wake its reader (it raises StoreClosedError). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._generation += 1
+            self._stop.set()
+            self._queue.put_nowait(_CLOSED)
+
     async def close(self) -> None:
-        self._closed = True
-        self._generation += 1
+        """Shut the feed and delete its consumer. Idempotent."""
+        self.shut()
         await self._drop_consumer()
