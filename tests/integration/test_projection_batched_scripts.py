@@ -86,3 +86,29 @@ async def test_a_batch_of_script_calls_has_the_effects_of_one_call_per_event_in_
     finally:
         await model.close()
         await store.close()
+
+
+_SHEBANG = "#!lua\nredis.call('RPUSH', KEYS[1], ARGV[1])\n"
+
+
+async def test_a_script_with_a_shebang_line_is_sent_one_call_at_a_time(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    projection: Projection[RedisBatch] = Projection("shebang")
+
+    @projection.on("note")
+    def _apply(event: RecordedEvent, batch: RedisBatch) -> None:
+        batch.eval(_SHEBANG, [batch.key("log")], [event.data["n"]])
+
+    store = await open_event_store(f"sqlite://{tmp_path / 'events.db'}")
+    model = await RedisReadModel.connect(redis_url, root=f"{prefix}:proj")
+    try:
+        await store.append("test.a", [NewEvent(type="note", data={"n": n}) for n in range(5)])
+        await rebuild(projection, store, model, batch_size=1000)
+        generation = await model.active_generation("shebang")
+        assert generation is not None
+        key = model.model_prefix("shebang", generation) + "log"
+        assert await model.client.lrange(key, 0, -1) == ["0", "1", "2", "3", "4"]  # type: ignore[misc]
+    finally:
+        await model.close()
+        await store.close()

@@ -218,7 +218,9 @@ class RedisReadModel(ReadModel[RedisBatch]):
             end = index + 1
             while end < len(commands) and len(commands[end]) == 4 and commands[end][1] == lua:
                 end += 1
-            calls = _json_calls(commands[index:end]) if end - index > 1 else None
+            # (A script with a `#!lua` shebang cannot become a function body: one call each.)
+            batchable = end - index > 1 and not lua.lstrip().startswith("#!")
+            calls = _json_calls(commands[index:end]) if batchable else None
             if calls is None:
                 for _, _, keys, args in commands[index:end]:  # type: ignore[misc]
                     script = self.script(lua)
