@@ -215,5 +215,34 @@ async def test_an_append_on_a_borrowed_client_never_waits_on_a_store_closed_unde
         await nc.close()
 
 
+async def test_closing_the_store_ends_a_subscription_waiting_for_a_dead_server(
+    nats_server: NatsServer,
+) -> None:
+    # A long timeout: the subscriber must not sit out a consumer create nobody will answer.
+    store = await JetStreamEventStore.connect(
+        nats_server.url, prefix="w", timeout=60.0, heartbeat=0.2
+    )
+    try:
+        await store.append("agent.w1", note(1))
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async with store.subscribe() as subscription:
+                async for event in subscription:
+                    seen.append(event.data["n"])
+
+        follower = asyncio.create_task(follow())
+        await wait_for(lambda: _true(seen == [1]))
+        await nats_server.kill()
+        sent = store.nc.stats["out_msgs"]
+        # Three silent heartbeats later it asks the (dead) server for a new consumer.
+        await wait_for(lambda: _true(store.nc.stats["out_msgs"] > sent))
+        await store.close()
+        with pytest.raises(StoreClosedError, match="JetStreamEventStore is closed"):
+            await asyncio.wait_for(follower, 10)  # well before the 60 s request timeout
+    finally:
+        await store.close()
+
+
 async def _true(condition: bool) -> bool:
     return condition

@@ -883,6 +883,7 @@ class _OrderedFeed:
         self._patience = patience
         self._failing_since: float | None = None
         self._stop = asyncio.Event()
+        self._attempt: asyncio.Timeout | None = None  # the deadline of a consumer create
         self._delivered_any = False
         self._queue: asyncio.Queue[FeedItem | tuple[str, str] | str] = asyncio.Queue()
         self._generation = 0
@@ -996,7 +997,7 @@ class _OrderedFeed:
                         reason=reason,
                     )
             try:
-                async with asyncio.timeout(remaining):  # one deadline over all attempts
+                async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
                     await self._create()
                 return
             except StoreClosedError:
@@ -1007,6 +1008,8 @@ class _OrderedFeed:
             except Exception as error:  # timeout, connection closed or reconnecting: again
                 reason = f"the server did not answer ({type(error).__name__})"
                 log.debug("recreating consumer on %s: %r", self._filters, error)
+            finally:
+                self._attempt = None
             pause = wait if deadline is None else max(0.0, min(wait, deadline - loop.time()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
@@ -1110,6 +1113,9 @@ class _OrderedFeed:
             self._generation += 1
             self._stop.set()
             self._queue.put_nowait(_CLOSED)
+            attempt = self._attempt
+            if attempt is not None and not attempt.expired():
+                attempt.reschedule(-1.0)  # a create waiting on a dead server: give it up now
 
     async def close(self) -> None:
         """Shut the feed and delete its consumer. Idempotent."""
