@@ -104,6 +104,14 @@ async def test_audit_index_answers_filters_and_refuses_writes_on_its_sql_connect
             await audit.sql("DELETE FROM p_audit_g1_events")
         with pytest.raises(ReadOnlyQueryError, match="read-only"):
             await audit.sql("CREATE TABLE sneaky (x)")
+        outside = tmp_path / "outside.db"
+        with pytest.raises(ReadOnlyQueryError, match="read-only"):
+            await audit.sql(f"ATTACH DATABASE '{outside}' AS outside")
+        assert not outside.exists()
+        with pytest.raises(ReadOnlyQueryError, match="read-only"):
+            await audit.sql("PRAGMA user_version = 7")
+        info = await audit.sql("PRAGMA table_info(audit_events)")
+        assert "payload" in [row[1] for row in info.rows]
         assert len(await audit.query()) == 4
     finally:
         await audit.close()

@@ -69,6 +69,40 @@ def readonly_uri(path: str) -> str:
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
 
 
+# mode=ro covers the main database file only: ATTACH could still create or write another file,
+# and some pragmas change the connection. The authorizer refuses those before they run.
+_REFUSED_ACTIONS = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
+_PRAGMAS_ON_A_TABLE = frozenset(
+    {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+)
+_PRAGMAS_TO_READ = frozenset(
+    {
+        "database_list",
+        "compile_options",
+        "user_version",
+        "schema_version",
+        "page_count",
+        "page_size",
+        "freelist_count",
+        "function_list",
+        "pragma_list",
+        "collation_list",
+    }
+)
+
+
+def _read_only_authorizer(
+    action: int, arg1: str | None, arg2: str | None, database: str | None, trigger: str | None
+) -> int:
+    """SQLite authorizer of the audit connection: no ATTACH/DETACH, no pragma that sets."""
+    if action in _REFUSED_ACTIONS:
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA:
+        allowed = arg1 in _PRAGMAS_ON_A_TABLE or (arg1 in _PRAGMAS_TO_READ and arg2 is None)
+        return sqlite3.SQLITE_OK if allowed else sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
 def _trace_id(event: RecordedEvent) -> str | None:
     if event.trace is None:
         return None
@@ -180,6 +214,7 @@ class AuditIndex(AsyncClosing):
         try:
             connection = await aiosqlite.connect(uri, uri=True)
             await connection.execute("PRAGMA busy_timeout = 5000")
+            await connection.set_authorizer(_read_only_authorizer)
         except sqlite3.Error as error:
             raise ReadModelUnavailableError(
                 model=f"sqlite {path}",
@@ -269,7 +304,7 @@ class AuditIndex(AsyncClosing):
             reason = (
                 "the audit connection is read-only (SQLite opened it with mode=ro); "
                 "use SELECT statements only"
-                if "readonly" in text or "read-only" in text
+                if "readonly" in text or "read-only" in text or "not authorized" in text
                 else f"SQLite: {text}"
             )
             raise ReadOnlyQueryError(database=self.path, sql=statement, reason=reason) from error
