@@ -14,9 +14,12 @@ from types import TracebackType
 from typing import Any, Generic, Self
 
 import msgspec
+from opentelemetry import metrics
 
+from newfuse import telemetry
 from newfuse.errors import (
     EventStoreError,
+    FuseError,
     ProjectionError,
     ProjectionStoppedError,
     ProjectionTimeoutError,
@@ -174,6 +177,31 @@ class _Wake:
 _WAKE = _Wake()
 
 
+class _Metrics:
+    """The OpenTelemetry gauges of one runner (lag is a metric, not only a status field)."""
+
+    def __init__(self, meter: metrics.Meter, name: str) -> None:
+        self.attributes = {"projection": name}
+        self.lag = meter.create_gauge(
+            "newfuse.projection.lag",
+            unit="{event}",
+            description="events stored but not yet applied: head position minus checkpoint",
+        )
+        self.checkpoint = meter.create_gauge(
+            "newfuse.projection.checkpoint",
+            unit="{position}",
+            description="last position applied to the projection's active generation",
+        )
+        self.rate = meter.create_gauge(
+            "newfuse.projection.rate", unit="{event}/s", description="events applied per second"
+        )
+
+    def record(self, head: int, checkpoint: int, rate: float) -> None:
+        self.lag.set(max(head - checkpoint, 0), self.attributes)
+        self.checkpoint.set(checkpoint, self.attributes)
+        self.rate.set(rate, self.attributes)
+
+
 class ProjectionRunner(Generic[B]):
     """Keeps one projection's read model up to date with the event store.
 
@@ -193,7 +221,11 @@ class ProjectionRunner(Generic[B]):
         model: where the projection's model, checkpoint and dead letters live.
         batch_size: most events per atomic unit.
         linger: seconds to wait for more events when fewer than `batch_size` are ready.
-        stats_interval: seconds between reports of the runner's stats to the model.
+        stats_interval: seconds between reports of the runner's stats to the model (and of
+            its metrics: `newfuse.projection.lag` in events, `newfuse.projection.checkpoint`,
+            `newfuse.projection.rate` in events/s, each with a `projection` attribute).
+        meter: OpenTelemetry meter for those metrics (default: newfuse's, from the global
+            meter provider; a no-op until the application installs one).
     """
 
     def __init__(
@@ -205,6 +237,7 @@ class ProjectionRunner(Generic[B]):
         batch_size: int = 500,
         linger: float = 0.002,
         stats_interval: float = 1.0,
+        meter: metrics.Meter | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"projection {projection.name!r}: batch_size must be >= 1")
@@ -226,6 +259,7 @@ class ProjectionRunner(Generic[B]):
         self._queue: asyncio.Queue[RecordedEvent | BaseException | _Wake] | None = None
         self._task: asyncio.Task[None] | None = None
         self._reported_at = time.monotonic()
+        self._metrics = _Metrics(meter or telemetry.meter(), projection.name)
         self._reported_applied = 0
 
     @property
@@ -442,6 +476,12 @@ class ProjectionRunner(Generic[B]):
             await self.model.write_stats(self.name, self.stats())
         except ProjectionError as error:
             log.debug("projection %r: stats not reported: %s", self.name, error)
+        try:
+            head = await self.store.head_position()
+        except FuseError as error:
+            log.debug("projection %r: lag not measured: %s", self.name, error)
+        else:
+            self._metrics.record(head, self._checkpoint, self.events_per_second)
 
     # -- reading your own writes -------------------------------------------------------------------
 
