@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 import nats
+from _harness import emit, percentile, progress, run_benchmark, run_id, timed
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -92,32 +93,6 @@ QUICK = Sizes(
 )
 
 # -- output ----------------------------------------------------------------------------------------
-
-_START = time.monotonic()
-
-
-def progress(message: str) -> None:
-    """One line of progress on stderr, with the seconds since start."""
-    print(f"[{time.monotonic() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def emit(
-    name: str, ours: float, baseline: float, unit: str, *, n: int, lower_is_better: bool
-) -> None:
-    """Print one result line; the ratio is always oriented so that higher is better."""
-    if lower_is_better:
-        ratio = baseline / ours if ours else 0.0
-    else:
-        ratio = ours / baseline if baseline else 0.0
-    line = {
-        "name": name,
-        "ours": round(ours, 3),
-        "baseline": round(baseline, 3),
-        "unit": unit,
-        "ratio": round(ratio, 3),
-        "n": n,
-    }
-    print(json.dumps(line), flush=True)
 
 
 # -- events and their bytes ------------------------------------------------------------------------
@@ -239,23 +214,6 @@ async def capture_headers(store: EventStore, nc: NatsClient, prefix: str) -> Hea
 
 
 # -- timing helpers --------------------------------------------------------------------------------
-
-
-async def timed(run: Callable[[], Awaitable[int]]) -> tuple[int, float]:
-    """Run once; (items done, seconds)."""
-    start = time.perf_counter()
-    count = await run()
-    return count, time.perf_counter() - start
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """The nearest-rank percentile of an ascending list."""
-    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
-    return sorted_values[index]
-
-
-def run_id() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 # -- JetStream: append throughput ------------------------------------------------------------------
@@ -921,15 +879,6 @@ async def main(sizes: Sizes) -> None:
     progress("done")
 
 
-def _run(coroutine: Awaitable[None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coroutine)  # type: ignore[arg-type]
-    else:
-        uvloop.run(coroutine)  # type: ignore[arg-type]
-
-
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark (or, internally, one replay child)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -945,10 +894,10 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--mark", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_replay:
-        _run(child_replay(args.child_replay, args.prefix, args.events, args.mark))
+        run_benchmark(child_replay(args.child_replay, args.prefix, args.events, args.mark))
         return
     sizes = QUICK if args.quick else FULL
-    _run(main_sqlite(sizes, args.only) if args.only else main(sizes))
+    run_benchmark(main_sqlite(sizes, args.only) if args.only else main(sizes))
 
 
 if __name__ == "__main__":

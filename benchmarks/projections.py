@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -32,6 +31,7 @@ import aiosqlite
 import msgspec
 import nats
 import redis.asyncio as redis
+from _harness import emit, percentile, progress, run_benchmark, run_id, timed
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -92,57 +92,6 @@ REBUILD_BATCH = 1000
 baselines, so both sides make the same number of round trips to the read model."""
 
 # -- output ----------------------------------------------------------------------------------------
-
-_START = time.monotonic()
-
-
-def progress(message: str) -> None:
-    """One line of progress on stderr, with the seconds since start."""
-    print(f"[{time.monotonic() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def emit(
-    name: str,
-    ours: float,
-    baseline: float,
-    unit: str,
-    *,
-    n: int,
-    lower_is_better: bool,
-    **extra: Any,
-) -> None:
-    """Print one result line; the ratio is always oriented so that higher is better."""
-    if lower_is_better:
-        ratio = baseline / ours if ours else 0.0
-    else:
-        ratio = ours / baseline if baseline else 0.0
-    line = {
-        "name": name,
-        "ours": round(ours, 3),
-        "baseline": round(baseline, 3),
-        "unit": unit,
-        "ratio": round(ratio, 3),
-        "n": n,
-        **extra,
-    }
-    print(json.dumps(line), flush=True)
-
-
-def run_id() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """The nearest-rank percentile of an ascending list."""
-    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
-    return sorted_values[index]
-
-
-async def timed(run: Callable[[], Awaitable[int]]) -> tuple[int, float]:
-    """Run once; (items done, seconds)."""
-    start = time.perf_counter()
-    count = await run()
-    return count, time.perf_counter() - start
 
 
 # -- the events ------------------------------------------------------------------------------------
@@ -855,15 +804,6 @@ async def main(sizes: Sizes) -> None:
     progress("done")
 
 
-def _run(coroutine: Awaitable[None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coroutine)  # type: ignore[arg-type]
-    else:
-        uvloop.run(coroutine)  # type: ignore[arg-type]
-
-
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -875,9 +815,10 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_load:
-        _run(child_load(args.child_load, args.prefix, args.rate, args.seconds, args.warmup))
+        load = child_load(args.child_load, args.prefix, args.rate, args.seconds, args.warmup)
+        run_benchmark(load)
         return
-    _run(main(QUICK if args.quick else FULL))
+    run_benchmark(main(QUICK if args.quick else FULL))
 
 
 if __name__ == "__main__":
