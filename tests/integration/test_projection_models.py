@@ -3,7 +3,10 @@ and the audit index in SQLite (filters; raw SQL on a connection SQLite makes rea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -60,8 +63,24 @@ async def test_agent_state_keeps_the_newest_version_and_ignores_older_updates(
             ("r2", 5, {"step": "x"}, None),
         ]
         assert await view.get("nobody") is None
+        assert await view.get("") is None
     finally:
         await model.close()
+
+
+@contextlib.contextmanager
+def local_time_zone(name: str) -> Iterator[None]:
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
 
 
 async def test_audit_index_answers_filters_and_refuses_writes_on_its_sql_connection(
@@ -96,6 +115,10 @@ async def test_audit_index_answers_filters_and_refuses_writes_on_its_sql_connect
         assert [r.position for r in await audit.query(correlation_id="c2")] == [2]
         assert [r.position for r in await audit.query(limit=2, newest_first=True)] == [4, 3]
         assert await audit.query(since=everything[-1].time + timedelta(seconds=1)) == []
+        # A naive time is UTC (as the event store takes it), whatever the local time zone.
+        naive_utc = (everything[0].time - timedelta(seconds=1)).replace(tzinfo=None)
+        with local_time_zone("America/New_York"):
+            assert len(await audit.query(since=naive_utc)) == 4
         assert len(await audit.query(until=everything[-1].time + timedelta(seconds=1))) == 4
         result = await audit.sql("SELECT type, count(*) FROM audit_events GROUP BY type ORDER BY 1")
         assert result.columns == ["type", "count(*)"]

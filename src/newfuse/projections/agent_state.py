@@ -155,6 +155,8 @@ class AgentStateView:
 
     async def get(self, agent_id: str) -> AgentState | None:
         """The state of one agent, or None if no event named it."""
+        if not agent_id:
+            return None  # "" asks the read script for every agent
         rows = await self.model.read_active(self.name, _READ, agent_id)
         return _record(rows[0]) if rows else None
 

@@ -46,7 +46,10 @@ _ENCODER = msgspec.json.Encoder()
 
 def _time(moment: datetime) -> str:
     """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC (sortable text); isoformat is ~5x faster than
-    strftime, which showed in the profile of an index rebuild."""
+    strftime, which showed in the profile of an index rebuild. A naive time is taken as UTC, as
+    the event store takes it."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
     utc = moment.astimezone(UTC).replace(tzinfo=None)
     return utc.isoformat(timespec="microseconds") + "Z"
 

@@ -95,8 +95,10 @@ class _Applier(Generic[B]):
                 for index, event in enumerate(events):
                     try:
                         await self.projection.apply(event, batch)
-                    except DeferredWriteError:
-                        raise  # an earlier event's write, flushed by this handler's statement
+                    except (DeferredWriteError, ReadModelUnavailableError):
+                        # an earlier event's write flushed by this handler's statement, or the
+                        # model is down (not this event's fault: wait and resume, skip nothing)
+                        raise
                     except Exception as error:
                         raise _HandlerFailed(index, error) from error
                 batch.advance(events[-1].position)
@@ -129,6 +131,8 @@ class _Applier(Generic[B]):
                 async with self._batch() as batch:
                     try:
                         await self.projection.apply(event, batch)
+                    except ReadModelUnavailableError:
+                        raise
                     except Exception as again:
                         raise _HandlerFailed(0, again) from again
                     batch.advance(event.position)

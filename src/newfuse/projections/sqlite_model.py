@@ -62,6 +62,20 @@ def view_name(name: str, base: str) -> str:
     return f"{name}_{base}"
 
 
+_OUTAGE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+    }
+)
+"""SQLite result codes that mean the database cannot take writes now (not a bad event)."""
+
+
 class SQLiteBatch(Batch):
     """A transaction on the read model's connection; handlers run SQL on it directly.
 
@@ -114,25 +128,48 @@ class SQLiteBatch(Batch):
             try:
                 await self.connection.executemany(sql, rows)
             except sqlite3.Error as error:
+                self._raise_if_outage(error)
                 raise DeferredWriteError(error) from error
+
+    def _raise_if_outage(self, error: sqlite3.Error) -> None:
+        """A full disk, an I/O error or a lock is the model's outage, not the event's fault:
+        the runner then waits and resumes instead of dead-lettering good events."""
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF in _OUTAGE_CODES:
+            raise ReadModelUnavailableError(
+                model=f"SQLite model of projection {self.projection!r}",
+                operation="write a batch",
+                reason=str(error),
+            ) from error
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> None:
         """Run one statement (after the deferred writes)."""
         if self._deferred:
             await self.flush()
-        await self.connection.execute(sql, parameters)
+        try:
+            await self.connection.execute(sql, parameters)
+        except sqlite3.Error as error:
+            self._raise_if_outage(error)
+            raise
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement for each row of parameters (after the deferred writes)."""
         if self._deferred:
             await self.flush()
-        await self.connection.executemany(sql, rows)
+        try:
+            await self.connection.executemany(sql, rows)
+        except sqlite3.Error as error:
+            self._raise_if_outage(error)
+            raise
 
     async def fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         """Run a query and return its rows (after the deferred writes)."""
         if self._deferred:
             await self.flush()
-        return list(await self.connection.execute_fetchall(sql, parameters))
+        try:
+            return list(await self.connection.execute_fetchall(sql, parameters))
+        except sqlite3.Error as error:
+            self._raise_if_outage(error)
+            raise
 
 
 class SQLiteReadModel(ReadModel[SQLiteBatch]):
@@ -189,6 +226,10 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
     async def _transaction(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE (the write lock up front) ... COMMIT, or ROLLBACK on any error."""
         async with self._lock:
+            if self.connection.in_transaction:
+                # A batch cancelled while its BEGIN waited for the lock left it open: end it.
+                with self._guard(operation):
+                    await self.connection.rollback()
             with self._guard(operation):
                 await self.connection.execute("BEGIN IMMEDIATE")
             try:
