@@ -355,6 +355,22 @@ class ReadModelUnavailableError(ProjectionError):
         super().__init__(f"{operation} on read model {model}: unavailable: {reason}")
 
 
+class PartialBatchError(ProjectionError):
+    """Redis refused a command inside a batch's MULTI/EXEC; Redis applied the rest of it."""
+
+    def __init__(self, *, projection: str, generation: int, position: int, reason: str) -> None:
+        self.projection = projection
+        self.generation = generation
+        self.position = position
+        self.reason = reason
+        super().__init__(
+            f"projection {projection!r} (generation {generation}) stopped: Redis refused a "
+            f"command of the batch ending at position {position} ({reason}) and, having no "
+            f"rollback, applied the batch's other commands; fix the handler, then rebuild the "
+            f"projection (fuse projections rebuild {projection})"
+        )
+
+
 class ProjectionStoppedError(ProjectionError):
     """A projection declared to stop on poison events met one; it stays at its checkpoint."""
 

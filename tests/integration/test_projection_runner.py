@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from newfuse.errors import ProjectionStoppedError, ProjectionTimeoutError, UnknownProjectionError
+from newfuse.errors import (
+    PartialBatchError,
+    ProjectionStoppedError,
+    ProjectionTimeoutError,
+    UnknownProjectionError,
+)
 from newfuse.eventstore import EventStore, open_event_store
 from newfuse.projections import (
     Projection,
@@ -256,3 +261,29 @@ async def test_wait_until_names_the_projection_and_position_when_time_runs_out(
     async with ProjectionRunner(redis_counter(), store, redis_model) as runner:
         with pytest.raises(ProjectionTimeoutError, match="'counts' did not reach position 99"):
             await runner.wait_until(99, timeout=0.2)
+
+
+async def test_a_command_redis_refuses_inside_a_batch_stops_the_projection_naming_a_rebuild(
+    redis_model: RedisReadModel, tmp_path: Path
+) -> None:
+    projection: Projection[RedisBatch] = Projection("refused")
+
+    @projection.on("note")
+    def _apply(event: RecordedEvent, batch: RedisBatch) -> None:
+        batch.rpush(batch.key("applied"), event.position)
+        if event.data["n"] == 2:
+            batch.incrby(batch.key("applied"))  # WRONGTYPE at EXEC: Redis has no rollback
+
+    async with await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store:
+        for n in (1, 2, 3):
+            await store.append("agent.a1", note(n))
+        runner = ProjectionRunner(projection, store, redis_model)
+        await runner.start()
+        with pytest.raises(PartialBatchError, match=r"fuse projections rebuild refused"):
+            await runner.wait_until(3, timeout=10)
+        assert runner.state == "failed"
+        assert runner.failure is not None and "WRONGTYPE" in runner.failure.reason
+        status = await projection_status("refused", store, redis_model)
+        assert status.state == "failed" and "rebuild" in (status.last_error or "")
+        with pytest.raises(PartialBatchError):
+            await runner.stop()

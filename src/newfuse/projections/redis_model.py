@@ -24,10 +24,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
-from newfuse.errors import ReadModelUnavailableError, RebuildConflictError
+from newfuse.errors import PartialBatchError, ReadModelUnavailableError, RebuildConflictError
 from newfuse.projections.base import (
     Batch,
     BatchConflict,
@@ -312,7 +312,15 @@ class RedisReadModel(ReadModel[RedisBatch]):
                     raise BatchConflict(f"{name!r}: checkpoint {stored!r}, active {pointer!r}")
                 pipe.multi()
                 self._queue(pipe, batch)
-                await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
+        refused = [result for result in results if isinstance(result, ResponseError)]
+        if refused:
+            raise PartialBatchError(
+                projection=name,
+                generation=generation,
+                position=batch.advanced_to or expected_checkpoint,
+                reason=str(refused[0]),
+            )
 
     async def swap(self, name: str, generation: int, *, expected_active: int) -> bool:
         active_key = self.active_key(name)

@@ -20,6 +20,7 @@ from newfuse import telemetry
 from newfuse.errors import (
     EventStoreError,
     FuseError,
+    PartialBatchError,
     ProjectionError,
     ProjectionStoppedError,
     ProjectionTimeoutError,
@@ -253,7 +254,7 @@ class ProjectionRunner(Generic[B]):
         self.stats_interval = stats_interval
         self.state = "starting"
         self.last_error: str | None = None
-        self.failure: ProjectionStoppedError | None = None
+        self.failure: ProjectionStoppedError | PartialBatchError | None = None
         self.events_per_second = 0.0
         self._applier: _Applier[B] | None = None
         self._checkpoint = 0
@@ -364,7 +365,7 @@ class ProjectionRunner(Generic[B]):
                     self._set_state("waiting")
                     log.warning("projection %r: %s; retrying", self.name, error)
                     await self._pause(_OUTAGE_RETRY.delay(failures))
-        except ProjectionStoppedError as error:
+        except (ProjectionStoppedError, PartialBatchError) as error:
             self.last_error = str(error)
             self.state = "failed"
             with contextlib.suppress(Exception):
@@ -653,5 +654,5 @@ class ProjectionGroup:
     async def _run_one(self, runner: ProjectionRunner[Any]) -> None:
         try:
             await runner.run()
-        except ProjectionStoppedError as error:
+        except (ProjectionStoppedError, PartialBatchError) as error:
             log.error("%s", error)
