@@ -139,3 +139,34 @@ def test_published_events_reach_agent_state_audit_and_status(dev_env: dict[str, 
 
     unknown = fuse(env, "projections", "rebuild", "nope", check=False)
     assert unknown.returncode == 1 and "no projection named 'nope'" in unknown.stderr
+
+
+def test_commands_use_the_prefix_of_the_running_fuse_dev(tmp_path: Path) -> None:
+    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state")}
+    for variable in (
+        "FUSE_NATS_URL",
+        "FUSE_REDIS_URL",
+        "FUSE_STORE",
+        "FUSE_AUDIT_DB",
+        "FUSE_PREFIX",
+    ):
+        env.pop(variable, None)
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", "--prefix", "team-a", "dev"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert dev.stdout is not None
+        for _ in range(3):
+            dev.stdout.readline()
+        fuse(env, "publish", "agent.r1", "note", "--data", "{}")
+        assert len(fuse(env, "replay", "--json").stdout.splitlines()) == 1
+        assert len(fuse(env, "--prefix", "team-a", "replay", "--json").stdout.splitlines()) == 1
+        assert fuse(env, "--prefix", "fuse", "replay", "--json").stdout == ""
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        _, stderr = dev.communicate(timeout=30)
+    assert dev.returncode == 0, stderr

@@ -31,14 +31,24 @@ class DevState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """defaults < FUSE_* environment < global flags."""
-    return Settings.from_env(
+    """defaults < FUSE_* environment < global flags.
+
+    With no prefix given (flag or FUSE_PREFIX) and no NATS URL configured, the prefix of the
+    running `fuse dev` is used too, so `fuse dev --prefix x` needs no flag on later commands.
+    """
+    settings = Settings.from_env(
         nats_url=getattr(args, "nats", None),
         redis_url=getattr(args, "redis", None),
         store=getattr(args, "store", None),
         prefix=getattr(args, "prefix", None),
         audit_db=getattr(args, "audit_db", None),
     )
+    prefix_given = getattr(args, "prefix", None) or os.environ.get("FUSE_PREFIX")
+    if not prefix_given and not settings.nats_url:
+        state = read_dev_state(settings)
+        if state is not None and state.prefix != settings.prefix:
+            settings = msgspec.structs.replace(settings, prefix=state.prefix)
+    return settings
 
 
 def dev_state_path(settings: Settings) -> Path:
