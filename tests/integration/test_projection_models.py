@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from newfuse.errors import ReadOnlyQueryError
+from newfuse.errors import InvalidNameError, ReadOnlyQueryError
 from newfuse.eventstore import EventStore, open_event_store
 from newfuse.projections import (
     AgentStateView,
     AuditIndex,
+    Projection,
     ProjectionRunner,
     RedisReadModel,
+    SQLiteBatch,
     SQLiteReadModel,
     agent_state_projection,
     audit_projection,
@@ -139,3 +141,21 @@ async def test_audit_index_answers_filters_and_refuses_writes_on_its_sql_connect
     finally:
         await audit.close()
         await model.close()
+
+
+async def test_sqlite_projections_whose_sql_names_collide_are_refused(tmp_path: Path) -> None:
+    def with_table(name: str, base: str) -> Projection[SQLiteBatch]:
+        async def setup(batch: SQLiteBatch) -> None:
+            await batch.execute(f'CREATE TABLE "{batch.table(base)}" (x INTEGER)')
+
+        return Projection(name, setup=setup)
+
+    async with await SQLiteReadModel.open(str(tmp_path / "model.db")) as model:
+        await model.prepare(with_table("agent", "state_log"))
+        with pytest.raises(InvalidNameError, match=r"collide with table 'state_log' of projection"):
+            await model.prepare(with_table("agent_state", "log"))
+        await model.prepare(with_table("agent_state", "history"))  # a free name works
+        views = await model.connection.execute_fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'view' ORDER BY name"
+        )
+        assert [row[0] for row in views] == ["agent_state_history", "agent_state_log"]

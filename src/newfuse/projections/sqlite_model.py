@@ -186,6 +186,7 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
         self.description = f"sqlite {path}"
         self._lock = asyncio.Lock()
         self._closed = False
+        self._registered: set[tuple[str, int, str]] = set()
 
     @classmethod
     async def open(cls, path: str, *, busy_timeout: float = 5.0) -> SQLiteReadModel:
@@ -253,6 +254,9 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
     async def _finish(self, batch: SQLiteBatch) -> None:
         """Write what a batch collected: its tables, dead letters and checkpoint."""
         connection, name, generation = self.connection, batch.projection, batch.generation
+        new = {(name, generation, base) for base in batch.tables} - self._registered
+        if new:
+            await self._check_names_free(name, generation, {base for _, _, base in new})
         if batch.tables:
             await connection.executemany(
                 "INSERT OR IGNORE INTO _fuse_tables (name, generation, base) VALUES (?, ?, ?)",
@@ -270,6 +274,25 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
                 "ON CONFLICT (name, generation) DO UPDATE SET position = excluded.position",
                 (name, generation, batch.advanced_to),
             )
+
+    async def _check_names_free(self, name: str, generation: int, bases: set[str]) -> None:
+        """Refuse a table whose view or physical name is another projection's (`agent` +
+        `state_log` and `agent_state` + `log` would share the view `agent_state_log`)."""
+        others = await self.connection.execute_fetchall(
+            "SELECT name, generation, base FROM _fuse_tables WHERE name != ?", (name,)
+        )
+        for other, other_generation, other_base in others:
+            for base in bases:
+                if view_name(other, other_base) == view_name(name, base) or physical_table(
+                    other, other_generation, other_base
+                ) == physical_table(name, generation, base):
+                    raise InvalidNameError(
+                        kind="projection table",
+                        name=f"{name}.{base}",
+                        reason=f"its SQL names collide with table {other_base!r} of projection "
+                        f"{other!r} ({view_name(name, base)!r}); rename the table or projection",
+                    )
+        self._registered.update((name, generation, base) for base in bases)
 
     async def _point_views(self, name: str, generation: int, old: int | None) -> None:
         connection = self.connection
