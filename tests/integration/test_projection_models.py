@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,3 +160,24 @@ async def test_sqlite_projections_whose_sql_names_collide_are_refused(tmp_path: 
             "SELECT name FROM sqlite_master WHERE type = 'view' ORDER BY name"
         )
         assert [row[0] for row in views] == ["agent_state_history", "agent_state_log"]
+
+
+async def test_a_table_a_handler_creates_later_gets_its_view(tmp_path: Path) -> None:
+    projection: Projection[SQLiteBatch] = Projection("lazy")
+
+    @projection.on("note")
+    async def _apply(event: Any, batch: SQLiteBatch) -> None:
+        table = batch.table("rows")
+        await batch.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (n INTEGER)')
+        await batch.execute(f'INSERT INTO "{table}" VALUES (?)', (event.data["n"],))
+
+    async with (
+        await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store,
+        await SQLiteReadModel.open(str(tmp_path / "model.db")) as model,
+    ):
+        notes = [NewEvent(type="note", data={"n": n}) for n in (1, 2)]
+        result = await store.append("agent.a1", notes)
+        async with ProjectionRunner(projection, store, model) as runner:
+            await runner.wait_until(result.last_position, timeout=10)
+        rows = await model.connection.execute_fetchall("SELECT n FROM lazy_rows ORDER BY n")
+        assert [row[0] for row in rows] == [1, 2]

@@ -251,8 +251,9 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
         rows = list(await self.connection.execute_fetchall(sql, parameters))
         return rows[0][0] if rows else None
 
-    async def _finish(self, batch: SQLiteBatch) -> None:
-        """Write what a batch collected: its tables, dead letters and checkpoint."""
+    async def _finish(self, batch: SQLiteBatch) -> bool:
+        """Write what a batch collected: its tables, dead letters and checkpoint; True if the
+        batch used a table this model had not seen in that generation."""
         connection, name, generation = self.connection, batch.projection, batch.generation
         new = {(name, generation, base) for base in batch.tables} - self._registered
         if new:
@@ -274,6 +275,7 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
                 "ON CONFLICT (name, generation) DO UPDATE SET position = excluded.position",
                 (name, generation, batch.advanced_to),
             )
+        return bool(new)
 
     async def _check_names_free(self, name: str, generation: int, bases: set[str]) -> None:
         """Refuse a table whose view or physical name is another projection's (`agent` +
@@ -391,7 +393,10 @@ class SQLiteReadModel(ReadModel[SQLiteBatch]):
             yield batch
             await batch.flush()
             with self._guard(operation):
-                await self._finish(batch)
+                created = await self._finish(batch)
+                if created and active:
+                    # A table first used by a handler (not in setup) gets its view now.
+                    await self._point_views(name, generation, None)
 
     async def swap(self, name: str, generation: int, *, expected_active: int) -> bool:
         async with self._transaction(f"swap {name!r} to generation {generation}") as connection:
