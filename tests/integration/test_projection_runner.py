@@ -285,5 +285,4 @@ async def test_a_command_redis_refuses_inside_a_batch_stops_the_projection_namin
         assert runner.failure is not None and "WRONGTYPE" in runner.failure.reason
         status = await projection_status("refused", store, redis_model)
         assert status.state == "failed" and "rebuild" in (status.last_error or "")
-        with pytest.raises(PartialBatchError):
-            await runner.stop()
+        await runner.stop()  # the failure stays in runner.failure, as for poison events

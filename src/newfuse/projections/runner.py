@@ -265,6 +265,7 @@ class ProjectionRunner(Generic[B]):
         self._task: asyncio.Task[None] | None = None
         self._reported_at = time.monotonic()
         self._metrics = _Metrics(meter or telemetry.meter(), projection.name)
+        self._reporting: asyncio.Task[None] | None = None
         self._reported_applied = 0
 
     @property
@@ -305,7 +306,8 @@ class ProjectionRunner(Generic[B]):
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a grace period
         """Stop at a checkpoint; cancel if that takes longer than `timeout`. Idempotent.
 
-        A poison event that stopped the runner is not raised here (see `failure`).
+        A poison event or a partly applied Redis batch that stopped the runner is not raised
+        here (see `failure`).
         """
         self.request_stop()
         task, self._task = self._task, None
@@ -318,7 +320,7 @@ class ProjectionRunner(Generic[B]):
                 await task
             return
         error = task.exception()
-        if error is not None and not isinstance(error, ProjectionStoppedError):
+        if error is not None and not isinstance(error, ProjectionStoppedError | PartialBatchError):
             raise error
 
     async def __aenter__(self) -> Self:
@@ -383,6 +385,10 @@ class ProjectionRunner(Generic[B]):
             self._set_state("stopped")
         finally:
             self._progress.set()
+            if self._reporting is not None:  # owned: never outlives the runner
+                self._reporting.cancel()
+                await asyncio.wait({self._reporting})
+                self._reporting = None
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._report(force=True))
 
@@ -450,8 +456,9 @@ class ProjectionRunner(Generic[B]):
         self._applied = applier.applied
         if applier.checkpoint != self._checkpoint:
             self._set_checkpoint(applier.checkpoint)
-        if time.monotonic() - self._reported_at >= self.stats_interval:
-            asyncio.get_running_loop().create_task(self._report())
+        idle = self._reporting is None or self._reporting.done()
+        if idle and time.monotonic() - self._reported_at >= self.stats_interval:
+            self._reporting = asyncio.get_running_loop().create_task(self._report())
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
