@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -106,7 +107,8 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX IF NOT EXISTS events_by_correlation ON events (correlation_id, position) "
     "WHERE correlation_id IS NOT NULL",
 )
-"""`timestamp` is microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."""
+"""`timestamp` is when the event was stored (under the write lock, so it rises with position), in
+microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."""
 
 _SCHEMA_VERSION: Final[int] = 1
 
@@ -464,6 +466,9 @@ class SQLiteEventStore(EventStore):
         self, group: list[_Append], found: Iterable[Any]
     ) -> tuple[list[_Row], list[AppendResult | Exception]]:
         """Check each append against the stored state (and the group's earlier appends)."""
+        # The time window of read_all is store time, as in JetStream: stamped here, under the
+        # write lock, so it rises with position (the envelope keeps the writer's own time).
+        stored_at = time.time_ns() // 1_000
         versions: dict[str, int] = {}
         stored: dict[str, tuple[str, int, int]] = {}
         head = 0
@@ -516,7 +521,7 @@ class SQLiteEventStore(EventStore):
                         event.id,
                         event.type,
                         event.schema_version,
-                        _micros(event.timestamp),
+                        stored_at,
                         event.correlation_id,
                         event.encode(stream, version),
                     )
