@@ -1,1 +1,100 @@
-"""newfuse: an event-sourced agent-to-agent message bus on NATS JetStream."""
+"""newfuse: an event-sourced agent-to-agent message bus on NATS JetStream.
+
+The public surface, by topic; everything else is reached through its sub-package.
+"""
+
+from newfuse.config import Settings
+from newfuse.errors import (
+    ConfigError,
+    FuseError,
+    InvalidNameError,
+    InvalidPayloadError,
+    ProjectionStoppedError,
+    SchemaError,
+    StoreClosedError,
+    StoreUnavailableError,
+    UnknownTypeError,
+    UnknownVersionError,
+    WrongExpectedVersionError,
+)
+from newfuse.eventstore import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    EventFilter,
+    EventStore,
+    Subscription,
+    open_event_store,
+)
+from newfuse.nats import NatsServer, ValkeyServer
+from newfuse.projections import (
+    AgentStateView,
+    AuditIndex,
+    Projection,
+    ProjectionGroup,
+    ProjectionRunner,
+    RedisReadModel,
+    SQLiteReadModel,
+    rebuild,
+)
+from newfuse.schemas import (
+    A2AMessage,
+    A2AMetadata,
+    Envelope,
+    NewEvent,
+    RecordedEvent,
+    SchemaRegistry,
+    StateUpdate,
+    TraceContext,
+    Transaction,
+    default_registry,
+)
+
+__all__ = [
+    # entry points
+    "NatsServer",
+    "Settings",
+    "ValkeyServer",
+    "open_event_store",
+    # events and schemas
+    "A2AMessage",
+    "A2AMetadata",
+    "Envelope",
+    "NewEvent",
+    "RecordedEvent",
+    "SchemaRegistry",
+    "StateUpdate",
+    "TraceContext",
+    "Transaction",
+    "default_registry",
+    # stores
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendResult",
+    "EventFilter",
+    "EventStore",
+    "Subscription",
+    # projections
+    "AgentStateView",
+    "AuditIndex",
+    "Projection",
+    "ProjectionGroup",
+    "ProjectionRunner",
+    "RedisReadModel",
+    "SQLiteReadModel",
+    "rebuild",
+    # errors
+    "ConfigError",
+    "FuseError",
+    "InvalidNameError",
+    "InvalidPayloadError",
+    "ProjectionStoppedError",
+    "SchemaError",
+    "StoreClosedError",
+    "StoreUnavailableError",
+    "UnknownTypeError",
+    "UnknownVersionError",
+    "WrongExpectedVersionError",
+]
