@@ -81,12 +81,14 @@ async def test_a_runner_killed_with_sigkill_at_random_points_resumes_exactly(
             try:
                 head = log[-1][0]
                 start = await model.checkpoint("counts")
-                target = rng.randint(start + 1, head)
+                # In the first half of what is left, so that the worker is still busy when the
+                # signal lands (it applies the rest of a round in a few tens of ms).
+                target = rng.randint(start + 1, start + max(1, (head - start) // 2))
 
                 async def reached(target: int = target) -> bool:
                     return await model.checkpoint("counts") >= target
 
-                await wait_for(reached, timeout=60)
+                await wait_for(reached, timeout=60, interval=0.002)
                 if rng.random() < 0.5:
                     await append_round(store, rng, 800, log)  # the log grows while it runs
                 os.kill(worker.pid, signal.SIGKILL)
@@ -96,7 +98,10 @@ async def test_a_runner_killed_with_sigkill_at_random_points_resumes_exactly(
                     worker.kill()
                     worker.wait()
             cut_short += await model.checkpoint("counts") < log[-1][0]
-        # a last run to the end, then SIGTERM: it stops at a checkpoint and exits cleanly
+        # a last run to the end, then SIGTERM: it stops at a checkpoint and exits cleanly. New
+        # events first, so that "caught up" means this worker is up and has applied them (a
+        # SIGTERM during its start-up would find no handler yet).
+        await append_round(store, rng, 100, log)
         worker = subprocess.Popen(argv)
         try:
             head = log[-1][0]
@@ -111,6 +116,7 @@ async def test_a_runner_killed_with_sigkill_at_random_points_resumes_exactly(
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
+        print(f"kills that left work undone: {cut_short} of 6")
         assert len(log) >= 10_000
         assert cut_short >= 1, "no kill landed before the end; the test proved nothing"
         assert await model_fold(model) == expected_fold(log)
