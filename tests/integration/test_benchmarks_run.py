@@ -1,4 +1,4 @@
-"""The event store benchmark runs end to end (`--quick`) and prints every line it promises."""
+"""Each benchmark runs end to end (`--quick`) and prints every line it promises."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "eventstore.py"
+import pytest
 
-EXPECTED_NAMES = {
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+EVENTSTORE_LINES = {
     "jetstream.append.concurrent",
     "jetstream.append.latency.p50",
     "jetstream.append.latency.p99",
@@ -24,10 +26,27 @@ EXPECTED_NAMES = {
     "sqlite.replay.peak_rss",
 }
 
+PROJECTION_LINES = {
+    f"{store}.{line}"
+    for store in ("jetstream", "sqlite")
+    for line in (
+        "agent_state.rebuild",
+        "agent_state.rebuild.vs_hset_only",
+        "audit.rebuild",
+        "audit.rebuild.vs_executemany_only",
+    )
+} | {f"{model}.lag.{p}" for model in ("agent_state", "audit") for p in ("p50", "p99")}
 
-def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields() -> None:
+
+@pytest.mark.parametrize(
+    ("script", "expected_names"),
+    [("eventstore.py", EVENTSTORE_LINES), ("projections.py", PROJECTION_LINES)],
+)
+def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(
+    script: str, expected_names: set[str]
+) -> None:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
         capture_output=True,
         text=True,
         timeout=90,
@@ -36,12 +55,18 @@ def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields() ->
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     names = [line["name"] for line in lines]
-    assert sorted(names) == sorted(EXPECTED_NAMES), done.stderr
+    assert sorted(names) == sorted(expected_names), done.stderr
     for line in lines:
-        assert set(line) >= {"name", "ours", "baseline", "unit", "ratio"}, line
+        assert set(line) >= {"name", "ours", "baseline", "unit", "ratio", "n"}, line
         for field in ("ours", "baseline", "ratio"):
             value = line[field]
             assert isinstance(value, int | float) and not isinstance(value, bool), line
             assert math.isfinite(value) and value > 0, line
         assert isinstance(line["unit"], str) and line["unit"], line
+        assert isinstance(line["n"], int) and line["n"] > 0, line
+    for line in lines:
+        if ".lag." in line["name"]:
+            # The load the lag was measured under, achieved by each side's round.
+            for field in ("rate", "baseline_rate"):
+                assert isinstance(line[field], int | float) and line[field] > 0, line
     assert "done" in done.stderr
