@@ -1,0 +1,86 @@
+"""A stored message body: its bounds (nesting depth) and how it becomes an Envelope, checked."""
+
+from __future__ import annotations
+
+import re
+from itertools import accumulate
+from typing import Final
+
+import msgspec
+
+from newfuse.errors import InvalidEnvelopeError
+from newfuse.schemas.envelope import ENVELOPE_DECODER, Envelope
+
+MAX_NESTING_DEPTH: Final = 64
+"""Deepest nesting of arrays and objects an event's payload (`data`) may have (`{}` and `[]` are
+depth 1). The envelope around it adds one level, so a body may nest `MAX_NESTING_DEPTH + 1` deep.
+Deeper bodies are refused before any decoder sees them: msgspec decodes recursively and would
+otherwise raise RecursionError at a depth that depends on the caller's stack."""
+
+_BODY_DEPTH: Final = MAX_NESTING_DEPTH + 1
+# JSON strings, possessive so that no input backtracks; an unterminated one runs to the end,
+# so every quote starts at most one match and the scan stays linear.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text, strings ignored (linear, no recursion).
+
+    For text that is not JSON the figure is still a bound on what a decoder would recurse into.
+    """
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return max(0, max(accumulate(memoryview(brackets.translate(_STEP)).cast("b"))))
+
+
+def check_depth(body: bytes, where: str) -> None:
+    """Refuse a body nested deeper than the wire contract allows, before decoding it.
+
+    Raises:
+        InvalidEnvelopeError: the body nests deeper than `MAX_NESTING_DEPTH` + 1.
+    """
+    # Fast path: a body with few brackets cannot nest deep (most events have a handful).
+    if body.count(b"[") + body.count(b"{") <= _BODY_DEPTH:
+        return
+    depth = nesting_depth(body)
+    if depth > _BODY_DEPTH:
+        raise InvalidEnvelopeError(
+            where=where,
+            path="$.data",
+            reason=f"arrays and objects nest {depth} deep; an event's data may nest at most "
+            f"{MAX_NESTING_DEPTH} deep (MAX_NESTING_DEPTH)",
+        )
+
+
+def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelope:
+    """The envelope of a stored body, checked against the wire contract and its place.
+
+    Args:
+        body: the message body as stored.
+        where: where it is stored (e.g. "on fuse.ev.agent.r1"), for the error.
+        stream: the stream its subject (or row) says it belongs to; the envelope must agree.
+
+    Raises:
+        InvalidEnvelopeError: too deep, not JSON, not an envelope, or in another stream's place.
+    """
+    check_depth(body, where)
+    try:
+        envelope = ENVELOPE_DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        text = str(error)
+        path = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else "$"
+        raise InvalidEnvelopeError(where=where, path=path, reason=text) from None
+    except RecursionError:  # unreachable below the depth limit; kept so no decoder error escapes
+        raise InvalidEnvelopeError(
+            where=where, path="$", reason="nested too deep for the decoder"
+        ) from None
+    if stream is not None and envelope.stream != stream:
+        raise InvalidEnvelopeError(
+            where=where,
+            path="$.stream",
+            reason=f"stream {envelope.stream!r} is not the stream of its subject ({stream!r})",
+        )
+    return envelope
