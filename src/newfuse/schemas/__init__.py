@@ -1,6 +1,12 @@
 """Versioned msgspec schemas: the envelope, built-in payloads, the type registry, JSON Schema."""
 
-from newfuse.schemas.body import MAX_NESTING_DEPTH, check_depth, nesting_depth, parse_envelope
+from newfuse.schemas.body import (
+    MAX_NESTING_DEPTH,
+    check_depth,
+    nesting_depth,
+    out_of_place,
+    parse_envelope,
+)
 from newfuse.schemas.envelope import (
     ENVELOPE_DECODER,
     ENVELOPE_ENCODER,
@@ -60,6 +66,7 @@ __all__ = [
     "export_schemas",
     "nesting_depth",
     "new_event_id",
+    "out_of_place",
     "parse_envelope",
     "payload_schema",
     "utcnow",

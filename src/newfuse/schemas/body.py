@@ -8,8 +8,9 @@ from typing import Final
 
 import msgspec
 
-from newfuse.errors import InvalidEnvelopeError
+from newfuse.errors import InvalidEnvelopeError, InvalidNameError
 from newfuse.schemas.envelope import ENVELOPE_DECODER, Envelope
+from newfuse.schemas.names import check_type_name
 
 MAX_NESTING_DEPTH: Final = 64
 """Deepest nesting of arrays and objects an event's payload (`data`) may have (`{}` and `[]` are
@@ -50,8 +51,8 @@ def check_depth(body: bytes, where: str) -> None:
         raise InvalidEnvelopeError(
             where=where,
             path="$.data",
-            reason=f"arrays and objects nest {depth} deep; an event's data may nest at most "
-            f"{MAX_NESTING_DEPTH} deep (MAX_NESTING_DEPTH)",
+            reason=f"the body nests {depth} deep; an event's data may nest at most "
+            f"{MAX_NESTING_DEPTH} deep (MAX_NESTING_DEPTH), its envelope one more",
         )
 
 
@@ -64,7 +65,8 @@ def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelo
         stream: the stream its subject (or row) says it belongs to; the envelope must agree.
 
     Raises:
-        InvalidEnvelopeError: too deep, not JSON, not an envelope, or in another stream's place.
+        InvalidEnvelopeError: too deep, not JSON, not an envelope, a bad type name, or in
+            another stream's place.
     """
     check_depth(body, where)
     try:
@@ -81,6 +83,26 @@ def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelo
         raise InvalidEnvelopeError(
             where=where,
             path="$.stream",
-            reason=f"stream {envelope.stream!r} is not the stream of its subject ({stream!r})",
+            reason=f"stream {envelope.stream!r} is not the stream it is stored under ({stream!r})",
         )
+    try:
+        check_type_name(envelope.type)
+    except InvalidNameError as error:
+        raise InvalidEnvelopeError(where=where, path="$.type", reason=str(error)) from None
     return envelope
+
+
+def out_of_place(envelope: Envelope, previous: int) -> str | None:
+    """Why `envelope` is not the next event of its stream after version `previous`, or None.
+
+    The rule of the wire contract: a stream's versions are 1, 2, 3, ... in log order; an event
+    whose version is not the previous valid event's plus one is invalid and does not count.
+    """
+    if envelope.version == previous + 1:
+        return None
+    before = (
+        f"version {previous} of {envelope.stream!r} (its previous valid event)"
+        if previous
+        else f"the start of {envelope.stream!r} (no valid event before it)"
+    )
+    return f"version {envelope.version} does not follow {before}; expected {previous + 1}"
