@@ -11,6 +11,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -20,7 +21,7 @@ from newfuse.eventstore import NO_STREAM, EventFilter, InvalidEventReport
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.projections import RedisReadModel, SQLiteReadModel
 from newfuse.projections.builtin import BuiltinProjections
-from newfuse.schemas import MAX_NESTING_DEPTH, NewEvent, StateUpdate
+from newfuse.schemas import MAX_NESTING_DEPTH, NewEvent, SchemaRegistry, StateUpdate
 
 STAMP = "2026-12-02T12:00:00Z"
 
@@ -69,6 +70,10 @@ BAD_PAYLOAD: list[tuple[str, Callable[[str, int], bytes]]] = [
     ("a 5000-digit integer", lambda s, v: envelope(s, v + 1, b"1" * 5000)),
     ("a number beyond float", lambda s, v: envelope(s, v + 1, b"1e400")),
     ("invalid UTF-8 in data", lambda s, v: envelope(s, v + 1, b'"\xff\xfe"')),
+    (
+        "a registered type at an unknown schema version",
+        lambda s, v: envelope(s, v + 1, b"{}", type="agent.state_update", schema_version=99),
+    ),
     (
         "a registered type with a wrong payload",
         lambda s, v: envelope(s, v + 1, b'{"agentId": 5}', type="agent.state_update"),
@@ -236,3 +241,29 @@ async def test_the_builtin_projections_survive_every_hostile_body_and_project_th
             [(count,)] = audit.execute("SELECT count(*) FROM audit_events").fetchall()
         assert count == 2 * len(CASES)  # every honest event, on both rounds
     assert len({r.position for r in reports}) == len(CASES)
+
+
+async def test_a_payload_whose_upcaster_fails_is_reported_and_the_next_events_are_read(
+    nc: nats.NATS, nats_url: str, prefix: str
+) -> None:
+    registry = SchemaRegistry()
+
+    @registry.register("order.placed", 2)
+    class OrderPlaced(msgspec.Struct, frozen=True, kw_only=True):
+        cents: int
+
+    @registry.upcaster("order.placed", 1)
+    def _v1_to_v2(v1: dict[str, Any]) -> dict[str, Any]:
+        return {"cents": round(v1["amount"] * 100)}  # a v1 without `amount` makes it raise
+
+    reports: list[InvalidEventReport] = []
+    async with await JetStreamEventStore.connect(
+        nats_url, prefix=prefix, registry=registry, on_invalid=reports.append
+    ) as store:
+        body = envelope("shop.o1", 1, b'{"amount": "lots"}', type="order.placed")
+        bad = await publish(nc, prefix, "shop.o1", body)
+        await store.append("shop.o1", NewEvent(data=OrderPlaced(cents=5)), 1)
+        assert [e.data async for e in store.read("shop.o1")] == [OrderPlaced(cents=5)]
+        assert [e.data async for e in store.read_all()] == [OrderPlaced(cents=5)]
+    assert [r.position for r in reports] == [bad, bad]
+    assert "upcaster v1->v2" in reports[0].error and "TypeError" in reports[0].error
