@@ -267,3 +267,18 @@ async def test_a_payload_whose_upcaster_fails_is_reported_and_the_next_events_ar
         assert [e.data async for e in store.read_all()] == [OrderPlaced(cents=5)]
     assert [r.position for r in reports] == [bad, bad]
     assert "upcaster v1->v2" in reports[0].error and "TypeError" in reports[0].error
+
+
+async def test_a_message_on_a_subject_that_names_no_stream_is_reported_not_delivered(
+    store: JetStreamEventStore, nc: nats.NATS, prefix: str
+) -> None:
+    reports: list[InvalidEventReport] = []
+    store.on_invalid = reports.append
+    await store.append("agent.s1", note(1), NO_STREAM)
+    deeper = await publish(nc, prefix, "agent.s1.x", envelope("agent.s1.x", 1))
+    assert [e.stream async for e in store.read_all()] == ["agent.s1"]
+    assert [e.stream async for e in store.read_all(filter=EventFilter(categories=("agent",)))] == [
+        "agent.s1"
+    ]
+    assert {r.position for r in reports} == {deeper}
+    assert "invalid stream id 's1.x': it contains a dot" in reports[0].error

@@ -10,7 +10,7 @@ import msgspec
 
 from newfuse.errors import InvalidEnvelopeError, InvalidNameError
 from newfuse.schemas.envelope import ENVELOPE_DECODER, Envelope
-from newfuse.schemas.names import check_type_name
+from newfuse.schemas.names import StreamName, check_type_name
 
 MAX_NESTING_DEPTH: Final = 64
 """Deepest nesting of arrays and objects an event's payload (`data`) may have (`{}` and `[]` are
@@ -85,6 +85,10 @@ def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelo
             path="$.stream",
             reason=f"stream {envelope.stream!r} is not the stream it is stored under ({stream!r})",
         )
+    try:
+        StreamName.parse(envelope.stream)  # a subject with too many tokens is no stream
+    except InvalidNameError as error:
+        raise InvalidEnvelopeError(where=where, path="$.stream", reason=str(error)) from None
     try:
         check_type_name(envelope.type)
     except InvalidNameError as error:
