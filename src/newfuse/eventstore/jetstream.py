@@ -569,7 +569,7 @@ class JetStreamEventStore(EventStore):
         if not clean:
             return 1, versions
         if version > known:
-            versions.seed(stream, known)
+            versions[stream] = known
             return last + 1, versions
         low, high = 1, last
         while low < high:
@@ -588,7 +588,7 @@ class JetStreamEventStore(EventStore):
                 high = middle
             else:
                 low = _seq_of(msg) + 1
-        versions.seed(stream, version - 1)  # clean: the message met at `low` is `version`
+        versions[stream] = version - 1  # clean: the message met at `low` is `version`
         return low, versions
 
     async def _stream_version(self, stream: str) -> int:

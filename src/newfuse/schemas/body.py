@@ -44,8 +44,11 @@ def check_depth(body: bytes, where: str) -> None:
         InvalidEnvelopeError: the body nests deeper than `MAX_NESTING_DEPTH` + 1.
     """
     # Fast path: a body with few brackets cannot nest deep (most events have a handful).
-    if body.count(b"[") + body.count(b"{") <= _BODY_DEPTH:
-        return
+    if body.count(b"[") + body.count(b"{") > _BODY_DEPTH:
+        _check_depth(body, where)
+
+
+def _check_depth(body: bytes, where: str) -> None:
     depth = nesting_depth(body)
     if depth > _BODY_DEPTH:
         raise InvalidEnvelopeError(
@@ -54,6 +57,13 @@ def check_depth(body: bytes, where: str) -> None:
             reason=f"the body nests {depth} deep; an event's data may nest at most "
             f"{MAX_NESTING_DEPTH} deep (MAX_NESTING_DEPTH), its envelope one more",
         )
+
+
+# Names already found valid, so that a replay checks each stream and type name once, not once
+# per event (bounded: cleared when full).
+_KNOWN_STREAMS: set[str] = set()
+_KNOWN_TYPES: set[str] = set()
+_KNOWN_MAX: Final = 65_536
 
 
 def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelope:
@@ -65,10 +75,11 @@ def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelo
         stream: the stream its subject (or row) says it belongs to; the envelope must agree.
 
     Raises:
-        InvalidEnvelopeError: too deep, not JSON, not an envelope, a bad type name, or in
-            another stream's place.
+        InvalidEnvelopeError: too deep, not JSON, not an envelope, a bad stream or type name,
+            or in another stream's place.
     """
-    check_depth(body, where)
+    if body.count(b"[") + body.count(b"{") > _BODY_DEPTH:  # check_depth's fast path, inline
+        _check_depth(body, where)
     try:
         envelope = ENVELOPE_DECODER.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
@@ -79,21 +90,32 @@ def parse_envelope(body: bytes, where: str, stream: str | None = None) -> Envelo
         raise InvalidEnvelopeError(
             where=where, path="$", reason="nested too deep for the decoder"
         ) from None
-    if stream is not None and envelope.stream != stream:
+    name = envelope.stream
+    if stream is not None and name != stream:
         raise InvalidEnvelopeError(
             where=where,
             path="$.stream",
-            reason=f"stream {envelope.stream!r} is not the stream it is stored under ({stream!r})",
+            reason=f"stream {name!r} is not the stream it is stored under ({stream!r})",
         )
-    try:
-        StreamName.parse(envelope.stream)  # a subject with too many tokens is no stream
-    except InvalidNameError as error:
-        raise InvalidEnvelopeError(where=where, path="$.stream", reason=str(error)) from None
-    try:
-        check_type_name(envelope.type)
-    except InvalidNameError as error:
-        raise InvalidEnvelopeError(where=where, path="$.type", reason=str(error)) from None
+    if name not in _KNOWN_STREAMS:
+        try:
+            StreamName.parse(name)  # a subject with too many tokens is no stream
+        except InvalidNameError as error:
+            raise InvalidEnvelopeError(where=where, path="$.stream", reason=str(error)) from None
+        _remember(_KNOWN_STREAMS, name)
+    if envelope.type not in _KNOWN_TYPES:
+        try:
+            check_type_name(envelope.type)
+        except InvalidNameError as error:
+            raise InvalidEnvelopeError(where=where, path="$.type", reason=str(error)) from None
+        _remember(_KNOWN_TYPES, envelope.type)
     return envelope
+
+
+def _remember(known: set[str], name: str) -> None:
+    if len(known) >= _KNOWN_MAX:
+        known.clear()
+    known.add(name)
 
 
 def out_of_place(envelope: Envelope, previous: int) -> str | None:
