@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from newfuse.errors import (
@@ -439,3 +440,35 @@ async def test_unusable_options_are_refused_naming_them(
 
 async def _true(condition: bool) -> bool:
     return condition
+
+
+async def test_a_row_whose_envelope_disagrees_with_its_row_is_reported_and_skipped(
+    db: Path,
+) -> None:
+    """The row's stream and version are the event's place (its writer holds the lock and
+    UNIQUE(stream, version)); a body that names another stream or version is not that event."""
+    reports: list[InvalidEventReport] = []
+    store = await SQLiteEventStore.open(str(db), on_invalid=reports.append)
+    try:
+        first = await store.append("agent.a1", note(1))
+        [stored] = [e async for e in store.read("agent.a1")]
+        elsewhere = msgspec.json.encode(msgspec.structs.replace(stored.envelope, stream="agent.zz"))
+        later = msgspec.json.encode(msgspec.structs.replace(stored.envelope, version=9))
+        with contextlib.closing(sqlite3.connect(db)) as other, other:  # a foreign writer
+            for position, body in ((2, elsewhere), (3, later)):
+                other.execute(
+                    "INSERT INTO events (position, stream, category, version, id, type, "
+                    "schema_version, timestamp, correlation_id, body) "
+                    "VALUES (?, 'agent.a1', 'agent', ?, ?, 'note', 1, 0, NULL, ?)",
+                    (position, position, f"forged-{position}", body),
+                )
+        assert [e.position async for e in store.read_all()] == [first.position]
+        assert [e.position async for e in store.read("agent.a1")] == [first.position]
+        assert [r.position for r in reports] == [2, 3, 2, 3]
+        assert (
+            "stream 'agent.zz' is not the stream it is stored under ('agent.a1')"
+            in reports[0].error
+        )
+        assert "version 9 is not the version of its row (3)" in reports[1].error
+    finally:
+        await store.close()

@@ -13,7 +13,7 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from typing import Self
+from typing import Final, Self
 
 import msgspec
 
@@ -27,7 +27,6 @@ from newfuse.errors import (
     UnknownTypeError,
 )
 from newfuse.schemas import (
-    ENVELOPE_DECODER,
     ENVELOPE_ENCODER,
     Envelope,
     NewEvent,
@@ -38,6 +37,8 @@ from newfuse.schemas import (
     check_token,
     check_type_name,
     default_registry,
+    out_of_place,
+    parse_envelope,
     utcnow,
 )
 from newfuse.telemetry import current_trace_context
@@ -199,6 +200,48 @@ def _log_invalid(report: InvalidEventReport) -> None:
     log.warning(
         "skipped invalid event at position %d (%s): %s", report.position, report.where, report.error
     )
+
+
+TRACKED_STREAMS: Final = 65_536
+"""Streams whose last valid version a `read_all` or subscription remembers to check the next."""
+
+
+class VersionCheck(dict[str, int]):
+    """The place-in-the-log rule for one reader: per stream, the last valid version it saw.
+
+    Each event must carry its stream's previous valid version plus one; one that does not is
+    invalid and does not move the stream. Memory is bounded: at most `capacity` streams are
+    remembered (the one first seen is forgotten first). A stream the check does not know starts
+    at version 0 when the reader began at the start of the log and forgot nothing; otherwise
+    (a reader that starts mid-log, or a forgotten stream) its first event is taken as given,
+    since what came before it was not read. (A dict of stream -> last version, so the reader's
+    common case, the next version of a known stream, costs one lookup and one store.)
+    """
+
+    __slots__ = ("_capacity", "_exact")
+
+    def __init__(self, *, from_start: bool, capacity: int = TRACKED_STREAMS) -> None:
+        super().__init__()
+        self._exact = from_start
+        self._capacity = capacity
+
+    def admit(self, envelope: Envelope, where: str) -> None:
+        """Accept `envelope` as its stream's next event, or raise why it is out of place.
+
+        Raises:
+            InvalidEnvelopeError: its version is not the previous valid one's plus one.
+        """
+        stream = envelope.stream
+        last = self.get(stream)
+        if last is None and not self._exact:
+            last = envelope.version - 1
+        reason = out_of_place(envelope, last or 0)
+        if reason is not None:
+            raise InvalidEnvelopeError(where=where, path="$.version", reason=reason)
+        if stream not in self and len(self) >= self._capacity:
+            del self[next(iter(self))]  # the stream seen first goes first
+            self._exact = False  # a stream not known from now on may be a forgotten one
+        self[stream] = envelope.version
 
 
 class Subscription(AsyncClosing):
@@ -436,27 +479,50 @@ class EventStore(AsyncClosing, abc.ABC):
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def decode(self, body: bytes, position: int, where: str) -> RecordedEvent | None:
-        """Decode a stored body into a RecordedEvent; report and return None if it is invalid."""
+    def decode(
+        self,
+        body: bytes,
+        position: int,
+        where: str,
+        stream: str,
+        versions: VersionCheck | None = None,
+        version: int | None = None,
+    ) -> RecordedEvent | None:
+        """The one place where a stored body becomes a RecordedEvent, for every reader.
+
+        The envelope must agree with its place: `stream` is the stream its subject (or row)
+        names; with `versions` its version must follow the stream's previous valid event, and
+        with `version` (a row's) it must be that one. Then the payload is decoded. A body that
+        fails any of it is reported to `on_invalid` with its position and reason, and None is
+        returned; nothing here raises.
+        """
         try:
-            envelope = ENVELOPE_DECODER.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as error:
-            text = str(error)
-            path = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else "$"
-            self.on_invalid(
-                InvalidEventReport(
-                    position=position,
+            envelope = parse_envelope(body, where, stream)
+            if versions is not None:
+                if versions.get(stream) == envelope.version - 1:  # admit's common case, inline
+                    versions[stream] = envelope.version
+                else:
+                    versions.admit(envelope, where)
+            if version is not None and envelope.version != version:
+                raise InvalidEnvelopeError(
                     where=where,
-                    error=str(InvalidEnvelopeError(where=where, path=path, reason=text)),
+                    path="$.version",
+                    reason=f"version {envelope.version} is not the version of its row ({version})",
                 )
-            )
-            return None
-        try:
             data = self.registry.decode(envelope.type, envelope.schema_version, envelope.data)
         except FuseError as error:
-            self.on_invalid(InvalidEventReport(position=position, where=where, error=str(error)))
+            self._report(position, where, str(error))
+            return None
+        except Exception as error:  # a decoder or upcaster bug must not stop a reader either
+            self._report(position, where, f"decoding raised {type(error).__name__}: {error}")
             return None
         return RecordedEvent(position=position, envelope=envelope, data=data)
+
+    def _report(self, position: int, where: str, error: str) -> None:
+        try:
+            self.on_invalid(InvalidEventReport(position=position, where=where, error=error))
+        except Exception:  # the reporter's own failure is logged, the reader goes on
+            log.exception("on_invalid failed for the invalid event at position %d", position)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

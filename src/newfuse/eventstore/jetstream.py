@@ -4,15 +4,17 @@ Every event stream `<category>.<id>` is the subject `<prefix>.ev.<category>.<id>
 JetStream stream (`<PREFIX>_EVENTS`). The global position of an event is its JetStream sequence;
 its version within its stream is in the body (authoritative) and in the `Fuse-Stream-Version`
 header. Optimistic concurrency is checked by the server: every append carries
-`Nats-Expected-Last-Subject-Sequence` = the sequence of the stream's last event, which the store
-keeps in a bounded cache (stream -> version, last sequence) and refreshes from the server (a
-direct get of the subject's last message) on a miss or a conflict. Several events in one append
-are one atomic batch (ADR-50). Reads of one stream use batched direct gets; `read_all` and
-`subscribe` use an ordered push consumer implemented here on the raw client, which recreates
-itself from the last delivered position after a gap, a reconnect or a server restart: for as
-long as it takes behind `subscribe`, for the store's `timeout` behind a finite `read_all` (then
-ReadInterruptedError names the position reached). `close()` ends the feeds still open
-(StoreClosedError), deletes their consumers, and fails appends waiting for an acknowledgement.
+`Nats-Expected-Last-Subject-Sequence` = the sequence of the subject's last message (which may be
+a foreign one), while the version is the last *valid* event's plus one. The store keeps both in
+a bounded cache (stream -> version, last sequence, clean) and brings it up to date by reading
+the subject's messages after the cached sequence (all of them on a miss) with batched direct
+gets, checking each by the wire rule; usually that is one request that finds nothing new.
+Several events in one append are one atomic batch (ADR-50). Reads of one stream use batched direct
+gets; `read_all` and `subscribe` use an ordered push consumer implemented here on the raw client,
+which recreates itself from the last delivered position after a gap, a reconnect or a server
+restart: for as long as it takes behind `subscribe`, for the store's `timeout` behind a finite
+`read_all` (then ReadInterruptedError names the position reached). `close()` ends the feeds still
+open (StoreClosedError), deletes their consumers, and fails appends waiting for an acknowledgement.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from newfuse.errors import (
     BatchDuplicateIdError,
     ClosedDuringAppendError,
     DuplicateEventError,
+    InvalidEnvelopeError,
     PublishTimeoutError,
     ReadInterruptedError,
     StoreClosedError,
@@ -53,6 +56,7 @@ from newfuse.eventstore.base import (
     Expected,
     InvalidEventHandler,
     PreparedEvent,
+    VersionCheck,
     check_expected,
 )
 from newfuse.nats import headers as h
@@ -61,7 +65,13 @@ from newfuse.nats.connection import connect
 from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
 from newfuse.nats.subjects import Subjects
-from newfuse.schemas import ENVELOPE_DECODER, Envelope, RecordedEvent, SchemaRegistry
+from newfuse.schemas import (
+    Envelope,
+    RecordedEvent,
+    SchemaRegistry,
+    out_of_place,
+    parse_envelope,
+)
 
 log = logging.getLogger("newfuse.eventstore.jetstream")
 
@@ -70,13 +80,6 @@ _DIRECT_BATCH: Final = 256
 _CACHE_SIZE: Final = 65_536
 """Streams whose (version, last sequence) the store remembers."""
 _NS: Final = 1_000_000_000
-
-
-class _VersionOnly(msgspec.Struct):
-    version: int
-
-
-_VERSION_DECODER = msgspec.json.Decoder(_VersionOnly)
 
 
 class _StreamInfo(msgspec.Struct):
@@ -149,7 +152,8 @@ class JetStreamEventStore(EventStore):
         self._ready_lock = asyncio.Lock()
         self._atomic = False
         self._server_version = ""
-        self._cache: dict[str, tuple[int, int]] = {}
+        # stream -> (last valid version, last sequence on its subject, no invalid message seen)
+        self._cache: dict[str, tuple[int, int, bool]] = {}
         self._busy: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks = _AckMux(nc, type(self).__name__)
         self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
@@ -267,7 +271,7 @@ class JetStreamEventStore(EventStore):
             state = await self._fetch_state(stream, subject)
         deadline = 0.0
         while True:
-            version, seq = state
+            version, seq, _ = state
             if expected is not ANY and not check_expected(stream, expected, version):
                 if not fresh:  # the cache may be behind other writers: ask the server
                     state = await self._fetch_state(stream, subject)
@@ -295,7 +299,7 @@ class JetStreamEventStore(EventStore):
             count = len(events)
             if ack.duplicate:
                 return await self._duplicate(stream, subject, events[0], ack.seq, version, seq)
-            self._remember(stream, version + count, ack.seq)
+            self._remember(stream, version + count, ack.seq, state[2])
             return AppendResult(
                 stream=stream,
                 first_version=version + 1,
@@ -328,29 +332,43 @@ class JetStreamEventStore(EventStore):
             self.nc, messages, timeout=self._timeout, server_version=self._server_version
         )
 
-    def _remember(self, stream: str, version: int, seq: int) -> None:
+    def _remember(self, stream: str, version: int, seq: int, clean: bool) -> None:
         cache = self._cache
         if stream not in cache and len(cache) >= _CACHE_SIZE:
             del cache[next(iter(cache))]
-        cache[stream] = (version, seq)
+        cache[stream] = (version, seq, clean)
 
-    async def _fetch_state(self, stream: str, subject: str) -> tuple[int, int]:
-        """(version, sequence) of the stream's last event, from the server; (0, 0) if empty."""
-        msg = await self._direct_get(f"{self._direct}.{subject}", b"", f"read {stream!r}")
-        if msg is None:
-            state = (0, 0)
-        else:
-            seq = int(msg.headers[h.SEQUENCE]) if msg.headers else 0
-            version = _version_of(msg)
-            if version is None:  # not an envelope (a foreign publisher): the last valid one's
-                version = 0
-                async for found in self._subject_messages(subject, stream):
-                    found_version = _version_of(found)
-                    if found_version is not None:
-                        version = found_version
-            state = (version, seq)
-        self._remember(stream, *state)
-        return state
+    async def _fetch_state(self, stream: str, subject: str) -> tuple[int, int, bool]:
+        """(last valid version, last sequence, clean) of a stream, as the server has it now.
+
+        The version comes from the last *valid* event (the wire rule: in its subject's stream,
+        the previous valid version + 1), the sequence from the subject's last message, valid or
+        not, since that is what `Nats-Expected-Last-Subject-Sequence` is checked against. What
+        the cache holds is exact up to its sequence, so only later messages are read (ADR-31
+        batched direct gets, `next_by_subj` from the cached sequence + 1): on a warm cache one
+        request that finds nothing, on a miss a scan of the subject. `clean` says that every
+        message up to the sequence was valid (so versions equal positions on the subject).
+        """
+        version, seq, clean = self._cache.get(stream) or (0, 0, True)
+        where = f"on {subject}"
+        async for msg in self._subject_messages(subject, stream, seq + 1):
+            seq = _seq_of(msg)
+            envelope = _envelope_of(msg, where, stream)
+            if envelope is not None and out_of_place(envelope, version) is None:
+                version += 1
+            else:
+                clean = False
+        self._remember(stream, version, seq, clean)
+        return version, seq, clean
+
+    async def _valid_events(self, subject: str, stream: str) -> AsyncIterator[tuple[int, Envelope]]:
+        """(sequence, envelope) of each valid event of a stream, from its start, by the rule."""
+        version, where = 0, f"on {subject}"
+        async for msg in self._subject_messages(subject, stream):
+            envelope = _envelope_of(msg, where, stream)
+            if envelope is not None and out_of_place(envelope, version) is None:
+                version += 1
+                yield _seq_of(msg), envelope
 
     async def _conflict(
         self,
@@ -388,7 +406,7 @@ class JetStreamEventStore(EventStore):
         msg = await self._direct_get(
             self._direct, msgspec.json.encode({"seq": position}), f"read {stream!r}"
         )
-        envelope = _envelope_of(msg) if msg is not None else None
+        envelope = _envelope_of(msg, f"at {position}") if msg is not None else None
         if envelope is None or envelope.id != event.id:
             raise DuplicateEventError(
                 stream=stream, event_id=event.id, reason="was stored before and cannot be found"
@@ -407,12 +425,9 @@ class JetStreamEventStore(EventStore):
         """A batch repeated ids seen within the duplicate window: find the first append."""
         wanted = [event.id for event in events]
         found: list[tuple[int, Envelope]] = []
-        async for msg in self._subject_messages(subject, stream):
-            envelope = _envelope_of(msg)
-            if envelope is None:
-                continue
+        async for seq, envelope in self._valid_events(subject, stream):
             if found or envelope.id == wanted[0]:
-                found.append((int(msg.headers[h.SEQUENCE]) if msg.headers else 0, envelope))
+                found.append((seq, envelope))
                 if len(found) == len(wanted):
                     break
         if [envelope.id for _, envelope in found] == wanted:
@@ -428,11 +443,10 @@ class JetStreamEventStore(EventStore):
         self, subject: str, stream: str, first_version: int, count: int
     ) -> list[tuple[int, Envelope]]:
         found: list[tuple[int, Envelope]] = []
-        async for msg in self._subject_messages(subject, stream):
-            envelope = _envelope_of(msg)
-            if envelope is None or envelope.version < first_version:
+        async for seq, envelope in self._valid_events(subject, stream):
+            if envelope.version < first_version:
                 continue
-            found.append((int(msg.headers[h.SEQUENCE]) if msg.headers else 0, envelope))
+            found.append((seq, envelope))
             if len(found) == count:
                 break
         return found
@@ -508,16 +522,17 @@ class JetStreamEventStore(EventStore):
             await self.ensure_stream()
         subject = self._event_prefix + stream
         where = f"on {subject}"
+        decode = self.decode
         if backwards:
             top = from_version  # None: from the last event
             if top is None:
-                top, _ = await self._fetch_state(stream, subject)
+                top, _, _ = await self._fetch_state(stream, subject)
             first = max(1, top - limit + 1) if limit is not None else 1
             # Read forward from the first version wanted, keeping at most `limit` events.
             kept: deque[RecordedEvent] = deque(maxlen=limit)
-            start = await self._seek(subject, stream, first)
+            start, versions = await self._seek(subject, stream, first)
             async for msg in self._subject_messages(subject, stream, start):
-                event = self.decode(msg.data, _seq_of(msg), where)
+                event = decode(msg.data, _seq_of(msg), where, stream, versions)
                 if event is None:
                     continue
                 if event.version > top:
@@ -528,9 +543,9 @@ class JetStreamEventStore(EventStore):
             return
         count = 0
         first_wanted = from_version or 1
-        start = await self._seek(subject, stream, first_wanted)
+        start, versions = await self._seek(subject, stream, first_wanted)
         async for msg in self._subject_messages(subject, stream, start):
-            event = self.decode(msg.data, _seq_of(msg), where)
+            event = decode(msg.data, _seq_of(msg), where, stream, versions)
             if event is None or event.version < first_wanted:
                 continue
             yield event
@@ -538,16 +553,24 @@ class JetStreamEventStore(EventStore):
             if count == limit:
                 return
 
-    async def _seek(self, subject: str, stream: str, version: int) -> int:
-        """A sequence to start reading `subject` from so as to meet `version` first.
+    async def _seek(self, subject: str, stream: str, version: int) -> tuple[int, VersionCheck]:
+        """A sequence to start reading `subject` from so as to meet `version` first, and the
+        version check to read on with (exact: it knows the version before that sequence).
 
-        There is no version index, but versions grow with sequences: a binary search over the
-        stream's sequences with single direct gets (`next_by_subj`) finds the spot in about
-        log2(head) requests. Near the start of a stream, scanning is cheaper.
+        There is no version index, but on a clean stream (no invalid message on the subject)
+        versions grow with sequences: a binary search over the stream's sequences with single
+        direct gets (`next_by_subj`) finds the spot in about log2(head) requests. A stream with
+        invalid messages, or a version near its start, is read from the start.
         """
+        versions = VersionCheck(from_start=True)
         if version <= _DIRECT_BATCH:
-            return 1
-        _, last = await self._fetch_state(stream, subject)
+            return 1, versions
+        known, last, clean = await self._fetch_state(stream, subject)
+        if not clean:
+            return 1, versions
+        if version > known:
+            versions[stream] = known
+            return last + 1, versions
         low, high = 1, last
         while low < high:
             middle = (low + high) // 2
@@ -556,21 +579,22 @@ class JetStreamEventStore(EventStore):
                 msgspec.json.encode({"seq": middle, "next_by_subj": subject}),
                 f"read {stream!r}",
             )
-            found = _version_of(msg) if msg is not None else None
+            envelope = _envelope_of(msg, f"on {subject}", stream) if msg is not None else None
             if msg is None:
                 high = middle
-            elif found is None:
-                return 1  # a foreign message without a version: scan instead of guessing
-            elif found >= version:
+            elif envelope is None:
+                return 1, VersionCheck(from_start=True)  # changed under us: read it all
+            elif envelope.version >= version:
                 high = middle
             else:
                 low = _seq_of(msg) + 1
-        return low
+        versions[stream] = version - 1  # clean: the message met at `low` is `version`
+        return low, versions
 
     async def _stream_version(self, stream: str) -> int:
         if not self._ready:
             await self.ensure_stream()
-        version, _ = await self._fetch_state(stream, self._event_prefix + stream)
+        version, _, _ = await self._fetch_state(stream, self._event_prefix + stream)
         return version
 
     async def _head_position(self) -> int:
@@ -627,10 +651,12 @@ class JetStreamEventStore(EventStore):
             if await feed.start() == 0:
                 return
             decode, matches, count = self.decode, filter.matches, 0
+            skip, start = len(self._event_prefix), from_position == 1 and since is None
+            versions = VersionCheck(from_start=start)
             async for seq, stamp, pending, subject, data in feed:
                 if seq > head or (until_ns is not None and stamp > until_ns):
                     return
-                event = decode(data, seq, f"on {subject}")
+                event = decode(data, seq, f"on {subject}", subject[skip:], versions)
                 if event is not None and matches(event.envelope):
                     yield event
                     count += 1
@@ -651,8 +677,9 @@ class JetStreamEventStore(EventStore):
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
             decode, matches = self.decode, filter.matches
+            versions, skip = VersionCheck(from_start=from_position == 1), len(self._event_prefix)
             async for seq, _stamp, _pending, subject, data in feed:
-                event = decode(data, seq, f"on {subject}")
+                event = decode(data, seq, f"on {subject}", subject[skip:], versions)
                 if event is not None and matches(event.envelope):
                     yield event
         finally:
@@ -694,20 +721,11 @@ def _seq_of(msg: Msg) -> int:
     return int(msg.headers[h.SEQUENCE]) if msg.headers else 0
 
 
-def _version_of(msg: Msg) -> int | None:
-    """The stream version of a stored message: the body's, else the header's, else None."""
+def _envelope_of(msg: Msg, where: str, stream: str | None = None) -> Envelope | None:
+    """The envelope of a stored message checked against its subject's stream, else None."""
     try:
-        return _VERSION_DECODER.decode(msg.data).version
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        pass
-    text = msg.headers.get(h.STREAM_VERSION) if msg.headers else None
-    return int(text) if text is not None and text.isdigit() else None
-
-
-def _envelope_of(msg: Msg) -> Envelope | None:
-    try:
-        return ENVELOPE_DECODER.decode(msg.data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        return parse_envelope(msg.data, where, stream)
+    except InvalidEnvelopeError:
         return None
 
 

@@ -634,8 +634,8 @@ class SQLiteEventStore(EventStore):
         first = (stream, bound, self.page_size if limit is None else min(self.page_size, limit))
         decode, where = self.decode, self._where
         async for rows in self._pages(sql, first, following):
-            for position, body, _ in rows:
-                event = decode(body, position, where)
+            for position, body, version in rows:
+                event = decode(body, position, where, stream, version=version)
                 if event is not None:
                     yield event
                     if remaining is not None:
@@ -679,8 +679,8 @@ class SQLiteEventStore(EventStore):
 
         decode, where = self.decode, self._where
         async for rows in self._scan(start - 1, head, clauses, parameters, left):
-            for position, body in rows:
-                event = decode(body, position, where)
+            for position, body, stream, version in rows:
+                event = decode(body, position, where, stream, version=version)
                 if event is not None:
                     yield event
                     if remaining is not None:
@@ -694,16 +694,19 @@ class SQLiteEventStore(EventStore):
         parameters: list[Any],
         left: Callable[[], int | None],
     ) -> AsyncIterator[list[Any]]:
-        """Pages of (position, body) rows at positions in (after, upto] that match `clauses`, in
-        order; `left()` is how many more events the caller wants when it asks for the next page
-        (None: all). The caller decodes each row as it yields it: a decoded event then dies
-        young, which costs the garbage collector far less than a page of them kept alive.
+        """Pages of (position, body, stream, version) rows at positions in (after, upto] that match
+        `clauses`, in order; `left()` is how many more events the caller wants when it asks for the
+        next page (None: all). The caller decodes each row as it yields it: a decoded event then
+        dies young, which costs the garbage collector far less than a page of them kept alive.
 
         A filtered query looks at a window of `_window` positions at most, so that no query
         scans or sorts more than a bounded slice of the log, whatever indexes the filter can use.
         """
         where = " AND ".join(["position > ?", "position <= ?", *clauses])
-        sql = f"SELECT position, body FROM events WHERE {where} ORDER BY position LIMIT ?"
+        sql = (
+            f"SELECT position, body, stream, version FROM events WHERE {where} "
+            "ORDER BY position LIMIT ?"
+        )
 
         def query(low: int) -> tuple[Any, ...] | None:
             remaining = left()
@@ -730,8 +733,8 @@ class SQLiteEventStore(EventStore):
             if head > last:
                 decode, where = self.decode, self._where
                 async for rows in self._scan(last, head, clauses, parameters, _everything):
-                    for position, body in rows:
-                        event = decode(body, position, where)
+                    for position, body, stream, version in rows:
+                        event = decode(body, position, where, stream, version=version)
                         if event is not None:
                             yield event
                 last = head

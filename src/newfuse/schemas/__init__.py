@@ -1,8 +1,16 @@
 """Versioned msgspec schemas: the envelope, built-in payloads, the type registry, JSON Schema."""
 
+from newfuse.schemas.body import (
+    MAX_NESTING_DEPTH,
+    check_depth,
+    nesting_depth,
+    out_of_place,
+    parse_envelope,
+)
 from newfuse.schemas.envelope import (
     ENVELOPE_DECODER,
     ENVELOPE_ENCODER,
+    MAX_WIRE_INT,
     Envelope,
     NewEvent,
     RecordedEvent,
@@ -33,6 +41,8 @@ __all__ = [
     "ENVELOPE_DECODER",
     "ENVELOPE_ENCODER",
     "JSON_SCHEMA_DIALECT",
+    "MAX_NESTING_DEPTH",
+    "MAX_WIRE_INT",
     "A2AMessage",
     "A2AMetadata",
     "Envelope",
@@ -48,12 +58,16 @@ __all__ = [
     "TransactionStatus",
     "Upcaster",
     "build_export",
+    "check_depth",
     "check_token",
     "check_type_name",
     "default_registry",
     "envelope_schema",
     "export_schemas",
+    "nesting_depth",
     "new_event_id",
+    "out_of_place",
+    "parse_envelope",
     "payload_schema",
     "utcnow",
 ]

@@ -14,7 +14,11 @@ import msgspec
 from newfuse.schemas.ids import new_event_id
 from newfuse.schemas.payloads import Timestamp
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+MAX_WIRE_INT = 2**63 - 1
+"""Largest `version` or `schema_version` an envelope may carry (a signed 64-bit integer, what
+SQLite and most languages' NATS clients hold without loss)."""
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=MAX_WIRE_INT)]
 
 
 class TraceContext(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
