@@ -1,0 +1,149 @@
+"""Spans and metrics reach an OpenTelemetry collector over OTLP/HTTP: a receiver on loopback (a
+real HTTP server) decodes the protobuf request bodies with opentelemetry-proto."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from newfuse.config import Settings
+from newfuse.eventstore import open_event_store
+from newfuse.projections import Projection, ProjectionRunner, RedisBatch, RedisReadModel
+from newfuse.schemas import NewEvent, RecordedEvent
+from newfuse.telemetry import Telemetry
+
+
+class Receiver:
+    """What an OTLP/HTTP collector received, decoded."""
+
+    def __init__(self) -> None:
+        self.traces: list[ExportTraceServiceRequest] = []
+        self.metrics: list[ExportMetricsServiceRequest] = []
+        self.content_types: set[str] = set()
+        self.url = ""
+
+    def spans(self) -> list[tuple[Any, Any]]:
+        return [
+            (resource.resource, span)
+            for request in self.traces
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+
+    def sums(self, name: str, projection: str) -> list[float]:
+        values = []
+        for request in self.metrics:
+            for resource in request.resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        if metric.name != name:
+                            continue
+                        for point in metric.sum.data_points:
+                            attributes = {a.key: a.value.string_value for a in point.attributes}
+                            if attributes.get("projection") == projection:
+                                values.append(point.as_int or point.as_double)
+        return values
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    received = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.content_types.add(self.headers["Content-Type"])
+            if self.path == "/v1/traces":
+                received.traces.append(ExportTraceServiceRequest.FromString(body))
+                answer = ExportTraceServiceResponse().SerializeToString()
+            elif self.path == "/v1/metrics":
+                received.metrics.append(ExportMetricsServiceRequest.FromString(body))
+                answer = ExportMetricsServiceResponse().SerializeToString()
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    received.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+async def test_a_runner_s_spans_and_counters_arrive_at_the_collector(
+    receiver: Receiver, tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    telemetry = Telemetry(otlp_endpoint=receiver.url + "/", service_name="fuse-test")
+    tracer = telemetry.tracer()
+    projection: Projection[RedisBatch] = Projection("exported")
+
+    @projection.on("note")
+    def _apply(event: RecordedEvent, batch: RedisBatch) -> None:
+        batch.incrby(batch.key("total"), event.data["n"])
+
+    try:
+        async with (
+            await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store,
+            await RedisReadModel.connect(redis_url, root=f"{prefix}:proj") as model,
+        ):
+            with tracer.start_as_current_span("produce") as produce:
+                for n in range(1, 11):  # the events carry this span's trace context
+                    await store.append("agent.a1", NewEvent(type="note", data={"n": n}))
+            async with ProjectionRunner(
+                projection, store, model, meter=telemetry.meter(), tracer=tracer
+            ) as runner:
+                await runner.wait_until(10, timeout=10)
+            await telemetry.flush()
+    finally:
+        await telemetry.close()
+
+    assert receiver.content_types == {"application/x-protobuf"}
+    spans = receiver.spans()
+    names = {span.name for _, span in spans}
+    assert {"produce", "newfuse.projection.batch"} <= names
+    resource, batch_span = next(
+        (resource, span) for resource, span in spans if span.name == "newfuse.projection.batch"
+    )
+    attributes = {a.key: a.value for a in batch_span.attributes}
+    assert attributes["newfuse.projection"].string_value == "exported"
+    assert attributes["newfuse.position.first"].int_value == 1
+    produced = produce.get_span_context().trace_id.to_bytes(16, "big")
+    assert {link.trace_id for link in batch_span.links} == {produced}
+    service = {a.key: a.value.string_value for a in resource.attributes}
+    assert service["service.name"] == "fuse-test"
+    assert max(receiver.sums("newfuse.projection.applied", "exported")) == 10
+
+
+def test_the_collector_url_comes_from_fuse_otlp_endpoint_or_the_standard_variable() -> None:
+    standard = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert Settings.from_env(standard).otlp_endpoint == "http://collector:4318"
+    ours = {**standard, "FUSE_OTLP_ENDPOINT": "https://other:4318"}
+    assert Settings.from_env(ours).otlp_endpoint == "https://other:4318"
+    assert Settings.from_env({}).otlp_endpoint is None
