@@ -3,11 +3,16 @@ key prefix, and an active-generation pointer that readers resolve inside one Lua
 
 Keys, under `root` (default `fuse:proj`) and the projection's name `n`:
 
-- `<root>:<n>:active` - the generation readers see;
-- `<root>:<n>:generations` - a counter allocating generation numbers;
-- `<root>:<n>:g<g>:checkpoint`, `<root>:<n>:g<g>:dead` (hash position -> JSON dead letter);
-- `<root>:<n>:g<g>:m:<...>` - the model's own keys (`RedisBatch.key`);
-- `<root>:<n>:stats` - what the runner last reported; `<root>:names` - the projections held.
+- `<root>:{<n>}:active` - the generation readers see;
+- `<root>:{<n>}:generations` - a counter allocating generation numbers;
+- `<root>:{<n>}:g<g>:checkpoint`, `<root>:{<n>}:g<g>:dead` (hash position -> JSON dead letter);
+- `<root>:{<n>}:g<g>:m:<...>` - the model's own keys (`RedisBatch.key`);
+- `<root>:{<n>}:stats` - what the runner last reported; `<root>:names` - the projections held.
+
+`{<n>}` is a Redis Cluster hash tag: every key of a projection, of all its generations and its
+pointer, hashes to one slot, so a batch's MULTI/EXEC, its WATCH and a Lua script that reads the
+pointer and then the model it names all stay on one node. `<root>:names` is only ever written
+alone. A Redis Cluster spreads projections over its masters, one projection per slot.
 """
 
 from __future__ import annotations
@@ -142,8 +147,8 @@ class RedisReadModel(ReadModel[RedisBatch]):
     # -- key layout --------------------------------------------------------------------------------
 
     def namespace(self, name: str) -> str:
-        """`<root>:<name>`: the prefix of every key of a projection."""
-        return f"{self.root}:{name}"
+        """`<root>:{<name>}`: the prefix of every key of a projection (a cluster hash tag)."""
+        return f"{self.root}:{{{name}}}"
 
     def active_key(self, name: str) -> str:
         """The key of the active-generation pointer."""
@@ -229,7 +234,10 @@ class RedisReadModel(ReadModel[RedisBatch]):
             else:
                 script = self.script(_batched(lua))
                 pipe.scripts.add(script)
-                pipe.evalsha(script.sha, 0, calls)
+                # one declared key (unused by the script) routes the call to the generation's
+                # slot on a cluster; every key the calls touch hashes there too
+                anchor = self._checkpoint_key(batch.projection, batch.generation)
+                pipe.evalsha(script.sha, 1, anchor, calls)
             index = end
         for letter in batch.dead:
             pipe.hset(
@@ -272,7 +280,6 @@ class RedisReadModel(ReadModel[RedisBatch]):
                     raise WatchError("prepared by another runner")
                 pipe.multi()
                 self._queue(pipe, batch)
-                pipe.sadd(f"{self.root}:names", name)
                 if activate:
                     pipe.set(self.active_key(name), generation)
                 await pipe.execute()
@@ -281,10 +288,16 @@ class RedisReadModel(ReadModel[RedisBatch]):
     async def prepare(self, projection: Projection[RedisBatch]) -> int:
         for _attempt in range(10):
             active = await self.active_generation(projection.name)
+            if active is None:
+                with contextlib.suppress(BatchConflict):
+                    active = await self._allocate(projection, activate=True)
             if active is not None:
+                # Listed on its own (the set is in another slot than the projection's keys, so
+                # not in their MULTI), once it has a generation, at every prepare: a crash
+                # between the two writes leaves it unlisted only until the next runner starts.
+                with self._guard(f"list projection {projection.name!r}"):
+                    await self.client.sadd(f"{self.root}:names", projection.name)
                 return active
-            with contextlib.suppress(BatchConflict):
-                return await self._allocate(projection, activate=True)
         raise BatchConflict(f"prepare {projection.name!r}: the pointer kept changing")
 
     async def new_generation(self, projection: Projection[RedisBatch]) -> int:
@@ -402,8 +415,9 @@ def _batched(lua: str) -> str:
     ARGV[1] is a JSON array with one `[keys, args]` pair per call, every value a string (as
     redis-py would send it). The original source becomes the body of a function whose
     parameters shadow KEYS and ARGV, so it runs unchanged (its return value is dropped). The
-    keys travel in the argument, not in KEYS: fine on a standalone server (a batch's keys span
-    many hash slots anyway).
+    keys travel in the argument, not in KEYS: KEYS[1] is only the generation's checkpoint key,
+    which routes the call on a cluster; the keys of one generation share its hash tag, so they
+    are all in the slot of that key.
     """
     return (
         "local function call(KEYS, ARGV)\n"
