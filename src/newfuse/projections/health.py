@@ -10,6 +10,7 @@ handles, and remembers how far it scanned, so each position is read at most once
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -99,6 +100,16 @@ def projection_checks(
             runner, max_lag_seconds=max_lag_seconds, max_lag_events=max_lag_events
         )
     return checks
+
+
+def add_health_option(parser: argparse.ArgumentParser) -> None:
+    """The `--health HOST:PORT` option of a long-running command (what `operations` serves)."""
+    parser.add_argument(
+        "--health",
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and /metrics there (port 0: a free one, printed; "
+        "0.0.0.0:PORT for Kubernetes probes; default: $FUSE_HEALTH_ADDR, else off)",
+    )
 
 
 @contextlib.asynccontextmanager
