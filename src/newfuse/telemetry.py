@@ -92,6 +92,8 @@ class Telemetry:
         prometheus: keep a Prometheus registry of every metric (see `prometheus_text`).
         service_name: the `service.name` resource attribute of everything exported.
         export_interval: seconds between OTLP metric exports.
+        export_timeout: seconds one export may take, its retries included (so closing with
+            an unreachable collector takes about twice this, not minutes).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Telemetry:
         prometheus: bool = False,
         service_name: str = "newfuse",
         export_interval: float = 10.0,
+        export_timeout: float = 3.0,
     ) -> None:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -121,12 +124,16 @@ class Telemetry:
 
             base = otlp_endpoint.rstrip("/")
             self.tracer_provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
+                BatchSpanProcessor(
+                    OTLPSpanExporter(endpoint=f"{base}/v1/traces", timeout=export_timeout),
+                    export_timeout_millis=export_timeout * 1000,
+                )
             )
             readers.append(
                 PeriodicExportingMetricReader(
-                    OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
+                    OTLPMetricExporter(endpoint=f"{base}/v1/metrics", timeout=export_timeout),
                     export_interval_millis=export_interval * 1000,
+                    export_timeout_millis=export_timeout * 1000,
                 )
             )
         if prometheus:
@@ -139,6 +146,7 @@ class Telemetry:
             readers.append(PrometheusMetricReader(registry=self.registry))
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self.otlp_endpoint = otlp_endpoint
+        self._timeout_millis = export_timeout * 1000
         self._closed = False
 
     def install(self) -> Self:
@@ -174,4 +182,4 @@ class Telemetry:
             return
         self._closed = True
         await asyncio.to_thread(self.tracer_provider.shutdown)
-        await asyncio.to_thread(self.meter_provider.shutdown)
+        await asyncio.to_thread(self.meter_provider.shutdown, self._timeout_millis)

@@ -3,10 +3,12 @@ real HTTP server) decodes the protobuf request bodies with opentelemetry-proto."
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from newfuse.config import Settings
 from newfuse.eventstore import open_event_store
+from newfuse.nats.embedded import free_port
 from newfuse.projections import Projection, ProjectionRunner, RedisBatch, RedisReadModel
 from newfuse.schemas import NewEvent, RecordedEvent
 from newfuse.telemetry import Telemetry
@@ -65,3 +67,12 @@ def test_the_collector_url_comes_from_fuse_otlp_endpoint_or_the_standard_variabl
     ours = {**standard, "FUSE_OTLP_ENDPOINT": "https://other:4318"}
     assert Settings.from_env(ours).otlp_endpoint == "https://other:4318"
     assert Settings.from_env({}).otlp_endpoint is None
+
+
+async def test_closing_with_an_unreachable_collector_takes_a_bounded_time() -> None:
+    telemetry = Telemetry(otlp_endpoint=f"http://127.0.0.1:{free_port()}", export_timeout=1.0)
+    with telemetry.tracer().start_as_current_span("lost"):
+        telemetry.meter().create_counter("newfuse.test.lost").add(1)
+    started = time.monotonic()
+    await telemetry.close()
+    assert time.monotonic() - started < 5.0  # without the bound: about 14 s of retries
