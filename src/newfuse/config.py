@@ -37,6 +37,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             the running `fuse dev`'s.
         state_dir: where `fuse dev` records the URLs of the servers it runs.
         connect_timeout: seconds allowed to reach a server.
+        health_addr: `host:port` where a long-running process serves /healthz, /readyz and
+            /metrics (port 0: a free one); None: no such server.
+        otlp_endpoint: base URL of an OpenTelemetry collector's OTLP/HTTP receiver (e.g.
+            `http://collector:4318`); traces and metrics go to `/v1/traces` and `/v1/metrics`
+            under it. None: nothing is exported. `OTEL_EXPORTER_OTLP_ENDPOINT` is used when
+            `FUSE_OTLP_ENDPOINT` is not set.
     """
 
     nats_url: str | None = None
@@ -46,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     audit_db: str | None = None
     state_dir: str = msgspec.field(default_factory=_default_state_dir)
     connect_timeout: float = 5.0
+    health_addr: str | None = None
+    otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -60,10 +68,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 value=self.connect_timeout,
                 reason="must be a positive number of seconds",
             )
+        if self.health_addr is not None:
+            split_address(self.health_addr, variable="FUSE_HEALTH_ADDR")
         for variable, url, schemes in (
             ("FUSE_NATS_URL", self.nats_url, ("nats", "tls", "ws", "wss")),
             ("FUSE_REDIS_URL", self.redis_url, ("redis", "rediss", "unix")),
             ("FUSE_STORE", self.store, ("nats", "tls", "sqlite")),
+            ("FUSE_OTLP_ENDPOINT", self.otlp_endpoint, ("http", "https")),
         ):
             if url is not None and url.split("://", 1)[0] not in schemes:
                 raise ConfigError(
@@ -91,6 +102,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                     ) from None
             else:
                 values[field] = raw
+        if "otlp_endpoint" not in values and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            # the standard variable of every OpenTelemetry SDK, so a collector set up for other
+            # services is found without a newfuse-specific one
+            values["otlp_endpoint"] = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -103,4 +118,24 @@ _VARIABLES: dict[str, str] = {
     "audit_db": "FUSE_AUDIT_DB",
     "state_dir": "FUSE_STATE_DIR",
     "connect_timeout": "FUSE_CONNECT_TIMEOUT",
+    "health_addr": "FUSE_HEALTH_ADDR",
+    "otlp_endpoint": "FUSE_OTLP_ENDPOINT",
 }
+
+
+def split_address(address: str, *, variable: str = "--health") -> tuple[str, int]:
+    """(host, port) of `host:port` (`[::1]:port` for IPv6; port 0 asks for a free one).
+
+    Raises:
+        ConfigError: not `host:port`, or the port is not 0-65535.
+    """
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            variable=variable,
+            value=address,
+            reason="expected host:port, e.g. 127.0.0.1:9464 (port 0 picks a free port; "
+            "0.0.0.0:9464 to be reachable from other hosts, as Kubernetes probes need)",
+        )
+    return host, int(port)

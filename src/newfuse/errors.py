@@ -79,6 +79,18 @@ class DevAlreadyRunningError(FuseError):
         )
 
 
+class HealthServerError(FuseError):
+    """The health and metrics server cannot listen where it was asked to."""
+
+    def __init__(self, *, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(
+            f"health server on {address}: {reason}; choose a free port (0 picks one) on an "
+            f"address of this host (--health / FUSE_HEALTH_ADDR)"
+        )
+
+
 class ConnectionLostError(FuseError):
     """A server could not be reached within the deadline."""
 

@@ -98,7 +98,10 @@ async def test_rebuild_swaps_atomically_under_a_live_runner_and_continuous_reade
         assert progress[-1].swapped and progress[-1].position >= 3000
         assert [p.position for p in progress] == sorted(p.position for p in progress)
         leftovers = [
-            key async for key in model.client.scan_iter(match=f"{prefix}:proj:tagged:g{old}:*")
+            key
+            async for key in model.client.scan_iter(
+                match=f"{model.generation_prefix('tagged', old)}*"
+            )
         ]
         assert leftovers == []
         applied_key = model.model_prefix("tagged", result.new_generation) + "applied"

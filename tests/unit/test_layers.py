@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2] / "src" / "newfuse"
-LEAVES = {"errors", "config", "telemetry", "reliability", "_closing"}
+LEAVES = {"errors", "config", "telemetry", "reliability", "health", "_closing"}
 LAYERS = ["schemas", "nats", "eventstore", "projections", "agents", "core", "cli"]
 
 

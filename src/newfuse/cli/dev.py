@@ -24,6 +24,7 @@ from newfuse.eventstore import open_event_store
 from newfuse.nats.embedded import NatsServer, ValkeyServer
 from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
+from newfuse.projections.health import add_health_option, operations
 
 
 def register(commands: Any) -> None:
@@ -42,6 +43,7 @@ def register(commands: Any) -> None:
         type=Path,
         help="keep server data here (default: a temporary directory removed on exit)",
     )
+    add_health_option(parser)
     parser.set_defaults(handler=run_dev)
 
 
@@ -69,8 +71,9 @@ async def run_dev(args: argparse.Namespace) -> int:
             ValkeyServer(data_dir=root / "valkey") as valkey,
             await open_event_store(nats.url, prefix=settings.prefix) as store,
             await BuiltinProjections.open(redis_url=valkey.url, audit_db=audit_db) as builtin,
+            operations(settings, store, runners := builtin.runners(store), health=args.health),
         ):
-            projections = ProjectionGroup(builtin.runners(store))
+            projections = ProjectionGroup(runners)
             running = asyncio.create_task(projections.run(handle_signals=False))
             write_dev_state(
                 settings,

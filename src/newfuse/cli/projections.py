@@ -30,6 +30,7 @@ from newfuse.projections import (
     rebuild,
 )
 from newfuse.projections.builtin import BUILTIN_NAMES, BuiltinProjections
+from newfuse.projections.health import add_health_option, operations
 
 _JSON = msgspec.json.Encoder()
 
@@ -49,6 +50,7 @@ def register(commands: Any) -> None:
         "as a long-lived process; SIGTERM stops each at a checkpoint.",
     )
     run.add_argument("names", nargs="*", metavar="NAME", help="projections to run")
+    add_health_option(run)
     run.set_defaults(handler=run_projections)
 
     status = actions.add_parser("status", help="checkpoint, head, lag and dead letters")
@@ -120,7 +122,8 @@ async def run_projections(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         group = ProjectionGroup(runners)
-        await group.run(handle_signals=True)
+        async with operations(settings_from_args(args), store, runners, health=args.health):
+            await group.run(handle_signals=True)
         for runner in runners:
             print(f"  {runner.name}: stopped at position {runner.checkpoint}", file=sys.stderr)
         failed = [runner for runner in runners if runner.failure is not None]

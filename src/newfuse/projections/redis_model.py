@@ -3,11 +3,16 @@ key prefix, and an active-generation pointer that readers resolve inside one Lua
 
 Keys, under `root` (default `fuse:proj`) and the projection's name `n`:
 
-- `<root>:<n>:active` - the generation readers see;
-- `<root>:<n>:generations` - a counter allocating generation numbers;
-- `<root>:<n>:g<g>:checkpoint`, `<root>:<n>:g<g>:dead` (hash position -> JSON dead letter);
-- `<root>:<n>:g<g>:m:<...>` - the model's own keys (`RedisBatch.key`);
-- `<root>:<n>:stats` - what the runner last reported; `<root>:names` - the projections held.
+- `<root>:{<n>}:active` - the generation readers see;
+- `<root>:{<n>}:generations` - a counter allocating generation numbers;
+- `<root>:{<n>}:g<g>:checkpoint`, `<root>:{<n>}:g<g>:dead` (hash position -> JSON dead letter);
+- `<root>:{<n>}:g<g>:m:<...>` - the model's own keys (`RedisBatch.key`);
+- `<root>:{<n>}:stats` - what the runner last reported; `<root>:names` - the projections held.
+
+`{<n>}` is a Redis Cluster hash tag: every key of a projection, of all its generations and its
+pointer, hashes to one slot, so a batch's MULTI/EXEC, its WATCH and a Lua script that reads the
+pointer and then the model it names all stay on one node. `<root>:names` is only ever written
+alone. A Redis Cluster spreads projections over its masters, one projection per slot.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -105,11 +111,14 @@ class RedisReadModel(ReadModel[RedisBatch]):
             runner = ProjectionRunner(projection, store, model)
     """
 
-    def __init__(self, client: redis.Redis, *, url: str, root: str = "fuse:proj") -> None:
-        self.client = client
+    def __init__(
+        self, client: redis.Redis | RedisCluster, *, url: str, root: str = "fuse:proj"
+    ) -> None:
+        self.client: Any = client  # the two clients share the commands used here
         self.url = url
         self.root = root
-        self.description = f"redis {url} ({root})"
+        self.cluster = isinstance(client, RedisCluster)
+        self.description = f"redis {'cluster ' if self.cluster else ''}{url} ({root})"
         self._scripts: dict[str, AsyncScript] = {}
         self._closed = False
 
@@ -120,30 +129,34 @@ class RedisReadModel(ReadModel[RedisBatch]):
         *,
         root: str = "fuse:proj",
         timeout: float = 5.0,  # noqa: ASYNC109 - redis-py's socket timeouts, not an await
+        cluster: bool = False,
     ) -> RedisReadModel:
         """Connect to the server at `url` (nothing is sent until the first use).
 
         Args:
-            url: `redis://host:port/db`.
+            url: `redis://host:port/db`; with `cluster`, any node of the cluster.
             root: the prefix of every key this model writes.
             timeout: seconds allowed per command and per connection attempt.
+            cluster: `url` is a Redis Cluster node: route each projection's commands to the
+                master of its slot (see the module docstring).
         """
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
             # No hidden retries: the runner owns the waiting (and a retried EXEC must never run
             # twice; WATCH already turns a lost connection into a conflict).
-            retry=Retry(NoBackoff(), 0),
-        )
-        return cls(client, url=url, root=root)
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if cluster:
+            return cls(RedisCluster.from_url(url, **options), url=url, root=root)
+        return cls(redis.Redis.from_url(url, **options), url=url, root=root)
 
     # -- key layout --------------------------------------------------------------------------------
 
     def namespace(self, name: str) -> str:
-        """`<root>:<name>`: the prefix of every key of a projection."""
-        return f"{self.root}:{name}"
+        """`<root>:{<name>}`: the prefix of every key of a projection (a cluster hash tag)."""
+        return f"{self.root}:{{{name}}}"
 
     def active_key(self, name: str) -> str:
         """The key of the active-generation pointer."""
@@ -201,7 +214,16 @@ class RedisReadModel(ReadModel[RedisBatch]):
                 keys=[self.active_key(name)], args=[f"{self.namespace(name)}:g", *args]
             )
 
-    def _queue(self, pipe: Any, batch: RedisBatch) -> None:
+    async def _load(self, scripts: set[AsyncScript]) -> None:
+        """On a cluster, load the batch's scripts on every master before its EXEC (a cluster
+        pipeline does not, as a standalone one does with `pipe.scripts`)."""
+        if self.cluster:
+            for script in scripts:
+                await self.client.script_load(script.script)
+
+    def _queue(self, pipe: Any, batch: RedisBatch) -> set[AsyncScript]:
+        """Queue the batch's commands, dead letters and checkpoint; the scripts it uses."""
+        used: set[AsyncScript] = set()
         commands = batch.commands
         index = 0
         while index < len(commands):
@@ -224,12 +246,15 @@ class RedisReadModel(ReadModel[RedisBatch]):
             if calls is None:
                 for _, _, keys, args in commands[index:end]:  # type: ignore[misc]
                     script = self.script(lua)
-                    pipe.scripts.add(script)
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    used.add(script)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             else:
                 script = self.script(_batched(lua))
-                pipe.scripts.add(script)
-                pipe.evalsha(script.sha, 0, calls)
+                used.add(script)
+                # one declared key (unused by the script) routes the call to the generation's
+                # slot on a cluster; every key the calls touch hashes there too
+                anchor = self._checkpoint_key(batch.projection, batch.generation)
+                pipe.execute_command("EVALSHA", script.sha, 1, anchor, calls)
             index = end
         for letter in batch.dead:
             pipe.hset(
@@ -239,6 +264,9 @@ class RedisReadModel(ReadModel[RedisBatch]):
             )
         if batch.advanced_to is not None:
             pipe.set(self._checkpoint_key(batch.projection, batch.generation), batch.advanced_to)
+        if not self.cluster:
+            pipe.scripts.update(used)  # the pipeline loads them before it sends the MULTI
+        return used
 
     # -- ReadModel ---------------------------------------------------------------------------------
 
@@ -271,8 +299,7 @@ class RedisReadModel(ReadModel[RedisBatch]):
                 if activate and await pipe.get(self.active_key(name)) is not None:
                     raise WatchError("prepared by another runner")
                 pipe.multi()
-                self._queue(pipe, batch)
-                pipe.sadd(f"{self.root}:names", name)
+                await self._load(self._queue(pipe, batch))
                 if activate:
                     pipe.set(self.active_key(name), generation)
                 await pipe.execute()
@@ -281,10 +308,16 @@ class RedisReadModel(ReadModel[RedisBatch]):
     async def prepare(self, projection: Projection[RedisBatch]) -> int:
         for _attempt in range(10):
             active = await self.active_generation(projection.name)
+            if active is None:
+                with contextlib.suppress(BatchConflict):
+                    active = await self._allocate(projection, activate=True)
             if active is not None:
+                # Listed on its own (the set is in another slot than the projection's keys, so
+                # not in their MULTI), once it has a generation, at every prepare: a crash
+                # between the two writes leaves it unlisted only until the next runner starts.
+                with self._guard(f"list projection {projection.name!r}"):
+                    await self.client.sadd(f"{self.root}:names", projection.name)
                 return active
-            with contextlib.suppress(BatchConflict):
-                return await self._allocate(projection, activate=True)
         raise BatchConflict(f"prepare {projection.name!r}: the pointer kept changing")
 
     async def new_generation(self, projection: Projection[RedisBatch]) -> int:
@@ -305,13 +338,15 @@ class RedisReadModel(ReadModel[RedisBatch]):
         with self._guard(f"apply a batch to {name!r} generation {generation}"):
             async with self._pipeline() as pipe:
                 await pipe.watch(checkpoint_key, active_key)
-                stored, pointer = await pipe.mget(checkpoint_key, active_key)
+                # MGET (and EVALSHA below) by name: a cluster pipeline blocks its mget() and
+                # evalsha() methods, not the commands (the keys share a slot here)
+                stored, pointer = await pipe.execute_command("MGET", checkpoint_key, active_key)
                 if int(stored or 0) != expected_checkpoint or (
                     active and (pointer is None or int(pointer) != generation)
                 ):
                     raise BatchConflict(f"{name!r}: checkpoint {stored!r}, active {pointer!r}")
                 pipe.multi()
-                self._queue(pipe, batch)
+                await self._load(self._queue(pipe, batch))
                 results = await pipe.execute(raise_on_error=False)
         refused = [result for result in results if isinstance(result, ResponseError)]
         if refused:
@@ -330,7 +365,9 @@ class RedisReadModel(ReadModel[RedisBatch]):
             with self._guard(f"swap {name!r} to generation {generation}"):
                 async with self._pipeline() as pipe:
                     await pipe.watch(active_key, new_key, old_key)
-                    pointer, new, old = await pipe.mget(active_key, new_key, old_key)
+                    pointer, new, old = await pipe.execute_command(
+                        "MGET", active_key, new_key, old_key
+                    )
                     if pointer is None or int(pointer) != expected_active:
                         await pipe.unwatch()
                         raise RebuildConflictError(
@@ -402,8 +439,9 @@ def _batched(lua: str) -> str:
     ARGV[1] is a JSON array with one `[keys, args]` pair per call, every value a string (as
     redis-py would send it). The original source becomes the body of a function whose
     parameters shadow KEYS and ARGV, so it runs unchanged (its return value is dropped). The
-    keys travel in the argument, not in KEYS: fine on a standalone server (a batch's keys span
-    many hash slots anyway).
+    keys travel in the argument, not in KEYS: KEYS[1] is only the generation's checkpoint key,
+    which routes the call on a cluster; the keys of one generation share its hash tag, so they
+    are all in the slot of that key.
     """
     return (
         "local function call(KEYS, ARGV)\n"

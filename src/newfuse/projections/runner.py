@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Generic, Self
 
 import msgspec
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 
 from newfuse import telemetry
 from newfuse.errors import (
@@ -175,6 +175,24 @@ class _Applier(Generic[B]):
         self.checkpoint = event.position
 
 
+_MAX_LINKS = 32
+
+
+def _links(events: Sequence[RecordedEvent]) -> list[trace.Link]:
+    """Links from a batch's span to the traces of (up to 32 of) its events."""
+    links: list[trace.Link] = []
+    for event in events:
+        if event.trace is None:
+            continue
+        parent = telemetry.context_from(event.trace.traceparent, event.trace.tracestate)
+        span_context = trace.get_current_span(parent).get_span_context()
+        if span_context.is_valid:
+            links.append(trace.Link(span_context))
+            if len(links) == _MAX_LINKS:
+                break
+    return links
+
+
 class _Wake:
     pass
 
@@ -183,10 +201,30 @@ _WAKE = _Wake()
 
 
 class _Metrics:
-    """The OpenTelemetry gauges of one runner (lag is a metric, not only a status field)."""
+    """The OpenTelemetry instruments of one runner (lag is a metric, not only a status field)."""
 
     def __init__(self, meter: metrics.Meter, name: str) -> None:
         self.attributes = {"projection": name}
+        self.applied = meter.create_counter(
+            "newfuse.projection.applied",
+            unit="{event}",
+            description="events applied and committed with the checkpoint",
+        )
+        self.dead_letters = meter.create_counter(
+            "newfuse.projection.dead_letters",
+            unit="{event}",
+            description="events recorded as dead letters (handler failed every retry)",
+        )
+        self.errors = meter.create_counter(
+            "newfuse.projection.errors",
+            unit="{error}",
+            description="outages of the store or read model the runner waited out, by error",
+        )
+        self.head = meter.create_gauge(
+            "newfuse.store.head_position",
+            unit="{position}",
+            description="the event store's newest position, as the runner last measured it",
+        )
         self.lag = meter.create_gauge(
             "newfuse.projection.lag",
             unit="{event}",
@@ -202,6 +240,7 @@ class _Metrics:
         )
 
     def record(self, head: int, checkpoint: int, rate: float) -> None:
+        self.head.set(head)
         self.lag.set(max(head - checkpoint, 0), self.attributes)
         self.checkpoint.set(checkpoint, self.attributes)
         self.rate.set(rate, self.attributes)
@@ -227,10 +266,15 @@ class ProjectionRunner(Generic[B]):
         batch_size: most events per atomic unit.
         linger: seconds to wait for more events when fewer than `batch_size` are ready.
         stats_interval: seconds between reports of the runner's stats to the model (and of
-            its metrics: `newfuse.projection.lag` in events, `newfuse.projection.checkpoint`,
-            `newfuse.projection.rate` in events/s, each with a `projection` attribute).
+            its gauges: `newfuse.projection.lag` in events, `newfuse.projection.checkpoint`,
+            `newfuse.projection.rate` in events/s, `newfuse.store.head_position`). Counters
+            move as it works: `newfuse.projection.applied`, `newfuse.projection.dead_letters`,
+            `newfuse.projection.errors` (outages waited out, with an `error` attribute). All
+            carry a `projection` attribute but the head.
         meter: OpenTelemetry meter for those metrics (default: newfuse's, from the global
             meter provider; a no-op until the application installs one).
+        tracer: OpenTelemetry tracer of the `newfuse.projection.batch` span each batch gets
+            (linked to the traces its events carry); default newfuse's, as for `meter`.
     """
 
     def __init__(
@@ -243,6 +287,7 @@ class ProjectionRunner(Generic[B]):
         linger: float = 0.002,
         stats_interval: float = 1.0,
         meter: metrics.Meter | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"projection {projection.name!r}: batch_size must be >= 1")
@@ -259,12 +304,14 @@ class ProjectionRunner(Generic[B]):
         self._applier: _Applier[B] | None = None
         self._checkpoint = 0
         self._applied = 0
+        self._dead_letters = 0
         self._progress = asyncio.Event()
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[RecordedEvent | BaseException | _Wake] | None = None
         self._task: asyncio.Task[None] | None = None
         self._reported_at = time.monotonic()
         self._metrics = _Metrics(meter or telemetry.meter(), projection.name)
+        self._tracer = tracer or telemetry.tracer()
         self._reporting: asyncio.Task[None] | None = None
         self._reported_applied = 0
 
@@ -349,6 +396,7 @@ class ProjectionRunner(Generic[B]):
                     self._applier = _Applier(
                         self.projection, self.model, generation, checkpoint, active=True
                     )
+                    self._applied = self._dead_letters = 0  # counted per applier
                     self._set_checkpoint(checkpoint)
                     self._set_state("running")
                     await self._follow(self._applier)
@@ -363,6 +411,9 @@ class ProjectionRunner(Generic[B]):
                     if not getattr(error, "retryable", False):
                         raise
                     failures += 1
+                    self._metrics.errors.add(
+                        1, {**self._metrics.attributes, "error": type(error).__name__}
+                    )
                     self.last_error = _describe(error)
                     self._set_state("waiting")
                     log.warning("projection %r: %s; retrying", self.name, error)
@@ -437,7 +488,18 @@ class ProjectionRunner(Generic[B]):
                         except TimeoutError:
                             break
                 if batch:
-                    await applier.apply(batch)
+                    with self._tracer.start_as_current_span(
+                        "newfuse.projection.batch",
+                        kind=trace.SpanKind.CONSUMER,
+                        links=_links(batch),
+                        attributes={
+                            "newfuse.projection": self.name,
+                            "newfuse.position.first": batch[0].position,
+                            "newfuse.position.last": batch[-1].position,
+                            "newfuse.batch.size": len(batch),
+                        },
+                    ):
+                        await applier.apply(batch)
                     self._committed(applier)
                 if failure is not None:
                     raise failure
@@ -453,7 +515,13 @@ class ProjectionRunner(Generic[B]):
         self._progress = asyncio.Event()
 
     def _committed(self, applier: _Applier[B]) -> None:
-        self._applied = applier.applied
+        if applier.applied > self._applied:  # the counters take what is new since the last batch
+            self._metrics.applied.add(applier.applied - self._applied, self._metrics.attributes)
+        if applier.dead_letters > self._dead_letters:
+            self._metrics.dead_letters.add(
+                applier.dead_letters - self._dead_letters, self._metrics.attributes
+            )
+        self._applied, self._dead_letters = applier.applied, applier.dead_letters
         if applier.checkpoint != self._checkpoint:
             self._set_checkpoint(applier.checkpoint)
         idle = self._reporting is None or self._reporting.done()
