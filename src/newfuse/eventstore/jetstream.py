@@ -10,11 +10,12 @@ a bounded cache (stream -> version, last sequence, clean) and brings it up to da
 the subject's messages after the cached sequence (all of them on a miss) with batched direct
 gets, checking each by the wire rule; usually that is one request that finds nothing new.
 Several events in one append are one atomic batch (ADR-50). Reads of one stream use batched direct
-gets; `read_all` and `subscribe` use an ordered push consumer implemented here on the raw client,
-which recreates itself from the last delivered position after a gap, a reconnect or a server
-restart: for as long as it takes behind `subscribe`, for the store's `timeout` behind a finite
-`read_all` (then ReadInterruptedError names the position reached). `close()` ends the feeds still
-open (StoreClosedError), deletes their consumers, and fails appends waiting for an acknowledgement.
+gets (`newfuse.nats.direct`); `read_all` and `subscribe` use an ordered push consumer
+(`newfuse.nats.ordered`), which recreates itself from the last delivered position after a gap, a
+reconnect or a server restart: for as long as it takes behind `subscribe`, for the store's
+`timeout` behind a finite `read_all` (then ReadInterruptedError names the position reached).
+`close()` ends the feeds still open (StoreClosedError), deletes their consumers, and fails appends
+waiting for an acknowledgement.
 """
 
 from __future__ import annotations
@@ -25,24 +26,17 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
-import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
-from nats.errors import Error as NatsError
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
     BatchDuplicateIdError,
-    ClosedDuringAppendError,
     DuplicateEventError,
     InvalidEnvelopeError,
-    PublishTimeoutError,
-    ReadInterruptedError,
-    StoreClosedError,
     StoreUnavailableError,
     WrongExpectedVersionError,
     WrongLastSequenceError,
@@ -62,32 +56,27 @@ from newfuse.eventstore.base import (
 from newfuse.nats import headers as h
 from newfuse.nats.batch import publish_atomic_batch
 from newfuse.nats.connection import connect
-from newfuse.nats.jserrors import PubAck, decode_pub_ack
+from newfuse.nats.direct import DIRECT_BATCH, DirectGet
+from newfuse.nats.direct import sequence_of as _seq_of
+from newfuse.nats.jsapi import NANOSECONDS, api_error, stream_info
+from newfuse.nats.jserrors import PubAck, decode_pub_ack, unavailable_error
+from newfuse.nats.ordered import OrderedPushConsumer
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
+from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
     Envelope,
     RecordedEvent,
     SchemaRegistry,
+    as_utc,
     out_of_place,
     parse_envelope,
 )
 
 log = logging.getLogger("newfuse.eventstore.jetstream")
 
-_DIRECT_BATCH: Final = 256
-"""Messages per batched direct get when reading one stream (ADR-31)."""
 _CACHE_SIZE: Final = 65_536
 """Streams whose (version, last sequence) the store remembers."""
-_NS: Final = 1_000_000_000
-
-
-class _StreamInfo(msgspec.Struct):
-    state: dict[str, Any] = {}
-    error: dict[str, Any] | None = None
-
-
-_STREAM_INFO_DECODER = msgspec.json.Decoder(_StreamInfo)
 
 
 class JetStreamEventStore(EventStore):
@@ -155,9 +144,9 @@ class JetStreamEventStore(EventStore):
         # stream -> (last valid version, last sequence on its subject, no invalid message seen)
         self._cache: dict[str, tuple[int, int, bool]] = {}
         self._busy: dict[str, deque[asyncio.Future[None]]] = {}
-        self._acks = _AckMux(nc, type(self).__name__)
-        self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
-        self._direct = f"$JS.API.DIRECT.GET.{self.stream_name}"
+        self._acks = PubAckInbox(nc, type(self).__name__)
+        self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
+        self._direct = DirectGet(nc, self.stream_name, timeout=timeout)
 
     @classmethod
     async def connect(
@@ -403,9 +392,7 @@ class JetStreamEventStore(EventStore):
         """JetStream dropped a repeated event id (PubAck `duplicate`): return the first result."""
         if position == seq and version > 0:
             return _single(stream, event.id, version, position)
-        msg = await self._direct_get(
-            self._direct, msgspec.json.encode({"seq": position}), f"read {stream!r}"
-        )
+        msg = await self._direct.get(f"read {stream!r}", seq=position)
         envelope = _envelope_of(msg, f"at {position}") if msg is not None else None
         if envelope is None or envelope.id != event.id:
             raise DuplicateEventError(
@@ -453,65 +440,8 @@ class JetStreamEventStore(EventStore):
 
     # -- reading one stream -----------------------------------------------------------------------
 
-    async def _direct_get(self, subject: str, body: bytes, operation: str) -> Msg | None:
-        """One direct get (ADR-31); None when there is no such message."""
-        try:
-            msg = await self.nc.request(subject, body, timeout=self._timeout)
-        except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation=operation, reason=f"direct get: {type(error).__name__}"
-            ) from None
-        status = msg.headers.get(h.STATUS) if msg.headers else None
-        if status is None:
-            return msg
-        if status == "404":
-            return None
-        raise StoreUnavailableError(
-            operation=operation,
-            reason=f"direct get answered {status} {(msg.headers or {}).get(h.DESCRIPTION, '')}",
-        )
-
-    async def _subject_messages(
-        self, subject: str, stream: str, start: int = 1
-    ) -> AsyncIterator[Msg]:
-        """Every message on `subject` from sequence `start` on, in order, by batched direct gets."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        try:
-            seq = start
-            while True:
-                request = msgspec.json.encode(
-                    {"seq": seq, "next_by_subj": subject, "batch": _DIRECT_BATCH}
-                )
-                await self.nc.publish(self._direct, request, reply=inbox)
-                while True:
-                    try:
-                        msg = await sub.next_msg(timeout=self._timeout)
-                    except NatsError as error:
-                        raise StoreUnavailableError(
-                            operation=f"read {stream!r}",
-                            reason=f"direct get: {type(error).__name__} {error}",
-                        ) from None
-                    msg_headers = msg.headers or {}
-                    status = msg_headers.get(h.STATUS)
-                    if status is None:
-                        seq = int(msg_headers[h.SEQUENCE]) + 1
-                        yield msg
-                    elif status == "204":  # end of batch
-                        if msg_headers.get(h.NUM_PENDING, "0") == "0":
-                            return
-                        break
-                    elif status == "404":
-                        return
-                    else:
-                        raise StoreUnavailableError(
-                            operation=f"read {stream!r}",
-                            reason=f"direct get answered {status} "
-                            f"{msg_headers.get(h.DESCRIPTION, '')}",
-                        )
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    def _subject_messages(self, subject: str, stream: str, start: int = 1) -> AsyncIterator[Msg]:
+        return self._direct.messages(subject, f"read {stream!r}", start)
 
     async def _read(
         self, stream: str, from_version: int | None, limit: int | None, backwards: bool
@@ -563,7 +493,7 @@ class JetStreamEventStore(EventStore):
         invalid messages, or a version near its start, is read from the start.
         """
         versions = VersionCheck(from_start=True)
-        if version <= _DIRECT_BATCH:
+        if version <= DIRECT_BATCH:
             return 1, versions
         known, last, clean = await self._fetch_state(stream, subject)
         if not clean:
@@ -574,11 +504,7 @@ class JetStreamEventStore(EventStore):
         low, high = 1, last
         while low < high:
             middle = (low + high) // 2
-            msg = await self._direct_get(
-                self._direct,
-                msgspec.json.encode({"seq": middle, "next_by_subj": subject}),
-                f"read {stream!r}",
-            )
+            msg = await self._direct.get(f"read {stream!r}", seq=middle, next_by_subj=subject)
             envelope = _envelope_of(msg, f"on {subject}", stream) if msg is not None else None
             if msg is None:
                 high = middle
@@ -600,20 +526,13 @@ class JetStreamEventStore(EventStore):
     async def _head_position(self) -> int:
         if not self._ready:
             await self.ensure_stream()
-        try:
-            msg = await self.nc.request(
-                f"$JS.API.STREAM.INFO.{self.stream_name}", b"", timeout=self._timeout
-            )
-        except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation="head position", reason=type(error).__name__
-            ) from None
-        info = _STREAM_INFO_DECODER.decode(msg.data)
-        if info.error is not None:
-            raise StoreUnavailableError(
-                operation="head position", reason=str(info.error.get("description"))
-            )
-        last: int = info.state.get("last_seq", 0)
+        info = await stream_info(
+            self.nc, self.stream_name, timeout=self._timeout, operation="head position"
+        )
+        refused = api_error(info)
+        if refused is not None:
+            raise unavailable_error("head position", refused)
+        last: int = info.get("state", {}).get("last_seq", 0)
         return last
 
     # -- reading everything, subscribing ----------------------------------------------------------
@@ -644,9 +563,7 @@ class JetStreamEventStore(EventStore):
         if head < from_position:
             return
         until_ns = _epoch_ns(until) if until is not None else None
-        feed = _OrderedFeed(
-            self, self._filter_subjects(filter), from_position, since, patience=self._timeout
-        )
+        feed = self._feed(filter, from_position, since, patience=self._timeout)
         try:
             if await feed.start() == 0:
                 return
@@ -673,7 +590,7 @@ class JetStreamEventStore(EventStore):
         self._check_open()
         if not self._ready:
             await self.ensure_stream()
-        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, None, patience=None)
+        feed = self._feed(filter, from_position, None, patience=None)
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
             decode, matches = self.decode, filter.matches
@@ -684,6 +601,25 @@ class JetStreamEventStore(EventStore):
                     yield event
         finally:
             await feed.close()
+
+    def _feed(
+        self, filter: EventFilter, start: int, since: datetime | None, *, patience: float | None
+    ) -> OrderedPushConsumer:
+        subjects = self._filter_subjects(filter)
+        feed = OrderedPushConsumer(
+            self.nc,
+            self.stream_name,
+            subjects,
+            start,
+            since=since,
+            heartbeat=self._heartbeat,
+            timeout=self._timeout,
+            patience=patience,
+            owner=type(self).__name__,
+            operation=f"read_all on {', '.join(subjects)}",
+        )
+        self._feeds.add(feed)  # close() ends it
+        return feed
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -717,10 +653,6 @@ def _headers(event: PreparedEvent, version: int, expected_seq: int | None) -> di
     return headers
 
 
-def _seq_of(msg: Msg) -> int:
-    return int(msg.headers[h.SEQUENCE]) if msg.headers else 0
-
-
 def _envelope_of(msg: Msg, where: str, stream: str | None = None) -> Envelope | None:
     """The envelope of a stored message checked against its subject's stream, else None."""
     try:
@@ -751,391 +683,5 @@ def _result(stream: str, found: list[tuple[int, Envelope]]) -> AppendResult:
     )
 
 
-def _utc(moment: datetime) -> datetime:
-    """`moment` in UTC; a naive datetime is taken to be UTC already (never local time)."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
 def _epoch_ns(moment: datetime) -> int:
-    return int(_utc(moment).timestamp() * _NS)
-
-
-class _AckMux:
-    """Publish-and-wait-for-PubAck over one wildcard inbox (as nats.py's publish_async does).
-
-    Cheaper than `nc.request` per append: no timer per request; one sweeper task fails the
-    requests whose deadline passed. Once closed, it refuses new requests at once and fails the
-    ones in flight (nothing would answer them: the sweeper is gone).
-    """
-
-    def __init__(self, nc: Client, store: str) -> None:
-        self._nc = nc
-        self._store = store
-        self._closed = False
-        self._prefix = ""
-        self._cut = 0
-        self._futures: dict[str, asyncio.Future[bytes]] = {}
-        self._deadlines: deque[tuple[float, str, str, float]] = deque()
-        self._counter = 0
-        self._sub: NatsSubscription | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self._closed:
-            raise StoreClosedError(store=self._store)
-        inbox = self._nc.new_inbox()
-        self._prefix = inbox + "."
-        self._cut = len(self._prefix)
-        self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_reply)
-        self._sweeper = asyncio.create_task(self._sweep(), name="newfuse-jetstream-acks")
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[self._cut :], None)
-        if future is None or future.done():
-            return
-        if msg.headers and msg.headers.get(h.STATUS) == "503":
-            future.set_exception(
-                StoreUnavailableError(
-                    operation="publish",
-                    reason="no JetStream stream answered (is the server restarting?)",
-                )
-            )
-        else:
-            future.set_result(msg.data)
-
-    async def request(
-        self, subject: str, body: bytes, headers: dict[str, str], wait: float
-    ) -> bytes:
-        if self._closed:
-            raise StoreClosedError(store=self._store)
-        self._counter += 1
-        token = str(self._counter)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._futures[token] = future
-        self._deadlines.append((loop.time() + wait, token, subject, wait))
-        try:
-            try:
-                await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
-            except NatsError as error:  # closed, or the reconnect buffer is full
-                raise StoreUnavailableError(
-                    operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
-                ) from None
-            return await future
-        finally:
-            self._futures.pop(token, None)
-            if future.done() and not future.cancelled():
-                future.exception()  # failed by close() while publishing: retrieved, not logged
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.05)
-            now = loop.time()
-            deadlines = self._deadlines
-            while deadlines and deadlines[0][0] <= now:
-                _, token, subject, timeout = deadlines.popleft()
-                future = self._futures.pop(token, None)
-                if future is not None and not future.done():
-                    future.set_exception(PublishTimeoutError(subject=subject, timeout=timeout))
-            while deadlines and deadlines[0][1] not in self._futures:
-                deadlines.popleft()  # answered: forget early, the deque stays short
-
-    async def close(self) -> None:
-        self._closed = True  # before any await: no request registers after this
-        for token, future in self._futures.items():
-            if not future.done():
-                subject = next((d[2] for d in self._deadlines if d[1] == token), "?")
-                future.set_exception(ClosedDuringAppendError(store=self._store, subject=subject))
-        self._futures.clear()
-        self._deadlines.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-
-_RESET: Final = "reset"
-_BEAT: Final = "beat"
-_CLOSED: Final = "closed"
-FeedItem = tuple[int, int, int, str, bytes]
-"""(stream sequence, server timestamp in ns, pending after it, subject, body)."""
-
-
-class _OrderedFeed:
-    """An ordered push consumer on the raw client: every message of the filter subjects once,
-    in stream order, from a start sequence (or time), across gaps, reconnects and restarts.
-
-    The consumer is ephemeral (memory storage, no acks, flow control, idle heartbeats). A gap in
-    its delivery sequence, a heartbeat naming another last delivery, a status message, or three
-    silent heartbeat intervals make the feed recreate it from the last sequence handed out + 1;
-    anything at or below that sequence is dropped, so there are no duplicates either.
-
-    How long it tries: a live feed (`patience` None, behind `subscribe`) until the server is
-    back; a finite one (behind `read_all`) `patience` seconds from the failure, then it raises
-    ReadInterruptedError naming the last position delivered. When the store closes, the
-    iteration raises StoreClosedError.
-    """
-
-    def __init__(
-        self,
-        store: JetStreamEventStore,
-        filter_subjects: list[str],
-        start: int,
-        since: datetime | None,
-        *,
-        patience: float | None,
-    ) -> None:
-        self._store = store
-        self._nc = store.nc
-        self._filters = filter_subjects
-        self._last = start - 1
-        self._since = since
-        self._patience = patience
-        self._failing_since: float | None = None
-        self._stop = asyncio.Event()
-        self._attempt: asyncio.Timeout | None = None  # the deadline of a consumer create
-        self._delivered_any = False
-        self._queue: asyncio.Queue[FeedItem | tuple[str, str] | str] = asyncio.Queue()
-        self._generation = 0
-        self._expected_cseq = 1
-        self._sub: NatsSubscription | None = None
-        self._consumer: str | None = None
-        self._closed = False
-        self._reset_pending = False
-        self._flow_waiting: set[str] = set()
-        store._feeds.add(self)
-
-    async def start(self) -> int:
-        """Create the consumer; returns how many messages it has pending."""
-        return await self._create()
-
-    async def _create(self) -> int:
-        await self._drop_consumer()
-        self._generation += 1
-        generation = self._generation
-        self._expected_cseq = 1
-        self._flow_waiting.clear()
-        inbox = self._nc.new_inbox()
-
-        async def on_message(msg: Msg) -> None:
-            if generation == self._generation:
-                await self._on_message(msg)
-
-        try:
-            self._sub = await self._nc.subscribe(inbox, cb=on_message)
-        except NatsError as error:
-            raise StoreUnavailableError(
-                operation="create consumer", reason=f"{type(error).__name__} {error}"
-            ) from None
-        if self._closed:  # closed while subscribing: leave nothing behind
-            await self._drop_consumer()
-            raise self._closed_error()
-        heartbeat = self._store._heartbeat
-        config: dict[str, Any] = {
-            "deliver_subject": inbox,
-            "ack_policy": "none",
-            "max_deliver": 1,
-            "flow_control": True,
-            "idle_heartbeat": int(heartbeat * _NS),
-            "mem_storage": True,
-            "num_replicas": 1,
-            "inactive_threshold": 60 * _NS,
-            "replay_policy": "instant",
-        }
-        if self._since is not None and not self._delivered_any:
-            config["deliver_policy"] = "by_start_time"
-            config["opt_start_time"] = _utc(self._since).isoformat()
-        else:
-            config["deliver_policy"] = "by_start_sequence"
-            config["opt_start_seq"] = self._last + 1
-        if len(self._filters) == 1:
-            config["filter_subject"] = self._filters[0]
-        else:
-            config["filter_subjects"] = self._filters
-        name = self._store.stream_name
-        try:
-            msg = await self._nc.request(
-                f"$JS.API.CONSUMER.CREATE.{name}",
-                msgspec.json.encode({"stream_name": name, "config": config}),
-                timeout=self._store._timeout,
-            )
-        except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation="create consumer", reason=type(error).__name__
-            ) from None
-        answer = msgspec.json.decode(msg.data)
-        if "error" in answer:
-            raise StoreUnavailableError(
-                operation="create consumer", reason=str(answer["error"].get("description"))
-            )
-        self._consumer = answer["name"]
-        if self._closed:  # closed while the server created it: delete it again
-            await self._drop_consumer()
-            raise self._closed_error()
-        pending: int = answer.get("num_pending", 0)
-        return pending
-
-    def _closed_error(self) -> StoreClosedError:
-        return StoreClosedError(store=type(self._store).__name__)
-
-    async def recreate(self) -> None:
-        """Recreate the consumer from the last sequence handed out, until the server answers
-        (live) or until `patience` seconds after the failure began (finite).
-
-        Raises:
-            ReadInterruptedError: a finite feed's patience ran out.
-            StoreClosedError: the store was closed.
-        """
-        loop = asyncio.get_running_loop()
-        if self._failing_since is None:
-            self._failing_since = loop.time()
-        patience = self._patience
-        deadline = None if patience is None else self._failing_since + patience
-        wait = 0.05
-        reason = "the server did not answer"
-        while True:
-            if self._closed:
-                raise self._closed_error()
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ReadInterruptedError(
-                        operation=f"read_all on {', '.join(self._filters)}",
-                        position=self._last,
-                        timeout=patience or 0.0,
-                        reason=reason,
-                    )
-            try:
-                async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
-                    await self._create()
-                return
-            except StoreClosedError:
-                raise
-            except StoreUnavailableError as error:
-                reason = error.reason
-                log.debug("recreating consumer on %s: %s", self._filters, error)
-            except Exception as error:  # timeout, connection closed or reconnecting: again
-                reason = f"the server did not answer ({type(error).__name__})"
-                log.debug("recreating consumer on %s: %r", self._filters, error)
-            finally:
-                self._attempt = None
-            pause = wait if deadline is None else max(0.0, min(wait, deadline - loop.time()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stop.wait()  # set by shut(): stop waiting at once
-            wait = min(wait * 2, 1.0)
-
-    async def _on_message(self, msg: Msg) -> None:
-        headers = msg.headers
-        if headers is not None and h.STATUS in headers:
-            if headers[h.STATUS] == "100":
-                if msg.reply:  # flow control: answer once everything before it is consumed
-                    self._flow_waiting.add(msg.reply)
-                    self._queue.put_nowait(("fc", msg.reply))
-                    return
-                stalled = headers.get(h.CONSUMER_STALLED)
-                # Answer a stalled consumer only if its flow-control request is not still
-                # queued behind undelivered messages (then the reader is just slow: let it).
-                if stalled and stalled not in self._flow_waiting:
-                    with contextlib.suppress(Exception):
-                        await self._nc.publish(stalled, b"")
-                last = headers.get(h.LAST_CONSUMER)
-                if last is not None and int(last) != self._expected_cseq - 1:
-                    self._reset()
-                else:
-                    self._queue.put_nowait(_BEAT)
-                return
-            self._reset()  # 409 consumer deleted, leadership change, ...
-            return
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
-        # <domain>.<account hash> after $JS.ACK and a random token at the end (ADR-15).
-        tokens = msg.reply.split(".")
-        if len(tokens) == 9:
-            sseq, cseq, stamp, pending = tokens[5], tokens[6], tokens[7], tokens[8]
-        else:
-            sseq, cseq, stamp, pending = tokens[7], tokens[8], tokens[9], tokens[10]
-        if int(cseq) != self._expected_cseq:
-            self._reset()
-            return
-        self._expected_cseq += 1
-        self._queue.put_nowait((int(sseq), int(stamp), int(pending), msg.subject, msg.data))
-
-    def _reset(self) -> None:
-        self._generation += 1  # whatever the old consumer still sends is dropped
-        if not self._reset_pending:
-            self._reset_pending = True
-            self._queue.put_nowait(_RESET)
-
-    def __aiter__(self) -> AsyncIterator[FeedItem]:
-        return self._items()
-
-    async def _items(self) -> AsyncIterator[FeedItem]:
-        queue = self._queue
-        stall = 3 * self._store._heartbeat
-        while True:
-            if self._closed:
-                raise self._closed_error()
-            try:
-                item = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    async with asyncio.timeout(stall):
-                        item = await queue.get()
-                except TimeoutError:
-                    item = _RESET
-            if type(item) is tuple:
-                if len(item) == 5:
-                    seq: int = item[0]
-                    if seq <= self._last:
-                        continue
-                    self._last = seq
-                    self._delivered_any = True
-                    self._failing_since = None
-                    yield item
-                else:
-                    with contextlib.suppress(Exception):
-                        await self._nc.publish(item[1], b"")
-                    self._flow_waiting.discard(item[1])
-            elif item == _RESET:
-                self._reset_pending = False
-                await self.recreate()
-            elif item == _BEAT:
-                self._failing_since = None  # the consumer is alive and has sent everything
-
-    async def _drop_consumer(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None and self._nc.is_connected:
-            name = self._store.stream_name
-            with contextlib.suppress(Exception):
-                await self._nc.request(
-                    f"$JS.API.CONSUMER.DELETE.{name}.{consumer}", b"", timeout=1.0
-                )
-
-    def shut(self) -> None:
-        """Mark the feed closed and wake its reader (it raises StoreClosedError). Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._generation += 1
-            self._stop.set()
-            self._queue.put_nowait(_CLOSED)
-            attempt = self._attempt
-            if attempt is not None and not attempt.expired():
-                attempt.reschedule(-1.0)  # a create waiting on a dead server: give it up now
-
-    async def close(self) -> None:
-        """Shut the feed and delete its consumer. Idempotent."""
-        self.shut()
-        await self._drop_consumer()
+    return int(as_utc(moment).timestamp() * NANOSECONDS)

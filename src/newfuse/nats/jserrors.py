@@ -11,6 +11,7 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     BatchDuplicateIdError,
     PublishRejectedError,
+    StoreUnavailableError,
     StreamCreateError,
     StreamCreateUnavailableError,
     WrongLastSequenceError,
@@ -24,6 +25,11 @@ ATOMIC_BATCH_INCOMPLETE: Final = 10176
 """A batch sequence is missing (a gap, or the server abandoned the batch)."""
 ATOMIC_BATCH_DUPLICATE_ID: Final = 10201
 """An atomic batch holds a `Nats-Msg-Id` seen within the duplicate window; nothing stored."""
+
+STREAM_NAME_IN_USE: Final = 10058
+"""A stream with that name exists (with another configuration)."""
+STREAM_NOT_FOUND: Final = 10059
+"""No stream with that name."""
 
 CLUSTER_NO_PEERS: Final = 10005
 """No suitable peers for placement (too few servers online for the replicas asked)."""
@@ -133,6 +139,11 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
             server_version=f"{server_version or 'unknown'}, and its stream has allow_atomic off",
         )
     return PublishRejectedError(subject=subject, code=code, err_code=err_code, description=text)
+
+
+def unavailable_error(operation: str, error: ApiError) -> StoreUnavailableError:
+    """The FuseError for a JetStream API request that the server refused during `operation`."""
+    return StoreUnavailableError(operation=operation, reason=error.description or str(error))
 
 
 def stream_create_error(stream: str, error: ApiError) -> StreamCreateError:
