@@ -16,17 +16,16 @@ from nats.js.api import StorageType, StreamConfig
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
-    BatchDuplicateIdError,
     DuplicateEventError,
     StoreClosedError,
     StoreUnavailableError,
     WrongExpectedVersionError,
-    WrongLastSequenceError,
 )
 from newfuse.eventstore import ANY, NO_STREAM, EventFilter
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import headers as h
 from newfuse.nats import publish_atomic_batch
+from newfuse.nats.jserrors import BatchDuplicateIdError, WrongLastSequenceError
 from newfuse.schemas import NewEvent, TraceContext
 from support import wait_for
 

@@ -22,7 +22,7 @@ from newfuse.errors import (
     BatchTooLargeError,
     FuseError,
     InvalidEnvelopeError,
-    SchemaError,
+    InvalidEventError,
     StoreClosedError,
     UnknownTypeError,
 )
@@ -336,7 +336,8 @@ class EventStore(AsyncClosing, abc.ABC):
 
         Raises:
             WrongExpectedVersionError: the stream is not at `expected_version`; nothing written.
-            InvalidNameError, SchemaError, BatchTooLargeError: bad input; nothing written.
+            InvalidNameError, SchemaError (InvalidEventError, ...), BatchTooLargeError: bad
+                input; nothing written.
         """
         self._check_open()
         name = StreamName.parse(stream)
@@ -357,9 +358,10 @@ class EventStore(AsyncClosing, abc.ABC):
             type_name = type_name or registered_type
             version = version or registered_version
         if type_name is None:
-            raise SchemaError(
-                f"append to {stream}: event {event.id} has no type; give NewEvent(type=...) or "
-                f"a registered payload struct"
+            raise InvalidEventError(
+                stream=str(stream),
+                event_id=event.id,
+                reason="has no type; give NewEvent(type=...) or a registered payload struct",
             )
         check_type_name(type_name)
         if version is None:
@@ -369,9 +371,10 @@ class EventStore(AsyncClosing, abc.ABC):
                 else 1
             )
         elif version < 1:
-            raise SchemaError(
-                f"append to {stream}: event {event.id} has schema version {version}; schema "
-                f"versions count from 1"
+            raise InvalidEventError(
+                stream=str(stream),
+                event_id=event.id,
+                reason=f"has schema version {version}; schema versions count from 1",
             )
         if self.registry.is_strict(stream.category) and not self.registry.is_registered(type_name):
             raise UnknownTypeError(

@@ -34,12 +34,10 @@ from nats.aio.msg import Msg
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
-    BatchDuplicateIdError,
     DuplicateEventError,
     InvalidEnvelopeError,
     StoreUnavailableError,
     WrongExpectedVersionError,
-    WrongLastSequenceError,
 )
 from newfuse.eventstore.base import (
     ANY,
@@ -59,7 +57,13 @@ from newfuse.nats.connection import connect
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
 from newfuse.nats.jsapi import NANOSECONDS, api_error, stream_info
-from newfuse.nats.jserrors import PubAck, decode_pub_ack, unavailable_error
+from newfuse.nats.jserrors import (
+    BatchDuplicateIdError,
+    PubAck,
+    WrongLastSequenceError,
+    decode_pub_ack,
+    unavailable_error,
+)
 from newfuse.nats.ordered import OrderedPushConsumer
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
 from newfuse.nats.publish import PubAckInbox

@@ -9,12 +9,10 @@ import msgspec
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
-    BatchDuplicateIdError,
     PublishRejectedError,
     StoreUnavailableError,
     StreamCreateError,
     StreamCreateUnavailableError,
-    WrongLastSequenceError,
 )
 
 WRONG_LAST_SEQUENCE: Final = 10071
@@ -69,6 +67,26 @@ _CREATE_ADVICE: Final = {
 _CREATE_TRANSIENT: Final = frozenset({CLUSTER_NO_PEERS, CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER})
 
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
+
+
+class WrongLastSequenceError(PublishRejectedError):
+    """The subject's last sequence was not the expected one (err_code 10071); nothing stored.
+
+    It never leaves the store, which turns it into WrongExpectedVersionError (or retries).
+    """
+
+    def __init__(
+        self, *, subject: str, code: int, err_code: int, description: str, last_sequence: int | None
+    ) -> None:
+        self.last_sequence = last_sequence
+        super().__init__(subject=subject, code=code, err_code=err_code, description=description)
+
+
+class BatchDuplicateIdError(PublishRejectedError):
+    """An atomic batch holds a message id seen in the duplicate window (err_code 10201).
+
+    It never leaves the store, which returns the first append's result (or DuplicateEventError).
+    """
 
 
 class ApiError(msgspec.Struct, frozen=True):
