@@ -37,7 +37,6 @@ from newfuse.errors import (
     DuplicateEventError,
     InvalidEnvelopeError,
     StoreUnavailableError,
-    WrongExpectedVersionError,
 )
 from newfuse.eventstore.base import (
     ANY,
@@ -50,6 +49,7 @@ from newfuse.eventstore.base import (
     PreparedEvent,
     VersionCheck,
     check_expected,
+    wrong_expected,
 )
 from newfuse.nats import headers as h
 from newfuse.nats.batch import publish_atomic_batch
@@ -141,7 +141,7 @@ class JetStreamEventStore(EventStore):
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._owns = owns_connection
-        self._ready = False
+        self._opened = False  # provisioned on first use (EventStore._open) or by ensure_stream
         self._ready_lock = asyncio.Lock()
         self._atomic = False
         self._server_version = ""
@@ -197,11 +197,11 @@ class JetStreamEventStore(EventStore):
             StoreClosedError: the store is closed, or was closed while provisioning.
             StreamConfigError, StreamCreateError, StoreUnavailableError: see `connect`.
         """
-        if self._ready:
+        if self._opened:
             return
         async with self._ready_lock:
             self._check_open()
-            if self._ready:
+            if self._opened:
                 return
             state = await ensure_event_stream(self.nc, self._spec, timeout=self._timeout)
             # close() may have run while we waited; it takes this lock to close the inbox, so
@@ -210,15 +210,16 @@ class JetStreamEventStore(EventStore):
             self._atomic = state.atomic
             self._server_version = state.server_version or server_version(self.nc)
             await self._acks.start()
-            self._ready = True
+            self._opened = True
+
+    async def _open(self) -> None:
+        await self.ensure_stream()
 
     # -- appending --------------------------------------------------------------------------------
 
     async def _append(
         self, stream: str, events: list[PreparedEvent], expected: Expected
     ) -> AppendResult:
-        if not self._ready:
-            await self.ensure_stream()
         if len(events) > 1 and not self._atomic:
             raise AtomicBatchUnsupportedError(
                 stream=stream, server_version=self._server_version or "unknown"
@@ -265,7 +266,7 @@ class JetStreamEventStore(EventStore):
         deadline = 0.0
         while True:
             version, seq, _ = state
-            if expected is not ANY and not check_expected(stream, expected, version):
+            if expected is not ANY and not check_expected(expected, version):
                 if not fresh:  # the cache may be behind other writers: ask the server
                     state = await self._fetch_state(stream, subject)
                     fresh = True
@@ -293,14 +294,8 @@ class JetStreamEventStore(EventStore):
             if ack.duplicate:
                 return await self._duplicate(stream, subject, events[0], ack.seq, version, seq)
             self._remember(stream, version + count, ack.seq, state[2])
-            return AppendResult(
-                stream=stream,
-                first_version=version + 1,
-                last_version=version + count,
-                first_position=ack.seq - count + 1,
-                last_position=ack.seq,
-                ids=(events[0].id,) if count == 1 else tuple(event.id for event in events),
-            )
+            ids = [events[0].id] if count == 1 else [event.id for event in events]
+            return AppendResult.of(stream, ids, version + 1, ack.seq - count + 1)
 
     async def _publish(
         self, stream: str, subject: str, events: list[PreparedEvent], version: int, seq: int
@@ -378,11 +373,7 @@ class JetStreamEventStore(EventStore):
             found = await self._events_from(subject, stream, base + 1, len(events))
             if [envelope.id for _, envelope in found] == [event.id for event in events]:
                 return _result(stream, found)
-        raise WrongExpectedVersionError(
-            stream=stream,
-            expected=expected if isinstance(expected, int) else str(expected),
-            actual=actual,
-        )
+        raise wrong_expected(stream, expected, actual)
 
     async def _duplicate(
         self,
@@ -395,7 +386,7 @@ class JetStreamEventStore(EventStore):
     ) -> AppendResult:
         """JetStream dropped a repeated event id (PubAck `duplicate`): return the first result."""
         if position == seq and version > 0:
-            return _single(stream, event.id, version, position)
+            return AppendResult.of(stream, [event.id], version, position)
         msg = await self._direct.get(f"read {stream!r}", seq=position)
         envelope = _envelope_of(msg, f"at {position}") if msg is not None else None
         if envelope is None or envelope.id != event.id:
@@ -408,7 +399,7 @@ class JetStreamEventStore(EventStore):
                 event_id=event.id,
                 reason=f"was stored before in stream {envelope.stream!r} at position {position}",
             )
-        return _single(stream, event.id, envelope.version, position)
+        return AppendResult.of(stream, [event.id], envelope.version, position)
 
     async def _previous(
         self, stream: str, subject: str, events: list[PreparedEvent], base: int | None
@@ -450,10 +441,6 @@ class JetStreamEventStore(EventStore):
     async def _read(
         self, stream: str, from_version: int | None, limit: int | None, backwards: bool
     ) -> AsyncIterator[RecordedEvent]:
-        if limit == 0:
-            return
-        if not self._ready:
-            await self.ensure_stream()
         subject = self._event_prefix + stream
         where = f"on {subject}"
         decode = self.decode
@@ -522,14 +509,10 @@ class JetStreamEventStore(EventStore):
         return low, versions
 
     async def _stream_version(self, stream: str) -> int:
-        if not self._ready:
-            await self.ensure_stream()
         version, _, _ = await self._fetch_state(stream, self._event_prefix + stream)
         return version
 
     async def _head_position(self) -> int:
-        if not self._ready:
-            await self.ensure_stream()
         info = await stream_info(
             self.nc, self.stream_name, timeout=self._timeout, operation="head position"
         )
@@ -558,11 +541,7 @@ class JetStreamEventStore(EventStore):
         filter: EventFilter,
         limit: int | None,
     ) -> AsyncIterator[RecordedEvent]:
-        if limit == 0:
-            return
         self._check_open()
-        if not self._ready:
-            await self.ensure_stream()
         head = await self._head_position()
         if head < from_position:
             return
@@ -592,8 +571,6 @@ class JetStreamEventStore(EventStore):
         self, filter: EventFilter, from_position: int
     ) -> AsyncIterator[RecordedEvent]:
         self._check_open()
-        if not self._ready:
-            await self.ensure_stream()
         feed = self._feed(filter, from_position, None, patience=None)
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
@@ -665,26 +642,10 @@ def _envelope_of(msg: Msg, where: str, stream: str | None = None) -> Envelope | 
         return None
 
 
-def _single(stream: str, event_id: str, version: int, position: int) -> AppendResult:
-    return AppendResult(
-        stream=stream,
-        first_version=version,
-        last_version=version,
-        first_position=position,
-        last_position=position,
-        ids=(event_id,),
-    )
-
-
 def _result(stream: str, found: list[tuple[int, Envelope]]) -> AppendResult:
-    return AppendResult(
-        stream=stream,
-        first_version=found[0][1].version,
-        last_version=found[-1][1].version,
-        first_position=found[0][0],
-        last_position=found[-1][0],
-        ids=tuple(envelope.id for _, envelope in found),
-    )
+    """The first result of an append whose events were `found` as (position, envelope)."""
+    ids = [envelope.id for _, envelope in found]
+    return AppendResult.of(stream, ids, found[0][1].version, found[0][0], found[-1][0])
 
 
 def _epoch_ns(moment: datetime) -> int:

@@ -66,7 +66,6 @@ from newfuse.errors import (
     DuplicateEventError,
     StoreClosedError,
     StoreUnavailableError,
-    WrongExpectedVersionError,
 )
 from newfuse.eventstore.base import (
     MAX_BATCH,
@@ -77,8 +76,9 @@ from newfuse.eventstore.base import (
     InvalidEventHandler,
     PreparedEvent,
     check_expected,
+    wrong_expected,
 )
-from newfuse.schemas import RecordedEvent, SchemaRegistry
+from newfuse.schemas import RecordedEvent, SchemaRegistry, as_utc
 
 MEMORY: Final[str] = ":memory:"
 """The path of a store that lives in memory and disappears on close."""
@@ -141,9 +141,7 @@ _neighbours: weakref.WeakValueDictionary[int, SQLiteEventStore] = weakref.WeakVa
 
 def _micros(moment: datetime) -> int:
     """Microseconds since the epoch; a naive datetime is taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // _MICROSECOND
+    return (as_utc(moment) - _EPOCH) // _MICROSECOND
 
 
 @dataclass(slots=True)
@@ -488,26 +486,9 @@ class SQLiteEventStore(EventStore):
             if any(known):
                 outcomes.append(_replayed(stream, ids, known))
                 continue
-            if len(set(ids)) != len(ids):
-                twice = next(i for i in ids if ids.count(i) > 1)
-                outcomes.append(
-                    DuplicateEventError(
-                        stream=stream,
-                        event_id=twice,
-                        reason="appears twice in one batch; give each event its own id",
-                    )
-                )
-                continue
             actual = versions.get(stream, 0)
-            if not check_expected(stream, waiting.expected, actual):
-                expected = waiting.expected
-                outcomes.append(
-                    WrongExpectedVersionError(
-                        stream=stream,
-                        expected=expected if isinstance(expected, int) else expected.value,
-                        actual=actual,
-                    )
-                )
+            if not check_expected(waiting.expected, actual):
+                outcomes.append(wrong_expected(stream, waiting.expected, actual))
                 continue
             category = stream.partition(".")[0]
             for offset, event in enumerate(events, start=1):
@@ -527,16 +508,7 @@ class SQLiteEventStore(EventStore):
                     )
                 )
                 stored[event.id] = (stream, version, position)
-            outcomes.append(
-                AppendResult(
-                    stream=stream,
-                    first_version=actual + 1,
-                    last_version=actual + len(events),
-                    first_position=head + 1,
-                    last_position=head + len(events),
-                    ids=tuple(ids),
-                )
-            )
+            outcomes.append(AppendResult.of(stream, ids, actual + 1, head + 1))
             versions[stream] = actual + len(events)
             head += len(events)
         return rows, outcomes
@@ -629,8 +601,6 @@ class SQLiteEventStore(EventStore):
                 return None
             return (stream, rows[-1][2] + step, wanted)
 
-        if limit == 0:
-            return
         first = (stream, bound, self.page_size if limit is None else min(self.page_size, limit))
         decode, where = self.decode, self._where
         async for rows in self._pages(sql, first, following):
@@ -795,14 +765,7 @@ def _replayed(
         if all(place[0] == stream for place in places) and versions == list(
             range(versions[0], versions[0] + len(ids))
         ):
-            return AppendResult(
-                stream=stream,
-                first_version=versions[0],
-                last_version=versions[-1],
-                first_position=places[0][2],
-                last_position=places[-1][2],
-                ids=tuple(ids),
-            )
+            return AppendResult.of(stream, ids, versions[0], places[0][2], places[-1][2])
     index = next(i for i, place in enumerate(known) if place is not None)
     where, version, position = places[0]
     return DuplicateEventError(
