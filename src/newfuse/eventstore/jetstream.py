@@ -51,7 +51,7 @@ from newfuse.eventstore.base import (
     check_expected,
     wrong_expected,
 )
-from newfuse.nats import headers as h
+from newfuse.nats import headers
 from newfuse.nats.batch import publish_atomic_batch
 from newfuse.nats.connection import connect
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
@@ -147,7 +147,7 @@ class JetStreamEventStore(EventStore):
         self._server_version = ""
         # stream -> (last valid version, last sequence on its subject, no invalid message seen)
         self._cache: dict[str, tuple[int, int, bool]] = {}
-        self._busy: dict[str, deque[asyncio.Future[None]]] = {}
+        self._append_queues: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks = PubAckInbox(nc, type(self).__name__)
         self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
         self._direct = DirectGet(nc, self.stream_name, timeout=timeout)
@@ -226,10 +226,10 @@ class JetStreamEventStore(EventStore):
             )
         # Appends to one stream from this store go one at a time (they would only conflict):
         # the first takes the stream, later ones queue a future and are handed the turn.
-        busy = self._busy
-        waiters = busy.get(stream)
+        queues = self._append_queues
+        waiters = queues.get(stream)
         if waiters is None:
-            waiters = busy[stream] = deque()
+            waiters = queues[stream] = deque()
         else:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiters.append(turn)
@@ -237,7 +237,7 @@ class JetStreamEventStore(EventStore):
                 await turn
             except BaseException:
                 if turn.done() and not turn.cancelled():
-                    self._hand_over(stream, waiters)  # we were given the turn: pass it on
+                    self._pass_turn(stream, waiters)  # we were given the turn: pass it on
                 else:
                     with contextlib.suppress(ValueError):
                         waiters.remove(turn)
@@ -245,15 +245,15 @@ class JetStreamEventStore(EventStore):
         try:
             return await self._append_locked(stream, events, expected)
         finally:
-            self._hand_over(stream, waiters)
+            self._pass_turn(stream, waiters)
 
-    def _hand_over(self, stream: str, waiters: deque[asyncio.Future[None]]) -> None:
+    def _pass_turn(self, stream: str, waiters: deque[asyncio.Future[None]]) -> None:
         while waiters:
             turn = waiters.popleft()
             if not turn.done():
                 turn.set_result(None)
                 return
-        del self._busy[stream]
+        del self._append_queues[stream]
 
     async def _append_locked(
         self, stream: str, events: list[PreparedEvent], expected: Expected
@@ -271,7 +271,7 @@ class JetStreamEventStore(EventStore):
                     state = await self._fetch_state(stream, subject)
                     fresh = True
                     continue
-                return await self._conflict(stream, subject, events, expected, version)
+                return await self._replay_or_conflict(stream, subject, events, expected, version)
             try:
                 ack = await self._publish(stream, subject, events, version, seq)
             except WrongLastSequenceError:
@@ -286,13 +286,13 @@ class JetStreamEventStore(EventStore):
                 fresh = True
                 continue
             except BatchDuplicateIdError:
-                return await self._previous(stream, subject, events, None)
+                return await self._replayed_batch_result(stream, subject, events)
             except BaseException:
                 self._cache.pop(stream, None)  # the outcome is unknown: ask next time
                 raise
             count = len(events)
             if ack.duplicate:
-                return await self._duplicate(stream, subject, events[0], ack.seq, version, seq)
+                return await self._deduplicated_result(stream, events[0], ack.seq, version, seq)
             self._remember(stream, version + count, ack.seq, state[2])
             ids = [events[0].id] if count == 1 else [event.id for event in events]
             return AppendResult.of(stream, ids, version + 1, ack.seq - count + 1)
@@ -305,14 +305,14 @@ class JetStreamEventStore(EventStore):
             event = events[0]
             body = event.encode(stream, version + 1)
             data = await self._acks.request(
-                subject, body, _headers(event, version + 1, seq), self._timeout
+                subject, body, _event_headers(event, version + 1, seq), self._timeout
             )
             return decode_pub_ack(data, subject=subject)
         messages = [
             (
                 subject,
                 event.encode(stream, version + offset),
-                _headers(event, version + offset, seq if offset == 1 else None),
+                _event_headers(event, version + offset, seq if offset == 1 else None),
             )
             for offset, event in enumerate(events, 1)
         ]
@@ -358,7 +358,7 @@ class JetStreamEventStore(EventStore):
                 version += 1
                 yield _seq_of(msg), envelope
 
-    async def _conflict(
+    async def _replay_or_conflict(
         self,
         stream: str,
         subject: str,
@@ -375,10 +375,9 @@ class JetStreamEventStore(EventStore):
                 return _result(stream, found)
         raise wrong_expected(stream, expected, actual)
 
-    async def _duplicate(
+    async def _deduplicated_result(
         self,
         stream: str,
-        subject: str,
         event: PreparedEvent,
         position: int,
         version: int,
@@ -401,8 +400,8 @@ class JetStreamEventStore(EventStore):
             )
         return AppendResult.of(stream, [event.id], envelope.version, position)
 
-    async def _previous(
-        self, stream: str, subject: str, events: list[PreparedEvent], base: int | None
+    async def _replayed_batch_result(
+        self, stream: str, subject: str, events: list[PreparedEvent]
     ) -> AppendResult:
         """A batch repeated ids seen within the duplicate window: find the first append."""
         wanted = [event.id for event in events]
@@ -609,7 +608,7 @@ class JetStreamEventStore(EventStore):
         # while the connection is still up.
         feeds = list(self._feeds)
         for feed in feeds:
-            feed.shut()
+            feed.close_nowait()
         await asyncio.gather(*(feed.close() for feed in feeds))
         async with self._ready_lock:  # not while ensure_stream is between its checks
             await self._acks.close()
@@ -618,20 +617,20 @@ class JetStreamEventStore(EventStore):
                 await self.nc.close()
 
 
-def _headers(event: PreparedEvent, version: int, expected_seq: int | None) -> dict[str, str]:
-    headers = {
-        h.MSG_ID: event.id,
-        h.TYPE: event.type,
-        h.SCHEMA_VERSION: str(event.schema_version),
-        h.STREAM_VERSION: str(version),
+def _event_headers(event: PreparedEvent, version: int, expected_seq: int | None) -> dict[str, str]:
+    found = {
+        headers.MSG_ID: event.id,
+        headers.TYPE: event.type,
+        headers.SCHEMA_VERSION: str(event.schema_version),
+        headers.STREAM_VERSION: str(version),
     }
     if expected_seq is not None:
-        headers[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_seq)
+        found[headers.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_seq)
     if event.trace is not None:
-        headers[h.TRACEPARENT] = event.trace.traceparent
+        found[headers.TRACEPARENT] = event.trace.traceparent
         if event.trace.tracestate:
-            headers[h.TRACESTATE] = event.trace.tracestate
-    return headers
+            found[headers.TRACESTATE] = event.trace.tracestate
+    return found
 
 
 def _envelope_of(msg: Msg, where: str, stream: str | None = None) -> Envelope | None:

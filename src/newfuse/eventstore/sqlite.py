@@ -112,15 +112,21 @@ microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."
 
 _SCHEMA_VERSION: Final[int] = 1
 
-# One query under the write lock: each stream's version, the ids already stored, the head.
-_LOOKUP: Final[str] = """
-    SELECT 'v', s.value, NULL, (SELECT max(version) FROM events WHERE stream = s.value), NULL
+_STREAM_VERSION: Final[str] = "version"
+_STORED_ID: Final[str] = "stored id"
+_HEAD: Final[str] = "head"
+
+# One query under the write lock: each stream's version, the ids already stored, the head; the
+# first column of each row says which of the three it is.
+_LOOKUP: Final[str] = f"""
+    SELECT '{_STREAM_VERSION}', s.value, NULL,
+        (SELECT max(version) FROM events WHERE stream = s.value), NULL
     FROM json_each(?1) AS s
     UNION ALL
-    SELECT 'i', e.id, e.stream, e.version, e.position
+    SELECT '{_STORED_ID}', e.id, e.stream, e.version, e.position
     FROM events AS e WHERE e.id IN (SELECT value FROM json_each(?2))
     UNION ALL
-    SELECT 'h', NULL, NULL, NULL, max(position) FROM events
+    SELECT '{_HEAD}', NULL, NULL, NULL, max(position) FROM events
 """
 
 _INSERT: Final[str] = (
@@ -471,9 +477,9 @@ class SQLiteEventStore(EventStore):
         stored: dict[str, tuple[str, int, int]] = {}
         head = 0
         for kind, key, stream, version, position in found:
-            if kind == "v":
+            if kind == _STREAM_VERSION:
                 versions[key] = version or 0
-            elif kind == "i":
+            elif kind == _STORED_ID:
                 stored[key] = (stream, version, position)
             else:
                 head = position or 0

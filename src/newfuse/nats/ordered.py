@@ -81,7 +81,7 @@ class OrderedPushConsumer:
     How long it tries to recreate a lost consumer: with `patience` None (a live feed) until the
     server is back; otherwise `patience` seconds from the failure, then the iteration raises
     ReadInterruptedError naming the last sequence delivered (`operation` says what was read).
-    After `close` (or `shut`) the iteration raises StoreClosedError naming `owner`.
+    After `close` (or `close_nowait`) the iteration raises StoreClosedError naming `owner`.
 
     Call `start` (fails at once) or `recreate` (waits for the server) first, then iterate over
     the FeedMessages; `close` deletes the consumer.
@@ -243,7 +243,7 @@ class OrderedPushConsumer:
             pause = wait if deadline is None else max(0.0, min(wait, deadline - loop.time()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
-                    await self._stop.wait()  # set by shut(): stop waiting at once
+                    await self._stop.wait()  # set by close_nowait(): stop waiting at once
             wait = min(wait * 2, 1.0)
 
     async def _on_message(self, msg: Msg) -> None:
@@ -333,7 +333,7 @@ class OrderedPushConsumer:
                     self._nc, self._stream, consumer, timeout=1.0, operation="delete consumer"
                 )
 
-    def shut(self) -> None:
+    def close_nowait(self) -> None:
         """Mark the feed closed and wake its reader (it raises StoreClosedError), without
         waiting for anything; `close` also deletes the consumer. Idempotent."""
         if not self._closed:
@@ -347,5 +347,5 @@ class OrderedPushConsumer:
 
     async def close(self) -> None:
         """Shut the feed and delete its consumer. Idempotent."""
-        self.shut()
+        self.close_nowait()
         await self._drop_consumer()
