@@ -406,6 +406,48 @@ class PublishTimeoutError(StoreUnavailableError):
         )
 
 
+# -- event store on SQLite (every sqlite3.Error is mapped in newfuse.eventstore.sqlite) ----------
+
+
+class CorruptStoreFileError(EventStoreError):
+    """The SQLite event store's file is damaged, or is not an SQLite database at all."""
+
+    def __init__(self, *, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"SQLite event store {path!r} cannot be read: {reason} — the file is damaged or not "
+            f"an SQLite database; it was left as it is: restore it from a backup, or point the "
+            f"store at another file"
+        )
+
+
+class ForeignStoreFileError(EventStoreError):
+    """The file is an SQLite database, but not one of newfuse's event stores; it is not changed."""
+
+    def __init__(self, *, path: str, found: str) -> None:
+        self.path = path
+        self.found = found
+        super().__init__(
+            f"{path!r} is an SQLite database but not a newfuse event store ({found}); it was "
+            f"left unchanged — point the store at a new file, or at one newfuse created"
+        )
+
+
+class SQLiteStoreError(EventStoreError):
+    """SQLite refused an operation for a reason that waiting does not cure (a constraint, a
+    misuse, an internal error)."""
+
+    def __init__(self, *, operation: str, path: str, reason: str) -> None:
+        self.operation = operation
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"{operation}: SQLite refused it ({reason}); nothing was written — check the file "
+            f"with `sqlite3 {path} 'PRAGMA integrity_check'`, and report it if the file is sound"
+        )
+
+
 # -- projections -----------------------------------------------------------------------------------
 
 

@@ -63,7 +63,11 @@ import msgspec
 
 from newfuse.errors import (
     ConfigError,
+    CorruptStoreFileError,
     DuplicateEventError,
+    ForeignStoreFileError,
+    FuseError,
+    SQLiteStoreError,
     StoreClosedError,
     StoreUnavailableError,
 )
@@ -111,6 +115,25 @@ _SCHEMA: Final[tuple[str, ...]] = (
 microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."""
 
 _SCHEMA_VERSION: Final[int] = 1
+_COLUMNS: Final[frozenset[str]] = frozenset(
+    {
+        "position",
+        "stream",
+        "category",
+        "version",
+        "id",
+        "type",
+        "schema_version",
+        "timestamp",
+        "correlation_id",
+        "body",
+    }
+)
+"""The columns of `events` in the schema above: a file whose `events` has others is not ours."""
+
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+"""SQLite result codes (https://sqlite.org/rescode.html) of a damaged file, or not a database."""
 
 _STREAM_VERSION: Final[str] = "version"
 _STORED_ID: Final[str] = "stored id"
@@ -284,7 +307,7 @@ class SQLiteEventStore(EventStore):
                 )
                 self._reader = await self._on(self._read_thread, self._open_reader)
         except sqlite3.Error as error:
-            raise StoreUnavailableError(operation=operation, reason=str(error)) from error
+            raise self._store_error(operation, error) from error
         if not self._memory:
             _neighbours[id(self)] = self
         self._writer_task = asyncio.create_task(
@@ -306,6 +329,7 @@ class SQLiteEventStore(EventStore):
         """On the writer thread: the write connection, with WAL, `synchronous` and the schema."""
         connection = self._connect()
         try:
+            self._check_ours(connection)  # before WAL mode, which would change a foreign file
             if not self._memory:
                 connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -322,6 +346,40 @@ class SQLiteEventStore(EventStore):
             connection.close()
             raise
         return connection
+
+    def _check_ours(self, connection: sqlite3.Connection) -> None:
+        """Refuse a database that newfuse did not create: one with tables but no `events` table
+        of our columns, or of a newer schema version. An empty database is ours to set up.
+
+        Raises:
+            ForeignStoreFileError: it is another application's database (nothing is changed).
+            sqlite3.DatabaseError: the file is not a database (mapped by `_store_error`).
+        """
+        tables = [
+            name
+            for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "ORDER BY name"
+            )
+        ]
+        if not tables:
+            return
+        if "events" not in tables:
+            listed = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise ForeignStoreFileError(path=self.path, found=f"its tables are {listed}")
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+        if columns != _COLUMNS:
+            raise ForeignStoreFileError(
+                path=self.path,
+                found=f"its events table has the columns {', '.join(sorted(columns))}",
+            )
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        if version > _SCHEMA_VERSION:
+            raise ForeignStoreFileError(
+                path=self.path,
+                found=f"its schema version is {version}, this newfuse knows {_SCHEMA_VERSION}: "
+                f"a newer newfuse wrote it; upgrade newfuse to open it",
+            )
 
     def _open_reader(self) -> sqlite3.Connection:
         """On the reader thread: a read-only connection (WAL lets it read beside the writer)."""
@@ -520,12 +578,25 @@ class SQLiteEventStore(EventStore):
         return rows, outcomes
 
     def _store_error(self, operation: str, error: Exception) -> Exception:
+        """The one place where an `sqlite3` error becomes a FuseError (every one of them does);
+        an exception that is not SQLite's (a bug) is returned as it is."""
         # ValueError: our own "connection closed"; ProgrammingError: sqlite3's.
         if isinstance(error, ValueError | sqlite3.ProgrammingError) or self._stopping:
             return StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
-        if isinstance(error, sqlite3.OperationalError):  # locked past busy_timeout, I/O, full
-            return StoreUnavailableError(operation=operation, reason=str(error))
-        return error
+        if not isinstance(error, sqlite3.Error):
+            return error
+        mapped: FuseError
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            mapped = CorruptStoreFileError(path=self.path, reason=str(error))
+        elif isinstance(error, sqlite3.OperationalError):  # locked past busy_timeout, I/O, full
+            mapped = StoreUnavailableError(operation=operation, reason=str(error))
+        else:
+            mapped = SQLiteStoreError(
+                operation=operation, path=self.path, reason=f"{type(error).__name__}: {error}"
+            )
+        mapped.__cause__ = error  # also when it fails a future rather than being raised
+        return mapped
 
     def _notify_commit(self) -> None:
         self._wake()
