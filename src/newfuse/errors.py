@@ -18,7 +18,11 @@ class FuseError(Exception):
     retryable: ClassVar[bool] = False
 
 
-# -- configuration and servers -------------------------------------------------------------------
+def _listed(versions: list[int]) -> str:
+    return ", ".join(map(str, versions)) or "none"
+
+
+# -- configuration and servers ---------------------------------------------------------------------
 
 
 class ConfigError(FuseError, ValueError):
@@ -138,11 +142,44 @@ class UnknownVersionError(SchemaError, LookupError):
         self.type_name = type_name
         self.version = version
         self.known = known
-        super().__init__(
-            f"event type {type_name!r} has no schema version {version} "
-            f"(known versions: {', '.join(map(str, known)) or 'none'}); register it, or an "
-            f"upcaster from it"
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The text of the error, from its attributes (subclasses say more)."""
+        return (
+            f"event type {self.type_name!r} has no schema version {self.version} "
+            f"(known versions: {_listed(self.known)}); register it, or an upcaster from it"
         )
+
+
+class MissingUpcasterError(UnknownVersionError):
+    """An old schema version of a type has no chain of upcasters up to the newest version."""
+
+    def __init__(
+        self, *, type_name: str, version: int, known: list[int], missing_from: int, newest: int
+    ) -> None:
+        self.missing_from = missing_from
+        self.newest = newest
+        super().__init__(type_name=type_name, version=version, known=known)
+
+    def message(self) -> str:
+        """The text of the error, from its attributes."""
+        return (
+            f"event type {self.type_name!r} v{self.version} cannot be upcast to v{self.newest}: "
+            f"no upcaster from v{self.missing_from} to v{self.missing_from + 1} (known versions: "
+            f"{_listed(self.known)}); register one with "
+            f"@registry.upcaster({self.type_name!r}, {self.missing_from})"
+        )
+
+
+class SchemaRegistrationError(SchemaError, ValueError):
+    """A payload struct or upcaster cannot be registered as asked; the registry is unchanged."""
+
+    def __init__(self, *, type_name: str, version: int, reason: str) -> None:
+        self.type_name = type_name
+        self.version = version
+        self.reason = reason
+        super().__init__(f"cannot register {type_name!r} v{version}: {reason}")
 
 
 class InvalidPayloadError(SchemaError, ValueError):
@@ -164,6 +201,16 @@ class InvalidEnvelopeError(SchemaError, ValueError):
         self.path = path
         self.reason = reason
         super().__init__(f"invalid envelope {where} at {path}: {reason}")
+
+
+class InvalidEventError(SchemaError, ValueError):
+    """An event given to append lacks what the store needs to write it (a type, a valid version)."""
+
+    def __init__(self, *, stream: str, event_id: str, reason: str) -> None:
+        self.stream = stream
+        self.event_id = event_id
+        self.reason = reason
+        super().__init__(f"append to {stream}: event {event_id} {reason}")
 
 
 # -- event store -----------------------------------------------------------------------------------
@@ -223,21 +270,6 @@ class AtomicBatchUnsupportedError(EventStoreError):
         )
 
 
-class StreamConfigError(EventStoreError):
-    """The JetStream stream exists with a configuration newfuse cannot use; it is not changed."""
-
-    def __init__(self, *, stream: str, field: str, wanted: object, actual: object) -> None:
-        self.stream = stream
-        self.field = field
-        self.wanted = wanted
-        self.actual = actual
-        super().__init__(
-            f"JetStream stream {stream!r} exists with {field}={actual!r}, newfuse needs "
-            f"{wanted!r}; it was left unchanged — update it yourself (nats stream edit) or use "
-            f"another prefix"
-        )
-
-
 class StoreUnavailableError(EventStoreError):
     """The store's server did not answer in time; the operation may be retried."""
 
@@ -247,6 +279,20 @@ class StoreUnavailableError(EventStoreError):
         self.operation = operation
         self.reason = reason
         super().__init__(f"{operation}: event store unavailable: {reason}")
+
+
+class ReadInterruptedError(StoreUnavailableError):
+    """A finite read lost its server for longer than the store's timeout; resume it later from
+    `position + 1` (the events up to `position` were delivered)."""
+
+    def __init__(self, *, operation: str, position: int, timeout: float, reason: str) -> None:
+        self.position = position
+        self.timeout = timeout
+        super().__init__(
+            operation=operation,
+            reason=f"{reason}; gave up after {timeout:g}s at position {position} (the last "
+            f"event delivered) — resume from position {position + 1}",
+        )
 
 
 class UnsupportedStoreError(EventStoreError, ValueError):
@@ -264,43 +310,72 @@ class StoreClosedError(EventStoreError):
     """The store was used after close()."""
 
     def __init__(self, *, store: str) -> None:
-        super().__init__(f"{store} is closed")
+        self.store = store
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The text of the error, from its attributes (subclasses say more)."""
+        return f"{self.store} is closed"
 
 
-# -- schema registration (appended with the JSON Schema export) -----------------------------------
+class ClosedDuringAppendError(StoreClosedError):
+    """The store was closed while an append waited for the server's acknowledgement."""
 
+    def __init__(self, *, store: str, subject: str) -> None:
+        self.subject = subject
+        super().__init__(store=store)
 
-class SchemaRegistrationError(SchemaError, ValueError):
-    """A payload struct or upcaster cannot be registered as asked; the registry is unchanged."""
-
-    def __init__(self, *, type_name: str, version: int, reason: str) -> None:
-        self.type_name = type_name
-        self.version = version
-        self.reason = reason
-        super().__init__(f"cannot register {type_name!r} v{version}: {reason}")
-
-
-class MissingUpcasterError(UnknownVersionError):
-    """An old schema version of a type has no chain of upcasters up to the newest version."""
-
-    def __init__(
-        self, *, type_name: str, version: int, known: list[int], missing_from: int, newest: int
-    ) -> None:
-        self.type_name = type_name
-        self.version = version
-        self.known = known
-        self.missing_from = missing_from
-        self.newest = newest
-        SchemaError.__init__(
-            self,
-            f"event type {type_name!r} v{version} cannot be upcast to v{newest}: no upcaster "
-            f"from v{missing_from} to v{missing_from + 1} (known versions: "
-            f"{', '.join(map(str, known)) or 'none'}); register one with "
-            f"@registry.upcaster({type_name!r}, {missing_from})",
+    def message(self) -> str:
+        """The text of the error, from its attributes."""
+        return (
+            f"{self.store} was closed while an append to {self.subject!r} waited for its "
+            f"acknowledgement: the event may or may not be stored; open a store and retry with "
+            f"the same event ids (retries are deduplicated)"
         )
 
 
-# -- JetStream publish answers (mapped from API error codes in newfuse.nats.jserrors) --------------
+# -- event store on JetStream (API error codes mapped in newfuse.nats.jserrors) --------------------
+
+
+class StreamConfigError(EventStoreError):
+    """The JetStream stream exists with a configuration newfuse cannot use; it is not changed."""
+
+    def __init__(self, *, stream: str, field: str, wanted: object, actual: object) -> None:
+        self.stream = stream
+        self.field = field
+        self.wanted = wanted
+        self.actual = actual
+        super().__init__(
+            f"JetStream stream {stream!r} exists with {field}={actual!r}, newfuse needs "
+            f"{wanted!r}; it was left unchanged — update it yourself (nats stream edit) or use "
+            f"another prefix"
+        )
+
+
+class StreamCreateError(EventStoreError):
+    """JetStream refused to create the events' stream; nothing was created.
+
+    `advice` says what to do for the error code.
+    """
+
+    def __init__(
+        self, *, stream: str, code: int, err_code: int, description: str, advice: str
+    ) -> None:
+        self.stream = stream
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        self.advice = advice
+        super().__init__(
+            f"JetStream could not create stream {stream!r}: {description} (status {code}, "
+            f"err_code {err_code}); {advice}"
+        )
+
+
+class StreamCreateUnavailableError(StreamCreateError):
+    """JetStream could not create the stream for a passing reason (no leader, peers offline)."""
+
+    retryable = True
 
 
 class PublishRejectedError(EventStoreError):
@@ -317,23 +392,6 @@ class PublishRejectedError(EventStoreError):
         )
 
 
-class WrongLastSequenceError(PublishRejectedError):
-    """The subject's last sequence was not the expected one (err_code 10071); nothing stored.
-
-    The event store turns this into WrongExpectedVersionError with the stream's actual version.
-    """
-
-    def __init__(
-        self, *, subject: str, code: int, err_code: int, description: str, last_sequence: int | None
-    ) -> None:
-        self.last_sequence = last_sequence
-        super().__init__(subject=subject, code=code, err_code=err_code, description=description)
-
-
-class BatchDuplicateIdError(PublishRejectedError):
-    """An atomic batch holds a message id seen in the duplicate window (err_code 10201)."""
-
-
 class PublishTimeoutError(StoreUnavailableError):
     """No answer to a publish in time: the event may or may not be stored; retry with the same
     event ids (the retry is deduplicated)."""
@@ -345,6 +403,48 @@ class PublishTimeoutError(StoreUnavailableError):
             operation=f"publish to {subject!r}",
             reason=f"no acknowledgement within {timeout:g}s (the event may be stored; retry "
             f"with the same event ids, retries are deduplicated)",
+        )
+
+
+# -- event store on SQLite (every sqlite3.Error is mapped in newfuse.eventstore.sqlite) ----------
+
+
+class CorruptStoreFileError(EventStoreError):
+    """The SQLite event store's file is damaged, or is not an SQLite database at all."""
+
+    def __init__(self, *, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"SQLite event store {path!r} cannot be read: {reason} — the file is damaged or not "
+            f"an SQLite database; it was left as it is: restore it from a backup, or point the "
+            f"store at another file"
+        )
+
+
+class ForeignStoreFileError(EventStoreError):
+    """The file is an SQLite database, but not one of newfuse's event stores; it is not changed."""
+
+    def __init__(self, *, path: str, found: str) -> None:
+        self.path = path
+        self.found = found
+        super().__init__(
+            f"{path!r} is an SQLite database but not a newfuse event store ({found}); it was "
+            f"left unchanged — point the store at a new file, or at one newfuse created"
+        )
+
+
+class SQLiteStoreError(EventStoreError):
+    """SQLite refused an operation for a reason that waiting does not cure (a constraint, a
+    misuse, an internal error)."""
+
+    def __init__(self, *, operation: str, path: str, reason: str) -> None:
+        self.operation = operation
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"{operation}: SQLite refused it ({reason}); nothing was written — check the file "
+            f"with `sqlite3 {path} 'PRAGMA integrity_check'`, and report it if the file is sound"
         )
 
 
@@ -445,60 +545,3 @@ class ReadOnlyQueryError(ProjectionError):
         self.sql = sql
         self.reason = reason
         super().__init__(f"query on {database} refused: {reason} (SQL: {sql.strip()[:200]})")
-
-
-# -- JetStream store: provisioning and interrupted operations (mapped in newfuse.nats) ------------
-
-
-class StreamCreateError(EventStoreError):
-    """JetStream refused to create the events' stream; nothing was created.
-
-    `advice` says what to do for the error code (newfuse.nats.jserrors maps the codes).
-    """
-
-    def __init__(
-        self, *, stream: str, code: int, err_code: int, description: str, advice: str
-    ) -> None:
-        self.stream = stream
-        self.code = code
-        self.err_code = err_code
-        self.description = description
-        self.advice = advice
-        super().__init__(
-            f"JetStream could not create stream {stream!r}: {description} (status {code}, "
-            f"err_code {err_code}); {advice}"
-        )
-
-
-class StreamCreateUnavailableError(StreamCreateError):
-    """JetStream could not create the stream for a passing reason (no leader, peers offline)."""
-
-    retryable = True
-
-
-class ReadInterruptedError(StoreUnavailableError):
-    """A finite read lost its server for longer than the store's timeout; resume it later from
-    `position + 1` (the events up to `position` were delivered)."""
-
-    def __init__(self, *, operation: str, position: int, timeout: float, reason: str) -> None:
-        self.position = position
-        self.timeout = timeout
-        super().__init__(
-            operation=operation,
-            reason=f"{reason}; gave up after {timeout:g}s at position {position} (the last "
-            f"event delivered) — resume from position {position + 1}",
-        )
-
-
-class ClosedDuringAppendError(StoreClosedError):
-    """The store was closed while an append waited for the server's acknowledgement."""
-
-    def __init__(self, *, store: str, subject: str) -> None:
-        self.store = store
-        self.subject = subject
-        EventStoreError.__init__(
-            self,
-            f"{store} was closed while an append to {subject!r} waited for its acknowledgement: "
-            f"the event may or may not be stored; open a store and retry with the same event "
-            f"ids (retries are deduplicated)",
-        )

@@ -16,6 +16,7 @@ import pytest
 
 from newfuse.errors import (
     BatchTooLargeError,
+    DuplicateEventError,
     InvalidNameError,
     InvalidPayloadError,
     SchemaError,
@@ -148,6 +149,24 @@ class EventStoreContract:
         assert await store.append("agent.a1", single, 3) == once
         assert await store.append("agent.a1", single, ANY) == once
         assert await numbers(store.read("agent.a1")) == [1, 2, 3, 4]
+
+    async def test_the_same_event_id_twice_in_one_batch_is_refused_naming_it_and_its_places(
+        self, store: EventStore
+    ) -> None:
+        await store.append("agent.a1", note(1))
+        twice, other = note(2), note(3)
+        for expected in (ANY, 1):
+            with pytest.raises(
+                DuplicateEventError,
+                match=rf"'agent\.a1': event id {twice.id} appears twice in one batch \(events 1 "
+                r"and 3 of 3\); nothing was written",
+            ):
+                await store.append("agent.a1", [twice, other, twice], expected)
+        with pytest.raises(DuplicateEventError, match=r"appears 3 times .*events 2, 3 and 4 of 4"):
+            await store.append("agent.a2", [other, twice, twice, twice])
+        assert await store.head_position() == 1
+        assert await store.stream_version("agent.a2") == 0
+        assert await numbers(store.read("agent.a1")) == [1]
 
     async def test_a_batch_larger_than_the_limit_is_refused_before_writing(
         self, store: EventStore

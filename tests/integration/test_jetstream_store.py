@@ -16,17 +16,16 @@ from nats.js.api import StorageType, StreamConfig
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
-    BatchDuplicateIdError,
     DuplicateEventError,
     StoreClosedError,
     StoreUnavailableError,
     WrongExpectedVersionError,
-    WrongLastSequenceError,
 )
 from newfuse.eventstore import ANY, NO_STREAM, EventFilter
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import headers as h
 from newfuse.nats import publish_atomic_batch
+from newfuse.nats.jserrors import BatchDuplicateIdError, WrongLastSequenceError
 from newfuse.schemas import NewEvent, TraceContext
 from support import wait_for
 
@@ -266,6 +265,26 @@ async def test_a_store_on_a_borrowed_client_provisions_lazily_and_leaves_the_cli
         await other.append("agent.l1", note(2))
     assert caught.value.retryable
     await other.close()
+
+
+@pytest.mark.parametrize("first", ["read", "read_all", "subscribe", "head_position"])
+async def test_any_first_operation_of_a_borrowed_store_provisions_the_stream(
+    nc: nats.NATS, prefix: str, first: str
+) -> None:
+    async with JetStreamEventStore(nc, prefix=prefix) as store:
+        if first == "read":
+            assert [event async for event in store.read("agent.p1")] == []
+        elif first == "read_all":
+            assert [event async for event in store.read_all()] == []
+        elif first == "subscribe":
+            async with store.subscribe() as sub:
+                await store.append("agent.p1", note(1))
+                got = await asyncio.wait_for(anext(sub), 10.0)
+                assert got.data == {"n": 1}
+        else:
+            assert await store.head_position() == 0
+    info = await nc.jetstream().stream_info(f"{prefix.upper()}_EVENTS")
+    assert info.config.subjects == [f"{prefix}.ev.>"]
 
 
 async def test_a_subscriber_gets_megabytes_of_events_in_order_through_flow_control(

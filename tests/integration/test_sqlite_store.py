@@ -16,6 +16,7 @@ import pytest
 from newfuse.errors import (
     ConfigError,
     DuplicateEventError,
+    SQLiteStoreError,
     StoreClosedError,
     StoreUnavailableError,
     WrongExpectedVersionError,
@@ -186,7 +187,8 @@ async def test_a_failed_group_transaction_is_retried_one_append_at_a_time(
     outcomes = await asyncio.gather(first, *tasks, return_exceptions=True)
     assert isinstance(outcomes[0], AppendResult)
     good_one, bad, good_two = outcomes[1:]
-    assert isinstance(bad, sqlite3.IntegrityError) and "refused by a trigger" in str(bad), bad
+    assert isinstance(bad, SQLiteStoreError) and "refused by a trigger" in str(bad), bad
+    assert isinstance(bad.__cause__, sqlite3.IntegrityError)  # SQLite's own error, kept
     assert isinstance(good_one, AppendResult) and good_one.version == 2
     assert isinstance(good_two, AppendResult) and good_two.version == 2
     transactions = [sql for sql in statements if sql.startswith(("BEGIN", "COMMIT", "ROLLBACK"))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 
 import pytest
@@ -9,10 +10,12 @@ import pytest
 from newfuse import errors
 from newfuse.errors import (
     BatchTooLargeError,
+    ClosedDuringAppendError,
     ConfigError,
     ConnectionLostError,
     FuseError,
     InvalidEnvelopeError,
+    InvalidEventError,
     InvalidNameError,
     InvalidPayloadError,
     MissingUpcasterError,
@@ -20,6 +23,7 @@ from newfuse.errors import (
     SchemaError,
     SchemaRegistrationError,
     ServerStartError,
+    StoreClosedError,
     StoreUnavailableError,
     UnknownTypeError,
     UnknownVersionError,
@@ -116,6 +120,7 @@ def test_missing_upcaster_is_an_unknown_version_with_the_gap_and_the_fix() -> No
         type_name="order.placed", version=1, known=[1, 2, 3], missing_from=2, newest=3
     )
     assert isinstance(error, UnknownVersionError)
+    assert (error.type_name, error.version, error.known) == ("order.placed", 1, [1, 2, 3])
     assert str(error) == (
         "event type 'order.placed' v1 cannot be upcast to v3: no upcaster from v2 to v3 (known "
         "versions: 1, 2, 3); register one with @registry.upcaster('order.placed', 2)"
@@ -135,3 +140,38 @@ def test_name_and_store_errors_say_what_is_wrong_and_what_works() -> None:
     assert "split the append" in str(BatchTooLargeError(stream="s.1", size=1001, limit=1000))
     message = str(UnsupportedStoreError(url="postgres://x"))
     assert "'postgres://x'" in message and "sqlite:///" in message
+
+
+def test_closing_errors_keep_the_store_and_say_what_may_have_happened() -> None:
+    closed = StoreClosedError(store="SQLiteEventStore('/tmp/e.db')")
+    assert closed.store == "SQLiteEventStore('/tmp/e.db')"
+    assert str(closed) == "SQLiteEventStore('/tmp/e.db') is closed"
+    during = ClosedDuringAppendError(store="JetStreamEventStore", subject="fuse.ev.agent.a")
+    assert isinstance(during, StoreClosedError)
+    assert (during.store, during.subject) == ("JetStreamEventStore", "fuse.ev.agent.a")
+    assert str(during).startswith(
+        "JetStreamEventStore was closed while an append to 'fuse.ev.agent.a' waited"
+    )
+
+
+def test_an_event_without_a_type_names_the_stream_the_event_and_the_fix() -> None:
+    error = InvalidEventError(stream="agent.a", event_id="e1", reason="has no type; give one")
+    assert isinstance(error, SchemaError) and isinstance(error, ValueError)
+    assert str(error) == "append to agent.a: event e1 has no type; give one"
+
+
+def test_no_error_skips_its_parents_init() -> None:
+    """A subclass that needs another text overrides `message()`; it never calls a grandparent's
+    `__init__` (which would skip the attributes its parent sets)."""
+    tree = ast.parse(inspect.getsource(errors))
+    bypasses = [
+        f"line {node.lineno}: {ast.unparse(node.func)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "__init__"
+        and not (
+            isinstance(node.func.value, ast.Call) and ast.unparse(node.func.value) == "super()"
+        )
+    ]
+    assert bypasses == []

@@ -20,11 +20,13 @@ import msgspec
 from newfuse._closing import AsyncClosing
 from newfuse.errors import (
     BatchTooLargeError,
+    DuplicateEventError,
     FuseError,
     InvalidEnvelopeError,
-    SchemaError,
+    InvalidEventError,
     StoreClosedError,
     UnknownTypeError,
+    WrongExpectedVersionError,
 )
 from newfuse.schemas import (
     ENVELOPE_ENCODER,
@@ -84,7 +86,7 @@ def parse_expected(value: str | int | ExpectedVersion) -> Expected:
     )
 
 
-def check_expected(stream: str, expected: Expected, actual: int) -> bool:
+def check_expected(expected: Expected, actual: int) -> bool:
     """True if a stream at `actual` meets `expected` (0 means the stream has no events)."""
     if expected is ANY:
         return True
@@ -93,6 +95,35 @@ def check_expected(stream: str, expected: Expected, actual: int) -> bool:
     if expected is STREAM_EXISTS:
         return actual > 0
     return actual == expected
+
+
+def wrong_expected(stream: str, expected: Expected, actual: int) -> WrongExpectedVersionError:
+    """The error for an append to `stream` (at `actual`) that expected `expected`."""
+    return WrongExpectedVersionError(
+        stream=stream,
+        expected=expected if isinstance(expected, int) else expected.value,
+        actual=actual,
+    )
+
+
+def duplicate_in_batch(stream: str, ids: Sequence[str]) -> DuplicateEventError | None:
+    """The error for a batch that holds an event id more than once, None when all differ."""
+    if len(set(ids)) == len(ids):
+        return None
+    twice = next(event_id for event_id in ids if ids.count(event_id) > 1)
+    places = [str(index) for index, event_id in enumerate(ids, 1) if event_id == twice]
+    times = "twice" if len(places) == 2 else f"{len(places)} times"
+    return DuplicateEventError(
+        stream=stream,
+        event_id=twice,
+        reason=f"appears {times} in one batch (events {', '.join(places[:-1])} and "
+        f"{places[-1]} of {len(ids)}); nothing was written — give each event its own id",
+    )
+
+
+async def _nothing() -> AsyncIterator[RecordedEvent]:
+    return
+    yield  # an async generator that yields nothing
 
 
 class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +135,27 @@ class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
     first_position: int
     last_position: int
     ids: tuple[str, ...]
+
+    @classmethod
+    def of(
+        cls,
+        stream: str,
+        ids: Sequence[str],
+        first_version: int,
+        first_position: int,
+        last_position: int | None = None,
+    ) -> AppendResult:
+        """The result for events `ids` stored at consecutive versions from `first_version`,
+        at positions `first_position`..`last_position` (default: consecutive as well)."""
+        count = len(ids)
+        return cls(
+            stream=stream,
+            first_version=first_version,
+            last_version=first_version + count - 1,
+            first_position=first_position,
+            last_position=first_position + count - 1 if last_position is None else last_position,
+            ids=tuple(ids),
+        )
 
     @property
     def version(self) -> int:
@@ -306,6 +358,9 @@ class EventStore(AsyncClosing, abc.ABC):
 
     max_batch: int = MAX_BATCH
 
+    _opened: bool = True
+    """False while the backend still has to `_open` itself (it does so on first use)."""
+
     def __init__(
         self,
         *,
@@ -336,7 +391,8 @@ class EventStore(AsyncClosing, abc.ABC):
 
         Raises:
             WrongExpectedVersionError: the stream is not at `expected_version`; nothing written.
-            InvalidNameError, SchemaError, BatchTooLargeError: bad input; nothing written.
+            InvalidNameError, SchemaError (InvalidEventError, ...), BatchTooLargeError: bad
+                input; nothing written.
         """
         self._check_open()
         name = StreamName.parse(stream)
@@ -347,7 +403,13 @@ class EventStore(AsyncClosing, abc.ABC):
             raise BatchTooLargeError(stream=stream, size=len(batch), limit=self.max_batch)
         if isinstance(expected_version, int) and expected_version < 0:
             raise ValueError(f"append to {stream!r}: expected version must be >= 0")
+        if len(batch) > 1:
+            twice = duplicate_in_batch(stream, [event.id for event in batch])
+            if twice is not None:
+                raise twice
         prepared = [self._prepare(name, event) for event in batch]
+        if not self._opened:
+            await self._open()
         return await self._append(stream, prepared, expected_version)
 
     def _prepare(self, stream: StreamName, event: NewEvent) -> PreparedEvent:
@@ -357,9 +419,10 @@ class EventStore(AsyncClosing, abc.ABC):
             type_name = type_name or registered_type
             version = version or registered_version
         if type_name is None:
-            raise SchemaError(
-                f"append to {stream}: event {event.id} has no type; give NewEvent(type=...) or "
-                f"a registered payload struct"
+            raise InvalidEventError(
+                stream=str(stream),
+                event_id=event.id,
+                reason="has no type; give NewEvent(type=...) or a registered payload struct",
             )
         check_type_name(type_name)
         if version is None:
@@ -369,9 +432,10 @@ class EventStore(AsyncClosing, abc.ABC):
                 else 1
             )
         elif version < 1:
-            raise SchemaError(
-                f"append to {stream}: event {event.id} has schema version {version}; schema "
-                f"versions count from 1"
+            raise InvalidEventError(
+                stream=str(stream),
+                event_id=event.id,
+                reason=f"has schema version {version}; schema versions count from 1",
             )
         if self.registry.is_strict(stream.category) and not self.registry.is_registered(type_name):
             raise UnknownTypeError(
@@ -413,15 +477,18 @@ class EventStore(AsyncClosing, abc.ABC):
         StreamName.parse(stream)
         if limit is not None and limit < 0:
             raise ValueError(f"read {stream!r}: limit must be >= 0, got {limit}")
+        if limit == 0:
+            return _nothing()
         if not backwards:
             from_version = max(from_version or 1, 1)
-        return self._read(stream, from_version, limit, backwards)
+        return self._opening(self._read(stream, from_version, limit, backwards))
 
     @abc.abstractmethod
     def _read(
         self, stream: str, from_version: int | None, limit: int | None, backwards: bool
     ) -> AsyncIterator[RecordedEvent]:
-        """Backends: `from_version` is None only backwards, meaning "from the last event"."""
+        """Backends: `from_version` is None only backwards, meaning "from the last event";
+        `limit` is None or > 0."""
 
     def read_all(
         self,
@@ -437,7 +504,11 @@ class EventStore(AsyncClosing, abc.ABC):
         self._check_open()
         if limit is not None and limit < 0:
             raise ValueError(f"read_all: limit must be >= 0, got {limit}")
-        return self._read_all(max(from_position, 1), since, until, filter or EventFilter(), limit)
+        if limit == 0:
+            return _nothing()
+        return self._opening(
+            self._read_all(max(from_position, 1), since, until, filter or EventFilter(), limit)
+        )
 
     @abc.abstractmethod
     def _read_all(
@@ -447,13 +518,16 @@ class EventStore(AsyncClosing, abc.ABC):
         until: datetime | None,
         filter: EventFilter,
         limit: int | None,
-    ) -> AsyncIterator[RecordedEvent]: ...
+    ) -> AsyncIterator[RecordedEvent]:
+        """Backends: `limit` is None or > 0."""
 
     def subscribe(self, filter: EventFilter | None = None, from_position: int = 1) -> Subscription:
         """Catch up from `from_position`, then follow new events live: in order, no gaps, no
         duplicates, across reconnects. Close it (or use `async with`) to stop."""
         self._check_open()
-        return Subscription(self._subscribe(filter or EventFilter(), max(from_position, 1)))
+        return Subscription(
+            self._opening(self._subscribe(filter or EventFilter(), max(from_position, 1)))
+        )
 
     @abc.abstractmethod
     def _subscribe(
@@ -463,6 +537,8 @@ class EventStore(AsyncClosing, abc.ABC):
     async def head_position(self) -> int:
         """The global position of the newest event (0 when the store is empty)."""
         self._check_open()
+        if not self._opened:
+            await self._open()
         return await self._head_position()
 
     @abc.abstractmethod
@@ -472,6 +548,8 @@ class EventStore(AsyncClosing, abc.ABC):
         """The version of the newest event of `stream` (0 when it has none)."""
         self._check_open()
         StreamName.parse(stream)
+        if not self._opened:
+            await self._open()
         return await self._stream_version(stream)
 
     @abc.abstractmethod
@@ -525,6 +603,26 @@ class EventStore(AsyncClosing, abc.ABC):
             log.exception("on_invalid failed for the invalid event at position %d", position)
 
     # -- lifecycle --------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Backends that set `_opened` False: get ready for use (provision), then set it True.
+        Called before the first operation that needs the backend; must be idempotent."""
+
+    def _opening(self, source: AsyncIterator[RecordedEvent]) -> AsyncIterator[RecordedEvent]:
+        """`source`, behind `_open` while the backend is not open yet."""
+        return source if self._opened else self._open_then(source)
+
+    async def _open_then(
+        self, source: AsyncIterator[RecordedEvent]
+    ) -> AsyncIterator[RecordedEvent]:
+        try:
+            await self._open()
+            async for event in source:
+                yield event
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _check_open(self) -> None:
         if self._closed:

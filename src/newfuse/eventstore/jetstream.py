@@ -10,11 +10,12 @@ a bounded cache (stream -> version, last sequence, clean) and brings it up to da
 the subject's messages after the cached sequence (all of them on a miss) with batched direct
 gets, checking each by the wire rule; usually that is one request that finds nothing new.
 Several events in one append are one atomic batch (ADR-50). Reads of one stream use batched direct
-gets; `read_all` and `subscribe` use an ordered push consumer implemented here on the raw client,
-which recreates itself from the last delivered position after a gap, a reconnect or a server
-restart: for as long as it takes behind `subscribe`, for the store's `timeout` behind a finite
-`read_all` (then ReadInterruptedError names the position reached). `close()` ends the feeds still
-open (StoreClosedError), deletes their consumers, and fails appends waiting for an acknowledgement.
+gets (`newfuse.nats.direct`); `read_all` and `subscribe` use an ordered push consumer
+(`newfuse.nats.ordered`), which recreates itself from the last delivered position after a gap, a
+reconnect or a server restart: for as long as it takes behind `subscribe`, for the store's
+`timeout` behind a finite `read_all` (then ReadInterruptedError names the position reached).
+`close()` ends the feeds still open (StoreClosedError), deletes their consumers, and fails appends
+waiting for an acknowledgement.
 """
 
 from __future__ import annotations
@@ -25,27 +26,17 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
-import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
-from nats.errors import Error as NatsError
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
-    BatchDuplicateIdError,
-    ClosedDuringAppendError,
     DuplicateEventError,
     InvalidEnvelopeError,
-    PublishTimeoutError,
-    ReadInterruptedError,
-    StoreClosedError,
     StoreUnavailableError,
-    WrongExpectedVersionError,
-    WrongLastSequenceError,
 )
 from newfuse.eventstore.base import (
     ANY,
@@ -58,36 +49,38 @@ from newfuse.eventstore.base import (
     PreparedEvent,
     VersionCheck,
     check_expected,
+    wrong_expected,
 )
-from newfuse.nats import headers as h
+from newfuse.nats import headers
 from newfuse.nats.batch import publish_atomic_batch
 from newfuse.nats.connection import connect
-from newfuse.nats.jserrors import PubAck, decode_pub_ack
+from newfuse.nats.direct import DIRECT_BATCH, DirectGet
+from newfuse.nats.direct import sequence_of as _seq_of
+from newfuse.nats.jsapi import NANOSECONDS, api_error, stream_info
+from newfuse.nats.jserrors import (
+    BatchDuplicateIdError,
+    PubAck,
+    WrongLastSequenceError,
+    decode_pub_ack,
+    unavailable_error,
+)
+from newfuse.nats.ordered import OrderedPushConsumer
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
+from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
     Envelope,
     RecordedEvent,
     SchemaRegistry,
+    as_utc,
     out_of_place,
     parse_envelope,
 )
 
 log = logging.getLogger("newfuse.eventstore.jetstream")
 
-_DIRECT_BATCH: Final = 256
-"""Messages per batched direct get when reading one stream (ADR-31)."""
 _CACHE_SIZE: Final = 65_536
 """Streams whose (version, last sequence) the store remembers."""
-_NS: Final = 1_000_000_000
-
-
-class _StreamInfo(msgspec.Struct):
-    state: dict[str, Any] = {}
-    error: dict[str, Any] | None = None
-
-
-_STREAM_INFO_DECODER = msgspec.json.Decoder(_StreamInfo)
 
 
 class JetStreamEventStore(EventStore):
@@ -148,16 +141,16 @@ class JetStreamEventStore(EventStore):
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._owns = owns_connection
-        self._ready = False
+        self._opened = False  # provisioned on first use (EventStore._open) or by ensure_stream
         self._ready_lock = asyncio.Lock()
         self._atomic = False
         self._server_version = ""
         # stream -> (last valid version, last sequence on its subject, no invalid message seen)
         self._cache: dict[str, tuple[int, int, bool]] = {}
-        self._busy: dict[str, deque[asyncio.Future[None]]] = {}
-        self._acks = _AckMux(nc, type(self).__name__)
-        self._feeds: weakref.WeakSet[_OrderedFeed] = weakref.WeakSet()
-        self._direct = f"$JS.API.DIRECT.GET.{self.stream_name}"
+        self._append_queues: dict[str, deque[asyncio.Future[None]]] = {}
+        self._acks = PubAckInbox(nc, type(self).__name__)
+        self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
+        self._direct = DirectGet(nc, self.stream_name, timeout=timeout)
 
     @classmethod
     async def connect(
@@ -204,11 +197,11 @@ class JetStreamEventStore(EventStore):
             StoreClosedError: the store is closed, or was closed while provisioning.
             StreamConfigError, StreamCreateError, StoreUnavailableError: see `connect`.
         """
-        if self._ready:
+        if self._opened:
             return
         async with self._ready_lock:
             self._check_open()
-            if self._ready:
+            if self._opened:
                 return
             state = await ensure_event_stream(self.nc, self._spec, timeout=self._timeout)
             # close() may have run while we waited; it takes this lock to close the inbox, so
@@ -217,25 +210,26 @@ class JetStreamEventStore(EventStore):
             self._atomic = state.atomic
             self._server_version = state.server_version or server_version(self.nc)
             await self._acks.start()
-            self._ready = True
+            self._opened = True
+
+    async def _open(self) -> None:
+        await self.ensure_stream()
 
     # -- appending --------------------------------------------------------------------------------
 
     async def _append(
         self, stream: str, events: list[PreparedEvent], expected: Expected
     ) -> AppendResult:
-        if not self._ready:
-            await self.ensure_stream()
         if len(events) > 1 and not self._atomic:
             raise AtomicBatchUnsupportedError(
                 stream=stream, server_version=self._server_version or "unknown"
             )
         # Appends to one stream from this store go one at a time (they would only conflict):
         # the first takes the stream, later ones queue a future and are handed the turn.
-        busy = self._busy
-        waiters = busy.get(stream)
+        queues = self._append_queues
+        waiters = queues.get(stream)
         if waiters is None:
-            waiters = busy[stream] = deque()
+            waiters = queues[stream] = deque()
         else:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiters.append(turn)
@@ -243,7 +237,7 @@ class JetStreamEventStore(EventStore):
                 await turn
             except BaseException:
                 if turn.done() and not turn.cancelled():
-                    self._hand_over(stream, waiters)  # we were given the turn: pass it on
+                    self._pass_turn(stream, waiters)  # we were given the turn: pass it on
                 else:
                     with contextlib.suppress(ValueError):
                         waiters.remove(turn)
@@ -251,15 +245,15 @@ class JetStreamEventStore(EventStore):
         try:
             return await self._append_locked(stream, events, expected)
         finally:
-            self._hand_over(stream, waiters)
+            self._pass_turn(stream, waiters)
 
-    def _hand_over(self, stream: str, waiters: deque[asyncio.Future[None]]) -> None:
+    def _pass_turn(self, stream: str, waiters: deque[asyncio.Future[None]]) -> None:
         while waiters:
             turn = waiters.popleft()
             if not turn.done():
                 turn.set_result(None)
                 return
-        del self._busy[stream]
+        del self._append_queues[stream]
 
     async def _append_locked(
         self, stream: str, events: list[PreparedEvent], expected: Expected
@@ -272,12 +266,12 @@ class JetStreamEventStore(EventStore):
         deadline = 0.0
         while True:
             version, seq, _ = state
-            if expected is not ANY and not check_expected(stream, expected, version):
+            if expected is not ANY and not check_expected(expected, version):
                 if not fresh:  # the cache may be behind other writers: ask the server
                     state = await self._fetch_state(stream, subject)
                     fresh = True
                     continue
-                return await self._conflict(stream, subject, events, expected, version)
+                return await self._replay_or_conflict(stream, subject, events, expected, version)
             try:
                 ack = await self._publish(stream, subject, events, version, seq)
             except WrongLastSequenceError:
@@ -292,22 +286,16 @@ class JetStreamEventStore(EventStore):
                 fresh = True
                 continue
             except BatchDuplicateIdError:
-                return await self._previous(stream, subject, events, None)
+                return await self._replayed_batch_result(stream, subject, events)
             except BaseException:
                 self._cache.pop(stream, None)  # the outcome is unknown: ask next time
                 raise
             count = len(events)
             if ack.duplicate:
-                return await self._duplicate(stream, subject, events[0], ack.seq, version, seq)
+                return await self._deduplicated_result(stream, events[0], ack.seq, version, seq)
             self._remember(stream, version + count, ack.seq, state[2])
-            return AppendResult(
-                stream=stream,
-                first_version=version + 1,
-                last_version=version + count,
-                first_position=ack.seq - count + 1,
-                last_position=ack.seq,
-                ids=(events[0].id,) if count == 1 else tuple(event.id for event in events),
-            )
+            ids = [events[0].id] if count == 1 else [event.id for event in events]
+            return AppendResult.of(stream, ids, version + 1, ack.seq - count + 1)
 
     async def _publish(
         self, stream: str, subject: str, events: list[PreparedEvent], version: int, seq: int
@@ -317,14 +305,14 @@ class JetStreamEventStore(EventStore):
             event = events[0]
             body = event.encode(stream, version + 1)
             data = await self._acks.request(
-                subject, body, _headers(event, version + 1, seq), self._timeout
+                subject, body, _event_headers(event, version + 1, seq), self._timeout
             )
             return decode_pub_ack(data, subject=subject)
         messages = [
             (
                 subject,
                 event.encode(stream, version + offset),
-                _headers(event, version + offset, seq if offset == 1 else None),
+                _event_headers(event, version + offset, seq if offset == 1 else None),
             )
             for offset, event in enumerate(events, 1)
         ]
@@ -370,7 +358,7 @@ class JetStreamEventStore(EventStore):
                 version += 1
                 yield _seq_of(msg), envelope
 
-    async def _conflict(
+    async def _replay_or_conflict(
         self,
         stream: str,
         subject: str,
@@ -385,16 +373,11 @@ class JetStreamEventStore(EventStore):
             found = await self._events_from(subject, stream, base + 1, len(events))
             if [envelope.id for _, envelope in found] == [event.id for event in events]:
                 return _result(stream, found)
-        raise WrongExpectedVersionError(
-            stream=stream,
-            expected=expected if isinstance(expected, int) else str(expected),
-            actual=actual,
-        )
+        raise wrong_expected(stream, expected, actual)
 
-    async def _duplicate(
+    async def _deduplicated_result(
         self,
         stream: str,
-        subject: str,
         event: PreparedEvent,
         position: int,
         version: int,
@@ -402,10 +385,8 @@ class JetStreamEventStore(EventStore):
     ) -> AppendResult:
         """JetStream dropped a repeated event id (PubAck `duplicate`): return the first result."""
         if position == seq and version > 0:
-            return _single(stream, event.id, version, position)
-        msg = await self._direct_get(
-            self._direct, msgspec.json.encode({"seq": position}), f"read {stream!r}"
-        )
+            return AppendResult.of(stream, [event.id], version, position)
+        msg = await self._direct.get(f"read {stream!r}", seq=position)
         envelope = _envelope_of(msg, f"at {position}") if msg is not None else None
         if envelope is None or envelope.id != event.id:
             raise DuplicateEventError(
@@ -417,10 +398,10 @@ class JetStreamEventStore(EventStore):
                 event_id=event.id,
                 reason=f"was stored before in stream {envelope.stream!r} at position {position}",
             )
-        return _single(stream, event.id, envelope.version, position)
+        return AppendResult.of(stream, [event.id], envelope.version, position)
 
-    async def _previous(
-        self, stream: str, subject: str, events: list[PreparedEvent], base: int | None
+    async def _replayed_batch_result(
+        self, stream: str, subject: str, events: list[PreparedEvent]
     ) -> AppendResult:
         """A batch repeated ids seen within the duplicate window: find the first append."""
         wanted = [event.id for event in events]
@@ -453,73 +434,12 @@ class JetStreamEventStore(EventStore):
 
     # -- reading one stream -----------------------------------------------------------------------
 
-    async def _direct_get(self, subject: str, body: bytes, operation: str) -> Msg | None:
-        """One direct get (ADR-31); None when there is no such message."""
-        try:
-            msg = await self.nc.request(subject, body, timeout=self._timeout)
-        except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation=operation, reason=f"direct get: {type(error).__name__}"
-            ) from None
-        status = msg.headers.get(h.STATUS) if msg.headers else None
-        if status is None:
-            return msg
-        if status == "404":
-            return None
-        raise StoreUnavailableError(
-            operation=operation,
-            reason=f"direct get answered {status} {(msg.headers or {}).get(h.DESCRIPTION, '')}",
-        )
-
-    async def _subject_messages(
-        self, subject: str, stream: str, start: int = 1
-    ) -> AsyncIterator[Msg]:
-        """Every message on `subject` from sequence `start` on, in order, by batched direct gets."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        try:
-            seq = start
-            while True:
-                request = msgspec.json.encode(
-                    {"seq": seq, "next_by_subj": subject, "batch": _DIRECT_BATCH}
-                )
-                await self.nc.publish(self._direct, request, reply=inbox)
-                while True:
-                    try:
-                        msg = await sub.next_msg(timeout=self._timeout)
-                    except NatsError as error:
-                        raise StoreUnavailableError(
-                            operation=f"read {stream!r}",
-                            reason=f"direct get: {type(error).__name__} {error}",
-                        ) from None
-                    msg_headers = msg.headers or {}
-                    status = msg_headers.get(h.STATUS)
-                    if status is None:
-                        seq = int(msg_headers[h.SEQUENCE]) + 1
-                        yield msg
-                    elif status == "204":  # end of batch
-                        if msg_headers.get(h.NUM_PENDING, "0") == "0":
-                            return
-                        break
-                    elif status == "404":
-                        return
-                    else:
-                        raise StoreUnavailableError(
-                            operation=f"read {stream!r}",
-                            reason=f"direct get answered {status} "
-                            f"{msg_headers.get(h.DESCRIPTION, '')}",
-                        )
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    def _subject_messages(self, subject: str, stream: str, start: int = 1) -> AsyncIterator[Msg]:
+        return self._direct.messages(subject, f"read {stream!r}", start)
 
     async def _read(
         self, stream: str, from_version: int | None, limit: int | None, backwards: bool
     ) -> AsyncIterator[RecordedEvent]:
-        if limit == 0:
-            return
-        if not self._ready:
-            await self.ensure_stream()
         subject = self._event_prefix + stream
         where = f"on {subject}"
         decode = self.decode
@@ -563,7 +483,7 @@ class JetStreamEventStore(EventStore):
         invalid messages, or a version near its start, is read from the start.
         """
         versions = VersionCheck(from_start=True)
-        if version <= _DIRECT_BATCH:
+        if version <= DIRECT_BATCH:
             return 1, versions
         known, last, clean = await self._fetch_state(stream, subject)
         if not clean:
@@ -574,11 +494,7 @@ class JetStreamEventStore(EventStore):
         low, high = 1, last
         while low < high:
             middle = (low + high) // 2
-            msg = await self._direct_get(
-                self._direct,
-                msgspec.json.encode({"seq": middle, "next_by_subj": subject}),
-                f"read {stream!r}",
-            )
+            msg = await self._direct.get(f"read {stream!r}", seq=middle, next_by_subj=subject)
             envelope = _envelope_of(msg, f"on {subject}", stream) if msg is not None else None
             if msg is None:
                 high = middle
@@ -592,28 +508,17 @@ class JetStreamEventStore(EventStore):
         return low, versions
 
     async def _stream_version(self, stream: str) -> int:
-        if not self._ready:
-            await self.ensure_stream()
         version, _, _ = await self._fetch_state(stream, self._event_prefix + stream)
         return version
 
     async def _head_position(self) -> int:
-        if not self._ready:
-            await self.ensure_stream()
-        try:
-            msg = await self.nc.request(
-                f"$JS.API.STREAM.INFO.{self.stream_name}", b"", timeout=self._timeout
-            )
-        except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation="head position", reason=type(error).__name__
-            ) from None
-        info = _STREAM_INFO_DECODER.decode(msg.data)
-        if info.error is not None:
-            raise StoreUnavailableError(
-                operation="head position", reason=str(info.error.get("description"))
-            )
-        last: int = info.state.get("last_seq", 0)
+        info = await stream_info(
+            self.nc, self.stream_name, timeout=self._timeout, operation="head position"
+        )
+        refused = api_error(info)
+        if refused is not None:
+            raise unavailable_error("head position", refused)
+        last: int = info.get("state", {}).get("last_seq", 0)
         return last
 
     # -- reading everything, subscribing ----------------------------------------------------------
@@ -635,18 +540,12 @@ class JetStreamEventStore(EventStore):
         filter: EventFilter,
         limit: int | None,
     ) -> AsyncIterator[RecordedEvent]:
-        if limit == 0:
-            return
         self._check_open()
-        if not self._ready:
-            await self.ensure_stream()
         head = await self._head_position()
         if head < from_position:
             return
         until_ns = _epoch_ns(until) if until is not None else None
-        feed = _OrderedFeed(
-            self, self._filter_subjects(filter), from_position, since, patience=self._timeout
-        )
+        feed = self._feed(filter, from_position, since, patience=self._timeout)
         try:
             if await feed.start() == 0:
                 return
@@ -671,9 +570,7 @@ class JetStreamEventStore(EventStore):
         self, filter: EventFilter, from_position: int
     ) -> AsyncIterator[RecordedEvent]:
         self._check_open()
-        if not self._ready:
-            await self.ensure_stream()
-        feed = _OrderedFeed(self, self._filter_subjects(filter), from_position, None, patience=None)
+        feed = self._feed(filter, from_position, None, patience=None)
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
             decode, matches = self.decode, filter.matches
@@ -685,6 +582,25 @@ class JetStreamEventStore(EventStore):
         finally:
             await feed.close()
 
+    def _feed(
+        self, filter: EventFilter, start: int, since: datetime | None, *, patience: float | None
+    ) -> OrderedPushConsumer:
+        subjects = self._filter_subjects(filter)
+        feed = OrderedPushConsumer(
+            self.nc,
+            self.stream_name,
+            subjects,
+            start,
+            since=since,
+            heartbeat=self._heartbeat,
+            timeout=self._timeout,
+            patience=patience,
+            owner=type(self).__name__,
+            operation=f"read_all on {', '.join(subjects)}",
+        )
+        self._feeds.add(feed)  # close() ends it
+        return feed
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def _close(self) -> None:
@@ -692,7 +608,7 @@ class JetStreamEventStore(EventStore):
         # while the connection is still up.
         feeds = list(self._feeds)
         for feed in feeds:
-            feed.shut()
+            feed.close_nowait()
         await asyncio.gather(*(feed.close() for feed in feeds))
         async with self._ready_lock:  # not while ensure_stream is between its checks
             await self._acks.close()
@@ -701,24 +617,20 @@ class JetStreamEventStore(EventStore):
                 await self.nc.close()
 
 
-def _headers(event: PreparedEvent, version: int, expected_seq: int | None) -> dict[str, str]:
-    headers = {
-        h.MSG_ID: event.id,
-        h.TYPE: event.type,
-        h.SCHEMA_VERSION: str(event.schema_version),
-        h.STREAM_VERSION: str(version),
+def _event_headers(event: PreparedEvent, version: int, expected_seq: int | None) -> dict[str, str]:
+    found = {
+        headers.MSG_ID: event.id,
+        headers.TYPE: event.type,
+        headers.SCHEMA_VERSION: str(event.schema_version),
+        headers.STREAM_VERSION: str(version),
     }
     if expected_seq is not None:
-        headers[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_seq)
+        found[headers.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_seq)
     if event.trace is not None:
-        headers[h.TRACEPARENT] = event.trace.traceparent
+        found[headers.TRACEPARENT] = event.trace.traceparent
         if event.trace.tracestate:
-            headers[h.TRACESTATE] = event.trace.tracestate
-    return headers
-
-
-def _seq_of(msg: Msg) -> int:
-    return int(msg.headers[h.SEQUENCE]) if msg.headers else 0
+            found[headers.TRACESTATE] = event.trace.tracestate
+    return found
 
 
 def _envelope_of(msg: Msg, where: str, stream: str | None = None) -> Envelope | None:
@@ -729,413 +641,11 @@ def _envelope_of(msg: Msg, where: str, stream: str | None = None) -> Envelope | 
         return None
 
 
-def _single(stream: str, event_id: str, version: int, position: int) -> AppendResult:
-    return AppendResult(
-        stream=stream,
-        first_version=version,
-        last_version=version,
-        first_position=position,
-        last_position=position,
-        ids=(event_id,),
-    )
-
-
 def _result(stream: str, found: list[tuple[int, Envelope]]) -> AppendResult:
-    return AppendResult(
-        stream=stream,
-        first_version=found[0][1].version,
-        last_version=found[-1][1].version,
-        first_position=found[0][0],
-        last_position=found[-1][0],
-        ids=tuple(envelope.id for _, envelope in found),
-    )
-
-
-def _utc(moment: datetime) -> datetime:
-    """`moment` in UTC; a naive datetime is taken to be UTC already (never local time)."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    """The first result of an append whose events were `found` as (position, envelope)."""
+    ids = [envelope.id for _, envelope in found]
+    return AppendResult.of(stream, ids, found[0][1].version, found[0][0], found[-1][0])
 
 
 def _epoch_ns(moment: datetime) -> int:
-    return int(_utc(moment).timestamp() * _NS)
-
-
-class _AckMux:
-    """Publish-and-wait-for-PubAck over one wildcard inbox (as nats.py's publish_async does).
-
-    Cheaper than `nc.request` per append: no timer per request; one sweeper task fails the
-    requests whose deadline passed. Once closed, it refuses new requests at once and fails the
-    ones in flight (nothing would answer them: the sweeper is gone).
-    """
-
-    def __init__(self, nc: Client, store: str) -> None:
-        self._nc = nc
-        self._store = store
-        self._closed = False
-        self._prefix = ""
-        self._cut = 0
-        self._futures: dict[str, asyncio.Future[bytes]] = {}
-        self._deadlines: deque[tuple[float, str, str, float]] = deque()
-        self._counter = 0
-        self._sub: NatsSubscription | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self._closed:
-            raise StoreClosedError(store=self._store)
-        inbox = self._nc.new_inbox()
-        self._prefix = inbox + "."
-        self._cut = len(self._prefix)
-        self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_reply)
-        self._sweeper = asyncio.create_task(self._sweep(), name="newfuse-jetstream-acks")
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[self._cut :], None)
-        if future is None or future.done():
-            return
-        if msg.headers and msg.headers.get(h.STATUS) == "503":
-            future.set_exception(
-                StoreUnavailableError(
-                    operation="publish",
-                    reason="no JetStream stream answered (is the server restarting?)",
-                )
-            )
-        else:
-            future.set_result(msg.data)
-
-    async def request(
-        self, subject: str, body: bytes, headers: dict[str, str], wait: float
-    ) -> bytes:
-        if self._closed:
-            raise StoreClosedError(store=self._store)
-        self._counter += 1
-        token = str(self._counter)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._futures[token] = future
-        self._deadlines.append((loop.time() + wait, token, subject, wait))
-        try:
-            try:
-                await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
-            except NatsError as error:  # closed, or the reconnect buffer is full
-                raise StoreUnavailableError(
-                    operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
-                ) from None
-            return await future
-        finally:
-            self._futures.pop(token, None)
-            if future.done() and not future.cancelled():
-                future.exception()  # failed by close() while publishing: retrieved, not logged
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.05)
-            now = loop.time()
-            deadlines = self._deadlines
-            while deadlines and deadlines[0][0] <= now:
-                _, token, subject, timeout = deadlines.popleft()
-                future = self._futures.pop(token, None)
-                if future is not None and not future.done():
-                    future.set_exception(PublishTimeoutError(subject=subject, timeout=timeout))
-            while deadlines and deadlines[0][1] not in self._futures:
-                deadlines.popleft()  # answered: forget early, the deque stays short
-
-    async def close(self) -> None:
-        self._closed = True  # before any await: no request registers after this
-        for token, future in self._futures.items():
-            if not future.done():
-                subject = next((d[2] for d in self._deadlines if d[1] == token), "?")
-                future.set_exception(ClosedDuringAppendError(store=self._store, subject=subject))
-        self._futures.clear()
-        self._deadlines.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-
-_RESET: Final = "reset"
-_BEAT: Final = "beat"
-_CLOSED: Final = "closed"
-FeedItem = tuple[int, int, int, str, bytes]
-"""(stream sequence, server timestamp in ns, pending after it, subject, body)."""
-
-
-class _OrderedFeed:
-    """An ordered push consumer on the raw client: every message of the filter subjects once,
-    in stream order, from a start sequence (or time), across gaps, reconnects and restarts.
-
-    The consumer is ephemeral (memory storage, no acks, flow control, idle heartbeats). A gap in
-    its delivery sequence, a heartbeat naming another last delivery, a status message, or three
-    silent heartbeat intervals make the feed recreate it from the last sequence handed out + 1;
-    anything at or below that sequence is dropped, so there are no duplicates either.
-
-    How long it tries: a live feed (`patience` None, behind `subscribe`) until the server is
-    back; a finite one (behind `read_all`) `patience` seconds from the failure, then it raises
-    ReadInterruptedError naming the last position delivered. When the store closes, the
-    iteration raises StoreClosedError.
-    """
-
-    def __init__(
-        self,
-        store: JetStreamEventStore,
-        filter_subjects: list[str],
-        start: int,
-        since: datetime | None,
-        *,
-        patience: float | None,
-    ) -> None:
-        self._store = store
-        self._nc = store.nc
-        self._filters = filter_subjects
-        self._last = start - 1
-        self._since = since
-        self._patience = patience
-        self._failing_since: float | None = None
-        self._stop = asyncio.Event()
-        self._attempt: asyncio.Timeout | None = None  # the deadline of a consumer create
-        self._delivered_any = False
-        self._queue: asyncio.Queue[FeedItem | tuple[str, str] | str] = asyncio.Queue()
-        self._generation = 0
-        self._expected_cseq = 1
-        self._sub: NatsSubscription | None = None
-        self._consumer: str | None = None
-        self._closed = False
-        self._reset_pending = False
-        self._flow_waiting: set[str] = set()
-        store._feeds.add(self)
-
-    async def start(self) -> int:
-        """Create the consumer; returns how many messages it has pending."""
-        return await self._create()
-
-    async def _create(self) -> int:
-        await self._drop_consumer()
-        self._generation += 1
-        generation = self._generation
-        self._expected_cseq = 1
-        self._flow_waiting.clear()
-        inbox = self._nc.new_inbox()
-
-        async def on_message(msg: Msg) -> None:
-            if generation == self._generation:
-                await self._on_message(msg)
-
-        try:
-            self._sub = await self._nc.subscribe(inbox, cb=on_message)
-        except NatsError as error:
-            raise StoreUnavailableError(
-                operation="create consumer", reason=f"{type(error).__name__} {error}"
-            ) from None
-        if self._closed:  # closed while subscribing: leave nothing behind
-            await self._drop_consumer()
-            raise self._closed_error()
-        heartbeat = self._store._heartbeat
-        config: dict[str, Any] = {
-            "deliver_subject": inbox,
-            "ack_policy": "none",
-            "max_deliver": 1,
-            "flow_control": True,
-            "idle_heartbeat": int(heartbeat * _NS),
-            "mem_storage": True,
-            "num_replicas": 1,
-            "inactive_threshold": 60 * _NS,
-            "replay_policy": "instant",
-        }
-        if self._since is not None and not self._delivered_any:
-            config["deliver_policy"] = "by_start_time"
-            config["opt_start_time"] = _utc(self._since).isoformat()
-        else:
-            config["deliver_policy"] = "by_start_sequence"
-            config["opt_start_seq"] = self._last + 1
-        if len(self._filters) == 1:
-            config["filter_subject"] = self._filters[0]
-        else:
-            config["filter_subjects"] = self._filters
-        name = self._store.stream_name
-        try:
-            msg = await self._nc.request(
-                f"$JS.API.CONSUMER.CREATE.{name}",
-                msgspec.json.encode({"stream_name": name, "config": config}),
-                timeout=self._store._timeout,
-            )
-        except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation="create consumer", reason=type(error).__name__
-            ) from None
-        answer = msgspec.json.decode(msg.data)
-        if "error" in answer:
-            raise StoreUnavailableError(
-                operation="create consumer", reason=str(answer["error"].get("description"))
-            )
-        self._consumer = answer["name"]
-        if self._closed:  # closed while the server created it: delete it again
-            await self._drop_consumer()
-            raise self._closed_error()
-        pending: int = answer.get("num_pending", 0)
-        return pending
-
-    def _closed_error(self) -> StoreClosedError:
-        return StoreClosedError(store=type(self._store).__name__)
-
-    async def recreate(self) -> None:
-        """Recreate the consumer from the last sequence handed out, until the server answers
-        (live) or until `patience` seconds after the failure began (finite).
-
-        Raises:
-            ReadInterruptedError: a finite feed's patience ran out.
-            StoreClosedError: the store was closed.
-        """
-        loop = asyncio.get_running_loop()
-        if self._failing_since is None:
-            self._failing_since = loop.time()
-        patience = self._patience
-        deadline = None if patience is None else self._failing_since + patience
-        wait = 0.05
-        reason = "the server did not answer"
-        while True:
-            if self._closed:
-                raise self._closed_error()
-            remaining = None
-            if deadline is not None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ReadInterruptedError(
-                        operation=f"read_all on {', '.join(self._filters)}",
-                        position=self._last,
-                        timeout=patience or 0.0,
-                        reason=reason,
-                    )
-            try:
-                async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
-                    await self._create()
-                return
-            except StoreClosedError:
-                raise
-            except StoreUnavailableError as error:
-                reason = error.reason
-                log.debug("recreating consumer on %s: %s", self._filters, error)
-            except Exception as error:  # timeout, connection closed or reconnecting: again
-                reason = f"the server did not answer ({type(error).__name__})"
-                log.debug("recreating consumer on %s: %r", self._filters, error)
-            finally:
-                self._attempt = None
-            pause = wait if deadline is None else max(0.0, min(wait, deadline - loop.time()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stop.wait()  # set by shut(): stop waiting at once
-            wait = min(wait * 2, 1.0)
-
-    async def _on_message(self, msg: Msg) -> None:
-        headers = msg.headers
-        if headers is not None and h.STATUS in headers:
-            if headers[h.STATUS] == "100":
-                if msg.reply:  # flow control: answer once everything before it is consumed
-                    self._flow_waiting.add(msg.reply)
-                    self._queue.put_nowait(("fc", msg.reply))
-                    return
-                stalled = headers.get(h.CONSUMER_STALLED)
-                # Answer a stalled consumer only if its flow-control request is not still
-                # queued behind undelivered messages (then the reader is just slow: let it).
-                if stalled and stalled not in self._flow_waiting:
-                    with contextlib.suppress(Exception):
-                        await self._nc.publish(stalled, b"")
-                last = headers.get(h.LAST_CONSUMER)
-                if last is not None and int(last) != self._expected_cseq - 1:
-                    self._reset()
-                else:
-                    self._queue.put_nowait(_BEAT)
-                return
-            self._reset()  # 409 consumer deleted, leadership change, ...
-            return
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
-        # <domain>.<account hash> after $JS.ACK and a random token at the end (ADR-15).
-        tokens = msg.reply.split(".")
-        if len(tokens) == 9:
-            sseq, cseq, stamp, pending = tokens[5], tokens[6], tokens[7], tokens[8]
-        else:
-            sseq, cseq, stamp, pending = tokens[7], tokens[8], tokens[9], tokens[10]
-        if int(cseq) != self._expected_cseq:
-            self._reset()
-            return
-        self._expected_cseq += 1
-        self._queue.put_nowait((int(sseq), int(stamp), int(pending), msg.subject, msg.data))
-
-    def _reset(self) -> None:
-        self._generation += 1  # whatever the old consumer still sends is dropped
-        if not self._reset_pending:
-            self._reset_pending = True
-            self._queue.put_nowait(_RESET)
-
-    def __aiter__(self) -> AsyncIterator[FeedItem]:
-        return self._items()
-
-    async def _items(self) -> AsyncIterator[FeedItem]:
-        queue = self._queue
-        stall = 3 * self._store._heartbeat
-        while True:
-            if self._closed:
-                raise self._closed_error()
-            try:
-                item = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    async with asyncio.timeout(stall):
-                        item = await queue.get()
-                except TimeoutError:
-                    item = _RESET
-            if type(item) is tuple:
-                if len(item) == 5:
-                    seq: int = item[0]
-                    if seq <= self._last:
-                        continue
-                    self._last = seq
-                    self._delivered_any = True
-                    self._failing_since = None
-                    yield item
-                else:
-                    with contextlib.suppress(Exception):
-                        await self._nc.publish(item[1], b"")
-                    self._flow_waiting.discard(item[1])
-            elif item == _RESET:
-                self._reset_pending = False
-                await self.recreate()
-            elif item == _BEAT:
-                self._failing_since = None  # the consumer is alive and has sent everything
-
-    async def _drop_consumer(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None and self._nc.is_connected:
-            name = self._store.stream_name
-            with contextlib.suppress(Exception):
-                await self._nc.request(
-                    f"$JS.API.CONSUMER.DELETE.{name}.{consumer}", b"", timeout=1.0
-                )
-
-    def shut(self) -> None:
-        """Mark the feed closed and wake its reader (it raises StoreClosedError). Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._generation += 1
-            self._stop.set()
-            self._queue.put_nowait(_CLOSED)
-            attempt = self._attempt
-            if attempt is not None and not attempt.expired():
-                attempt.reschedule(-1.0)  # a create waiting on a dead server: give it up now
-
-    async def close(self) -> None:
-        """Shut the feed and delete its consumer. Idempotent."""
-        self.shut()
-        await self._drop_consumer()
+    return int(as_utc(moment).timestamp() * NANOSECONDS)

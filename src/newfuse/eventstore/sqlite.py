@@ -63,10 +63,13 @@ import msgspec
 
 from newfuse.errors import (
     ConfigError,
+    CorruptStoreFileError,
     DuplicateEventError,
+    ForeignStoreFileError,
+    FuseError,
+    SQLiteStoreError,
     StoreClosedError,
     StoreUnavailableError,
-    WrongExpectedVersionError,
 )
 from newfuse.eventstore.base import (
     MAX_BATCH,
@@ -77,8 +80,9 @@ from newfuse.eventstore.base import (
     InvalidEventHandler,
     PreparedEvent,
     check_expected,
+    wrong_expected,
 )
-from newfuse.schemas import RecordedEvent, SchemaRegistry
+from newfuse.schemas import RecordedEvent, SchemaRegistry, as_utc
 
 MEMORY: Final[str] = ":memory:"
 """The path of a store that lives in memory and disappears on close."""
@@ -111,16 +115,41 @@ _SCHEMA: Final[tuple[str, ...]] = (
 microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."""
 
 _SCHEMA_VERSION: Final[int] = 1
+_COLUMNS: Final[frozenset[str]] = frozenset(
+    {
+        "position",
+        "stream",
+        "category",
+        "version",
+        "id",
+        "type",
+        "schema_version",
+        "timestamp",
+        "correlation_id",
+        "body",
+    }
+)
+"""The columns of `events` in the schema above: a file whose `events` has others is not ours."""
 
-# One query under the write lock: each stream's version, the ids already stored, the head.
-_LOOKUP: Final[str] = """
-    SELECT 'v', s.value, NULL, (SELECT max(version) FROM events WHERE stream = s.value), NULL
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+"""SQLite result codes (https://sqlite.org/rescode.html) of a damaged file, or not a database."""
+
+_STREAM_VERSION: Final[str] = "version"
+_STORED_ID: Final[str] = "stored id"
+_HEAD: Final[str] = "head"
+
+# One query under the write lock: each stream's version, the ids already stored, the head; the
+# first column of each row says which of the three it is.
+_LOOKUP: Final[str] = f"""
+    SELECT '{_STREAM_VERSION}', s.value, NULL,
+        (SELECT max(version) FROM events WHERE stream = s.value), NULL
     FROM json_each(?1) AS s
     UNION ALL
-    SELECT 'i', e.id, e.stream, e.version, e.position
+    SELECT '{_STORED_ID}', e.id, e.stream, e.version, e.position
     FROM events AS e WHERE e.id IN (SELECT value FROM json_each(?2))
     UNION ALL
-    SELECT 'h', NULL, NULL, NULL, max(position) FROM events
+    SELECT '{_HEAD}', NULL, NULL, NULL, max(position) FROM events
 """
 
 _INSERT: Final[str] = (
@@ -141,9 +170,7 @@ _neighbours: weakref.WeakValueDictionary[int, SQLiteEventStore] = weakref.WeakVa
 
 def _micros(moment: datetime) -> int:
     """Microseconds since the epoch; a naive datetime is taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // _MICROSECOND
+    return (as_utc(moment) - _EPOCH) // _MICROSECOND
 
 
 @dataclass(slots=True)
@@ -280,7 +307,7 @@ class SQLiteEventStore(EventStore):
                 )
                 self._reader = await self._on(self._read_thread, self._open_reader)
         except sqlite3.Error as error:
-            raise StoreUnavailableError(operation=operation, reason=str(error)) from error
+            raise self._store_error(operation, error) from error
         if not self._memory:
             _neighbours[id(self)] = self
         self._writer_task = asyncio.create_task(
@@ -302,6 +329,7 @@ class SQLiteEventStore(EventStore):
         """On the writer thread: the write connection, with WAL, `synchronous` and the schema."""
         connection = self._connect()
         try:
+            self._check_ours(connection)  # before WAL mode, which would change a foreign file
             if not self._memory:
                 connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -318,6 +346,40 @@ class SQLiteEventStore(EventStore):
             connection.close()
             raise
         return connection
+
+    def _check_ours(self, connection: sqlite3.Connection) -> None:
+        """Refuse a database that newfuse did not create: one with tables but no `events` table
+        of our columns, or of a newer schema version. An empty database is ours to set up.
+
+        Raises:
+            ForeignStoreFileError: it is another application's database (nothing is changed).
+            sqlite3.DatabaseError: the file is not a database (mapped by `_store_error`).
+        """
+        tables = [
+            name
+            for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "ORDER BY name"
+            )
+        ]
+        if not tables:
+            return
+        if "events" not in tables:
+            listed = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise ForeignStoreFileError(path=self.path, found=f"its tables are {listed}")
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+        if columns != _COLUMNS:
+            raise ForeignStoreFileError(
+                path=self.path,
+                found=f"its events table has the columns {', '.join(sorted(columns))}",
+            )
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        if version > _SCHEMA_VERSION:
+            raise ForeignStoreFileError(
+                path=self.path,
+                found=f"its schema version is {version}, this newfuse knows {_SCHEMA_VERSION}: "
+                f"a newer newfuse wrote it; upgrade newfuse to open it",
+            )
 
     def _open_reader(self) -> sqlite3.Connection:
         """On the reader thread: a read-only connection (WAL lets it read beside the writer)."""
@@ -473,9 +535,9 @@ class SQLiteEventStore(EventStore):
         stored: dict[str, tuple[str, int, int]] = {}
         head = 0
         for kind, key, stream, version, position in found:
-            if kind == "v":
+            if kind == _STREAM_VERSION:
                 versions[key] = version or 0
-            elif kind == "i":
+            elif kind == _STORED_ID:
                 stored[key] = (stream, version, position)
             else:
                 head = position or 0
@@ -488,26 +550,9 @@ class SQLiteEventStore(EventStore):
             if any(known):
                 outcomes.append(_replayed(stream, ids, known))
                 continue
-            if len(set(ids)) != len(ids):
-                twice = next(i for i in ids if ids.count(i) > 1)
-                outcomes.append(
-                    DuplicateEventError(
-                        stream=stream,
-                        event_id=twice,
-                        reason="appears twice in one batch; give each event its own id",
-                    )
-                )
-                continue
             actual = versions.get(stream, 0)
-            if not check_expected(stream, waiting.expected, actual):
-                expected = waiting.expected
-                outcomes.append(
-                    WrongExpectedVersionError(
-                        stream=stream,
-                        expected=expected if isinstance(expected, int) else expected.value,
-                        actual=actual,
-                    )
-                )
+            if not check_expected(waiting.expected, actual):
+                outcomes.append(wrong_expected(stream, waiting.expected, actual))
                 continue
             category = stream.partition(".")[0]
             for offset, event in enumerate(events, start=1):
@@ -527,27 +572,31 @@ class SQLiteEventStore(EventStore):
                     )
                 )
                 stored[event.id] = (stream, version, position)
-            outcomes.append(
-                AppendResult(
-                    stream=stream,
-                    first_version=actual + 1,
-                    last_version=actual + len(events),
-                    first_position=head + 1,
-                    last_position=head + len(events),
-                    ids=tuple(ids),
-                )
-            )
+            outcomes.append(AppendResult.of(stream, ids, actual + 1, head + 1))
             versions[stream] = actual + len(events)
             head += len(events)
         return rows, outcomes
 
     def _store_error(self, operation: str, error: Exception) -> Exception:
+        """The one place where an `sqlite3` error becomes a FuseError (every one of them does);
+        an exception that is not SQLite's (a bug) is returned as it is."""
         # ValueError: our own "connection closed"; ProgrammingError: sqlite3's.
         if isinstance(error, ValueError | sqlite3.ProgrammingError) or self._stopping:
             return StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
-        if isinstance(error, sqlite3.OperationalError):  # locked past busy_timeout, I/O, full
-            return StoreUnavailableError(operation=operation, reason=str(error))
-        return error
+        if not isinstance(error, sqlite3.Error):
+            return error
+        mapped: FuseError
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            mapped = CorruptStoreFileError(path=self.path, reason=str(error))
+        elif isinstance(error, sqlite3.OperationalError):  # locked past busy_timeout, I/O, full
+            mapped = StoreUnavailableError(operation=operation, reason=str(error))
+        else:
+            mapped = SQLiteStoreError(
+                operation=operation, path=self.path, reason=f"{type(error).__name__}: {error}"
+            )
+        mapped.__cause__ = error  # also when it fails a future rather than being raised
+        return mapped
 
     def _notify_commit(self) -> None:
         self._wake()
@@ -629,8 +678,6 @@ class SQLiteEventStore(EventStore):
                 return None
             return (stream, rows[-1][2] + step, wanted)
 
-        if limit == 0:
-            return
         first = (stream, bound, self.page_size if limit is None else min(self.page_size, limit))
         decode, where = self.decode, self._where
         async for rows in self._pages(sql, first, following):
@@ -795,14 +842,7 @@ def _replayed(
         if all(place[0] == stream for place in places) and versions == list(
             range(versions[0], versions[0] + len(ids))
         ):
-            return AppendResult(
-                stream=stream,
-                first_version=versions[0],
-                last_version=versions[-1],
-                first_position=places[0][2],
-                last_position=places[-1][2],
-                ids=tuple(ids),
-            )
+            return AppendResult.of(stream, ids, versions[0], places[0][2], places[-1][2])
     index = next(i for i, place in enumerate(known) if place is not None)
     where, version, position = places[0]
     return DuplicateEventError(

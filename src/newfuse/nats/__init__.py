@@ -1,34 +1,38 @@
-"""NATS plumbing: embedded servers, connections, subjects, stream provisioning, batch publish."""
+"""NATS plumbing the other layers build on: connections, subjects, stream provisioning, publishing
+(PubAck inbox, atomic batch), reading (direct get, ordered push consumer), the embedded servers."""
 
 from newfuse.nats import headers
 from newfuse.nats.batch import MAX_BATCH_MESSAGES, publish_atomic_batch
 from newfuse.nats.connection import connect
+from newfuse.nats.direct import DirectGet
 from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, find_valkey_server
-from newfuse.nats.jserrors import PubAck, decode_pub_ack
-from newfuse.nats.provision import (
-    EventStreamSpec,
-    StreamState,
-    ensure_event_stream,
-    server_supports_atomic,
-    server_version,
-)
+from newfuse.nats.jserrors import PubAck
+from newfuse.nats.ordered import FeedMessage, OrderedPushConsumer
+from newfuse.nats.provision import EventStreamSpec, StreamState, ensure_event_stream
+from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 
 __all__ = [
-    "MAX_BATCH_MESSAGES",
-    "EventStreamSpec",
-    "NatsServer",
-    "PubAck",
-    "StreamState",
+    # connecting and naming
     "Subjects",
-    "ValkeyServer",
     "connect",
-    "decode_pub_ack",
+    "headers",
+    # the events' stream
+    "EventStreamSpec",
+    "StreamState",
     "ensure_event_stream",
+    # publishing
+    "MAX_BATCH_MESSAGES",
+    "PubAck",
+    "PubAckInbox",
+    "publish_atomic_batch",
+    # reading
+    "DirectGet",
+    "FeedMessage",
+    "OrderedPushConsumer",
+    # embedded servers (development and tests)
+    "NatsServer",
+    "ValkeyServer",
     "find_nats_server",
     "find_valkey_server",
-    "headers",
-    "publish_atomic_batch",
-    "server_supports_atomic",
-    "server_version",
 ]

@@ -25,7 +25,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.nuid import NUID
 
 from newfuse.errors import BatchTooLargeError, PublishTimeoutError, StoreUnavailableError
-from newfuse.nats import headers as h
+from newfuse.nats import headers
 from newfuse.nats.jserrors import PubAck, decode_pub_ack
 
 MAX_BATCH_MESSAGES = 1000
@@ -72,21 +72,21 @@ async def publish_atomic_batch(
     batch_id = _nuid.next().decode()
     last = count - 1
     for index, (subject, body, base) in enumerate(messages):
-        headers = dict(base)
-        headers[h.BATCH_ID] = batch_id
-        headers[h.BATCH_SEQUENCE] = str(index + 1)
+        with_batch = dict(base)
+        with_batch[headers.BATCH_ID] = batch_id
+        with_batch[headers.BATCH_SEQUENCE] = str(index + 1)
         if index == last:
-            headers[h.BATCH_COMMIT] = "1"
-            answer = await _request(nc, subject, body, headers, timeout)
+            with_batch[headers.BATCH_COMMIT] = "1"
+            answer = await _request(nc, subject, body, with_batch, timeout)
             return decode_pub_ack(answer, subject=subject, server_version=server_version)
         if index == 0:
             # The first answer tells us early whether the stream takes batches at all.
-            answer = await _request(nc, subject, body, headers, timeout)
+            answer = await _request(nc, subject, body, with_batch, timeout)
             if answer:
                 decode_pub_ack(answer, subject=subject, server_version=server_version)
         else:
             try:
-                await nc.publish(subject, body, headers=headers)
+                await nc.publish(subject, body, headers=with_batch)
             except NatsError as error:  # nothing is stored: the batch never commits
                 raise StoreUnavailableError(
                     operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
@@ -95,10 +95,10 @@ async def publish_atomic_batch(
 
 
 async def _request(
-    nc: Client, subject: str, body: bytes, headers: dict[str, str], wait: float
+    nc: Client, subject: str, body: bytes, sent: dict[str, str], wait: float
 ) -> bytes:
     try:
-        msg = await nc.request(subject, body, timeout=wait, headers=headers)
+        msg = await nc.request(subject, body, timeout=wait, headers=sent)
     except NatsTimeoutError:
         raise PublishTimeoutError(subject=subject, timeout=wait) from None
     except NoRespondersError:

@@ -9,11 +9,10 @@ import msgspec
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
-    BatchDuplicateIdError,
     PublishRejectedError,
+    StoreUnavailableError,
     StreamCreateError,
     StreamCreateUnavailableError,
-    WrongLastSequenceError,
 )
 
 WRONG_LAST_SEQUENCE: Final = 10071
@@ -24,6 +23,11 @@ ATOMIC_BATCH_INCOMPLETE: Final = 10176
 """A batch sequence is missing (a gap, or the server abandoned the batch)."""
 ATOMIC_BATCH_DUPLICATE_ID: Final = 10201
 """An atomic batch holds a `Nats-Msg-Id` seen within the duplicate window; nothing stored."""
+
+STREAM_NAME_IN_USE: Final = 10058
+"""A stream with that name exists (with another configuration)."""
+STREAM_NOT_FOUND: Final = 10059
+"""No stream with that name."""
 
 CLUSTER_NO_PEERS: Final = 10005
 """No suitable peers for placement (too few servers online for the replicas asked)."""
@@ -63,6 +67,26 @@ _CREATE_ADVICE: Final = {
 _CREATE_TRANSIENT: Final = frozenset({CLUSTER_NO_PEERS, CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER})
 
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
+
+
+class WrongLastSequenceError(PublishRejectedError):
+    """The subject's last sequence was not the expected one (err_code 10071); nothing stored.
+
+    It never leaves the store, which turns it into WrongExpectedVersionError (or retries).
+    """
+
+    def __init__(
+        self, *, subject: str, code: int, err_code: int, description: str, last_sequence: int | None
+    ) -> None:
+        self.last_sequence = last_sequence
+        super().__init__(subject=subject, code=code, err_code=err_code, description=description)
+
+
+class BatchDuplicateIdError(PublishRejectedError):
+    """An atomic batch holds a message id seen in the duplicate window (err_code 10201).
+
+    It never leaves the store, which returns the first append's result (or DuplicateEventError).
+    """
 
 
 class ApiError(msgspec.Struct, frozen=True):
@@ -133,6 +157,11 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
             server_version=f"{server_version or 'unknown'}, and its stream has allow_atomic off",
         )
     return PublishRejectedError(subject=subject, code=code, err_code=err_code, description=text)
+
+
+def unavailable_error(operation: str, error: ApiError) -> StoreUnavailableError:
+    """The FuseError for a JetStream API request that the server refused during `operation`."""
+    return StoreUnavailableError(operation=operation, reason=error.description or str(error))
 
 
 def stream_create_error(stream: str, error: ApiError) -> StreamCreateError:

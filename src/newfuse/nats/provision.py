@@ -7,19 +7,13 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import Error as NatsError
 
-from newfuse.errors import StoreUnavailableError, StreamConfigError
-from newfuse.nats.jserrors import ApiError, stream_create_error
+from newfuse.errors import StreamConfigError
+from newfuse.nats.jsapi import NANOSECONDS, api_error, nanoseconds, stream_create, stream_info
+from newfuse.nats.jserrors import STREAM_NAME_IN_USE, STREAM_NOT_FOUND, stream_create_error
 from newfuse.nats.subjects import Subjects
 
 log = logging.getLogger("newfuse.nats")
-
-STREAM_EXISTS_ERR = 10058
-"""JetStream err_code: a stream with that name exists (with another configuration)."""
-STREAM_NOT_FOUND_ERR = 10059
-"""JetStream err_code: no stream with that name."""
-_NS = 1_000_000_000
 
 
 class EventStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,11 +41,11 @@ class EventStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
             "retention": "limits",
             "storage": "file",
             "num_replicas": self.replicas,
-            "max_age": int((self.max_age or 0) * _NS),
+            "max_age": nanoseconds(self.max_age or 0),
             "max_bytes": -1 if self.max_bytes is None else self.max_bytes,
             "max_msgs": -1,
             "max_msgs_per_subject": -1,
-            "duplicate_window": int(self.duplicate_window * _NS),
+            "duplicate_window": nanoseconds(self.duplicate_window),
             "discard": "old",
             "allow_direct": True,
             "description": "newfuse events (one subject per event stream)",
@@ -87,19 +81,6 @@ def server_supports_atomic(version: str) -> bool:
     return (major, minor) >= (2, 12)
 
 
-async def _api(nc: Client, subject: str, body: dict[str, Any] | None, wait: float) -> Any:
-    try:
-        msg = await nc.request(
-            subject, b"" if body is None else msgspec.json.encode(body), timeout=wait
-        )
-    except NatsError as error:  # timeout, no responders, connection closed
-        raise StoreUnavailableError(
-            operation=f"JetStream API {subject}",
-            reason=f"{type(error).__name__}: is JetStream enabled on the server?",
-        ) from None
-    return msgspec.json.decode(msg.data)
-
-
 async def ensure_event_stream(
     nc: Client,
     spec: EventStreamSpec,
@@ -128,16 +109,20 @@ async def ensure_event_stream(
     atomic = server_supports_atomic(version)
     name = spec.subjects.stream_name
     wanted = spec.config(atomic=atomic)
-    info = await _api(nc, f"$JS.API.STREAM.INFO.{name}", None, timeout)
-    if "error" in info and info["error"].get("err_code") == STREAM_NOT_FOUND_ERR:
-        info = await _api(nc, f"$JS.API.STREAM.CREATE.{name}", wanted, timeout)
-        if "error" in info and info["error"].get("err_code") == STREAM_EXISTS_ERR:
+    operation = f"provision stream {name!r}"
+    info = await stream_info(nc, name, timeout=timeout, operation=operation)
+    error = api_error(info)
+    if error is not None and error.err_code == STREAM_NOT_FOUND:
+        info = await stream_create(nc, wanted, timeout=timeout, operation=operation)
+        error = api_error(info)
+        if error is not None and error.err_code == STREAM_NAME_IN_USE:
             # Someone created it between our two calls: check theirs like any existing stream.
-            info = await _api(nc, f"$JS.API.STREAM.INFO.{name}", None, timeout)
-        elif "error" not in info:
+            info = await stream_info(nc, name, timeout=timeout, operation=operation)
+            error = api_error(info)
+        elif error is None:
             log.info("created JetStream stream %s on %s", name, spec.subjects.all_events)
-    if "error" in info:  # the create was refused, or the look-up failed: not a config mismatch
-        raise stream_create_error(name, msgspec.convert(info["error"], ApiError))
+    if error is not None:  # the create was refused, or the look-up failed: not a config mismatch
+        raise stream_create_error(name, error)
     actual: dict[str, Any] = info["config"]
     _check(name, wanted, actual, atomic=atomic)
     return StreamState(
@@ -178,5 +163,5 @@ def _check(name: str, wanted: dict[str, Any], actual: dict[str, Any], *, atomic:
         have: Any = actual.get(field, _DEFAULTS.get(field))
         if want != have:
             if field in ("max_age", "duplicate_window") and have is not None:  # nanoseconds
-                field, want, have = f"{field} (seconds)", want / _NS, have / _NS
+                field, want, have = f"{field} (seconds)", want / NANOSECONDS, have / NANOSECONDS
             raise StreamConfigError(stream=name, field=field, wanted=want, actual=have)

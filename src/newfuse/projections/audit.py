@@ -12,7 +12,7 @@ import os
 import sqlite3
 import urllib.parse
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import aiosqlite
@@ -22,7 +22,7 @@ from newfuse._closing import AsyncClosing
 from newfuse.errors import ReadModelUnavailableError, ReadOnlyQueryError
 from newfuse.projections.base import Projection
 from newfuse.projections.sqlite_model import SQLiteBatch, view_name
-from newfuse.schemas import A2AMessage, RecordedEvent
+from newfuse.schemas import A2AMessage, RecordedEvent, as_utc
 
 NAME: Final = "audit"
 VIEW: Final = view_name(NAME, "events")
@@ -48,9 +48,7 @@ def _time(moment: datetime) -> str:
     """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC (sortable text); isoformat is ~5x faster than
     strftime, which showed in the profile of an index rebuild. A naive time is taken as UTC, as
     the event store takes it."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    utc = as_utc(moment).replace(tzinfo=None)
     return utc.isoformat(timespec="microseconds") + "Z"
 
 

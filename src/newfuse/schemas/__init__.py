@@ -33,6 +33,7 @@ from newfuse.schemas.payloads import (
     Timestamp,
     Transaction,
     TransactionStatus,
+    as_utc,
     utcnow,
 )
 from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
@@ -57,6 +58,7 @@ __all__ = [
     "Transaction",
     "TransactionStatus",
     "Upcaster",
+    "as_utc",
     "build_export",
     "check_depth",
     "check_token",

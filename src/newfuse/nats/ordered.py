@@ -1,0 +1,351 @@
+"""An ordered push consumer on the raw nats-py client: every message once, in order, across gaps.
+
+The consumer is ephemeral (memory storage, no acks, flow control, idle heartbeats). A gap in its
+delivery sequence, a heartbeat naming another last delivery, a status message, or three silent
+heartbeat intervals make it recreate the consumer from the last sequence handed out + 1;
+anything at or below that sequence is dropped, so there are no duplicates either. A delivered
+message's reply subject holds its metadata (ADR-15): `$JS.ACK.<stream>.<consumer>.<delivered>.
+<stream seq>.<consumer seq>.<timestamp>.<pending>`, or with `<domain>.<account hash>` after
+`$JS.ACK` and a random token at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Final, NamedTuple
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from newfuse.errors import ReadInterruptedError, StoreClosedError, StoreUnavailableError
+from newfuse.nats import headers
+from newfuse.nats.jsapi import api_error, consumer_create, consumer_delete, nanoseconds
+from newfuse.nats.jserrors import unavailable_error
+from newfuse.schemas import as_utc
+
+log = logging.getLogger("newfuse.nats")
+
+_INACTIVE_THRESHOLD: Final = 60.0
+"""Seconds after which the server deletes a consumer nobody listens to (a client that died)."""
+
+
+class FeedMessage(NamedTuple):
+    """One stored message as the consumer delivers it."""
+
+    sequence: int
+    """Its stream sequence."""
+    time_ns: int
+    """When the server stored it, in nanoseconds since the Unix epoch."""
+    pending: int
+    """How many messages matching the filters follow it in the stream (when it was sent)."""
+    subject: str
+    data: bytes
+
+
+class _FlowControl(NamedTuple):
+    """A flow-control request, answered once everything queued before it is consumed."""
+
+    reply: str
+
+
+class _Signal:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_RESET: Final = _Signal("reset")
+"""Recreate the consumer from the last sequence handed out."""
+_BEAT: Final = _Signal("heartbeat")
+"""The consumer is alive and has sent everything."""
+_CLOSED: Final = _Signal("closed")
+"""Wakes a reader waiting on the queue after `close`."""
+
+_Item = FeedMessage | _FlowControl | _Signal
+
+
+class OrderedPushConsumer:
+    """Every message of the `filters` subjects of `stream`, once and in order, from sequence
+    `start` (or from time `since`), across gaps, reconnects and server restarts.
+
+    How long it tries to recreate a lost consumer: with `patience` None (a live feed) until the
+    server is back; otherwise `patience` seconds from the failure, then the iteration raises
+    ReadInterruptedError naming the last sequence delivered (`operation` says what was read).
+    After `close` (or `close_nowait`) the iteration raises StoreClosedError naming `owner`.
+
+    Call `start` (fails at once) or `recreate` (waits for the server) first, then iterate over
+    the FeedMessages; `close` deletes the consumer.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        filters: list[str],
+        start: int,
+        *,
+        since: datetime | None = None,
+        heartbeat: float,
+        timeout: float,
+        patience: float | None,
+        owner: str,
+        operation: str = "",
+    ) -> None:
+        self._nc = nc
+        self._stream = stream
+        self._filters = filters
+        self._last = start - 1
+        self._since = since
+        self._heartbeat = heartbeat
+        self._timeout = timeout
+        self._patience = patience
+        self._owner = owner
+        self._operation = operation or f"read {', '.join(filters)}"
+        self._failing_since: float | None = None
+        self._stop = asyncio.Event()
+        self._attempt: asyncio.Timeout | None = None  # the deadline of a consumer create
+        self._delivered_any = False
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._generation = 0
+        self._expected_cseq = 1
+        self._sub: Subscription | None = None
+        self._consumer: str | None = None
+        self._closed = False
+        self._reset_pending = False
+        self._flow_waiting: set[str] = set()
+
+    async def start(self) -> int:
+        """Create the consumer; returns how many messages it has pending.
+
+        Raises:
+            StoreUnavailableError: the server did not answer or refused.
+            StoreClosedError: closed meanwhile.
+        """
+        return await self._create()
+
+    async def _create(self) -> int:
+        await self._drop_consumer()
+        self._generation += 1
+        generation = self._generation
+        self._expected_cseq = 1
+        self._flow_waiting.clear()
+        inbox = self._nc.new_inbox()
+
+        async def on_message(msg: Msg) -> None:
+            if generation == self._generation:
+                await self._on_message(msg)
+
+        try:
+            self._sub = await self._nc.subscribe(inbox, cb=on_message)
+        except NatsError as error:
+            raise StoreUnavailableError(
+                operation="create consumer", reason=f"{type(error).__name__} {error}"
+            ) from None
+        if self._closed:  # closed while subscribing: leave nothing behind
+            await self._drop_consumer()
+            raise self._closed_error()
+        answer = await consumer_create(
+            self._nc,
+            self._stream,
+            self._config(inbox),
+            timeout=self._timeout,
+            operation="create consumer",
+        )
+        refused = api_error(answer)
+        if refused is not None:
+            raise unavailable_error("create consumer", refused)
+        self._consumer = answer["name"]
+        if self._closed:  # closed while the server created it: delete it again
+            await self._drop_consumer()
+            raise self._closed_error()
+        pending: int = answer.get("num_pending", 0)
+        return pending
+
+    def _config(self, inbox: str) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "deliver_subject": inbox,
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "flow_control": True,
+            "idle_heartbeat": nanoseconds(self._heartbeat),
+            "mem_storage": True,
+            "num_replicas": 1,
+            "inactive_threshold": nanoseconds(_INACTIVE_THRESHOLD),
+            "replay_policy": "instant",
+        }
+        if self._since is not None and not self._delivered_any:
+            config["deliver_policy"] = "by_start_time"
+            config["opt_start_time"] = as_utc(self._since).isoformat()
+        else:
+            config["deliver_policy"] = "by_start_sequence"
+            config["opt_start_seq"] = self._last + 1
+        if len(self._filters) == 1:
+            config["filter_subject"] = self._filters[0]
+        else:
+            config["filter_subjects"] = self._filters
+        return config
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(store=self._owner)
+
+    async def recreate(self) -> None:
+        """Recreate the consumer from the last sequence handed out, until the server answers
+        (live) or until `patience` seconds after the failure began (finite).
+
+        Raises:
+            ReadInterruptedError: a finite feed's patience ran out.
+            StoreClosedError: the feed was closed.
+        """
+        loop = asyncio.get_running_loop()
+        if self._failing_since is None:
+            self._failing_since = loop.time()
+        patience = self._patience
+        deadline = None if patience is None else self._failing_since + patience
+        wait = 0.05
+        reason = "the server did not answer"
+        while True:
+            if self._closed:
+                raise self._closed_error()
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ReadInterruptedError(
+                        operation=self._operation,
+                        position=self._last,
+                        timeout=patience or 0.0,
+                        reason=reason,
+                    )
+            try:
+                async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
+                    await self._create()
+                return
+            except StoreClosedError:
+                raise
+            except StoreUnavailableError as error:
+                reason = error.reason
+                log.debug("recreating consumer on %s: %s", self._filters, error)
+            except Exception as error:  # timeout, connection closed or reconnecting: again
+                reason = f"the server did not answer ({type(error).__name__})"
+                log.debug("recreating consumer on %s: %r", self._filters, error)
+            finally:
+                self._attempt = None
+            pause = wait if deadline is None else max(0.0, min(wait, deadline - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stop.wait()  # set by close_nowait(): stop waiting at once
+            wait = min(wait * 2, 1.0)
+
+    async def _on_message(self, msg: Msg) -> None:
+        found = msg.headers
+        if found is not None and headers.STATUS in found:
+            if found[headers.STATUS] == "100":
+                if msg.reply:  # flow control: answer once everything before it is consumed
+                    self._flow_waiting.add(msg.reply)
+                    self._queue.put_nowait(_FlowControl(msg.reply))
+                    return
+                stalled = found.get(headers.CONSUMER_STALLED)
+                # Answer a stalled consumer only if its flow-control request is not still
+                # queued behind undelivered messages (then the reader is just slow: let it).
+                if stalled and stalled not in self._flow_waiting:
+                    with contextlib.suppress(Exception):
+                        await self._nc.publish(stalled, b"")
+                last = found.get(headers.LAST_CONSUMER)
+                if last is not None and int(last) != self._expected_cseq - 1:
+                    self._reset()
+                else:
+                    self._queue.put_nowait(_BEAT)
+                return
+            self._reset()  # 409 consumer deleted, leadership change, ...
+            return
+        tokens = msg.reply.split(".")  # the metadata (ADR-15), see the module docstring
+        if len(tokens) == 9:
+            sseq, cseq, stamp, pending = tokens[5], tokens[6], tokens[7], tokens[8]
+        else:
+            sseq, cseq, stamp, pending = tokens[7], tokens[8], tokens[9], tokens[10]
+        if int(cseq) != self._expected_cseq:
+            self._reset()
+            return
+        self._expected_cseq += 1
+        self._queue.put_nowait(
+            FeedMessage(int(sseq), int(stamp), int(pending), msg.subject, msg.data)
+        )
+
+    def _reset(self) -> None:
+        self._generation += 1  # whatever the old consumer still sends is dropped
+        if not self._reset_pending:
+            self._reset_pending = True
+            self._queue.put_nowait(_RESET)
+
+    def __aiter__(self) -> AsyncIterator[FeedMessage]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[FeedMessage]:
+        queue = self._queue
+        stall = 3 * self._heartbeat
+        while True:
+            if self._closed:
+                raise self._closed_error()
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    async with asyncio.timeout(stall):
+                        item = await queue.get()
+                except TimeoutError:
+                    item = _RESET
+            if type(item) is FeedMessage:
+                if item.sequence <= self._last:
+                    continue
+                self._last = item.sequence
+                self._delivered_any = True
+                self._failing_since = None
+                yield item
+            elif type(item) is _FlowControl:
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(item.reply, b"")
+                self._flow_waiting.discard(item.reply)
+            elif item is _RESET:
+                self._reset_pending = False
+                await self.recreate()
+            elif item is _BEAT:
+                self._failing_since = None
+
+    async def _drop_consumer(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await consumer_delete(
+                    self._nc, self._stream, consumer, timeout=1.0, operation="delete consumer"
+                )
+
+    def close_nowait(self) -> None:
+        """Mark the feed closed and wake its reader (it raises StoreClosedError), without
+        waiting for anything; `close` also deletes the consumer. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._generation += 1
+            self._stop.set()
+            self._queue.put_nowait(_CLOSED)
+            attempt = self._attempt
+            if attempt is not None and not attempt.expired():
+                attempt.reschedule(-1.0)  # a create waiting on a dead server: give it up now
+
+    async def close(self) -> None:
+        """Shut the feed and delete its consumer. Idempotent."""
+        self.close_nowait()
+        await self._drop_consumer()
