@@ -16,6 +16,8 @@ import pytest
 
 from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, find_valkey_server
 
+pytest_plugins = ["cluster_support"]
+
 
 @pytest.fixture(scope="session")
 async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:

@@ -49,6 +49,13 @@ class ServerStartError(FuseError):
         super().__init__(message)
 
 
+class ClusterNotReadyError(ServerStartError):
+    """A local cluster did not reach what was asked (a meta leader with every peer current, a
+    stream leader) in time; waiting longer may help."""
+
+    retryable = True
+
+
 class ServerNotFoundError(FuseError):
     """No binary for an embedded server could be found."""
 
@@ -67,6 +74,21 @@ class NoDevServerError(FuseError):
         super().__init__(
             f"no {what} configured and no running `fuse dev` found (looked at {state_file}); "
             f"start one with `fuse dev` in another terminal, or set FUSE_NATS_URL / FUSE_REDIS_URL"
+        )
+
+
+class DevProcessGoneError(NoDevServerError):
+    """The state file records a `fuse dev` whose process is gone (killed, crashed, rebooted)."""
+
+    def __init__(self, *, what: str, pid: int, state_file: str) -> None:
+        self.what = what
+        self.pid = pid
+        self.state_file = state_file
+        FuseError.__init__(
+            self,
+            f"no {what} configured, and the `fuse dev` recorded in {state_file} (pid {pid}) is "
+            f"gone, its servers with it; start `fuse dev` again, or set FUSE_NATS_URL / "
+            f"FUSE_REDIS_URL",
         )
 
 

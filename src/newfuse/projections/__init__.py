@@ -26,7 +26,12 @@ from newfuse.projections.runner import (
     rebuild,
 )
 from newfuse.projections.sqlite_model import SQLiteBatch, SQLiteReadModel
-from newfuse.projections.status import ProjectionStatus, projection_status, projection_statuses
+from newfuse.projections.status import (
+    ProjectionStatus,
+    prepared_status,
+    projection_status,
+    projection_statuses,
+)
 
 __all__ = [
     "ANY_TYPE",
@@ -54,6 +59,7 @@ __all__ = [
     "SQLiteReadModel",
     "agent_state_projection",
     "audit_projection",
+    "prepared_status",
     "projection_status",
     "projection_statuses",
     "rebuild",

@@ -7,9 +7,9 @@ from typing import Any
 
 import msgspec
 
-from newfuse.errors import UnknownProjectionError
+from newfuse.errors import ReadModelUnavailableError, UnknownProjectionError
 from newfuse.eventstore import EventStore
-from newfuse.projections.base import ReadModel
+from newfuse.projections.base import Projection, ReadModel
 from newfuse.schemas import utcnow
 
 
@@ -19,25 +19,27 @@ class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         name: the projection.
         generation: its active generation.
-        state: what its runner last reported (`running`, `waiting`, `stopped`, `failed`), or
-            `not running` when no runner ever reported.
+        state: what its runner last reported (`running`, `waiting`, `stopped`, `failed`),
+            `not running` when no runner ever reported, or `unavailable` when its read model
+            does not answer (then `last_error` says why, and what only the model knows is None).
         checkpoint: the last position applied to the active generation.
         head: the store's newest position.
         lag_events: head minus checkpoint.
         lag_seconds: how long the oldest unapplied event has waited (0 without lag).
         events_per_second: the runner's last reported rate.
         dead_letters: dead letters in the active generation.
-        last_error: the last error the runner met (a poison event, an outage), if any.
+        last_error: the error that holds the projection up (a poison event that stopped it, an
+            outage it waits out); None once its runner runs again.
         reported_at: when the runner last reported.
     """
 
     name: str
     generation: int | None
     state: str
-    checkpoint: int
+    checkpoint: int | None
     head: int
-    lag_events: int
-    lag_seconds: float
+    lag_events: int | None
+    lag_seconds: float | None
     events_per_second: float
     dead_letters: int
     last_error: str | None
@@ -80,7 +82,9 @@ async def projection_status(
         lag_seconds=round(lag_seconds, 3),
         events_per_second=stats.events_per_second if stats else 0.0,
         dead_letters=len(dead),
-        last_error=stats.last_error if stats else None,
+        # a runner that runs again has left its last outage behind (it reports that error
+        # with its stats until then)
+        last_error=stats.last_error if stats and stats.state != "running" else None,
         reported_at=stats.updated_at if stats else None,
     )
 
@@ -88,3 +92,27 @@ async def projection_status(
 async def projection_statuses(store: EventStore, model: ReadModel[Any]) -> list[ProjectionStatus]:
     """The status of every projection `model` holds, by name."""
     return [await projection_status(name, store, model) for name in await model.projections()]
+
+
+async def prepared_status(
+    projection: Projection[Any], store: EventStore, model: ReadModel[Any], *, live: Any = None
+) -> ProjectionStatus:
+    """The status of `projection` (set up in `model` if new); a model that does not answer
+    gives a row in state `unavailable` that says why, so one model down hides no other row."""
+    try:
+        await model.prepare(projection)
+        return await projection_status(projection.name, store, model, live=live)
+    except ReadModelUnavailableError as error:
+        return ProjectionStatus(
+            name=projection.name,
+            generation=None,
+            state="unavailable",
+            checkpoint=None,
+            head=await store.head_position(),
+            lag_events=None,
+            lag_seconds=None,
+            events_per_second=0.0,
+            dead_letters=0,
+            last_error=str(error),
+            reported_at=None,
+        )
