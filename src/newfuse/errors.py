@@ -71,9 +71,14 @@ class NoDevServerError(FuseError):
     def __init__(self, *, what: str, state_file: str) -> None:
         self.what = what
         self.state_file = state_file
-        super().__init__(
-            f"no {what} configured and no running `fuse dev` found (looked at {state_file}); "
-            f"start one with `fuse dev` in another terminal, or set FUSE_NATS_URL / FUSE_REDIS_URL"
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text; subclasses with other facts say it their way."""
+        return (
+            f"no {self.what} configured and no running `fuse dev` found (looked at "
+            f"{self.state_file}); start one with `fuse dev` in another terminal, or set "
+            f"FUSE_NATS_URL / FUSE_REDIS_URL"
         )
 
 
@@ -81,14 +86,14 @@ class DevProcessGoneError(NoDevServerError):
     """The state file records a `fuse dev` whose process is gone (killed, crashed, rebooted)."""
 
     def __init__(self, *, what: str, pid: int, state_file: str) -> None:
-        self.what = what
         self.pid = pid
-        self.state_file = state_file
-        FuseError.__init__(
-            self,
-            f"no {what} configured, and the `fuse dev` recorded in {state_file} (pid {pid}) is "
-            f"gone, its servers with it; start `fuse dev` again, or set FUSE_NATS_URL / "
-            f"FUSE_REDIS_URL",
+        super().__init__(what=what, state_file=state_file)
+
+    def message(self) -> str:
+        return (
+            f"no {self.what} configured, and the `fuse dev` recorded in {self.state_file} (pid "
+            f"{self.pid}) is gone, its servers with it; start `fuse dev` again, or set "
+            f"FUSE_NATS_URL / FUSE_REDIS_URL"
         )
 
 
