@@ -12,6 +12,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def _shown(name: str, keep: int = 64) -> str:
+    """A name as quoted in a message: cut to `keep` characters when longer (it may be huge)."""
+    return repr(name) if len(name) <= keep else f"{name[:keep]!r}... ({len(name)} characters)"
+
+
 class FuseError(Exception):
     """Base of every error newfuse raises on purpose."""
 
@@ -143,7 +148,22 @@ class InvalidNameError(FuseError, ValueError):
         self.kind = kind
         self.name = name
         self.reason = reason
-        super().__init__(f"invalid {kind} {name!r}: {reason}")
+        super().__init__(f"invalid {kind} {_shown(name)}: {reason}")
+
+
+class NameTooLongError(InvalidNameError):
+    """A name is longer than the wire contract allows (UTF-8 bytes); nothing was sent."""
+
+    def __init__(self, *, kind: str, name: str, size: int, limit: int, limit_name: str) -> None:
+        self.size = size
+        self.limit = limit
+        self.limit_name = limit_name
+        super().__init__(
+            kind=kind,
+            name=name,
+            reason=f"it is {size} bytes long (UTF-8), the limit is {limit} ({limit_name}); use "
+            f"a shorter one (a hash of a long key, for instance)",
+        )
 
 
 class SchemaError(FuseError):
@@ -218,6 +238,22 @@ class InvalidPayloadError(SchemaError, ValueError):
         self.path = path
         self.reason = reason
         super().__init__(f"invalid payload for {type_name!r} v{version} at {path}: {reason}")
+
+
+class NestingTooDeepError(InvalidPayloadError):
+    """A payload nests arrays/objects deeper than the wire contract allows; nothing was sent."""
+
+    def __init__(self, *, type_name: str, version: int, depth: int | None, limit: int) -> None:
+        self.depth = depth
+        self.limit = limit
+        found = f"{depth} levels" if depth is not None else "deeper than Python can encode"
+        super().__init__(
+            type_name=type_name,
+            version=version,
+            path="$",
+            reason=f"it nests {found} of arrays/objects, the limit is {limit} (MAX_NESTING_DEPTH); "
+            f"flatten the data",
+        )
 
 
 class InvalidEnvelopeError(SchemaError, ValueError):
@@ -319,6 +355,37 @@ class ReadInterruptedError(StoreUnavailableError):
             operation=operation,
             reason=f"{reason}; gave up after {timeout:g}s at position {position} (the last "
             f"event delivered) — resume from position {position + 1}",
+        )
+
+
+class EventTooLargeError(EventStoreError, ValueError):
+    """An event is larger than the store can take in one message (the NATS server's
+    `max_payload`, headers included); nothing was sent."""
+
+    def __init__(
+        self, *, stream: str, event_id: str, size: int, limit: int, limit_name: str
+    ) -> None:
+        self.stream = stream
+        self.event_id = event_id
+        self.size = size
+        self.limit = limit
+        self.limit_name = limit_name
+        super().__init__(
+            f"append to {_shown(stream)}: event {_shown(event_id)} is {size} bytes, more than "
+            f"{limit_name} of {limit} bytes; nothing was sent — keep large content elsewhere "
+            f"(an object store, a file) and put a reference to it in the event"
+        )
+
+
+class ReadOnlyStoreError(EventStoreError):
+    """An append to a store opened read-only (its file or file system cannot be written)."""
+
+    def __init__(self, *, store: str, reason: str) -> None:
+        self.store = store
+        self.reason = reason
+        super().__init__(
+            f"{store} is read-only ({reason}): it can be read and replayed, not appended to; "
+            f"append to a writable copy of the file"
         )
 
 
