@@ -377,6 +377,39 @@ class EventTooLargeError(EventStoreError, ValueError):
         )
 
 
+class StoreConnectionClosedError(EventStoreError):
+    """The store's NATS connection is closed for good (closed by its owner, or by the server
+    after a protocol error); nothing will reconnect it, so waiting cannot help."""
+
+    def __init__(self, *, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(
+            f"{operation}: the NATS connection of the event store is closed ({reason}); "
+            f"it will not reconnect — open a new store"
+        )
+
+
+class ClientRefusedError(EventStoreError):
+    """The NATS client refused a request before sending it (subject, header or size); the same
+    request would be refused again."""
+
+    def __init__(self, *, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"{operation}: the NATS client refused it before sending: {reason}")
+
+
+class StoreFileError(EventStoreError):
+    """A SQLite store's file cannot be opened or created (path, permissions, read-only place)."""
+
+    def __init__(self, *, path: str, reason: str, advice: str) -> None:
+        self.path = path
+        self.reason = reason
+        self.advice = advice
+        super().__init__(f"SQLite event store {path!r} cannot be opened: {reason}; {advice}")
+
+
 class ReadOnlyStoreError(EventStoreError):
     """An append to a store opened read-only (its file or file system cannot be written)."""
 
@@ -480,9 +513,27 @@ class PublishRejectedError(EventStoreError):
         self.code = code
         self.err_code = err_code
         self.description = description
-        super().__init__(
-            f"JetStream refused the publish to {subject!r}: {description} (status {code}, "
-            f"err_code {err_code}); nothing was stored — check the stream's configuration"
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text, built from its attributes (subclasses say it their way)."""
+        return (
+            f"JetStream refused the publish to {self.subject!r}: {self.description} (status "
+            f"{self.code}, err_code {self.err_code}); nothing was stored — check the stream's "
+            f"configuration"
+        )
+
+
+class PublishUnavailableError(PublishRejectedError):
+    """JetStream refused a publish for a passing reason (no leader, too many batches in flight,
+    status 503/429); nothing was stored, and the same publish may succeed shortly."""
+
+    retryable = True
+
+    def message(self) -> str:
+        return (
+            f"JetStream cannot take the publish to {self.subject!r} now: {self.description} "
+            f"(status {self.code}, err_code {self.err_code}); nothing was stored — retry shortly"
         )
 
 

@@ -31,6 +31,16 @@ from newfuse.nats.jserrors import PubAck, decode_pub_ack
 MAX_BATCH_MESSAGES = 1000
 """The server's limit of messages in one atomic batch (ADR-50 default)."""
 
+BATCH_HEADER_BYTES = sum(
+    len(name) + 4 + size
+    for name, size in (
+        (headers.BATCH_ID, 22),  # a NUID
+        (headers.BATCH_SEQUENCE, len(str(MAX_BATCH_MESSAGES))),
+        (headers.BATCH_COMMIT, 1),
+    )
+)
+"""Most bytes the batch headers add to one message (what it counts against `max_payload`)."""
+
 _nuid = NUID()
 
 
