@@ -400,6 +400,21 @@ class ClientRefusedError(EventStoreError):
         super().__init__(f"{operation}: the NATS client refused it before sending: {reason}")
 
 
+class JetStreamRefusedError(EventStoreError):
+    """JetStream answered a request (stream info, consumer create) with an error that waiting
+    does not cure: the stream was deleted, or the request does not fit its configuration."""
+
+    def __init__(self, *, operation: str, code: int, err_code: int, description: str) -> None:
+        self.operation = operation
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        super().__init__(
+            f"{operation}: JetStream refused it: {description} (status {code}, err_code "
+            f"{err_code}); if the stream was deleted, open the store again to provision it"
+        )
+
+
 class StoreFileError(EventStoreError):
     """A SQLite store's file cannot be opened or created (path, permissions, read-only place)."""
 

@@ -78,6 +78,16 @@ BAD: dict[str, tuple[Callable[[], tuple[str, NewEvent]], type[FuseError], str]] 
         NameTooLongError,
         rf"event id .*{MAX_EVENT_ID_BYTES + 1} bytes .*MAX_EVENT_ID_BYTES",
     ),
+    "type with a non-ASCII character": (
+        lambda: ("agent.t", NewEvent(type="café.noted", data={})),
+        InvalidNameError,
+        r"invalid event type 'café\.noted': .*non-ASCII character 'é' \(U\+00E9\)",
+    ),
+    "event id with a non-ASCII character": (
+        lambda: ("agent.i", NewEvent(type="n", data={}, id="événement-1")),
+        InvalidNameError,
+        r"invalid event id 'événement-1': .*non-ASCII",
+    ),
     "event id with CR LF": (
         lambda: ("agent.i", NewEvent(type="n", data={}, id="a\r\nPUB x 1\r\n")),
         InvalidNameError,
@@ -156,9 +166,9 @@ class LimitsContract:
         ident = "é" * ((MAX_STREAM_NAME_BYTES - MAX_CATEGORY_BYTES - 1) // 2)
         stream = f"{category}.{ident}"
         event = NewEvent(
-            type="é" * (MAX_TYPE_NAME_BYTES // 2),
+            type="t." * (MAX_TYPE_NAME_BYTES // 2 - 1) + "tt",
             data=nested(MAX_NESTING_DEPTH),
-            id="ü" * (MAX_EVENT_ID_BYTES // 2),
+            id="i" * MAX_EVENT_ID_BYTES,
         )
         result = await store.append(stream, event)
         [read] = [e async for e in store.read(stream)]

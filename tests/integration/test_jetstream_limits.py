@@ -85,22 +85,24 @@ async def test_a_batch_with_one_event_too_large_stores_none_of_it(
     assert (await store.append("agent.b", [note(1), note(2)])).version == 2
 
 
-async def test_non_ascii_types_and_ids_travel_in_headers_and_read_back(
-    store: JetStreamEventStore, nats_url: str, prefix: str
+async def test_a_non_ascii_stream_name_travels_in_the_subject_and_its_headers_stay_ascii(
+    store: JetStreamEventStore, nats_url: str
 ) -> None:
-    event = NewEvent(type="café.noté", data={"ok": "ü"}, id="événement-1")
-    result = await store.append("agent.ü", event)
+    # Header values are ASCII (type names and ids are): nats.py's own JetStream get_msg hands
+    # a non-ASCII value back as an email Header object, older nats.py dropped every header.
+    result = await store.append("agent.ü-1", NewEvent(type="noted", data={"ok": "ü"}))
     others = await asyncio.gather(*(store.append("agent.o", note(n)) for n in range(20)))
     assert others[-1].version == 20
-    [read] = [e async for e in store.read("agent.ü")]
-    assert (read.type, read.id, read.data) == ("café.noté", "événement-1", {"ok": "ü"})
+    [read] = [e async for e in store.read("agent.ü-1")]
+    assert (read.stream, read.type, read.data) == ("agent.ü-1", "noted", {"ok": "ü"})
     raw = await nats.connect(nats_url)
     try:
         stored = await raw.jetstream().get_msg(store.stream_name, result.position)
     finally:
         await raw.close()
-    assert stored.headers is not None
-    assert stored.headers[h.TYPE] == "café.noté" and stored.headers[h.MSG_ID] == "événement-1"
+    assert stored.subject == f"{store.subjects.prefix}.ev.agent.ü-1"
+    assert stored.headers is not None and stored.headers[h.TYPE] == "noted"
+    assert all(isinstance(value, str) and value.isascii() for value in stored.headers.values())
 
 
 async def test_a_closed_connection_is_not_retryable(nats_url: str, prefix: str) -> None:

@@ -12,9 +12,8 @@ from newfuse.errors import (
     PublishUnavailableError,
     StoreConnectionClosedError,
     StoreUnavailableError,
-    WrongLastSequenceError,
 )
-from newfuse.nats.jserrors import ApiError, client_error, error_for
+from newfuse.nats.jserrors import ApiError, WrongLastSequenceError, client_error, error_for
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
         for stream in self.streams:
             StreamName.parse(stream)
         for category in self.categories:
-            check_category(category)
+            check_category(category, kind="category")
 
     def matches(self, envelope: Envelope) -> bool:
         if self.streams and envelope.stream not in self.streams:

@@ -17,6 +17,7 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     ClientRefusedError,
     FuseError,
+    JetStreamRefusedError,
     PublishRejectedError,
     PublishUnavailableError,
     StoreConnectionClosedError,
@@ -181,11 +182,6 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
     return PublishRejectedError(subject=subject, code=code, err_code=err_code, description=text)
 
 
-def unavailable_error(operation: str, error: ApiError) -> StoreUnavailableError:
-    """The FuseError for a JetStream API request that the server refused during `operation`."""
-    return StoreUnavailableError(operation=operation, reason=error.description or str(error))
-
-
 def client_error(operation: str, error: Exception) -> FuseError:
     """The FuseError for an exception nats-py raised during `operation`.
 
@@ -203,6 +199,19 @@ def client_error(operation: str, error: Exception) -> FuseError:
     ):
         return ClientRefusedError(operation=operation, reason=f"{name} {error}".strip())
     return StoreUnavailableError(operation=operation, reason=f"{name} {error}".strip())
+
+
+def refused_error(operation: str, error: ApiError) -> FuseError:
+    """The FuseError for a JetStream API error answered to a request other than a publish
+    (stream info, consumer create): retryable for a passing condition, else permanent."""
+    code, err_code, text = error.code, error.err_code, error.description
+    if code in (429, 503) or err_code in _CREATE_TRANSIENT:
+        return StoreUnavailableError(
+            operation=operation, reason=f"JetStream: {text} (status {code}, err_code {err_code})"
+        )
+    return JetStreamRefusedError(
+        operation=operation, code=code, err_code=err_code, description=text
+    )
 
 
 def stream_create_error(stream: str, error: ApiError) -> StreamCreateError:

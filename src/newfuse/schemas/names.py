@@ -33,11 +33,14 @@ MAX_EVENT_ID_BYTES: Final = 128
 # below, which find the offending character and say which it is. Appends validate every name,
 # so this keeps validation off the profile of the hot path.
 _SUBJECT_TOKEN = r"[^\s.*>\x00-\x1f\x7f\ud800-\udfff]+"
-_TYPE_TOKEN = r"[^\s.*>/\\\x00-\x1f\x7f\ud800-\udfff]+"
+# Type names and event ids travel as header values, so they are printable ASCII: nats.py before
+# 2.16 dropped every header of a message holding a non-ASCII value, and its JetStream get_msg
+# still hands such values back as email Header objects instead of strings.
+_TYPE_TOKEN = r"[\x21-\x29\x2b-\x2d\x30-\x3d\x3f-\x5b\x5d-\x7e]+"
 _VALID_TOKEN = re.compile(_SUBJECT_TOKEN)
 _VALID_STREAM = re.compile(rf"({_SUBJECT_TOKEN})\.({_SUBJECT_TOKEN})")
 _VALID_TYPE = re.compile(rf"{_TYPE_TOKEN}(?:\.{_TYPE_TOKEN})*")
-_VALID_ID = re.compile(r"[^\s\x00-\x1f\x7f\ud800-\udfff]+")
+_VALID_ID = re.compile(r"[\x21-\x7e]+")
 
 # A stream name this short (in characters, all ASCII) is within every length limit.
 _FAST_STREAM_BYTES: Final = min(MAX_CATEGORY_BYTES, MAX_STREAM_ID_BYTES)
@@ -101,19 +104,27 @@ def _check_char(char: str, *, kind: str, value: str) -> None:
         )
 
 
-def check_category(value: str) -> str:
+_NOT_ASCII = "it contains the non-ASCII character {} (it travels in a header, which is ASCII)"
+
+
+def _first_non_ascii(value: str) -> str:
+    char = next(c for c in value if not c.isascii())
+    return f"{char!r} (U+{ord(char):04X})"
+
+
+def check_category(value: str, *, kind: str = "stream category") -> str:
     """Return a stream category if it is one token of at most MAX_CATEGORY_BYTES, else raise."""
     return check_token(
-        value, kind="stream category", max_bytes=MAX_CATEGORY_BYTES, limit_name="MAX_CATEGORY_BYTES"
+        value, kind=kind, max_bytes=MAX_CATEGORY_BYTES, limit_name="MAX_CATEGORY_BYTES"
     )
 
 
 def check_event_id(value: str) -> str:
     """Return an event id if it can travel in the `Nats-Msg-Id` header, else raise.
 
-    An id is not empty, has no control or space characters (a header value ends at CR LF, and
-    clients rewrite or trim what would break it, so the header would no longer match the body)
-    and is at most MAX_EVENT_ID_BYTES long.
+    An id is printable ASCII without spaces (a header value ends at CR LF, and clients rewrite or
+    trim what would break it, so the header would no longer match the body) and at most
+    MAX_EVENT_ID_BYTES long.
     """
     if type(value) is str and _VALID_ID.fullmatch(value):
         return check_length(
@@ -125,7 +136,9 @@ def check_event_id(value: str) -> str:
         raise InvalidNameError(kind="event id", name=value, reason="it is empty")
     for char in value:
         _check_char(char, kind="event id", value=value)
-    raise AssertionError("unreachable: the id matched no rule")  # pragma: no cover
+    raise InvalidNameError(
+        kind="event id", name=value, reason=_NOT_ASCII.format(_first_non_ascii(value))
+    )
 
 
 class StreamName(NamedTuple):
@@ -174,7 +187,8 @@ def check_type_name(value: str) -> str:
 
     A type name is one or more subject tokens joined by dots (`a2a.message`,
     `agent.state_update`): it travels in the `Fuse-Type` header and names the exported schema
-    file, so the token rules apply to each part, and '/' and '\\' are refused.
+    file, so the token rules apply to each part, '/' and '\\' are refused, and it is printable
+    ASCII (header values are ASCII for every NATS client).
 
     Args:
         value: the type name to check.
@@ -212,4 +226,6 @@ def check_type_name(value: str) -> str:
             check_token(part, kind="event type part")
         except InvalidNameError as error:
             raise InvalidNameError(kind="event type", name=value, reason=error.reason) from None
-    return value
+    raise InvalidNameError(
+        kind="event type", name=value, reason=_NOT_ASCII.format(_first_non_ascii(value))
+    )
