@@ -416,13 +416,15 @@ class JetStreamRefusedError(EventStoreError):
 
 
 class StoreFileError(EventStoreError):
-    """A SQLite store's file cannot be opened or created (path, permissions, read-only place)."""
+    """A SQLite store's file fails in a way waiting does not cure (cannot be created, damaged,
+    not a database, no permission); the error says what to check."""
 
-    def __init__(self, *, path: str, reason: str, advice: str) -> None:
+    def __init__(self, *, path: str, operation: str, reason: str, advice: str) -> None:
         self.path = path
+        self.operation = operation
         self.reason = reason
         self.advice = advice
-        super().__init__(f"SQLite event store {path!r} cannot be opened: {reason}; {advice}")
+        super().__init__(f"{operation}: {reason}; {advice}")
 
 
 class ReadOnlyStoreError(EventStoreError):

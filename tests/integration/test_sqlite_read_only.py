@@ -47,8 +47,10 @@ def _freeze(immutable: list[Path], *paths: Path) -> None:
     if done.returncode != 0:
         pytest.skip(f"the file system under {paths[0]} has no immutable flag: {done.stderr}")
     immutable.extend(paths)
-    with pytest.raises(PermissionError):  # really read-only, for root too
-        paths[0].open("ab").close()
+    for path in paths:
+        probe = path / "probe" if path.is_dir() else path
+        with pytest.raises(PermissionError):  # really read-only, for root too
+            probe.open("ab").close()
 
 
 async def _write_events(db: Path) -> None:
@@ -92,7 +94,8 @@ async def test_a_store_that_cannot_be_created_in_a_read_only_directory_is_a_perm
     folder.mkdir()
     _freeze(immutable, folder)
     with pytest.raises(
-        StoreFileError, match=r"new\.db' cannot be opened: unable to open"
+        StoreFileError,
+        match=r"new\.db'.*unable to open database file \(SQLITE_CANTOPEN\); check that the dir",
     ) as caught:
         await open_event_store(f"sqlite://{folder / 'new.db'}")
     assert not caught.value.retryable
