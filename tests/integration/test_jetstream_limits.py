@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
-from newfuse.errors import EventTooLargeError, StoreConnectionClosedError
+from newfuse.errors import EventTooLargeError, JetStreamRefusedError, StoreConnectionClosedError
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import headers as h
 from newfuse.schemas import NewEvent
@@ -119,3 +119,20 @@ async def test_a_closed_connection_is_not_retryable(nats_url: str, prefix: str) 
             await store.head_position()
     finally:
         await store.close()
+
+
+async def test_a_deleted_stream_fails_reads_and_subscriptions_at_once_not_retryable(
+    store: JetStreamEventStore, nats_url: str
+) -> None:
+    await store.append("agent.a1", note(1))
+    raw = await nats.connect(nats_url)
+    try:
+        await raw.jetstream().delete_stream(store.stream_name)
+    finally:
+        await raw.close()
+    with pytest.raises(JetStreamRefusedError, match=r"head position: .*stream not found") as caught:
+        await asyncio.wait_for(anext(store.read_all()), 2)
+    assert not caught.value.retryable and caught.value.err_code == 10059
+    async with store.subscribe() as subscription:  # a live feed would otherwise wait forever
+        with pytest.raises(JetStreamRefusedError, match=r"create consumer: .*stream not found"):
+            await asyncio.wait_for(anext(subscription), 2)
