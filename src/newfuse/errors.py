@@ -246,13 +246,16 @@ class NestingTooDeepError(InvalidPayloadError):
     def __init__(self, *, type_name: str, version: int, depth: int | None, limit: int) -> None:
         self.depth = depth
         self.limit = limit
-        found = f"{depth} levels" if depth is not None else "deeper than Python can encode"
+        found = (
+            f"{depth} levels of arrays/objects"
+            if depth is not None
+            else "arrays/objects deeper than the encoder can follow"
+        )
         super().__init__(
             type_name=type_name,
             version=version,
             path="$",
-            reason=f"it nests {found} of arrays/objects, the limit is {limit} (MAX_NESTING_DEPTH); "
-            f"flatten the data",
+            reason=f"it nests {found}, the limit is {limit} (MAX_NESTING_DEPTH); flatten the data",
         )
 
 
