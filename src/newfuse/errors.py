@@ -12,6 +12,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def _shown(name: str, keep: int = 64) -> str:
+    """A name as quoted in a message: cut to `keep` characters when longer (it may be huge)."""
+    return repr(name) if len(name) <= keep else f"{name[:keep]!r}... ({len(name)} characters)"
+
+
 class FuseError(Exception):
     """Base of every error newfuse raises on purpose."""
 
@@ -143,7 +148,22 @@ class InvalidNameError(FuseError, ValueError):
         self.kind = kind
         self.name = name
         self.reason = reason
-        super().__init__(f"invalid {kind} {name!r}: {reason}")
+        super().__init__(f"invalid {kind} {_shown(name)}: {reason}")
+
+
+class NameTooLongError(InvalidNameError):
+    """A name is longer than the wire contract allows (UTF-8 bytes); nothing was sent."""
+
+    def __init__(self, *, kind: str, name: str, size: int, limit: int, limit_name: str) -> None:
+        self.size = size
+        self.limit = limit
+        self.limit_name = limit_name
+        super().__init__(
+            kind=kind,
+            name=name,
+            reason=f"it is {size} bytes long (UTF-8), the limit is {limit} ({limit_name}); use "
+            f"a shorter one (a hash of a long key, for instance)",
+        )
 
 
 class SchemaError(FuseError):
@@ -218,6 +238,25 @@ class InvalidPayloadError(SchemaError, ValueError):
         self.path = path
         self.reason = reason
         super().__init__(f"invalid payload for {type_name!r} v{version} at {path}: {reason}")
+
+
+class NestingTooDeepError(InvalidPayloadError):
+    """A payload nests arrays/objects deeper than the wire contract allows; nothing was sent."""
+
+    def __init__(self, *, type_name: str, version: int, depth: int | None, limit: int) -> None:
+        self.depth = depth
+        self.limit = limit
+        found = (
+            f"{depth} levels of arrays/objects"
+            if depth is not None
+            else "arrays/objects deeper than the encoder can follow"
+        )
+        super().__init__(
+            type_name=type_name,
+            version=version,
+            path="$",
+            reason=f"it nests {found}, the limit is {limit} (MAX_NESTING_DEPTH); flatten the data",
+        )
 
 
 class InvalidEnvelopeError(SchemaError, ValueError):
@@ -322,6 +361,87 @@ class ReadInterruptedError(StoreUnavailableError):
         )
 
 
+class EventTooLargeError(EventStoreError, ValueError):
+    """An event is larger than the store can take in one message (the NATS server's
+    `max_payload`, headers included); nothing was sent."""
+
+    def __init__(
+        self, *, stream: str, event_id: str, size: int, limit: int, limit_name: str
+    ) -> None:
+        self.stream = stream
+        self.event_id = event_id
+        self.size = size
+        self.limit = limit
+        self.limit_name = limit_name
+        super().__init__(
+            f"append to {_shown(stream)}: event {_shown(event_id)} is {size} bytes, more than "
+            f"{limit_name} of {limit} bytes; nothing was sent — keep large content elsewhere "
+            f"(an object store, a file) and put a reference to it in the event"
+        )
+
+
+class StoreConnectionClosedError(EventStoreError):
+    """The store's NATS connection is closed for good (closed by its owner, or by the server
+    after a protocol error); nothing will reconnect it, so waiting cannot help."""
+
+    def __init__(self, *, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(
+            f"{operation}: the NATS connection of the event store is closed ({reason}); "
+            f"it will not reconnect — open a new store"
+        )
+
+
+class ClientRefusedError(EventStoreError):
+    """The NATS client refused a request before sending it (subject, header or size); the same
+    request would be refused again."""
+
+    def __init__(self, *, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"{operation}: the NATS client refused it before sending: {reason}")
+
+
+class JetStreamRefusedError(EventStoreError):
+    """JetStream answered a request (stream info, consumer create) with an error that waiting
+    does not cure: the stream was deleted, or the request does not fit its configuration."""
+
+    def __init__(self, *, operation: str, code: int, err_code: int, description: str) -> None:
+        self.operation = operation
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        super().__init__(
+            f"{operation}: JetStream refused it: {description} (status {code}, err_code "
+            f"{err_code}); if the stream was deleted, open the store again to provision it"
+        )
+
+
+class StoreFileError(EventStoreError):
+    """A SQLite store's file fails in a way waiting does not cure (cannot be created, damaged,
+    not a database, no permission); the error says what to check."""
+
+    def __init__(self, *, path: str, operation: str, reason: str, advice: str) -> None:
+        self.path = path
+        self.operation = operation
+        self.reason = reason
+        self.advice = advice
+        super().__init__(f"{operation}: {reason}; {advice}")
+
+
+class ReadOnlyStoreError(EventStoreError):
+    """An append to a store opened read-only (its file or file system cannot be written)."""
+
+    def __init__(self, *, store: str, reason: str) -> None:
+        self.store = store
+        self.reason = reason
+        super().__init__(
+            f"{store} is read-only ({reason}): it can be read and replayed, not appended to; "
+            f"append to a writable copy of the file"
+        )
+
+
 class UnsupportedStoreError(EventStoreError, ValueError):
     """A store URL names a scheme no backend handles."""
 
@@ -413,9 +533,27 @@ class PublishRejectedError(EventStoreError):
         self.code = code
         self.err_code = err_code
         self.description = description
-        super().__init__(
-            f"JetStream refused the publish to {subject!r}: {description} (status {code}, "
-            f"err_code {err_code}); nothing was stored — check the stream's configuration"
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text, built from its attributes (subclasses say it their way)."""
+        return (
+            f"JetStream refused the publish to {self.subject!r}: {self.description} (status "
+            f"{self.code}, err_code {self.err_code}); nothing was stored — check the stream's "
+            f"configuration"
+        )
+
+
+class PublishUnavailableError(PublishRejectedError):
+    """JetStream refused a publish for a passing reason (no leader, too many batches in flight,
+    status 503/429); nothing was stored, and the same publish may succeed shortly."""
+
+    retryable = True
+
+    def message(self) -> str:
+        return (
+            f"JetStream cannot take the publish to {self.subject!r} now: {self.description} "
+            f"(status {self.code}, err_code {self.err_code}); nothing was stored — retry shortly"
         )
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from contract import EventStoreContract, StoreFactory, note, notes
+from limits import LimitsContract
 
 from newfuse.eventstore import EventStore, InvalidEventReport, open_event_store
 from newfuse.nats.embedded import NatsServer
@@ -16,7 +17,7 @@ from newfuse.schemas import RecordedEvent, StateUpdate
 from support import wait_for
 
 
-class TestJetStreamEventStore(EventStoreContract):
+class TestJetStreamEventStore(EventStoreContract, LimitsContract):
     @pytest.fixture
     async def open_store(self, nats_url: str, prefix: str) -> AsyncIterator[StoreFactory]:
         opened: list[EventStore] = []

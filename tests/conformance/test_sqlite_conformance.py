@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from contract import EventStoreContract, StoreFactory
+from limits import LimitsContract
 
 from newfuse.eventstore import EventStore, open_event_store
 
 
-class TestSQLiteEventStore(EventStoreContract):
+class TestSQLiteEventStore(EventStoreContract, LimitsContract):
     @pytest.fixture
     async def open_store(self, tmp_path: Path) -> AsyncIterator[StoreFactory]:
         opened: list[EventStore] = []

@@ -21,22 +21,27 @@ from newfuse._closing import AsyncClosing
 from newfuse.errors import (
     BatchTooLargeError,
     DuplicateEventError,
+    EventTooLargeError,
     FuseError,
     InvalidEnvelopeError,
     InvalidEventError,
+    NestingTooDeepError,
     StoreClosedError,
     UnknownTypeError,
     WrongExpectedVersionError,
 )
 from newfuse.schemas import (
     ENVELOPE_ENCODER,
+    MAX_NESTING_DEPTH,
     Envelope,
     NewEvent,
     RecordedEvent,
     SchemaRegistry,
     StreamName,
     TraceContext,
-    check_token,
+    check_category,
+    check_data_depth,
+    check_event_id,
     check_type_name,
     default_registry,
     out_of_place,
@@ -184,7 +189,7 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
         for stream in self.streams:
             StreamName.parse(stream)
         for category in self.categories:
-            check_token(category, kind="category")
+            check_category(category, kind="category")
 
     def matches(self, envelope: Envelope) -> bool:
         if self.streams and envelope.stream not in self.streams:
@@ -246,6 +251,31 @@ def _active_trace() -> TraceContext | None:
     if active is None:
         return None
     return TraceContext(traceparent=active[0], tracestate=active[1])
+
+
+def _check_trace(stream: StreamName, trace: TraceContext) -> None:
+    """Trace values travel in headers: printable ASCII (a header ends at CR LF) and bounded.
+
+    W3C's traceparent is 55 characters; vendors propagate at least 512 of tracestate.
+    """
+    for path, value in (("traceparent", trace.traceparent), ("tracestate", trace.tracestate)):
+        if value is None:
+            continue
+        if len(value) > MAX_TRACE_CHARS:
+            reason = f"it is {len(value)} characters long, the limit is {MAX_TRACE_CHARS}"
+        elif not (value.isascii() and value.isprintable()):
+            reason = (
+                "it holds control or non-ASCII characters; W3C trace context is printable ASCII"
+            )
+        else:
+            continue
+        raise InvalidEnvelopeError(
+            where=f"of an append to {str(stream)!r}", path=f"$.trace.{path}", reason=reason
+        )
+
+
+MAX_TRACE_CHARS: Final = 1024
+"""Longest traceparent or tracestate an append may carry (they travel in headers)."""
 
 
 def _log_invalid(report: InvalidEventReport) -> None:
@@ -408,11 +438,31 @@ class EventStore(AsyncClosing, abc.ABC):
             if twice is not None:
                 raise twice
         prepared = [self._prepare(name, event) for event in batch]
+        limit = self.max_event_bytes
+        if limit is not None:
+            for event in prepared:  # the data alone too large: refused before any round trip
+                if len(event.data) > limit:
+                    raise EventTooLargeError(
+                        stream=stream,
+                        event_id=event.id,
+                        size=len(event.data),
+                        limit=limit,
+                        limit_name=self._max_event_bytes_name,
+                    )
         if not self._opened:
             await self._open()
         return await self._append(stream, prepared, expected_version)
 
+    @property
+    def max_event_bytes(self) -> int | None:
+        """Largest event the store can take in one message, if it has a limit (bytes)."""
+        return None
+
+    _max_event_bytes_name: str = "the store's limit"
+    """How `max_event_bytes` is named in EventTooLargeError."""
+
     def _prepare(self, stream: StreamName, event: NewEvent) -> PreparedEvent:
+        check_event_id(event.id)
         type_name, version = event.type, event.schema_version
         if isinstance(event.data, msgspec.Struct) and (type_name is None or version is None):
             registered_type, registered_version = self.registry.type_of(event.data)
@@ -441,11 +491,19 @@ class EventStore(AsyncClosing, abc.ABC):
             raise UnknownTypeError(
                 type_name=type_name, context=f"category {stream.category!r} is strict"
             )
+        try:
+            data = self.registry.encode(type_name, version, event.data)
+        except RecursionError:  # nested past what the encoder can follow at all
+            raise NestingTooDeepError(
+                type_name=type_name, version=version, depth=None, limit=MAX_NESTING_DEPTH
+            ) from None
+        if event.trace is not None:
+            _check_trace(stream, event.trace)
         return PreparedEvent(
             id=event.id,
             type=type_name,
             schema_version=version,
-            data=self.registry.encode(type_name, version, event.data),
+            data=check_data_depth(data, type_name=type_name, version=version),
             timestamp=utcnow(),
             correlation_id=event.correlation_id,
             causation_id=event.causation_id,

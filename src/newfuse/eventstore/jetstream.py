@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
     DuplicateEventError,
+    EventTooLargeError,
     InvalidEnvelopeError,
     StoreUnavailableError,
 )
@@ -52,7 +53,7 @@ from newfuse.eventstore.base import (
     wrong_expected,
 )
 from newfuse.nats import headers
-from newfuse.nats.batch import publish_atomic_batch
+from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
 from newfuse.nats.connection import connect
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
@@ -62,7 +63,7 @@ from newfuse.nats.jserrors import (
     PubAck,
     WrongLastSequenceError,
     decode_pub_ack,
-    unavailable_error,
+    refused_error,
 )
 from newfuse.nats.ordered import OrderedPushConsumer
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
@@ -304,9 +305,9 @@ class JetStreamEventStore(EventStore):
         if len(events) == 1:
             event = events[0]
             body = event.encode(stream, version + 1)
-            data = await self._acks.request(
-                subject, body, _event_headers(event, version + 1, seq), self._timeout
-            )
+            event_headers = _event_headers(event, version + 1, seq)
+            self._check_size(stream, event, body, event_headers, 0)
+            data = await self._acks.request(subject, body, event_headers, self._timeout)
             return decode_pub_ack(data, subject=subject)
         messages = [
             (
@@ -316,9 +317,40 @@ class JetStreamEventStore(EventStore):
             )
             for offset, event in enumerate(events, 1)
         ]
+        for event, (_, body, event_headers) in zip(events, messages, strict=True):
+            self._check_size(stream, event, body, event_headers, BATCH_HEADER_BYTES)
         return await publish_atomic_batch(
             self.nc, messages, timeout=self._timeout, server_version=self._server_version
         )
+
+    @property
+    def max_event_bytes(self) -> int:
+        """The connected server's `max_payload` (from its INFO): the most one message, headers
+        included, may hold."""
+        return self.nc.max_payload
+
+    _max_event_bytes_name = "the server's max_payload"
+
+    def _check_size(
+        self,
+        stream: str,
+        event: PreparedEvent,
+        body: bytes,
+        event_headers: dict[str, str],
+        extra: int,
+    ) -> None:
+        """Refuse a message the server would count over `max_payload`: it would close the
+        connection every caller of this store shares, not just fail this append."""
+        size = headers.message_size(body, event_headers) + extra
+        limit = self.nc.max_payload
+        if size > limit:
+            raise EventTooLargeError(
+                stream=stream,
+                event_id=event.id,
+                size=size,
+                limit=limit,
+                limit_name=self._max_event_bytes_name,
+            )
 
     def _remember(self, stream: str, version: int, seq: int, clean: bool) -> None:
         cache = self._cache
@@ -517,7 +549,7 @@ class JetStreamEventStore(EventStore):
         )
         refused = api_error(info)
         if refused is not None:
-            raise unavailable_error("head position", refused)
+            raise refused_error("head position", refused)
         last: int = info.get("state", {}).get("last_seq", 0)
         return last
 

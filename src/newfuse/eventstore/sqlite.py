@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Self, TypeVar
+from urllib.parse import quote
 
 import msgspec
 
@@ -67,8 +68,10 @@ from newfuse.errors import (
     DuplicateEventError,
     ForeignStoreFileError,
     FuseError,
+    ReadOnlyStoreError,
     SQLiteStoreError,
     StoreClosedError,
+    StoreFileError,
     StoreUnavailableError,
 )
 from newfuse.eventstore.base import (
@@ -130,6 +133,31 @@ _COLUMNS: Final[frozenset[str]] = frozenset(
     }
 )
 """The columns of `events` in the schema above: a file whose `events` has others is not ours."""
+
+_PASSING: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+"""Primary SQLite result codes of failures that waiting can cure (retryable)."""
+
+_ADVICE: Final = {
+    sqlite3.SQLITE_CANTOPEN: "check that the directory exists and that this process may "
+    "create and write files in it",
+    sqlite3.SQLITE_PERM: "this process may not use the file: check its permissions",
+    sqlite3.SQLITE_TOOBIG: "an event is larger than SQLite's length limit: make it smaller",
+}
+"""What to do about a failure that the same call would meet again, by primary result code."""
+
+
+def _error_name(error: sqlite3.Error) -> str:
+    return getattr(error, "sqlite_errorname", None) or type(error).__name__
+
 
 _SQLITE_CORRUPT: Final = 11
 _SQLITE_NOTADB: Final = 26
@@ -244,6 +272,7 @@ class SQLiteEventStore(EventStore):
         self._committed = asyncio.Event()
         self._file_key = None if self._memory else str(Path(path).resolve())
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_only = ""  # why the file opened read-only, if it did
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -301,6 +330,11 @@ class SQLiteEventStore(EventStore):
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="newfuse-sqlite-writer")
         try:
             self._writer = await self._on(self._write_thread, self._open_writer)
+        except sqlite3.Error as error:
+            if not self._cannot_write(error):
+                raise self._store_error(operation, error) from error
+            self._read_only = f"{error} ({_error_name(error)})"
+        try:
             if not self._memory:
                 self._read_thread = ThreadPoolExecutor(
                     1, thread_name_prefix="newfuse-sqlite-reader"
@@ -308,6 +342,8 @@ class SQLiteEventStore(EventStore):
                 self._reader = await self._on(self._read_thread, self._open_reader)
         except sqlite3.Error as error:
             raise self._store_error(operation, error) from error
+        if self._read_only:
+            return  # no writer: appends are refused, reads and subscriptions poll the file
         if not self._memory:
             _neighbours[id(self)] = self
         self._writer_task = asyncio.create_task(
@@ -382,14 +418,50 @@ class SQLiteEventStore(EventStore):
             )
 
     def _open_reader(self) -> sqlite3.Connection:
-        """On the reader thread: a read-only connection (WAL lets it read beside the writer)."""
-        connection = self._connect()
-        try:
-            connection.execute("PRAGMA query_only=ON")
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+        """On the reader thread: a read-only connection (WAL lets it read beside the writer).
+
+        On a file that cannot be written, `mode=ro`; if SQLite cannot even make the WAL's shared
+        memory file beside it (a read-only directory), `immutable=1`: then nobody can change the
+        file, so reading it without locks is safe.
+        """
+        modes = ("mode=ro", "immutable=1") if self._read_only else ("",)
+        for mode in modes:
+            if mode:
+                target = quote(str(Path(self.path).resolve()))
+                connection = sqlite3.connect(
+                    f"file:{target}?{mode}",
+                    uri=True,
+                    isolation_level=None,
+                    timeout=self.busy_timeout,
+                )
+            else:
+                connection = self._connect()
+            try:
+                connection.execute("PRAGMA query_only=ON")
+                if mode:
+                    self._check_ours(connection)  # the writer that would have checked is gone
+            except sqlite3.OperationalError as error:
+                connection.close()
+                if mode == "mode=ro" and error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_CANTOPEN:
+                    continue
+                raise
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+        raise AssertionError("unreachable: the last mode returns or raises")  # pragma: no cover
+
+    def _cannot_write(self, error: sqlite3.Error) -> bool:
+        """True if opening the writer failed only because the file cannot be written."""
+        if self._memory or not Path(self.path).is_file():
+            return False
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+        return code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM)
+
+    @property
+    def read_only(self) -> bool:
+        """True if the file could not be opened for writing: appends raise ReadOnlyStoreError."""
+        return bool(self._read_only)
 
     async def _close(self) -> None:
         self._stopping = True
@@ -431,6 +503,10 @@ class SQLiteEventStore(EventStore):
     async def _append(
         self, stream: str, events: list[PreparedEvent], expected: Expected
     ) -> AppendResult:
+        if self._read_only:
+            raise ReadOnlyStoreError(
+                store=f"SQLite event store {self.path!r}", reason=self._read_only
+            )
         task = self._writer_task
         if self._stopping or task is None or task.done():
             raise StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
@@ -589,8 +665,20 @@ class SQLiteEventStore(EventStore):
         code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             mapped = CorruptStoreFileError(path=self.path, reason=str(error))
-        elif isinstance(error, sqlite3.OperationalError):  # locked past busy_timeout, I/O, full
+        elif code in _PASSING or (not code and isinstance(error, sqlite3.OperationalError)):
+            # another process's lock, I/O trouble, a full disk (or no code told): may pass
             mapped = StoreUnavailableError(operation=operation, reason=str(error))
+        elif code == sqlite3.SQLITE_READONLY:  # made read-only after it was opened
+            mapped = ReadOnlyStoreError(
+                store=f"SQLite event store {self.path!r}", reason=f"{error} ({_error_name(error)})"
+            )
+        elif code in _ADVICE:  # the place or the size, not the moment, is wrong
+            mapped = StoreFileError(
+                path=self.path,
+                operation=operation,
+                reason=f"{error} ({_error_name(error)})",
+                advice=_ADVICE[code],
+            )
         else:
             mapped = SQLiteStoreError(
                 operation=operation, path=self.path, reason=f"{type(error).__name__}: {error}"

@@ -26,10 +26,20 @@ from nats.nuid import NUID
 
 from newfuse.errors import BatchTooLargeError, PublishTimeoutError, StoreUnavailableError
 from newfuse.nats import headers
-from newfuse.nats.jserrors import PubAck, decode_pub_ack
+from newfuse.nats.jserrors import PubAck, client_error, decode_pub_ack
 
 MAX_BATCH_MESSAGES = 1000
 """The server's limit of messages in one atomic batch (ADR-50 default)."""
+
+BATCH_HEADER_BYTES = sum(
+    len(name) + 4 + size
+    for name, size in (
+        (headers.BATCH_ID, 22),  # a NUID
+        (headers.BATCH_SEQUENCE, len(str(MAX_BATCH_MESSAGES))),
+        (headers.BATCH_COMMIT, 1),
+    )
+)
+"""Most bytes the batch headers add to one message (what it counts against `max_payload`)."""
 
 _nuid = NUID()
 
@@ -88,9 +98,7 @@ async def publish_atomic_batch(
             try:
                 await nc.publish(subject, body, headers=with_batch)
             except NatsError as error:  # nothing is stored: the batch never commits
-                raise StoreUnavailableError(
-                    operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
-                ) from None
+                raise client_error(f"publish to {subject!r}", error) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -107,8 +115,6 @@ async def _request(
             reason="no JetStream stream answered (is the server restarting, or the stream gone?)",
         ) from None
     except NatsError as error:  # closed, or the reconnect buffer is full
-        raise StoreUnavailableError(
-            operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
-        ) from None
+        raise client_error(f"publish to {subject!r}", error) from None
     data: bytes = msg.data
     return data

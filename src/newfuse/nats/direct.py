@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from newfuse.errors import StoreUnavailableError
 from newfuse.nats import headers
 from newfuse.nats.jsapi import API
+from newfuse.nats.jserrors import client_error
 
 DIRECT_BATCH: Final = 256
 """Messages asked for per batched direct get."""
@@ -59,9 +60,7 @@ class DirectGet:
         try:
             msg = await self._nc.request(subject, body, timeout=self._timeout)
         except NatsError as error:  # timeout, no responders, connection closed, ...
-            raise StoreUnavailableError(
-                operation=operation, reason=f"direct get: {type(error).__name__}"
-            ) from None
+            raise client_error(operation, error) from None
         status = msg.headers.get(headers.STATUS) if msg.headers else None
         if status is None:
             return msg
@@ -80,7 +79,10 @@ class DirectGet:
         the next request goes out when a batch ends with messages still pending."""
         nc = self._nc
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        try:
+            sub = await nc.subscribe(inbox)
+        except NatsError as error:
+            raise client_error(operation, error) from None
         try:
             seq = start
             while True:
@@ -88,17 +90,12 @@ class DirectGet:
                 try:
                     await nc.publish(self._subject, request, reply=inbox)
                 except NatsError as error:  # closed, or the reconnect buffer is full
-                    raise StoreUnavailableError(
-                        operation=operation, reason=f"direct get: {type(error).__name__} {error}"
-                    ) from None
+                    raise client_error(operation, error) from None
                 while True:
                     try:
                         msg = await sub.next_msg(timeout=self._timeout)
                     except NatsError as error:
-                        raise StoreUnavailableError(
-                            operation=operation,
-                            reason=f"direct get: {type(error).__name__} {error}",
-                        ) from None
+                        raise client_error(operation, error) from None
                     found = msg.headers or {}
                     status = found.get(headers.STATUS)
                     if status is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 MSG_ID: Final[str] = "Nats-Msg-Id"
@@ -58,3 +59,16 @@ LAST_CONSUMER: Final[str] = "Nats-Last-Consumer"
 
 CONSUMER_STALLED: Final[str] = "Nats-Consumer-Stalled"
 """Idle heartbeat of a push consumer waiting for a flow-control reply: where to send it."""
+
+
+def message_size(body: bytes, headers: Mapping[str, str]) -> int:
+    """Bytes a message counts against the server's `max_payload`: the body plus the header
+    block (`NATS/1.0\\r\\n`, `Name: value\\r\\n` per header, `\\r\\n`), as the server counts.
+
+    nats-py compares only the body with `max_payload`; a message the server finds larger makes
+    it close the connection ("Maximum Payload Violation") for every caller sharing it.
+    """
+    size = len(body) + 12
+    for name, value in headers.items():
+        size += len(name) + 4 + (len(value) if value.isascii() else len(value.encode()))
+    return size

@@ -9,7 +9,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from newfuse.errors import StoreUnavailableError
-from newfuse.nats.jserrors import ApiError
+from newfuse.nats.jserrors import ApiError, client_error
 
 API: Final = "$JS.API"
 """The JetStream API's subject prefix (default domain)."""
@@ -42,6 +42,8 @@ async def api_request(
             subject, b"" if body is None else msgspec.json.encode(body), timeout=timeout
         )
     except NatsError as error:
+        if not client_error(operation, error).retryable:  # a closed connection stays closed
+            raise client_error(operation, error) from None
         raise StoreUnavailableError(
             operation=operation,
             reason=f"JetStream API {subject}: {type(error).__name__} (is JetStream enabled on "

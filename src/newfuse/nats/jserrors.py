@@ -1,4 +1,9 @@
-"""JetStream API answers in one place: PubAck decoding and error codes mapped to FuseErrors."""
+"""JetStream API answers and nats-py client errors in one place, mapped to FuseErrors.
+
+The rule for `retryable`: only where waiting can help (the server is away, restarting, electing
+a leader, busy). A refusal the same call would meet again (too large, badly formed, a closed
+connection, a stream at its limits) is permanent and says what to change.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,16 @@ import re
 from typing import Final
 
 import msgspec
+from nats import errors as nats_errors
 
 from newfuse.errors import (
     AtomicBatchUnsupportedError,
+    ClientRefusedError,
+    FuseError,
+    JetStreamRefusedError,
     PublishRejectedError,
+    PublishUnavailableError,
+    StoreConnectionClosedError,
     StoreUnavailableError,
     StreamCreateError,
     StreamCreateUnavailableError,
@@ -28,6 +39,11 @@ STREAM_NAME_IN_USE: Final = 10058
 """A stream with that name exists (with another configuration)."""
 STREAM_NOT_FOUND: Final = 10059
 """No stream with that name."""
+ATOMIC_PUBLISH_TOO_MANY_INFLIGHT: Final = 10210
+"""More atomic batches in flight on the stream than the server allows (HTTP 429): wait."""
+STREAM_STORE_FAILED: Final = 10077
+"""The stream refused to store (maximum messages, bytes or messages per subject with discard
+new): a 503 that waiting does not cure."""
 
 CLUSTER_NO_PEERS: Final = 10005
 """No suitable peers for placement (too few servers online for the replicas asked)."""
@@ -65,6 +81,9 @@ _CREATE_ADVICE: Final = {
     "duplicate_window: the window must not exceed max_age)",
 }
 _CREATE_TRANSIENT: Final = frozenset({CLUSTER_NO_PEERS, CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER})
+_PUBLISH_TRANSIENT: Final = frozenset(
+    {CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER, ATOMIC_PUBLISH_TOO_MANY_INFLIGHT}
+)
 
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
 
@@ -156,12 +175,43 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
             stream=stream,
             server_version=f"{server_version or 'unknown'}, and its stream has allow_atomic off",
         )
+    if err_code != STREAM_STORE_FAILED and (err_code in _PUBLISH_TRANSIENT or code in (429, 503)):
+        return PublishUnavailableError(
+            subject=subject, code=code, err_code=err_code, description=text
+        )
     return PublishRejectedError(subject=subject, code=code, err_code=err_code, description=text)
 
 
-def unavailable_error(operation: str, error: ApiError) -> StoreUnavailableError:
-    """The FuseError for a JetStream API request that the server refused during `operation`."""
-    return StoreUnavailableError(operation=operation, reason=error.description or str(error))
+def client_error(operation: str, error: Exception) -> FuseError:
+    """The FuseError for an exception nats-py raised during `operation`.
+
+    A closed or draining connection never comes back (StoreConnectionClosedError); a subject,
+    header or size the client refuses would be refused again (ClientRefusedError, though the
+    store's own checks keep these from happening); anything else (timeout, no responders,
+    reconnecting, reconnect buffer full) passes: StoreUnavailableError.
+    """
+    name = type(error).__name__
+    if isinstance(error, nats_errors.ConnectionClosedError | nats_errors.ConnectionDrainingError):
+        return StoreConnectionClosedError(operation=operation, reason=f"{name}: {error}")
+    if isinstance(
+        error,
+        nats_errors.BadSubjectError | nats_errors.BadHeaderError | nats_errors.MaxPayloadError,
+    ):
+        return ClientRefusedError(operation=operation, reason=f"{name} {error}".strip())
+    return StoreUnavailableError(operation=operation, reason=f"{name} {error}".strip())
+
+
+def refused_error(operation: str, error: ApiError) -> FuseError:
+    """The FuseError for a JetStream API error answered to a request other than a publish
+    (stream info, consumer create): retryable for a passing condition, else permanent."""
+    code, err_code, text = error.code, error.err_code, error.description
+    if code in (429, 503) or err_code in _CREATE_TRANSIENT:
+        return StoreUnavailableError(
+            operation=operation, reason=f"JetStream: {text} (status {code}, err_code {err_code})"
+        )
+    return JetStreamRefusedError(
+        operation=operation, code=code, err_code=err_code, description=text
+    )
 
 
 def stream_create_error(stream: str, error: ApiError) -> StreamCreateError:

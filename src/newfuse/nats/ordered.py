@@ -23,10 +23,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
-from newfuse.errors import ReadInterruptedError, StoreClosedError, StoreUnavailableError
+from newfuse.errors import FuseError, ReadInterruptedError, StoreClosedError, StoreUnavailableError
 from newfuse.nats import headers
 from newfuse.nats.jsapi import api_error, consumer_create, consumer_delete, nanoseconds
-from newfuse.nats.jserrors import unavailable_error
+from newfuse.nats.jserrors import client_error, refused_error
 from newfuse.schemas import as_utc
 
 log = logging.getLogger("newfuse.nats")
@@ -148,9 +148,7 @@ class OrderedPushConsumer:
         try:
             self._sub = await self._nc.subscribe(inbox, cb=on_message)
         except NatsError as error:
-            raise StoreUnavailableError(
-                operation="create consumer", reason=f"{type(error).__name__} {error}"
-            ) from None
+            raise client_error("create consumer", error) from None
         if self._closed:  # closed while subscribing: leave nothing behind
             await self._drop_consumer()
             raise self._closed_error()
@@ -163,7 +161,7 @@ class OrderedPushConsumer:
         )
         refused = api_error(answer)
         if refused is not None:
-            raise unavailable_error("create consumer", refused)
+            raise refused_error("create consumer", refused)
         self._consumer = answer["name"]
         if self._closed:  # closed while the server created it: delete it again
             await self._drop_consumer()
@@ -235,6 +233,10 @@ class OrderedPushConsumer:
             except StoreUnavailableError as error:
                 reason = error.reason
                 log.debug("recreating consumer on %s: %s", self._filters, error)
+            except FuseError as error:
+                if not error.retryable:  # the next attempt would meet it again
+                    raise
+                reason = str(error)
             except Exception as error:  # timeout, connection closed or reconnecting: again
                 reason = f"the server did not answer ({type(error).__name__})"
                 log.debug("recreating consumer on %s: %r", self._filters, error)

@@ -19,6 +19,7 @@ from newfuse.errors import (
     StoreUnavailableError,
 )
 from newfuse.nats import headers
+from newfuse.nats.jserrors import client_error
 
 
 class PubAckInbox:
@@ -109,9 +110,7 @@ class PubAckInbox:
             try:
                 await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
             except NatsError as error:  # closed, or the reconnect buffer is full
-                raise StoreUnavailableError(
-                    operation=f"publish to {subject!r}", reason=f"{type(error).__name__} {error}"
-                ) from None
+                raise client_error(f"publish to {subject!r}", error) from None
             return await future
         finally:
             waiting.pop(token, None)

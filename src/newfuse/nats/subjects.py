@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from newfuse.errors import InvalidNameError
-from newfuse.schemas import StreamName, check_token
+from newfuse.schemas import MAX_PREFIX_BYTES, StreamName, check_category, check_token
 
 
 class Subjects:
@@ -18,7 +18,9 @@ class Subjects:
     __slots__ = ("_event_prefix", "prefix", "stream_name")
 
     def __init__(self, prefix: str) -> None:
-        check_token(prefix, kind="subject prefix")
+        check_token(
+            prefix, kind="subject prefix", max_bytes=MAX_PREFIX_BYTES, limit_name="MAX_PREFIX_BYTES"
+        )
         if not all(c.isalnum() or c in "-_" for c in prefix):
             raise InvalidNameError(
                 kind="subject prefix",
@@ -40,7 +42,7 @@ class Subjects:
 
     def category(self, category: str) -> str:
         """The wildcard subject of every stream of a category: `<prefix>.ev.<category>.*`."""
-        return f"{self._event_prefix}{check_token(category, kind='stream category')}.*"
+        return f"{self._event_prefix}{check_category(category)}.*"
 
     @property
     def all_events(self) -> str:

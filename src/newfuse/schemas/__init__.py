@@ -2,6 +2,7 @@
 
 from newfuse.schemas.body import (
     MAX_NESTING_DEPTH,
+    check_data_depth,
     check_depth,
     nesting_depth,
     out_of_place,
@@ -25,7 +26,19 @@ from newfuse.schemas.export import (
     payload_schema,
 )
 from newfuse.schemas.ids import new_event_id
-from newfuse.schemas.names import StreamName, check_token, check_type_name
+from newfuse.schemas.names import (
+    MAX_CATEGORY_BYTES,
+    MAX_EVENT_ID_BYTES,
+    MAX_PREFIX_BYTES,
+    MAX_STREAM_ID_BYTES,
+    MAX_STREAM_NAME_BYTES,
+    MAX_TYPE_NAME_BYTES,
+    StreamName,
+    check_category,
+    check_event_id,
+    check_token,
+    check_type_name,
+)
 from newfuse.schemas.payloads import (
     A2AMessage,
     A2AMetadata,
@@ -42,7 +55,13 @@ __all__ = [
     "ENVELOPE_DECODER",
     "ENVELOPE_ENCODER",
     "JSON_SCHEMA_DIALECT",
+    "MAX_CATEGORY_BYTES",
+    "MAX_EVENT_ID_BYTES",
     "MAX_NESTING_DEPTH",
+    "MAX_PREFIX_BYTES",
+    "MAX_STREAM_ID_BYTES",
+    "MAX_STREAM_NAME_BYTES",
+    "MAX_TYPE_NAME_BYTES",
     "MAX_WIRE_INT",
     "A2AMessage",
     "A2AMetadata",
@@ -60,7 +79,10 @@ __all__ = [
     "Upcaster",
     "as_utc",
     "build_export",
+    "check_category",
+    "check_data_depth",
     "check_depth",
+    "check_event_id",
     "check_token",
     "check_type_name",
     "default_registry",

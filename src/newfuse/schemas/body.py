@@ -8,7 +8,7 @@ from typing import Final
 
 import msgspec
 
-from newfuse.errors import InvalidEnvelopeError, InvalidNameError
+from newfuse.errors import InvalidEnvelopeError, InvalidNameError, NestingTooDeepError
 from newfuse.schemas.envelope import ENVELOPE_DECODER, Envelope
 from newfuse.schemas.names import StreamName, check_type_name
 
@@ -57,6 +57,22 @@ def _check_depth(body: bytes, where: str) -> None:
             reason=f"the body nests {depth} deep; an event's data may nest at most "
             f"{MAX_NESTING_DEPTH} deep (MAX_NESTING_DEPTH), its envelope one more",
         )
+
+
+def check_data_depth(data: bytes, *, type_name: str, version: int) -> bytes:
+    """Return an append's encoded `data` if it nests at most MAX_NESTING_DEPTH, else raise.
+
+    Raises:
+        NestingTooDeepError: it nests deeper; the error names the depth and the limit.
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_NESTING_DEPTH:  # cannot nest deeper
+        return data
+    depth = nesting_depth(data)
+    if depth > MAX_NESTING_DEPTH:
+        raise NestingTooDeepError(
+            type_name=type_name, version=version, depth=depth, limit=MAX_NESTING_DEPTH
+        )
+    return data
 
 
 # Names already found valid, so that a replay checks each stream and type name once, not once

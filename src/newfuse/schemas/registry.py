@@ -21,7 +21,7 @@ from newfuse.errors import (
     UnknownTypeError,
     UnknownVersionError,
 )
-from newfuse.schemas.names import check_token, check_type_name
+from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 
 S = TypeVar("S", bound=type[msgspec.Struct])
@@ -171,7 +171,7 @@ class SchemaRegistry:
 
     def declare_strict(self, category: str) -> None:
         """Reject appends of unregistered types to streams of `category`."""
-        self._strict.add(check_token(category, kind="stream category"))
+        self._strict.add(check_category(category))
 
     # -- looking up ------------------------------------------------------------------------------
 
