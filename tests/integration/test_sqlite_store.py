@@ -474,3 +474,30 @@ async def test_a_row_whose_envelope_disagrees_with_its_row_is_reported_and_skipp
         assert "version 9 is not the version of its row (3)" in reports[1].error
     finally:
         await store.close()
+
+
+async def test_a_row_nested_deeper_than_the_decoder_can_take_is_reported_and_skipped(
+    db: Path,
+) -> None:
+    reports: list[InvalidEventReport] = []
+    store = await SQLiteEventStore.open(str(db), on_invalid=reports.append)
+    try:
+        await store.append("agent.a1", note(1))
+        deep = (
+            b'{"id":"deep","stream":"agent.a1","type":"note","version":2,'
+            b'"timestamp":"2026-12-02T12:00:00Z","data":' + b"[" * 5000 + b"]" * 5000 + b"}"
+        )
+        with contextlib.closing(sqlite3.connect(db)) as other, other:  # a foreign writer
+            other.execute(
+                "INSERT INTO events (position, stream, category, version, id, type, "
+                "schema_version, timestamp, correlation_id, body) "
+                "VALUES (2, 'agent.a1', 'agent', 2, 'deep', 'note', 1, 0, NULL, ?)",
+                (deep,),
+            )
+        await store.append("agent.a1", note(3))
+        assert await numbers(store.read_all()) == [1, 3]
+        assert await numbers(store.read("agent.a1")) == [1, 3]
+        assert [r.position for r in reports] == [2, 2]
+        assert "nested too deep for the decoder" in reports[0].error
+    finally:
+        await store.close()

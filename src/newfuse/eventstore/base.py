@@ -387,6 +387,8 @@ class EventStore(AsyncClosing, abc.ABC):
     """
 
     max_batch: int = MAX_BATCH
+    bounded_reads: bool = True
+    """Whether reads check MAX_NESTING_DEPTH before decoding (see `parse_envelope`)."""
 
     _opened: bool = True
     """False while the backend still has to `_open` itself (it does so on first use)."""
@@ -633,7 +635,7 @@ class EventStore(AsyncClosing, abc.ABC):
         returned; nothing here raises.
         """
         try:
-            envelope = parse_envelope(body, where, stream)
+            envelope = parse_envelope(body, where, stream, bounded=self.bounded_reads)
             if versions is not None:
                 if versions.get(stream) == envelope.version - 1:  # admit's common case, inline
                     versions[stream] = envelope.version
