@@ -8,8 +8,10 @@ agent, correlation_id, causation_id, trace_id, payload (JSON text).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,7 +21,7 @@ import aiosqlite
 import msgspec
 
 from newfuse._closing import AsyncClosing
-from newfuse.errors import ReadModelUnavailableError, ReadOnlyQueryError
+from newfuse.errors import QueryTimeoutError, ReadModelUnavailableError, ReadOnlyQueryError
 from newfuse.projections.base import Projection
 from newfuse.projections.sqlite_model import SQLiteBatch, view_name
 from newfuse.schemas import A2AMessage, RecordedEvent, as_utc
@@ -42,6 +44,9 @@ COLUMNS: Final = (
     "payload",
 )
 _ENCODER = msgspec.json.Encoder()
+DEFAULT_SQL_TIME_LIMIT: Final = 30.0
+"""Seconds a raw SQL query may run before it is stopped (None in `AuditIndex.sql`: no limit)."""
+_PROGRESS_EVERY: Final = 1000  # SQLite VM steps between time checks: about a millisecond
 
 
 def _time(moment: datetime) -> str:
@@ -188,6 +193,15 @@ class SQLResult(msgspec.Struct, frozen=True, kw_only=True):
     rows: list[tuple[Any, ...]]
 
 
+def _refusal(text: str) -> str:
+    if "readonly" in text or "read-only" in text or "not authorized" in text:
+        return (
+            "the audit connection is read-only (SQLite opened it with mode=ro); "
+            "use SELECT statements only"
+        )
+    return f"SQLite: {text}"
+
+
 class AuditIndex(AsyncClosing):
     """Queries the audit index of a SQLite read model file, on a read-only connection.
 
@@ -203,6 +217,15 @@ class AuditIndex(AsyncClosing):
         self.path = path
         self.connection = connection
         self._closed = False
+        # Read by the progress handler on aiosqlite's thread: when to stop the running query.
+        self._deadline: float | None = None
+        self._abandoned = False
+        self._one_at_a_time = asyncio.Lock()
+
+    def _should_stop(self) -> int:
+        """SQLite's progress handler: non-zero ends the running statement with 'interrupted'."""
+        deadline = self._deadline
+        return int(self._abandoned or (deadline is not None and time.monotonic() > deadline))
 
     @classmethod
     async def open(cls, path: str) -> AuditIndex:
@@ -216,13 +239,15 @@ class AuditIndex(AsyncClosing):
             connection = await aiosqlite.connect(uri, uri=True)
             await connection.execute("PRAGMA busy_timeout = 5000")
             await connection.set_authorizer(_read_only_authorizer)
+            index = cls(path, connection)
+            await connection.set_progress_handler(index._should_stop, _PROGRESS_EVERY)
         except sqlite3.Error as error:
             raise ReadModelUnavailableError(
                 model=f"sqlite {path}",
                 operation="open the audit index read-only",
                 reason=str(error),
             ) from error
-        return cls(path, connection)
+        return index
 
     async def query(
         self,
@@ -235,6 +260,7 @@ class AuditIndex(AsyncClosing):
         until: datetime | None = None,
         limit: int | None = 100,
         newest_first: bool = False,
+        time_limit: float | None = DEFAULT_SQL_TIME_LIMIT,
     ) -> list[AuditRecord]:
         """Events matching every filter given, by position.
 
@@ -247,6 +273,7 @@ class AuditIndex(AsyncClosing):
             until: written before this time.
             limit: at most this many (None: all).
             newest_first: highest positions first.
+            time_limit: seconds the query may run (None: no limit), as in `sql`.
         """
         clauses: list[str] = []
         parameters: list[Any] = []
@@ -270,7 +297,7 @@ class AuditIndex(AsyncClosing):
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
-        result = await self.sql(sql, parameters)
+        result = await self.sql(sql, parameters, time_limit=time_limit)
         return [
             AuditRecord(
                 position=row[0],
@@ -290,25 +317,44 @@ class AuditIndex(AsyncClosing):
             for row in result.rows
         ]
 
-    async def sql(self, statement: str, parameters: Sequence[Any] = ()) -> SQLResult:
+    async def sql(
+        self,
+        statement: str,
+        parameters: Sequence[Any] = (),
+        *,
+        time_limit: float | None = DEFAULT_SQL_TIME_LIMIT,
+    ) -> SQLResult:
         """Run raw SQL on the read-only connection (query the view `audit_events`).
+
+        Columns keep their order and their names, duplicates included. A query still running
+        after `time_limit` seconds (None: no limit) is stopped; so is one whose caller is
+        cancelled (Ctrl-C), instead of running on in SQLite's thread.
 
         Raises:
             ReadOnlyQueryError: the statement tries to write, or SQLite rejects it.
+            QueryTimeoutError: the query ran past `time_limit`.
         """
-        try:
-            async with self.connection.execute(statement, parameters) as cursor:
-                rows = [tuple(row) for row in await cursor.fetchall()]
-                columns = [column[0] for column in cursor.description or ()]
-        except sqlite3.Error as error:
-            text = str(error)
-            reason = (
-                "the audit connection is read-only (SQLite opened it with mode=ro); "
-                "use SELECT statements only"
-                if "readonly" in text or "read-only" in text or "not authorized" in text
-                else f"SQLite: {text}"
-            )
-            raise ReadOnlyQueryError(database=self.path, sql=statement, reason=reason) from error
+        async with self._one_at_a_time:
+            self._abandoned = False
+            self._deadline = None if time_limit is None else time.monotonic() + time_limit
+            try:
+                async with self.connection.execute(statement, parameters) as cursor:
+                    rows = [tuple(row) for row in await cursor.fetchall()]
+                    columns = [column[0] for column in cursor.description or ()]
+            except asyncio.CancelledError:
+                self._abandoned = True  # the thread's next progress check ends the query
+                raise
+            except sqlite3.Error as error:
+                deadline = self._deadline
+                if time_limit is not None and deadline is not None and time.monotonic() > deadline:
+                    raise QueryTimeoutError(
+                        database=self.path, sql=statement, time_limit=time_limit
+                    ) from error
+                raise ReadOnlyQueryError(
+                    database=self.path, sql=statement, reason=_refusal(str(error))
+                ) from error
+            finally:
+                self._deadline = None
         return SQLResult(columns=columns, rows=rows)
 
     async def close(self) -> None:
