@@ -193,6 +193,26 @@ class SQLResult(msgspec.Struct, frozen=True, kw_only=True):
     rows: list[tuple[Any, ...]]
 
 
+class _Limit:
+    """One query's SQLite progress handler: non-zero ends the statement with 'interrupted'.
+
+    Called on aiosqlite's thread; `abandoned` is set from the event loop when the caller stops
+    waiting (a bool store is atomic under the GIL).
+    """
+
+    __slots__ = ("abandoned", "deadline")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.abandoned = False
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def __call__(self) -> int:
+        return int(self.abandoned or self.expired())
+
+
 def _refusal(text: str) -> str:
     if "readonly" in text or "read-only" in text or "not authorized" in text:
         return (
@@ -217,15 +237,7 @@ class AuditIndex(AsyncClosing):
         self.path = path
         self.connection = connection
         self._closed = False
-        # Read by the progress handler on aiosqlite's thread: when to stop the running query.
-        self._deadline: float | None = None
-        self._abandoned = False
-        self._one_at_a_time = asyncio.Lock()
-
-    def _should_stop(self) -> int:
-        """SQLite's progress handler: non-zero ends the running statement with 'interrupted'."""
-        deadline = self._deadline
-        return int(self._abandoned or (deadline is not None and time.monotonic() > deadline))
+        self._one_at_a_time = asyncio.Lock()  # a query and its progress handler go together
 
     @classmethod
     async def open(cls, path: str) -> AuditIndex:
@@ -239,15 +251,13 @@ class AuditIndex(AsyncClosing):
             connection = await aiosqlite.connect(uri, uri=True)
             await connection.execute("PRAGMA busy_timeout = 5000")
             await connection.set_authorizer(_read_only_authorizer)
-            index = cls(path, connection)
-            await connection.set_progress_handler(index._should_stop, _PROGRESS_EVERY)
         except sqlite3.Error as error:
             raise ReadModelUnavailableError(
                 model=f"sqlite {path}",
                 operation="open the audit index read-only",
                 reason=str(error),
             ) from error
-        return index
+        return cls(path, connection)
 
     async def query(
         self,
@@ -334,27 +344,26 @@ class AuditIndex(AsyncClosing):
             ReadOnlyQueryError: the statement tries to write, or SQLite rejects it.
             QueryTimeoutError: the query ran past `time_limit`.
         """
+        limit = _Limit(None if time_limit is None else time.monotonic() + time_limit)
         async with self._one_at_a_time:
-            self._abandoned = False
-            self._deadline = None if time_limit is None else time.monotonic() + time_limit
+            # Set on aiosqlite's thread, in order: it takes effect when this query starts, not
+            # while an abandoned one before it is still being stopped.
+            await self.connection.set_progress_handler(limit, _PROGRESS_EVERY)
             try:
                 async with self.connection.execute(statement, parameters) as cursor:
                     rows = [tuple(row) for row in await cursor.fetchall()]
                     columns = [column[0] for column in cursor.description or ()]
             except asyncio.CancelledError:
-                self._abandoned = True  # the thread's next progress check ends the query
+                limit.abandoned = True  # the thread's next progress check ends the query
                 raise
             except sqlite3.Error as error:
-                deadline = self._deadline
-                if time_limit is not None and deadline is not None and time.monotonic() > deadline:
+                if time_limit is not None and limit.expired():
                     raise QueryTimeoutError(
                         database=self.path, sql=statement, time_limit=time_limit
                     ) from error
                 raise ReadOnlyQueryError(
                     database=self.path, sql=statement, reason=_refusal(str(error))
                 ) from error
-            finally:
-                self._deadline = None
         return SQLResult(columns=columns, rows=rows)
 
     async def close(self) -> None:
