@@ -194,3 +194,27 @@ def test_tail_since_a_time_replays_from_then_and_follows(fuse_args: list[str]) -
         tail.send_signal(signal.SIGINT)
         _, stderr = tail.communicate(timeout=30)
     assert tail.returncode == 0, stderr
+
+
+def test_replay_follow_prints_the_stored_events_then_new_ones_row_by_row(
+    fuse_args: list[str],
+) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 0}')
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", *fuse_args, "replay", "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline().split()[:2] == ["POSITION", "TIMESTAMP"]
+        assert '{"n":0}' in follow.stdout.readline()  # a row of the table, while it runs
+        fuse(fuse_args, "publish", "agent.r2", "note", "--data", '{"n": 1}')
+        row = follow.stdout.readline().split()
+        assert row[2:5] == ["agent.r2", "1", "note"] and row[-1] == '{"n":1}'
+    finally:
+        follow.send_signal(signal.SIGINT)
+        _, stderr = follow.communicate(timeout=30)
+    assert follow.returncode == 0, stderr
