@@ -163,8 +163,9 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
     """The event store the settings name; a command that only reads passes `create=False`, so
     a mistyped prefix or path is an error naming what exists instead of a new, empty store."""
     settings = settings_from_args(args)
-    del create  # the store's open-without-create mode lands with the structure rework
-    return await open_event_store(resolve_store_url(settings), prefix=settings.prefix)
+    return await open_event_store(
+        resolve_store_url(settings), prefix=settings.prefix, create=create
+    )
 
 
 def positive_int(text: str) -> int:

@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
     "publish": Command("newfuse.cli.events", "append one event to a stream"),
     "replay": Command("newfuse.cli.events", "print stored events that match the filters"),
     "tail": Command("newfuse.cli.events", "follow new events that match the filters"),
+    "streams": Command("newfuse.cli.streams", "list the streams, or one stream's facts"),
+    "events": Command("newfuse.cli.streams", "show one event, by id or position"),
     "schemas": Command("newfuse.cli.schemas", "export or list the event schemas"),
     "projections": Command("newfuse.cli.read_side", "run, inspect and rebuild projections"),
     "agents": Command("newfuse.cli.read_side", "agent read models"),
