@@ -210,3 +210,48 @@ def test_zsh_completion_is_a_compdef_for_every_command() -> None:
     assert script.startswith("#compdef fuse")
     listed = [line.split(":", 1)[0].strip() for line in script.splitlines() if ":'" in line]
     assert set(COMMANDS) <= set(listed)
+
+
+def _on_a_terminal(*args: str, env: dict[str, str]) -> bytes:
+    """What `fuse` writes when stdout and stderr are a terminal (a pseudo-terminal here)."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "newfuse", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=terminal,
+            stderr=terminal,
+            env=env,
+            timeout=60,
+        )
+        os.close(terminal)
+        terminal = -1
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if terminal != -1:
+            os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 1
+    return output
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path: Path) -> None:
+    missing = ["--store", f"sqlite://{tmp_path / 'missing.db'}", "replay"]
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    env["TERM"] = "xterm-256color"
+    red = b"\x1b[1;31mfuse:"
+    assert red in _on_a_terminal(*missing, env=env)
+    plain = _on_a_terminal(*missing, env={**env, "NO_COLOR": "1"})
+    assert b"fuse:" in plain and b"31m" not in plain
+    piped = fuse(*missing, check=False)
+    assert piped.stderr.startswith("fuse: no event store") and "\x1b[" not in piped.stderr
