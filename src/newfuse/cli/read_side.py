@@ -19,7 +19,7 @@ from newfuse.cli._common import (
     resolve_redis_url,
     settings_from_args,
 )
-from newfuse.cli._output import note, print_json, print_table, progress, rfc3339
+from newfuse.cli._output import note, print_error, print_json, print_table, progress, rfc3339
 from newfuse.eventstore import EventStore
 from newfuse.projections import (
     AgentStateView,
@@ -214,7 +214,7 @@ async def run_agent_state(args: argparse.Namespace) -> int:
         if args.agent:
             one = await view.get(args.agent)
             if one is None:
-                print(f"fuse: no state recorded for agent {args.agent!r}", file=sys.stderr)
+                print_error(f"no state recorded for agent {args.agent!r}")
                 return 1
             states = [one]
         else:
