@@ -31,5 +31,5 @@ async def run_completion(args: argparse.Namespace) -> int:
 
     from newfuse.cli.main import build_parser
 
-    sys.stdout.write(shtab.complete(build_parser(full=True), shell=args.shell))
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
     return 0

@@ -113,8 +113,9 @@ class _Commands:
         return parser
 
 
-def build_parser(command: str | None = None, *, full: bool = False) -> FuseParser:
-    """The `fuse` parser; only `command`'s module (or every module, with `full`) is imported."""
+def build_parser(argv: Sequence[str] | None = None) -> FuseParser:
+    """The `fuse` parser: complete, or (given `argv`) only able to parse the command it names,
+    whose module is then the only one imported."""
     parser = FuseParser(
         prog="fuse",
         description="newfuse: an event-sourced agent-to-agent bus on NATS JetStream",
@@ -123,6 +124,8 @@ def build_parser(command: str | None = None, *, full: bool = False) -> FuseParse
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     action = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands = _Commands(action)
+    full = argv is None
+    command = None if argv is None else _command_of(argv)
     chosen = COMMANDS[command].module if command in COMMANDS else None
     registered: set[str] = set()
     for name, (module, text) in COMMANDS.items():
@@ -151,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return USAGE_ERROR
-    args = build_parser(_command_of(arguments)).parse_args(arguments)
+    args = build_parser(arguments).parse_args(arguments)
     handler: Handler = args.handler
     from newfuse.errors import FuseError
 
