@@ -147,7 +147,17 @@ def test_a_limit_that_cuts_the_listing_says_so(filled: str) -> None:
 
 
 def test_table_cells_are_measured_in_terminal_cells(store: str) -> None:
-    fuse("--store", store, "publish", "agent.wide", "メモ", "--data", '{"text": "全角"}')
+    fuse(
+        "--store",
+        store,
+        "publish",
+        "agent.wide",
+        "note",
+        "--data",
+        "{}",
+        "--correlation",
+        "全角メモ",
+    )
     fuse("--store", store, "publish", "agent.narrow", "note", "--data", '{"text": "ab"}')
     header, wide, narrow = fuse("--store", store, "replay").stdout.splitlines()
     from rich.cells import cell_len
