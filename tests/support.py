@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,3 +19,23 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {condition!r}")
         await asyncio.sleep(interval)
+
+
+def run_fuse(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run `fuse` as a user does (`python -m newfuse`, a real process); 200 columns wide."""
+    result = subprocess.run(
+        [sys.executable, "-m", "newfuse", *args],
+        capture_output=True,
+        text=True,
+        env={**(os.environ if env is None else env), "COLUMNS": "200"},
+        input=stdin,
+        timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result

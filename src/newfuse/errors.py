@@ -465,6 +465,40 @@ class StoreClosedError(EventStoreError):
         return f"{self.store} is closed"
 
 
+class StoreNotFoundError(EventStoreError, LookupError):
+    """A store opened only to read does not exist; opening it did not create it.
+
+    `where` is the JetStream stream or the SQLite file looked for; `existing` what there is.
+    """
+
+    def __init__(self, *, where: str, existing: list[str], hint: str) -> None:
+        self.where = where
+        self.existing = existing
+        found = ", ".join(existing) if existing else "none"
+        super().__init__(f"no event store at {where} (there: {found}); {hint}")
+
+
+class StreamNotFoundError(EventStoreError, LookupError):
+    """No event is stored in this stream."""
+
+    def __init__(self, *, stream: str) -> None:
+        self.stream = stream
+        super().__init__(
+            f"no stream {stream!r}: no event is stored in it (`fuse streams list` shows those "
+            "that exist)"
+        )
+
+
+class EventNotFoundError(EventStoreError, LookupError):
+    """No stored event has this id or position."""
+
+    def __init__(self, *, wanted: str) -> None:
+        self.wanted = wanted
+        super().__init__(
+            f"no event with {wanted} in the store (`fuse replay` lists ids and positions)"
+        )
+
+
 class ClosedDuringAppendError(StoreClosedError):
     """The store was closed while an append waited for the server's acknowledgement."""
 
@@ -710,3 +744,17 @@ class ReadOnlyQueryError(ProjectionError):
         self.sql = sql
         self.reason = reason
         super().__init__(f"query on {database} refused: {reason} (SQL: {sql.strip()[:200]})")
+
+
+class QueryTimeoutError(ProjectionError):
+    """A raw SQL query ran past its time limit and was stopped; the same query will again."""
+
+    def __init__(self, *, database: str, sql: str, time_limit: float) -> None:
+        self.database = database
+        self.sql = sql
+        self.time_limit = time_limit
+        super().__init__(
+            f"query on {database} stopped at its time limit of {time_limit:g}s "
+            f"(SQL: {sql.strip()[:200]}); narrow it (WHERE, LIMIT) or allow more time "
+            "(fuse audit sql --timeout SECONDS, or AuditIndex.sql(..., time_limit=SECONDS))"
+        )

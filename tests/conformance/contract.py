@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 import pytest
 
@@ -20,6 +21,7 @@ from newfuse.errors import (
     InvalidNameError,
     InvalidPayloadError,
     SchemaError,
+    StoreNotFoundError,
     UnknownTypeError,
     WrongExpectedVersionError,
 )
@@ -33,7 +35,11 @@ from newfuse.eventstore import (
 from newfuse.schemas import A2AMessage, A2AMetadata, NewEvent, RecordedEvent, StateUpdate
 from support import wait_for
 
-StoreFactory = Callable[[], Awaitable[EventStore]]
+
+class StoreFactory(Protocol):
+    """Opens another store instance on the test's log; options go to `open_event_store`."""
+
+    def __call__(self, **options: Any) -> Awaitable[EventStore]: ...
 
 
 def note(n: int, *, correlation_id: str | None = None) -> NewEvent:
@@ -443,6 +449,62 @@ class EventStoreContract:
         events = await collect(store.read("agent.busy"))
         assert [e.version for e in events] == list(range(1, 51))
         assert sorted(e.data["n"] for e in events) == list(range(50))
+
+    # -- looking up: streams, one stream, one event ------------------------------------------------
+
+    async def test_streams_lists_the_streams_sorted_and_by_category(
+        self, store: EventStore
+    ) -> None:
+        for stream in ("saga.s1", "agent.b", "agent.a", "agent.b"):
+            await store.append(stream, notes(1))
+        assert [name async for name in store.streams()] == ["agent.a", "agent.b", "saga.s1"]
+        assert [name async for name in store.streams(category="agent")] == ["agent.a", "agent.b"]
+        assert [name async for name in store.streams(category="none")] == []
+        with pytest.raises(InvalidNameError):
+            await anext(store.streams(category="a.b"))
+
+    async def test_stream_info_gives_version_count_and_first_and_last_event(
+        self, store: EventStore
+    ) -> None:
+        first = await store.append("agent.a1", notes(1, 2))
+        await store.append("saga.other", notes(9))
+        last = await store.append("agent.a1", notes(3))
+        info = await store.stream_info("agent.a1")
+        assert info is not None
+        assert (info.stream, info.version, info.count) == ("agent.a1", 3, 3)
+        assert (info.first_position, info.last_position) == (
+            first.first_position,
+            last.last_position,
+        )
+        events = await collect(store.read("agent.a1"))
+        assert (info.first_timestamp, info.last_timestamp) == (
+            events[0].timestamp,
+            events[-1].timestamp,
+        )
+        assert await store.stream_info("agent.never") is None
+
+    async def test_an_event_is_found_by_id_and_by_position(self, store: EventStore) -> None:
+        await store.append("agent.a1", notes(1, 2))
+        wanted = note(3)
+        written = await store.append("saga.s1", wanted)
+        found = await store.event(wanted.id)
+        assert found is not None and (found.position, found.data) == (written.position, {"n": 3})
+        at = await store.event_at(written.position)
+        assert at is not None and at.id == wanted.id
+        assert await store.event("01890000-0000-7000-8000-000000000000") is None  # a UUIDv7
+        assert await store.event("not-a-uuid") is None
+        assert await store.event_at(written.position + 1) is None
+        assert await store.event_at(0) is None
+
+    async def test_a_reader_that_may_not_create_finds_no_store_until_one_is_written(
+        self, open_store: StoreFactory
+    ) -> None:
+        with pytest.raises(StoreNotFoundError, match=r"no event store at .*created by the first"):
+            await open_store(create=False)
+        writer = await open_store()
+        await writer.append("agent.a1", notes(1))
+        reader = await open_store(create=False)
+        assert await numbers(reader.read_all()) == [1]
 
 
 async def _later_than(moment: datetime) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
@@ -22,8 +23,8 @@ class TestJetStreamEventStore(EventStoreContract, LimitsContract):
     async def open_store(self, nats_url: str, prefix: str) -> AsyncIterator[StoreFactory]:
         opened: list[EventStore] = []
 
-        async def factory() -> EventStore:
-            store = await open_event_store(nats_url, prefix=prefix)
+        async def factory(**options: Any) -> EventStore:
+            store = await open_event_store(nats_url, prefix=prefix, **options)
             opened.append(store)
             return store
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from contract import EventStoreContract, StoreFactory
@@ -17,8 +18,8 @@ class TestSQLiteEventStore(EventStoreContract, LimitsContract):
     async def open_store(self, tmp_path: Path) -> AsyncIterator[StoreFactory]:
         opened: list[EventStore] = []
 
-        async def factory() -> EventStore:
-            store = await open_event_store(f"sqlite://{tmp_path / 'events.db'}")
+        async def factory(**options: Any) -> EventStore:
+            store = await open_event_store(f"sqlite://{tmp_path / 'events.db'}", **options)
             opened.append(store)
             return store
 

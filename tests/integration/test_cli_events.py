@@ -41,7 +41,7 @@ def test_publish_prints_where_the_event_went_as_json(fuse_args: list[str]) -> No
     first = json.loads(
         fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 1}', "--json").stdout
     )
-    assert set(first) == {"stream", "version", "position", "id"}
+    assert list(first) == ["id", "stream", "version", "position"]
     assert (first["stream"], first["version"]) == ("agent.r1", 1)
     second = json.loads(
         fuse(
@@ -137,7 +137,7 @@ def test_replay_filters_and_prints_a_table_or_json_lines(fuse_args: list[str]) -
     assert streams("--since", "1h") == ["agent.r1", "saga.s1", "agent.r2"]
     assert streams("--until", "1h") == []
     table = fuse(fuse_args, "replay").stdout
-    assert table.splitlines()[0].split()[:3] == ["POSITION", "TIME", "(UTC)"]
+    assert table.splitlines()[0].split()[:3] == ["POSITION", "TIMESTAMP", "STREAM"]
     assert "agent.state_update" in table and "saga.s1" in table
 
 
@@ -194,3 +194,108 @@ def test_tail_since_a_time_replays_from_then_and_follows(fuse_args: list[str]) -
         tail.send_signal(signal.SIGINT)
         _, stderr = tail.communicate(timeout=30)
     assert tail.returncode == 0, stderr
+
+
+def test_replay_follow_prints_the_stored_events_then_new_ones_row_by_row(
+    fuse_args: list[str],
+) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 0}')
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", *fuse_args, "replay", "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline().split()[:2] == ["POSITION", "TIMESTAMP"]
+        assert '{"n":0}' in follow.stdout.readline()  # a row of the table, while it runs
+        fuse(fuse_args, "publish", "agent.r2", "note", "--data", '{"n": 1}')
+        row = follow.stdout.readline().split()
+        assert row[2:5] == ["agent.r2", "1", "note"] and row[-1] == '{"n":1}'
+    finally:
+        follow.send_signal(signal.SIGINT)
+        _, stderr = follow.communicate(timeout=30)
+    assert follow.returncode == 0, stderr
+
+
+def test_streams_list_and_info_show_version_count_positions_and_times(
+    fuse_args: list[str],
+) -> None:
+    fuse(fuse_args, "publish", "saga.s1", "step", "--data", "{}")
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", "{}")
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", "{}")
+    listed = [
+        json.loads(line)
+        for line in fuse(fuse_args, "streams", "list", "--json").stdout.splitlines()
+    ]
+    assert [(s["stream"], s["version"], s["count"]) for s in listed] == [
+        ("agent.r1", 2, 2),
+        ("saga.s1", 1, 1),
+    ]
+    info = json.loads(fuse(fuse_args, "streams", "info", "agent.r1", "--json").stdout)
+    events = [
+        json.loads(line)
+        for line in fuse(fuse_args, "replay", "--json", "--stream", "agent.r1").stdout.splitlines()
+    ]
+    assert info == {
+        "stream": "agent.r1",
+        "version": 2,
+        "count": 2,
+        "first_position": events[0]["position"],
+        "last_position": events[1]["position"],
+        "first_timestamp": events[0]["timestamp"],
+        "last_timestamp": events[1]["timestamp"],
+    }
+    assert info["first_timestamp"].endswith("Z")
+    table = fuse(fuse_args, "streams", "list", "--category", "saga").stdout.splitlines()
+    assert table[0].split()[:3] == ["STREAM", "VERSION", "COUNT"] and "saga.s1" in table[2]
+    missing = fuse(fuse_args, "streams", "info", "agent.nobody", check=False)
+    assert missing.returncode == 1 and "no stream 'agent.nobody'" in missing.stderr
+
+
+def test_events_show_prints_one_event_by_id_or_by_position(fuse_args: list[str]) -> None:
+    fuse(fuse_args, "publish", "agent.r1", "note", "--data", '{"n": 1}')
+    written = json.loads(
+        fuse(fuse_args, "publish", "agent.r2", "note", "--data", '{"n": 2}', "--json").stdout
+    )
+    by_id = json.loads(fuse(fuse_args, "events", "show", written["id"], "--json").stdout)
+    by_position = json.loads(
+        fuse(fuse_args, "events", "show", "--position", str(written["position"]), "--json").stdout
+    )
+    assert by_id == by_position
+    assert (by_id["stream"], by_id["data"], by_id["position"]) == (
+        "agent.r2",
+        {"n": 2},
+        written["position"],
+    )
+    assert '"n": 2' in fuse(fuse_args, "events", "show", written["id"]).stdout  # indented
+    unknown = fuse(fuse_args, "events", "show", "--position", "99", check=False)
+    assert unknown.returncode == 1 and "no event with position 99" in unknown.stderr
+
+
+def test_a_command_that_only_reads_creates_no_store(nats_url: str, tmp_path: Path) -> None:
+    known = f"k{os.urandom(4).hex()}"
+    fuse(["--nats", nats_url, "--prefix", known], "publish", "agent.r1", "note", "--data", "{}")
+    typo = f"typo{os.urandom(4).hex()}"
+    for command in (
+        ["replay"],
+        ["tail"],
+        ["streams", "list"],
+        ["events", "show", "--position", "1"],
+    ):
+        result = fuse(["--nats", nats_url, "--prefix", typo], *command, check=False)
+        assert result.returncode == 1, command
+        assert f"no event store at JetStream stream {typo.upper()}_EVENTS (prefix '{typo}')" in (
+            result.stderr
+        )
+        assert f"prefix '{known}'" in result.stderr
+    # Nothing was created: the typo's prefix is still not there.
+    again = fuse(["--nats", nats_url, "--prefix", typo], "replay", check=False)
+    assert f"prefix '{typo}'" not in again.stderr.split("(there:")[1]
+
+    path = tmp_path / "missing.db"
+    missing = fuse(["--store", f"sqlite://{path}"], "replay", check=False)
+    assert missing.returncode == 1 and f"no event store at SQLite file '{path}'" in missing.stderr
+    assert not path.exists()

@@ -59,7 +59,8 @@ def fuse(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Comp
 def wait_caught_up(env: dict[str, str], head: int) -> list[dict[str, object]]:
     deadline = time.monotonic() + 20
     while True:
-        statuses = json.loads(fuse(env, "projections", "status", "--json").stdout)
+        out = fuse(env, "projections", "status", "--json").stdout
+        statuses = [json.loads(line) for line in out.splitlines()]
         if all(status["checkpoint"] >= head for status in statuses):
             return list(statuses)
         assert time.monotonic() < deadline, statuses
@@ -119,6 +120,16 @@ def test_published_events_reach_agent_state_audit_and_status(dev_env: dict[str, 
     rows = [json.loads(line) for line in fuse(env, "audit", "--json").stdout.splitlines()]
     assert [row["position"] for row in rows] == [1, 2, 3]
     assert rows[0]["correlation_id"] == "c-7" and rows[2]["sender"] == "planner"
+    assert list(rows[0])[:7] == [
+        "position",
+        "id",
+        "stream",
+        "category",
+        "type",
+        "schema_version",
+        "timestamp",
+    ]
+    assert rows[0]["timestamp"].endswith("Z") and rows[2]["data"]["type"] == "task.request"
     by_correlation = fuse(env, "audit", "--correlation", "c-7", "--json").stdout.splitlines()
     assert len(by_correlation) == 1
     table = fuse(env, "audit", "--type", "a2a.message").stdout
@@ -165,7 +176,8 @@ def test_commands_use_the_prefix_of_the_running_fuse_dev(tmp_path: Path) -> None
         fuse(env, "publish", "agent.r1", "note", "--data", "{}")
         assert len(fuse(env, "replay", "--json").stdout.splitlines()) == 1
         assert len(fuse(env, "--prefix", "team-a", "replay", "--json").stdout.splitlines()) == 1
-        assert fuse(env, "--prefix", "fuse", "replay", "--json").stdout == ""
+        other = fuse(env, "--prefix", "fuse", "replay", "--json", check=False)
+        assert other.returncode == 1 and "prefix 'team-a'" in other.stderr
     finally:
         dev.send_signal(signal.SIGTERM)
         _, stderr = dev.communicate(timeout=30)

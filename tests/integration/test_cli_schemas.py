@@ -205,7 +205,7 @@ def test_list_prints_types_as_a_table_and_as_json() -> None:
     ]
     as_json = fuse("schemas", "list", "--json")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout)[1] == {
+    assert json.loads(as_json.stdout.splitlines()[1]) == {
         "type": "agent.state_update",
         "version": 1,
         "latest": True,

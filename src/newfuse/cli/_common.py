@@ -1,20 +1,27 @@
-"""What every `fuse` subcommand shares: settings, the `fuse dev` state file, tables, progress."""
+"""What every `fuse` subcommand shares: settings, the `fuse dev` state file, argument types."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import re
 import sys
-import time
-from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol
 
 import msgspec
 
 from newfuse.config import Settings
-from newfuse.errors import DevProcessGoneError, NoDevServerError
+from newfuse.errors import ConfigError, DevProcessGoneError, NoDevServerError
+from newfuse.eventstore import EventStore, open_event_store
+
+
+class Commands(Protocol):
+    """What a command module's `register(commands)` adds its subcommands to."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
 
 DEV_STATE_FILE = "dev.json"
 
@@ -152,6 +159,15 @@ def resolve_store_url(settings: Settings) -> str:
     return settings.store or resolve_nats_url(settings)
 
 
+async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
+    """The event store the settings name; a command that only reads passes `create=False`, so
+    a mistyped prefix or path is an error naming what exists instead of a new, empty store."""
+    settings = settings_from_args(args)
+    return await open_event_store(
+        resolve_store_url(settings), prefix=settings.prefix, create=create
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number >= 1."""
     if not text.isdigit() or int(text) < 1:
@@ -166,64 +182,45 @@ def count_int(text: str) -> int:
     return int(text)
 
 
-def print_table(
-    rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO = sys.stdout
-) -> None:
-    """A plain aligned table for people; long cells are cut to fit the terminal."""
-    width = shutil.get_terminal_size((160, 24)).columns
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    budget = max(width - 2 * (len(headers) - 1), 20)
-    while sum(widths) > budget and max(widths) > 12:
-        widest = widths.index(max(widths))
-        widths[widest] -= 1
-    for index, row in enumerate(cells):
-        line = "  ".join(
-            (c if len(c) <= w else c[: w - 1] + "…").ljust(w)
-            for c, w in zip(row, widths, strict=True)
-        )
-        out.write(line.rstrip() + "\n")
-        if index == 0:
-            out.write("  ".join("-" * w for w in widths) + "\n")
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-class Progress:
-    """A progress line on stderr for long operations (only when stderr is a terminal, or forced).
+def parse_time(value: str, *, flag: str) -> datetime:
+    """`2026-11-24T10:00:00Z`, `2026-11-24` or relative `10m` (ago) as an aware datetime."""
+    match = _RELATIVE.match(value.strip())
+    if match:
+        delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return datetime.now(UTC) - delta
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            variable=flag,
+            value=value,
+            reason="use an ISO time (2026-11-24T10:00:00Z) or a relative one (30s, 10m, 2h, 7d)",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
-    `total` may be unknown (None): then it counts and shows a rate.
-    """
 
-    def __init__(
-        self, label: str, total: int | None = None, *, enabled: bool | None = None
-    ) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._started = time.monotonic()
-        self._last_draw = 0.0
+def optional_time(value: str | None, *, flag: str) -> datetime | None:
+    """`parse_time` of a flag that may be absent."""
+    return None if value is None else parse_time(value, flag=flag)
 
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        now = time.monotonic()
-        if self.enabled and now - self._last_draw >= 0.1:
-            self._last_draw = now
-            self._draw(now)
 
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._started, 1e-9)
-        rate = self.done / elapsed
-        if self.total:
-            fraction = min(self.done / self.total, 1.0)
-            bar = "#" * int(fraction * 30)
-            text = f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:,.0f}/s"
-        else:
-            text = f"\r{self.label} {self.done} {rate:,.0f}/s"
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def read_data(value: str, *, flag: str = "--data") -> bytes:
+    """A payload argument: the JSON itself, `-` for standard input, or `@path` for a file."""
+    if value == "-":
+        return sys.stdin.buffer.read()
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ConfigError(
+                variable=flag,
+                value=value,
+                reason=f"cannot read {path!r} ({error.strerror or error}); give @PATH of a "
+                "readable file, '-' for standard input, or the JSON itself",
+            ) from None
+    return value.encode()

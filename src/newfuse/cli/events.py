@@ -4,40 +4,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 
 from newfuse.cli._common import (
-    Progress,
+    Commands,
     count_int,
+    open_store,
+    optional_time,
     positive_int,
+    read_data,
+)
+from newfuse.cli._output import (
+    StreamedTable,
+    event_json,
+    note,
+    print_json,
     print_table,
-    resolve_store_url,
-    settings_from_args,
+    progress,
 )
 from newfuse.errors import ConfigError
-from newfuse.eventstore import EventFilter, EventStore, open_event_store, parse_expected
+from newfuse.eventstore import EventFilter, EventStore, parse_expected
 from newfuse.schemas import NewEvent, RecordedEvent
 
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
-
-def register(commands: Any) -> None:
+def register(commands: Commands) -> None:
+    """Add `fuse publish`, `fuse replay` and `fuse tail`."""
     publish = commands.add_parser(
-        "publish",
-        help="append one event to a stream",
-        description="Append one event. A version conflict exits with status 1.",
+        "publish", description="Append one event. A version conflict exits with status 1."
     )
     publish.add_argument("stream", help="<category>.<id>, e.g. agent.researcher-1")
     publish.add_argument("type", help="event type, e.g. agent.state_update")
-    publish.add_argument("--data", required=True, help="the payload as JSON")
+    publish.add_argument(
+        "--data", required=True, help="the payload: JSON, '-' for standard input, or @FILE"
+    )
     publish.add_argument(
         "--expected-version",
         default="any",
@@ -48,17 +52,23 @@ def register(commands: Any) -> None:
     )
     publish.add_argument("--correlation", help="correlation id")
     publish.add_argument("--causation", help="causation id")
-    publish.add_argument("--json", action="store_true", help="print one JSON object")
     publish.set_defaults(handler=run_publish)
 
-    for name, handler, text in (
-        ("replay", run_replay, "print stored events that match the filters"),
-        ("tail", run_tail, "follow new events that match the filters, until Ctrl-C"),
-    ):
-        parser = commands.add_parser(name, help=text, description=text)
-        _add_filters(parser)
-        parser.add_argument("--json", action="store_true", help="one JSON object per line")
-        parser.set_defaults(handler=handler)
+    replay = commands.add_parser(
+        "replay",
+        description="Print stored events that match the filters, oldest first, as a table (rows "
+        "as they come) or JSON Lines; --follow goes on with new ones until Ctrl-C.",
+    )
+    _add_filters(replay)
+    replay.add_argument(
+        "--follow", "-f", action="store_true", help="after the stored events, follow new ones"
+    )
+    replay.set_defaults(handler=run_replay)
+    tail = commands.add_parser(
+        "tail", description="Follow new events that match the filters, until Ctrl-C."
+    )
+    _add_filters(tail)
+    tail.set_defaults(handler=run_tail)
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -74,23 +84,6 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=count_int, help="at most this many events")
 
 
-def parse_time(value: str, *, flag: str) -> datetime:
-    """`2026-11-24T10:00:00Z`, `2026-11-24` or relative `10m` (ago) as an aware datetime."""
-    match = _RELATIVE.match(value.strip())
-    if match:
-        delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-        return datetime.now(UTC) - delta
-    try:
-        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(
-            variable=flag,
-            value=value,
-            reason="use an ISO time (2026-11-24T10:00:00Z) or a relative one (30s, 10m, 2h, 7d)",
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _filter(args: argparse.Namespace) -> EventFilter:
     return EventFilter(
         streams=tuple(args.stream),
@@ -100,17 +93,14 @@ def _filter(args: argparse.Namespace) -> EventFilter:
     )
 
 
-async def _open(args: argparse.Namespace) -> EventStore:
-    settings = settings_from_args(args)
-    return await open_event_store(resolve_store_url(settings), prefix=settings.prefix)
-
-
 async def run_publish(args: argparse.Namespace) -> int:
+    text = read_data(args.data)
     try:
-        data = msgspec.json.decode(args.data)
+        data = msgspec.json.decode(text)
     except msgspec.DecodeError as error:
+        shown = args.data if args.data == "-" or args.data.startswith("@") else text[:200]
         raise ConfigError(
-            variable="--data", value=args.data, reason=f"not valid JSON ({error})"
+            variable="--data", value=shown, reason=f"not valid JSON ({error})"
         ) from None
     try:
         expected = parse_expected(args.expected_version)
@@ -125,83 +115,104 @@ async def run_publish(args: argparse.Namespace) -> int:
         correlation_id=args.correlation,
         causation_id=args.causation,
     )
-    async with await _open(args) as store:
+    async with await open_store(args, create=True) as store:
         result = await store.append(args.stream, event, expected)
+    written = {
+        "id": result.ids[0],
+        "stream": result.stream,
+        "version": result.version,
+        "position": result.position,
+    }
     if args.json:
-        sys.stdout.write(
-            msgspec.json.encode(
-                {
-                    "stream": result.stream,
-                    "version": result.version,
-                    "position": result.position,
-                    "id": result.ids[0],
-                }
-            ).decode()
-            + "\n"
-        )
+        print_json(written)
     else:
-        print_table(
-            [[result.stream, result.version, result.position, result.ids[0]]],
-            ["STREAM", "VERSION", "POSITION", "ID"],
-        )
+        print_table([list(written.values())], ["ID", "STREAM", "VERSION", "POSITION"])
     return 0
 
 
-def _row(event: RecordedEvent) -> list[Any]:
-    data = msgspec.json.encode(event.data).decode()
+_DATA_WIDTH = 120  # a table shows the start of a payload; --json gives all of it
+
+
+def event_table(head: int) -> StreamedTable:
+    """The streamed table of events; positions up to `head` fit their column."""
+    return StreamedTable(
+        [
+            ("POSITION", max(len("POSITION"), len(str(head)))),
+            ("TIMESTAMP", 27),
+            ("STREAM", 24),
+            ("VERSION", 7),
+            ("TYPE", 22),
+            ("CORRELATION", 14),
+            ("DATA", None),
+        ]
+    )
+
+
+def event_row(event: RecordedEvent) -> list[Any]:
+    # The stored payload's start; a cut inside a UTF-8 sequence drops that character only.
+    data = bytes(event.envelope.data)[: _DATA_WIDTH * 4].decode(errors="ignore")
     return [
         event.position,
-        event.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+        event.timestamp,
         event.stream,
         event.version,
         event.type,
-        event.correlation_id or "",
-        data if len(data) <= 80 else data[:79] + "…",
+        event.correlation_id,
+        data,
     ]
 
 
-_HEADERS = ["POSITION", "TIME (UTC)", "STREAM", "VERSION", "TYPE", "CORRELATION", "DATA"]
-
-
-def _json_line(event: RecordedEvent) -> str:
-    return msgspec.json.encode(event.to_wire()).decode() + "\n"
-
-
 async def run_replay(args: argparse.Namespace) -> int:
-    since = parse_time(args.since, flag="--since") if args.since else None
-    until = parse_time(args.until, flag="--until") if args.until else None
-    async with await _open(args) as store:
+    if args.follow:
+        return await _run_following(args, start_at_head=False)
+    since = optional_time(args.since, flag="--since")
+    until = optional_time(args.until, flag="--until")
+    async with await open_store(args, create=False) as store:
         start = args.from_position or 1
         head = await store.head_position()
         total = max(head - start + 1, 0)
         if args.limit is not None:
             total = min(total, args.limit)
-        progress = Progress("replay", total or None)
-        events = store.read_all(
-            start, since=since, until=until, filter=_filter(args), limit=args.limit
-        )
-        rows: list[list[Any]] = []
+        table = None if args.json else event_table(head)
+        # One more than the limit tells whether the limit cut the listing.
+        limit = None if args.limit is None else args.limit + 1
+        events = store.read_all(start, since=since, until=until, filter=_filter(args), limit=limit)
         count = 0
-        async for event in events:
-            count += 1
-            progress.advance()
-            if args.json:
-                sys.stdout.write(_json_line(event))
-            else:
-                rows.append(_row(event))
-        progress.finish()
-    if not args.json:
-        print_table(rows, _HEADERS)
-        print(f"{count} event(s)", file=sys.stderr)
+        cut = False
+        with progress("replay", total or None) as meter:
+            async for event in events:
+                if count == args.limit:
+                    cut = True
+                    break
+                count += 1
+                meter.advance()
+                if table is None:
+                    print_json(event_json(event))
+                else:
+                    table.row(event_row(event))
+    if cut:
+        note(
+            f"{count} event(s) shown; --limit {args.limit} cut the listing: more events match "
+            f"(raise --limit, or continue with --from-position {event.position})"
+        )
+    elif table is not None:
+        note(f"{count} event(s)")
     return 0
 
 
-async def _follow(store: EventStore, args: argparse.Namespace) -> AsyncIterator[RecordedEvent]:
-    until = parse_time(args.until, flag="--until") if args.until else None
-    since = parse_time(args.since, flag="--since") if args.since else None
-    # New events only, unless asked to start earlier: at a position, or at a time (--since
-    # replays what is stored from then, then follows live).
-    start = args.from_position or (1 if since else await store.head_position() + 1)
+async def _follow(
+    store: EventStore, args: argparse.Namespace, *, start_at_head: bool
+) -> AsyncIterator[RecordedEvent]:
+    until = optional_time(args.until, flag="--until")
+    since = optional_time(args.since, flag="--since")
+    # tail: new events only, unless asked to start earlier (at a position, or at a time: --since
+    # replays what is stored from then, then follows live). replay --follow: from the start.
+    if args.from_position:
+        start = args.from_position
+    elif since is not None or not start_at_head:
+        start = 1
+    else:
+        start = await store.head_position() + 1
     seen = 0
     async with store.subscribe(_filter(args), from_position=start) as subscription:
         async for event in subscription:
@@ -215,22 +226,25 @@ async def _follow(store: EventStore, args: argparse.Namespace) -> AsyncIterator[
                 return
 
 
-async def run_tail(args: argparse.Namespace) -> int:
+async def _run_following(args: argparse.Namespace, *, start_at_head: bool) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)
-    async with await _open(args) as store:
-        if not args.json:
-            print("  ".join(_HEADERS), file=sys.stderr)
+    async with await open_store(args, create=False) as store:
+        table = None if args.json else event_table(await store.head_position())
         try:
-            async for event in _follow(store, args):
-                if args.json:
-                    sys.stdout.write(_json_line(event))
+            async for event in _follow(store, args, start_at_head=start_at_head):
+                if table is None:
+                    print_json(event_json(event))
                 else:
-                    sys.stdout.write("  ".join(str(cell) for cell in _row(event)) + "\n")
+                    table.row(event_row(event))
                 sys.stdout.flush()
         except asyncio.CancelledError:
             task.uncancel()
     return 0
+
+
+async def run_tail(args: argparse.Namespace) -> int:
+    return await _run_following(args, start_at_head=True)

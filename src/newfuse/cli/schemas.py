@@ -12,17 +12,17 @@ from typing import Any
 
 import msgspec
 
-from newfuse.cli._common import print_table
+from newfuse.cli._common import Commands
+from newfuse.cli._output import print_json, print_table
 from newfuse.errors import ConfigError
 from newfuse.schemas import ExportedSchema, SchemaRegistry, default_registry, export_schemas
 from newfuse.schemas.export import DEFAULT_BASE_URI, INDEX_FILE, JSON_SCHEMA_DIALECT
 
 
-def register(commands: Any) -> None:
+def register(commands: Commands) -> None:
     """Add `fuse schemas export` and `fuse schemas list` to the `fuse` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = commands.add_parser(
         "schemas",
-        help="export or list the event schemas",
         description="The envelope and the registered payload types, as JSON Schema.",
     )
     actions = parser.add_subparsers(dest="schemas_command", metavar="ACTION", required=True)
@@ -63,7 +63,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
             "types, e.g. myapp.events:registry"
         ),
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def load_registry(spec: str | None) -> SchemaRegistry:
@@ -136,7 +135,7 @@ async def run_export(args: argparse.Namespace) -> int:
             "index": INDEX_FILE,
             "schemas": msgspec.to_builtins(written),
         }
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        print_json(report)
         return 0
     print_table(
         [(entry.file, entry.type, entry.version, _yes(entry.latest)) for entry in written],
@@ -162,7 +161,8 @@ async def run_list(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        sys.stdout.write(msgspec.json.encode(rows).decode() + "\n")
+        for row in rows:
+            print_json(row)
         return 0
     print_table(
         [

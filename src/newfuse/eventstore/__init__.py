@@ -16,6 +16,7 @@ from newfuse.eventstore.base import (
     Expected,
     ExpectedVersion,
     InvalidEventReport,
+    StreamInfo,
     Subscription,
     parse_expected,
 )
@@ -33,6 +34,9 @@ async def open_event_store(
 
     - `nats://host:port` (several comma separated): JetStream, subjects under `prefix`;
     - `sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`: SQLite.
+
+    `create=False` (an option of both backends) opens only a store that exists: a reader that
+    names a prefix or file by mistake gets StoreNotFoundError instead of a new, empty store.
     """
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme in ("nats", "tls"):
@@ -60,6 +64,7 @@ __all__ = [
     "Expected",
     "ExpectedVersion",
     "InvalidEventReport",
+    "StreamInfo",
     "Subscription",
     "open_event_store",
     "parse_expected",

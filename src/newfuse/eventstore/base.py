@@ -11,8 +11,9 @@ import abc
 import asyncio
 import enum
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, Self
 
 import msgspec
@@ -199,6 +200,32 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True):
         if self.types and envelope.type not in self.types:
             return False
         return self.correlation_id is None or envelope.correlation_id == self.correlation_id
+
+
+class StreamInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What `EventStore.stream_info` tells of one stream.
+
+    Attributes:
+        stream: `<category>.<id>`.
+        version: the version of its newest valid event.
+        count: messages stored for it; more than `version` when a foreign client wrote
+            messages that are not valid events (they are skipped when reading).
+        first_position, last_position: global positions of its first and newest valid events.
+        first_timestamp, last_timestamp: their envelope times (when the writer created them).
+    """
+
+    stream: str
+    version: int
+    count: int
+    first_position: int
+    last_position: int
+    first_timestamp: datetime
+    last_timestamp: datetime
+
+
+_ID_TIME_SLACK = timedelta(minutes=10)
+"""How far around a UUIDv7 id's own time `EventStore.event` looks first (writers' clocks
+differ from the store's)."""
 
 
 class InvalidEventReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -615,6 +642,71 @@ class EventStore(AsyncClosing, abc.ABC):
     @abc.abstractmethod
     async def _stream_version(self, stream: str) -> int: ...
 
+    # -- looking up -------------------------------------------------------------------------------
+
+    async def streams(self, category: str | None = None) -> AsyncIterator[str]:
+        """The names of the streams that hold messages (of `category`, if given), sorted."""
+        self._check_open()
+        if category is not None:
+            check_category(category)
+        if not self._opened:
+            await self._open()
+        async for name in self._streams(category):
+            yield name
+
+    @abc.abstractmethod
+    def _streams(self, category: str | None) -> AsyncIterator[str]: ...
+
+    async def stream_info(self, stream: str) -> StreamInfo | None:
+        """Version, message count, first and last position and time of `stream`; None when it
+        holds no valid event."""
+        first = await _first(self.read(stream, limit=1))
+        last = await _first(self.read(stream, limit=1, backwards=True))
+        if first is None or last is None:
+            return None  # the reads opened the backend, if it had to be
+        return StreamInfo(
+            stream=stream,
+            version=last.version,
+            count=await self._stream_count(stream),
+            first_position=first.position,
+            last_position=last.position,
+            first_timestamp=first.timestamp,
+            last_timestamp=last.timestamp,
+        )
+
+    @abc.abstractmethod
+    async def _stream_count(self, stream: str) -> int:
+        """Messages stored for `stream`, valid events or not."""
+
+    async def event_at(self, position: int) -> RecordedEvent | None:
+        """The event at global `position`; None when there is none or it is not valid."""
+        self._check_open()
+        if position < 1:
+            return None
+        found = await _first(self.read_all(position, limit=1))
+        return found if found is not None and found.position == position else None
+
+    async def event(self, id: str) -> RecordedEvent | None:
+        """The event with this id, None when none is stored.
+
+        A backend without an index by id reads around the id's own time first when it is a
+        UUIDv7 (as newfuse makes them), then everything.
+        """
+        self._check_open()
+        return await self._event(id)
+
+    async def _event(self, id: str) -> RecordedEvent | None:
+        created = _uuid7_time(id)
+        if created is not None:
+            nearby = self.read_all(since=created - _ID_TIME_SLACK, until=created + _ID_TIME_SLACK)
+            async for event in nearby:
+                if event.id == id:
+                    return event
+        async for event in self.read_all():
+            if event.id == id:
+                return event
+        return None
+
     # -- decoding ---------------------------------------------------------------------------------
 
     def decode(
@@ -696,3 +788,26 @@ class EventStore(AsyncClosing, abc.ABC):
 
     @abc.abstractmethod
     async def _close(self) -> None: ...
+
+
+async def _first(events: AsyncIterator[RecordedEvent]) -> RecordedEvent | None:
+    """The first of `events` (None when there is none); the iterator is closed after it."""
+    try:
+        async for event in events:
+            return event
+        return None
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _uuid7_time(id: str) -> datetime | None:
+    """When a UUIDv7 (RFC 9562) was made, from its first 48 bits; None for other ids."""
+    try:
+        value = uuid.UUID(id)
+    except ValueError:
+        return None
+    if value.version != 7:
+        return None
+    return datetime.fromtimestamp((value.int >> 80) / 1000, tz=UTC)

@@ -57,7 +57,7 @@ from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
 from newfuse.nats.connection import connect
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
-from newfuse.nats.jsapi import NANOSECONDS, api_error, stream_info
+from newfuse.nats.jsapi import API, NANOSECONDS, api_error, api_request, stream_info
 from newfuse.nats.jserrors import (
     BatchDuplicateIdError,
     PubAck,
@@ -109,6 +109,7 @@ class JetStreamEventStore(EventStore):
         timeout: float = 5.0,
         heartbeat: float = 1.0,
         owns_connection: bool = False,
+        create: bool = True,
     ) -> None:
         """Wrap a connected client; the stream is provisioned on first use (or `ensure_stream`).
 
@@ -126,6 +127,8 @@ class JetStreamEventStore(EventStore):
             heartbeat: idle heartbeat of the consumers behind read_all/subscribe; a consumer
                 silent for three heartbeats is recreated from its last position.
             owns_connection: close `nc` when the store closes.
+            create: provision the stream when it is missing; False, for a reader, raises
+                StoreNotFoundError instead (naming the prefixes that exist).
         """
         super().__init__(registry=registry, on_invalid=on_invalid)
         self.nc = nc
@@ -142,6 +145,7 @@ class JetStreamEventStore(EventStore):
         self._timeout = timeout
         self._heartbeat = heartbeat
         self._owns = owns_connection
+        self._create = create
         self._opened = False  # provisioned on first use (EventStore._open) or by ensure_stream
         self._ready_lock = asyncio.Lock()
         self._atomic = False
@@ -173,12 +177,13 @@ class JetStreamEventStore(EventStore):
             name: the connection's name on the server.
             timeout: seconds for the first connect and for each server answer.
             **options: the other keyword arguments of the constructor (replicas, max_age,
-                max_bytes, duplicate_window, heartbeat, on_invalid).
+                max_bytes, duplicate_window, heartbeat, on_invalid, create).
 
         Raises:
             ConnectionLostError: no server answered.
             StreamConfigError: the stream exists with a configuration newfuse cannot use.
             StreamCreateError: JetStream refused to create the stream (it says what to change).
+            StoreNotFoundError: `create=False` and the stream does not exist.
         """
         nc = await connect(url, name=name, timeout=timeout)
         store = cls(
@@ -204,7 +209,9 @@ class JetStreamEventStore(EventStore):
             self._check_open()
             if self._opened:
                 return
-            state = await ensure_event_stream(self.nc, self._spec, timeout=self._timeout)
+            state = await ensure_event_stream(
+                self.nc, self._spec, timeout=self._timeout, create=self._create
+            )
             # close() may have run while we waited; it takes this lock to close the inbox, so
             # checking here (under the lock) means nothing is started after it.
             self._check_open()
@@ -552,6 +559,38 @@ class JetStreamEventStore(EventStore):
             raise refused_error("head position", refused)
         last: int = info.get("state", {}).get("last_seq", 0)
         return last
+
+    async def _subject_counts(self, subjects: str, operation: str) -> dict[str, int]:
+        """Messages per subject matching `subjects`, from STREAM.INFO (paged by the server)."""
+        counts: dict[str, int] = {}
+        while True:
+            answer = await api_request(
+                self.nc,
+                f"{API}.STREAM.INFO.{self.stream_name}",
+                {"subjects_filter": subjects, "offset": len(counts)},
+                timeout=self._timeout,
+                operation=operation,
+            )
+            refused = api_error(answer)
+            if refused is not None:
+                raise refused_error(operation, refused)
+            page: dict[str, int] = answer.get("state", {}).get("subjects") or {}
+            before = len(counts)
+            counts.update(page)
+            if len(counts) == before or len(counts) >= answer.get("total", 0):
+                return counts
+
+    async def _streams(self, category: str | None) -> AsyncIterator[str]:
+        subjects = self.subjects.category(category) if category else self.subjects.all_events
+        counts = await self._subject_counts(subjects, "list streams")
+        start = len(self._event_prefix)
+        for subject in sorted(counts):
+            yield subject[start:]
+
+    async def _stream_count(self, stream: str) -> int:
+        subject = self._event_prefix + stream
+        counts = await self._subject_counts(subject, f"count the messages of {stream!r}")
+        return counts.get(subject, 0)
 
     # -- reading everything, subscribing ----------------------------------------------------------
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 import weakref
@@ -72,6 +73,7 @@ from newfuse.errors import (
     SQLiteStoreError,
     StoreClosedError,
     StoreFileError,
+    StoreNotFoundError,
     StoreUnavailableError,
 )
 from newfuse.eventstore.base import (
@@ -294,6 +296,7 @@ class SQLiteEventStore(EventStore):
         poll_interval: float = 0.05,
         page_size: int = 500,
         max_group_events: int = 4 * MAX_BATCH,
+        create: bool = True,
     ) -> Self:
         """Open (creating if needed) the store at `path`, or a fresh one in memory (`:memory:`).
 
@@ -308,11 +311,15 @@ class SQLiteEventStore(EventStore):
             poll_interval: seconds between checks for events written by other processes.
             page_size: rows fetched per query when reading.
             max_group_events: most events the writer commits in one transaction.
+            create: create the file when it is missing; False (for readers) raises instead.
 
         Raises:
             ConfigError: an option has an unusable value.
             StoreUnavailableError: the file cannot be opened or its schema created.
+            StoreNotFoundError: `create=False` and there is no file at `path`.
         """
+        if not create and path != ":memory:":
+            await asyncio.to_thread(_require_file, path)
         store = cls(
             path,
             registry=registry,
@@ -890,6 +897,42 @@ class SQLiteEventStore(EventStore):
 
     async def _stream_version(self, stream: str) -> int:
         return await self._scalar("SELECT max(version) FROM events WHERE stream = ?", (stream,))
+
+    async def _stream_count(self, stream: str) -> int:
+        return await self._scalar("SELECT count(*) FROM events WHERE stream = ?", (stream,))
+
+    async def _streams(self, category: str | None) -> AsyncIterator[str]:
+        where, parameters = ("WHERE category = ?", (category,)) if category else ("", ())
+        rows = await self._fetch(
+            f"SELECT DISTINCT stream FROM events {where} ORDER BY stream", parameters
+        )
+        for (stream,) in rows:
+            yield stream
+
+    async def _event(self, id: str) -> RecordedEvent | None:
+        rows = await self._fetch(
+            "SELECT position, stream, version, body FROM events WHERE id = ?", (id,)
+        )
+        for position, stream, version, body in rows:
+            return self.decode(body, position, self._where, stream, version=version)
+        return None
+
+
+def _require_file(path: str) -> None:
+    """Raise StoreNotFoundError, naming the .db files beside it, when `path` does not exist."""
+    if os.path.exists(path):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        nearby = sorted(name for name in os.listdir(folder) if name.endswith(".db"))
+    except OSError:
+        nearby = []
+    raise StoreNotFoundError(
+        where=f"SQLite file {path!r}",
+        existing=[os.path.join(folder, name) for name in nearby[:10]],
+        hint="check the path (sqlite:///absolute/path.db, sqlite://relative/path.db); a store "
+        "file is created by the first append (fuse publish), never by a command that only reads",
+    )
 
 
 def _everything() -> None:

@@ -8,8 +8,16 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 
-from newfuse.errors import StreamConfigError
-from newfuse.nats.jsapi import NANOSECONDS, api_error, nanoseconds, stream_create, stream_info
+from newfuse.errors import StoreNotFoundError, StreamConfigError
+from newfuse.nats.jsapi import (
+    API,
+    NANOSECONDS,
+    api_error,
+    api_request,
+    nanoseconds,
+    stream_create,
+    stream_info,
+)
 from newfuse.nats.jserrors import STREAM_NAME_IN_USE, STREAM_NOT_FOUND, stream_create_error
 from newfuse.nats.subjects import Subjects
 
@@ -81,11 +89,39 @@ def server_supports_atomic(version: str) -> bool:
     return (major, minor) >= (2, 12)
 
 
+async def event_prefixes(
+    nc: Client,
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a deadline per JetStream API answer
+) -> list[str]:
+    """The prefixes that have an events' stream on this server (`<prefix>.ev.>`), sorted."""
+    found: set[str] = set()
+    offset = 0
+    while True:
+        page = await api_request(
+            nc,
+            f"{API}.STREAM.LIST",
+            {"offset": offset},
+            timeout=timeout,
+            operation="list the event streams",
+        )
+        streams = page.get("streams") or []
+        for stream in streams:
+            for subject in stream.get("config", {}).get("subjects") or ():
+                prefix, dot, rest = subject.partition(".")
+                if dot and rest == "ev.>":
+                    found.add(prefix)
+        offset += len(streams)
+        if not streams or offset >= page.get("total", 0):
+            return sorted(found)
+
+
 async def ensure_event_stream(
     nc: Client,
     spec: EventStreamSpec,
     *,
     timeout: float = 5.0,  # noqa: ASYNC109 - a deadline per JetStream API answer
+    create: bool = True,
 ) -> StreamState:
     """Create the events' stream if it is missing; check it if it exists. Idempotent.
 
@@ -93,6 +129,7 @@ async def ensure_event_stream(
         nc: a connected client.
         spec: the wanted configuration.
         timeout: seconds per JetStream API call.
+        create: create the stream when it is missing; False (for readers) raises instead.
 
     Returns:
         The stream's name, whether atomic batches are available, and the server version.
@@ -104,6 +141,8 @@ async def ensure_event_stream(
             server, not enough storage, ...); it says what to change. Its subclass
             StreamCreateUnavailableError (retryable) is for a cluster that is not ready.
         StoreUnavailableError: JetStream did not answer.
+        StoreNotFoundError: with `create=False`, there is no such stream; it names the stream
+            and the prefixes that have one.
     """
     version = server_version(nc)
     atomic = server_supports_atomic(version)
@@ -112,6 +151,13 @@ async def ensure_event_stream(
     operation = f"provision stream {name!r}"
     info = await stream_info(nc, name, timeout=timeout, operation=operation)
     error = api_error(info)
+    if error is not None and error.err_code == STREAM_NOT_FOUND and not create:
+        raise StoreNotFoundError(
+            where=f"JetStream stream {name} (prefix {spec.subjects.prefix!r})",
+            existing=[f"prefix {p!r}" for p in await event_prefixes(nc, timeout=timeout)],
+            hint="give one of those prefixes (--prefix or FUSE_PREFIX); a stream is created "
+            "by the first append (fuse publish), never by a command that only reads",
+        )
     if error is not None and error.err_code == STREAM_NOT_FOUND:
         info = await stream_create(nc, wanted, timeout=timeout, operation=operation)
         error = api_error(info)

@@ -8,8 +8,10 @@ agent, correlation_id, causation_id, trace_id, payload (JSON text).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,7 +21,7 @@ import aiosqlite
 import msgspec
 
 from newfuse._closing import AsyncClosing
-from newfuse.errors import ReadModelUnavailableError, ReadOnlyQueryError
+from newfuse.errors import QueryTimeoutError, ReadModelUnavailableError, ReadOnlyQueryError
 from newfuse.projections.base import Projection
 from newfuse.projections.sqlite_model import SQLiteBatch, view_name
 from newfuse.schemas import A2AMessage, RecordedEvent, as_utc
@@ -42,6 +44,9 @@ COLUMNS: Final = (
     "payload",
 )
 _ENCODER = msgspec.json.Encoder()
+DEFAULT_SQL_TIME_LIMIT: Final = 30.0
+"""Seconds a raw SQL query may run before it is stopped (None in `AuditIndex.sql`: no limit)."""
+_PROGRESS_EVERY: Final = 1000  # SQLite VM steps between time checks: about a millisecond
 
 
 def _time(moment: datetime) -> str:
@@ -188,6 +193,35 @@ class SQLResult(msgspec.Struct, frozen=True, kw_only=True):
     rows: list[tuple[Any, ...]]
 
 
+class _Limit:
+    """One query's SQLite progress handler: non-zero ends the statement with 'interrupted'.
+
+    Called on aiosqlite's thread; `abandoned` is set from the event loop when the caller stops
+    waiting (a bool store is atomic under the GIL).
+    """
+
+    __slots__ = ("abandoned", "deadline")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.abandoned = False
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def __call__(self) -> int:
+        return int(self.abandoned or self.expired())
+
+
+def _refusal(text: str) -> str:
+    if "readonly" in text or "read-only" in text or "not authorized" in text:
+        return (
+            "the audit connection is read-only (SQLite opened it with mode=ro); "
+            "use SELECT statements only"
+        )
+    return f"SQLite: {text}"
+
+
 class AuditIndex(AsyncClosing):
     """Queries the audit index of a SQLite read model file, on a read-only connection.
 
@@ -203,6 +237,7 @@ class AuditIndex(AsyncClosing):
         self.path = path
         self.connection = connection
         self._closed = False
+        self._one_at_a_time = asyncio.Lock()  # a query and its progress handler go together
 
     @classmethod
     async def open(cls, path: str) -> AuditIndex:
@@ -235,6 +270,7 @@ class AuditIndex(AsyncClosing):
         until: datetime | None = None,
         limit: int | None = 100,
         newest_first: bool = False,
+        time_limit: float | None = DEFAULT_SQL_TIME_LIMIT,
     ) -> list[AuditRecord]:
         """Events matching every filter given, by position.
 
@@ -247,6 +283,7 @@ class AuditIndex(AsyncClosing):
             until: written before this time.
             limit: at most this many (None: all).
             newest_first: highest positions first.
+            time_limit: seconds the query may run (None: no limit), as in `sql`.
         """
         clauses: list[str] = []
         parameters: list[Any] = []
@@ -270,7 +307,7 @@ class AuditIndex(AsyncClosing):
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
-        result = await self.sql(sql, parameters)
+        result = await self.sql(sql, parameters, time_limit=time_limit)
         return [
             AuditRecord(
                 position=row[0],
@@ -290,25 +327,43 @@ class AuditIndex(AsyncClosing):
             for row in result.rows
         ]
 
-    async def sql(self, statement: str, parameters: Sequence[Any] = ()) -> SQLResult:
+    async def sql(
+        self,
+        statement: str,
+        parameters: Sequence[Any] = (),
+        *,
+        time_limit: float | None = DEFAULT_SQL_TIME_LIMIT,
+    ) -> SQLResult:
         """Run raw SQL on the read-only connection (query the view `audit_events`).
+
+        Columns keep their order and their names, duplicates included. A query still running
+        after `time_limit` seconds (None: no limit) is stopped; so is one whose caller is
+        cancelled (Ctrl-C), instead of running on in SQLite's thread.
 
         Raises:
             ReadOnlyQueryError: the statement tries to write, or SQLite rejects it.
+            QueryTimeoutError: the query ran past `time_limit`.
         """
-        try:
-            async with self.connection.execute(statement, parameters) as cursor:
-                rows = [tuple(row) for row in await cursor.fetchall()]
-                columns = [column[0] for column in cursor.description or ()]
-        except sqlite3.Error as error:
-            text = str(error)
-            reason = (
-                "the audit connection is read-only (SQLite opened it with mode=ro); "
-                "use SELECT statements only"
-                if "readonly" in text or "read-only" in text or "not authorized" in text
-                else f"SQLite: {text}"
-            )
-            raise ReadOnlyQueryError(database=self.path, sql=statement, reason=reason) from error
+        limit = _Limit(None if time_limit is None else time.monotonic() + time_limit)
+        async with self._one_at_a_time:
+            # Set on aiosqlite's thread, in order: it takes effect when this query starts, not
+            # while an abandoned one before it is still being stopped.
+            await self.connection.set_progress_handler(limit, _PROGRESS_EVERY)
+            try:
+                async with self.connection.execute(statement, parameters) as cursor:
+                    rows = [tuple(row) for row in await cursor.fetchall()]
+                    columns = [column[0] for column in cursor.description or ()]
+            except asyncio.CancelledError:
+                limit.abandoned = True  # the thread's next progress check ends the query
+                raise
+            except sqlite3.Error as error:
+                if time_limit is not None and limit.expired():
+                    raise QueryTimeoutError(
+                        database=self.path, sql=statement, time_limit=time_limit
+                    ) from error
+                raise ReadOnlyQueryError(
+                    database=self.path, sql=statement, reason=_refusal(str(error))
+                ) from error
         return SQLResult(columns=columns, rows=rows)
 
     async def close(self) -> None:

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
 
 from newfuse.cli._common import (
-    Progress,
+    Commands,
     count_int,
-    print_table,
+    open_store,
+    optional_time,
     resolve_audit_db,
     resolve_redis_url,
-    resolve_store_url,
     settings_from_args,
 )
-from newfuse.cli.events import parse_time
-from newfuse.eventstore import EventStore, open_event_store
+from newfuse.cli._output import note, print_error, print_json, print_table, progress, rfc3339
+from newfuse.eventstore import EventStore
 from newfuse.projections import (
     AgentStateView,
     AuditIndex,
@@ -29,18 +29,17 @@ from newfuse.projections import (
     prepared_status,
     rebuild,
 )
+from newfuse.projections.agent_state import AgentState
+from newfuse.projections.audit import DEFAULT_SQL_TIME_LIMIT, AuditRecord
 from newfuse.projections.builtin import BUILTIN_NAMES, BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
 
 _JSON = msgspec.json.Encoder()
 
 
-def _print_json(value: Any) -> None:
-    sys.stdout.write(_JSON.encode(value).decode() + "\n")
-
-
-def register(commands: Any) -> None:
-    projections = commands.add_parser("projections", help="run, inspect and rebuild projections")
+def register(commands: Commands) -> None:
+    """Add `fuse projections`, `fuse agents` and `fuse audit`."""
+    projections = commands.add_parser("projections")
     actions = projections.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     run = actions.add_parser(
@@ -55,7 +54,6 @@ def register(commands: Any) -> None:
 
     status = actions.add_parser("status", help="checkpoint, head, lag and dead letters")
     status.add_argument("names", nargs="*", metavar="NAME", help="projections (default: all)")
-    status.add_argument("--json", action="store_true", help="a JSON list of objects")
     status.set_defaults(handler=run_status)
 
     rebuild_parser = actions.add_parser(
@@ -65,19 +63,16 @@ def register(commands: Any) -> None:
         "serving, swap atomically, drop the old one. A progress bar shows on stderr.",
     )
     rebuild_parser.add_argument("name", metavar="NAME", help="the projection to rebuild")
-    rebuild_parser.add_argument("--json", action="store_true", help="print the result as JSON")
     rebuild_parser.set_defaults(handler=run_rebuild)
 
-    agents = commands.add_parser("agents", help="agent read models")
+    agents = commands.add_parser("agents")
     agent_actions = agents.add_subparsers(dest="action", metavar="ACTION", required=True)
     state = agent_actions.add_parser("state", help="an agent's state (or every agent's)")
     state.add_argument("agent", nargs="?", help="agent id (default: all agents)")
-    state.add_argument("--json", action="store_true", help="JSON output")
     state.set_defaults(handler=run_agent_state)
 
     audit = commands.add_parser(
         "audit",
-        help="query the audit index: who did what, when, on whose behalf",
         description='Query the audit index (one row per event). `fuse audit sql "SELECT …"` '
         "runs raw SQL on a read-only connection.",
     )
@@ -89,19 +84,27 @@ def register(commands: Any) -> None:
     audit.add_argument("--until", help="ISO time, or relative: 30s, 10m, 2h, 7d")
     audit.add_argument("--limit", type=count_int, default=100, help="at most this many rows (100)")
     audit.add_argument("--newest-first", action="store_true", help="newest rows first")
-    audit.add_argument("--json", action="store_true", help="one JSON object per line")
     audit.set_defaults(handler=run_audit)
     audit_actions = audit.add_subparsers(dest="action", metavar="ACTION", required=False)
     sql = audit_actions.add_parser("sql", help="run SQL on a read-only connection")
     sql.add_argument("statement", help='e.g. "SELECT type, count(*) FROM audit_events GROUP BY 1"')
-    sql.add_argument("--json", action="store_true", help="one JSON object per row")
+    sql.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_SQL_TIME_LIMIT,
+        metavar="SECONDS",
+        help=f"stop the query after this long (default {DEFAULT_SQL_TIME_LIMIT:g}; 0: no limit)",
+    )
     sql.set_defaults(handler=run_audit_sql)
 
 
 @asynccontextmanager
-async def _opened(args: argparse.Namespace) -> AsyncIterator[tuple[EventStore, BuiltinProjections]]:
+async def _opened(
+    args: argparse.Namespace, *, create: bool = False
+) -> AsyncIterator[tuple[EventStore, BuiltinProjections]]:
+    """The store and the built-in read models; only `projections run` may create the store."""
     settings = settings_from_args(args)
-    store = await open_event_store(resolve_store_url(settings), prefix=settings.prefix)
+    store = await open_store(args, create=create)
     try:
         builtin = await BuiltinProjections.open(
             redis_url=resolve_redis_url(settings), audit_db=resolve_audit_db(settings)
@@ -115,7 +118,7 @@ async def _opened(args: argparse.Namespace) -> AsyncIterator[tuple[EventStore, B
 
 
 async def run_projections(args: argparse.Namespace) -> int:
-    async with _opened(args) as (store, builtin):
+    async with _opened(args, create=True) as (store, builtin):
         runners = builtin.runners(store, args.names)
         print(
             f"fuse projections: running {', '.join(r.name for r in runners)}; SIGTERM to stop",
@@ -137,8 +140,8 @@ async def run_status(args: argparse.Namespace) -> int:
             projection, model = builtin.get(name)
             statuses.append(await prepared_status(projection, store, model))
     if args.json:
-        _print_json(
-            [
+        for s in statuses:
+            print_json(
                 {
                     "name": s.name,
                     "state": s.state,
@@ -150,9 +153,7 @@ async def run_status(args: argparse.Namespace) -> int:
                     "dead_letters": s.dead_letters,
                     "last_error": s.last_error,
                 }
-                for s in statuses
-            ]
-        )
+            )
         return 0
     print_table(
         [
@@ -165,7 +166,7 @@ async def run_status(args: argparse.Namespace) -> int:
                 "" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
                 f"{s.events_per_second:,.0f}",
                 s.dead_letters,
-                s.last_error or "",
+                s.last_error,
             ]
             for s in statuses
         ],
@@ -177,16 +178,15 @@ async def run_status(args: argparse.Namespace) -> int:
 async def run_rebuild(args: argparse.Namespace) -> int:
     async with _opened(args) as (store, builtin):
         projection, model = builtin.get(args.name)
-        progress = Progress(f"rebuild {args.name}", await store.head_position() or None)
+        with progress(f"rebuild {args.name}", await store.head_position() or None) as meter:
 
-        def report(step: RebuildProgress) -> None:
-            progress.total = step.target or progress.total
-            progress.advance(step.position - progress.done)
+            def report(step: RebuildProgress) -> None:
+                meter.set_total(step.target)
+                meter.advance(step.position - meter.done)
 
-        result = await rebuild(projection, store, model, progress=report)
-        progress.finish()
+            result = await rebuild(projection, store, model, progress=report)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(
             f"rebuilt {result.projection}: generation {result.old_generation} -> "
@@ -196,35 +196,60 @@ async def run_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_json(state: AgentState) -> dict[str, Any]:
+    return {
+        "agent_id": state.agent_id,
+        "status": state.status,
+        "status_at": rfc3339(state.status_at),
+        "version": state.version,
+        "updated_at": rfc3339(state.updated_at),
+        "position": state.position,
+        "state": state.state,
+    }
+
+
 async def run_agent_state(args: argparse.Namespace) -> int:
     async with _opened(args) as (_store, builtin):
         view = AgentStateView(builtin.redis)
         if args.agent:
             one = await view.get(args.agent)
             if one is None:
-                print(f"fuse: no state recorded for agent {args.agent!r}", file=sys.stderr)
+                print_error(f"no state recorded for agent {args.agent!r}")
                 return 1
             states = [one]
         else:
             states = await view.agents()
     if args.json:
         for state in states:
-            _print_json(state)
+            print_json(_agent_json(state))
         return 0
     print_table(
         [
-            [
-                s.agent_id,
-                s.status or "",
-                s.version,
-                s.updated_at.isoformat() if s.updated_at else "",
-                _JSON.encode(s.state).decode(),
-            ]
+            [s.agent_id, s.status, s.version, s.updated_at, _JSON.encode(s.state).decode()]
             for s in states
         ],
         ["AGENT", "STATUS", "VERSION", "UPDATED AT", "STATE"],
     )
     return 0
+
+
+def _audit_json(record: AuditRecord) -> dict[str, Any]:
+    """An audit row in the envelope's words (`id`, `timestamp`, `data`)."""
+    return {
+        "position": record.position,
+        "id": record.event_id,
+        "stream": record.stream,
+        "category": record.category,
+        "type": record.type,
+        "schema_version": record.schema_version,
+        "timestamp": rfc3339(record.time),
+        "correlation_id": record.correlation_id,
+        "causation_id": record.causation_id,
+        "trace_id": record.trace_id,
+        "sender": record.sender,
+        "agent": record.agent,
+        "data": record.payload,
+    }
 
 
 async def run_audit(args: argparse.Namespace) -> int:
@@ -235,53 +260,86 @@ async def run_audit(args: argparse.Namespace) -> int:
             type=args.type,
             stream=args.stream,
             correlation_id=args.correlation,
-            since=parse_time(args.since, flag="--since") if args.since else None,
-            until=parse_time(args.until, flag="--until") if args.until else None,
-            limit=args.limit,
+            since=optional_time(args.since, flag="--since"),
+            until=optional_time(args.until, flag="--until"),
+            limit=args.limit + 1,  # one more tells whether the limit cut the listing
             newest_first=args.newest_first,
         )
+    cut = len(records) > args.limit
+    records = records[: args.limit]
     if args.json:
         for record in records:
-            _print_json(record)
-        return 0
-    print_table(
-        [
+            print_json(_audit_json(record))
+    else:
+        print_table(
             [
-                r.position,
-                r.time.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-                r.stream,
-                r.type,
-                r.schema_version,
-                r.sender or "",
-                r.correlation_id or "",
-                r.causation_id or "",
-                r.trace_id or "",
-            ]
-            for r in records
-        ],
-        [
-            "POSITION",
-            "TIME (UTC)",
-            "STREAM",
-            "TYPE",
-            "V",
-            "SENDER",
-            "CORRELATION",
-            "CAUSATION",
-            "TRACE",
-        ],
-    )
-    print(f"{len(records)} row(s)", file=sys.stderr)
+                [
+                    r.position,
+                    r.time,
+                    r.stream,
+                    r.type,
+                    r.schema_version,
+                    r.sender,
+                    r.correlation_id,
+                    r.causation_id,
+                    r.trace_id,
+                ]
+                for r in records
+            ],
+            [
+                "POSITION",
+                "TIMESTAMP",
+                "STREAM",
+                "TYPE",
+                "SCHEMA",
+                "SENDER",
+                "CORRELATION",
+                "CAUSATION",
+                "TRACE",
+            ],
+        )
+    if cut:
+        note(f"{len(records)} row(s) shown; --limit {args.limit} cut the listing: more rows match")
+    elif not args.json:
+        note(f"{len(records)} row(s)")
     return 0
+
+
+def _seconds(text: str) -> float | None:
+    """argparse type of --timeout: seconds > 0, or 0 for no limit."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds (e.g. 30 or 0.5), got {text!r}"
+        ) from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value or None
+
+
+def unique_columns(columns: Sequence[str]) -> list[str]:
+    """Column names as JSON keys: a repeated name gets `:2`, `:3`… (SELECT 1 AS a, 2 AS a)."""
+    seen: set[str] = set()
+    unique = []
+    for name in columns:
+        candidate, number = name, 1
+        while candidate in seen:
+            number += 1
+            candidate = f"{name}:{number}"
+        seen.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 async def run_audit_sql(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     async with await AuditIndex.open(resolve_audit_db(settings)) as audit:
-        result = await audit.sql(args.statement)
+        result = await audit.sql(args.statement, time_limit=args.timeout)
     if args.json:
+        keys = unique_columns(result.columns)
         for row in result.rows:
-            _print_json(dict(zip(result.columns, row, strict=True)))
+            print_json(dict(zip(keys, row, strict=True)))
         return 0
-    print_table([list(row) for row in result.rows], result.columns)
+    print_table(result.rows, result.columns)
     return 0
