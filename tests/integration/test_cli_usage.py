@@ -74,6 +74,12 @@ def test_publish_reads_data_from_stdin_and_from_a_file(store: str, tmp_path: Pat
         "--store", store, "publish", "agent.r1", "note", "--data", "-", stdin="{x", check=False
     )
     assert bad.returncode == 1 and "--data='-': not valid JSON" in bad.stderr
+    deep = fuse(
+        "--store", store, "publish", "agent.r1", "note", "--data", "-",
+        stdin="[" * 5000 + "]" * 5000, check=False,
+    )  # fmt: skip
+    assert deep.returncode == 1 and deep.stderr.startswith("fuse: --data='-': nests 5000 deep")
+    assert "Traceback" not in deep.stderr
 
 
 def test_an_argument_that_is_not_utf8_is_a_clear_error(store: str) -> None:

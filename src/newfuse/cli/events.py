@@ -29,7 +29,7 @@ from newfuse.cli._output import (
 )
 from newfuse.errors import ConfigError
 from newfuse.eventstore import EventFilter, EventStore, parse_expected
-from newfuse.schemas import NewEvent, RecordedEvent
+from newfuse.schemas import MAX_NESTING_DEPTH, NewEvent, RecordedEvent, nesting_depth
 
 
 def register(commands: Commands) -> None:
@@ -95,10 +95,18 @@ def _filter(args: argparse.Namespace) -> EventFilter:
 
 async def run_publish(args: argparse.Namespace) -> int:
     text = read_data(args.data)
+    shown = args.data if args.data == "-" or args.data.startswith("@") else text[:200]
+    # Measured before decoding: msgspec decodes recursively and would raise RecursionError.
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING_DEPTH:
+        raise ConfigError(
+            variable="--data",
+            value=shown,
+            reason=f"nests {depth} deep; event data may nest at most {MAX_NESTING_DEPTH} deep",
+        )
     try:
         data = msgspec.json.decode(text)
     except msgspec.DecodeError as error:
-        shown = args.data if args.data == "-" or args.data.startswith("@") else text[:200]
         raise ConfigError(
             variable="--data", value=shown, reason=f"not valid JSON ({error})"
         ) from None
