@@ -1,0 +1,76 @@
+"""Every ```python block of README.md runs as written, as its own process, against a `fuse dev`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from newfuse.eventstore import open_event_store
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SNIPPETS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.M | re.S)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], str]]:
+    """A `fuse dev` of this module's own; the environment a reader has (no FUSE_* set)."""
+    root = tmp_path_factory.mktemp("readme")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSE_")}
+    env["FUSE_STATE_DIR"] = str(root / "state")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", "dev", "--data-dir", str(root / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        urls = dict(process.stdout.readline().strip().split("=", 1) for _ in range(3))
+        yield env, urls["FUSE_NATS_URL"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_the_readme_has_a_python_snippet() -> None:
+    assert SNIPPETS, f"no ```python block found in {README}"
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
+async def test_a_readme_snippet_runs_as_written(
+    dev: tuple[dict[str, str], str], snippet: str, tmp_path: Path
+) -> None:
+    env, _ = dev
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"{snippet}\n--- stderr ---\n{result.stderr}"
+    assert result.stderr == ""
+
+
+async def test_the_tour_snippet_wrote_to_the_running_fuse_dev(
+    dev: tuple[dict[str, str], str],
+) -> None:
+    env, nats_url = dev
+    tour = next(s for s in SNIPPETS if "open_event_store()" in s)
+    subprocess.run(
+        [sys.executable, "-c", tour], env=env, check=True, timeout=60, capture_output=True
+    )
+    async with await open_event_store(nats_url) as store:
+        events = [event async for event in store.read("agent.r1")]
+    assert events and events[-1].type == "agent.state_update"
