@@ -21,7 +21,8 @@ import redis.asyncio as redis
 from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, find_valkey_server
 
 # One test of each fixture kind that writes to the shared servers: JetStream store (conformance),
-# provisioning, Redis and SQLite projections, CLI subprocesses, hostile publishes.
+# provisioning, Redis and SQLite projections, CLI subprocesses (`fuse projections run` on the
+# shared Redis among them), hostile publishes, and the README's snippets against a `fuse dev`.
 SUBSET = [
     "tests/conformance/test_jetstream_conformance.py",
     "tests/integration/test_jetstream_provision.py",
@@ -29,6 +30,7 @@ SUBSET = [
     "tests/integration/test_projection_rebuild.py",
     "tests/integration/test_cli_events.py",
     "tests/integration/test_cli_hostile.py",
+    "tests/integration/test_cli_health.py",
     "tests/integration/test_trace_context.py",
     "tests/integration/test_readme_snippets.py",
 ]
