@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 import nats
 import redis.asyncio as redis
@@ -97,3 +102,46 @@ async def remove_keys(redis_url: str, prefixes: Iterable[str]) -> int:
             for start in range(0, len(batch), 500):
                 removed += await client.unlink(*batch[start : start + 500])
     return removed
+
+
+# What points a command at servers; a reader of the README with only `fuse dev` running has none.
+SERVER_VARIABLES = ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB", "FUSE_PREFIX")
+
+
+def dev_environment(state_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without SERVER_VARIABLES, its `fuse dev` state in `state_dir`."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
+    return {**env, "FUSE_STATE_DIR": str(state_dir), **extra}
+
+
+@dataclass(frozen=True)
+class FuseDev:
+    process: subprocess.Popen[str]
+    urls: dict[str, str]  # FUSE_NATS_URL, FUSE_REDIS_URL, FUSE_AUDIT_DB as it printed them
+
+
+@contextmanager
+def start_fuse_dev(
+    env: dict[str, str], *args: str, stderr: int | IO[str] = subprocess.PIPE
+) -> Iterator[FuseDev]:
+    """`python -m newfuse <args>` (a `fuse dev`) until its URLs are printed; SIGTERM on exit.
+
+    When the body passed, the process must have exited 0 (its stderr is the assertion message).
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(3)]
+        names = [line.split("=", 1)[0] for line in lines]
+        assert names == ["FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_AUDIT_DB"], lines
+        yield FuseDev(process, dict(line.split("=", 1) for line in lines))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from newfuse.eventstore import open_event_store
+from support import dev_environment, start_fuse_dev
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SNIPPETS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.M | re.S)
@@ -22,24 +21,11 @@ SNIPPETS = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.M 
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], str]]:
     """A `fuse dev` of this module's own; the environment a reader has (no FUSE_* set)."""
     root = tmp_path_factory.mktemp("readme")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSE_")}
-    env["FUSE_STATE_DIR"] = str(root / "state")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "newfuse", "dev", "--data-dir", str(root / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        urls = dict(process.stdout.readline().strip().split("=", 1) for _ in range(3))
-        yield env, urls["FUSE_NATS_URL"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        if process.stdout is not None:
-            process.stdout.close()
+    env = dev_environment(root / "state")
+    with start_fuse_dev(
+        env, "dev", "--data-dir", str(root / "data"), stderr=subprocess.DEVNULL
+    ) as dev:
+        yield env, dev.urls["FUSE_NATS_URL"]
 
 
 def test_the_readme_has_a_python_snippet() -> None:
