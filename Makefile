@@ -1,25 +1,29 @@
-# Two commands do all set-up: `make demo` and `make test`. Each creates .venv when it is missing.
+# Two commands do all set-up: `make demo` and `make test`. Each creates .venv when it is missing
+# and installs the versions pinned in constraints.txt (`make upgrade-deps` rewrites them).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck unit bench bench-projections clean
+.PHONY: demo test lint typecheck unit bench bench-projections no-trace upgrade-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# The build backend (hatchling, for the editable install) is pinned too, by --build-constraint.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt --build-constraint constraints.txt \
+		-e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples tools
+	$(BIN)/ruff format --check src tests benchmarks examples tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/newfuse
@@ -32,6 +36,14 @@ bench: $(STAMP)
 
 bench-projections: $(STAMP)
 	$(BIN)/python benchmarks/projections.py
+
+# A subset of the suite against servers it did not start, then what it left there (~1 min).
+no-trace: $(STAMP)
+	$(BIN)/python tests/no_trace.py
+
+# The newest versions pyproject.toml allows, pinned; then `make test` installs and tries them.
+upgrade-deps: | $(BIN)/python
+	$(BIN)/python tools/upgrade_deps.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

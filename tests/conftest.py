@@ -2,19 +2,21 @@
 
 FUSE_NATS_URL / FUSE_REDIS_URL point the suite at servers that already run; otherwise the
 session starts its own on free loopback ports and stops exactly those processes at the end.
-Tests isolate themselves by subject prefix (`prefix` fixture), not by server.
+Tests isolate themselves by subject prefix (`prefix` fixture, `support.new_prefix`), not by
+server; on servers the session did not start, its teardown deletes the streams (with their
+consumers), buckets and Redis keys under the prefixes it handed out, and nothing else.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, find_valkey_server
+from support import SESSION_PREFIXES, new_prefix, remove_keys, remove_streams
 
 pytest_plugins = ["cluster_support"]
 
@@ -24,6 +26,7 @@ async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[st
     """URL of the session's NATS server with JetStream."""
     if url := os.environ.get("FUSE_NATS_URL"):
         yield url
+        await remove_streams(url, SESSION_PREFIXES)
         return
     binary = find_nats_server(use_path=False)
     async with NatsServer(binary=binary, data_dir=tmp_path_factory.mktemp("nats")) as server:
@@ -35,6 +38,7 @@ async def redis_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[s
     """URL of the session's Redis-protocol server (valkey)."""
     if url := os.environ.get("FUSE_REDIS_URL"):
         yield url
+        await remove_keys(url, SESSION_PREFIXES)
         return
     binary = find_valkey_server(use_path=False)
     async with ValkeyServer(binary=binary, data_dir=tmp_path_factory.mktemp("valkey")) as server:
@@ -44,7 +48,7 @@ async def redis_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[s
 @pytest.fixture
 def prefix() -> str:
     """A subject prefix no other test uses, so tests can share one server."""
-    return f"t{uuid.uuid4().hex[:10]}"
+    return new_prefix()
 
 
 @pytest.fixture

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import nats
+import redis.asyncio as redis
 
 
 async def wait_for(
@@ -39,3 +48,100 @@ def run_fuse(
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+# Every subject prefix handed out to tests this session (conftest's `prefix` fixture and any
+# test that needs several): on servers the session did not start, the session's teardown removes
+# exactly what lives under these prefixes, nothing else.
+SESSION_PREFIXES: set[str] = set()
+
+
+def new_prefix(letter: str = "t") -> str:
+    """A subject prefix no other test uses, registered for the session's cleanup."""
+    prefix = f"{letter}{uuid.uuid4().hex[:10]}"
+    SESSION_PREFIXES.add(prefix)
+    return prefix
+
+
+def owned_by(stream_name: str, prefixes: Iterable[str]) -> bool:
+    """Whether a JetStream stream (or KV/object bucket) was made under one of `prefixes`.
+
+    The events stream is `<PREFIX>_EVENTS`; anything else newfuse names after a prefix starts
+    with `<PREFIX>_`, and a bucket `<prefix>...` is stored as stream `KV_`/`OBJ_<prefix>...`.
+    """
+    for prefix in prefixes:
+        upper = prefix.upper().replace("-", "_")
+        for head in (f"{upper}_", f"KV_{prefix}", f"OBJ_{prefix}"):
+            if stream_name.startswith(head):
+                return True
+    return False
+
+
+async def remove_streams(nats_url: str, prefixes: Iterable[str]) -> list[str]:
+    """Delete the streams (their consumers go with them) made under `prefixes`; names deleted."""
+    chosen = set(prefixes)
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream(timeout=10)
+        names = [info.config.name for info in await js.streams_info()]
+        doomed = [name for name in names if name and owned_by(name, chosen)]
+        for name in doomed:
+            await js.delete_stream(name)
+    finally:
+        await nc.close()
+    return doomed
+
+
+async def remove_keys(redis_url: str, prefixes: Iterable[str]) -> int:
+    """Delete the Redis keys `<prefix>:...` of `prefixes` (every read-model root is one); count."""
+    removed = 0
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    async with client:
+        for prefix in set(prefixes):
+            batch = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            for start in range(0, len(batch), 500):
+                removed += await client.unlink(*batch[start : start + 500])
+    return removed
+
+
+# What points a command at servers; a reader of the README with only `fuse dev` running has none.
+SERVER_VARIABLES = ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB", "FUSE_PREFIX")
+
+
+def dev_environment(state_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without SERVER_VARIABLES, its `fuse dev` state in `state_dir`."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
+    return {**env, "FUSE_STATE_DIR": str(state_dir), **extra}
+
+
+@dataclass(frozen=True)
+class FuseDev:
+    process: subprocess.Popen[str]
+    urls: dict[str, str]  # FUSE_NATS_URL, FUSE_REDIS_URL, FUSE_AUDIT_DB as it printed them
+
+
+@contextmanager
+def start_fuse_dev(
+    env: dict[str, str], *args: str, stderr: int | IO[str] = subprocess.PIPE
+) -> Iterator[FuseDev]:
+    """`python -m newfuse <args>` (a `fuse dev`) until its URLs are printed; SIGTERM on exit.
+
+    When the body passed, the process must have exited 0 (its stderr is the assertion message).
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "newfuse", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(3)]
+        names = [line.split("=", 1)[0] for line in lines]
+        assert names == ["FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_AUDIT_DB"], lines
+        yield FuseDev(process, dict(line.split("=", 1) for line in lines))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors

@@ -1,7 +1,8 @@
 """Settings from FUSE_* environment variables: defaults < environment < explicit arguments.
 
-Settings are built once (usually by the CLI or the caller's `main`) and passed in; no module
-reads the environment on its own.
+Settings are built once (usually by the CLI or the caller's `main`, with `load_settings`) and
+passed in; no other module reads the environment on its own. What is not configured comes from
+the running `fuse dev` (its state file), by the one resolver here that the CLI and the API share.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from newfuse.errors import ConfigError
+from newfuse.errors import ConfigError, DevProcessGoneError, NoDevServerError
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -139,3 +140,124 @@ def split_address(address: str, *, variable: str = "--health") -> tuple[str, int
             "0.0.0.0:9464 to be reachable from other hosts, as Kubernetes probes need)",
         )
     return host, int(port)
+
+
+DEV_STATE_FILE = "dev.json"
+
+
+class DevServer(msgspec.Struct, frozen=True, kw_only=True):
+    """One server process of a `fuse dev`; rewritten when `fuse dev` restarts it."""
+
+    name: str
+    pid: int
+    url: str
+    data_dir: str
+    restarts: int = 0
+    last_exit: str | None = None
+
+
+class DevState(msgspec.Struct, frozen=True, kw_only=True):
+    """What a running `fuse dev` records so other commands find its servers.
+
+    `started` is the process's start time (clock ticks since boot, Linux), so that another
+    process that got the same pid later is not taken for it.
+    """
+
+    pid: int
+    nats_url: str
+    redis_url: str
+    audit_db: str
+    prefix: str
+    data_dir: str
+    started: int | None = None
+    servers: tuple[DevServer, ...] = ()
+
+
+def process_started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (None where /proc has no answer)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def dev_state_path(settings: Settings) -> Path:
+    return Path(settings.state_dir) / DEV_STATE_FILE
+
+
+def recorded_dev_state(settings: Settings) -> DevState | None:
+    """What the state file records, whether or not that `fuse dev` still runs."""
+    try:
+        return msgspec.json.decode(dev_state_path(settings).read_bytes(), type=DevState)
+    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def read_dev_state(settings: Settings) -> DevState | None:
+    """The state of a `fuse dev` that is still running, or None."""
+    state = recorded_dev_state(settings)
+    if state is None:
+        return None
+    try:
+        os.kill(state.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    if state.started is not None and process_started(state.pid) not in (None, state.started):
+        return None  # the pid now belongs to another process
+    return state
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """defaults < FUSE_* environment < non-None `overrides` (the CLI's global flags).
+
+    With no prefix given (override or FUSE_PREFIX) and no NATS URL configured, the prefix of the
+    running `fuse dev` is used too, so `fuse dev --prefix x` needs no flag on later commands.
+    """
+    env = os.environ if environ is None else environ
+    settings = Settings.from_env(env, **overrides)
+    if not overrides.get("prefix") and not env.get("FUSE_PREFIX") and not settings.nats_url:
+        state = read_dev_state(settings)
+        if state is not None and state.prefix != settings.prefix:
+            settings = msgspec.structs.replace(settings, prefix=state.prefix)
+    return settings
+
+
+def _configured_or_dev(settings: Settings, value: str | None, field: str, what: str) -> str:
+    """`value` when configured, else that field of the running `fuse dev`, else a clear error."""
+    if value:
+        return value
+    state = read_dev_state(settings)
+    if state is None:
+        # Fail before any connection attempt: the servers of a dead `fuse dev` died with it
+        # (parent-death signal), and a refused connect would only be retried until a timeout.
+        recorded = recorded_dev_state(settings)
+        if recorded is not None:
+            raise DevProcessGoneError(
+                what=what, pid=recorded.pid, state_file=str(dev_state_path(settings))
+            )
+        raise NoDevServerError(what=what, state_file=str(dev_state_path(settings)))
+    found: str = getattr(state, field)
+    return found
+
+
+def resolve_nats_url(settings: Settings) -> str:
+    """FUSE_NATS_URL / --nats, else the running `fuse dev`'s, else a clear error."""
+    return _configured_or_dev(settings, settings.nats_url, "nats_url", "NATS server")
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """FUSE_REDIS_URL / --redis, else the running `fuse dev`'s, else a clear error."""
+    return _configured_or_dev(settings, settings.redis_url, "redis_url", "Redis server")
+
+
+def resolve_audit_db(settings: Settings) -> str:
+    """FUSE_AUDIT_DB / --audit-db, else the running `fuse dev`'s, else a clear error."""
+    return _configured_or_dev(settings, settings.audit_db, "audit_db", "audit database")
+
+
+def resolve_store_url(settings: Settings) -> str:
+    """FUSE_STORE / --store, else JetStream on the resolved NATS URL."""
+    return settings.store or resolve_nats_url(settings)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from newfuse.nats.embedded import free_port
+from support import dev_environment
 
 pytestmark = pytest.mark.faults
 
@@ -40,9 +41,7 @@ class Dev:
     """A `fuse dev` subprocess with its stderr in a file (read while it runs)."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "300"}
-        for variable in ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB"):
-            self.env.pop(variable, None)
+        self.env = dev_environment(tmp_path / "state", COLUMNS="300")
         self.state_file = tmp_path / "state" / "dev.json"
         self.stderr_path = tmp_path / "dev.stderr"
         with self.stderr_path.open("w") as stderr:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 import msgspec
 import nats
 import redis.asyncio as aioredis
+
+from support import dev_environment, start_fuse_dev
 
 
 def _alive(pid: int) -> bool:
@@ -44,19 +45,9 @@ def _children(pid: int) -> list[int]:
 async def test_fuse_dev_serves_nats_and_redis_and_stops_cleanly_on_sigterm(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state")}
-    env.pop("FUSE_NATS_URL", None)
-    env.pop("FUSE_REDIS_URL", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "newfuse", "dev", "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        urls = dict(process.stdout.readline().strip().split("=", 1) for _ in range(3))
+    env = dev_environment(tmp_path / "state")
+    with start_fuse_dev(env, "dev", "--data-dir", str(tmp_path / "data")) as dev:
+        urls = dev.urls
         assert Path(urls["FUSE_AUDIT_DB"]).exists()
         nc = await nats.connect(urls["FUSE_NATS_URL"])
         assert (await nc.jetstream().account_info()).streams == 1  # provisioned for projections
@@ -66,7 +57,7 @@ async def test_fuse_dev_serves_nats_and_redis_and_stops_cleanly_on_sigterm(
         await client.aclose()
         state = msgspec.json.decode((tmp_path / "state" / "dev.json").read_bytes())
         assert state["nats_url"] == urls["FUSE_NATS_URL"]
-        children = _children(process.pid)
+        children = _children(dev.process.pid)
         assert len(children) == 2
         second = subprocess.run(
             [sys.executable, "-m", "newfuse", "dev"],
@@ -76,12 +67,8 @@ async def test_fuse_dev_serves_nats_and_redis_and_stops_cleanly_on_sigterm(
             timeout=60,
         )
         assert second.returncode == 1
-        assert f"a `fuse dev` already runs (pid {process.pid}" in second.stderr
+        assert f"a `fuse dev` already runs (pid {dev.process.pid}" in second.stderr
         assert (tmp_path / "state" / "dev.json").exists()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0, stderr
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from support import new_prefix
+
 Run = subprocess.CompletedProcess[str]
 
 
@@ -276,9 +278,9 @@ def test_events_show_prints_one_event_by_id_or_by_position(fuse_args: list[str])
 
 
 def test_a_command_that_only_reads_creates_no_store(nats_url: str, tmp_path: Path) -> None:
-    known = f"k{os.urandom(4).hex()}"
+    known = new_prefix("k")  # registered: the session removes its stream
     fuse(["--nats", nats_url, "--prefix", known], "publish", "agent.r1", "note", "--data", "{}")
-    typo = f"typo{os.urandom(4).hex()}"
+    typo = new_prefix("typo")
     for command in (
         ["replay"],
         ["tail"],

@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
 from newfuse.eventstore import open_event_store
 from newfuse.schemas import NewEvent, StateUpdate
 from otlp_receiver import Receiver, receiver
@@ -89,6 +91,11 @@ async def test_projections_run_serves_health_and_exports_to_a_collector(
                 await store.append("agent.r1", NewEvent(data=update))
         poll(f"{url}/metrics", r'^newfuse_projection_applied_total\{.*"agent_state".*\} 5\.0$')
         assert poll(f"{url}/readyz", "ok") == "store ok\nagent_state ok\n"
+        # Under the prefix's own root, so the session's cleanup of a shared Redis finds them.
+        client = aioredis.Redis.from_url(redis_url)
+        async with client:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}:proj:*")]
+        assert f"{prefix}:proj:{{agent_state}}:g1:checkpoint".encode() in keys
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)

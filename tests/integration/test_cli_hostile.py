@@ -13,6 +13,8 @@ from pathlib import Path
 
 import nats
 
+from support import dev_environment, start_fuse_dev
+
 DEEP = b"[" * 5000 + b"]" * 5000
 
 
@@ -67,20 +69,9 @@ async def test_replay_and_tail_report_a_deep_envelope_and_go_on(nats_url: str, p
 
 
 async def test_fuse_dev_keeps_projecting_after_a_deep_envelope(tmp_path: Path) -> None:
-    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
-    for variable in ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB"):
-        env.pop(variable, None)
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "newfuse", "dev", "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert dev.stdout is not None
-        urls = dict(dev.stdout.readline().strip().split("=", 1) for _ in range(3))
-        nc = await nats.connect(urls["FUSE_NATS_URL"])
+    env = dev_environment(tmp_path / "state", COLUMNS="200")
+    with start_fuse_dev(env, "dev", "--data-dir", str(tmp_path / "data")) as dev:
+        nc = await nats.connect(dev.urls["FUSE_NATS_URL"])
         await nc.jetstream().publish("fuse.ev.agent.d1", _deep_envelope("agent.d1", 1))
         await nc.close()
         update = '{"agentId": "d1", "state": {"step": "after"}, "version": 1}'
@@ -91,11 +82,7 @@ async def test_fuse_dev_keeps_projecting_after_a_deep_envelope(tmp_path: Path) -
             state = _fuse(env, "agents", "state", "d1", "--json")
             if state.returncode == 0 and '"after"' in state.stdout:
                 break
-            assert dev.poll() is None, dev.communicate(timeout=30)
+            assert dev.process.poll() is None, dev.process.communicate(timeout=30)
             assert time.monotonic() < deadline, state.stdout + state.stderr
             time.sleep(0.2)
-        assert dev.poll() is None
-    finally:
-        dev.send_signal(signal.SIGTERM)
-        _, stderr = dev.communicate(timeout=30)
-    assert dev.returncode == 0, stderr
+        assert dev.process.poll() is None

@@ -5,8 +5,6 @@ without another step; raw SQL is read-only; a rebuild keeps the answers."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,32 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from support import dev_environment, start_fuse_dev
+
 
 @pytest.fixture
 def dev_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
-    for variable in ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB"):
-        env.pop(variable, None)
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "newfuse", "dev"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    assert dev.stdout is not None
-    lines = [dev.stdout.readline() for _ in range(3)]
-    assert [line.split("=", 1)[0] for line in lines] == [
-        "FUSE_NATS_URL",
-        "FUSE_REDIS_URL",
-        "FUSE_AUDIT_DB",
-    ]
-    try:
+    env = dev_environment(tmp_path / "state", COLUMNS="200")
+    with start_fuse_dev(env, "dev"):
         yield env
-    finally:
-        dev.send_signal(signal.SIGTERM)
-        _, stderr = dev.communicate(timeout=30)
-        assert dev.returncode == 0, stderr
 
 
 def fuse(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -153,32 +133,10 @@ def test_published_events_reach_agent_state_audit_and_status(dev_env: dict[str, 
 
 
 def test_commands_use_the_prefix_of_the_running_fuse_dev(tmp_path: Path) -> None:
-    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state")}
-    for variable in (
-        "FUSE_NATS_URL",
-        "FUSE_REDIS_URL",
-        "FUSE_STORE",
-        "FUSE_AUDIT_DB",
-        "FUSE_PREFIX",
-    ):
-        env.pop(variable, None)
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "newfuse", "--prefix", "team-a", "dev"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert dev.stdout is not None
-        for _ in range(3):
-            dev.stdout.readline()
+    env = dev_environment(tmp_path / "state")
+    with start_fuse_dev(env, "--prefix", "team-a", "dev"):
         fuse(env, "publish", "agent.r1", "note", "--data", "{}")
         assert len(fuse(env, "replay", "--json").stdout.splitlines()) == 1
         assert len(fuse(env, "--prefix", "team-a", "replay", "--json").stdout.splitlines()) == 1
         other = fuse(env, "--prefix", "fuse", "replay", "--json", check=False)
         assert other.returncode == 1 and "prefix 'team-a'" in other.stderr
-    finally:
-        dev.send_signal(signal.SIGTERM)
-        _, stderr = dev.communicate(timeout=30)
-    assert dev.returncode == 0, stderr

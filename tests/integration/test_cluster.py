@@ -4,8 +4,6 @@ every event on every node, a paused node catches up, `fuse dev --cluster 3` leav
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import nats
 from nats.js.api import StreamConfig
 
 from newfuse.nats.cluster import NatsCluster
-from support import wait_for
+from support import dev_environment, start_fuse_dev, wait_for
 
 
 def _alive(pid: int) -> bool:
@@ -107,19 +105,9 @@ async def test_a_paused_follower_leaves_the_stream_writable_and_catches_up_when_
 
 
 def test_fuse_dev_cluster_3_runs_three_nodes_and_stops_leaving_no_process(tmp_path: Path) -> None:
-    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state")}
-    for variable in ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB"):
-        env.pop(variable, None)
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "newfuse", "dev", "--cluster", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert dev.stdout is not None
-        urls = dict(dev.stdout.readline().strip().split("=", 1) for _ in range(3))
+    env = dev_environment(tmp_path / "state")
+    with start_fuse_dev(env, "dev", "--cluster", "3") as dev:
+        urls = dev.urls
         assert len(urls["FUSE_NATS_URL"].split(",")) == 3
         state = json.loads((tmp_path / "state" / "dev.json").read_text())
         names = [server["name"] for server in state["servers"]]
@@ -134,10 +122,6 @@ def test_fuse_dev_cluster_3_runs_three_nodes_and_stops_leaving_no_process(tmp_pa
             timeout=60,
         )
         assert published.returncode == 0, published.stderr
-    finally:
-        dev.send_signal(signal.SIGTERM)
-        _, stderr = dev.communicate(timeout=60)
-    assert dev.returncode == 0, stderr
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

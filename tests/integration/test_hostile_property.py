@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import uuid
 from typing import Any
 
 import msgspec
@@ -24,6 +23,7 @@ from newfuse.eventstore import EventFilter, InvalidEventReport
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.projections import Projection, ProjectionRunner, RedisBatch, RedisReadModel
 from newfuse.schemas import MAX_NESTING_DEPTH, NewEvent, RecordedEvent
+from support import new_prefix
 
 SEED = int(os.environ.get("FUSE_HYPOTHESIS_SEED") or random.randrange(2**32))
 print(f"hostile property test seed: {SEED} (FUSE_HYPOTHESIS_SEED={SEED} repeats it)")
@@ -143,7 +143,7 @@ async def test_hostile_publishes_never_cost_an_honest_event(
     nats_url: str,
     redis_url: str,
 ) -> None:
-    prefix = f"p{uuid.uuid4().hex[:10]}"
+    prefix = new_prefix("p")
     reports: list[InvalidEventReport] = []
     nc = await nats.connect(nats_url)
     store = await JetStreamEventStore.connect(nats_url, prefix=prefix, on_invalid=reports.append)

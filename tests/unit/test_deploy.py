@@ -185,7 +185,10 @@ def test_the_image_runs_the_fuse_entry_point_of_this_project() -> None:
     assert "fuse" in PROJECT["scripts"]
     assert 'ENTRYPOINT ["fuse"]' in dockerfile
     assert f"-t {PROJECT['name']}:{PROJECT['version']}" in dockerfile
-    assert re.search(r"^RUN pip install .* \.( |$)", dockerfile, re.MULTILINE)
+    joined = dockerfile.replace("\\\n", " ")  # continuation lines make one instruction
+    install = re.search(r"^RUN pip install .* \.( |$).*", joined, re.MULTILINE)
+    assert install, "the image installs this project"
+    assert "-c constraints.txt --build-constraint constraints.txt ." in install[0]
 
 
 def paths(values: dict[str, Any], prefix: str = "") -> set[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -12,8 +11,21 @@ from typing import Any, Protocol
 
 import msgspec
 
-from newfuse.config import Settings
-from newfuse.errors import ConfigError, DevProcessGoneError, NoDevServerError
+# The dev state and the URL resolvers live in the library so the API resolves as the CLI does;
+# re-exported here for the commands.
+from newfuse.config import DEV_STATE_FILE as DEV_STATE_FILE
+from newfuse.config import DevServer as DevServer
+from newfuse.config import DevState as DevState
+from newfuse.config import Settings, load_settings
+from newfuse.config import dev_state_path as dev_state_path
+from newfuse.config import process_started as process_started
+from newfuse.config import read_dev_state as read_dev_state
+from newfuse.config import recorded_dev_state as recorded_dev_state
+from newfuse.config import resolve_audit_db as resolve_audit_db
+from newfuse.config import resolve_nats_url as resolve_nats_url
+from newfuse.config import resolve_redis_url as resolve_redis_url
+from newfuse.config import resolve_store_url as resolve_store_url
+from newfuse.errors import ConfigError
 from newfuse.eventstore import EventStore, open_event_store
 
 
@@ -23,93 +35,15 @@ class Commands(Protocol):
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
 
 
-DEV_STATE_FILE = "dev.json"
-
-
-class DevServer(msgspec.Struct, frozen=True, kw_only=True):
-    """One server process of a `fuse dev`; rewritten when `fuse dev` restarts it."""
-
-    name: str
-    pid: int
-    url: str
-    data_dir: str
-    restarts: int = 0
-    last_exit: str | None = None
-
-
-class DevState(msgspec.Struct, frozen=True, kw_only=True):
-    """What a running `fuse dev` records so other commands find its servers.
-
-    `started` is the process's start time (clock ticks since boot, Linux), so that another
-    process that got the same pid later is not taken for it.
-    """
-
-    pid: int
-    nats_url: str
-    redis_url: str
-    audit_db: str
-    prefix: str
-    data_dir: str
-    started: int | None = None
-    servers: tuple[DevServer, ...] = ()
-
-
-def process_started(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (None where /proc has no answer)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """defaults < FUSE_* environment < global flags.
-
-    With no prefix given (flag or FUSE_PREFIX) and no NATS URL configured, the prefix of the
-    running `fuse dev` is used too, so `fuse dev --prefix x` needs no flag on later commands.
-    """
-    settings = Settings.from_env(
+    """defaults < FUSE_* environment < global flags (see `newfuse.config.load_settings`)."""
+    return load_settings(
         nats_url=getattr(args, "nats", None),
         redis_url=getattr(args, "redis", None),
         store=getattr(args, "store", None),
         prefix=getattr(args, "prefix", None),
         audit_db=getattr(args, "audit_db", None),
     )
-    prefix_given = getattr(args, "prefix", None) or os.environ.get("FUSE_PREFIX")
-    if not prefix_given and not settings.nats_url:
-        state = read_dev_state(settings)
-        if state is not None and state.prefix != settings.prefix:
-            settings = msgspec.structs.replace(settings, prefix=state.prefix)
-    return settings
-
-
-def dev_state_path(settings: Settings) -> Path:
-    return Path(settings.state_dir) / DEV_STATE_FILE
-
-
-def recorded_dev_state(settings: Settings) -> DevState | None:
-    """What the state file records, whether or not that `fuse dev` still runs."""
-    try:
-        return msgspec.json.decode(dev_state_path(settings).read_bytes(), type=DevState)
-    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-def read_dev_state(settings: Settings) -> DevState | None:
-    """The state of a `fuse dev` that is still running, or None."""
-    state = recorded_dev_state(settings)
-    if state is None:
-        return None
-    try:
-        os.kill(state.pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    if state.started is not None and process_started(state.pid) not in (None, state.started):
-        return None  # the pid now belongs to another process
-    return state
 
 
 def write_dev_state(settings: Settings, state: DevState) -> Path:
@@ -119,44 +53,6 @@ def write_dev_state(settings: Settings, state: DevState) -> Path:
     tmp.write_bytes(msgspec.json.encode(state))
     tmp.replace(path)
     return path
-
-
-def _configured_or_dev(settings: Settings, value: str | None, field: str, what: str) -> str:
-    """`value` when configured, else that field of the running `fuse dev`, else a clear error."""
-    if value:
-        return value
-    state = read_dev_state(settings)
-    if state is None:
-        # Fail before any connection attempt: the servers of a dead `fuse dev` died with it
-        # (parent-death signal), and a refused connect would only be retried until a timeout.
-        recorded = recorded_dev_state(settings)
-        if recorded is not None:
-            raise DevProcessGoneError(
-                what=what, pid=recorded.pid, state_file=str(dev_state_path(settings))
-            )
-        raise NoDevServerError(what=what, state_file=str(dev_state_path(settings)))
-    found: str = getattr(state, field)
-    return found
-
-
-def resolve_nats_url(settings: Settings) -> str:
-    """FUSE_NATS_URL / --nats, else the running `fuse dev`'s, else a clear error."""
-    return _configured_or_dev(settings, settings.nats_url, "nats_url", "NATS server")
-
-
-def resolve_redis_url(settings: Settings) -> str:
-    """FUSE_REDIS_URL / --redis, else the running `fuse dev`'s, else a clear error."""
-    return _configured_or_dev(settings, settings.redis_url, "redis_url", "Redis server")
-
-
-def resolve_audit_db(settings: Settings) -> str:
-    """FUSE_AUDIT_DB / --audit-db, else the running `fuse dev`'s, else a clear error."""
-    return _configured_or_dev(settings, settings.audit_db, "audit_db", "audit database")
-
-
-def resolve_store_url(settings: Settings) -> str:
-    """FUSE_STORE / --store, else JetStream on the resolved NATS URL."""
-    return settings.store or resolve_nats_url(settings)
 
 
 async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:

@@ -150,7 +150,9 @@ async def run_dev(args: argparse.Namespace) -> int:
             nats,
             ValkeyServer(data_dir=root / "valkey") as valkey,
             await open_event_store(nats.url, prefix=settings.prefix) as store,
-            await BuiltinProjections.open(redis_url=valkey.url, audit_db=audit_db) as builtin,
+            await BuiltinProjections.open(
+                redis_url=valkey.url, audit_db=audit_db, prefix=settings.prefix
+            ) as builtin,
             operations(settings, store, runners := builtin.runners(store), health=args.health),
         ):
             servers: dict[str, NatsServer | ValkeyServer] = (

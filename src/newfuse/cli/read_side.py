@@ -107,7 +107,9 @@ async def _opened(
     store = await open_store(args, create=create)
     try:
         builtin = await BuiltinProjections.open(
-            redis_url=resolve_redis_url(settings), audit_db=resolve_audit_db(settings)
+            redis_url=resolve_redis_url(settings),
+            audit_db=resolve_audit_db(settings),
+            prefix=settings.prefix,
         )
         try:
             yield store, builtin

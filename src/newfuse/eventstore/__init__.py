@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from newfuse.config import Settings, load_settings, resolve_store_url
 from newfuse.errors import UnsupportedStoreError
 from newfuse.eventstore.base import (
     ANY,
@@ -24,20 +25,28 @@ from newfuse.schemas import SchemaRegistry
 
 
 async def open_event_store(
-    url: str,
+    url: str | None = None,
     *,
-    prefix: str = "fuse",
+    prefix: str | None = None,
+    settings: Settings | None = None,
     registry: SchemaRegistry | None = None,
     **options: Any,
 ) -> EventStore:
     """Open the backend that `url` names; backends are imported only when used.
 
     - `nats://host:port` (several comma separated): JetStream, subjects under `prefix`;
-    - `sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`: SQLite.
+    - `sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`: SQLite;
+    - no `url`: the store the `fuse` CLI would open, from `settings` (default: `load_settings()`,
+      i.e. FUSE_STORE, else FUSE_NATS_URL, else the running `fuse dev`; its prefix likewise).
 
-    `create=False` (an option of both backends) opens only a store that exists: a reader that
-    names a prefix or file by mistake gets StoreNotFoundError instead of a new, empty store.
+    `prefix` defaults to the settings' prefix (given or loaded), else `fuse`. `create=False` (an
+    option of both backends) opens only a store that exists: a reader that names a prefix or
+    file by mistake gets StoreNotFoundError instead of a new, empty store.
     """
+    if url is None:
+        settings = settings or load_settings()
+        url = resolve_store_url(settings)
+    prefix = prefix or (settings.prefix if settings is not None else "fuse")
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme in ("nats", "tls"):
         from newfuse.eventstore.jetstream import JetStreamEventStore

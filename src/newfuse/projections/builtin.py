@@ -34,9 +34,14 @@ class BuiltinProjections(AsyncClosing):
         }
 
     @classmethod
-    async def open(cls, *, redis_url: str, audit_db: str) -> BuiltinProjections:
-        """Connect to Redis at `redis_url` and open (creating) the SQLite file `audit_db`."""
-        redis = await RedisReadModel.connect(redis_url)
+    async def open(
+        cls, *, redis_url: str, audit_db: str, prefix: str = "fuse"
+    ) -> BuiltinProjections:
+        """Connect to Redis at `redis_url` and open (creating) the SQLite file `audit_db`.
+
+        The Redis keys live under `<prefix>:proj`, so two prefixes sharing a Redis keep apart.
+        """
+        redis = await RedisReadModel.connect(redis_url, root=f"{prefix}:proj")
         try:
             sqlite = await SQLiteReadModel.open(audit_db)
         except BaseException:
