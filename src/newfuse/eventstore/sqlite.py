@@ -858,11 +858,11 @@ class SQLiteEventStore(EventStore):
         row's place whose payload decodes, runs inline; anything else goes through `decode`,
         which checks it again and reports why it is skipped.
         """
-        where, payload = self._where, self.registry.decode
+        where, payload, bounded = self._where, self.registry.decode, self.bounded_reads
         for position, body, stream, version in rows:
             event: RecordedEvent | None = None
             try:
-                envelope = parse_envelope(body, where, stream)
+                envelope = parse_envelope(body, where, stream, bounded=bounded)
                 if envelope.version == version:
                     data = payload(envelope.type, envelope.schema_version, envelope.data)
                     event = RecordedEvent(position=position, envelope=envelope, data=data)
