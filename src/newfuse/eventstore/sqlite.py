@@ -792,21 +792,23 @@ class SQLiteEventStore(EventStore):
                 "SELECT position, body, stream, version FROM events "
                 "WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
             )
-        step = -1 if backwards else 1
         remaining = limit
-
-        def following(rows: list[Any], asked: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        while True:
             wanted = self.page_size if remaining is None else min(self.page_size, remaining)
-            if len(rows) < asked[-1] or wanted <= 0:
-                return None
-            return (stream, rows[-1][3] + step, wanted)
-
-        first = (stream, bound, self.page_size if limit is None else min(self.page_size, limit))
-        async for rows in self._pages(sql, first, following):
-            for event in self._decoded(rows):
+            if wanted <= 0:
+                return
+            # One row more than the page: if it comes, there is a next page (it starts there);
+            # if not, this was the last, and no query for an empty page follows (a stream of
+            # page_size events is one hop, not two).
+            rows = await self._fetch(sql, (stream, bound, wanted + 1))
+            more = len(rows) > wanted
+            for event in self._decoded(rows[:wanted] if more else rows):
                 yield event
                 if remaining is not None:
                     remaining -= 1
+            if not more:
+                return
+            bound = rows[wanted][3]
 
     async def _read_all(
         self,
