@@ -18,7 +18,7 @@ from newfuse.errors import (
     SQLiteStoreError,
     StoreUnavailableError,
 )
-from newfuse.eventstore import open_event_store
+from newfuse.eventstore import EventFilter, open_event_store
 from newfuse.eventstore.sqlite import SQLiteEventStore
 from newfuse.schemas import NewEvent
 
@@ -95,6 +95,44 @@ async def test_a_store_of_a_newer_schema_version_is_refused(tmp_path: Path) -> N
     connection.close()
     with pytest.raises(ForeignStoreFileError, match=r"schema version is 99.*upgrade newfuse"):
         await SQLiteEventStore.open(str(path))
+
+
+async def test_a_schema_version_1_file_is_upgraded_keeping_its_events_and_filtered_reads(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.db"
+    async with await SQLiteEventStore.open(str(path)) as store:
+        await store.append("agent.a1", NewEvent(type="note", data={}, correlation_id="c1"))
+        await store.append("task.t1", NewEvent(type="other", data={}))
+    connection = sqlite3.connect(path)  # what version 1 had on top of today's schema
+    connection.execute("CREATE INDEX events_by_category ON events (category, position)")
+    connection.execute("CREATE INDEX events_by_type ON events (type, position)")
+    connection.execute(
+        "CREATE INDEX events_by_correlation ON events (correlation_id, position) "
+        "WHERE correlation_id IS NOT NULL"
+    )
+    connection.execute("PRAGMA user_version = 1")
+    connection.commit()
+    connection.close()
+    async with await SQLiteEventStore.open(str(path)) as store:
+        await store.append("agent.a1", NewEvent(type="note", data={}, correlation_id="c1"))
+        assert [
+            e.version async for e in store.read_all(filter=EventFilter(categories=("agent",)))
+        ] == [1, 2]
+        assert [e.stream async for e in store.read_all(filter=EventFilter(types=("other",)))] == [
+            "task.t1"
+        ]
+        assert len([e async for e in store.read_all(filter=EventFilter(correlation_id="c1"))]) == 2
+    connection = sqlite3.connect(path)
+    indexes = {
+        name
+        for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'events_by_%'"
+        )
+    }
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    connection.close()
+    assert (indexes, version) == ({"events_by_time"}, 2)
 
 
 async def test_pages_damaged_after_writing_fail_the_read_with_a_fuse_error(tmp_path: Path) -> None:

@@ -377,6 +377,24 @@ async def test_an_in_memory_store_appends_reads_and_follows_on_its_one_connectio
 # -- reading in pages ------------------------------------------------------------------------------
 
 
+async def test_a_stream_read_asks_one_query_per_page_and_none_for_an_empty_last_page(
+    db: Path,
+) -> None:
+    store = await SQLiteEventStore.open(str(db), page_size=4)
+    try:
+        await store.append("agent.r", [note(n) for n in range(8)])  # exactly two pages
+        statements: list[str] = []
+        assert store._reader is not None and store._read_thread is not None
+        await store._on(store._read_thread, store._reader.set_trace_callback, statements.append)
+        assert await numbers(store.read("agent.r")) == list(range(8))
+        assert await numbers(store.read("agent.r", backwards=True)) == list(reversed(range(8)))
+        assert await numbers(store.read("agent.r", from_version=3, limit=4)) == [2, 3, 4, 5]
+        selects = [sql for sql in statements if sql.lstrip().startswith("SELECT")]
+        assert len(selects) == 2 + 2 + 1, selects
+    finally:
+        await store.close()
+
+
 async def test_reads_cross_page_and_window_boundaries_without_losing_or_repeating(
     db: Path,
 ) -> None:

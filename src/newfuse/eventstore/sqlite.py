@@ -10,19 +10,21 @@ every call to it is one `run_in_executor` hop. A file has a writer thread and a 
 `:memory:` has one connection, the writer's: reads run on the writer thread too, between whole
 transactions (each is one call there), so they never see one half done and need no lock.
 
-Writing (group commit): `append` only enqueues its prepared events with a future. One writer task
-drains the queue into a group and hands it to the writer thread in ONE hop, where one plain
-function runs the whole transaction: `BEGIN IMMEDIATE`, a lookup of the versions of the streams
-involved, the event ids already stored and the head position (one query), the checks of every
-append on its own in order (idempotent replay, expected version, ids; pure Python over the rows),
-one `executemany` of the rows of those that pass, and one COMMIT (one fsync with
-synchronous=FULL), or ROLLBACK if anything fails. Back on the event loop, each append's future is
-resolved with its own result or its own error. The checks need no SAVEPOINT: `BEGIN IMMEDIATE`
-takes the write lock before the lookup, so nothing else can change what was read, and an append
-that fails a check contributes no rows. If the transaction itself fails (I/O, a constraint the
-checks did not foresee), the group is retried one append per transaction, so that the failure
-lands on the append that causes it. Closing fails the appends still queued (StoreClosedError);
-the group in flight finishes first.
+Writing (group commit): `append` enqueues its prepared events with a future and, unless the writer
+thread is already draining the queue, starts a drain there (no task on the event loop in between: a
+lone appender pays one hop to the thread and one back). The drain takes what is queued as one group
+and one plain function runs the whole transaction: `BEGIN IMMEDIATE`, a lookup of the versions of
+the streams involved, the event ids already stored and the head position (one query), the checks of
+every append on its own in order (idempotent replay, expected version, ids; pure Python over the
+rows), one `executemany` of the rows of those that pass, and one COMMIT (one fsync with
+synchronous=FULL), or ROLLBACK if anything fails; one callback on the event loop then resolves each
+append's future with its own result or its own error, and the drain goes on with what was queued
+meanwhile (the next group). The commit, fsync included, never runs on the event loop. The checks
+need no SAVEPOINT: `BEGIN IMMEDIATE` takes the write lock before the lookup, so nothing else can
+change what was read, and an append that fails a check contributes no rows. If the transaction
+itself fails (I/O, a constraint the checks did not foresee), the group is retried one append per
+transaction, so that the failure lands on the append that causes it. Closing fails the appends
+still queued (StoreClosedError); the group in flight finishes first.
 
 Within one process: any number of appenders and store instances; in-process subscribers are woken
 on commit (instances on the same file in the same process wake each other too).
@@ -37,11 +39,13 @@ other processes at once, but their live subscribers see it only at their next po
 never sees position N+1 before N: "no gaps" holds across processes too. Not across machines:
 SQLite's locking needs a local file system (no NFS).
 
-Reading: the read connection (WAL lets it run beside the writer) fetches a page of `page_size`
-raw rows (position and body; the version too in a stream) per hop with a keyset query, so a
-replay of millions of events holds one page of rows in memory at a time. Rows are decoded one by
-one as the caller takes them, not a page ahead: an event the caller drops then dies young, which
-spares the garbage collector (measured: about a fifth of the per-event cost of `read_all`).
+Reading: the read connection (WAL lets it run beside the writer) fetches a page of `page_size` rows
+(position, body, stream and version) per hop with a keyset query, so a replay of millions of events
+holds one page of rows in memory at a time. Rows are decoded one by one as the caller takes them,
+not a page ahead: an event the caller drops then dies young, which spares the garbage collector
+(measured: about a fifth of the per-event cost of `read_all`). The common case (a valid envelope in
+its row's place whose payload decodes) is decoded inline in one plain generator per page; anything
+else goes through the shared `decode`, which reports it.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -88,6 +93,7 @@ from newfuse.eventstore.base import (
     wrong_expected,
 )
 from newfuse.schemas import RecordedEvent, SchemaRegistry, as_utc
+from newfuse.schemas.body import parse_envelope
 
 MEMORY: Final[str] = ":memory:"
 """The path of a store that lives in memory and disappears on close."""
@@ -110,16 +116,19 @@ _SCHEMA: Final[tuple[str, ...]] = (
         UNIQUE (stream, version)
     )
     """,
-    "CREATE INDEX IF NOT EXISTS events_by_category ON events (category, position)",
-    "CREATE INDEX IF NOT EXISTS events_by_type ON events (type, position)",
     "CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp)",
-    "CREATE INDEX IF NOT EXISTS events_by_correlation ON events (correlation_id, position) "
-    "WHERE correlation_id IS NOT NULL",
+    # Schema version 1 also indexed category, type and correlation_id. Every commit paid for
+    # those three, while the store's filtered reads scan a bounded window of positions anyway
+    # (see `_scan`) and ad-hoc questions go to the audit index; version 2 drops them.
+    "DROP INDEX IF EXISTS events_by_category",
+    "DROP INDEX IF EXISTS events_by_type",
+    "DROP INDEX IF EXISTS events_by_correlation",
 )
 """`timestamp` is when the event was stored (under the write lock, so it rises with position), in
-microseconds since the Unix epoch (UTC): an integer sorts and compares exactly."""
+microseconds since the Unix epoch (UTC): an integer sorts and compares exactly. Opening a file of
+an older schema version brings it up to this one in the same transaction."""
 
-_SCHEMA_VERSION: Final[int] = 1
+_SCHEMA_VERSION: Final[int] = 2
 _COLUMNS: Final[frozenset[str]] = frozenset(
     {
         "position",
@@ -272,11 +281,13 @@ class SQLiteEventStore(EventStore):
         self._read_thread: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # Appends waiting for the writer thread; the lock makes "queue it, and start a drain
+        # unless one is running" one step against the drain's "nothing left, stop".
         self._queue: deque[_Append] = deque()
-        self._queued = asyncio.Event()
+        self._queue_lock = threading.Lock()
+        self._draining = False
         self._in_flight: list[_Append] = []
         self._stopping = False
-        self._writer_task: asyncio.Task[None] | None = None
         self._committed = asyncio.Event()
         self._file_key = None if self._memory else str(Path(path).resolve())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -359,9 +370,6 @@ class SQLiteEventStore(EventStore):
             return  # no writer: appends are refused, reads and subscriptions poll the file
         if not self._memory:
             _neighbours[id(self)] = self
-        self._writer_task = asyncio.create_task(
-            self._write_loop(), name=f"newfuse sqlite writer {self.path}"
-        )
 
     async def _on(self, thread: ThreadPoolExecutor, call: Callable[..., _T], *args: Any) -> _T:
         """Run `call(*args)` on `thread` (one hop) and return its result."""
@@ -480,20 +488,19 @@ class SQLiteEventStore(EventStore):
         self._stopping = True
         _neighbours.pop(id(self), None)
         closed = StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
-        while self._queue:  # never started: fail them, nothing of theirs was written
-            waiting = self._queue.popleft()
+        with self._queue_lock:
+            queued, self._queue = list(self._queue), deque()
+        for waiting in queued:  # never started: fail them, nothing of theirs was written
             if not waiting.future.done():
                 waiting.future.set_exception(closed)
-        task = self._writer_task
-        if task is not None:
-            self._queued.set()
-            # The group in flight (if any) finishes, so its callers learn the real outcome; the
-            # writer then exits. Cancel it only if the commit hangs past the busy timeout.
-            await asyncio.wait({task}, timeout=self.busy_timeout + 5.0)
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-        for waiting in self._in_flight:  # only after a cancelled commit: outcome unknown
+        if self._write_thread is not None and self._loop is not None:
+            # The group in flight (if any) finishes, so its callers learn the real outcome (its
+            # settling reaches the loop before this no-op's end does). Stop waiting only if the
+            # commit hangs past the busy timeout.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.busy_timeout + 5.0):
+                    await self._on(self._write_thread, _nothing)
+        for waiting in self._in_flight:  # only after a hung commit: outcome unknown
             if not waiting.future.done():
                 waiting.future.set_exception(closed)
         self._committed.set()  # wake subscribers so that they see the store is closed
@@ -520,25 +527,46 @@ class SQLiteEventStore(EventStore):
             raise ReadOnlyStoreError(
                 store=f"SQLite event store {self.path!r}", reason=self._read_only
             )
-        task = self._writer_task
-        if self._stopping or task is None or task.done():
+        thread, loop = self._write_thread, self._loop
+        if self._stopping or thread is None or loop is None:
             raise StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
-        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(stream, events, expected, future))
-        self._queued.set()
+        future: asyncio.Future[AppendResult] = loop.create_future()
+        with self._queue_lock:
+            self._queue.append(_Append(stream, events, expected, future))
+            start, self._draining = not self._draining, True
+        if start:
+            # Straight to the writer thread (no writer task on the loop in between): a lone
+            # appender pays one hop there and one back, appenders that overlap share a commit.
+            thread.submit(self._drain)
         return await future
 
-    async def _write_loop(self) -> None:
-        while not self._stopping:
-            await self._queued.wait()
-            self._queued.clear()
-            while self._queue and not self._stopping:
-                group = self._take_group()
-                if not group:
-                    continue
-                self._in_flight = group
-                await self._commit_group(group)
-                self._in_flight = []
+    def _drain(self) -> None:
+        """On the writer thread: commit one group of what is queued and hand the outcomes to the
+        loop; while more is queued, come back behind whatever else waits for this thread (in
+        memory, the reads), so that appends never starve them."""
+        with self._queue_lock:
+            group = self._take_group()
+            if not group:
+                self._draining = False
+                return
+        self._in_flight = group
+        outcomes = self._commit(group)
+        loop = self._loop
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            if loop is not None:
+                loop.call_soon_threadsafe(self._settle, group, outcomes)
+        with self._queue_lock:
+            self._draining = bool(self._queue)
+            if not self._draining:
+                return
+        thread = self._write_thread
+        try:
+            if thread is None:
+                raise RuntimeError("the writer thread is gone")
+            thread.submit(self._drain)
+        except RuntimeError:  # shut down: close() fails what is still queued
+            with self._queue_lock:
+                self._draining = False
 
     def _take_group(self) -> list[_Append]:
         """Appends from the queue, oldest first, up to max_group_events (at least one)."""
@@ -555,42 +583,36 @@ class SQLiteEventStore(EventStore):
             size += len(waiting.events)
         return group
 
-    async def _commit_group(self, group: list[_Append]) -> None:
+    def _commit(self, group: list[_Append]) -> list[AppendResult | Exception]:
+        """On the writer thread: the group in one transaction; each append's outcome (never
+        raises: the writer must outlive any failure, or appends would hang)."""
         try:
-            outcomes = await self._write_group(group)
-        except Exception as error:  # the writer must outlive any failure, or appends would hang
+            return self._transact(group)
+        except Exception as error:
             # A busy lock, I/O error or full disk (OperationalError) would fail each append alike;
             # anything else may come from one append: retry them alone so that only it fails.
             retry_alone = not isinstance(error, sqlite3.OperationalError) and not self._stopping
             if len(group) > 1 and retry_alone:
-                for waiting in group:  # find the append that fails, and fail only that one
-                    if not waiting.future.done():
-                        await self._commit_group([waiting])
-                return
-            for waiting in group:
-                if not waiting.future.done():
-                    waiting.future.set_exception(
-                        self._store_error(f"append to {waiting.stream!r}", error)
-                    )
-            return
+                return [
+                    error if waiting.future.done() else self._commit([waiting])[0]
+                    for waiting in group
+                ]
+            return [self._store_error(f"append to {waiting.stream!r}", error) for waiting in group]
+
+    def _settle(self, group: list[_Append], outcomes: list[AppendResult | Exception]) -> None:
+        """On the loop: resolve each append's future with its own outcome."""
+        if self._in_flight is group:
+            self._in_flight = []
         wrote = False
         for waiting, outcome in zip(group, outcomes, strict=True):
-            if waiting.future.done():
-                continue
             if isinstance(outcome, AppendResult):
-                wrote = True
-                waiting.future.set_result(outcome)
-            else:
+                wrote = True  # also for a caller cancelled meanwhile: subscribers get the event
+                if not waiting.future.done():
+                    waiting.future.set_result(outcome)
+            elif not waiting.future.done():
                 waiting.future.set_exception(outcome)
         if wrote:
             self._notify_commit()
-
-    async def _write_group(self, group: list[_Append]) -> list[AppendResult | Exception]:
-        """One transaction for the whole group, in one hop to the writer thread."""
-        thread = self._write_thread
-        if thread is None:
-            raise ValueError("the write connection is closed")
-        return await self._on(thread, self._transact, group)
 
     def _transact(self, group: list[_Append]) -> list[AppendResult | Exception]:
         """On the writer thread: lock, look up, check, insert, commit; each append's outcome."""
@@ -761,33 +783,32 @@ class SQLiteEventStore(EventStore):
             # from_version is the highest version wanted; None means "from the last".
             bound = (1 << 62) if from_version is None else from_version
             sql = (
-                "SELECT position, body, version FROM events WHERE stream = ? AND version <= ? "
-                "ORDER BY version DESC LIMIT ?"
+                "SELECT position, body, stream, version FROM events "
+                "WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
             )
         else:
             bound = max(from_version or 1, 1)
             sql = (
-                "SELECT position, body, version FROM events WHERE stream = ? AND version >= ? "
-                "ORDER BY version LIMIT ?"
+                "SELECT position, body, stream, version FROM events "
+                "WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
             )
-        step = -1 if backwards else 1
         remaining = limit
-
-        def following(rows: list[Any], asked: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        while True:
             wanted = self.page_size if remaining is None else min(self.page_size, remaining)
-            if len(rows) < asked[-1] or wanted <= 0:
-                return None
-            return (stream, rows[-1][2] + step, wanted)
-
-        first = (stream, bound, self.page_size if limit is None else min(self.page_size, limit))
-        decode, where = self.decode, self._where
-        async for rows in self._pages(sql, first, following):
-            for position, body, version in rows:
-                event = decode(body, position, where, stream, version=version)
-                if event is not None:
-                    yield event
-                    if remaining is not None:
-                        remaining -= 1
+            if wanted <= 0:
+                return
+            # One row more than the page: if it comes, there is a next page (it starts there);
+            # if not, this was the last, and no query for an empty page follows (a stream of
+            # page_size events is one hop, not two).
+            rows = await self._fetch(sql, (stream, bound, wanted + 1))
+            more = len(rows) > wanted
+            for event in self._decoded(rows[:wanted] if more else rows):
+                yield event
+                if remaining is not None:
+                    remaining -= 1
+            if not more:
+                return
+            bound = rows[wanted][3]
 
     async def _read_all(
         self,
@@ -825,14 +846,34 @@ class SQLiteEventStore(EventStore):
         def left() -> int | None:  # read when the next page is asked for
             return remaining
 
-        decode, where = self.decode, self._where
         async for rows in self._scan(start - 1, head, clauses, parameters, left):
-            for position, body, stream, version in rows:
-                event = decode(body, position, where, stream, version=version)
-                if event is not None:
-                    yield event
-                    if remaining is not None:
-                        remaining -= 1
+            for event in self._decoded(rows):
+                yield event
+                if remaining is not None:
+                    remaining -= 1
+
+    def _decoded(self, rows: list[Any]) -> Iterator[RecordedEvent]:
+        """The valid events of a page of (position, body, stream, version) rows, decoded one by
+        one as they are taken.
+
+        A plain generator (not an async one per event): the common case, a valid envelope in its
+        row's place whose payload decodes, runs inline; anything else goes through `decode`,
+        which checks it again and reports why it is skipped.
+        """
+        where, payload, bounded = self._where, self.registry.decode, self.bounded_reads
+        for position, body, stream, version in rows:
+            event: RecordedEvent | None = None
+            try:
+                envelope = parse_envelope(body, where, stream, bounded=bounded)
+                if envelope.version == version:
+                    data = payload(envelope.type, envelope.schema_version, envelope.data)
+                    event = RecordedEvent(position=position, envelope=envelope, data=data)
+            except Exception:  # decode below finds it again, says what is wrong, and reports it
+                event = None
+            if event is None:
+                event = self.decode(body, position, where, stream, version=version)
+            if event is not None:
+                yield event
 
     def _scan(
         self,
@@ -879,12 +920,9 @@ class SQLiteEventStore(EventStore):
             committed = self._committed  # taken before reading: a commit after it sets it
             head = await self._scalar("SELECT max(position) FROM events")
             if head > last:
-                decode, where = self.decode, self._where
                 async for rows in self._scan(last, head, clauses, parameters, _everything):
-                    for position, body, stream, version in rows:
-                        event = decode(body, position, where, stream, version=version)
-                        if event is not None:
-                            yield event
+                    for event in self._decoded(rows):
+                        yield event
                 last = head
                 continue
             with contextlib.suppress(TimeoutError):
@@ -933,6 +971,10 @@ def _require_file(path: str) -> None:
         hint="check the path (sqlite:///absolute/path.db, sqlite://relative/path.db); a store "
         "file is created by the first append (fuse publish), never by a command that only reads",
     )
+
+
+def _nothing() -> None:
+    """Run on a thread to wait for what that thread was given before."""
 
 
 def _everything() -> None:
