@@ -214,6 +214,18 @@ def refused_error(operation: str, error: ApiError) -> FuseError:
     )
 
 
+def placement_error(stream: str, *, replicas: int, nodes: int) -> StreamCreateError:
+    """The permanent error for a stream that asks for more copies than the cluster has nodes."""
+    return StreamCreateError(
+        stream=stream,
+        code=400,
+        err_code=CLUSTER_NO_PEERS,
+        description=f"{replicas} replicas asked for, the cluster has {nodes} node(s)",
+        advice=f"ask for at most {nodes} (FUSE_REPLICAS, --replicas, replicas=), or leave the "
+        f"count unset to let the store choose; adding nodes also helps",
+    )
+
+
 def stream_create_error(stream: str, error: ApiError) -> StreamCreateError:
     """The FuseError for a JetStream API error answered to creating (or looking up) `stream`.
 
