@@ -32,6 +32,9 @@ ATOMIC_PUBLISH_DISABLED: Final = 10174
 """The stream does not have `allow_atomic` (ADR-50)."""
 ATOMIC_BATCH_INCOMPLETE: Final = 10176
 """A batch sequence is missing (a gap, or the server abandoned the batch)."""
+DUPLICATE_IN_PROCESS: Final = 10158
+"""A message with this `Nats-Msg-Id` is being stored right now (a retry met its first attempt,
+still in the stream's Raft proposal): the first attempt's outcome decides, ask again shortly."""
 ATOMIC_BATCH_DUPLICATE_ID: Final = 10201
 """An atomic batch holds a `Nats-Msg-Id` seen within the duplicate window; nothing stored."""
 
@@ -108,6 +111,14 @@ class BatchDuplicateIdError(PublishRejectedError):
     """
 
 
+class DuplicateInProcessError(PublishRejectedError):
+    """The same message id is being stored by an earlier attempt (err_code 10158); retryable:
+    the next attempt gets that attempt's PubAck as a duplicate. It never leaves the store except
+    inside ElectionTimeoutError."""
+
+    retryable = True
+
+
 class ApiError(msgspec.Struct, frozen=True):
     """The `error` object of a JetStream API answer."""
 
@@ -164,6 +175,10 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
             err_code=err_code,
             description=text,
             last_sequence=int(match.group(1)) if match else None,
+        )
+    if err_code == DUPLICATE_IN_PROCESS:
+        return DuplicateInProcessError(
+            subject=subject, code=code, err_code=err_code, description=text
         )
     if err_code == ATOMIC_BATCH_DUPLICATE_ID:
         return BatchDuplicateIdError(
