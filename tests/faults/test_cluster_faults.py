@@ -175,8 +175,9 @@ async def _under_load(
     assert notes == acked, "the live subscriber saw a gap, a duplicate or another order"
     assert [row[0] for row in rows if row[0] <= acked[-1]] == acked, "the projection runner"
     assert load.longest_wait < ELECTION_TIMEOUT
-    # the subscriber recovers when the server answers again, not after missed heartbeats
-    assert silence[0] < load.longest_wait + 2.0
+    # the subscriber recovers soon after the servers answer again (a consumer create retried
+    # within a second or two), not after missed heartbeats and whole timeouts
+    assert silence[0] < load.longest_wait + 3.0
 
 
 async def _more(load: Load, appends: int) -> bool:

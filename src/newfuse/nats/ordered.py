@@ -31,6 +31,7 @@ from nats.errors import Error as NatsError
 from newfuse.errors import FuseError, ReadInterruptedError, StoreClosedError, StoreUnavailableError
 from newfuse.nats import headers
 from newfuse.nats.connection import on_reconnect
+from newfuse.nats.election import FIRST_ATTEMPT_WAIT
 from newfuse.nats.jsapi import (
     api_error,
     consumer_create,
@@ -144,9 +145,10 @@ class OrderedPushConsumer:
             StoreUnavailableError: the server did not answer or refused.
             StoreClosedError: closed meanwhile.
         """
-        return await self._create()
+        return await self._create(self._timeout)
 
-    async def _create(self) -> int:
+    async def _create(self, wait: float) -> int:
+        """Create the consumer afresh, waiting `wait` seconds for the server's answer."""
         if self._unlisten is None and not self._closed:
             # a reconnect may have lost the consumer with its server: recreate it at once
             self._unlisten = on_reconnect(self._nc, self._reset)
@@ -172,7 +174,7 @@ class OrderedPushConsumer:
             self._nc,
             self._stream,
             self._config(inbox),
-            timeout=self._timeout,
+            timeout=wait,
             operation="create consumer",
         )
         refused = api_error(answer)
@@ -226,6 +228,9 @@ class OrderedPushConsumer:
         patience = self._patience
         deadline = None if patience is None else self._failing_since + patience
         wait = 0.05
+        # The meta leader may place the new consumer on a server that just died and not yet
+        # noticed: such a create is never answered, so attempts wait briefly, then longer.
+        answer_wait = min(self._timeout, FIRST_ATTEMPT_WAIT)
         reason = "the server did not answer"
         while True:
             if self._closed:
@@ -242,7 +247,7 @@ class OrderedPushConsumer:
                     )
             try:
                 async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
-                    await self._create()
+                    await self._create(answer_wait)
                 return
             except StoreClosedError:
                 raise
@@ -263,6 +268,7 @@ class OrderedPushConsumer:
                 async with asyncio.timeout(pause):
                     await self._stop.wait()  # set by close_nowait(): stop waiting at once
             wait = min(wait * 2, 1.0)
+            answer_wait = min(answer_wait * 2, self._timeout, 2 * FIRST_ATTEMPT_WAIT)
 
     async def _on_message(self, msg: Msg) -> None:
         found = msg.headers
@@ -377,7 +383,13 @@ class OrderedPushConsumer:
         if consumer is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await consumer_delete(
-                    self._nc, self._stream, consumer, timeout=1.0, operation="delete consumer"
+                    # short: the consumer's server may be the one that died (and the server
+                    # removes an unheard consumer after its inactive threshold anyway)
+                    self._nc,
+                    self._stream,
+                    consumer,
+                    timeout=min(1.0, self._heartbeat / 2),
+                    operation="delete consumer",
                 )
 
     def close_nowait(self) -> None:
