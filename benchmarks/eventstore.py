@@ -40,6 +40,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from newfuse.eventstore import NO_STREAM, EventStore, open_event_store
 from newfuse.nats import NatsServer
+from newfuse.nats.cluster import NatsCluster
 from newfuse.schemas import Envelope, NewEvent, StateUpdate, new_event_id, utcnow
 
 TYPE = "agent.state_update"
@@ -63,6 +64,8 @@ class Sizes:
     sqlite_stream_size: int  # events per stream in the SQLite read phase
     replay_events: int  # events replayed for the peak-RSS measurement
     rounds: int  # measured rounds per side (after one warm-up)
+    cluster_events: int  # events per round on the 3-node cluster
+    cluster_kill_seconds: float  # seconds of load around the stream-leader kill
 
 
 FULL = Sizes(
@@ -77,6 +80,8 @@ FULL = Sizes(
     sqlite_stream_size=500,
     replay_events=1_000_000,
     rounds=3,
+    cluster_events=20_000,
+    cluster_kill_seconds=12.0,
 )
 QUICK = Sizes(
     streams=32,
@@ -90,6 +95,8 @@ QUICK = Sizes(
     sqlite_stream_size=100,
     replay_events=10_000,
     rounds=1,
+    cluster_events=1_000,
+    cluster_kill_seconds=8.0,
 )
 
 # -- output ----------------------------------------------------------------------------------------
@@ -280,12 +287,30 @@ async def raw_append_concurrent(
     return await timed(run)
 
 
+Side = Callable[[int], Awaitable[tuple[int, float]]]
+"""One side of a throughput comparison: given a number of events, (events done, seconds)."""
+
+
+async def best_rates(
+    sides: dict[str, Side], sizes: Sizes, events: int, label: str
+) -> dict[str, float]:
+    """One warm-up of every side, then `sizes.rounds` alternating rounds; the best rate of each."""
+    best = dict.fromkeys(sides, 0.0)
+    for side in sides.values():  # warm-up
+        await side(max(sizes.streams, events // 10))
+    for round_no in range(sizes.rounds):
+        for key, side in sides.items():
+            count, seconds = await side(events)
+            best[key] = max(best[key], count / seconds)
+            progress(f"  {label}round {round_no + 1} {key}: {count / seconds:,.0f} events/s")
+    return best
+
+
 async def bench_jetstream_append(
     store: EventStore, js: JetStreamContext, prefix: str, template: HeaderTemplate, sizes: Sizes
 ) -> None:
     progress(f"jetstream append: {sizes.streams} streams in flight, {sizes.append_events} events")
-    best: dict[str, float] = {"ours": 0.0, "raw_publish": 0.0, "raw_publish_async": 0.0}
-    sides: dict[str, Callable[[int], Awaitable[tuple[int, float]]]] = {
+    sides: dict[str, Side] = {
         "ours": lambda n: ours_append_concurrent(store, sizes.streams, n),
         "raw_publish": lambda n: raw_append_concurrent(
             js, prefix, template, sizes.streams, n, use_async=False
@@ -294,14 +319,7 @@ async def bench_jetstream_append(
             js, prefix, template, sizes.streams, n, use_async=True
         ),
     }
-    for side in sides.values():  # warm-up
-        await side(max(sizes.streams, sizes.append_events // 10))
-    for round_no in range(sizes.rounds):
-        for key, side in sides.items():
-            count, seconds = await side(sizes.append_events)
-            rate = count / seconds
-            best[key] = max(best[key], rate)
-            progress(f"  round {round_no + 1} {key}: {rate:,.0f} events/s")
+    best = await best_rates(sides, sizes, sizes.append_events, "")
     baseline = max(best["raw_publish"], best["raw_publish_async"])
     emit(
         "jetstream.append.concurrent",
@@ -835,6 +853,133 @@ SQLITE_PHASES = ("sqlite", "sqlite.append", "sqlite.read")
 """What `--only` accepts: every SQLite line, or only its append or read lines."""
 
 
+# -- JetStream on a 3-node cluster -------------------------------------------------------------
+
+
+async def cluster_append_rate(
+    cluster: NatsCluster, sizes: Sizes, replicas: int, *, raw: bool
+) -> dict[str, float]:
+    """Best append rates of our store (and raw publish_async when `raw`) on an R`replicas`
+    stream of its own, same streams in flight and bytes as the single-server line."""
+    prefix = f"bc{run_id()}"
+    store = await open_event_store(cluster.url, prefix=prefix, replicas=replicas)
+    nc = await nats.connect(cluster.urls)
+    try:
+        js = nc.jetstream()
+        template = await capture_headers(store, nc, prefix)
+        sides: dict[str, Side] = {"ours": lambda n: ours_append_concurrent(store, sizes.streams, n)}
+        if raw:
+            sides["raw"] = lambda n: raw_append_concurrent(
+                js, prefix, template, sizes.streams, n, use_async=True
+            )
+        best = await best_rates(sides, sizes, sizes.cluster_events, f"R{replicas} ")
+        await nc.request(f"$JS.API.STREAM.DELETE.{prefix.upper()}_EVENTS", b"", timeout=10)
+    finally:
+        await store.close()
+        await nc.close()
+    return best
+
+
+async def cluster_leader_kill(cluster: NatsCluster, sizes: Sizes) -> None:
+    """The longest append wait of 8 appenders while the stream leader is SIGKILLed (and
+    restarted), against the election time: from the kill to the first append acknowledged
+    after it (what the stream was unavailable for, as any client saw it)."""
+    prefix = f"bk{run_id()}"
+    store = await open_event_store(cluster.url, prefix=prefix, replicas=3)
+    stream_name = f"{prefix.upper()}_EVENTS"
+    waits: list[float] = []
+    acked: list[float] = []
+    errors: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def appender(index: int) -> None:
+        version = 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                version = (
+                    await store.append(f"kill.a{index}", new_event(version), version)
+                ).version
+            except Exception as error:  # reported in the line: the target is none
+                errors.append(error)
+                return
+            acked.append(time.perf_counter())
+            waits.append(acked[-1] - started)
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(appender(index)) for index in range(8)]
+    try:
+        await asyncio.sleep(sizes.cluster_kill_seconds / 4)
+        leader = await cluster.stream_leader(stream_name)
+        killed = time.perf_counter()
+        await leader.kill()
+        successor = await cluster.stream_leader(stream_name, timeout=30)
+        progress(f"  leader {leader.server_name} killed; {successor.server_name} leads")
+        await asyncio.sleep(sizes.cluster_kill_seconds / 2)
+        await leader.restart()
+        await asyncio.sleep(sizes.cluster_kill_seconds / 4)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await store.close()
+    await cluster.heal()
+    # acknowledgements already on their way when the leader died land within milliseconds
+    election = min((t for t in acked if t > killed + 0.05), default=killed) - killed
+    emit(
+        "cluster.append.leader_kill.longest_wait",
+        max(waits),
+        election + 1.0,
+        "seconds (longest append wait, 8 appenders, stream leader SIGKILLed; baseline: the "
+        "election time + 1 s, the target)",
+        n=len(waits),
+        lower_is_better=True,
+        election_seconds=round(election, 3),
+        errors=len(errors),
+    )
+
+
+async def bench_cluster(workdir: Path, sizes: Sizes) -> None:
+    """Cluster lines: R3 append vs raw publish on the same R3 stream, R1 and R3 with
+    `sync_interval: always` for the README, and the longest append wait during a leader kill."""
+    progress(f"cluster: 3 nodes, {sizes.streams} streams in flight, {sizes.cluster_events} events")
+    async with NatsCluster(size=3, data_dir=workdir / "cluster") as cluster:
+        r3 = await cluster_append_rate(cluster, sizes, 3, raw=True)
+        emit(
+            "cluster.append.r3",
+            r3["ours"],
+            r3["raw"],
+            f"events/s (3-node cluster, R3 stream, {sizes.streams} streams in flight, expected "
+            "version; baseline: nats-py publish_async to the same R3 stream)",
+            n=sizes.cluster_events,
+            lower_is_better=False,
+        )
+        r1 = await cluster_append_rate(cluster, sizes, 1, raw=False)
+        emit(
+            "cluster.append.r1_vs_r3",
+            r1["ours"],
+            r3["ours"],
+            "events/s (our store: R1 stream on the cluster; baseline: R3, same run)",
+            n=sizes.cluster_events,
+            lower_is_better=False,
+        )
+        await cluster_leader_kill(cluster, sizes)
+    config = workdir / "sync-always.conf"
+    config.write_text("jetstream { sync_interval: always }\n")
+    async with NatsCluster(
+        size=3, data_dir=workdir / "cluster-sync", extra_args=["-c", str(config)]
+    ) as cluster:
+        always = await cluster_append_rate(cluster, sizes, 3, raw=False)
+    emit(
+        "cluster.append.r3_sync_always",
+        always["ours"],
+        r3["ours"],
+        "events/s (our store: R3 with sync_interval: always, an fsync per write on every node; "
+        "baseline: R3 with the default 2 min sync interval)",
+        n=sizes.cluster_events,
+        lower_is_better=False,
+    )
+
+
 async def main_sqlite(sizes: Sizes, only: str) -> None:
     """Only the SQLite lines (no nats-server): append and read, and the replay when `sqlite`."""
     workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-"))
@@ -846,6 +991,16 @@ async def main_sqlite(sizes: Sizes, only: str) -> None:
             await bench_sqlite_read(workdir, sizes)
         if only == "sqlite":
             await bench_replay("sqlite", f"sqlite://{workdir / 'replay.db'}", "fuse", sizes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    progress("done")
+
+
+async def main_cluster(sizes: Sizes) -> None:
+    """Only the cluster lines."""
+    workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-"))
+    try:
+        await bench_cluster(workdir, sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     progress("done")
@@ -874,6 +1029,7 @@ async def main(sizes: Sizes) -> None:
                 await bench_replay("sqlite", f"sqlite://{workdir / 'replay.db'}", "fuse", sizes)
             finally:
                 await nc.close()
+        await bench_cluster(workdir, sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     progress("done")
@@ -885,7 +1041,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a small smoke run (a few seconds)")
     parser.add_argument(
         "--only",
-        choices=SQLITE_PHASES,
+        choices=(*SQLITE_PHASES, "cluster"),
         help="run only these SQLite lines (sqlite: append, read and replay), without nats-server",
     )
     parser.add_argument("--child-replay", metavar="URL", help=argparse.SUPPRESS)
@@ -897,6 +1053,9 @@ def cli(argv: list[str] | None = None) -> None:
         run_benchmark(child_replay(args.child_replay, args.prefix, args.events, args.mark))
         return
     sizes = QUICK if args.quick else FULL
+    if args.only == "cluster":
+        run_benchmark(main_cluster(sizes))
+        return
     run_benchmark(main_sqlite(sizes, args.only) if args.only else main(sizes))
 
 

@@ -37,6 +37,7 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     DuplicateEventError,
     EventTooLargeError,
+    FuseError,
     InvalidEnvelopeError,
     StoreUnavailableError,
 )
@@ -58,7 +59,7 @@ from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
 from newfuse.nats.connection import connect
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
-from newfuse.nats.election import ride_out
+from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
 from newfuse.nats.jsapi import API, NANOSECONDS, api_error, api_request, stream_info
 from newfuse.nats.jserrors import (
     BatchDuplicateIdError,
@@ -305,7 +306,7 @@ class JetStreamEventStore(EventStore):
         if state is None:
             state = await self._fetch_state(stream, subject)
         deadline = 0.0
-        ride_until = self._deadline()  # one deadline for every attempt of this append
+        started = asyncio.get_running_loop().time()  # one deadline for every attempt
         while True:
             version, seq, _ = state
             if expected is not ANY and not check_expected(expected, version):
@@ -315,13 +316,20 @@ class JetStreamEventStore(EventStore):
                     continue
                 return await self._replay_or_conflict(stream, subject, events, expected, version)
             try:
-                ack = await ride_out(
-                    partial(self._publish, stream, subject, events, version, seq),
-                    operation=f"append to {stream!r}",
-                    deadline=ride_until,
-                    timeout=self._timeout,
-                    on_retry=self._count_retry,
-                )
+                publish = partial(self._publish, stream, subject, events, version, seq)
+                try:  # the fast path: one attempt, no retry machinery
+                    ack = await publish(min(self._timeout, FIRST_ATTEMPT_WAIT))
+                except FuseError as error:
+                    if not error.retryable:
+                        raise
+                    ack = await ride_out(
+                        publish,
+                        operation=f"append to {stream!r}",
+                        deadline=started + self._election_timeout,
+                        timeout=self._timeout,
+                        on_retry=self._count_retry,
+                        failed=error,
+                    )
             except WrongLastSequenceError:
                 now = asyncio.get_running_loop().time()
                 deadline = deadline or now + self._timeout

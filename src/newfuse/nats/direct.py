@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 
 from newfuse.errors import ElectionTimeoutError, StoreUnavailableError
 from newfuse.nats import headers
-from newfuse.nats.election import ride_out
+from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
 from newfuse.nats.jsapi import API
 from newfuse.nats.jserrors import client_error
 
@@ -67,12 +67,18 @@ class DirectGet:
         return await self._one(f"{self._subject}.{subject}", b"", operation)
 
     async def _one(self, subject: str, body: bytes, operation: str) -> Msg | None:
-        return await ride_out(
-            partial(self._one_attempt, subject, body, operation),
-            operation=operation,
-            deadline=self._deadline(),
-            timeout=self._timeout,
-        )
+        try:  # the fast path: one attempt, no retry machinery
+            return await self._one_attempt(
+                subject, body, operation, min(self._timeout, FIRST_ATTEMPT_WAIT)
+            )
+        except StoreUnavailableError as error:
+            return await ride_out(
+                partial(self._one_attempt, subject, body, operation),
+                operation=operation,
+                deadline=self._deadline(),
+                timeout=self._timeout,
+                failed=error,
+            )
 
     async def _one_attempt(
         self,

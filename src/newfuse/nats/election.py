@@ -36,6 +36,7 @@ async def ride_out(
     deadline: float,
     timeout: float,  # noqa: ASYNC109 - the longest one attempt waits for its answer
     on_retry: Callable[[FuseError], None] | None = None,
+    failed: FuseError | None = None,
 ) -> T:
     """`await step(wait)` until it returns, raises a non-retryable error, or `deadline` passes.
 
@@ -46,6 +47,8 @@ async def ride_out(
         deadline: the event loop time after which no attempt starts (one deadline for all).
         timeout: the longest wait of one attempt.
         on_retry: called with each retryable failure before the next attempt.
+        failed: the retryable error of a first attempt the caller made itself (its fast path,
+            waiting `FIRST_ATTEMPT_WAIT`); the next attempt comes after a pause.
 
     Raises:
         ElectionTimeoutError: still failing with retryable errors at the deadline.
@@ -54,16 +57,11 @@ async def ride_out(
     loop = asyncio.get_running_loop()
     wait = min(timeout, FIRST_ATTEMPT_WAIT)
     pause = _FIRST_PAUSE
-    attempts = 0
+    attempts = 0 if failed is None else 1
     started = loop.time()
+    error = failed
     while True:
-        attempts += 1
-        remaining = deadline - loop.time()
-        try:
-            return await step(max(0.05, min(wait, remaining)))
-        except FuseError as error:
-            if not error.retryable:
-                raise
+        if error is not None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 last = error.reason if isinstance(error, StoreUnavailableError) else str(error)
@@ -76,6 +74,13 @@ async def ride_out(
             if on_retry is not None:
                 on_retry(error)
             log.debug("%s: attempt %d failed (%s); retrying", operation, attempts, error)
-        await asyncio.sleep(min(pause, remaining))
-        pause = min(pause * 2, _MAX_PAUSE)
-        wait = min(wait * 2, timeout)
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, _MAX_PAUSE)
+            wait = min(wait * 2, timeout)
+        attempts += 1
+        try:
+            return await step(max(0.05, min(wait, deadline - loop.time())))
+        except FuseError as failure:
+            if not failure.retryable:
+                raise
+            error = failure
