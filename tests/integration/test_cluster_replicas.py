@@ -81,6 +81,19 @@ async def test_fuse_publish_and_replay_use_an_r3_stream_whatever_replicas_they_a
         replay = _fuse(*base, *flags, "replay", "--json")
         assert replay.returncode == 0, replay.stderr
         assert [json.loads(line)["stream"] for line in replay.stdout.splitlines()] == ["agent.r1"]
-    refused = _fuse(*base[:2], "--prefix", prefix + "x", "--replicas", "4", "replay")
+    refused = _fuse(
+        *base[:2],
+        "--prefix",
+        prefix + "x",
+        "publish",
+        "agent.r1",
+        "note",
+        "--data",
+        "{}",
+        "--replicas",
+        "4",
+    )
     assert refused.returncode == 1
     assert "4 replicas asked for, the cluster has 3 node(s)" in refused.stderr
+    bad = _fuse(*base, "--replicas", "many", "replay")
+    assert bad.returncode != 0 and "--replicas='many': must be a whole number" in bad.stderr
