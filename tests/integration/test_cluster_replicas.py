@@ -16,6 +16,7 @@ from newfuse.eventstore import open_event_store
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats.cluster import NatsCluster
 from newfuse.schemas import NewEvent
+from support import wait_for
 
 
 async def test_a_store_on_a_cluster_creates_three_replicas_and_says_so(
@@ -97,3 +98,42 @@ async def test_fuse_publish_and_replay_use_an_r3_stream_whatever_replicas_they_a
     assert "4 replicas asked for, the cluster has 3 node(s)" in refused.stderr
     bad = _fuse(*base, "--replicas", "many", "replay")
     assert bad.returncode != 0 and "--replicas='many': must be a whole number" in bad.stderr
+
+
+async def test_fuse_streams_info_shows_the_leader_and_each_replicas_state_and_lag(
+    healthy_cluster: NatsCluster, prefix: str
+) -> None:
+    base = ["--nats", healthy_cluster.url, "--prefix", prefix]
+    assert _fuse(*base, "publish", "agent.r1", "note", "--data", "{}").returncode == 0
+    stream = f"{prefix.upper()}_EVENTS"
+    leader = await healthy_cluster.stream_leader(stream)
+    shown = _fuse(*base, "streams", "info", "agent.r1", "--json")
+    assert shown.returncode == 0, shown.stderr
+    placement = json.loads(shown.stdout)["jetstream"]
+    assert (placement["stream"], placement["replicas"], placement["leader"]) == (
+        stream,
+        3,
+        leader.server_name,
+    )
+    assert placement["cluster"] == healthy_cluster.name
+    copies = {copy["server"]: copy for copy in placement["copies"]}
+    assert set(copies) == {node.server_name for node in healthy_cluster}
+    assert copies[leader.server_name]["state"] == "leader"
+    follower = next(node for node in healthy_cluster if node is not leader)
+    await follower.kill()
+
+    async def silent() -> bool:  # a live peer is heard from about every second
+        shown = _fuse(*base, "streams", "info", "agent.r1", "--json")
+        copies = {copy["server"]: copy for copy in json.loads(shown.stdout)["jetstream"]["copies"]}
+        return copies[follower.server_name]["seen"] > 2.0
+
+    await wait_for(silent, timeout=30)
+    table = _fuse(*base, "streams", "info", "agent.r1").stdout
+    assert f"3 replica(s) on cluster {healthy_cluster.name}, leader {leader.server_name}" in table
+
+
+async def test_fuse_streams_info_on_a_single_server_says_so(nats_url: str, prefix: str) -> None:
+    base = ["--nats", nats_url, "--prefix", prefix]
+    assert _fuse(*base, "publish", "agent.r1", "note", "--data", "{}").returncode == 0
+    table = _fuse(*base, "streams", "info", "agent.r1").stdout
+    assert f"JetStream stream {prefix.upper()}_EVENTS: 1 replica(s) on a single server" in table

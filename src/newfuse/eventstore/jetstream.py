@@ -69,6 +69,7 @@ from newfuse.nats.jserrors import (
     refused_error,
 )
 from newfuse.nats.ordered import OrderedPushConsumer
+from newfuse.nats.placement import Placement, placement_of
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
@@ -614,6 +615,32 @@ class JetStreamEventStore(EventStore):
             timeout=self._timeout,
             on_retry=self._count_retry,
         )
+
+    async def placement(self) -> Placement:
+        """Where the JetStream stream's copies are: its leader, and each replica's state and
+        lag (riding out an election like `head_position`).
+
+        Raises:
+            ElectionTimeoutError: no answer within the election timeout.
+            JetStreamRefusedError: the stream is gone.
+        """
+        self._check_open()
+        if not self._opened:
+            await self._open()
+        return await ride_out(
+            self._placement_attempt,
+            operation="stream placement",
+            deadline=self._deadline(),
+            timeout=self._timeout,
+            on_retry=self._count_retry,
+        )
+
+    async def _placement_attempt(self, wait: float) -> Placement:
+        info = await stream_info(self.nc, self.stream_name, timeout=wait, operation="placement")
+        refused = api_error(info)
+        if refused is not None:
+            raise refused_error("stream placement", refused)
+        return placement_of(info)
 
     async def _head_attempt(self, wait: float) -> int:
         info = await stream_info(self.nc, self.stream_name, timeout=wait, operation="head position")
