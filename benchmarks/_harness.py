@@ -43,6 +43,8 @@ class Sizes:
     lag_seconds: float  # measured seconds of load per side
     lag_warmup: float  # seconds of load before sampling starts
     rounds: int  # measured rounds per side (after one warm-up)
+    cluster_events: int  # events per round on the 3-node cluster
+    cluster_kill_seconds: float  # seconds of load around the stream-leader kill
 
 
 FULL = Sizes(
@@ -63,6 +65,8 @@ FULL = Sizes(
     lag_seconds=10.0,
     lag_warmup=1.0,
     rounds=3,
+    cluster_events=20_000,
+    cluster_kill_seconds=12.0,
 )
 QUICK = Sizes(
     streams=32,
@@ -82,6 +86,8 @@ QUICK = Sizes(
     lag_seconds=2.0,
     lag_warmup=0.3,
     rounds=1,
+    cluster_events=1_000,
+    cluster_kill_seconds=8.0,
 )
 
 

@@ -73,12 +73,30 @@ async def raw_append_concurrent(
     return await timed(run)
 
 
+Side = Callable[[int], Awaitable[tuple[int, float]]]
+"""One side of a throughput comparison: given a number of events, (events done, seconds)."""
+
+
+async def best_rates(
+    sides: dict[str, Side], sizes: Sizes, events: int, label: str = ""
+) -> dict[str, float]:
+    """One warm-up of every side, then `sizes.rounds` alternating rounds; the best rate of each."""
+    best = dict.fromkeys(sides, 0.0)
+    for side in sides.values():  # warm-up
+        await side(max(sizes.streams, events // 10))
+    for round_no in range(sizes.rounds):
+        for key, side in sides.items():
+            count, seconds = await side(events)
+            best[key] = max(best[key], count / seconds)
+            progress(f"  {label}round {round_no + 1} {key}: {count / seconds:,.0f} events/s")
+    return best
+
+
 async def bench_jetstream_append(
     store: EventStore, js: JetStreamContext, prefix: str, template: HeaderTemplate, sizes: Sizes
 ) -> None:
     progress(f"jetstream append: {sizes.streams} streams in flight, {sizes.append_events} events")
-    best: dict[str, float] = {"ours": 0.0, "raw_publish": 0.0, "raw_publish_async": 0.0}
-    sides: dict[str, Callable[[int], Awaitable[tuple[int, float]]]] = {
+    sides: dict[str, Side] = {
         "ours": lambda n: ours_append_concurrent(store, sizes.streams, n),
         "raw_publish": lambda n: raw_append_concurrent(
             js, prefix, template, sizes.streams, n, use_async=False
@@ -87,14 +105,7 @@ async def bench_jetstream_append(
             js, prefix, template, sizes.streams, n, use_async=True
         ),
     }
-    for side in sides.values():  # warm-up
-        await side(max(sizes.streams, sizes.append_events // 10))
-    for round_no in range(sizes.rounds):
-        for key, side in sides.items():
-            count, seconds = await side(sizes.append_events)
-            rate = count / seconds
-            best[key] = max(best[key], rate)
-            progress(f"  round {round_no + 1} {key}: {rate:,.0f} events/s")
+    best = await best_rates(sides, sizes, sizes.append_events)
     baseline = max(best["raw_publish"], best["raw_publish_async"])
     emit(
         "jetstream.append.concurrent",

@@ -44,6 +44,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             `http://collector:4318`); traces and metrics go to `/v1/traces` and `/v1/metrics`
             under it. None: nothing is exported. `OTEL_EXPORTER_OTLP_ENDPOINT` is used when
             `FUSE_OTLP_ENDPOINT` is not set.
+        replicas: copies of the JetStream stream when a store creates it; None: 3 on a cluster
+            of 3 or more nodes (else the node count), 1 on a single server. An existing stream
+            keeps the count it has.
+        election_timeout: seconds an operation of the JetStream store rides out a leader
+            election or a reconnect (retrying with the same event ids) before it fails with a
+            retryable error.
     """
 
     nats_url: str | None = None
@@ -55,6 +61,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     connect_timeout: float = 5.0
     health_addr: str | None = None
     otlp_endpoint: str | None = None
+    replicas: int | None = None
+    election_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -68,6 +76,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 variable="FUSE_CONNECT_TIMEOUT",
                 value=self.connect_timeout,
                 reason="must be a positive number of seconds",
+            )
+        if self.replicas is not None and not 1 <= self.replicas <= 5:
+            raise ConfigError(
+                variable="FUSE_REPLICAS",
+                value=self.replicas,
+                reason="JetStream keeps 1 to 5 copies of a stream; use 3 on a 3-node cluster",
+            )
+        if self.election_timeout <= 0:
+            raise ConfigError(
+                variable="FUSE_ELECTION_TIMEOUT",
+                value=self.election_timeout,
+                reason="must be a positive number of seconds (elections take a few seconds: "
+                "10 or more)",
             )
         if self.health_addr is not None:
             split_address(self.health_addr, variable="FUSE_HEALTH_ADDR")
@@ -94,13 +115,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw = env.get(variable)
             if raw is None or raw == "":
                 continue
-            if field == "connect_timeout":
+            if field in ("connect_timeout", "election_timeout"):
                 try:
                     values[field] = float(raw)
                 except ValueError:
                     raise ConfigError(
                         variable=variable, value=raw, reason="must be a number of seconds"
                     ) from None
+            elif field == "replicas":
+                if not raw.strip().isdigit():
+                    raise ConfigError(
+                        variable=variable, value=raw, reason="must be a whole number, 1 to 5"
+                    )
+                values[field] = int(raw)
             else:
                 values[field] = raw
         if "otlp_endpoint" not in values and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -121,6 +148,8 @@ _VARIABLES: dict[str, str] = {
     "connect_timeout": "FUSE_CONNECT_TIMEOUT",
     "health_addr": "FUSE_HEALTH_ADDR",
     "otlp_endpoint": "FUSE_OTLP_ENDPOINT",
+    "replicas": "FUSE_REPLICAS",
+    "election_timeout": "FUSE_ELECTION_TIMEOUT",
 }
 
 

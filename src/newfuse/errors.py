@@ -347,6 +347,22 @@ class StoreUnavailableError(EventStoreError):
         super().__init__(f"{operation}: event store unavailable: {reason}")
 
 
+class ElectionTimeoutError(StoreUnavailableError):
+    """JetStream stayed unavailable (no stream leader, no connection) for longer than the
+    store's `election_timeout`, over every retry; waiting longer may still help."""
+
+    def __init__(self, *, operation: str, seconds: float, attempts: int, last: str) -> None:
+        self.seconds = seconds
+        self.attempts = attempts
+        self.last = last
+        super().__init__(
+            operation=operation,
+            reason=f"{last}; still so after {seconds:g}s and {attempts} attempts (longer than "
+            f"a leader election should take: election_timeout / FUSE_ELECTION_TIMEOUT); retry "
+            f"later with the same event ids, a retry is never stored twice",
+        )
+
+
 class ReadInterruptedError(StoreUnavailableError):
     """A finite read lost its server for longer than the store's timeout; resume it later from
     `position + 1` (the events up to `position` were delivered)."""

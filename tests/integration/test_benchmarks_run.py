@@ -24,6 +24,10 @@ EVENTSTORE_LINES = {
     "sqlite.read_stream",
     "jetstream.replay.peak_rss",
     "sqlite.replay.peak_rss",
+    "cluster.append.r3",
+    "cluster.append.r1_vs_r3",
+    "cluster.append.leader_kill.longest_wait",
+    "cluster.append.r3_sync_always",
 }
 
 PROJECTION_LINES = {

@@ -237,6 +237,8 @@ def test_streams_list_and_info_show_version_count_positions_and_times(
         ("saga.s1", 1, 1),
     ]
     info = json.loads(fuse(fuse_args, "streams", "info", "agent.r1", "--json").stdout)
+    placement = info.pop("jetstream", None)  # the JetStream stream's copies (JetStream only)
+    assert placement is None if "--store" in fuse_args else placement["replicas"] == 1
     events = [
         json.loads(line)
         for line in fuse(fuse_args, "replay", "--json", "--stream", "agent.r1").stdout.splitlines()

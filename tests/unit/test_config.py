@@ -138,3 +138,33 @@ def test_every_supported_scheme_is_accepted(variable: str, url: str) -> None:
 def test_a_bad_override_is_reported_under_its_variable_name() -> None:
     with pytest.raises(ConfigError, match=r"^FUSE_REDIS_URL='http://x'"):
         Settings.from_env({}, redis_url="http://x")
+
+
+def test_replicas_and_election_timeout_come_from_the_environment() -> None:
+    assert (Settings().replicas, Settings().election_timeout) == (None, 15.0)
+    settings = Settings.from_env({"FUSE_REPLICAS": "3", "FUSE_ELECTION_TIMEOUT": "20"})
+    assert (settings.replicas, settings.election_timeout) == (3, 20.0)
+    assert Settings.from_env({"FUSE_REPLICAS": "3"}, replicas=1).replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "value", "reason"),
+    [
+        ("three", "three", "must be a whole number, 1 to 5"),
+        ("-1", "-1", "must be a whole number, 1 to 5"),
+        ("0", 0, "JetStream keeps 1 to 5 copies"),
+        ("7", 7, "JetStream keeps 1 to 5 copies"),
+    ],
+)
+def test_a_bad_replica_count_names_the_variable_and_value(
+    raw: str, value: object, reason: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^FUSE_REPLICAS=.*: {reason}") as caught:
+        Settings.from_env({"FUSE_REPLICAS": raw})
+    assert (caught.value.variable, caught.value.value) == ("FUSE_REPLICAS", value)
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-3"])
+def test_a_bad_election_timeout_names_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"^FUSE_ELECTION_TIMEOUT=.*seconds"):
+        Settings.from_env({"FUSE_ELECTION_TIMEOUT": raw})

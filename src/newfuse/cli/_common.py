@@ -35,6 +35,16 @@ class Commands(Protocol):
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
 
 
+def _replicas_flag(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        raise ConfigError(
+            variable="--replicas", value=text, reason="must be a whole number, 1 to 5"
+        )
+    return int(text)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """defaults < FUSE_* environment < global flags (see `newfuse.config.load_settings`)."""
     return load_settings(
@@ -43,6 +53,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         store=getattr(args, "store", None),
         prefix=getattr(args, "prefix", None),
         audit_db=getattr(args, "audit_db", None),
+        replicas=_replicas_flag(getattr(args, "replicas", None)),
     )
 
 
@@ -60,7 +71,11 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
     a mistyped prefix or path is an error naming what exists instead of a new, empty store."""
     settings = settings_from_args(args)
     return await open_event_store(
-        resolve_store_url(settings), prefix=settings.prefix, create=create
+        resolve_store_url(settings),
+        prefix=settings.prefix,
+        create=create,
+        replicas=settings.replicas,
+        election_timeout=settings.election_timeout,
     )
 
 

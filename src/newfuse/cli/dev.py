@@ -149,7 +149,12 @@ async def run_dev(args: argparse.Namespace) -> int:
         async with (
             nats,
             ValkeyServer(data_dir=root / "valkey") as valkey,
-            await open_event_store(nats.url, prefix=settings.prefix) as store,
+            await open_event_store(
+                nats.url,
+                prefix=settings.prefix,
+                replicas=settings.replicas,
+                election_timeout=settings.election_timeout,
+            ) as store,
             await BuiltinProjections.open(
                 redis_url=valkey.url, audit_db=audit_db, prefix=settings.prefix
             ) as builtin,
@@ -191,9 +196,13 @@ async def run_dev(args: argparse.Namespace) -> int:
                 print(f"FUSE_AUDIT_DB={audit_db}")
                 sys.stdout.flush()
                 pids = ", ".join(f"{label} pid {server.pid}" for label, server in servers.items())
+                # the store picks the replica count on a cluster: say what it chose
+                copies = getattr(store, "replicas", 0)
+                stream = getattr(store, "stream_name", "?")
                 print(
-                    f"fuse dev: {pids}, projections {', '.join(builtin.names)} running; "
-                    f"recorded in {state_path}; Ctrl-C to stop",
+                    f"fuse dev: {pids}, projections {', '.join(builtin.names)} running; events "
+                    f"in {stream} with {copies} replica(s); recorded in {state_path}; Ctrl-C "
+                    f"to stop",
                     file=sys.stderr,
                 )
                 await asyncio.wait(

@@ -49,6 +49,12 @@ _VALUED_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--store", "URL", "event store URL, nats://… or sqlite:///… ($FUSE_STORE)"),
     ("--prefix", "NAME", "subject prefix (default: $FUSE_PREFIX, the running fuse dev's, 'fuse')"),
     ("--audit-db", "PATH", "SQLite file of the read models ($FUSE_AUDIT_DB)"),
+    (
+        "--replicas",
+        "N",
+        "copies of the JetStream stream when it is created ($FUSE_REPLICAS; default 3 on a "
+        "cluster, 1 on one server; an existing stream keeps its count)",
+    ),
 )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import msgspec
+
 from newfuse.cli._common import Commands, open_store, positive_int
 from newfuse.cli._output import event_json, print_json, print_pretty_json, print_table, rfc3339
 from newfuse.errors import EventNotFoundError, StreamNotFoundError
@@ -95,14 +97,32 @@ async def run_streams_list(args: argparse.Namespace) -> int:
 
 
 async def run_stream_info(args: argparse.Namespace) -> int:
+    from newfuse.eventstore.jetstream import JetStreamEventStore  # loaded by the store anyway
+
     async with await open_store(args, create=False) as store:
         info = await store.stream_info(args.stream)
+        # every event stream is a subject of one JetStream stream: its copies are theirs
+        placement = await store.placement() if isinstance(store, JetStreamEventStore) else None
     if info is None:
         raise StreamNotFoundError(stream=args.stream)
     if args.json:
-        print_json(_info_json(info))
-    else:
-        print_table([_info_row(info)], _INFO_HEADERS)
+        found = _info_json(info)
+        if placement is not None:
+            found["jetstream"] = msgspec.to_builtins(placement)
+        print_json(found)
+        return 0
+    print_table([_info_row(info)], _INFO_HEADERS)
+    if placement is not None:
+        where = f"cluster {placement.cluster}" if placement.cluster else "a single server"
+        print(
+            f"\nJetStream stream {placement.stream}: {placement.replicas} replica(s) on {where}, "
+            f"leader {placement.leader or 'none (an election is under way)'}"
+        )
+        if placement.copies:
+            print_table(
+                [[copy.server, copy.state, copy.lag, copy.seen] for copy in placement.copies],
+                ["SERVER", "STATE", "LAG", "LAST SEEN (S)"],
+            )
     return 0
 
 

@@ -30,11 +30,15 @@ async def open_event_store(
     prefix: str | None = None,
     settings: Settings | None = None,
     registry: SchemaRegistry | None = None,
+    replicas: int | None = None,
+    election_timeout: float | None = None,
     **options: Any,
 ) -> EventStore:
     """Open the backend that `url` names; backends are imported only when used.
 
     - `nats://host:port` (several comma separated): JetStream, subjects under `prefix`;
+      `replicas` and `election_timeout` are its options (None: the settings' when given, else
+      its defaults), which the SQLite backend has no use for;
     - `sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`: SQLite;
     - no `url`: the store the `fuse` CLI would open, from `settings` (default: `load_settings()`,
       i.e. FUSE_STORE, else FUSE_NATS_URL, else the running `fuse dev`; its prefix likewise).
@@ -51,7 +55,14 @@ async def open_event_store(
     if scheme in ("nats", "tls"):
         from newfuse.eventstore.jetstream import JetStreamEventStore
 
-        return await JetStreamEventStore.connect(url, prefix=prefix, registry=registry, **options)
+        if settings is not None:
+            replicas = settings.replicas if replicas is None else replicas
+            election_timeout = election_timeout or settings.election_timeout
+        if election_timeout is not None:
+            options["election_timeout"] = election_timeout
+        return await JetStreamEventStore.connect(
+            url, prefix=prefix, registry=registry, replicas=replicas, **options
+        )
     if scheme == "sqlite":
         from newfuse.eventstore.sqlite import SQLiteEventStore
 

@@ -27,6 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime
+from functools import partial
 from typing import Any, Final
 
 from nats.aio.client import Client
@@ -36,6 +37,7 @@ from newfuse.errors import (
     AtomicBatchUnsupportedError,
     DuplicateEventError,
     EventTooLargeError,
+    FuseError,
     InvalidEnvelopeError,
     StoreUnavailableError,
 )
@@ -57,6 +59,7 @@ from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
 from newfuse.nats.connection import connect
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
+from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
 from newfuse.nats.jsapi import API, NANOSECONDS, api_error, api_request, stream_info
 from newfuse.nats.jserrors import (
     BatchDuplicateIdError,
@@ -66,6 +69,7 @@ from newfuse.nats.jserrors import (
     refused_error,
 )
 from newfuse.nats.ordered import OrderedPushConsumer
+from newfuse.nats.placement import Placement, placement_of
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
@@ -102,11 +106,12 @@ class JetStreamEventStore(EventStore):
         prefix: str = "fuse",
         registry: SchemaRegistry | None = None,
         on_invalid: InvalidEventHandler | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         max_age: float | None = None,
         max_bytes: int | None = None,
         duplicate_window: float = 120.0,
         timeout: float = 5.0,
+        election_timeout: float = 15.0,
         heartbeat: float = 1.0,
         owns_connection: bool = False,
         create: bool = True,
@@ -118,12 +123,18 @@ class JetStreamEventStore(EventStore):
             prefix: first token of every subject; also names the JetStream stream.
             registry: payload schemas (default: the built-in types).
             on_invalid: called with each stored message that is not a valid event.
-            replicas: JetStream stream replicas.
+            replicas: copies of the JetStream stream when this store creates it; None: 3 on a
+                cluster of 3 or more nodes (else the node count), 1 on a single server. An
+                existing stream is used with the count it has (`replicas` tells it).
             max_age: seconds to keep events (None: forever).
             max_bytes: stream size limit (None: none).
             duplicate_window: seconds in which JetStream drops a repeated event id.
-            timeout: seconds allowed for each server answer (and for retries of one append);
-                a finite `read_all` that loses its server gives up this long after the loss.
+            timeout: seconds allowed for each server answer; a finite `read_all` that loses
+                its server gives up this long after the loss.
+            election_timeout: seconds an append, a read, `head_position` or the stream setup
+                rides out a leader election or a reconnect, retrying (with the same event ids
+                and expected sequence: nothing is stored twice) under one deadline; past it the
+                retryable ElectionTimeoutError.
             heartbeat: idle heartbeat of the consumers behind read_all/subscribe; a consumer
                 silent for three heartbeats is recreated from its last position.
             owns_connection: close `nc` when the store closes.
@@ -143,6 +154,7 @@ class JetStreamEventStore(EventStore):
         )
         self._event_prefix = f"{prefix}.ev."
         self._timeout = timeout
+        self._election_timeout = election_timeout
         self._heartbeat = heartbeat
         self._owns = owns_connection
         self._create = create
@@ -150,12 +162,15 @@ class JetStreamEventStore(EventStore):
         self._ready_lock = asyncio.Lock()
         self._atomic = False
         self._server_version = ""
+        self._replicas = replicas or 0  # known once provisioned
+        self.elections_ridden = 0
+        """Failed attempts (no leader, no answer, reconnecting) that a later one made good."""
         # stream -> (last valid version, last sequence on its subject, no invalid message seen)
         self._cache: dict[str, tuple[int, int, bool]] = {}
         self._append_queues: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks = PubAckInbox(nc, type(self).__name__)
         self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
-        self._direct = DirectGet(nc, self.stream_name, timeout=timeout)
+        self._direct = DirectGet(nc, self.stream_name, timeout=timeout, patience=election_timeout)
 
     @classmethod
     async def connect(
@@ -176,8 +191,9 @@ class JetStreamEventStore(EventStore):
             registry: payload schemas (default: the built-in types).
             name: the connection's name on the server.
             timeout: seconds for the first connect and for each server answer.
-            **options: the other keyword arguments of the constructor (replicas, max_age,
-                max_bytes, duplicate_window, heartbeat, on_invalid, create).
+            **options: the other keyword arguments of the constructor (replicas,
+                election_timeout, max_age, max_bytes, duplicate_window, heartbeat, on_invalid,
+                create).
 
         Raises:
             ConnectionLostError: no server answered.
@@ -209,19 +225,38 @@ class JetStreamEventStore(EventStore):
             self._check_open()
             if self._opened:
                 return
-            state = await ensure_event_stream(
-                self.nc, self._spec, timeout=self._timeout, create=self._create
+            state = await ride_out(
+                lambda wait: ensure_event_stream(
+                    self.nc, self._spec, timeout=wait, create=self._create
+                ),
+                operation=f"provision stream {self.stream_name!r}",
+                deadline=self._deadline(),
+                timeout=self._timeout,
+                on_retry=self._count_retry,
             )
             # close() may have run while we waited; it takes this lock to close the inbox, so
             # checking here (under the lock) means nothing is started after it.
             self._check_open()
             self._atomic = state.atomic
+            self._replicas = state.replicas
             self._server_version = state.server_version or server_version(self.nc)
             await self._acks.start()
             self._opened = True
 
     async def _open(self) -> None:
         await self.ensure_stream()
+
+    @property
+    def replicas(self) -> int:
+        """How many copies the stream keeps (what it had, or what this store created it with);
+        0 until the stream is provisioned."""
+        return self._replicas
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._election_timeout
+
+    def _count_retry(self, _error: Exception) -> None:
+        self.elections_ridden += 1
 
     # -- appending --------------------------------------------------------------------------------
 
@@ -272,6 +307,7 @@ class JetStreamEventStore(EventStore):
         if state is None:
             state = await self._fetch_state(stream, subject)
         deadline = 0.0
+        started = asyncio.get_running_loop().time()  # one deadline for every attempt
         while True:
             version, seq, _ = state
             if expected is not ANY and not check_expected(expected, version):
@@ -281,7 +317,20 @@ class JetStreamEventStore(EventStore):
                     continue
                 return await self._replay_or_conflict(stream, subject, events, expected, version)
             try:
-                ack = await self._publish(stream, subject, events, version, seq)
+                publish = partial(self._publish, stream, subject, events, version, seq)
+                try:  # the fast path: one attempt, no retry machinery
+                    ack = await publish(min(self._timeout, FIRST_ATTEMPT_WAIT))
+                except FuseError as error:
+                    if not error.retryable:
+                        raise
+                    ack = await ride_out(
+                        publish,
+                        operation=f"append to {stream!r}",
+                        deadline=started + self._election_timeout,
+                        timeout=self._timeout,
+                        on_retry=self._count_retry,
+                        failed=error,
+                    )
             except WrongLastSequenceError:
                 now = asyncio.get_running_loop().time()
                 deadline = deadline or now + self._timeout
@@ -306,15 +355,23 @@ class JetStreamEventStore(EventStore):
             return AppendResult.of(stream, ids, version + 1, ack.seq - count + 1)
 
     async def _publish(
-        self, stream: str, subject: str, events: list[PreparedEvent], version: int, seq: int
+        self,
+        stream: str,
+        subject: str,
+        events: list[PreparedEvent],
+        version: int,
+        seq: int,
+        wait: float,
     ) -> PubAck:
+        """One attempt to store `events` after `version` (at sequence `seq`), waiting `wait`
+        seconds for each answer; a repeated attempt sends the same ids and expected sequence."""
         self._check_open()  # closed while this append waited for its turn or the stream state
         if len(events) == 1:
             event = events[0]
             body = event.encode(stream, version + 1)
             event_headers = _event_headers(event, version + 1, seq)
             self._check_size(stream, event, body, event_headers, 0)
-            data = await self._acks.request(subject, body, event_headers, self._timeout)
+            data = await self._acks.request(subject, body, event_headers, wait)
             return decode_pub_ack(data, subject=subject)
         messages = [
             (
@@ -327,7 +384,7 @@ class JetStreamEventStore(EventStore):
         for event, (_, body, event_headers) in zip(events, messages, strict=True):
             self._check_size(stream, event, body, event_headers, BATCH_HEADER_BYTES)
         return await publish_atomic_batch(
-            self.nc, messages, timeout=self._timeout, server_version=self._server_version
+            self.nc, messages, timeout=wait, server_version=self._server_version
         )
 
     @property
@@ -551,9 +608,42 @@ class JetStreamEventStore(EventStore):
         return version
 
     async def _head_position(self) -> int:
-        info = await stream_info(
-            self.nc, self.stream_name, timeout=self._timeout, operation="head position"
+        return await ride_out(
+            self._head_attempt,
+            operation="head position",
+            deadline=self._deadline(),
+            timeout=self._timeout,
+            on_retry=self._count_retry,
         )
+
+    async def placement(self) -> Placement:
+        """Where the JetStream stream's copies are: its leader, and each replica's state and
+        lag (riding out an election like `head_position`).
+
+        Raises:
+            ElectionTimeoutError: no answer within the election timeout.
+            JetStreamRefusedError: the stream is gone.
+        """
+        self._check_open()
+        if not self._opened:
+            await self._open()
+        return await ride_out(
+            self._placement_attempt,
+            operation="stream placement",
+            deadline=self._deadline(),
+            timeout=self._timeout,
+            on_retry=self._count_retry,
+        )
+
+    async def _placement_attempt(self, wait: float) -> Placement:
+        info = await stream_info(self.nc, self.stream_name, timeout=wait, operation="placement")
+        refused = api_error(info)
+        if refused is not None:
+            raise refused_error("stream placement", refused)
+        return placement_of(info)
+
+    async def _head_attempt(self, wait: float) -> int:
+        info = await stream_info(self.nc, self.stream_name, timeout=wait, operation="head position")
         refused = api_error(info)
         if refused is not None:
             raise refused_error("head position", refused)

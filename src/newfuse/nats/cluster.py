@@ -100,6 +100,8 @@ class NatsCluster:
         binary: the nats-server executable (default: `find_nats_server()`).
         data_dir: parent of the nodes' directories (default: a temporary one, removed by close).
         name: the cluster's name, and the prefix of its nodes' server names.
+        extra_args: more nats-server arguments for every node (e.g. `-c` of a file with
+            `jetstream { sync_interval: always }`; command-line flags win over the file).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class NatsCluster:
         binary: Path | None = None,
         data_dir: str | Path | None = None,
         name: str = "newfuse",
+        extra_args: list[str] | None = None,
     ) -> None:
         if size < 2:
             raise ValueError(f"a cluster needs at least 2 nodes, got size={size}")
@@ -118,6 +121,7 @@ class NatsCluster:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="newfuse-cluster-"))
         self.nodes: list[NatsServer] = []
+        self.extra_args = list(extra_args or [])
 
     def __iter__(self) -> Iterator[NatsServer]:
         return iter(self.nodes)
@@ -162,6 +166,7 @@ class NatsCluster:
                 cluster_name=self.name,
                 cluster_port=routes[index],
                 routes=[url for i, url in enumerate(route_urls) if i != index],
+                extra_args=self.extra_args,
             )
             for index in range(self.size)
         ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
@@ -12,6 +14,38 @@ from nats.aio.client import Client
 from newfuse.errors import ConnectionLostError
 
 log = logging.getLogger("newfuse.nats")
+
+_listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` (synchronously, so it must not block) each time `nc` has reconnected and
+    restored its subscriptions; returns a function that removes it again.
+
+    nats-py takes one `reconnected_cb`: the first listener wraps whatever the client has (ours
+    from `connect`, or the owner's), so every listener and that callback are called.
+    """
+    listeners = _listeners.get(nc)
+    if listeners is None:
+        listeners = _listeners[nc] = []
+        previous: Callable[[], Awaitable[None]] | None = nc._reconnected_cb
+
+        async def reconnected() -> None:
+            if previous is not None:
+                await previous()
+            for listener in list(listeners):
+                listener()
+
+        nc._reconnected_cb = reconnected
+    listeners.append(callback)
+
+    def remove() -> None:
+        with contextlib.suppress(ValueError):
+            listeners.remove(callback)
+
+    return remove
 
 
 async def connect(

@@ -8,8 +8,10 @@ headers, or a status: 404 no such message, 204 (`EOB`) the end of a batch, whose
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from typing import Any, Final
 
 import msgspec
@@ -17,8 +19,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from newfuse.errors import StoreUnavailableError
+from newfuse.errors import ElectionTimeoutError, StoreUnavailableError
 from newfuse.nats import headers
+from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
 from newfuse.nats.jsapi import API
 from newfuse.nats.jserrors import client_error
 
@@ -34,15 +37,22 @@ def sequence_of(msg: Msg) -> int:
 class DirectGet:
     """Direct gets on one stream, each answer awaited at most `timeout` seconds.
 
-    Failures raise StoreUnavailableError naming the `operation` the caller passes.
+    A request that gets no answer (a reconnect, a replica that just died) is asked again for up
+    to `patience` seconds (one deadline per call; a listing resumes after the last message it
+    gave). Failures raise StoreUnavailableError naming the `operation` the caller passes
+    (ElectionTimeoutError once the patience is spent).
     """
 
-    __slots__ = ("_nc", "_subject", "_timeout")
+    __slots__ = ("_nc", "_patience", "_subject", "_timeout")
 
-    def __init__(self, nc: Client, stream: str, *, timeout: float) -> None:
+    def __init__(self, nc: Client, stream: str, *, timeout: float, patience: float = 0.0) -> None:
         self._nc = nc
         self._subject = f"{API}.DIRECT.GET.{stream}"
         self._timeout = timeout
+        self._patience = patience
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._patience
 
     async def get(self, operation: str, *, seq: int, next_by_subj: str | None = None) -> Msg | None:
         """The message at sequence `seq` (with `next_by_subj`: the first one on that subject at
@@ -57,8 +67,28 @@ class DirectGet:
         return await self._one(f"{self._subject}.{subject}", b"", operation)
 
     async def _one(self, subject: str, body: bytes, operation: str) -> Msg | None:
+        try:  # the fast path: one attempt, no retry machinery
+            return await self._one_attempt(
+                subject, body, operation, min(self._timeout, FIRST_ATTEMPT_WAIT)
+            )
+        except StoreUnavailableError as error:
+            return await ride_out(
+                partial(self._one_attempt, subject, body, operation),
+                operation=operation,
+                deadline=self._deadline(),
+                timeout=self._timeout,
+                failed=error,
+            )
+
+    async def _one_attempt(
+        self,
+        subject: str,
+        body: bytes,
+        operation: str,
+        wait: float,
+    ) -> Msg | None:
         try:
-            msg = await self._nc.request(subject, body, timeout=self._timeout)
+            msg = await self._nc.request(subject, body, timeout=wait)
         except NatsError as error:  # timeout, no responders, connection closed, ...
             raise client_error(operation, error) from None
         status = msg.headers.get(headers.STATUS) if msg.headers else None
@@ -76,7 +106,38 @@ class DirectGet:
         self, subject: str, operation: str, start: int = 1, *, batch: int = DIRECT_BATCH
     ) -> AsyncIterator[Msg]:
         """Every message on `subject` from sequence `start` on, in order, `batch` per request;
-        the next request goes out when a batch ends with messages still pending."""
+        the next request goes out when a batch ends with messages still pending. A batch that
+        fails is asked for again from the message after the last one given, within the
+        patience."""
+        seq = start
+        deadline = self._deadline()
+        loop = asyncio.get_running_loop()
+        pause, attempts = 0.05, 0
+        while True:
+            attempts += 1
+            try:
+                async with contextlib.aclosing(
+                    self._messages_once(subject, operation, seq, batch)
+                ) as listing:
+                    async for msg in listing:
+                        seq = int((msg.headers or {})[headers.SEQUENCE]) + 1
+                        yield msg
+                return
+            except StoreUnavailableError as error:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ElectionTimeoutError(
+                        operation=operation,
+                        seconds=self._patience,
+                        attempts=attempts,
+                        last=error.reason,
+                    ) from error
+                await asyncio.sleep(min(pause, remaining))
+                pause = min(pause * 2, 0.5)
+
+    async def _messages_once(
+        self, subject: str, operation: str, start: int, batch: int
+    ) -> AsyncGenerator[Msg]:
         nc = self._nc
         inbox = nc.new_inbox()
         try:

@@ -112,6 +112,24 @@ async def consumer_delete(
     operation: str,
 ) -> dict[str, Any]:
     """The answer to `CONSUMER.DELETE` of `consumer` on `stream`."""
+    return await _consumer_request(nc, "DELETE", stream, consumer, timeout, operation)
+
+
+async def consumer_info(
+    nc: Client,
+    stream: str,
+    consumer: str,
+    *,
+    timeout: float,  # noqa: ASYNC109 - a deadline for the answer
+    operation: str,
+) -> dict[str, Any]:
+    """The answer to `CONSUMER.INFO` of `consumer` on `stream`."""
+    return await _consumer_request(nc, "INFO", stream, consumer, timeout, operation)
+
+
+async def _consumer_request(
+    nc: Client, verb: str, stream: str, consumer: str, wait: float, operation: str
+) -> dict[str, Any]:
     return await api_request(
-        nc, f"{API}.CONSUMER.DELETE.{stream}.{consumer}", timeout=timeout, operation=operation
+        nc, f"{API}.CONSUMER.{verb}.{stream}.{consumer}", timeout=wait, operation=operation
     )

@@ -32,6 +32,9 @@ ATOMIC_PUBLISH_DISABLED: Final = 10174
 """The stream does not have `allow_atomic` (ADR-50)."""
 ATOMIC_BATCH_INCOMPLETE: Final = 10176
 """A batch sequence is missing (a gap, or the server abandoned the batch)."""
+DUPLICATE_IN_PROCESS: Final = 10158
+"""A message with this `Nats-Msg-Id` is being stored right now (a retry met its first attempt,
+still in the stream's Raft proposal): the first attempt's outcome decides, ask again shortly."""
 ATOMIC_BATCH_DUPLICATE_ID: Final = 10201
 """An atomic batch holds a `Nats-Msg-Id` seen within the duplicate window; nothing stored."""
 
@@ -108,6 +111,14 @@ class BatchDuplicateIdError(PublishRejectedError):
     """
 
 
+class DuplicateInProcessError(PublishRejectedError):
+    """The same message id is being stored by an earlier attempt (err_code 10158); retryable:
+    the next attempt gets that attempt's PubAck as a duplicate. It never leaves the store except
+    inside ElectionTimeoutError."""
+
+    retryable = True
+
+
 class ApiError(msgspec.Struct, frozen=True):
     """The `error` object of a JetStream API answer."""
 
@@ -165,6 +176,10 @@ def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exc
             description=text,
             last_sequence=int(match.group(1)) if match else None,
         )
+    if err_code == DUPLICATE_IN_PROCESS:
+        return DuplicateInProcessError(
+            subject=subject, code=code, err_code=err_code, description=text
+        )
     if err_code == ATOMIC_BATCH_DUPLICATE_ID:
         return BatchDuplicateIdError(
             subject=subject, code=code, err_code=err_code, description=text
@@ -211,6 +226,18 @@ def refused_error(operation: str, error: ApiError) -> FuseError:
         )
     return JetStreamRefusedError(
         operation=operation, code=code, err_code=err_code, description=text
+    )
+
+
+def placement_error(stream: str, *, replicas: int, nodes: int) -> StreamCreateError:
+    """The permanent error for a stream that asks for more copies than the cluster has nodes."""
+    return StreamCreateError(
+        stream=stream,
+        code=400,
+        err_code=CLUSTER_NO_PEERS,
+        description=f"{replicas} replicas asked for, the cluster has {nodes} node(s)",
+        advice=f"ask for at most {nodes} (FUSE_REPLICAS, --replicas, replicas=), or leave the "
+        f"count unset to let the store choose; adding nodes also helps",
     )
 
 

@@ -1,9 +1,14 @@
 """An ordered push consumer on the raw nats-py client: every message once, in order, across gaps.
 
 The consumer is ephemeral (memory storage, no acks, flow control, idle heartbeats). A gap in its
-delivery sequence, a heartbeat naming another last delivery, a status message, or three silent
+delivery sequence, a heartbeat naming another last delivery, a status message, the client's
+reconnect, a heartbeat late by a quarter interval when `CONSUMER.INFO` then gets no answer
+within half an interval (its server died: nothing tells a client that), or three silent
 heartbeat intervals make it recreate the consumer from the last sequence handed out + 1;
-anything at or below that sequence is dropped, so there are no duplicates either. A delivered
+anything at or below that sequence is dropped, so there are no duplicates either. The consumer
+has one replica: an R3 ephemeral consumer whose leader dies is silent until its group elects
+another (4.8 s measured on nats-server 2.15), while an R1 one is recreated on a live server in
+under 2 s. A delivered
 message's reply subject holds its metadata (ADR-15): `$JS.ACK.<stream>.<consumer>.<delivered>.
 <stream seq>.<consumer seq>.<timestamp>.<pending>`, or with `<domain>.<account hash>` after
 `$JS.ACK` and a random token at the end.
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -25,7 +30,15 @@ from nats.errors import Error as NatsError
 
 from newfuse.errors import FuseError, ReadInterruptedError, StoreClosedError, StoreUnavailableError
 from newfuse.nats import headers
-from newfuse.nats.jsapi import api_error, consumer_create, consumer_delete, nanoseconds
+from newfuse.nats.connection import on_reconnect
+from newfuse.nats.election import FIRST_ATTEMPT_WAIT
+from newfuse.nats.jsapi import (
+    api_error,
+    consumer_create,
+    consumer_delete,
+    consumer_info,
+    nanoseconds,
+)
 from newfuse.nats.jserrors import client_error, refused_error
 from newfuse.schemas import as_utc
 
@@ -123,6 +136,7 @@ class OrderedPushConsumer:
         self._closed = False
         self._reset_pending = False
         self._flow_waiting: set[str] = set()
+        self._unlisten: Callable[[], None] | None = None
 
     async def start(self) -> int:
         """Create the consumer; returns how many messages it has pending.
@@ -131,9 +145,13 @@ class OrderedPushConsumer:
             StoreUnavailableError: the server did not answer or refused.
             StoreClosedError: closed meanwhile.
         """
-        return await self._create()
+        return await self._create(self._timeout)
 
-    async def _create(self) -> int:
+    async def _create(self, wait: float) -> int:
+        """Create the consumer afresh, waiting `wait` seconds for the server's answer."""
+        if self._unlisten is None and not self._closed:
+            # a reconnect may have lost the consumer with its server: recreate it at once
+            self._unlisten = on_reconnect(self._nc, self._reset)
         await self._drop_consumer()
         self._generation += 1
         generation = self._generation
@@ -156,7 +174,7 @@ class OrderedPushConsumer:
             self._nc,
             self._stream,
             self._config(inbox),
-            timeout=self._timeout,
+            timeout=wait,
             operation="create consumer",
         )
         refused = api_error(answer)
@@ -210,6 +228,9 @@ class OrderedPushConsumer:
         patience = self._patience
         deadline = None if patience is None else self._failing_since + patience
         wait = 0.05
+        # The meta leader may place the new consumer on a server that just died and not yet
+        # noticed: such a create is never answered, so attempts wait briefly, then longer.
+        answer_wait = min(self._timeout, FIRST_ATTEMPT_WAIT)
         reason = "the server did not answer"
         while True:
             if self._closed:
@@ -226,7 +247,7 @@ class OrderedPushConsumer:
                     )
             try:
                 async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
-                    await self._create()
+                    await self._create(answer_wait)
                 return
             except StoreClosedError:
                 raise
@@ -247,6 +268,7 @@ class OrderedPushConsumer:
                 async with asyncio.timeout(pause):
                     await self._stop.wait()  # set by close_nowait(): stop waiting at once
             wait = min(wait * 2, 1.0)
+            answer_wait = min(answer_wait * 2, self._timeout, 2 * FIRST_ATTEMPT_WAIT)
 
     async def _on_message(self, msg: Msg) -> None:
         found = msg.headers
@@ -294,6 +316,7 @@ class OrderedPushConsumer:
 
     async def _messages(self) -> AsyncIterator[FeedMessage]:
         queue = self._queue
+        late = 1.25 * self._heartbeat
         stall = 3 * self._heartbeat
         while True:
             if self._closed:
@@ -301,11 +324,7 @@ class OrderedPushConsumer:
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
-                try:
-                    async with asyncio.timeout(stall):
-                        item = await queue.get()
-                except TimeoutError:
-                    item = _RESET
+                item = await self._next_or_reset(late, stall)
             if type(item) is FeedMessage:
                 if item.sequence <= self._last:
                     continue
@@ -323,6 +342,38 @@ class OrderedPushConsumer:
             elif item is _BEAT:
                 self._failing_since = None
 
+    async def _next_or_reset(self, late: float, stall: float) -> _Item:
+        """The next queued item; _RESET when the heartbeat is late and the consumer is gone,
+        or when three heartbeats were missed."""
+        queue = self._queue
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(late):
+                return await queue.get()
+        if await self._consumer_gone():
+            return _RESET
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(stall - late):
+                return await queue.get()
+        return _RESET
+
+    async def _consumer_gone(self) -> bool:
+        """True unless the server says the consumer exists (asked with a short deadline)."""
+        consumer = self._consumer
+        if consumer is None:
+            return True
+        try:
+            answer = await consumer_info(
+                self._nc,
+                self._stream,
+                consumer,
+                # a live consumer's server answers in milliseconds; a dead one never does
+                timeout=min(self._timeout, self._heartbeat / 2),
+                operation="consumer info",
+            )
+        except StoreUnavailableError:
+            return True
+        return api_error(answer) is not None
+
     async def _drop_consumer(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -332,7 +383,13 @@ class OrderedPushConsumer:
         if consumer is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await consumer_delete(
-                    self._nc, self._stream, consumer, timeout=1.0, operation="delete consumer"
+                    # short: the consumer's server may be the one that died (and the server
+                    # removes an unheard consumer after its inactive threshold anyway)
+                    self._nc,
+                    self._stream,
+                    consumer,
+                    timeout=min(1.0, self._heartbeat / 2),
+                    operation="delete consumer",
                 )
 
     def close_nowait(self) -> None:
@@ -341,6 +398,9 @@ class OrderedPushConsumer:
         if not self._closed:
             self._closed = True
             self._generation += 1
+            if self._unlisten is not None:
+                self._unlisten()
+                self._unlisten = None
             self._stop.set()
             self._queue.put_nowait(_CLOSED)
             attempt = self._attempt

@@ -18,7 +18,13 @@ from newfuse.nats.jsapi import (
     stream_create,
     stream_info,
 )
-from newfuse.nats.jserrors import STREAM_NAME_IN_USE, STREAM_NOT_FOUND, stream_create_error
+from newfuse.nats.jserrors import (
+    CLUSTER_NO_PEERS,
+    STREAM_NAME_IN_USE,
+    STREAM_NOT_FOUND,
+    placement_error,
+    stream_create_error,
+)
 from newfuse.nats.subjects import Subjects
 
 log = logging.getLogger("newfuse.nats")
@@ -29,26 +35,28 @@ class EventStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         subjects: where the names come from (stream name and its one subject, `<prefix>.ev.>`).
-        replicas: copies in a cluster (1 on a single server).
+        replicas: copies in a cluster when the stream is created; None chooses by the servers
+            (`default_replicas`). An existing stream keeps the count it has.
         max_age: seconds to keep events; None keeps them forever.
         max_bytes: size limit of the stream; None for no limit.
         duplicate_window: seconds during which a repeated `Nats-Msg-Id` is dropped.
     """
 
     subjects: Subjects
-    replicas: int = 1
+    replicas: int | None = None
     max_age: float | None = None
     max_bytes: int | None = None
     duplicate_window: float = 120.0
 
-    def config(self, *, atomic: bool) -> dict[str, Any]:
-        """The JetStream API stream configuration (durations in nanoseconds)."""
+    def config(self, *, atomic: bool, replicas: int = 1) -> dict[str, Any]:
+        """The JetStream API stream configuration (durations in nanoseconds); `replicas` is
+        used when the spec leaves the count open."""
         config: dict[str, Any] = {
             "name": self.subjects.stream_name,
             "subjects": [self.subjects.all_events],
             "retention": "limits",
             "storage": "file",
-            "num_replicas": self.replicas,
+            "num_replicas": self.replicas or replicas,
             "max_age": nanoseconds(self.max_age or 0),
             "max_bytes": -1 if self.max_bytes is None else self.max_bytes,
             "max_msgs": -1,
@@ -64,11 +72,29 @@ class EventStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StreamState(msgspec.Struct, frozen=True, kw_only=True):
-    """What provisioning found out: the stream's name and whether it can take atomic batches."""
+    """What provisioning found out: the stream's name, whether it can take atomic batches, and
+    how many copies it keeps."""
 
     name: str
     atomic: bool
     server_version: str
+    replicas: int = 1
+
+
+def cluster_nodes(nc: Client) -> int | None:
+    """How many servers the server `nc` is connected to has in its cluster: 1 when it is not
+    clustered, else the client URLs it advertises (every routed server's, its own included);
+    None when a cluster hides them (`no_advertise`)."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    if not info.get("cluster"):
+        return 1
+    return len(set(info.get("connect_urls") or ())) or None
+
+
+def default_replicas(nodes: int | None) -> int:
+    """The replica count a store picks itself: 3 where there are 3 or more nodes (a majority
+    survives the loss of one) or their number is hidden, else every node."""
+    return 3 if nodes is None else min(3, nodes)
 
 
 def server_version(nc: Client) -> str:
@@ -147,7 +173,9 @@ async def ensure_event_stream(
     version = server_version(nc)
     atomic = server_supports_atomic(version)
     name = spec.subjects.stream_name
-    wanted = spec.config(atomic=atomic)
+    nodes = cluster_nodes(nc)
+    replicas = spec.replicas or default_replicas(nodes)
+    wanted = spec.config(atomic=atomic, replicas=replicas)
     operation = f"provision stream {name!r}"
     info = await stream_info(nc, name, timeout=timeout, operation=operation)
     error = api_error(info)
@@ -159,6 +187,8 @@ async def ensure_event_stream(
             "by the first append (fuse publish), never by a command that only reads",
         )
     if error is not None and error.err_code == STREAM_NOT_FOUND:
+        if nodes is not None and 1 < nodes < replicas:  # one server answers this itself
+            raise placement_error(name, replicas=replicas, nodes=nodes)
         info = await stream_create(nc, wanted, timeout=timeout, operation=operation)
         error = api_error(info)
         if error is not None and error.err_code == STREAM_NAME_IN_USE:
@@ -166,13 +196,35 @@ async def ensure_event_stream(
             info = await stream_info(nc, name, timeout=timeout, operation=operation)
             error = api_error(info)
         elif error is None:
-            log.info("created JetStream stream %s on %s", name, spec.subjects.all_events)
+            log.info(
+                "created JetStream stream %s on %s with %d replica(s) (%s; %s node(s) seen)",
+                name,
+                spec.subjects.all_events,
+                replicas,
+                "as asked" if spec.replicas else "chosen: FUSE_REPLICAS / replicas= to change",
+                nodes or "unknown",
+            )
+        elif error.err_code == CLUSTER_NO_PEERS and nodes is not None and replicas > nodes:
+            raise placement_error(name, replicas=replicas, nodes=nodes)
     if error is not None:  # the create was refused, or the look-up failed: not a config mismatch
         raise stream_create_error(name, error)
     actual: dict[str, Any] = info["config"]
+    have = int(actual.get("num_replicas") or 1)
+    if spec.replicas is not None and spec.replicas != have:
+        log.warning(
+            "JetStream stream %s keeps %d replica(s), not the %d asked for: an existing stream "
+            "is used as it is (change it with `nats stream edit --replicas`)",
+            name,
+            have,
+            spec.replicas,
+        )
+    wanted["num_replicas"] = have  # the count is the stream's; every other setting is checked
     _check(name, wanted, actual, atomic=atomic)
     return StreamState(
-        name=name, atomic=atomic and bool(actual.get("allow_atomic")), server_version=version
+        name=name,
+        atomic=atomic and bool(actual.get("allow_atomic")),
+        server_version=version,
+        replicas=have,
     )
 
 
