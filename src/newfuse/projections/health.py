@@ -16,9 +16,12 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO
 
+import msgspec
+
 from newfuse.config import Settings
-from newfuse.eventstore import EventStore
+from newfuse.eventstore import EventFilter, EventStore
 from newfuse.health import Check, HealthServer
+from newfuse.projections.base import ANY_TYPE, Projection
 from newfuse.projections.runner import ProjectionRunner
 from newfuse.schemas import utcnow
 from newfuse.telemetry import Telemetry
@@ -54,6 +57,7 @@ class RunnerReadiness:
         self.max_lag_seconds = max_lag_seconds
         self.max_lag_events = max_lag_events
         self._scanned = 0  # no event the projection handles lies in (checkpoint, _scanned]
+        self._handled = _handled_filter(runner.projection)
 
     async def __call__(self) -> str | None:
         runner = self.runner
@@ -65,7 +69,7 @@ class RunnerReadiness:
         if start > head:
             return None
         pending = None
-        async for event in runner.store.read_all(start, filter=runner.projection.filter, limit=1):
+        async for event in runner.store.read_all(start, filter=self._handled, limit=1):
             pending = event
         if pending is None:
             self._scanned = head
@@ -84,6 +88,15 @@ class RunnerReadiness:
                 f"{self.max_lag_events})"
             )
         return None
+
+
+def _handled_filter(projection: Projection[Any]) -> EventFilter:
+    """The events `projection` applies: its filter narrowed to its handlers' types, unless it has
+    a catch-all handler (the filter alone says nothing of types, so an event it ignores would
+    otherwise count as lag until the runner's checkpoint passes it)."""
+    if ANY_TYPE in projection.handlers:
+        return projection.filter
+    return msgspec.structs.replace(projection.filter, types=tuple(sorted(projection.handlers)))
 
 
 def projection_checks(
