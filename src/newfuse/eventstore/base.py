@@ -49,9 +49,15 @@ from newfuse.schemas import (
     parse_envelope,
     utcnow,
 )
-from newfuse.telemetry import current_trace_context
+from newfuse.telemetry import current_trace_context, meter
 
 log = logging.getLogger("newfuse.eventstore")
+
+_APPENDED = meter().create_counter(
+    "newfuse.store.appended",
+    unit="{event}",
+    description="events this process appended and the store acknowledged, by backend",
+)
 
 MAX_BATCH = 1000
 """Most events one append may carry (JetStream's atomic batch limit, ADR-50; kept for all)."""
@@ -480,7 +486,12 @@ class EventStore(AsyncClosing, abc.ABC):
                     )
         if not self._opened:
             await self._open()
-        return await self._append(stream, prepared, expected_version)
+        result = await self._append(stream, prepared, expected_version)
+        _APPENDED.add(len(prepared), {"backend": self.backend})
+        return result
+
+    backend: str = "store"
+    """The backend's name in metrics (`jetstream`, `sqlite`)."""
 
     @property
     def max_event_bytes(self) -> int | None:

@@ -99,6 +99,8 @@ class JetStreamEventStore(EventStore):
             await store.append("agent.r1", NewEvent(type="note", data={"text": "hi"}))
     """
 
+    backend = "jetstream"
+
     def __init__(
         self,
         nc: Client,

@@ -229,6 +229,8 @@ class SQLiteEventStore(EventStore):
     close it (or use `async with`). See the module docstring for what holds across processes.
     """
 
+    backend = "sqlite"
+
     # Every row is written by a SQLiteEventStore, which bounds nesting on append; a file that
     # someone else wrote into is corrupt anyway, and the decoder's own guard (RecursionError,
     # reported like any invalid event) still keeps a deep row from stopping a reader. Skipping

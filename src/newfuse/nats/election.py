@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 from newfuse.errors import ElectionTimeoutError, FuseError, StoreUnavailableError
+from newfuse.telemetry import meter
 
 log = logging.getLogger("newfuse.nats")
+
+_RIDDEN_OUT = meter().create_counter(
+    "newfuse.store.elections_ridden_out",
+    unit="{operation}",
+    description="operations that succeeded after riding out a leader election or reconnect "
+    "(at least one retryable failure first), by operation kind",
+)
 
 T = TypeVar("T")
 
@@ -79,8 +88,20 @@ async def ride_out(
             wait = min(wait * 2, timeout)
         attempts += 1
         try:
-            return await step(max(0.05, min(wait, deadline - loop.time())))
+            result = await step(max(0.05, min(wait, deadline - loop.time())))
         except FuseError as failure:
             if not failure.retryable:
                 raise
             error = failure
+        else:
+            if error is not None:
+                _RIDDEN_OUT.add(1, {"operation": _kind(operation)})
+            return result
+
+
+def _kind(operation: str) -> str:
+    """The kind of an operation for a metric attribute: no stream names (unbounded cardinality).
+
+    "append to 'agent.a1'" -> "append", "provision stream 'FUSE_EVENTS'" -> "provision stream".
+    """
+    return re.split(r" (?:to|on|of) |'", operation, maxsplit=1)[0].strip() or operation
