@@ -8,6 +8,7 @@ from nats.aio.client import Client
 
 from newfuse.nats import DirectGet, Subjects
 from newfuse.schemas import ENVELOPE_DECODER, Envelope, default_registry
+from support import wait_for
 
 REGISTRY = default_registry()
 
@@ -23,3 +24,15 @@ async def stored(nc: Client, prefix: str, subject: str) -> list[Envelope]:
 def payload(envelope: Envelope) -> Any:
     """The decoded payload of a stored envelope (an A2AMessage, a DeadLetter, ...)."""
     return REGISTRY.decode(envelope.type, envelope.schema_version, envelope.data)
+
+
+async def settled(nc: Client, prefix: str, consumer: str) -> None:
+    """Wait until `consumer` has acked everything: every handled message's effects are stored
+    (a reply is seen by core subscribers when published, before its batch commits)."""
+    name = Subjects(prefix).message_stream_name
+
+    async def acked() -> bool:
+        info = await nc.jetstream().consumer_info(name, consumer)
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    await wait_for(acked, timeout=30)

@@ -8,6 +8,10 @@ of 0: a second commit for the same message is refused by the server whatever the
 window, and a redelivery finds the marker and is acked without running the handler again.
 Effect ids are derived from the message handled (wire.derived_id), so even a sender that
 retries outside the runtime is deduplicated inside the window.
+
+Core NATS subscribers of an effect's subject (a requester waiting for its reply) see it when it
+is published, before its batch commits; the log holds it once the batch has committed, and a
+refused second commit's copy is a duplicate (same derived id) the requester ignores.
 """
 
 from __future__ import annotations
@@ -295,6 +299,8 @@ class RunningAgent:
         self.handled = 0
         """Messages whose handler succeeded (effects stored) on this instance."""
         self.dead_lettered = 0
+        self.already_handled = 0
+        """Redeliveries whose effects were stored already (acked without running the handler)."""
         self._nc = nc
         self._stream = stream
         self._fast_path = fast_path
@@ -403,6 +409,7 @@ class RunningAgent:
         if attempt > 1 and await self._direct.last_for(
             self.subjects.handled(consumer, position), "look up a handled marker"
         ):
+            self.already_handled += 1
             await self._ack(msg)  # its effects are stored: only the ack was lost
             return
         route = self.agent.routes.get(message.type)
