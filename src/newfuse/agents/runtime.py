@@ -304,10 +304,11 @@ class RunningAgent:
         self._nc = nc
         self._stream = stream
         self._fast_path = fast_path
+        self._reply_prefix = subjects.reply("")
         self._direct = DirectGet(nc, subjects.message_stream_name, timeout=5.0)
         self._server_version = ""
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._loops: list[PullLoop] = []
+        self._loops: dict[str, PullLoop] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._rpc: Any = None
 
@@ -337,7 +338,7 @@ class RunningAgent:
                 batch=self.agent.concurrency * 4,
                 queue=self._queue,
             )
-            self._loops.append(loop)
+            self._loops[spec.name] = loop
             await loop.start()
         for index in range(self.agent.concurrency):
             self._tasks.append(
@@ -359,7 +360,7 @@ class RunningAgent:
             with contextlib.suppress(Exception):
                 await self._rpc.unsubscribe()
             self._rpc = None
-        for loop in self._loops:
+        for loop in self._loops.values():
             await loop.close()
         self._loops.clear()
         for task in self._tasks:
@@ -372,8 +373,12 @@ class RunningAgent:
     async def _work(self) -> None:
         while True:
             msg = await self._queue.get()
+            consumer = msg.metadata.consumer or ""
+            loop = self._loops.get(consumer)
+            if loop is not None:
+                await loop.taken()
             try:
-                await self._deliver(msg, msg.metadata.consumer or "")
+                await self._deliver(msg, consumer)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the bus failed us (not the handler): try again later
@@ -483,9 +488,12 @@ class RunningAgent:
             b"",
             {headers.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"},
         )
+        # Replies go first: a requester sees a message when it is published, so the reply
+        # reaches it one round trip sooner; the marker's check holds at commit wherever it is.
+        ordered = sorted(effects, key=lambda effect: not effect[0].startswith(self._reply_prefix))
         try:
             await publish_atomic_batch(
-                self._nc, [marker, *effects], server_version=self._server_version
+                self._nc, [*ordered, marker], server_version=self._server_version
             )
         except (WrongLastSequenceError, BatchDuplicateIdError):
             pass  # another delivery of this message committed first: its effects stand

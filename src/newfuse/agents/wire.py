@@ -23,6 +23,7 @@ from newfuse.schemas import (
 
 MESSAGE_TYPE: Final = "a2a.message"
 REGISTRY: Final = default_registry()
+_ENCODER: Final = msgspec.json.Encoder()
 _NAMESPACE: Final = uuid.UUID("6f1c3c9e-2d0b-5a4e-9a55-0c5e1f3a2b77")
 
 
@@ -57,12 +58,20 @@ def encode(
         correlation_id=correlation_id,
         causation_id=causation_id,
         trace=trace,
-        data=msgspec.Raw(registry.encode(type_name, 1, data)),
+        data=msgspec.Raw(_payload(type_name, data, registry)),
     )
     wire_headers = {headers.MSG_ID: event_id, headers.TYPE: type_name, headers.SCHEMA_VERSION: "1"}
     if trace is not None:
         wire_headers[headers.TRACEPARENT] = trace.traceparent
     return ENVELOPE_ENCODER.encode(envelope), wire_headers
+
+
+def _payload(type_name: str, data: Any, registry: SchemaRegistry) -> bytes:
+    # A struct the runtime built is valid by construction; anything else is checked.
+    if isinstance(data, msgspec.Struct) and registry.is_registered(type_name):
+        if registry.type_of(data) == (type_name, 1):
+            return _ENCODER.encode(data)
+    return registry.encode(type_name, 1, data)
 
 
 def decode(body: bytes, where: str) -> tuple[Envelope, A2AMessage]:

@@ -168,9 +168,14 @@ class PullLoop:
     async def next(self) -> Msg:
         """The next delivered message (waits until one comes)."""
         msg = await self._queue.get()
+        await self.taken()
+        return msg
+
+    async def taken(self) -> None:
+        """A message left the queue (`next` says so itself; a shared queue's reader must):
+        ask for more when fewer than half a batch remain asked for."""
         if self._asked < self._batch // 2 and self._queue.qsize() < self._batch:
             await self._ask()
-        return msg
 
     async def close(self) -> None:
         """Stop asking and unsubscribe; undelivered messages are redelivered after ack_wait."""
