@@ -311,6 +311,9 @@ class RunningAgent:
         self._loops: dict[str, PullLoop] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._rpc: Any = None
+        self._stopping = False
+        self._busy = 0
+        self._idle = asyncio.Event()
 
     def _consumers(self) -> list[DurableSpec]:
         agent, subjects = self.agent, self.subjects
@@ -354,8 +357,10 @@ class RunningAgent:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Stop pulling and handling; messages in flight are redelivered. Idempotent."""
+    async def close(self, *, grace: float | None = None) -> None:
+        """Stop pulling; let the handlers running finish (at most `grace` seconds, default
+        ack_wait) and store their effects; hand messages not started back to the server at
+        once (nak). Idempotent."""
         if self._rpc is not None:
             with contextlib.suppress(Exception):
                 await self._rpc.unsubscribe()
@@ -363,6 +368,14 @@ class RunningAgent:
         for loop in self._loops.values():
             await loop.close()
         self._loops.clear()
+        self._stopping = True
+        while not self._queue.empty():
+            with contextlib.suppress(Exception):
+                await self._queue.get_nowait().nak()
+        if self._busy:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.agent.ack_wait if grace is None else grace):
+                    await self._idle.wait()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -373,10 +386,16 @@ class RunningAgent:
     async def _work(self) -> None:
         while True:
             msg = await self._queue.get()
+            if self._stopping:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                continue
             consumer = msg.metadata.consumer or ""
             loop = self._loops.get(consumer)
             if loop is not None:
                 await loop.taken()
+            self._busy += 1
+            self._idle.clear()
             try:
                 await self._deliver(msg, consumer)
             except asyncio.CancelledError:
@@ -387,6 +406,10 @@ class RunningAgent:
                 )
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=self.agent.backoff[0])
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
 
     # -- one delivery ----------------------------------------------------------------------------
 
