@@ -42,10 +42,11 @@ class Sizes:
     fan_in: int  # messages per fan-in round
     round_trips: int  # sequential requests per latency round
     rounds: int  # alternating rounds per measurement (the best of each side is kept)
+    pool: int  # messages queued for the one-instance and three-instance rounds
 
 
-FULL = Sizes(fan_in=20_000, round_trips=2_000, rounds=3)
-QUICK = Sizes(fan_in=800, round_trips=100, rounds=1)
+FULL = Sizes(fan_in=20_000, round_trips=2_000, rounds=3, pool=20_000)
+QUICK = Sizes(fan_in=800, round_trips=100, rounds=1, pool=3_000)
 
 
 def counting_agent(name: str, counts: dict[str, int], done: asyncio.Event, total: int) -> Agent:
@@ -209,8 +210,7 @@ async def instances_rate(
             agent.run(nc, key=str(k), prefix=prefix, stream=stream, fast_path=False)
             for k in range(instances)
         ]
-        for running in runs:
-            await running.__aenter__()
+        await asyncio.gather(*(running.__aenter__() for running in runs))
         try:
             async with asyncio.timeout(120):
                 await done.wait()
@@ -225,7 +225,7 @@ async def instances_rate(
 async def bench_instances(
     nc: NatsClient, stream: MessageStreamSpec, prefix: str, sizes: Sizes
 ) -> None:
-    n = sizes.fan_in // 2
+    n = sizes.pool
     one, _ = await instances_rate(nc, stream, prefix, n, 1)
     three, shares = await instances_rate(nc, stream, prefix, n, 3)
     progress(f"instances: one {one:,.0f}/s, three {three:,.0f}/s, shares {shares}")
