@@ -59,13 +59,15 @@ class AgentLifecycle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
     Types `agent.registered`, `agent.started`, `agent.heartbeat`, `agent.stopped`,
     `agent.failed`, `agent.deregistered` share this payload. `agentId` is `<type>-<key>` (what
-    the agent-state projection keys on); `instance` tells instances of one type apart.
+    the agent-state projection keys on; without it, the id of the `agent.<id>` stream the event
+    is in); `instance` tells instances of one type apart. Every field is optional, so the
+    lifecycle events written before these types were registered stay valid.
     """
 
-    agent_id: str = msgspec.field(name="agentId")
-    agent_type: str = msgspec.field(name="agentType")
-    key: str
-    instance: str
+    agent_id: str | None = msgspec.field(default=None, name="agentId")
+    agent_type: str | None = msgspec.field(default=None, name="agentType")
+    key: str | None = None
+    instance: str | None = None
     reason: str | None = None
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
