@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 
 from newfuse.nats import DirectGet, Subjects
 from newfuse.schemas import ENVELOPE_DECODER, Envelope, default_registry
@@ -32,7 +33,10 @@ async def settled(nc: Client, prefix: str, consumer: str) -> None:
     name = Subjects(prefix).message_stream_name
 
     async def acked() -> bool:
-        info = await nc.jetstream().consumer_info(name, consumer)
+        try:
+            info = await nc.jetstream().consumer_info(name, consumer)
+        except NatsError:  # a cluster electing a leader does not answer yet: ask again
+            return False
         return info.num_pending == 0 and info.num_ack_pending == 0
 
-    await wait_for(acked, timeout=30)
+    await wait_for(acked, timeout=60)

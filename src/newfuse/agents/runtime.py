@@ -407,7 +407,7 @@ class RunningAgent:
                     "agent %s: delivery of %s failed; redelivering", self.agent_id, msg.subject
                 )
                 with contextlib.suppress(Exception):
-                    await msg.nak(delay=self.agent.backoff[0])
+                    await msg.nak(delay=self._backoff(msg.metadata.num_delivered))
             finally:
                 self._busy -= 1
                 if not self._busy:
@@ -467,8 +467,7 @@ class RunningAgent:
             retryable = not isinstance(error, FuseError) or error.retryable
             reason = f"{type(error).__name__}: {error}"
             if retryable and attempt < self.agent.max_attempts:
-                first, most = self.agent.backoff
-                await msg.nak(delay=min(most, first * 2 ** (attempt - 1)))
+                await msg.nak(delay=self._backoff(attempt))
                 return
             await self._dead_letter(msg, consumer, envelope, message, attempt, reason)
             return
@@ -485,6 +484,10 @@ class RunningAgent:
         await self._commit(ctx._effects, consumer, position, attempt)
         self.handled += 1
         await self._ack(msg)
+
+    def _backoff(self, attempt: int) -> float:
+        first, most = self.agent.backoff
+        return float(min(most, first * 2 ** (attempt - 1)))
 
     async def _call(self, route: _Route, ctx: Context, msg: Msg | None) -> None:
         payload: Any = ctx.message.payload
