@@ -774,3 +774,73 @@ class QueryTimeoutError(ProjectionError):
             f"(SQL: {sql.strip()[:200]}); narrow it (WHERE, LIMIT) or allow more time "
             "(fuse audit sql --timeout SECONDS, or AuditIndex.sql(..., time_limit=SECONDS))"
         )
+
+
+# -- agents ----------------------------------------------------------------------------------------
+
+
+class AgentError(FuseError):
+    """Base of the agent runtime's errors."""
+
+
+class ConsumerCreateError(AgentError):
+    """JetStream refused to create or update a durable consumer."""
+
+    def __init__(
+        self, *, stream: str, consumer: str, code: int, err_code: int, description: str
+    ) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+        super().__init__(
+            f"JetStream refused consumer {consumer!r} on stream {stream!r}: {description} "
+            f"(status {code}, err_code {err_code}); instances of one agent type must declare "
+            f"the same topics and delivery settings"
+        )
+
+
+class HandlerRegistrationError(AgentError, ValueError):
+    """A handler cannot be registered as written."""
+
+    def __init__(self, *, agent: str, message_type: str, reason: str) -> None:
+        self.agent = agent
+        self.message_type = message_type
+        self.reason = reason
+        super().__init__(f"agent {agent!r}: handler of {message_type!r}: {reason}")
+
+
+class RequestTimeoutError(AgentError, TimeoutError):
+    """No reply to a request within the time allowed (the request itself may be handled)."""
+
+    retryable = True
+
+    def __init__(self, *, agent: str, message_type: str, waited: float, path: str) -> None:
+        self.agent = agent
+        self.message_type = message_type
+        self.waited = waited
+        self.path = path
+        super().__init__(
+            f"no reply from agent {agent!r} to {message_type!r} within {waited:g}s ({path}); "
+            f"is an instance running? (a request through the log stays in its inbox and is "
+            f"handled when one starts)"
+        )
+
+
+class RequestFailedError(AgentError):
+    """The agent answered a request with an error (its handler failed or gave up)."""
+
+    def __init__(self, *, agent: str, message_type: str, error: str) -> None:
+        self.agent = agent
+        self.message_type = message_type
+        self.error = error
+        super().__init__(f"agent {agent!r} failed {message_type!r}: {error}")
+
+
+class AgentClosedError(AgentError):
+    """The agent or client was used after it closed."""
+
+    def __init__(self, *, agent: str) -> None:
+        self.agent = agent
+        super().__init__(f"{agent} is closed; open a new one")

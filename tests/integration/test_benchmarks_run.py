@@ -42,9 +42,21 @@ PROJECTION_LINES = {
 } | {f"{model}.lag.{p}" for model in ("agent_state", "audit") for p in ("p50", "p99")}
 
 
+A2A_LINES = {
+    "a2a.fan_in",
+    "a2a.instances.1",
+    "a2a.instances.3",
+    *(f"a2a.round_trip.{path}.{p}" for path in ("fast_path", "log") for p in ("p50", "p99")),
+}
+
+
 @pytest.mark.parametrize(
     ("script", "expected_names"),
-    [("eventstore.py", EVENTSTORE_LINES), ("projections.py", PROJECTION_LINES)],
+    [
+        ("eventstore.py", EVENTSTORE_LINES),
+        ("projections.py", PROJECTION_LINES),
+        ("a2a.py", A2A_LINES),
+    ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(
     script: str, expected_names: set[str]
@@ -73,4 +85,10 @@ def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(
             # The load the lag was measured under, achieved by each side's round.
             for field in ("rate", "baseline_rate"):
                 assert isinstance(line[field], int | float) and line[field] > 0, line
+    for line in lines:
+        if line["name"].startswith("a2a.instances."):
+            # Each instance's share of the work: every one took some, together all of it.
+            assert len(line["shares"]) == int(line["name"].rsplit(".", 1)[1]), line
+            assert all(share > 0 for share in line["shares"]), line
+            assert math.isclose(sum(line["shares"]), 1.0, abs_tol=0.01), line
     assert "done" in done.stderr

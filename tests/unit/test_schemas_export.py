@@ -62,9 +62,17 @@ def test_export_writes_envelope_each_type_and_version_and_the_index(tmp_path: Pa
     assert [(entry.type, entry.version, entry.file, entry.latest) for entry in written] == [
         ("envelope", 1, "envelope.v1.json", True),
         ("a2a.message", 1, "a2a.message.v1.json", True),
+        ("agent.dead_letter", 1, "agent.dead_letter.v1.json", True),
+        ("agent.deregistered", 1, "agent.deregistered.v1.json", True),
+        ("agent.failed", 1, "agent.failed.v1.json", True),
+        ("agent.heartbeat", 1, "agent.heartbeat.v1.json", True),
+        ("agent.registered", 1, "agent.registered.v1.json", True),
+        ("agent.started", 1, "agent.started.v1.json", True),
         ("agent.state_update", 1, "agent.state_update.v1.json", True),
+        ("agent.stopped", 1, "agent.stopped.v1.json", True),
         ("order.placed", 1, "order.placed.v1.json", False),
         ("order.placed", 2, "order.placed.v2.json", True),
+        ("task.status", 1, "task.status.v1.json", True),
         ("transaction", 1, "transaction.v1.json", True),
     ]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
@@ -118,9 +126,10 @@ def test_index_lists_files_upcasters_and_the_wire_contract() -> None:
     index = build_export(orders())["index.json"]
     assert index["dialect"] == JSON_SCHEMA_DIALECT
     assert index["envelope"]["file"] == "envelope.v1.json"
-    assert [(entry["type"], entry["version"], entry["file"]) for entry in index["types"]][-3:] == [
+    assert [(entry["type"], entry["version"], entry["file"]) for entry in index["types"]][-4:] == [
         ("order.placed", 1, "order.placed.v1.json"),
         ("order.placed", 2, "order.placed.v2.json"),
+        ("task.status", 1, "task.status.v1.json"),
         ("transaction", 1, "transaction.v1.json"),
     ]
     assert index["upcasters"] == [{"type": "order.placed", "from_version": 1, "to_version": 2}]

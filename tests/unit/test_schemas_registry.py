@@ -17,10 +17,14 @@ from newfuse.errors import (
     UnknownVersionError,
 )
 from newfuse.schemas import (
+    LIFECYCLE_TYPES,
     A2AMessage,
     A2AMetadata,
+    AgentStopped,
+    DeadLetter,
     SchemaRegistry,
     StateUpdate,
+    TaskStatusUpdate,
     Transaction,
     default_registry,
 )
@@ -384,11 +388,15 @@ def test_strict_categories_are_validated_and_remembered() -> None:
         registry.declare_strict("sa.ga")
 
 
-def test_default_registry_holds_the_three_built_in_types_and_is_a_fresh_copy() -> None:
+def test_default_registry_holds_the_built_in_types_and_is_a_fresh_copy() -> None:
     first = default_registry()
     assert [(n, v, c) for n, v, c in first.types()] == [
         ("a2a.message", 1, A2AMessage),
+        ("agent.dead_letter", 1, DeadLetter),
+        *((name, 1, cls) for name, cls in sorted(LIFECYCLE_TYPES.items())[:5]),
         ("agent.state_update", 1, StateUpdate),
+        ("agent.stopped", 1, AgentStopped),
+        ("task.status", 1, TaskStatusUpdate),
         ("transaction", 1, Transaction),
     ]
     first.add("order.placed", 1, OrderV1)

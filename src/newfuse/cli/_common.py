@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -135,3 +137,31 @@ def read_data(value: str, *, flag: str = "--data") -> bytes:
                 "readable file, '-' for standard input, or the JSON itself",
             ) from None
     return value.encode()
+
+
+def load_attribute(spec: str, *, option: str, example: str) -> Any:
+    """The object named by `module:attribute`; the current directory is importable, as with
+    `python -m`.
+
+    Raises:
+        ConfigError: `spec` is not MODULE:NAME, the module does not import, or has no NAME.
+    """
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ConfigError(
+            variable=option, value=spec, reason=f"expected MODULE:NAME, e.g. {example}"
+        )
+    if os.getcwd() not in sys.path:  # as `python -m` does, so `fuse` finds the project's modules
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            variable=option, value=spec, reason=f"cannot import {module_name!r}: {error}"
+        ) from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(
+            variable=option, value=spec, reason=f"{module_name} has no {attribute!r}"
+        ) from None

@@ -20,6 +20,7 @@ from newfuse.cli._common import (
     settings_from_args,
 )
 from newfuse.cli._output import note, print_error, print_json, print_table, progress, rfc3339
+from newfuse.cli.agents import register_agent_actions
 from newfuse.eventstore import EventStore
 from newfuse.projections import (
     AgentStateView,
@@ -70,6 +71,7 @@ def register(commands: Commands) -> None:
     state = agent_actions.add_parser("state", help="an agent's state (or every agent's)")
     state.add_argument("agent", nargs="?", help="agent id (default: all agents)")
     state.set_defaults(handler=run_agent_state)
+    register_agent_actions(agent_actions)
 
     audit = commands.add_parser(
         "audit",

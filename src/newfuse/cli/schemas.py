@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from newfuse.cli._common import Commands
+from newfuse.cli._common import Commands, load_attribute
 from newfuse.cli._output import print_json, print_table
 from newfuse.errors import ConfigError
 from newfuse.schemas import ExportedSchema, SchemaRegistry, default_registry, export_schemas
@@ -75,25 +72,7 @@ def load_registry(spec: str | None) -> SchemaRegistry:
     """
     if spec is None:
         return default_registry()
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name or not attribute:
-        raise ConfigError(
-            variable="--registry", value=spec, reason="expected MODULE:NAME, e.g. myapp.events:reg"
-        )
-    if os.getcwd() not in sys.path:  # as `python -m` does, so `fuse` finds the project's modules
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(
-            variable="--registry", value=spec, reason=f"cannot import {module_name!r}: {error}"
-        ) from None
-    try:
-        found = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(
-            variable="--registry", value=spec, reason=f"{module_name} has no {attribute!r}"
-        ) from None
+    found = load_attribute(spec, option="--registry", example="myapp.events:registry")
     if not isinstance(found, SchemaRegistry) and callable(found):
         try:
             found = found()

@@ -5,10 +5,16 @@ from newfuse.nats import headers
 from newfuse.nats.batch import MAX_BATCH_MESSAGES, publish_atomic_batch
 from newfuse.nats.connection import connect
 from newfuse.nats.direct import DirectGet
+from newfuse.nats.durable import DurableSpec, PullLoop, ensure_durable
 from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, find_valkey_server
 from newfuse.nats.jserrors import PubAck
 from newfuse.nats.ordered import FeedMessage, OrderedPushConsumer
-from newfuse.nats.provision import EventStreamSpec, StreamState, ensure_event_stream
+from newfuse.nats.provision import (
+    EventStreamSpec,
+    MessageStreamSpec,
+    StreamState,
+    ensure_event_stream,
+)
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 
@@ -21,6 +27,11 @@ __all__ = [
     "EventStreamSpec",
     "StreamState",
     "ensure_event_stream",
+    # the messages' stream and its durable consumers
+    "DurableSpec",
+    "MessageStreamSpec",
+    "PullLoop",
+    "ensure_durable",
     # publishing
     "MAX_BATCH_MESSAGES",
     "PubAck",

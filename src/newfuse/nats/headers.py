@@ -60,6 +60,9 @@ LAST_CONSUMER: Final[str] = "Nats-Last-Consumer"
 CONSUMER_STALLED: Final[str] = "Nats-Consumer-Stalled"
 """Idle heartbeat of a push consumer waiting for a flow-control reply: where to send it."""
 
+PENDING_MESSAGES: Final[str] = "Nats-Pending-Messages"
+"""Pull request status (ADR-37): how many messages of the request were left undelivered."""
+
 
 def message_size(body: bytes, headers: Mapping[str, str]) -> int:
     """Bytes a message counts against the server's `max_payload`: the body plus the header

@@ -71,6 +71,38 @@ class EventStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
         return config
 
 
+class MessageStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the A2A messages' stream must look like (inboxes, topics, replies, task queues).
+
+    Writers publish with `Nats-Msg-Id` and no expected-sequence header, so many senders to one
+    agent never serialize on a version check; order is the JetStream sequence. `replicas`
+    None chooses by the servers, as for the events' stream.
+    """
+
+    subjects: Subjects
+    replicas: int | None = None
+    max_age: float | None = None
+    duplicate_window: float = 120.0
+
+    def config(self, *, atomic: bool, replicas: int = 1) -> dict[str, Any]:
+        """The JetStream API stream configuration (durations in nanoseconds)."""
+        return {  # no atomic batches (`atomic` is ignored): see agents/runtime.py for why
+            "name": self.subjects.message_stream_name,
+            "subjects": list(self.subjects.all_messages),
+            "retention": "limits",
+            "storage": "file",
+            "num_replicas": self.replicas or replicas,
+            "max_age": nanoseconds(self.max_age or 0),
+            "max_bytes": -1,
+            "max_msgs": -1,
+            "max_msgs_per_subject": -1,
+            "duplicate_window": nanoseconds(self.duplicate_window),
+            "discard": "old",
+            "allow_direct": True,
+            "description": "newfuse A2A messages and task queues",
+        }
+
+
 class StreamState(msgspec.Struct, frozen=True, kw_only=True):
     """What provisioning found out: the stream's name, whether it can take atomic batches, and
     how many copies it keeps."""
@@ -144,12 +176,12 @@ async def event_prefixes(
 
 async def ensure_event_stream(
     nc: Client,
-    spec: EventStreamSpec,
+    spec: EventStreamSpec | MessageStreamSpec,
     *,
     timeout: float = 5.0,  # noqa: ASYNC109 - a deadline per JetStream API answer
     create: bool = True,
 ) -> StreamState:
-    """Create the events' stream if it is missing; check it if it exists. Idempotent.
+    """Create the events' (or the messages') stream if missing; check it if it exists. Idempotent.
 
     Args:
         nc: a connected client.
@@ -172,10 +204,10 @@ async def ensure_event_stream(
     """
     version = server_version(nc)
     atomic = server_supports_atomic(version)
-    name = spec.subjects.stream_name
     nodes = cluster_nodes(nc)
     replicas = spec.replicas or default_replicas(nodes)
     wanted = spec.config(atomic=atomic, replicas=replicas)
+    name: str = wanted["name"]
     operation = f"provision stream {name!r}"
     info = await stream_info(nc, name, timeout=timeout, operation=operation)
     error = api_error(info)
@@ -199,7 +231,7 @@ async def ensure_event_stream(
             log.info(
                 "created JetStream stream %s on %s with %d replica(s) (%s; %s node(s) seen)",
                 name,
-                spec.subjects.all_events,
+                wanted["subjects"],
                 replicas,
                 "as asked" if spec.replicas else "chosen: FUSE_REPLICAS / replicas= to change",
                 nodes or "unknown",
@@ -219,7 +251,8 @@ async def ensure_event_stream(
             spec.replicas,
         )
     wanted["num_replicas"] = have  # the count is the stream's; every other setting is checked
-    _check(name, wanted, actual, atomic=atomic)
+    checked = _CHECKED if isinstance(spec, EventStreamSpec) else _MESSAGES_CHECKED
+    _check(name, wanted, actual, atomic=atomic, checked=checked)
     return StreamState(
         name=name,
         atomic=atomic and bool(actual.get("allow_atomic")),
@@ -253,8 +286,20 @@ _CHECKED = (
 )
 
 
-def _check(name: str, wanted: dict[str, Any], actual: dict[str, Any], *, atomic: bool) -> None:
-    for field in _CHECKED:
+_MESSAGES_CHECKED = ("subjects", "retention", "storage", "allow_direct")
+"""What the agent runtime relies on in the message stream; its age limit and duplicate window
+are the operator's to choose (exactly-once effects do not depend on the window)."""
+
+
+def _check(
+    name: str,
+    wanted: dict[str, Any],
+    actual: dict[str, Any],
+    *,
+    atomic: bool,
+    checked: tuple[str, ...],
+) -> None:
+    for field in checked:
         if field == "allow_atomic" and not atomic:
             continue  # an older server: multi-event appends are refused instead
         want: Any = wanted.get(field, _DEFAULTS.get(field))

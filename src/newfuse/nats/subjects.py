@@ -15,7 +15,7 @@ class Subjects:
         ('fuse.ev.agent.r1', 'FUSE_EVENTS')
     """
 
-    __slots__ = ("_event_prefix", "prefix", "stream_name")
+    __slots__ = ("_a2a", "_event_prefix", "message_stream_name", "prefix", "stream_name")
 
     def __init__(self, prefix: str) -> None:
         check_token(
@@ -31,6 +31,9 @@ class Subjects:
         self.stream_name = f"{prefix.upper().replace('-', '_')}_EVENTS"
         """The JetStream stream holding every event under this prefix."""
         self._event_prefix = f"{prefix}.ev."
+        self.message_stream_name = f"{prefix.upper().replace('-', '_')}_A2A"
+        """The JetStream stream holding A2A messages and task queues (no version checks)."""
+        self._a2a = f"{prefix}.a2a."
 
     def events(self, stream: str) -> str:
         """The subject of one event stream: `<prefix>.ev.<category>.<id>`."""
@@ -57,6 +60,39 @@ class Subjects:
         """The subject of a task queue at one priority: `<prefix>.task.<queue>.<priority>`."""
         check_token(queue, kind="task queue")
         return f"{self.prefix}.task.{queue}.{check_token(str(priority), kind='task priority')}"
+
+    @property
+    def all_messages(self) -> tuple[str, str]:
+        """The message stream's subjects: `<prefix>.a2a.>` and `<prefix>.task.>`."""
+        return f"{self._a2a}>", f"{self.prefix}.task.>"
+
+    def agent_type(self, agent_type: str) -> str:
+        """Messages to any instance of a type (competing consumers): `<prefix>.a2a.<type>`."""
+        return self._a2a + agent_type
+
+    def agent_instance(self, agent_type: str, key: str) -> str:
+        """Messages to one instance: `<prefix>.a2a.<type>.<key>`."""
+        return f"{self._a2a}{agent_type}.{key}"
+
+    def topic(self, topic: str) -> str:
+        """Messages to every subscriber of a topic: `<prefix>.a2a._topic.<topic>`."""
+        return f"{self._a2a}_topic.{topic}"
+
+    def reply(self, token: str) -> str:
+        """Replies to one requester's request: `<prefix>.a2a._reply.<token>`."""
+        return f"{self._a2a}_reply.{token}"
+
+    def handled(self, consumer: str, position: int) -> str:
+        """The marker that `consumer` committed the effects of the message at `position`."""
+        return f"{self._a2a}_handled.{consumer}.{position}"
+
+    def dead_letters(self, consumer: str) -> str:
+        """Dead letters of one consumer: `<prefix>.a2a._dead.<consumer>`."""
+        return f"{self._a2a}_dead.{consumer}"
+
+    def rpc(self, agent_type: str) -> str:
+        """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
+        return f"{self.prefix}.rpc.{agent_type}"
 
     def stream_of(self, subject: str) -> str:
         """The stream name (`<category>.<id>`) of an event subject; InvalidNameError otherwise."""

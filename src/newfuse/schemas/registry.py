@@ -21,6 +21,7 @@ from newfuse.errors import (
     UnknownTypeError,
     UnknownVersionError,
 )
+from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 
@@ -377,4 +378,8 @@ def default_registry() -> SchemaRegistry:
     registry.add("a2a.message", 1, A2AMessage)
     registry.add("agent.state_update", 1, StateUpdate)
     registry.add("transaction", 1, Transaction)
+    registry.add("task.status", 1, TaskStatusUpdate)
+    registry.add("agent.dead_letter", 1, DeadLetter)
+    for name, cls in LIFECYCLE_TYPES.items():
+        registry.add(name, 1, cls)
     return registry

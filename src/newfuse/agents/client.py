@@ -1,0 +1,259 @@
+"""Talking to agents from outside one: send, publish, request through the log, the fast path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+
+from newfuse.agents import wire
+from newfuse.agents.address import AgentId, check_agent_name
+from newfuse.errors import AgentClosedError, FuseError, RequestFailedError, RequestTimeoutError
+from newfuse.nats.jserrors import decode_pub_ack
+from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
+from newfuse.nats.publish import PubAckInbox
+from newfuse.nats.subjects import Subjects
+from newfuse.schemas import A2AMessage, A2AMetadata, Part, new_event_id
+
+FAST_PATH_TOKEN = "_call"
+"""`replyTo` of a fast-path call: the reply comes back as the core NATS response."""
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """An agent's answer to a request: its message type, payload and the whole message."""
+
+    type: str
+    payload: dict[str, Any]
+    message: A2AMessage | None = None
+
+
+class AgentClient:
+    """Sends A2A messages as `sender` (an async context manager over a connected client).
+
+    Every send waits for JetStream's PubAck (the message is stored) and carries
+    `Nats-Msg-Id` = message id, so a retried send is stored once within the duplicate window.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        prefix: str = "fuse",
+        sender: str = "client",
+        stream: MessageStreamSpec | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.subjects = Subjects(prefix)
+        self.sender = sender
+        self._nc = nc
+        self._stream = stream or MessageStreamSpec(subjects=self.subjects)
+        self._timeout = timeout
+        self._inbox = PubAckInbox(nc, f"agent client {sender!r}")
+        self._token = uuid.uuid4().hex[:12]
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._replies: Subscription | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> AgentClient:
+        await ensure_event_stream(self._nc, self._stream)
+        await self._inbox.start()
+        self._replies = await self._nc.subscribe(
+            self.subjects.reply(self._token), cb=self._on_reply
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop waiting for replies and close the PubAck inbox. Idempotent."""
+        self._closed = True
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+        if self._replies is not None:
+            try:
+                await self._replies.unsubscribe()
+            except NatsError:
+                pass  # the connection is gone: nothing to unsubscribe from
+            self._replies = None
+        await self._inbox.close()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        try:
+            _, message = wire.decode(msg.data, f"on {msg.subject}")
+        except FuseError:
+            return  # not a reply of ours; the stream keeps it for audit
+        future = self._waiting.pop(message.in_reply_to or "", None)
+        if future is not None and not future.done():
+            future.set_result(Reply(type=message.type, payload=message.payload, message=message))
+
+    def _address(self, to: AgentId | str) -> tuple[str, str]:
+        if isinstance(to, AgentId):
+            return self.subjects.agent_instance(to.type, to.key), f"a2a.{to.type}"
+        return self.subjects.agent_type(check_agent_name(to, kind="agent type")), f"a2a.{to}"
+
+    def _message(
+        self,
+        message_type: str,
+        payload: Any,
+        *,
+        message_id: str,
+        context_id: str | None = None,
+        task_id: str | None = None,
+        parts: list[Part] | None = None,
+        reply_to: str | None = None,
+    ) -> A2AMessage:
+        return A2AMessage(
+            type=message_type,
+            payload={} if payload is None else msgspec.to_builtins(payload),
+            metadata=A2AMetadata(sender=self.sender),
+            message_id=message_id,
+            context_id=context_id,
+            task_id=task_id,
+            role="user",
+            parts=parts or [],
+            reply_to=reply_to,
+        )
+
+    async def _store(self, subject: str, stream: str, message: A2AMessage) -> str:
+        if self._closed:
+            raise AgentClosedError(agent=f"agent client {self.sender!r}")
+        message_id = message.message_id or new_event_id()
+        body, wire_headers = wire.encode(
+            stream,
+            wire.MESSAGE_TYPE,
+            message,
+            event_id=message_id,
+            correlation_id=message.context_id,
+        )
+        answer = await self._inbox.request(subject, body, wire_headers, self._timeout)
+        decode_pub_ack(answer, subject=subject)
+        return message_id
+
+    async def send(
+        self,
+        to: AgentId | str,
+        message_type: str,
+        payload: Any = None,
+        *,
+        message_id: str | None = None,
+        context_id: str | None = None,
+        task_id: str | None = None,
+        parts: list[Part] | None = None,
+    ) -> str:
+        """Store a message to one instance (AgentId) or any instance of a type (str).
+
+        Returns:
+            The message id (`message_id`, or a new UUIDv7).
+        """
+        subject, stream = self._address(to)
+        message = self._message(
+            message_type,
+            payload,
+            message_id=message_id or new_event_id(),
+            context_id=context_id,
+            task_id=task_id,
+            parts=parts,
+        )
+        return await self._store(subject, stream, message)
+
+    async def publish(
+        self, topic: str, message_type: str, payload: Any = None, *, message_id: str | None = None
+    ) -> str:
+        """Store a message to every subscriber of `topic`; returns its id."""
+        check_agent_name(topic, kind="topic")
+        message = self._message(message_type, payload, message_id=message_id or new_event_id())
+        return await self._store(self.subjects.topic(topic), f"topic.{topic}", message)
+
+    async def request(
+        self,
+        to: AgentId | str,
+        message_type: str,
+        payload: Any = None,
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109 - how long to wait for the reply
+        context_id: str | None = None,
+        task_id: str | None = None,
+    ) -> Reply:
+        """Request through the log: the request and the reply are both stored messages.
+
+        Raises:
+            RequestTimeoutError: no reply within `timeout` (names agent, type, time waited).
+            RequestFailedError: the agent gave up on the request (its dead letter's error).
+        """
+        subject, stream = self._address(to)
+        message_id = new_event_id()
+        message = self._message(
+            message_type,
+            payload,
+            message_id=message_id,
+            context_id=context_id,
+            task_id=task_id,
+            reply_to=self._token,
+        )
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[message_id] = future
+        started = time.monotonic()
+        try:
+            await self._store(subject, stream, message)
+            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
+                reply = await future
+        except TimeoutError:
+            raise RequestTimeoutError(
+                agent=str(to), message_type=message_type, waited=timeout, path="through the log"
+            ) from None
+        finally:
+            self._waiting.pop(message_id, None)
+        if reply.type == f"{message_type}.error":
+            raise RequestFailedError(
+                agent=str(to), message_type=message_type, error=str(reply.payload.get("error"))
+            )
+        return reply
+
+    async def call(
+        self,
+        agent_type: str,
+        message_type: str,
+        payload: Any = None,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - how long to wait for the answer
+    ) -> Reply:
+        """The fast path: core NATS request/reply to any instance of `agent_type`, nothing
+        stored (explicit opt-in: a call is lost if no instance is up).
+
+        Raises:
+            RequestTimeoutError: no answer within `timeout`, or no instance listens.
+            RequestFailedError: the handler failed.
+        """
+        check_agent_name(agent_type, kind="agent type")
+        message_id = new_event_id()
+        message = self._message(
+            message_type, payload, message_id=message_id, reply_to=FAST_PATH_TOKEN
+        )
+        body, wire_headers = wire.encode(
+            f"a2a.{agent_type}", wire.MESSAGE_TYPE, message, event_id=message_id
+        )
+        try:
+            answer = await self._nc.request(
+                self.subjects.rpc(agent_type), body, timeout=timeout, headers=wire_headers
+            )
+        except (NoRespondersError, NatsError):
+            raise RequestTimeoutError(
+                agent=agent_type, message_type=message_type, waited=timeout, path="fast path"
+            ) from None
+        decoded = msgspec.json.decode(answer.data)
+        if isinstance(decoded, dict) and "error" in decoded and "type" not in decoded:
+            raise RequestFailedError(
+                agent=agent_type, message_type=message_type, error=str(decoded["error"])
+            )
+        _, reply = wire.decode(answer.data, f"fast-path answer of {agent_type!r}")
+        return Reply(type=reply.type, payload=reply.payload, message=reply)

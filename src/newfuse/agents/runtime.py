@@ -1,0 +1,617 @@
+"""The agent runtime: handlers per message type, durable delivery, exactly-once effects.
+
+Delivery is at-least-once: a message is acked only after its handler returned and its effects
+are stored. What a handler emits (messages to agents and topics, its reply) is buffered; when
+it returns, the effects are published (pipelined, each awaiting its PubAck, ids derived from the
+message handled: wire.derived_id), then a marker on `<prefix>.a2a._handled.<consumer>.<position>`
+with an expected last subject sequence of 0, then the ack. A redelivery that finds the marker is
+acked without running the handler. One that does not (the process died before the marker) runs
+the handler again and publishes only the effects whose ids are not already on their subjects
+after the message's position (a scan by direct get), so no effect repeats, also after the
+duplicate window. Atomic batches (ADR-50) would make this one step, but on a file stream each
+commit costs an fsync (~4 ms) and they serialize the stream (about 160 commits/s here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import typing
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from newfuse.agents import wire
+from newfuse.agents.address import AgentId, check_agent_name
+from newfuse.errors import FuseError, HandlerRegistrationError, InvalidPayloadError
+from newfuse.nats import headers
+from newfuse.nats.direct import DirectGet
+from newfuse.nats.durable import DurableSpec, PullLoop, ensure_durable
+from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
+from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
+from newfuse.nats.publish import PubAckInbox
+from newfuse.nats.subjects import Subjects
+from newfuse.schemas import A2AMessage, A2AMetadata, DeadLetter, Envelope, Part
+
+log = logging.getLogger("newfuse.agents")
+
+Handler = Callable[["Context", Any], Awaitable[Any]]
+Effect = tuple[str, bytes, dict[str, str]]
+
+
+class _Route(msgspec.Struct, frozen=True):
+    handler: Handler
+    payload: Any  # the payload's type: a msgspec Struct class, or dict for raw payloads
+
+
+class Context:
+    """What a handler sees of the message it handles, and how it emits effects.
+
+    Effects (`send`, `publish`, `reply`) are stored when the handler returns, all or none; a
+    handler that raises emits nothing.
+    """
+
+    def __init__(
+        self,
+        runtime: RunningAgent,
+        envelope: Envelope,
+        message: A2AMessage,
+        *,
+        consumer: str,
+        attempt: int,
+        position: int,
+    ) -> None:
+        self.envelope = envelope
+        self.message = message
+        self.consumer = consumer
+        self.attempt = attempt
+        """Which delivery this is (1 the first time)."""
+        self.position = position
+        """The message's JetStream sequence on the message stream (0 on the fast path)."""
+        self._runtime = runtime
+        self._effects: list[Effect] = []
+        self._replied = False
+
+    @property
+    def sender(self) -> str:
+        return self.message.metadata.sender
+
+    def _emit(
+        self, subject: str, stream: str, message_type: str, payload: Any, **fields: Any
+    ) -> str:
+        index = len(self._effects)
+        message_id = wire.derived_id(self.envelope.id, self.consumer, str(index))
+        message = A2AMessage(
+            type=message_type,
+            payload=_as_payload(payload),
+            metadata=A2AMetadata(sender=str(self._runtime.agent_id)),
+            message_id=message_id,
+            context_id=self.message.context_id,
+            role="agent",
+            **fields,
+        )
+        body, wire_headers = wire.encode(
+            stream,
+            wire.MESSAGE_TYPE,
+            message,
+            event_id=message_id,
+            correlation_id=self.envelope.correlation_id or self.envelope.id,
+            causation_id=self.envelope.id,
+        )
+        self._effects.append((subject, body, wire_headers))
+        return message_id
+
+    def send(
+        self,
+        to: AgentId | str,
+        message_type: str,
+        payload: Any = None,
+        *,
+        parts: list[Part] | None = None,
+        task_id: str | None = None,
+    ) -> str:
+        """Send to one instance (an AgentId) or to any instance of a type (a str); returns the
+        message id (derived from the message handled)."""
+        subjects = self._runtime.subjects
+        if isinstance(to, AgentId):
+            subject, stream = subjects.agent_instance(to.type, to.key), f"a2a.{to.type}"
+        else:
+            subject, stream = (
+                subjects.agent_type(check_agent_name(to, kind="agent type")),
+                f"a2a.{to}",
+            )
+        return self._emit(
+            subject, stream, message_type, payload, parts=parts or [], task_id=task_id
+        )
+
+    def publish(self, topic: str, message_type: str, payload: Any = None) -> str:
+        """Publish to every subscriber of `topic`; returns the message id."""
+        check_agent_name(topic, kind="topic")
+        return self._emit(
+            self._runtime.subjects.topic(topic), f"topic.{topic}", message_type, payload
+        )
+
+    def reply(self, payload: Any, *, message_type: str | None = None) -> str | None:
+        """Answer the request being handled (no-op if the sender asked for no reply)."""
+        return self._reply(payload, message_type or f"{self.message.type}.reply")
+
+    def _reply(self, payload: Any, message_type: str) -> str | None:
+        token = self.message.reply_to
+        if token is None or self._replied:
+            return None
+        self._replied = True
+        return self._emit(
+            self._runtime.subjects.reply(token),
+            f"reply.{token}",
+            message_type,
+            payload,
+            in_reply_to=self.envelope.id,
+            task_id=self.message.task_id,
+        )
+
+
+def _as_payload(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    built = msgspec.to_builtins(value)
+    if not isinstance(built, dict):
+        return {"value": built}
+    return built
+
+
+def _payload_type(agent: str, message_type: str, fn: Handler) -> Any:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as error:
+        raise HandlerRegistrationError(
+            agent=agent,
+            message_type=message_type,
+            reason=f"its annotations do not resolve: {error}",
+        ) from None
+    params = [name for name in fn.__code__.co_varnames[: fn.__code__.co_argcount]]
+    if len(params) != 2:
+        raise HandlerRegistrationError(
+            agent=agent,
+            message_type=message_type,
+            reason=f"it takes {len(params)} parameters; write `async def f(ctx, payload)`",
+        )
+    if not asyncio.iscoroutinefunction(fn):
+        raise HandlerRegistrationError(
+            agent=agent, message_type=message_type, reason="it is not an `async def` function"
+        )
+    annotation = hints.get(params[1], dict)
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return annotation
+    return dict
+
+
+class Agent:
+    """An agent type's definition: its handlers and delivery settings; `run` starts an instance.
+
+    Example:
+        >>> geo = Agent("geo")
+        >>> @geo.handler("geo.lookup")
+        ... async def lookup(ctx: Context, query: Lookup) -> Answer:
+        ...     return Answer(city="Lima")
+
+        `async with geo.run(nc, key="1"):` serves `geo/1` and any-instance messages to `geo`.
+
+    Args:
+        agent_type: the type (AutoGen's AgentId type); instances share its durable consumer.
+        topics: topics every instance of the type subscribes to (one delivery per type).
+        max_attempts: deliveries before a message becomes a dead letter.
+        backoff: (first, most) seconds of the redelivery delay, doubling per attempt.
+        ack_wait: seconds before an unacknowledged delivery is redelivered (a handler that
+            runs longer sends in-progress acks, so only a dead instance lets it expire).
+        concurrency: handlers in flight per instance.
+    """
+
+    def __init__(
+        self,
+        agent_type: str,
+        *,
+        description: str = "",
+        topics: tuple[str, ...] = (),
+        max_attempts: int = 5,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        ack_wait: float = 30.0,
+        concurrency: int = 16,
+    ) -> None:
+        self.type = check_agent_name(agent_type, kind="agent type")
+        self.description = description
+        self.topics = tuple(check_agent_name(topic, kind="topic") for topic in topics)
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.ack_wait = ack_wait
+        self.concurrency = concurrency
+        self.routes: dict[str, _Route] = {}
+
+    def handler(self, message_type: str) -> Callable[[Handler], Handler]:
+        """Decorator: `async def f(ctx, payload)` handles messages of `message_type`.
+
+        The payload's annotation (a msgspec Struct) is what `payload` is converted to; without
+        one the handler gets the payload dict. A returned value is the reply to a request.
+        """
+
+        def decorate(fn: Handler) -> Handler:
+            if message_type in self.routes:
+                raise HandlerRegistrationError(
+                    agent=self.type, message_type=message_type, reason="it has a handler already"
+                )
+            self.routes[message_type] = _Route(fn, _payload_type(self.type, message_type, fn))
+            return fn
+
+        return decorate
+
+    def run(
+        self,
+        nc: Client,
+        *,
+        key: str | None = None,
+        prefix: str = "fuse",
+        stream: MessageStreamSpec | None = None,
+        fast_path: bool = True,
+    ) -> RunningAgent:
+        """An instance of this agent on `nc` (an async context manager).
+
+        Args:
+            nc: a connected client.
+            key: the instance's key (AgentId key); a random one by default.
+            prefix: the subject prefix.
+            stream: the message stream's settings, if this instance may create it.
+            fast_path: also answer core NATS requests on `<prefix>.rpc.<type>`.
+        """
+        subjects = Subjects(prefix)
+        return RunningAgent(
+            self,
+            nc,
+            AgentId.of(self.type, key or uuid.uuid4().hex[:8]),
+            subjects,
+            stream or MessageStreamSpec(subjects=subjects),
+            fast_path=fast_path,
+        )
+
+
+class RunningAgent:
+    """One running instance of an Agent; counts what it handled."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        nc: Client,
+        agent_id: AgentId,
+        subjects: Subjects,
+        stream: MessageStreamSpec,
+        *,
+        fast_path: bool,
+    ) -> None:
+        self.agent = agent
+        self.agent_id = agent_id
+        self.subjects = subjects
+        self.handled = 0
+        """Messages whose handler succeeded (effects stored) on this instance."""
+        self.dead_lettered = 0
+        self.already_handled = 0
+        """Redeliveries whose effects were stored already (acked without running the handler)."""
+        self._nc = nc
+        self._stream = stream
+        self._fast_path = fast_path
+        self._pubacks = PubAckInbox(nc, f"agent {agent_id}")
+        self._publish_timeout = 5.0
+        self._direct = DirectGet(nc, subjects.message_stream_name, timeout=5.0)
+        self._server_version = ""
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._loops: dict[str, PullLoop] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rpc: Any = None
+        self._stopping = False
+        self._busy = 0
+        self._idle = asyncio.Event()
+
+    def _consumers(self) -> list[DurableSpec]:
+        agent, subjects = self.agent, self.subjects
+        common: dict[str, Any] = {
+            "stream": subjects.message_stream_name,
+            "ack_wait": agent.ack_wait,
+            "max_deliver": agent.max_attempts + 1,  # the extra one turns a crash loop dead
+        }
+        shared = (subjects.agent_type(agent.type), *map(subjects.topic, agent.topics))
+        own = (subjects.agent_instance(agent.type, self.agent_id.key),)
+        return [
+            DurableSpec(name=agent.type, filter_subjects=shared, **common),
+            DurableSpec(name=f"{agent.type}__{self.agent_id.key}", filter_subjects=own, **common),
+        ]
+
+    async def __aenter__(self) -> RunningAgent:
+        state = await ensure_event_stream(self._nc, self._stream)
+        self._server_version = state.server_version
+        await self._pubacks.start()
+        for spec in self._consumers():
+            await ensure_durable(self._nc, spec)
+            loop = PullLoop(
+                self._nc,
+                spec.stream,
+                spec.name,
+                batch=self.agent.concurrency * 4,
+                queue=self._queue,
+            )
+            self._loops[spec.name] = loop
+            await loop.start()
+        for index in range(self.agent.concurrency):
+            self._tasks.append(
+                asyncio.create_task(self._work(), name=f"newfuse-agent-{self.agent_id}-{index}")
+            )
+        if self._fast_path:
+            self._rpc = await self._nc.subscribe(
+                self.subjects.rpc(self.agent.type), queue=self.agent.type, cb=self._on_call
+            )
+        log.info("agent %s started", self.agent_id)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, *, grace: float | None = None) -> None:
+        """Stop pulling; let the handlers running finish (at most `grace` seconds, default
+        ack_wait) and store their effects; hand messages not started back to the server at
+        once (nak). Idempotent."""
+        if self._rpc is not None:
+            with contextlib.suppress(Exception):
+                await self._rpc.unsubscribe()
+            self._rpc = None
+        for loop in self._loops.values():
+            await loop.close()
+        self._loops.clear()
+        self._stopping = True
+        while not self._queue.empty():
+            with contextlib.suppress(Exception):
+                await self._queue.get_nowait().nak()
+        if self._busy:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.agent.ack_wait if grace is None else grace):
+                    await self._idle.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._pubacks.close()
+
+    async def _work(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            if self._stopping:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                continue
+            consumer = msg.metadata.consumer or ""
+            loop = self._loops.get(consumer)
+            if loop is not None:
+                await loop.taken()
+            self._busy += 1
+            self._idle.clear()
+            try:
+                await self._deliver(msg, consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the bus failed us (not the handler): try again later
+                log.exception(
+                    "agent %s: delivery of %s failed; redelivering", self.agent_id, msg.subject
+                )
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=self._backoff(msg.metadata.num_delivered))
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+
+    # -- one delivery ----------------------------------------------------------------------------
+
+    async def _deliver(self, msg: Msg, consumer: str) -> None:
+        meta = msg.metadata
+        position, attempt = meta.sequence.stream, meta.num_delivered
+        where = f"at position {position} on {msg.subject}"
+        try:
+            envelope, message = wire.decode(msg.data, where)
+        except FuseError as error:  # hostile or broken: reported, dead-lettered, never retried
+            log.warning("agent %s: %s", self.agent_id, error)
+            await self._dead_letter(msg, consumer, None, None, attempt, str(error))
+            return
+        if attempt > self.agent.max_attempts:
+            await self._dead_letter(
+                msg,
+                consumer,
+                envelope,
+                message,
+                attempt - 1,
+                f"delivered {attempt - 1} times without an outcome (did the handler's process "
+                f"die each time?)",
+            )
+            return
+        if attempt > 1 and await self._direct.last_for(
+            self.subjects.handled(consumer, position), "look up a handled marker"
+        ):
+            self.already_handled += 1
+            await self._ack(msg)  # its effects are stored: only the ack was lost
+            return
+        route = self.agent.routes.get(message.type)
+        if route is None:
+            known = ", ".join(sorted(self.agent.routes)) or "none"
+            await self._dead_letter(
+                msg,
+                consumer,
+                envelope,
+                message,
+                attempt,
+                f"agent type {self.agent.type!r} has no handler for {message.type!r} "
+                f"(it handles {known})",
+            )
+            return
+        ctx = Context(
+            self, envelope, message, consumer=consumer, attempt=attempt, position=position
+        )
+        started = time.monotonic()
+        try:
+            await self._call(route, ctx, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            retryable = not isinstance(error, FuseError) or error.retryable
+            reason = f"{type(error).__name__}: {error}"
+            if retryable and attempt < self.agent.max_attempts:
+                await msg.nak(delay=self._backoff(attempt))
+                return
+            await self._dead_letter(msg, consumer, envelope, message, attempt, reason)
+            return
+        if time.monotonic() - started > self.agent.ack_wait:
+            # It ran past ack_wait: if its process stalled (no in-progress acks went out), the
+            # server redelivered it, maybe to another instance that has finished it since.
+            attempt = max(attempt, 2)
+            if await self._direct.last_for(
+                self.subjects.handled(consumer, position), "look up a handled marker"
+            ):
+                self.already_handled += 1
+                await self._ack(msg)
+                return
+        await self._commit(ctx._effects, consumer, position, attempt)
+        self.handled += 1
+        await self._ack(msg)
+
+    def _backoff(self, attempt: int) -> float:
+        first, most = self.agent.backoff
+        return float(min(most, first * 2 ** (attempt - 1)))
+
+    async def _call(self, route: _Route, ctx: Context, msg: Msg | None) -> None:
+        payload: Any = ctx.message.payload
+        if route.payload is not dict:
+            try:
+                payload = msgspec.convert(payload, route.payload)
+            except msgspec.ValidationError as error:  # the sender's mistake: retrying won't help
+                raise InvalidPayloadError(
+                    type_name=ctx.message.type, version=1, path="$.payload", reason=str(error)
+                ) from None
+        beat = None
+        if msg is not None:
+            beat = asyncio.create_task(self._in_progress(msg))
+        try:
+            result = await route.handler(ctx, payload)
+        finally:
+            if beat is not None:
+                beat.cancel()
+        if result is not None:
+            ctx.reply(result)
+
+    async def _in_progress(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.agent.ack_wait / 3)
+            with contextlib.suppress(NatsError):
+                await msg.in_progress()
+
+    async def _commit(
+        self, effects: list[Effect], consumer: str, position: int, attempt: int = 1
+    ) -> None:
+        if not effects:
+            return
+        if position == 0:  # the fast path: delivered once, nothing to redeliver
+            for subject, body, wire_headers in effects:
+                await self._nc.publish(subject, body, headers=wire_headers)
+            return
+        if attempt > 1:  # an earlier delivery may have stored some before it died
+            effects = await self._missing(effects, position)
+        await asyncio.gather(*(self._publish(*effect) for effect in effects))
+        marker = {headers.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
+        try:
+            await self._publish(self.subjects.handled(consumer, position), b"", marker)
+        except WrongLastSequenceError:
+            pass  # another delivery of this message got there first; ids kept effects single
+
+    async def _publish(self, subject: str, body: bytes, wire_headers: dict[str, str]) -> None:
+        answer = await self._pubacks.request(subject, body, wire_headers, self._publish_timeout)
+        decode_pub_ack(answer, subject=subject, server_version=self._server_version)
+
+    async def _missing(self, effects: list[Effect], position: int) -> list[Effect]:
+        """The effects whose ids are not yet stored on their subjects after `position`."""
+        wanted: dict[str, set[str]] = {}
+        for subject, _, wire_headers in effects:
+            wanted.setdefault(subject, set()).add(wire_headers[headers.MSG_ID])
+        found: set[str] = set()
+        for subject, ids in wanted.items():
+            async for msg in self._direct.messages(subject, "find stored effects", position + 1):
+                msg_id = (msg.headers or {}).get(headers.MSG_ID)
+                if msg_id in ids:
+                    found.add(msg_id)
+        return [effect for effect in effects if effect[2][headers.MSG_ID] not in found]
+
+    async def _ack(self, msg: Msg) -> None:
+        await msg.ack()
+
+    async def _dead_letter(
+        self,
+        msg: Msg,
+        consumer: str,
+        envelope: Envelope | None,
+        message: A2AMessage | None,
+        attempts: int,
+        error: str,
+    ) -> None:
+        """Store the dead letter (and the error reply a requester waits for) once, then term."""
+        position = msg.metadata.sequence.stream
+        message_id = envelope.id if envelope is not None else f"position-{position}"
+        letter = DeadLetter(
+            consumer=consumer,
+            subject=msg.subject,
+            position=position,
+            message_id=envelope.id if envelope is not None else None,
+            message_type=message.type if message is not None else None,
+            attempts=attempts,
+            error=error,
+        )
+        letter_id = wire.derived_id(message_id, consumer, "dead-letter")
+        body, wire_headers = wire.encode(
+            f"deadletter.{consumer}",
+            "agent.dead_letter",
+            letter,
+            event_id=letter_id,
+            causation_id=envelope.id if envelope is not None else None,
+        )
+        effects: list[Effect] = [(self.subjects.dead_letters(consumer), body, wire_headers)]
+        if envelope is not None and message is not None:
+            ctx = Context(
+                self, envelope, message, consumer=consumer, attempt=attempts, position=position
+            )
+            ctx._reply({"error": error}, f"{message.type}.error")
+            effects.extend(ctx._effects)
+        await self._commit(effects, consumer, position, attempts + 1)
+        self.dead_lettered += 1
+        log.warning("agent %s: dead letter %s: %s", self.agent_id, message_id, error)
+        await msg.term()
+
+    # -- the fast path ---------------------------------------------------------------------------
+
+    async def _on_call(self, msg: Msg) -> None:
+        try:
+            envelope, message = wire.decode(msg.data, f"on {msg.subject}")
+            route = self.agent.routes.get(message.type)
+            if route is None:
+                raise HandlerRegistrationError(
+                    agent=self.agent.type, message_type=message.type, reason="no such handler"
+                )
+            ctx = Context(self, envelope, message, consumer=self.agent.type, attempt=1, position=0)
+            await self._call(route, ctx, None)
+        except Exception as error:
+            answer = {"error": f"{type(error).__name__}: {error}"}
+            with contextlib.suppress(Exception):
+                await msg.respond(msgspec.json.encode(answer))
+            return
+        replies = [effect for effect in ctx._effects if effect[0] == self.subjects.reply("_call")]
+        await self._commit([e for e in ctx._effects if e not in replies], self.agent.type, 0)
+        self.handled += 1
+        await msg.respond(replies[0][1] if replies else b"{}")
