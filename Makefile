@@ -28,8 +28,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/newfuse
 
+# The suite, then a subset of it against servers it did not start and what it left there.
 test: lint typecheck
 	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/no_trace.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/eventstore.py
@@ -37,7 +39,7 @@ bench: $(STAMP)
 bench-projections: $(STAMP)
 	$(BIN)/python benchmarks/projections.py
 
-# A subset of the suite against servers it did not start, then what it left there (~1 min).
+# Only that subset (~1 min; `make test` runs it after the suite).
 no-trace: $(STAMP)
 	$(BIN)/python tests/no_trace.py
 

@@ -33,6 +33,7 @@ SUBSET = [
     "tests/integration/test_cli_health.py",
     "tests/integration/test_trace_context.py",
     "tests/integration/test_readme_snippets.py",
+    "tests/agents/test_agents_delivery.py",
 ]
 FOREIGN_STREAM = "FOREIGN_EVENTS"
 FOREIGN_BUCKET = "foreign"
