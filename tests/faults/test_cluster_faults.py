@@ -19,7 +19,13 @@ from newfuse.eventstore import NO_STREAM, EventFilter
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats.cluster import NatsCluster
 from newfuse.nats.embedded import NatsServer
-from newfuse.projections import Projection, ProjectionRunner, SQLiteBatch, SQLiteReadModel
+from newfuse.projections import (
+    Projection,
+    ProjectionRunner,
+    SQLiteBatch,
+    SQLiteReadModel,
+    projection_status,
+)
 from newfuse.schemas import NewEvent, RecordedEvent
 from support import wait_for
 
@@ -146,6 +152,10 @@ async def _under_load(
             rows = await model.connection.execute_fetchall(
                 "SELECT position FROM seen_seen ORDER BY rowid"
             )
+            # status names the node the runner's consumer sits on now (a live one, after
+            # the fault)
+            placed = (await projection_status(runner.name, store, model)).server
+            assert placed in {n.server_name for n in cluster if n.running}, placed
     finally:
         stop.set()
         for task in (*appenders, watching):

@@ -91,6 +91,8 @@ def test_published_events_reach_agent_state_audit_and_status(dev_env: dict[str, 
         for s in statuses
     )
     assert all(s["lag_events"] == 0 and s["dead_letters"] == 0 for s in statuses)
+    # each runner's consumer sits on the dev's one nats-server, which status names
+    assert {s["server"] for s in statuses} == {"newfuse-embedded"}
 
     state = json.loads(fuse(env, "agents", "state", "r1", "--json").stdout)
     assert state["state"] == {"step": "plan"} and state["version"] == 2  # the stale one ignored

@@ -155,6 +155,7 @@ async def run_status(args: argparse.Namespace) -> int:
                     "lag_seconds": s.lag_seconds,
                     "events_per_second": s.events_per_second,
                     "dead_letters": s.dead_letters,
+                    "server": s.server,
                     "last_error": s.last_error,
                 }
             )
@@ -170,11 +171,23 @@ async def run_status(args: argparse.Namespace) -> int:
                 "" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
                 f"{s.events_per_second:,.0f}",
                 s.dead_letters,
+                s.server,
                 s.last_error,
             ]
             for s in statuses
         ],
-        ["NAME", "STATE", "CHECKPOINT", "HEAD", "LAG", "LAG (S)", "EVENTS/S", "DEAD", "LAST ERROR"],
+        [
+            "NAME",
+            "STATE",
+            "CHECKPOINT",
+            "HEAD",
+            "LAG",
+            "LAG (S)",
+            "EVENTS/S",
+            "DEAD",
+            "SERVER",
+            "LAST ERROR",
+        ],
     )
     return 0
 

@@ -619,18 +619,33 @@ class EventStore(AsyncClosing, abc.ABC):
     ) -> AsyncIterator[RecordedEvent]:
         """Backends: `limit` is None or > 0."""
 
-    def subscribe(self, filter: EventFilter | None = None, from_position: int = 1) -> Subscription:
+    def subscribe(
+        self,
+        filter: EventFilter | None = None,
+        from_position: int = 1,
+        *,
+        name: str | None = None,
+    ) -> Subscription:
         """Catch up from `from_position`, then follow new events live: in order, no gaps, no
-        duplicates, across reconnects. Close it (or use `async with`) to stop."""
+        duplicates, across reconnects. Close it (or use `async with`) to stop. `name` says who
+        reads (e.g. `projection agent_state`): `subscribers()` finds where its feed sits."""
         self._check_open()
         return Subscription(
-            self._opening(self._subscribe(filter or EventFilter(), max(from_position, 1)))
+            self._opening(self._subscribe(filter or EventFilter(), max(from_position, 1), name))
         )
 
     @abc.abstractmethod
     def _subscribe(
-        self, filter: EventFilter, from_position: int
+        self, filter: EventFilter, from_position: int, name: str | None = None
     ) -> AsyncIterator[RecordedEvent]: ...
+
+    async def subscribers(self) -> dict[str, str]:
+        """Named live feeds of every process on this store -> the server each sits on.
+
+        Only a store whose feeds live on servers knows (JetStream: the consumer's server, its
+        leader on a cluster); the others have none to tell.
+        """
+        return {}
 
     async def head_position(self) -> int:
         """The global position of the newest event (0 when the store is empty)."""

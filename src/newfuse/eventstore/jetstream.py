@@ -637,6 +637,37 @@ class JetStreamEventStore(EventStore):
             on_retry=self._count_retry,
         )
 
+    async def subscribers(self) -> dict[str, str]:
+        """Named feeds (consumers with a description) -> the server their consumer sits on."""
+        self._check_open()
+        if not self._opened:
+            await self._open()
+        found: dict[str, str] = {}
+        # on one server a consumer has no `cluster` object: it sits on that server, ours; nats-py
+        # keeps the server's INFO (its `server_name`) only in a private attribute
+        alone = str(self.nc._server_info.get("server_name") or self.nc.connected_url or "")
+        offset = 0
+        while True:  # the server pages its listing (256 consumers a page)
+            answer = await api_request(
+                self.nc,
+                f"{API}.CONSUMER.LIST.{self.stream_name}",
+                {"offset": offset},
+                timeout=self._timeout,
+                operation="list consumers",
+            )
+            refused = api_error(answer)
+            if refused is not None:
+                raise refused_error("list consumers", refused)
+            consumers = answer.get("consumers") or []
+            for consumer in consumers:
+                description = (consumer.get("config") or {}).get("description")
+                leader = (consumer.get("cluster") or {}).get("leader") or alone
+                if isinstance(description, str) and isinstance(leader, str):
+                    found[description] = leader
+            offset += len(consumers)
+            if not consumers or offset >= answer.get("total", 0):
+                return found
+
     async def _placement_attempt(self, wait: float) -> Placement:
         info = await stream_info(self.nc, self.stream_name, timeout=wait, operation="placement")
         refused = api_error(info)
@@ -730,10 +761,10 @@ class JetStreamEventStore(EventStore):
             await feed.close()
 
     async def _subscribe(
-        self, filter: EventFilter, from_position: int
+        self, filter: EventFilter, from_position: int, name: str | None = None
     ) -> AsyncIterator[RecordedEvent]:
         self._check_open()
-        feed = self._feed(filter, from_position, None, patience=None)
+        feed = self._feed(filter, from_position, None, patience=None, description=name)
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
             decode, matches = self.decode, filter.matches
@@ -746,7 +777,13 @@ class JetStreamEventStore(EventStore):
             await feed.close()
 
     def _feed(
-        self, filter: EventFilter, start: int, since: datetime | None, *, patience: float | None
+        self,
+        filter: EventFilter,
+        start: int,
+        since: datetime | None,
+        *,
+        patience: float | None,
+        description: str | None = None,
     ) -> OrderedPushConsumer:
         subjects = self._filter_subjects(filter)
         feed = OrderedPushConsumer(
@@ -760,6 +797,7 @@ class JetStreamEventStore(EventStore):
             patience=patience,
             owner=type(self).__name__,
             operation=f"read_all on {', '.join(subjects)}",
+            description=description,
         )
         self._feeds.add(feed)  # close() ends it
         return feed

@@ -914,7 +914,7 @@ class SQLiteEventStore(EventStore):
         return self._pages(sql, query(after), following)
 
     async def _subscribe(
-        self, filter: EventFilter, from_position: int
+        self, filter: EventFilter, from_position: int, name: str | None = None
     ) -> AsyncIterator[RecordedEvent]:
         clauses, parameters = _filter_sql(filter)
         last = from_position - 1

@@ -113,8 +113,10 @@ class OrderedPushConsumer:
         patience: float | None,
         owner: str,
         operation: str = "",
+        description: str | None = None,
     ) -> None:
         self._nc = nc
+        self._description = description
         self._stream = stream
         self._filters = filters
         self._last = start - 1
@@ -199,6 +201,8 @@ class OrderedPushConsumer:
             "inactive_threshold": nanoseconds(_INACTIVE_THRESHOLD),
             "replay_policy": "instant",
         }
+        if self._description is not None:  # who reads: status tools find the consumer by it
+            config["description"] = self._description
         if self._since is not None and not self._delivered_any:
             config["deliver_policy"] = "by_start_time"
             config["opt_start_time"] = as_utc(self._since).isoformat()

@@ -452,7 +452,9 @@ class ProjectionRunner(Generic[B]):
         self, queue: asyncio.Queue[RecordedEvent | BaseException | _Wake], start: int
     ) -> None:
         try:
-            async with self.store.subscribe(self.projection.filter, start) as subscription:
+            async with self.store.subscribe(
+                self.projection.filter, start, name=f"projection {self.name}"
+            ) as subscription:
                 async for event in subscription:
                     await queue.put(event)
         except Exception as error:

@@ -31,6 +31,8 @@ class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
         last_error: the error that holds the projection up (a poison event that stopped it, an
             outage it waits out); None once its runner runs again.
         reported_at: when the runner last reported.
+        server: the server its runner's consumer sits on (JetStream; the consumer's leader on a
+            cluster), None when no runner reads or the store has no servers.
     """
 
     name: str
@@ -44,6 +46,7 @@ class ProjectionStatus(msgspec.Struct, frozen=True, kw_only=True):
     dead_letters: int
     last_error: str | None
     reported_at: datetime | None
+    server: str | None = None
 
 
 async def projection_status(
@@ -72,6 +75,7 @@ async def projection_status(
             lag_seconds = max((utcnow() - event.timestamp).total_seconds(), 0.0)
     stats = live.stats() if live is not None else await model.read_stats(name)
     dead = await model.dead_letters(name, generation)
+    server = (await store.subscribers()).get(f"projection {name}")
     return ProjectionStatus(
         name=name,
         generation=generation,
@@ -86,6 +90,7 @@ async def projection_status(
         # with its stats until then)
         last_error=stats.last_error if stats and stats.state != "running" else None,
         reported_at=stats.updated_at if stats else None,
+        server=server,
     )
 
 
