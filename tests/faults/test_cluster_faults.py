@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from newfuse.eventstore import NO_STREAM, EventFilter
+from newfuse.eventstore import NO_STREAM, EventFilter, Subscription
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats.cluster import NatsCluster
 from newfuse.nats.embedded import NatsServer
@@ -95,12 +95,16 @@ async def store(healthy_cluster: NatsCluster, prefix: str) -> AsyncIterator[JetS
     )
     yield opened
     await opened.close()
-    # the next tests share the cluster: leave no R3 stream behind to replicate
-    nc = await JetStreamEventStore.connect(healthy_cluster.live_url(), prefix=prefix)
+    await _delete_stream(healthy_cluster, prefix)
+
+
+async def _delete_stream(cluster: NatsCluster, prefix: str) -> None:
+    """The next tests share the cluster: leave no R3 stream behind to replicate."""
+    cleaner = await JetStreamEventStore.connect(cluster.live_url(), prefix=prefix)
     try:
-        await nc.nc.request(f"$JS.API.STREAM.DELETE.{nc.stream_name}", b"", timeout=5)
+        await cleaner.nc.request(f"$JS.API.STREAM.DELETE.{cleaner.stream_name}", b"", timeout=5)
     finally:
-        await nc.close()
+        await cleaner.close()
 
 
 async def _under_load(
@@ -224,3 +228,96 @@ async def test_a_paused_stream_leader_under_load_loses_and_repeats_nothing(
     healthy_cluster: NatsCluster, store: JetStreamEventStore, tmp_path: Path
 ) -> None:
     await _under_load(healthy_cluster, store, tmp_path, _pause_and_resume, "leader")
+
+
+async def test_a_feed_whose_consumer_sat_on_a_killed_node_resumes_without_a_reconnect(
+    healthy_cluster: NatsCluster, prefix: str
+) -> None:
+    """The client talks to the stream leader; the feed's consumer sits on a follower, which is
+    SIGKILLed. Nothing tells the client (its connection stays up, no status message comes): a
+    late heartbeat and an unanswered probe do, then the consumer is recreated on a live node,
+    every event once and in order; a create the meta leader places on the dead node (it has
+    not noticed the death yet) is asked again beside, so it costs a quarter second, not one."""
+    opener = await JetStreamEventStore.connect(
+        healthy_cluster.url, prefix=prefix, replicas=3, election_timeout=ELECTION_TIMEOUT
+    )
+    await opener.append("load.warm", NewEvent(type="warm", data={}))
+    await opener.close()
+    leader = await healthy_cluster.stream_leader(f"{prefix.upper()}_EVENTS")
+    store = await JetStreamEventStore.connect(
+        leader.url, prefix=prefix, replicas=3, election_timeout=ELECTION_TIMEOUT
+    )
+    seen: list[int] = []
+    silence = [0.0, time.monotonic()]
+    acked: list[int] = []
+    stop = asyncio.Event()
+
+    async def appender() -> None:
+        while not stop.is_set():
+            result = await store.append("load.steady", NewEvent(type="note", data={}))
+            acked.append(result.last_position)
+            await asyncio.sleep(0.01)
+
+    async def watch(feed: Subscription) -> None:
+        async for event in feed:
+            seen.append(event.position)
+            now = time.monotonic()
+            silence[0] = max(silence[0], now - silence[1])
+            silence[1] = now
+
+    appending = asyncio.create_task(appender())
+    try:
+        for _ in range(20):  # placement is random among the stream's peers: until a follower
+            seen.clear()
+            live = store.subscribe(EventFilter(types=("note",)), name="probe-feed")
+            watching = asyncio.create_task(watch(live))
+            await wait_for(lambda: _seen_count(seen, 20), timeout=10)
+            where = (await store.subscribers()).get("probe-feed")
+            if where is not None and where != leader.server_name:
+                break
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            await live.close()
+        else:
+            pytest.fail("the feed's consumer never sat on a follower in 20 tries")
+        try:
+            victim = healthy_cluster.node_named(where)
+            meta = (await healthy_cluster.meta_leader()).server_name
+            silence[0], silence[1] = 0.0, time.monotonic()
+            await victim.kill()
+            target = len(seen) + 100  # events the feed delivers after the kill
+            await wait_for(lambda: _seen_count(seen, target), timeout=ELECTION_TIMEOUT)
+            stop.set()
+            await appending
+            await wait_for(lambda: _caught_up(seen, acked[-1]), timeout=ELECTION_TIMEOUT)
+            moved = (await store.subscribers()).get("probe-feed")
+            print(
+                f"\nfeed on the killed node {where}: longest silence {silence[0]:.2f}s "
+                f"(appends went on; the meta leader was {meta}); its consumer sits on {moved} now"
+            )
+            assert moved in {n.server_name for n in healthy_cluster if n.running}, moved
+            assert seen == sorted(set(seen)), "a duplicate or another order"
+            assert [p for p in seen if p >= seen[0]] == [p for p in acked if p >= seen[0]]
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            await live.close()
+    finally:
+        stop.set()
+        appending.cancel()
+        await asyncio.gather(appending, return_exceptions=True)
+        await store.close()
+        await healthy_cluster.heal()
+        await _delete_stream(healthy_cluster, prefix)
+
+
+async def _seen_any(seen: list[int]) -> bool:
+    return bool(seen)
+
+
+async def _seen_count(seen: list[int], count: int) -> bool:
+    return len(seen) >= count
+
+
+async def _caught_up(seen: list[int], head: int) -> bool:
+    return bool(seen) and seen[-1] >= head

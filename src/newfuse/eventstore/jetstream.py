@@ -485,6 +485,13 @@ class JetStreamEventStore(EventStore):
         if position == seq and version > 0:
             return AppendResult.of(stream, [event.id], version, position)
         msg = await self._direct.get(f"read {stream!r}", seq=position)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._timeout
+        while msg is None and loop.time() < until:
+            # the leader has it at `position`, but a direct get may be answered by a replica
+            # that has not applied it yet (seen right after a leader's death): ask again
+            await asyncio.sleep(0.05)
+            msg = await self._direct.get(f"read {stream!r}", seq=position)
         envelope = _envelope_of(msg, f"at {position}") if msg is not None else None
         if envelope is None or envelope.id != event.id:
             raise DuplicateEventError(
@@ -638,11 +645,23 @@ class JetStreamEventStore(EventStore):
         )
 
     async def subscribers(self) -> dict[str, str]:
-        """Named feeds (consumers with a description) -> the server their consumer sits on."""
+        """Named feeds (consumers with a description) -> the server their consumer sits on
+        (riding out an election like `placement`: a listing asks every server of the stream).
+        """
         self._check_open()
         if not self._opened:
             await self._open()
+        return await ride_out(
+            self._subscribers_attempt,
+            operation="list consumers",
+            deadline=self._deadline(),
+            timeout=self._timeout,
+            on_retry=self._count_retry,
+        )
+
+    async def _subscribers_attempt(self, wait: float) -> dict[str, str]:
         found: dict[str, str] = {}
+        newest: dict[str, tuple[str, int]] = {}  # per feed, when its listed consumer was made
         # on one server a consumer has no `cluster` object: it sits on that server, ours; nats-py
         # keeps the server's INFO (its `server_name`) only in a private attribute
         alone = str(self.nc._server_info.get("server_name") or self.nc.connected_url or "")
@@ -652,7 +671,7 @@ class JetStreamEventStore(EventStore):
                 self.nc,
                 f"{API}.CONSUMER.LIST.{self.stream_name}",
                 {"offset": offset},
-                timeout=self._timeout,
+                timeout=wait,
                 operation="list consumers",
             )
             refused = api_error(answer)
@@ -661,8 +680,15 @@ class JetStreamEventStore(EventStore):
             consumers = answer.get("consumers") or []
             for consumer in consumers:
                 description = (consumer.get("config") or {}).get("description")
-                leader = (consumer.get("cluster") or {}).get("leader") or alone
-                if isinstance(description, str) and isinstance(leader, str):
+                cluster = consumer.get("cluster")
+                # a consumer whose server died is still listed, with no leader: not where the
+                # feed is read now (a recreated consumer of the same feed is)
+                leader = cluster.get("leader") if isinstance(cluster, dict) else alone
+                if not isinstance(description, str) or not isinstance(leader, str) or not leader:
+                    continue
+                created = str(consumer.get("created") or "")
+                if description not in newest or _created_key(created) > newest[description]:
+                    newest[description] = _created_key(created)
                     found[description] = leader
             offset += len(consumers)
             if not consumers or offset >= answer.get("total", 0):
@@ -850,3 +876,10 @@ def _result(stream: str, found: list[tuple[int, Envelope]]) -> AppendResult:
 
 def _epoch_ns(moment: datetime) -> int:
     return int(as_utc(moment).timestamp() * NANOSECONDS)
+
+
+def _created_key(created: str) -> tuple[str, int]:
+    """An RFC 3339 `created` time as the server writes it (up to nine fractional digits, the
+    trailing zeros cut), as a key that sorts in time order."""
+    whole, _, fraction = created.rstrip("Z").partition(".")
+    return whole, int(fraction.ljust(9, "0")[:9] or 0)

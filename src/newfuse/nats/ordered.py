@@ -46,6 +46,10 @@ log = logging.getLogger("newfuse.nats")
 
 _INACTIVE_THRESHOLD: Final = 60.0
 """Seconds after which the server deletes a consumer nobody listens to (a client that died)."""
+_HEDGE: Final = 0.25
+"""Seconds a recreating feed waits for a consumer create's answer before it sends another."""
+_HEDGES: Final = 4
+"""Consumer creates a recreating feed has in flight at most."""
 
 
 class FeedMessage(NamedTuple):
@@ -59,6 +63,19 @@ class FeedMessage(NamedTuple):
     """How many messages matching the filters follow it in the stream (when it was sent)."""
     subject: str
     data: bytes
+
+
+class _Created(NamedTuple):
+    """A consumer create the server answered: its candidate's generation, inbox, answer."""
+
+    generation: int
+    sub: Subscription
+    answer: dict[str, Any]
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
 
 
 class _FlowControl(NamedTuple):
@@ -131,7 +148,8 @@ class OrderedPushConsumer:
         self._attempt: asyncio.Timeout | None = None  # the deadline of a consumer create
         self._delivered_any = False
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._generation = 0
+        self._generation = 0  # whose messages are taken: those of the consumer in use
+        self._generations = 0  # how many were handed out (each consumer, each reset its own)
         self._expected_cseq = 1
         self._sub: Subscription | None = None
         self._consumer: str | None = None
@@ -139,6 +157,7 @@ class OrderedPushConsumer:
         self._reset_pending = False
         self._flow_waiting: set[str] = set()
         self._unlisten: Callable[[], None] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()  # deleting the consumers of lost races
 
     async def start(self) -> int:
         """Create the consumer; returns how many messages it has pending.
@@ -149,45 +168,143 @@ class OrderedPushConsumer:
         """
         return await self._create(self._timeout)
 
-    async def _create(self, wait: float) -> int:
-        """Create the consumer afresh, waiting `wait` seconds for the server's answer."""
+    async def _create(self, wait: float, *, hedge: float | None = None) -> int:
+        """Create the consumer afresh, waiting `wait` seconds for the server's answer.
+
+        With `hedge`, a create still unanswered after `hedge` seconds is sent again (at most
+        `_HEDGES` in all) and the first answer wins: the meta leader places an R1 consumer on a
+        random peer of the stream and may pick one that just died and whose death it has not
+        noticed yet; such a create is never answered, while one placed on a live peer is
+        answered in milliseconds. The losers' consumers are deleted once they answer.
+        """
         if self._unlisten is None and not self._closed:
             # a reconnect may have lost the consumer with its server: recreate it at once
             self._unlisten = on_reconnect(self._nc, self._reset)
         await self._drop_consumer()
-        self._generation += 1
-        generation = self._generation
+        hold = self._generation = self._new_generation()  # no candidate's: theirs wait in `held`
         self._expected_cseq = 1
         self._flow_waiting.clear()
+        held: dict[int, list[Msg]] = {}
+        attempts: list[asyncio.Task[_Created]] = []
+        try:
+            winner = await self._first_created(wait, hedge, held, attempts)
+        finally:
+            # the losers: their consumers go once they answer (the server would drop an
+            # unheard one after its inactive threshold anyway)
+            for attempt in attempts:
+                cleanup = asyncio.create_task(self._discard(attempt))
+                self._cleanups.add(cleanup)
+                cleanup.add_done_callback(self._cleanups.discard)
+        refused = api_error(winner.answer)
+        if refused is not None:
+            await _unsubscribe(winner.sub)
+            raise refused_error("create consumer", refused)
+        if self._closed:  # closed while the server created it: delete it again
+            self._sub, self._consumer = winner.sub, winner.answer["name"]
+            await self._drop_consumer()
+            raise self._closed_error()
+        self._sub, self._consumer = winner.sub, winner.answer["name"]
+        # what it delivered before its answer came, in order; then it is delivered directly
+        queue = held[winner.generation]
+        while queue and self._generation == hold:
+            await self._on_message(queue.pop(0))
+        if self._generation == hold:  # no reset meanwhile
+            self._generation = winner.generation
+        del held[winner.generation]
+        pending: int = winner.answer.get("num_pending", 0)
+        return pending
+
+    async def _first_created(
+        self,
+        wait: float,
+        hedge: float | None,
+        held: dict[int, list[Msg]],
+        attempts: list[asyncio.Task[_Created]],
+    ) -> _Created:
+        """The first create the server answers. Each waits `wait` seconds; with `hedge`, one
+        more is sent each `hedge` seconds none was answered (at most `_HEDGES`). A create that
+        fails (rather than waits) is raised once no other is still waiting."""
+        most = 1 if hedge is None else _HEDGES
+        failure: BaseException | None = None
+        while True:
+            waiting = [attempt for attempt in attempts if not attempt.done()]
+            if not waiting:
+                if failure is not None:
+                    raise failure
+                generation = self._new_generation()
+                waiting.append(asyncio.create_task(self._create_one(generation, wait, held)))
+                attempts.extend(waiting)
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=hedge if len(attempts) < most else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:  # none answered within `hedge`: ask once more beside them
+                generation = self._new_generation()
+                attempts.append(asyncio.create_task(self._create_one(generation, wait, held)))
+                continue
+            for attempt in done:
+                if attempt.cancelled():
+                    continue
+                error = attempt.exception()
+                if error is None:
+                    attempts.remove(attempt)
+                    return attempt.result()
+                failure = error
+            if failure is not None and all(attempt.done() for attempt in attempts):
+                raise failure
+
+    async def _create_one(
+        self, generation: int, wait: float, held: dict[int, list[Msg]]
+    ) -> _Created:
+        """Subscribe a fresh inbox and ask for a consumer delivering to it."""
+        held[generation] = []
         inbox = self._nc.new_inbox()
 
         async def on_message(msg: Msg) -> None:
             if generation == self._generation:
                 await self._on_message(msg)
+            else:
+                queue = held.get(generation)
+                if queue is not None:  # not decided yet: kept for the winner
+                    queue.append(msg)
 
         try:
-            self._sub = await self._nc.subscribe(inbox, cb=on_message)
+            sub = await self._nc.subscribe(inbox, cb=on_message)
         except NatsError as error:
             raise client_error("create consumer", error) from None
-        if self._closed:  # closed while subscribing: leave nothing behind
-            await self._drop_consumer()
-            raise self._closed_error()
-        answer = await consumer_create(
-            self._nc,
-            self._stream,
-            self._config(inbox),
-            timeout=wait,
-            operation="create consumer",
-        )
-        refused = api_error(answer)
-        if refused is not None:
-            raise refused_error("create consumer", refused)
-        self._consumer = answer["name"]
-        if self._closed:  # closed while the server created it: delete it again
-            await self._drop_consumer()
-            raise self._closed_error()
-        pending: int = answer.get("num_pending", 0)
-        return pending
+        try:
+            if self._closed:  # closed while subscribing: leave nothing behind
+                raise self._closed_error()
+            answer = await consumer_create(
+                self._nc,
+                self._stream,
+                self._config(inbox),
+                timeout=wait,
+                operation="create consumer",
+            )
+        except BaseException:
+            await _unsubscribe(sub)
+            raise
+        return _Created(generation, sub, answer)
+
+    async def _discard(self, attempt: asyncio.Task[_Created]) -> None:
+        """A losing create: when it answers, unsubscribe its inbox and delete its consumer."""
+        try:
+            created = await attempt
+        except BaseException:
+            return
+        await _unsubscribe(created.sub)
+        name = created.answer.get("name")
+        if isinstance(name, str) and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await consumer_delete(
+                    self._nc, self._stream, name, timeout=1.0, operation="delete consumer"
+                )
+
+    def _new_generation(self) -> int:
+        self._generations += 1
+        return self._generations
 
     def _config(self, inbox: str) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -251,7 +368,14 @@ class OrderedPushConsumer:
                     )
             try:
                 async with asyncio.timeout(remaining) as self._attempt:  # one deadline in all
-                    await self._create(answer_wait)
+                    await self._create(answer_wait, hedge=_HEDGE)
+                if self._delivered_any:
+                    log.info(
+                        "feed on %s: consumer recreated from %d, %.2fs after it was lost",
+                        ", ".join(self._filters),
+                        self._last + 1,
+                        loop.time() - self._failing_since,
+                    )
                 return
             except StoreClosedError:
                 raise
@@ -310,7 +434,7 @@ class OrderedPushConsumer:
         )
 
     def _reset(self) -> None:
-        self._generation += 1  # whatever the old consumer still sends is dropped
+        self._generation = self._new_generation()  # whatever the old consumer sends is dropped
         if not self._reset_pending:
             self._reset_pending = True
             self._queue.put_nowait(_RESET)
@@ -354,6 +478,7 @@ class OrderedPushConsumer:
             async with asyncio.timeout(late):
                 return await queue.get()
         if await self._consumer_gone():
+            log.debug("feed on %s: heartbeat late and its consumer gone", self._filters)
             return _RESET
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(stall - late):
@@ -381,8 +506,7 @@ class OrderedPushConsumer:
     async def _drop_consumer(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
         consumer, self._consumer = self._consumer, None
         if consumer is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
@@ -401,7 +525,7 @@ class OrderedPushConsumer:
         waiting for anything; `close` also deletes the consumer. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._generation += 1
+            self._generation = self._new_generation()
             if self._unlisten is not None:
                 self._unlisten()
                 self._unlisten = None
@@ -415,3 +539,8 @@ class OrderedPushConsumer:
         """Shut the feed and delete its consumer. Idempotent."""
         self.close_nowait()
         await self._drop_consumer()
+        cleanups = list(self._cleanups)
+        if cleanups:  # deletes of consumers that lost a race, bounded by their answer wait
+            await asyncio.wait(cleanups, timeout=1.0)
+            for cleanup in cleanups:
+                cleanup.cancel()
