@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from newfuse.agents import Agent, AgentClient, Context, Task, Tasks, fold, wire
+from newfuse.agents import Agent, AgentClient, Context, RunningAgent, Task, Tasks, fold, wire
 from newfuse.agents.tasks import SENDER, TaskEvent, decode_task_event
 from newfuse.errors import InvalidEnvelopeError
 from newfuse.nats import MessageStreamSpec, Subjects
@@ -180,11 +180,14 @@ clerk = Agent("clerk", backoff=(0.05, 0.2))
 
 @clerk.handler("expense.submit")
 async def submit(ctx: Context, body: dict[str, Any]) -> None:
-    task = await ctx.task()
-    if task is None:  # a new task: ask the human which cost centre
+    # Decided by the message, not by the stored task: a redelivered handler may find its own
+    # earlier effects stored, and must emit the same ones again (they are then not stored).
+    if ctx.message.task_id is None:  # a new task: ask the human which cost centre
         ctx.task_status("working", text=f"filing {body['amount']} EUR")
         ctx.task_status("input-required", text="Which cost centre?")
         return
+    task = await ctx.task()
+    assert task is not None
     ctx.task_status(
         "completed",
         text=f"filed under {ctx.text}",
@@ -196,6 +199,25 @@ async def submit(ctx: Context, body: dict[str, Any]) -> None:
             )
         ],
     )
+
+
+class DiesBeforeItsMarker(RunningAgent):
+    """An instance that, the first time it commits a message's effects, stores them and fails
+    before the handled marker and the ack (as a process that died there would): the message
+    comes back and its handler runs again."""
+
+    died: set[int]
+
+    async def _commit(
+        self, effects: list[Any], consumer: str, position: int, attempt: int = 1
+    ) -> None:
+        if position in self.died:
+            await super()._commit(effects, consumer, position, attempt)
+            return
+        self.died.add(position)
+        for effect in effects:
+            await self._publish(*effect)
+        raise RuntimeError("died before the marker")  # no marker, no ack: it comes back
 
 
 def _fuse(nats_url: str, prefix: str, *args: str, check: bool = True) -> Any:
@@ -299,3 +321,37 @@ async def test_a_foreign_body_on_a_task_subject_is_reported_and_skipped(
     assert len(tasks.skipped) == 1 and "t-6" in tasks.skipped[0]
     shown = await _fuse(nats_url, prefix, "tasks", "show", "t-5")
     assert "not a task event" in shown.stderr and "working" in shown.stdout
+
+
+async def test_a_handler_run_again_after_storing_its_task_events_stores_none_twice(
+    nc: Client, prefix: str, stream: MessageStreamSpec
+) -> None:
+    asker = Agent("asker", ack_wait=1.0)
+    runs: list[int] = []
+
+    @asker.handler("ask")
+    async def ask(ctx: Context, body: dict[str, Any]) -> None:
+        runs.append(ctx.attempt)
+        ctx.task_status("working")
+        ctx.task_status("input-required", text="Sure?", answer_type="ask.answer")
+
+    running = asker.run(nc, key="1", prefix=prefix, stream=stream)
+    instance = DiesBeforeItsMarker(
+        asker, nc, running.agent_id, running.subjects, stream, fast_path=False
+    )
+    instance.died = set()
+    tasks = Tasks(nc, prefix=prefix)
+    async with instance, AgentClient(nc, prefix=prefix, stream=stream) as client:
+        await client.send("asker", "ask", {}, task_id="t-again")
+
+        async def handled_again() -> bool:
+            return instance.handled == 1
+
+        await wait_for(handled_again, timeout=30)
+    assert runs == [1, 2]  # the marker was missing: the handler ran again...
+    events = await _stored_on(nc, prefix, Subjects(prefix).task_events("t-again"))
+    assert len(events) == 3  # ...and stored nothing twice: the message, two statuses
+    task = await tasks.get("t-again")
+    assert task is not None and [s.state for s in task.statuses] == ["working", "input-required"]
+    assert task.question is not None and task.question.message is not None
+    assert task.question.message.type == "ask.answer"

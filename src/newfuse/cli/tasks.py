@@ -55,7 +55,9 @@ def register(commands: Commands) -> None:
     reply.set_defaults(handler=run_task_reply)
 
 
-def _text(parts: list[Any]) -> str:
+def _text(parts: list[Any], payload: dict[str, Any] | None = None) -> str:
+    if not parts and payload:
+        return msgspec.json.encode(payload).decode()
     texts = [p.text for p in parts if p.text is not None]
     data = [msgspec.json.encode(p.data).decode() for p in parts if p.data is not None]
     urls = [p.url for p in parts if p.url is not None]
@@ -138,7 +140,7 @@ async def run_task_show(args: argparse.Namespace) -> int:
     )
     console.print()
     print_table(
-        [[m.role, m.metadata.sender, m.type, _text(m.parts)] for m in task.history],
+        [[m.role, m.metadata.sender, m.type, _text(m.parts, m.payload)] for m in task.history],
         ["ROLE", "SENDER", "TYPE", "TEXT"],
     )
     if task.artifacts:
