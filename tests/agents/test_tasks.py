@@ -241,6 +241,7 @@ async def test_a_human_answers_an_input_required_task_with_fuse_tasks_reply(
         listed = await _fuse(nats_url, prefix, "tasks", "list", "--json")
         (line,) = listed.stdout.splitlines()
         task_id = json.loads(line)["id"]
+        assert task_id == client.task_id("clerk", sent)  # derived: the sender can know it
         assert json.loads(line)["agent"] == "clerk/1"
         waiting = await _fuse(nats_url, prefix, "tasks", "list", "--state", "input-required")
         assert task_id in waiting.stdout and "1 task(s)" in waiting.stderr
@@ -272,6 +273,7 @@ async def test_a_human_answers_an_input_required_task_with_fuse_tasks_reply(
         ("agent", "clerk/1", "filed under CC-42"),
     ]
     assert shown["history"][0]["messageId"] == sent
+    assert shown["history"][3]["inReplyTo"] == shown["history"][2]["messageId"]  # the question
     assert all(m["taskId"] == task_id for m in shown["history"])
     receipt = {"data": {"amount": 120, "cc": "CC-42"}}
     assert shown["artifacts"] == [{"artifactId": "receipt", "name": "receipt", "parts": [receipt]}]

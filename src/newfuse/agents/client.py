@@ -16,7 +16,7 @@ from nats.errors import NoRespondersError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
-from newfuse.agents.tasks import read_task
+from newfuse.agents.tasks import read_task, task_id_for
 from newfuse.errors import (
     AgentClosedError,
     FuseError,
@@ -132,6 +132,7 @@ class AgentClient:
         task_id: str | None = None,
         parts: list[Part] | None = None,
         reply_to: str | None = None,
+        in_reply_to: str | None = None,
     ) -> A2AMessage:
         return A2AMessage(
             type=message_type,
@@ -143,6 +144,7 @@ class AgentClient:
             role="user",
             parts=parts or [],
             reply_to=reply_to,
+            in_reply_to=in_reply_to,
         )
 
     async def _store(self, subject: str, stream: str, message: A2AMessage) -> PubAck:
@@ -196,6 +198,13 @@ class AgentClient:
         await self._store(self.subjects.topic(topic), f"topic.{topic}", message)
         return message.message_id or ""
 
+    def task_id(self, to: AgentId | str, message_id: str) -> str:
+        """The id of the task that the message `message_id`, sent `to` an agent without a
+        task id, starts once its handler moves it (`Context.task_status`)."""
+        if isinstance(to, AgentId):
+            return task_id_for(message_id, f"{to.type}__{to.key}")
+        return task_id_for(message_id, check_agent_name(to, kind="agent type"))
+
     async def answer(
         self, task_id: str, *, text: str | None = None, data: Any = None, to_type: bool = False
     ) -> TaskAnswer:
@@ -203,8 +212,9 @@ class AgentClient:
         agent instance that asked (with `to_type`, to any instance of its type), with the type
         its question names, so that type's handler continues the task.
 
-        The answer's id is derived from the question's status event: answering one question
-        twice stores one answer within the duplicate window (`TaskAnswer.duplicate`).
+        The answer's `inReplyTo` is the question's message id. Its own id is derived from the
+        question's status event: answering one question twice stores one answer within the
+        duplicate window (`TaskAnswer.duplicate`).
 
         Raises:
             TaskNotFoundError: the task has no events.
@@ -231,8 +241,8 @@ class AgentClient:
                 reason=f"its status at position {question.position} names no agent that asked "
                 f"({error})",
             ) from None
-        message_type = question.message.type if question.message is not None else None
-        if message_type is None:
+        asked = question.message
+        if asked is None:
             raise TaskAnswerRefusedError(
                 task_id=task_id,
                 state=task.state,
@@ -244,6 +254,7 @@ class AgentClient:
             parts.append(Part(data=data))
         to: AgentId | str = asker.type if to_type else asker
         address, stream = self._address(to)
+        message_type = asked.type
         message = self._message(
             message_type,
             data if isinstance(data, dict) else None,
@@ -251,6 +262,7 @@ class AgentClient:
             context_id=task.context_id,
             task_id=task_id,
             parts=parts,
+            in_reply_to=asked.message_id,
         )
         ack = await self._store(address, stream, message)
         return TaskAnswer(

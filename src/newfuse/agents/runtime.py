@@ -30,7 +30,7 @@ from nats.errors import Error as NatsError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
-from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, read_task
+from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, read_task, task_id_for
 from newfuse.errors import FuseError, HandlerRegistrationError, InvalidPayloadError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet
@@ -140,7 +140,7 @@ class Context:
     def task_id(self) -> str:
         """The task of the message handled: its `taskId`, or one derived from the message (the
         same on every redelivery) when it starts a task."""
-        return self.message.task_id or wire.derived_id(self.envelope.id, self.consumer, "task")
+        return self.message.task_id or task_id_for(self.envelope.id, self.consumer)
 
     @property
     def text(self) -> str:

@@ -20,6 +20,7 @@ from typing import Final, NamedTuple
 import msgspec
 from nats.aio.client import Client
 
+from newfuse.agents import wire
 from newfuse.errors import FuseError, InvalidEnvelopeError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
@@ -46,6 +47,13 @@ SENDER: Final = "sender"
 """Envelope metadata key naming the agent (`type/key`) that wrote a task event."""
 
 _REGISTRY: Final = default_registry()
+
+
+def task_id_for(message_id: str, consumer: str) -> str:
+    """The id of the task a message starts when its handler moves it and it has no `taskId`:
+    derived from the message and the consumer that took it (a topic's message can start one
+    task per subscribing type), so every redelivery moves the same task."""
+    return wire.derived_id(message_id, consumer, "task")
 
 
 class TaskEvent(NamedTuple):
