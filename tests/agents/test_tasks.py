@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import pytest
+from messages import payload, stored
 from nats.aio.client import Client
 
 from newfuse.agents import Agent, AgentClient, Context, RunningAgent, Task, Tasks, fold, wire
@@ -294,8 +295,6 @@ async def test_a_human_answers_an_input_required_task_with_fuse_tasks_reply(
 
 
 async def _stored_on(nc: Client, prefix: str, subject: str) -> list[str]:
-    from messages import stored
-
     return [envelope.id for envelope in await stored(nc, prefix, subject)]
 
 
@@ -357,3 +356,34 @@ async def test_a_handler_run_again_after_storing_its_task_events_stores_none_twi
     assert task is not None and [s.state for s in task.statuses] == ["working", "input-required"]
     assert task.question is not None and task.question.message is not None
     assert task.question.message.type == "ask.answer"
+
+
+async def test_a_task_id_that_names_no_subject_or_a_state_outside_a2a_is_a_dead_letter(
+    nc: Client, prefix: str, stream: MessageStreamSpec
+) -> None:
+    strict = Agent("strict")
+
+    @strict.handler("move")
+    async def move(ctx: Context, body: dict[str, str]) -> None:
+        ctx.task_status(body["state"])  # type: ignore[arg-type]
+
+    async with (
+        strict.run(nc, key="1", prefix=prefix, stream=stream) as running,
+        AgentClient(nc, prefix=prefix, stream=stream) as client,
+    ):
+        await client.send("strict", "move", {"state": "working"}, task_id="a.b.>")
+        await client.send("strict", "move", {"state": "done"}, task_id="t-ok")
+
+        async def both_dead() -> bool:
+            return running.dead_lettered == 2
+
+        await wait_for(both_dead, timeout=30)
+    letters = await stored(nc, prefix, Subjects(prefix).dead_letters("strict"))
+    errors = sorted(payload(letter).error for letter in letters)
+    assert errors[0].startswith("InvalidNameError: ") and "task id 'a.b.>'" in errors[0]
+    assert errors[1] == (
+        "InvalidPayloadError: invalid payload for 'task.status' v1 at $.state: 'done' is not an "
+        "A2A task state (submitted, working, input-required, auth-required, completed, "
+        "canceled, failed, rejected)"
+    )
+    assert await Tasks(nc, prefix=prefix).all() == []

@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from newfuse.agents import wire
+from newfuse.agents.address import check_agent_name
 from newfuse.errors import (
     DeadLetterNotFoundError,
     DeadLetterReplayError,
@@ -178,10 +179,14 @@ class DeadLetters:
         return envelope, message
 
     def target(self, stored: StoredDeadLetter) -> tuple[str, str]:
-        """The subject and envelope stream a replay of `stored` goes to."""
+        """The subject and envelope stream a replay of `stored` goes to.
+
+        Raises:
+            InvalidNameError: a topic's letter names a consumer that is no agent type.
+        """
         subject = stored.letter.subject
         if subject.startswith(self.subjects.topic("")):
-            agent_type = stored.agent_type
+            agent_type = check_agent_name(stored.agent_type, kind="agent type")
             return self.subjects.agent_type(agent_type), f"a2a.{agent_type}"
         return subject, ""
 

@@ -30,7 +30,14 @@ from nats.errors import Error as NatsError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
-from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, read_task, task_id_for
+from newfuse.agents.tasks import (
+    SENDER,
+    STATUS_TYPE,
+    TASK_STATES,
+    Task,
+    read_task,
+    task_id_for,
+)
 from newfuse.errors import FuseError, HandlerRegistrationError, InvalidPayloadError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet
@@ -173,7 +180,15 @@ class Context:
 
         Raises:
             InvalidNameError: the message's `taskId` cannot name a subject.
+            InvalidPayloadError: `state` is not an A2A task state.
         """
+        if state not in TASK_STATES:  # a struct the runtime builds is not validated again
+            raise InvalidPayloadError(
+                type_name=STATUS_TYPE,
+                version=1,
+                path="$.state",
+                reason=f"{state!r} is not an A2A task state ({', '.join(TASK_STATES)})",
+            )
         task_id = self.task_id
         subjects = self._runtime.subjects
         subject, stream = subjects.task_events(task_id), f"task.{task_id}"

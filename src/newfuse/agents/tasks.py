@@ -13,6 +13,7 @@ one that names another task, is reported with its position and skipped.
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Final, NamedTuple
@@ -47,6 +48,9 @@ SENDER: Final = "sender"
 """Envelope metadata key naming the agent (`type/key`) that wrote a task event."""
 
 _REGISTRY: Final = default_registry()
+
+TASK_STATES: Final[tuple[str, ...]] = typing.get_args(TaskState)
+"""Every A2A task state, in the spec's order."""
 
 
 def task_id_for(message_id: str, consumer: str) -> str:

@@ -8,12 +8,11 @@ from typing import Any
 import msgspec
 
 from newfuse.agents import AgentClient, Task, Tasks
+from newfuse.agents.tasks import TASK_STATES
 from newfuse.cli._common import Commands, message_stream, read_data
 from newfuse.cli._output import note, print_json, print_table, rfc3339, stdout_console
 from newfuse.errors import ConfigError, TaskNotFoundError
-from newfuse.schemas import TaskState, check_depth
-
-_STATES = list(TaskState.__args__)  # type: ignore[attr-defined]
+from newfuse.schemas import check_depth
 
 
 def register(commands: Commands) -> None:
@@ -25,7 +24,7 @@ def register(commands: Commands) -> None:
         help="every task with its state, agent and counts",
         description="Every A2A task on the message stream, oldest first (JSON Lines with --json).",
     )
-    listing.add_argument("--state", choices=_STATES, help="only tasks in this state")
+    listing.add_argument("--state", choices=TASK_STATES, help="only tasks in this state")
     listing.set_defaults(handler=run_tasks_list)
     show = actions.add_parser(
         "show",
