@@ -844,3 +844,49 @@ class AgentClosedError(AgentError):
     def __init__(self, *, agent: str) -> None:
         self.agent = agent
         super().__init__(f"{agent} is closed; open a new one")
+
+
+class TaskNotFoundError(AgentError, LookupError):
+    """No event of a task is stored on its subject."""
+
+    def __init__(self, *, task_id: str, subject: str) -> None:
+        self.task_id = task_id
+        self.subject = subject
+        super().__init__(
+            f"no task {_shown(task_id)}: nothing is stored on {_shown(subject, 120)}; "
+            f"`fuse tasks list` shows the tasks there are"
+        )
+
+
+class TaskAnswerRefusedError(AgentError):
+    """A task cannot be answered: it does not wait for input, or nothing says who asked."""
+
+    def __init__(self, *, task_id: str, state: str, reason: str) -> None:
+        self.task_id = task_id
+        self.state = state
+        self.reason = reason
+        super().__init__(f"task {_shown(task_id)} ({state}) cannot be answered: {reason}")
+
+
+class DeadLetterNotFoundError(AgentError, LookupError):
+    """No dead letter has the id asked for (or a prefix of it matches several)."""
+
+    def __init__(self, *, letter_id: str, reason: str) -> None:
+        self.letter_id = letter_id
+        self.reason = reason
+        super().__init__(
+            f"dead letter {_shown(letter_id)}: {reason}; `fuse agents dead-letters` lists them"
+        )
+
+
+class DeadLetterReplayError(AgentError):
+    """A dead letter's message cannot be sent again (gone from the stream, or never one)."""
+
+    def __init__(self, *, letter_id: str, position: int, reason: str) -> None:
+        self.letter_id = letter_id
+        self.position = position
+        self.reason = reason
+        super().__init__(
+            f"cannot replay dead letter {_shown(letter_id)} (message at position {position}): "
+            f"{reason}"
+        )

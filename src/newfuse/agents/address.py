@@ -13,7 +13,8 @@ def check_agent_name(value: str, *, kind: str) -> str:
 
     Raises:
         InvalidNameError: not a token, or it contains `/` or `\\` (not allowed in consumer
-            names), or it starts with `_` (reserved: `_topic`, `_reply`, `_handled`, `_dead`).
+            names), or it starts with `_` (reserved: `_topic`, `_reply`, `_handled`, `_dead`,
+            `_task`).
     """
     check_token(value, kind=kind)
     for char in "/\\":

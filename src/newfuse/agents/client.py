@@ -16,12 +16,21 @@ from nats.errors import NoRespondersError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
-from newfuse.errors import AgentClosedError, FuseError, RequestFailedError, RequestTimeoutError
-from newfuse.nats.jserrors import decode_pub_ack
+from newfuse.agents.tasks import read_task, task_id_for
+from newfuse.errors import (
+    AgentClosedError,
+    FuseError,
+    RequestFailedError,
+    RequestTimeoutError,
+    TaskAnswerRefusedError,
+    TaskNotFoundError,
+)
+from newfuse.nats.direct import DirectGet
+from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
-from newfuse.schemas import A2AMessage, A2AMetadata, Part, new_event_id
+from newfuse.schemas import TERMINAL_STATES, A2AMessage, A2AMetadata, Part, new_event_id
 
 FAST_PATH_TOKEN = "_call"
 """`replyTo` of a fast-path call: the reply comes back as the core NATS response."""
@@ -33,6 +42,17 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     payload: dict[str, Any]
     message: A2AMessage | None = None
+
+
+class TaskAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """An answer sent to a task: its message id, where it went, its type and stream position;
+    `duplicate` when the same answer was stored already (answered twice)."""
+
+    message_id: str
+    to: str
+    message_type: str
+    position: int
+    duplicate: bool = False
 
 
 class AgentClient:
@@ -57,6 +77,7 @@ class AgentClient:
         self._stream = stream or MessageStreamSpec(subjects=self.subjects)
         self._timeout = timeout
         self._inbox = PubAckInbox(nc, f"agent client {sender!r}")
+        self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
         self._token = uuid.uuid4().hex[:12]
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._replies: Subscription | None = None
@@ -111,6 +132,7 @@ class AgentClient:
         task_id: str | None = None,
         parts: list[Part] | None = None,
         reply_to: str | None = None,
+        in_reply_to: str | None = None,
     ) -> A2AMessage:
         return A2AMessage(
             type=message_type,
@@ -122,9 +144,10 @@ class AgentClient:
             role="user",
             parts=parts or [],
             reply_to=reply_to,
+            in_reply_to=in_reply_to,
         )
 
-    async def _store(self, subject: str, stream: str, message: A2AMessage) -> str:
+    async def _store(self, subject: str, stream: str, message: A2AMessage) -> PubAck:
         if self._closed:
             raise AgentClosedError(agent=f"agent client {self.sender!r}")
         message_id = message.message_id or new_event_id()
@@ -136,8 +159,7 @@ class AgentClient:
             correlation_id=message.context_id,
         )
         answer = await self._inbox.request(subject, body, wire_headers, self._timeout)
-        decode_pub_ack(answer, subject=subject)
-        return message_id
+        return decode_pub_ack(answer, subject=subject)
 
     async def send(
         self,
@@ -164,7 +186,8 @@ class AgentClient:
             task_id=task_id,
             parts=parts,
         )
-        return await self._store(subject, stream, message)
+        await self._store(subject, stream, message)
+        return message.message_id or ""
 
     async def publish(
         self, topic: str, message_type: str, payload: Any = None, *, message_id: str | None = None
@@ -172,7 +195,83 @@ class AgentClient:
         """Store a message to every subscriber of `topic`; returns its id."""
         check_agent_name(topic, kind="topic")
         message = self._message(message_type, payload, message_id=message_id or new_event_id())
-        return await self._store(self.subjects.topic(topic), f"topic.{topic}", message)
+        await self._store(self.subjects.topic(topic), f"topic.{topic}", message)
+        return message.message_id or ""
+
+    def task_id(self, to: AgentId | str, message_id: str) -> str:
+        """The id of the task that the message `message_id`, sent `to` an agent without a
+        task id, starts once its handler moves it (`Context.task_status`)."""
+        if isinstance(to, AgentId):
+            return task_id_for(message_id, f"{to.type}__{to.key}")
+        return task_id_for(message_id, check_agent_name(to, kind="agent type"))
+
+    async def answer(
+        self, task_id: str, *, text: str | None = None, data: Any = None, to_type: bool = False
+    ) -> TaskAnswer:
+        """Answer an input-required task: a `user` message with the task's ids, sent to the
+        agent instance that asked (with `to_type`, to any instance of its type), with the type
+        its question names, so that type's handler continues the task.
+
+        The answer's `inReplyTo` is the question's message id. Its own id is derived from the
+        question's status event: answering one question twice stores one answer within the
+        duplicate window (`TaskAnswer.duplicate`).
+
+        Raises:
+            TaskNotFoundError: the task has no events.
+            TaskAnswerRefusedError: it is not input-required, or nothing says who asked.
+        """
+        subject = self.subjects.task_events(task_id)
+        task = await read_task(self._direct, self.subjects, task_id)
+        if task is None:
+            raise TaskNotFoundError(task_id=task_id, subject=subject)
+        question = task.question
+        if question is None:
+            ended = "it has ended" if task.state in TERMINAL_STATES else "it asks for nothing"
+            raise TaskAnswerRefusedError(
+                task_id=task_id,
+                state=task.state,
+                reason=f"only an input-required task takes an answer, and {ended}",
+            )
+        try:
+            asker = AgentId.parse(question.sender or "")
+        except FuseError as error:
+            raise TaskAnswerRefusedError(
+                task_id=task_id,
+                state=task.state,
+                reason=f"its status at position {question.position} names no agent that asked "
+                f"({error})",
+            ) from None
+        asked = question.message
+        if asked is None:
+            raise TaskAnswerRefusedError(
+                task_id=task_id,
+                state=task.state,
+                reason=f"its status at position {question.position} carries no question "
+                "(no message, so no type to answer with)",
+            )
+        parts = [] if text is None else [Part(text=text)]
+        if data is not None:
+            parts.append(Part(data=data))
+        to: AgentId | str = asker.type if to_type else asker
+        address, stream = self._address(to)
+        message_type = asked.type
+        message = self._message(
+            message_type,
+            data if isinstance(data, dict) else None,
+            message_id=wire.derived_id(question.id, "answer", task_id),
+            context_id=task.context_id,
+            task_id=task_id,
+            parts=parts,
+            in_reply_to=asked.message_id,
+        )
+        ack = await self._store(address, stream, message)
+        return TaskAnswer(
+            message_id=message.message_id or "",
+            to=str(to),
+            message_type=message_type,
+            position=ack.seq,
+            duplicate=ack.duplicate,
+        )
 
     async def request(
         self,

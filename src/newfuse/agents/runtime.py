@@ -30,6 +30,14 @@ from nats.errors import Error as NatsError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
+from newfuse.agents.tasks import (
+    SENDER,
+    STATUS_TYPE,
+    TASK_STATES,
+    Task,
+    read_task,
+    task_id_for,
+)
 from newfuse.errors import FuseError, HandlerRegistrationError, InvalidPayloadError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet
@@ -38,7 +46,16 @@ from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
-from newfuse.schemas import A2AMessage, A2AMetadata, DeadLetter, Envelope, Part
+from newfuse.schemas import (
+    A2AMessage,
+    A2AMetadata,
+    Artifact,
+    DeadLetter,
+    Envelope,
+    Part,
+    TaskState,
+    TaskStatusUpdate,
+)
 
 log = logging.getLogger("newfuse.agents")
 
@@ -78,35 +95,139 @@ class Context:
         self._runtime = runtime
         self._effects: list[Effect] = []
         self._replied = False
+        self._task_recorded = False
 
     @property
     def sender(self) -> str:
         return self.message.metadata.sender
 
+    def _next_id(self, name: str = "") -> str:
+        """The id of the next effect (derived from the message handled and the effect's index,
+        so a redelivered handler that emits the same effects gets the same ids)."""
+        index = str(len(self._effects))
+        return wire.derived_id(self.envelope.id, self.consumer, f"{index}{name}")
+
+    def _effect(
+        self,
+        subject: str,
+        stream: str,
+        type_name: str,
+        data: Any,
+        *,
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        event_id = self._next_id()
+        body, wire_headers = wire.encode(
+            stream,
+            type_name,
+            data,
+            event_id=event_id,
+            correlation_id=self.envelope.correlation_id or self.envelope.id,
+            causation_id=self.envelope.id,
+            metadata=metadata,
+        )
+        self._effects.append((subject, body, wire_headers))
+        return event_id
+
     def _emit(
         self, subject: str, stream: str, message_type: str, payload: Any, **fields: Any
     ) -> str:
-        index = len(self._effects)
-        message_id = wire.derived_id(self.envelope.id, self.consumer, str(index))
+        fields.setdefault("context_id", self.message.context_id)
         message = A2AMessage(
             type=message_type,
             payload=_as_payload(payload),
             metadata=A2AMetadata(sender=str(self._runtime.agent_id)),
-            message_id=message_id,
-            context_id=self.message.context_id,
+            message_id=self._next_id(),
             role="agent",
             **fields,
         )
-        body, wire_headers = wire.encode(
-            stream,
-            wire.MESSAGE_TYPE,
-            message,
-            event_id=message_id,
-            correlation_id=self.envelope.correlation_id or self.envelope.id,
-            causation_id=self.envelope.id,
+        return self._effect(subject, stream, wire.MESSAGE_TYPE, message)
+
+    @property
+    def task_id(self) -> str:
+        """The task of the message handled: its `taskId`, or one derived from the message (the
+        same on every redelivery) when it starts a task."""
+        return self.message.task_id or task_id_for(self.envelope.id, self.consumer)
+
+    @property
+    def text(self) -> str:
+        """The text parts of the message handled, joined by newlines ("" when it has none)."""
+        return "\n".join(part.text for part in self.message.parts if part.text is not None)
+
+    async def task(self) -> Task | None:
+        """The task of the message handled as stored so far (None before its first status);
+        what this handler emits is not in it until the handler returns."""
+        runtime = self._runtime
+        return await read_task(runtime._direct, runtime.subjects, self.task_id)
+
+    def task_status(
+        self,
+        state: TaskState,
+        *,
+        text: str | None = None,
+        data: Any = None,
+        artifacts: list[Artifact] | None = None,
+        answer_type: str | None = None,
+    ) -> str:
+        """Move the task of the message handled to `state` (stored when the handler returns,
+        with its other effects); returns the task id.
+
+        The first call in a handler also records the message handled in the task's history.
+        `text` and `data` are what the agent says with the change (a message with a text and a
+        data part); an input-required status always carries such a message, and its type,
+        `answer_type` (default: the type of the message handled), is the type the answer is
+        sent with, so the handler of that type continues the task.
+
+        Raises:
+            InvalidNameError: the message's `taskId` cannot name a subject.
+            InvalidPayloadError: `state` is not an A2A task state.
+        """
+        if state not in TASK_STATES:  # a struct the runtime builds is not validated again
+            raise InvalidPayloadError(
+                type_name=STATUS_TYPE,
+                version=1,
+                path="$.state",
+                reason=f"{state!r} is not an A2A task state ({', '.join(TASK_STATES)})",
+            )
+        task_id = self.task_id
+        subjects = self._runtime.subjects
+        subject, stream = subjects.task_events(task_id), f"task.{task_id}"
+        context_id = self.message.context_id or task_id
+        sender = str(self._runtime.agent_id)
+        if not self._task_recorded:
+            self._task_recorded = True
+            received = msgspec.structs.replace(
+                self.message,
+                task_id=task_id,
+                context_id=context_id,
+                message_id=self.message.message_id or self.envelope.id,
+            )
+            self._effect(subject, stream, wire.MESSAGE_TYPE, received)
+        parts = []
+        if text is not None:
+            parts.append(Part(text=text))
+        if data is not None:
+            parts.append(Part(data=msgspec.to_builtins(data)))
+        said = None
+        if parts or state == "input-required":
+            said = A2AMessage(
+                type=answer_type or self.message.type,
+                metadata=A2AMetadata(sender=sender),
+                message_id=self._next_id(".message"),
+                context_id=context_id,
+                task_id=task_id,
+                role="agent",
+                parts=parts,
+            )
+        update = TaskStatusUpdate(
+            task_id=task_id,
+            context_id=context_id,
+            state=state,
+            message=said,
+            artifacts=artifacts or [],
         )
-        self._effects.append((subject, body, wire_headers))
-        return message_id
+        self._effect(subject, stream, STATUS_TYPE, update, metadata={SENDER: sender})
+        return task_id
 
     def send(
         self,

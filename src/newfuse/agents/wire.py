@@ -42,6 +42,7 @@ def encode(
     correlation_id: str | None = None,
     causation_id: str | None = None,
     trace: TraceContext | None = None,
+    metadata: dict[str, str] | None = None,
     registry: SchemaRegistry = REGISTRY,
 ) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one message on the message stream.
@@ -58,6 +59,7 @@ def encode(
         correlation_id=correlation_id,
         causation_id=causation_id,
         trace=trace,
+        metadata=metadata or {},
         data=msgspec.Raw(_payload(type_name, data, registry)),
     )
     wire_headers = {headers.MSG_ID: event_id, headers.TYPE: type_name, headers.SCHEMA_VERSION: "1"}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -29,6 +31,9 @@ from newfuse.config import resolve_redis_url as resolve_redis_url
 from newfuse.config import resolve_store_url as resolve_store_url
 from newfuse.errors import ConfigError
 from newfuse.eventstore import EventStore, open_event_store
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
 
 
 class Commands(Protocol):
@@ -79,6 +84,24 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
         replicas=settings.replicas,
         election_timeout=settings.election_timeout,
     )
+
+
+@contextlib.asynccontextmanager
+async def message_stream(
+    args: argparse.Namespace, *, name: str
+) -> AsyncIterator[tuple[Client, str]]:
+    """A connection and the prefix, for a command on the A2A message stream that exists (a
+    command never creates it: a wrong prefix is an error naming the prefixes there are)."""
+    from newfuse.nats import MessageStreamSpec, Subjects, connect, ensure_event_stream
+
+    settings = settings_from_args(args)
+    nc = await connect(resolve_nats_url(settings), name=name)
+    try:
+        spec = MessageStreamSpec(subjects=Subjects(settings.prefix))
+        await ensure_event_stream(nc, spec, create=False)
+        yield nc, settings.prefix
+    finally:
+        await nc.close()
 
 
 def positive_int(text: str) -> int:

@@ -1,4 +1,5 @@
-"""`fuse agents run MODULE:AGENT`: one agent instance as a process, until SIGTERM/Ctrl-C."""
+"""`fuse agents run MODULE:AGENT` (one agent instance as a process, until SIGTERM/Ctrl-C) and
+`fuse agents dead-letters [show|replay ID]` (what agents gave up on, and sending it again)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ import signal
 import sys
 from typing import Any
 
-from newfuse.agents import Agent
-from newfuse.cli._common import load_attribute, resolve_nats_url, settings_from_args
-from newfuse.errors import ConfigError
+import msgspec
+from rich.markup import escape
+
+from newfuse.agents import Agent, DeadLetters, StoredDeadLetter
+from newfuse.cli._common import (
+    load_attribute,
+    message_stream,
+    resolve_nats_url,
+    settings_from_args,
+)
+from newfuse.cli._output import cell, note, print_json, print_table, rfc3339, stdout_console
+from newfuse.errors import ConfigError, DeadLetterReplayError
 from newfuse.nats import connect
 
 
@@ -25,6 +35,33 @@ def register_agent_actions(actions: Any) -> None:
     run.add_argument("--key", help="the instance's key (AgentId key; default: a random one)")
     run.add_argument("--no-fast-path", action="store_true", help="do not answer core NATS requests")
     run.set_defaults(handler=run_agent)
+
+    letters = actions.add_parser(
+        "dead-letters",
+        help="messages agents gave up on; show one, or replay it",
+        description="List the dead letters (oldest first; JSON Lines with --json), show one, "
+        "or replay one: its message is sent again as a new message, once however often it is "
+        "replayed.",
+    )
+    letters.add_argument("--agent", metavar="TYPE", help="only the dead letters of this type")
+    letters.set_defaults(handler=run_dead_letters)
+    letter_actions = letters.add_subparsers(dest="letter_action", metavar="ACTION")
+    show = letter_actions.add_parser(
+        "show",
+        help="one dead letter and the message it gave up on",
+        description="One dead letter (by id, or a unique start of it) and its message.",
+    )
+    show.add_argument("letter", metavar="ID", help="the dead letter's id (or its first digits)")
+    show.set_defaults(handler=run_dead_letter_show)
+    replay = letter_actions.add_parser(
+        "replay",
+        help="send a dead letter's message again",
+        description="Send the message again, as a new message whose id is derived from the "
+        "dead letter's (replaying twice sends once), to the subject it was delivered on (a "
+        "topic's letter goes to its agent type's inbox).",
+    )
+    replay.add_argument("letter", metavar="ID", help="the dead letter's id (or its first digits)")
+    replay.set_defaults(handler=run_dead_letter_replay)
 
 
 def load_agent(spec: str) -> Agent:
@@ -72,4 +109,93 @@ async def run_agent(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await nc.close()
+    return 0
+
+
+def _letter_json(stored: StoredDeadLetter) -> dict[str, Any]:
+    letter = stored.letter
+    return {
+        "id": stored.id,
+        "position": stored.position,
+        "timestamp": rfc3339(stored.timestamp),
+        "agent": stored.agent_type,
+        "consumer": letter.consumer,
+        "subject": letter.subject,
+        "message_position": letter.position,
+        "message_id": letter.message_id,
+        "message_type": letter.message_type,
+        "attempts": letter.attempts,
+        "error": letter.error,
+    }
+
+
+async def run_dead_letters(args: argparse.Namespace) -> int:
+    async with message_stream(args, name="fuse-dead-letters") as (nc, prefix):
+        reader = DeadLetters(nc, prefix=prefix)
+        letters = await reader.all(agent_type=args.agent)
+    for skipped in reader.skipped:
+        note(f"skipped: {skipped}")
+    if args.json:
+        for stored in letters:
+            print_json(_letter_json(stored))
+        return 0
+    print_table(
+        [
+            [
+                s.id,
+                s.timestamp,
+                s.letter.consumer,
+                s.letter.message_type,
+                s.letter.attempts,
+                s.letter.error,
+            ]
+            for s in letters
+        ],
+        ["ID", "TIMESTAMP", "CONSUMER", "TYPE", "ATTEMPTS", "ERROR"],
+    )
+    note(f"{len(letters)} dead letter(s)")
+    return 0
+
+
+async def run_dead_letter_show(args: argparse.Namespace) -> int:
+    async with message_stream(args, name="fuse-dead-letters") as (nc, prefix):
+        reader = DeadLetters(nc, prefix=prefix)
+        stored = await reader.get(args.letter)
+        found: dict[str, Any] = _letter_json(stored)
+        try:
+            envelope, message = await reader.original(stored)
+        except DeadLetterReplayError as error:
+            found["message"], found["replayable"] = None, error.reason
+        else:
+            found["message"] = msgspec.to_builtins(message)
+            found["replayable"] = None
+            found["correlation_id"] = envelope.correlation_id
+    if args.json:
+        print_json(found)
+        return 0
+    console = stdout_console()
+    for key, value in found.items():
+        shown = msgspec.json.encode(value).decode() if key == "message" else value
+        if key == "replayable":
+            key, shown = "replay", "possible" if value is None else f"not possible: {value}"
+        console.print(f"[bold]{key:>16}[/]  {escape(cell(shown))}", highlight=False)
+    return 0
+
+
+async def run_dead_letter_replay(args: argparse.Namespace) -> int:
+    async with message_stream(args, name="fuse-dead-letters") as (nc, prefix):
+        replayed = await DeadLetters(nc, prefix=prefix).replay(args.letter)
+    if args.json:
+        print_json(msgspec.to_builtins(replayed))
+    elif replayed.already:
+        note(
+            f"dead letter {replayed.letter_id} was replayed already: message "
+            f"{replayed.message_id} at position {replayed.position} on {replayed.subject} "
+            f"(nothing sent)"
+        )
+    else:
+        print(
+            f"replayed dead letter {replayed.letter_id}: message {replayed.message_id} at "
+            f"position {replayed.position} on {replayed.subject}"
+        )
     return 0

@@ -37,8 +37,9 @@ COMMANDS: dict[str, Command] = {
     "events": Command("newfuse.cli.streams", "show one event, by id or position"),
     "schemas": Command("newfuse.cli.schemas", "export or list the event schemas"),
     "projections": Command("newfuse.cli.read_side", "run, inspect and rebuild projections"),
-    "agents": Command("newfuse.cli.read_side", "agent read models"),
+    "agents": Command("newfuse.cli.read_side", "run agents, their read models, dead letters"),
     "audit": Command("newfuse.cli.read_side", "query the audit index"),
+    "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
     "completion": Command("newfuse.cli.completion", "print a bash or zsh completion script"),
 }
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from newfuse.errors import InvalidNameError
-from newfuse.schemas import MAX_PREFIX_BYTES, StreamName, check_category, check_token
+from newfuse.schemas import (
+    MAX_PREFIX_BYTES,
+    MAX_STREAM_ID_BYTES,
+    StreamName,
+    check_category,
+    check_token,
+)
 
 
 class Subjects:
@@ -89,6 +95,23 @@ class Subjects:
     def dead_letters(self, consumer: str) -> str:
         """Dead letters of one consumer: `<prefix>.a2a._dead.<consumer>`."""
         return f"{self._a2a}_dead.{consumer}"
+
+    @property
+    def all_dead_letters(self) -> str:
+        """Dead letters of every consumer: `<prefix>.a2a._dead.*`."""
+        return f"{self._a2a}_dead.*"
+
+    def task_events(self, task_id: str) -> str:
+        """Status events and messages of one A2A task: `<prefix>.a2a._task.<task_id>`."""
+        check_token(
+            task_id, kind="task id", max_bytes=MAX_STREAM_ID_BYTES, limit_name="MAX_STREAM_ID_BYTES"
+        )
+        return f"{self._a2a}_task.{task_id}"
+
+    @property
+    def all_task_events(self) -> str:
+        """Every task's events: `<prefix>.a2a._task.*`."""
+        return f"{self._a2a}_task.*"
 
     def rpc(self, agent_type: str) -> str:
         """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
