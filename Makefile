@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/fuse demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples tools

@@ -98,6 +98,11 @@ class Context:
         self._task_recorded = False
 
     @property
+    def agent_id(self) -> AgentId:
+        """The instance handling the message."""
+        return self._runtime.agent_id
+
+    @property
     def sender(self) -> str:
         return self.message.metadata.sender
 

@@ -29,6 +29,7 @@ class Command(NamedTuple):
 
 # In the order `fuse --help` lists them; a module may register several commands.
 COMMANDS: dict[str, Command] = {
+    "demo": Command("newfuse.cli.demo", "the tour: agents talk through the log, a human answers"),
     "dev": Command("newfuse.cli.dev", "run embedded NATS and valkey servers for development"),
     "publish": Command("newfuse.cli.events", "append one event to a stream"),
     "replay": Command("newfuse.cli.events", "print stored events that match the filters"),

@@ -21,6 +21,7 @@ from newfuse.cli._common import (
 )
 from newfuse.cli._output import note, print_error, print_json, print_table, progress, rfc3339
 from newfuse.cli.agents import register_agent_actions
+from newfuse.cli.history import register_history_action
 from newfuse.eventstore import EventStore
 from newfuse.projections import (
     AgentStateView,
@@ -72,6 +73,7 @@ def register(commands: Commands) -> None:
     state.add_argument("agent", nargs="?", help="agent id (default: all agents)")
     state.set_defaults(handler=run_agent_state)
     register_agent_actions(agent_actions)
+    register_history_action(agent_actions)
 
     audit = commands.add_parser(
         "audit",

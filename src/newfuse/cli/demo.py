@@ -1,0 +1,235 @@
+"""`fuse demo`: the tour. Agents talk through the log, a human answers a task, the log replays.
+
+With FUSE_NATS_URL (or `--nats`) set, or a `fuse dev` running, the tour runs on those servers and
+leaves its history there, under the prefix in use, for `fuse agents history`, `fuse tasks` and
+`fuse replay` to show afterwards. Otherwise it starts a nats-server and a valkey of its own from
+the installed wheels on free loopback ports, and stops them (by pid) when it ends.
+
+The agents are in-process instances of two agent types:
+- `researcher` (two instances, r1 and r2, sharing one durable consumer: load-balanced) answers
+  `research.ask`; a question that names no quarter becomes an A2A task that asks for one
+  (input-required), and the answer (`research.clarify`) completes it with an artifact. Each
+  answer is also published on the topic `findings`.
+- `writer` subscribes to `findings` and notes each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from newfuse.agents import Agent, AgentClient, Context, Tasks
+from newfuse.agents.history import History
+from newfuse.cli._common import settings_from_args
+from newfuse.config import Settings, read_dev_state
+from newfuse.nats import NatsServer, ValkeyServer, connect
+from newfuse.schemas import Artifact, Part
+
+QUESTIONS = ("summarise the incident reports", "list the open risks", "who owns the backlog")
+UNCLEAR = "compare revenue with the quarter before"
+ANSWER = "Q3 2026"
+
+
+class Ask(msgspec.Struct, frozen=True):
+    """Payload of `research.ask`."""
+
+    question: str
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """A researcher's reply to `research.ask`."""
+
+    question: str
+    answer: str
+    by: str
+
+
+class Finding(msgspec.Struct, frozen=True):
+    """Payload of `finding.noted` on the topic `findings`."""
+
+    summary: str
+    by: str
+
+
+researcher = Agent(
+    "researcher",
+    description="answers questions; asks back when a question is unclear",
+)
+writer = Agent("writer", description="keeps notes of what researchers found", topics=("findings",))
+notes: list[str] = []
+
+
+@researcher.handler("research.ask")
+async def ask(ctx: Context, ask: Ask) -> Answer | None:
+    me = str(ctx.agent_id)
+    if "quarter" in ask.question and "Q" not in ask.question:
+        ctx.task_status("working")
+        ctx.task_status(
+            "input-required", text="Which quarter do you mean?", answer_type="research.clarify"
+        )
+        return None
+    ctx.publish("findings", "finding.noted", Finding(summary=f"answered {ask.question!r}", by=me))
+    return Answer(question=ask.question, answer=f"done: {ask.question}", by=me)
+
+
+@researcher.handler("research.clarify")
+async def clarify(ctx: Context, payload: dict[str, Any]) -> None:
+    quarter = ctx.text or str(payload.get("text", ""))
+    report = f"revenue {quarter}: +4% on the quarter before"
+    ctx.task_status(
+        "completed",
+        text=report,
+        artifacts=[Artifact(artifact_id="report", name="revenue", parts=[Part(text=report)])],
+    )
+    me = str(ctx.agent_id)
+    ctx.publish("findings", "finding.noted", Finding(summary=report, by=me))
+
+
+@writer.handler("finding.noted")
+async def note_finding(ctx: Context, finding: Finding) -> None:
+    notes.append(f"{finding.by}: {finding.summary}")
+
+
+def register(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        description="The tour: agents exchange requests and replies through the log, a task "
+        "asks a human and is answered, the registry is listed, the conversation is replayed. "
+        "Uses $FUSE_NATS_URL or the running fuse dev when there is one (and leaves its history "
+        "there), else starts embedded servers and stops them.",
+    )
+    demo.set_defaults(handler=run_demo)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def servers(settings: Settings) -> AsyncIterator[tuple[str, bool]]:
+    """The NATS URL to use, and whether it is a server of the user's (kept, with its history)."""
+    if settings.nats_url:
+        say(f"using the NATS server at {settings.nats_url} (FUSE_NATS_URL / --nats)")
+        yield settings.nats_url, True
+        return
+    dev = read_dev_state(settings)
+    if dev is not None:
+        say(f"using the running fuse dev (pid {dev.pid}): {dev.nats_url}")
+        yield dev.nats_url, True
+        return
+    say("no FUSE_NATS_URL and no fuse dev: starting nats-server and valkey from the wheels")
+    async with NatsServer() as nats, ValkeyServer() as valkey:
+        say(f"  nats-server {nats.url} (pid {nats.pid}), valkey {valkey.url} (pid {valkey.pid})")
+        yield nats.url, False
+    say("stopped the servers it started")
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    async with servers(settings) as (url, kept):
+        await tour(url, settings.prefix, kept)
+    return 0
+
+
+async def tour(url: str, prefix: str, kept: bool) -> None:
+    conversation = f"tour-{uuid.uuid4().hex[:8]}"
+    nc = await connect(url, name="fuse-demo")
+    try:
+        async with (
+            researcher.run(nc, key="r1", prefix=prefix),
+            researcher.run(nc, key="r2", prefix=prefix),
+            writer.run(nc, key="w1", prefix=prefix),
+            AgentClient(nc, prefix=prefix, sender="planner") as planner,
+        ):
+            say(f"\n1. requests and replies through the log (conversation {conversation})")
+            for question in QUESTIONS:
+                started = time.perf_counter()
+                reply = await planner.request(
+                    "researcher", "research.ask", Ask(question), context_id=conversation
+                )
+                took = (time.perf_counter() - started) * 1000
+                answer = msgspec.convert(reply.payload, Answer)
+                say(
+                    f"  planner -> researcher  {question!r}: {answer.by} says {answer.answer!r}"
+                    f" ({took:.1f} ms; request and reply are both stored)"
+                )
+            started = time.perf_counter()
+            reply = await planner.call("researcher", "research.ask", Ask("ping"))
+            took = (time.perf_counter() - started) * 1000
+            say(
+                f"  fast path (core NATS, nothing stored): {reply.payload['by']} answered in "
+                f"{took:.1f} ms"
+            )
+
+            say("\n2. a task asks a human, and the human answers")
+            message_id = await planner.send(
+                "researcher", "research.ask", Ask(UNCLEAR), context_id=conversation
+            )
+            task_id = planner.task_id("researcher", message_id)
+            tasks = Tasks(nc, prefix=prefix)
+            task = await _task_in(tasks, task_id, "input-required")
+            question = task.question
+            asked = question.message if question is not None else None
+            text = " ".join(p.text or "" for p in asked.parts) if asked is not None else ""
+            say(f"  task {task_id}: {task.state}, {task.agent} asks {text!r}")
+            say(f"  a human answers (what `fuse tasks reply {task_id} '{ANSWER}'` does)")
+            await planner.answer(task_id, text=ANSWER)
+            task = await _task_in(tasks, task_id, "completed")
+            states = " -> ".join(change.state for change in task.statuses)
+            artifact = task.artifacts[0].parts[0].text if task.artifacts else ""
+            say(f"  task {task_id}: {states}; artifact {artifact!r}")
+            await _until(lambda: len(notes) >= len(QUESTIONS) + 1)
+            say(f"  writer noted {len(notes)} findings from the topic 'findings'")
+
+            say("\n3. the registry: who is running")
+            await _registry(nc, prefix)
+
+            say(f"\n4. the conversation {conversation}, replayed from the log")
+            history = History(nc, prefix=prefix)
+            async for turn in history.turns(context_id=conversation):
+                say(
+                    f"  #{turn.position:<4} {turn.kind:<7} {turn.sender:>13} -> {turn.to:<24} "
+                    f"{turn.type:<17} {turn.text[:60]}"
+                )
+    finally:
+        await nc.close()
+    if kept:
+        say("\nits history stays on the server; look again with:")
+        say(f"  fuse agents history --context {conversation}")
+        say(f"  fuse tasks show {task_id}")
+
+
+async def _task_in(tasks: Tasks, task_id: str, state: str) -> Any:
+    found: list[Any] = []
+
+    async def reached() -> bool:
+        task = await tasks.get(task_id)
+        if task is not None and task.state == state:
+            found.append(task)
+            return True
+        return False
+
+    await _until(reached)
+    return found[0]
+
+
+async def _until(condition: Any, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        while True:
+            done = condition()
+            if asyncio.iscoroutine(done):
+                done = await done
+            if done:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def _registry(nc: Any, prefix: str) -> None:
+    say("  (the registry lands with the agents registry change)")
