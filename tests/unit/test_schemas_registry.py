@@ -18,9 +18,9 @@ from newfuse.errors import (
 )
 from newfuse.schemas import (
     LIFECYCLE_TYPES,
-    AgentCard,
     A2AMessage,
     A2AMetadata,
+    AgentCard,
     AgentStopped,
     DeadLetter,
     SchemaRegistry,
