@@ -550,6 +550,19 @@ class RunningAgent:
         state = await ensure_event_stream(self._nc, self._stream)
         self._server_version = state.server_version
         await self._pubacks.start()
+        try:
+            await self._start()
+        except BaseException:
+            await self.close(grace=0)
+            raise
+        log.info("agent %s started", self.agent_id)
+        return self
+
+    async def _start(self) -> None:
+        # Registered (and beating) before the first message is taken, so the log never shows
+        # effects of an instance it has not seen register.
+        await self.registration.start()
+        self._registered = True
         for spec in self._consumers():
             await ensure_durable(self._nc, spec)
             loop = PullLoop(
@@ -569,15 +582,7 @@ class RunningAgent:
             self._rpc = await self._nc.subscribe(
                 self.subjects.rpc(self.agent.type), queue=self.agent.type, cb=self._on_call
             )
-        try:
-            await self.registration.start()
-            self._registered = True
-            await self.service.start()
-        except BaseException:
-            await self.close(grace=0)
-            raise
-        log.info("agent %s started", self.agent_id)
-        return self
+        await self.service.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
