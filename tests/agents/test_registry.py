@@ -20,7 +20,17 @@ from jsonschema import Draft7Validator, FormatChecker
 from nats.aio.client import Client
 
 from newfuse.agents import Agent, AgentClient, Context
-from newfuse.agents.registry import Instance, live_at, read_liveness, runs, stream_of, summarize
+from newfuse.agents.registry import (
+    Instance,
+    Run,
+    live_at,
+    parse_server_time,
+    read_liveness,
+    runs,
+    status_of,
+    stream_of,
+    summarize,
+)
 from newfuse.errors import AgentConfigError, RequestFailedError
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import MessageStreamSpec, Subjects
@@ -142,6 +152,11 @@ def unique(name: str) -> str:
 async def liveness(nc: Client, prefix: str, **options: Any) -> dict[str, Instance]:
     found = await read_liveness(nc, Subjects(prefix), **options)
     return {f"{one.agent_type}/{one.key}": one for one in found}
+
+
+async def afuse(*args: str) -> subprocess.CompletedProcess[str]:
+    """`fuse` off the event loop, so the agents of this process keep beating meanwhile."""
+    return await asyncio.to_thread(fuse, *args)
 
 
 def fuse(*args: str) -> subprocess.CompletedProcess[str]:
@@ -297,9 +312,11 @@ async def test_which_agents_at_which_versions_were_live_at_t_is_a_query_on_the_l
         # The same query through the CLI, in the wire's time format.
         for moment, expected in ((both, ["1.0.0", "2.0.0"]), (only_new, ["2.0.0"])):
             at = moment.isoformat().replace("+00:00", "Z")
-            listed = fuse("--nats", nats_url, "--prefix", prefix, "agents", "list", "--at", at)
+            listed = await afuse(
+                "--nats", nats_url, "--prefix", prefix, "agents", "list", "--at", at
+            )
             assert listed.returncode == 0, listed.stderr
-            as_json = fuse(
+            as_json = await afuse(
                 "--nats", nats_url, "--prefix", prefix, "agents", "list", "--at", at, "--json"
             )
             assert as_json.returncode == 0, as_json.stderr
@@ -378,14 +395,16 @@ async def test_fuse_agents_list_prints_each_agent_as_a_table_and_as_json(
     async with gone:
         pass
     async with (
-        scout("ranger", version="1.0.0", heartbeat=0.5).run(nc, key="1", prefix=prefix),
-        scout("ranger", version="1.0.0", heartbeat=0.5).run(nc, key="2", prefix=prefix),
+        scout("ranger", version="1.0.0", heartbeat=1.0).run(nc, key="1", prefix=prefix),
+        scout("ranger", version="1.0.0", heartbeat=1.0).run(nc, key="2", prefix=prefix),
     ):
         # A hostile entry on the liveness stream is reported and skipped, never fatal.
         await nc.jetstream().publish(f"{prefix}.agents.ranger.evil", b'{"interval": "x"')
-        as_json = fuse("--nats", nats_url, "--prefix", prefix, "agents", "list", "--json")
-        table = fuse("--nats", nats_url, "--prefix", prefix, "agents", "list")
-        instances = fuse("--nats", nats_url, "--prefix", prefix, "agents", "list", "--instances")
+        as_json = await afuse("--nats", nats_url, "--prefix", prefix, "agents", "list", "--json")
+        table = await afuse("--nats", nats_url, "--prefix", prefix, "agents", "list")
+        instances = await afuse(
+            "--nats", nats_url, "--prefix", prefix, "agents", "list", "--instances"
+        )
     assert as_json.returncode == 0, as_json.stderr
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [list(row) for row in rows] == [
@@ -412,7 +431,7 @@ async def test_fuse_agents_list_prints_each_agent_as_a_table_and_as_json(
         "ranger/2",
         "ranger/old",
     ]
-    empty = fuse("--nats", nats_url, "--prefix", unique("none"), "agents", "list")
+    empty = await afuse("--nats", nats_url, "--prefix", unique("none"), "agents", "list")
     assert empty.returncode == 0 and empty.stdout.splitlines()[2:] == []
     assert "no agent has run under prefix" in empty.stderr
 
@@ -422,3 +441,59 @@ def test_an_agent_version_must_be_semantic_and_the_heartbeat_positive() -> None:
         Agent("x", version="1.0")
     with pytest.raises(AgentConfigError, match=r"heartbeat=0: seconds between heartbeats"):
         Agent("x", heartbeat=0)
+
+
+def test_status_bounds_are_two_and_five_of_the_instances_own_intervals() -> None:
+    seen = utcnow()
+
+    def at(seconds: float, *, interval: float = 1.0, state: str | None = "running") -> str:
+        now = seen + timedelta(seconds=seconds)
+        return status_of(state=state, interval=interval, last_seen=seen, now=now)
+
+    assert [at(s) for s in (0, 2.0, 2.1, 5.0, 5.1)] == [
+        "healthy",
+        "healthy",
+        "stale",
+        "stale",
+        "down",
+    ]
+    assert at(9, interval=5.0) == "healthy" and at(11, interval=5.0) == "stale"
+    assert at(0, state="stopped") == "down"  # stopped is down at once
+
+
+def test_a_new_registration_ends_the_run_before_and_an_unchecked_open_run_is_unknown() -> None:
+    t0 = utcnow()
+
+    def moment(seconds: float) -> Any:
+        return t0 + timedelta(seconds=seconds)
+
+    first = Run(
+        stream="agent.w-1", agent_type="w", key="1", instance="i1", name="w", version="1.0.0",
+        started=moment(0), ended=moment(10),
+    )  # fmt: skip
+    second = Run(
+        stream="agent.w-1", agent_type="w", key="1", instance="i2", name="w", version="1.1.0",
+        started=moment(10),
+    )  # fmt: skip
+    assert [i.version for i in live_at(moment(5), [first, second], [])] == ["1.0.0"]
+    [open_run] = live_at(moment(15), [first, second], [])
+    assert (open_run.version, open_run.status, open_run.last_seen) == ("1.1.0", "unknown", None)
+    beat = Instance(
+        agent_type="w", key="1", instance="i2", name="w", version="1.1.0", state="running",
+        interval=1.0, started=moment(10), last_seen=moment(20), status="down",
+    )  # fmt: skip
+    assert [i.status for i in live_at(moment(15), [first, second], [beat])] == ["healthy"]
+    assert [i.status for i in live_at(moment(23), [first, second], [beat])] == ["stale"]
+    assert live_at(moment(26), [first, second], [beat]) == []
+
+
+def test_server_times_keep_microseconds_and_a_bad_one_is_none() -> None:
+    parsed = parse_server_time("2026-12-03T05:40:00.123456789Z")
+    assert parsed is not None and parsed.microsecond == 123456 and parsed.utcoffset() is not None
+    assert parse_server_time("yesterday") is None
+
+
+def test_a_bad_at_time_is_an_error_naming_the_flag(nats_url: str) -> None:
+    result = fuse("--nats", nats_url, "agents", "list", "--at", "soon")
+    assert result.returncode != 0
+    assert "--at='soon'" in result.stderr and "Traceback" not in result.stderr
