@@ -35,7 +35,7 @@ from newfuse.errors import AgentConfigError, RequestFailedError
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import MessageStreamSpec, Subjects
 from newfuse.schemas import AgentRegistered, AgentSkill, utcnow
-from support import wait_for
+from support import reap, run_fuse, wait_for
 
 HERE = Path(__file__).parent
 
@@ -156,18 +156,7 @@ async def liveness(nc: Client, prefix: str, **options: Any) -> dict[str, Instanc
 
 async def afuse(*args: str) -> subprocess.CompletedProcess[str]:
     """`fuse` off the event loop, so the agents of this process keep beating meanwhile."""
-    return await asyncio.to_thread(fuse, *args)
-
-
-def fuse(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "newfuse", *args],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    return await asyncio.to_thread(run_fuse, *args, check=False)
 
 
 async def test_an_agent_registers_its_card_on_start_and_deregisters_on_close(
@@ -247,11 +236,7 @@ async def test_a_sigkilled_agent_process_goes_stale_then_down(
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
+        reap(process)
 
     async def status_is(wanted: str) -> bool:
         return (await liveness(nc, prefix))["beacon/k1"].status == wanted
@@ -494,6 +479,6 @@ def test_server_times_keep_microseconds_and_a_bad_one_is_none() -> None:
 
 
 def test_a_bad_at_time_is_an_error_naming_the_flag(nats_url: str) -> None:
-    result = fuse("--nats", nats_url, "agents", "list", "--at", "soon")
+    result = run_fuse("--nats", nats_url, "agents", "list", "--at", "soon", check=False)
     assert result.returncode != 0
     assert "--at='soon'" in result.stderr and "Traceback" not in result.stderr

@@ -68,6 +68,8 @@ class EndpointStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PingResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """ADR-32's standard fields, which every answer starts with (and all PING has)."""
+
     type: str = PING_RESPONSE
     name: str
     id: str
@@ -75,22 +77,14 @@ class PingResponse(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str]
 
 
-class InfoResponse(msgspec.Struct, frozen=True, kw_only=True):
+class InfoResponse(PingResponse, frozen=True, kw_only=True):
     type: str = INFO_RESPONSE
-    name: str
-    id: str
-    version: str
-    metadata: dict[str, str]
     description: str
     endpoints: list[EndpointInfo]
 
 
-class StatsResponse(msgspec.Struct, frozen=True, kw_only=True):
+class StatsResponse(PingResponse, frozen=True, kw_only=True):
     type: str = STATS_RESPONSE
-    name: str
-    id: str
-    version: str
-    metadata: dict[str, str]
     started: str
     endpoints: list[EndpointStats]
 
