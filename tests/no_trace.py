@@ -22,7 +22,8 @@ from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, fi
 
 # One test of each fixture kind that writes to the shared servers: JetStream store (conformance),
 # provisioning, Redis and SQLite projections, CLI subprocesses (`fuse projections run` on the
-# shared Redis among them), hostile publishes, and the README's snippets against a `fuse dev`.
+# shared Redis among them), hostile publishes, the README's snippets against a `fuse dev`, and
+# agents (their registration events and the liveness stream under the test's prefix).
 SUBSET = [
     "tests/conformance/test_jetstream_conformance.py",
     "tests/integration/test_jetstream_provision.py",
@@ -34,6 +35,7 @@ SUBSET = [
     "tests/integration/test_trace_context.py",
     "tests/integration/test_readme_snippets.py",
     "tests/agents/test_agents_delivery.py",
+    "tests/agents/test_registry.py",
 ]
 FOREIGN_STREAM = "FOREIGN_EVENTS"
 FOREIGN_BUCKET = "foreign"

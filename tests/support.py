@@ -50,6 +50,15 @@ def run_fuse(
     return result
 
 
+def reap(process: subprocess.Popen[str]) -> None:
+    """Kill `process` if it still runs, wait for it, close its stderr: a test's `finally`."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=10)
+    if process.stderr is not None:
+        process.stderr.close()
+
+
 # Every subject prefix handed out to tests this session (conftest's `prefix` fixture and any
 # test that needs several): on servers the session did not start, the session's teardown removes
 # exactly what lives under these prefixes, nothing else.

@@ -890,3 +890,25 @@ class DeadLetterReplayError(AgentError):
             f"cannot replay dead letter {_shown(letter_id)} (message at position {position}): "
             f"{reason}"
         )
+
+
+class AgentConfigError(AgentError, ValueError):
+    """An Agent is declared with a setting the runtime cannot use (a version that is not
+    semantic, a heartbeat interval that is not positive)."""
+
+    def __init__(self, *, agent: str, field: str, value: object, reason: str) -> None:
+        self.agent = agent
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"agent {agent!r}: {field}={value!r}: {reason}")
+
+
+class MicroServiceConfigError(FuseError, ValueError):
+    """A NATS micro service (ADR-32) cannot be declared as asked."""
+
+    def __init__(self, *, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"micro service {field} {value!r}: {reason}")

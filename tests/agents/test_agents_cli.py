@@ -13,6 +13,7 @@ from nats.aio.client import Client
 
 from newfuse.agents import AgentClient
 from newfuse.nats import MessageStreamSpec
+from support import reap
 
 HERE = Path(__file__).parent
 
@@ -47,11 +48,7 @@ async def test_an_agent_process_answers_through_the_log_and_stops_on_sigterm(
         assert process.wait(timeout=10) == 0
         assert "fuse agents: echo/7 stopped after 2 messages (0 dead letters)" in rest
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
+        reap(process)
 
 
 def test_a_module_attribute_that_is_not_an_agent_is_a_clear_error(nats_url: str) -> None:

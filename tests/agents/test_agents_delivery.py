@@ -171,7 +171,9 @@ async def test_a_body_that_is_not_a_message_is_dead_lettered_with_its_position_a
             return got == ["after"] and running.dead_lettered == 3
 
         await wait_for(done)
-    letters = [payload(e) for e in await stored(nc, prefix, subjects.dead_letters("sturdy"))]
+    stored_letters = await stored(nc, prefix, subjects.dead_letters("sturdy"))
+    # Handlers run concurrently: the letters are stored in the order their handling ended.
+    letters = sorted((payload(e) for e in stored_letters), key=lambda d: d.position)
     assert [d.position for d in letters] == positions
     assert all(f"at position {d.position}" in d.error for d in letters)
     assert "nests 200 deep" in letters[1].error

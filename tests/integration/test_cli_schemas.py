@@ -34,6 +34,7 @@ GOLDEN = Path(__file__).parent.parent / "golden"
 WHEN = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 BUILT_IN = [
     "a2a.message",
+    "agent.card",
     "agent.dead_letter",
     "agent.deregistered",
     "agent.failed",
@@ -210,7 +211,7 @@ def test_list_prints_types_as_a_table_and_as_json() -> None:
     assert [line.split()[0] for line in lines[2:]] == BUILT_IN
     as_json = fuse("schemas", "list", "--json")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout.splitlines()[7]) == {
+    assert json.loads(as_json.stdout.splitlines()[8]) == {
         "type": "agent.state_update",
         "version": 1,
         "latest": True,

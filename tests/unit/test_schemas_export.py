@@ -62,6 +62,7 @@ def test_export_writes_envelope_each_type_and_version_and_the_index(tmp_path: Pa
     assert [(entry.type, entry.version, entry.file, entry.latest) for entry in written] == [
         ("envelope", 1, "envelope.v1.json", True),
         ("a2a.message", 1, "a2a.message.v1.json", True),
+        ("agent.card", 1, "agent.card.v1.json", True),
         ("agent.dead_letter", 1, "agent.dead_letter.v1.json", True),
         ("agent.deregistered", 1, "agent.deregistered.v1.json", True),
         ("agent.failed", 1, "agent.failed.v1.json", True),

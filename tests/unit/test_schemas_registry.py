@@ -20,6 +20,7 @@ from newfuse.schemas import (
     LIFECYCLE_TYPES,
     A2AMessage,
     A2AMetadata,
+    AgentCard,
     AgentStopped,
     DeadLetter,
     SchemaRegistry,
@@ -392,6 +393,7 @@ def test_default_registry_holds_the_built_in_types_and_is_a_fresh_copy() -> None
     first = default_registry()
     assert [(n, v, c) for n, v, c in first.types()] == [
         ("a2a.message", 1, A2AMessage),
+        ("agent.card", 1, AgentCard),
         ("agent.dead_letter", 1, DeadLetter),
         *((name, 1, cls) for name, cls in sorted(LIFECYCLE_TYPES.items())[:5]),
         ("agent.state_update", 1, StateUpdate),

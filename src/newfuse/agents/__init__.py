@@ -1,9 +1,19 @@
-"""Agents on the log: the runtime (Agent, Context), addresses (AgentId), the client, A2A tasks
-and dead letters."""
+"""Agents on the log: the runtime (Agent, Context), addresses (AgentId), the client, A2A tasks,
+dead letters, and the registry (cards, registration, heartbeats, who is live)."""
 
 from newfuse.agents.address import AgentId
 from newfuse.agents.client import AgentClient, Reply, TaskAnswer
 from newfuse.agents.dead_letters import DeadLetters, Replayed, StoredDeadLetter
+from newfuse.agents.registry import (
+    AgentSummary,
+    Instance,
+    Run,
+    card_of,
+    live_at,
+    read_liveness,
+    runs,
+    summarize,
+)
 from newfuse.agents.runtime import Agent, Context, RunningAgent
 from newfuse.agents.tasks import StatusChange, Task, Tasks, fold
 
@@ -11,15 +21,23 @@ __all__ = [
     "Agent",
     "AgentClient",
     "AgentId",
+    "AgentSummary",
     "Context",
     "DeadLetters",
+    "Instance",
     "Replayed",
     "Reply",
+    "Run",
     "RunningAgent",
     "StatusChange",
     "StoredDeadLetter",
     "Task",
     "TaskAnswer",
     "Tasks",
+    "card_of",
     "fold",
+    "live_at",
+    "read_liveness",
+    "runs",
+    "summarize",
 ]

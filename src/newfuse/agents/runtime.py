@@ -30,6 +30,7 @@ from nats.errors import Error as NatsError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
+from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of
 from newfuse.agents.tasks import (
     SENDER,
     STATUS_TYPE,
@@ -38,17 +39,35 @@ from newfuse.agents.tasks import (
     read_task,
     task_id_for,
 )
-from newfuse.errors import FuseError, HandlerRegistrationError, InvalidPayloadError
+from newfuse.errors import (
+    AgentConfigError,
+    FuseError,
+    HandlerRegistrationError,
+    InvalidPayloadError,
+)
+from newfuse.eventstore import EventStore
+from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet
 from newfuse.nats.durable import DurableSpec, PullLoop, ensure_durable
 from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
+from newfuse.nats.micro import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    SEMVER_RE,
+    Endpoint,
+    MicroService,
+    service_name,
+)
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
     A2AMessage,
     A2AMetadata,
+    AgentCapabilities,
+    AgentProvider,
+    AgentSkill,
     Artifact,
     DeadLetter,
     Envelope,
@@ -337,6 +356,10 @@ class Agent:
         ack_wait: seconds before an unacknowledged delivery is redelivered (a handler that
             runs longer sends in-progress acks, so only a dead instance lets it expire).
         concurrency: handlers in flight per instance.
+        version: the agent's semantic version (its card's, and its micro service's: ADR-32).
+        name: its name for people (default: the type); `description`, `provider`, `skills`
+            and `capabilities` go on its card (A2A AgentCard).
+        heartbeat: seconds between an instance's heartbeats (healthy within 2, stale within 5).
     """
 
     def __init__(
@@ -349,8 +372,34 @@ class Agent:
         backoff: tuple[float, float] = (0.5, 30.0),
         ack_wait: float = 30.0,
         concurrency: int = 16,
+        version: str = "0.0.0",
+        name: str | None = None,
+        provider: AgentProvider | None = None,
+        skills: tuple[AgentSkill, ...] = (),
+        capabilities: AgentCapabilities | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         self.type = check_agent_name(agent_type, kind="agent type")
+        if not isinstance(version, str) or not SEMVER_RE.match(version):
+            raise AgentConfigError(
+                agent=agent_type,
+                field="version",
+                value=version,
+                reason="use a semantic version such as 1.4.0 (ADR-32 requires one)",
+            )
+        if not isinstance(heartbeat, int | float) or not heartbeat > 0:
+            raise AgentConfigError(
+                agent=agent_type,
+                field="heartbeat",
+                value=heartbeat,
+                reason="seconds between heartbeats must be a number above 0",
+            )
+        self.version = version
+        self.name = name or agent_type
+        self.provider = provider
+        self.skills = tuple(skills)
+        self.capabilities = capabilities or AgentCapabilities()
+        self.heartbeat = float(heartbeat)
         self.description = description
         self.topics = tuple(check_agent_name(topic, kind="topic") for topic in topics)
         self.max_attempts = max_attempts
@@ -384,6 +433,7 @@ class Agent:
         prefix: str = "fuse",
         stream: MessageStreamSpec | None = None,
         fast_path: bool = True,
+        store: EventStore | None = None,
     ) -> RunningAgent:
         """An instance of this agent on `nc` (an async context manager).
 
@@ -393,6 +443,8 @@ class Agent:
             prefix: the subject prefix.
             stream: the message stream's settings, if this instance may create it.
             fast_path: also answer core NATS requests on `<prefix>.rpc.<type>`.
+            store: the event store its registration events go to (default: the JetStream
+                store of `prefix` on `nc`).
         """
         subjects = Subjects(prefix)
         return RunningAgent(
@@ -402,6 +454,7 @@ class Agent:
             subjects,
             stream or MessageStreamSpec(subjects=subjects),
             fast_path=fast_path,
+            store=store,
         )
 
 
@@ -417,10 +470,14 @@ class RunningAgent:
         stream: MessageStreamSpec,
         *,
         fast_path: bool,
+        store: EventStore | None = None,
     ) -> None:
         self.agent = agent
         self.agent_id = agent_id
         self.subjects = subjects
+        self.instance = uuid.uuid4().hex
+        """This run's id: its micro service id (ADR-32) and `instance` in its lifecycle events."""
+        self.card = card_of(agent, subjects, fast_path=fast_path)
         self.handled = 0
         """Messages whose handler succeeded (effects stored) on this instance."""
         self.dead_lettered = 0
@@ -440,6 +497,40 @@ class RunningAgent:
         self._stopping = False
         self._busy = 0
         self._idle = asyncio.Event()
+        self._own_store = store is None
+        self._store: EventStore = store or JetStreamEventStore(nc, prefix=subjects.prefix)
+        self.registration = Registration(
+            nc,
+            self._store,
+            subjects,
+            agent=agent,
+            key=agent_id.key,
+            instance=self.instance,
+            card=self.card,
+            publish=self._publish,
+        )
+        self.service = MicroService(
+            nc,
+            name=service_name(agent.type),
+            version=agent.version,
+            description=agent.description,
+            metadata={
+                "agent_id": str(agent_id),
+                "agent_type": agent.type,
+                "key": agent_id.key,
+                "prefix": subjects.prefix,
+            },
+            service_id=self.instance,
+        )
+        self._rpc_endpoint: Endpoint | None = None
+        if fast_path:
+            self._rpc_endpoint = self.service.add_endpoint(
+                "rpc",
+                subject=subjects.rpc(agent.type),
+                queue_group=agent.type,
+                metadata={"message_types": ",".join(sorted(agent.routes))},
+            )
+        self._registered = False
 
     def _consumers(self) -> list[DurableSpec]:
         agent, subjects = self.agent, self.subjects
@@ -459,6 +550,19 @@ class RunningAgent:
         state = await ensure_event_stream(self._nc, self._stream)
         self._server_version = state.server_version
         await self._pubacks.start()
+        try:
+            await self._start()
+        except BaseException:
+            await self.close(grace=0)
+            raise
+        log.info("agent %s started", self.agent_id)
+        return self
+
+    async def _start(self) -> None:
+        # Registered (and beating) before the first message is taken, so the log never shows
+        # effects of an instance it has not seen register.
+        await self.registration.start()
+        self._registered = True
         for spec in self._consumers():
             await ensure_durable(self._nc, spec)
             loop = PullLoop(
@@ -478,8 +582,7 @@ class RunningAgent:
             self._rpc = await self._nc.subscribe(
                 self.subjects.rpc(self.agent.type), queue=self.agent.type, cb=self._on_call
             )
-        log.info("agent %s started", self.agent_id)
-        return self
+        await self.service.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -487,7 +590,8 @@ class RunningAgent:
     async def close(self, *, grace: float | None = None) -> None:
         """Stop pulling; let the handlers running finish (at most `grace` seconds, default
         ack_wait) and store their effects; hand messages not started back to the server at
-        once (nak). Idempotent."""
+        once (nak); then say stopped (last heartbeat) and deregister in the log. Idempotent."""
+        await self.service.stop()
         if self._rpc is not None:
             with contextlib.suppress(Exception):
                 await self._rpc.unsubscribe()
@@ -509,7 +613,13 @@ class RunningAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._registered:
+            self._registered = False
+            await self.registration.stop()
         await self._pubacks.close()
+        if self._own_store:
+            with contextlib.suppress(Exception):
+                await self._store.close()
 
     async def _work(self) -> None:
         while True:
@@ -723,6 +833,8 @@ class RunningAgent:
     # -- the fast path ---------------------------------------------------------------------------
 
     async def _on_call(self, msg: Msg) -> None:
+        started = time.perf_counter_ns()
+        code = "400"  # until the request is understood, a failure is the caller's
         try:
             envelope, message = wire.decode(msg.data, f"on {msg.subject}")
             route = self.agent.routes.get(message.type)
@@ -731,13 +843,24 @@ class RunningAgent:
                     agent=self.agent.type, message_type=message.type, reason="no such handler"
                 )
             ctx = Context(self, envelope, message, consumer=self.agent.type, attempt=1, position=0)
+            code = "500"
             await self._call(route, ctx, None)
         except Exception as error:
-            answer = {"error": f"{type(error).__name__}: {error}"}
-            with contextlib.suppress(Exception):
-                await msg.respond(msgspec.json.encode(answer))
+            text = f"{type(error).__name__}: {error}"
+            if self._rpc_endpoint is not None:
+                self._rpc_endpoint.record(time.perf_counter_ns() - started, text)
+            if msg.reply:  # ADR-32: an error answer says so in two headers
+                one_line = " ".join(text.split())[:1024]
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(
+                        msg.reply,
+                        msgspec.json.encode({"error": text}),
+                        headers={ERROR_HEADER: one_line, ERROR_CODE_HEADER: code},
+                    )
             return
         replies = [effect for effect in ctx._effects if effect[0] == self.subjects.reply("_call")]
         await self._commit([e for e in ctx._effects if e not in replies], self.agent.type, 0)
         self.handled += 1
+        if self._rpc_endpoint is not None:
+            self._rpc_endpoint.record(time.perf_counter_ns() - started)
         await msg.respond(replies[0][1] if replies else b"{}")

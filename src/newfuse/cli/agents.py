@@ -1,4 +1,5 @@
-"""`fuse agents run MODULE:AGENT` (one agent instance as a process, until SIGTERM/Ctrl-C) and
+"""`fuse agents run MODULE:AGENT` (one agent instance as a process, until SIGTERM/Ctrl-C),
+`fuse agents list` (each agent type and version: instances, healthy/stale/down, last seen) and
 `fuse agents dead-letters [show|replay ID]` (what agents gave up on, and sending it again)."""
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import msgspec
 from rich.markup import escape
 
 from newfuse.agents import Agent, DeadLetters, StoredDeadLetter
+from newfuse.agents.registry import Instance, live_at, read_liveness, runs, summarize
 from newfuse.cli._common import (
     load_attribute,
     message_stream,
+    open_store,
+    parse_time,
     resolve_nats_url,
     settings_from_args,
 )
 from newfuse.cli._output import cell, note, print_json, print_table, rfc3339, stdout_console
-from newfuse.errors import ConfigError, DeadLetterReplayError
-from newfuse.nats import connect
+from newfuse.errors import ConfigError, DeadLetterReplayError, StoreNotFoundError
+from newfuse.nats import Subjects, connect
 
 
 def register_agent_actions(actions: Any) -> None:
@@ -35,6 +39,23 @@ def register_agent_actions(actions: Any) -> None:
     run.add_argument("--key", help="the instance's key (AgentId key; default: a random one)")
     run.add_argument("--no-fast-path", action="store_true", help="do not answer core NATS requests")
     run.set_defaults(handler=run_agent)
+    listing = actions.add_parser(
+        "list",
+        help="each agent: id, name, version, instances, healthy/stale/down, last seen",
+        description="Each agent type at each version with its instances, from their "
+        "heartbeats: healthy (a heartbeat within 2 intervals), stale (within 5), down "
+        "(stopped, or older). --at TIME: who was live then, from the log's registration "
+        "events. JSON Lines with --json.",
+    )
+    listing.add_argument(
+        "--at",
+        metavar="TIME",
+        help="who was live at this time (RFC 3339, e.g. 2026-12-03T05:00:00Z, or 10m ago)",
+    )
+    listing.add_argument(
+        "--instances", action="store_true", help="one row per instance instead of per agent"
+    )
+    listing.set_defaults(handler=run_agents_list)
 
     letters = actions.add_parser(
         "dead-letters",
@@ -198,4 +219,76 @@ async def run_dead_letter_replay(args: argparse.Namespace) -> int:
             f"replayed dead letter {replayed.letter_id}: message {replayed.message_id} at "
             f"position {replayed.position} on {replayed.subject}"
         )
+    return 0
+
+
+def _instance_json(one: Instance) -> dict[str, Any]:
+    return {
+        "id": one.agent_type,
+        "key": one.key,
+        "instance": one.instance,
+        "name": one.name,
+        "version": one.version,
+        "status": one.status,
+        "started": rfc3339(one.started),
+        "last_seen": rfc3339(one.last_seen),
+    }
+
+
+async def run_agents_list(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    at = None if args.at is None else parse_time(args.at, flag="--at")
+    subjects = Subjects(settings.prefix)
+    nc = await connect(resolve_nats_url(settings), name="fuse-agents-list")
+    try:
+        try:
+            instances = await read_liveness(nc, subjects, on_invalid=note)
+        except StoreNotFoundError:
+            instances = []
+            if at is None:
+                note(
+                    f"no agent has run under prefix {settings.prefix!r} "
+                    f"(no JetStream stream {subjects.liveness_stream_name})"
+                )
+        if at is not None:
+            store = await open_store(args, create=False)
+            try:
+                history = await runs(store)
+            finally:
+                await store.close()
+            instances = live_at(at, history, instances)
+    finally:
+        await nc.close()
+    if args.instances:
+        ordered = sorted(instances, key=lambda one: (one.agent_type, one.key, one.version))
+        if args.json:
+            for one in ordered:
+                print_json(_instance_json(one))
+            return 0
+        print_table(
+            [
+                [f"{o.agent_type}/{o.key}", o.instance, o.name, o.version, o.status, o.last_seen]
+                for o in ordered
+            ],
+            ["AGENT", "INSTANCE", "NAME", "VERSION", "STATUS", "LAST SEEN"],
+        )
+        return 0
+    rows = summarize(instances)
+    if args.json:
+        for row in rows:
+            print_json(
+                {
+                    "id": row.id,
+                    "name": row.name,
+                    "version": row.version,
+                    "instances": row.instances,
+                    "status": row.status,
+                    "last_seen": rfc3339(row.last_seen),
+                }
+            )
+        return 0
+    print_table(
+        [[r.id, r.name, r.version, r.instances, r.status, r.last_seen] for r in rows],
+        ["ID", "NAME", "VERSION", "INSTANCES", "STATUS", "LAST SEEN"],
+    )
     return 0

@@ -8,9 +8,11 @@ from newfuse.nats.direct import DirectGet
 from newfuse.nats.durable import DurableSpec, PullLoop, ensure_durable
 from newfuse.nats.embedded import NatsServer, ValkeyServer, find_nats_server, find_valkey_server
 from newfuse.nats.jserrors import PubAck
+from newfuse.nats.micro import Endpoint, MicroService
 from newfuse.nats.ordered import FeedMessage, OrderedPushConsumer
 from newfuse.nats.provision import (
     EventStreamSpec,
+    LivenessStreamSpec,
     MessageStreamSpec,
     StreamState,
     ensure_event_stream,
@@ -32,6 +34,10 @@ __all__ = [
     "MessageStreamSpec",
     "PullLoop",
     "ensure_durable",
+    # the agents' liveness stream and ADR-32 micro services
+    "Endpoint",
+    "LivenessStreamSpec",
+    "MicroService",
     # publishing
     "MAX_BATCH_MESSAGES",
     "PubAck",

@@ -103,6 +103,37 @@ class MessageStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
         }
 
 
+class LivenessStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the agents' liveness stream must look like: the last heartbeat of each instance.
+
+    One subject per instance (`<prefix>.agents.<type>.<key>`) and one message per subject, so it
+    holds as many messages as there are instances, however long they run; `max_age` (seconds,
+    default a week) drops the entries of instances that stopped beating that long ago.
+    """
+
+    subjects: Subjects
+    replicas: int | None = None
+    max_age: float = 7 * 24 * 3600.0
+
+    def config(self, *, atomic: bool, replicas: int = 1) -> dict[str, Any]:
+        """The JetStream API stream configuration (durations in nanoseconds)."""
+        return {
+            "name": self.subjects.liveness_stream_name,
+            "subjects": [self.subjects.all_liveness],
+            "retention": "limits",
+            "storage": "file",
+            "num_replicas": self.replicas or replicas,
+            "max_age": nanoseconds(self.max_age),
+            "max_bytes": -1,
+            "max_msgs": -1,
+            "max_msgs_per_subject": 1,
+            "duplicate_window": nanoseconds(min(self.max_age, 120.0)),
+            "discard": "old",
+            "allow_direct": True,
+            "description": "newfuse agents: the last heartbeat of each instance",
+        }
+
+
 class StreamState(msgspec.Struct, frozen=True, kw_only=True):
     """What provisioning found out: the stream's name, whether it can take atomic batches, and
     how many copies it keeps."""
@@ -176,7 +207,7 @@ async def event_prefixes(
 
 async def ensure_event_stream(
     nc: Client,
-    spec: EventStreamSpec | MessageStreamSpec,
+    spec: EventStreamSpec | MessageStreamSpec | LivenessStreamSpec,
     *,
     timeout: float = 5.0,  # noqa: ASYNC109 - a deadline per JetStream API answer
     create: bool = True,
@@ -251,7 +282,13 @@ async def ensure_event_stream(
             spec.replicas,
         )
     wanted["num_replicas"] = have  # the count is the stream's; every other setting is checked
-    checked = _CHECKED if isinstance(spec, EventStreamSpec) else _MESSAGES_CHECKED
+    checked = (
+        _CHECKED
+        if isinstance(spec, EventStreamSpec)
+        else _LIVENESS_CHECKED
+        if isinstance(spec, LivenessStreamSpec)
+        else _MESSAGES_CHECKED
+    )
     _check(name, wanted, actual, atomic=atomic, checked=checked)
     return StreamState(
         name=name,
@@ -289,6 +326,10 @@ _CHECKED = (
 _MESSAGES_CHECKED = ("subjects", "retention", "storage", "allow_direct")
 """What the agent runtime relies on in the message stream; its age limit and duplicate window
 are the operator's to choose (exactly-once effects do not depend on the window)."""
+
+
+_LIVENESS_CHECKED = ("subjects", "max_msgs_per_subject", "allow_direct")
+"""What listing agents relies on in the liveness stream: one message per instance, direct gets."""
 
 
 def _check(

@@ -21,7 +21,14 @@ class Subjects:
         ('fuse.ev.agent.r1', 'FUSE_EVENTS')
     """
 
-    __slots__ = ("_a2a", "_event_prefix", "message_stream_name", "prefix", "stream_name")
+    __slots__ = (
+        "_a2a",
+        "_event_prefix",
+        "liveness_stream_name",
+        "message_stream_name",
+        "prefix",
+        "stream_name",
+    )
 
     def __init__(self, prefix: str) -> None:
         check_token(
@@ -40,6 +47,8 @@ class Subjects:
         self.message_stream_name = f"{prefix.upper().replace('-', '_')}_A2A"
         """The JetStream stream holding A2A messages and task queues (no version checks)."""
         self._a2a = f"{prefix}.a2a."
+        self.liveness_stream_name = f"{prefix.upper().replace('-', '_')}_AGENTS"
+        """The JetStream stream holding each agent instance's last heartbeat (one per subject)."""
 
     def events(self, stream: str) -> str:
         """The subject of one event stream: `<prefix>.ev.<category>.<id>`."""
@@ -116,6 +125,15 @@ class Subjects:
     def rpc(self, agent_type: str) -> str:
         """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
         return f"{self.prefix}.rpc.{agent_type}"
+
+    def liveness(self, agent_type: str, key: str) -> str:
+        """One instance's heartbeats (the stream keeps the last): `<prefix>.agents.<type>.<key>`."""
+        return f"{self.prefix}.agents.{agent_type}.{key}"
+
+    @property
+    def all_liveness(self) -> str:
+        """The liveness stream's subject: `<prefix>.agents.>`."""
+        return f"{self.prefix}.agents.>"
 
     def stream_of(self, subject: str) -> str:
         """The stream name (`<category>.<id>`) of an event subject; InvalidNameError otherwise."""

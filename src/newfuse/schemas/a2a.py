@@ -10,6 +10,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from newfuse.schemas.card import AgentCard
 from newfuse.schemas.payloads import A2AMessage, Part, Timestamp, utcnow
 
 TaskState = Literal[
@@ -73,15 +74,31 @@ class AgentLifecycle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
 
 class AgentRegistered(AgentLifecycle, frozen=True, kw_only=True, omit_defaults=True):
-    """Payload of `agent.registered`."""
+    """Payload of `agent.registered`: the instance's card (what it is, accepts, where it is)."""
+
+    card: AgentCard | None = None
 
 
 class AgentStarted(AgentLifecycle, frozen=True, kw_only=True, omit_defaults=True):
     """Payload of `agent.started`."""
 
 
+AgentState = Literal["running", "stopped"]
+
+
 class AgentHeartbeat(AgentLifecycle, frozen=True, kw_only=True, omit_defaults=True):
-    """Payload of `agent.heartbeat`."""
+    """Payload of `agent.heartbeat`: an instance is alive (or, `state` stopped, has stopped).
+
+    The runtime keeps the last one per instance on the liveness stream, not in the log; `interval`
+    is the seconds between beats (what healthy and stale are measured in), `started` when the
+    instance started, `name` and `version` its card's.
+    """
+
+    name: str | None = None
+    version: str | None = None
+    state: AgentState | None = None
+    interval: float | None = None
+    started: Timestamp | None = None
 
 
 class AgentStopped(AgentLifecycle, frozen=True, kw_only=True, omit_defaults=True):

@@ -22,6 +22,7 @@ from newfuse.errors import (
     UnknownVersionError,
 )
 from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
+from newfuse.schemas.card import AgentCard
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 
@@ -379,6 +380,7 @@ def default_registry() -> SchemaRegistry:
     registry.add("agent.state_update", 1, StateUpdate)
     registry.add("transaction", 1, Transaction)
     registry.add("task.status", 1, TaskStatusUpdate)
+    registry.add("agent.card", 1, AgentCard)
     registry.add("agent.dead_letter", 1, DeadLetter)
     for name, cls in LIFECYCLE_TYPES.items():
         registry.add(name, 1, cls)
