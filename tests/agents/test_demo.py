@@ -31,8 +31,12 @@ async def test_the_tour_on_existing_servers_leaves_a_history_that_replays(
     result = await asyncio.to_thread(run_fuse, "demo", env=env)
     out = result.stdout
     assert f"using the NATS server at {nats_url}" in out
-    for step in ("1. requests and replies", "2. a task asks a human", "3. the registry", "4. the"):
+    steps = ("1. requests", "2. a task asks", "3. the registry", "4. the read models", "5. the")
+    for step in steps:
         assert step in out, out
+    assert re.search(r"^  researcher +v1\.0\.0 +2 instance\(s\) +healthy", out, flags=re.M), out
+    states = re.findall(r"^  (researcher-r[12]|writer-w1) +running ", out, flags=re.M)
+    assert sorted(states) == ["researcher-r1", "researcher-r2", "writer-w1"], out
     # each reply names the instance that answered (either of the two sharing the consumer)
     assert len(re.findall(r"researcher/r[12] says", out)) == 3, out
     conversation = re.search(r"conversation (tour-[0-9a-f]{8})", out)

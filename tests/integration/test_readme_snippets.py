@@ -60,3 +60,23 @@ async def test_the_tour_snippet_wrote_to_the_running_fuse_dev(
     async with await open_event_store(nats_url) as store:
         events = [event async for event in store.read("agent.r1")]
     assert events and events[-1].type == "agent.state_update"
+
+
+def test_fuse_demo_runs_on_the_running_fuse_dev_and_reads_its_projections(
+    dev: tuple[dict[str, str], str],
+) -> None:
+    env, nats_url = dev
+    result = subprocess.run(
+        [sys.executable, "-m", "newfuse", "demo"],
+        env=env,
+        timeout=90,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "using the running fuse dev (pid " in result.stdout
+    assert nats_url in result.stdout
+    # the dev's own projection runners folded the tour's registrations into its Redis
+    states = re.findall(r"^  (researcher-r[12]|writer-w1) +(\w+)", result.stdout, flags=re.M)
+    assert sorted(name for name, _ in states) == ["researcher-r1", "researcher-r2", "writer-w1"]
+    assert "its history stays on the server" in result.stdout

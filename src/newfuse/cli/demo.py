@@ -18,20 +18,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from newfuse.agents import Agent, AgentClient, Context, Tasks
 from newfuse.agents.history import History
+from newfuse.agents.registry import read_liveness, summarize
 from newfuse.cli._common import settings_from_args
 from newfuse.config import Settings, read_dev_state
-from newfuse.nats import NatsServer, ValkeyServer, connect
+from newfuse.eventstore import open_event_store
+from newfuse.nats import NatsServer, Subjects, ValkeyServer, connect
+from newfuse.projections import AgentStateView, ProjectionGroup
+from newfuse.projections.builtin import BuiltinProjections
 from newfuse.schemas import Artifact, Part
 
+INSTANCES = (("researcher", "r1"), ("researcher", "r2"), ("writer", "w1"))
 QUESTIONS = ("summarise the incident reports", "list the open risks", "who owns the backlog")
 UNCLEAR = "compare revenue with the quarter before"
 ANSWER = "Q3 2026"
@@ -61,8 +68,14 @@ class Finding(msgspec.Struct, frozen=True):
 researcher = Agent(
     "researcher",
     description="answers questions; asks back when a question is unclear",
+    version="1.0.0",
 )
-writer = Agent("writer", description="keeps notes of what researchers found", topics=("findings",))
+writer = Agent(
+    "writer",
+    description="keeps notes of what researchers found",
+    topics=("findings",),
+    version="0.3.1",
+)
 notes: list[str] = []
 
 
@@ -112,35 +125,43 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+class Servers(msgspec.Struct, frozen=True):
+    """What the tour runs on: the URLs, and whose servers they are."""
+
+    nats_url: str
+    redis_url: str | None
+    owner: str  # "env" (FUSE_* / flags), "dev" (a running fuse dev), "own" (started here)
+
+
 @contextlib.asynccontextmanager
-async def servers(settings: Settings) -> AsyncIterator[tuple[str, bool]]:
-    """The NATS URL to use, and whether it is a server of the user's (kept, with its history)."""
+async def servers(settings: Settings) -> AsyncIterator[Servers]:
+    """The user's servers when there are some (kept, with the tour's history), else our own."""
     if settings.nats_url:
         say(f"using the NATS server at {settings.nats_url} (FUSE_NATS_URL / --nats)")
-        yield settings.nats_url, True
+        yield Servers(settings.nats_url, settings.redis_url, "env")
         return
     dev = read_dev_state(settings)
     if dev is not None:
-        say(f"using the running fuse dev (pid {dev.pid}): {dev.nats_url}")
-        yield dev.nats_url, True
+        say(f"using the running fuse dev (pid {dev.pid}): {dev.nats_url}, {dev.redis_url}")
+        yield Servers(dev.nats_url, dev.redis_url, "dev")
         return
     say("no FUSE_NATS_URL and no fuse dev: starting nats-server and valkey from the wheels")
     async with NatsServer() as nats, ValkeyServer() as valkey:
         say(f"  nats-server {nats.url} (pid {nats.pid}), valkey {valkey.url} (pid {valkey.pid})")
-        yield nats.url, False
+        yield Servers(nats.url, valkey.url, "own")
     say("stopped the servers it started")
 
 
 async def run_demo(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    async with servers(settings) as (url, kept):
-        await tour(url, settings.prefix, kept)
+    async with servers(settings) as where:
+        await tour(where, settings.prefix)
     return 0
 
 
-async def tour(url: str, prefix: str, kept: bool) -> None:
+async def tour(where: Servers, prefix: str) -> None:
     conversation = f"tour-{uuid.uuid4().hex[:8]}"
-    nc = await connect(url, name="fuse-demo")
+    nc = await connect(where.nats_url, name="fuse-demo")
     try:
         async with (
             researcher.run(nc, key="r1", prefix=prefix),
@@ -188,10 +209,17 @@ async def tour(url: str, prefix: str, kept: bool) -> None:
             await _until(lambda: len(notes) >= len(QUESTIONS) + 1)
             say(f"  writer noted {len(notes)} findings from the topic 'findings'")
 
-            say("\n3. the registry: who is running")
-            await _registry(nc, prefix)
+            say("\n3. the registry: who is running (heartbeats; `fuse agents list`)")
+            for row in summarize(await read_liveness(nc, Subjects(prefix))):
+                say(
+                    f"  {row.id:<11} v{row.version:<6} {row.instances} instance(s)  "
+                    f"{row.status:<8} last seen {row.last_seen:%H:%M:%S}"
+                )
 
-            say(f"\n4. the conversation {conversation}, replayed from the log")
+            say("\n4. the read models: each instance's registration, folded into Redis")
+            await _read_models(where, prefix)
+
+            say(f"\n5. the conversation {conversation}, replayed from the log")
             history = History(nc, prefix=prefix)
             async for turn in history.turns(context_id=conversation):
                 say(
@@ -200,7 +228,7 @@ async def tour(url: str, prefix: str, kept: bool) -> None:
                 )
     finally:
         await nc.close()
-    if kept:
+    if where.owner != "own":
         say("\nits history stays on the server; look again with:")
         say(f"  fuse agents history --context {conversation}")
         say(f"  fuse tasks show {task_id}")
@@ -231,5 +259,40 @@ async def _until(condition: Any, timeout: float = 15.0) -> None:  # noqa: ASYNC1
             await asyncio.sleep(0.02)
 
 
-async def _registry(nc: Any, prefix: str) -> None:
-    say("  (the registry lands with the agents registry change)")
+async def _read_models(where: Servers, prefix: str) -> None:
+    """The agent-state projection's view of the tour's instances: from the running `fuse dev`'s
+    projections, or from projections run here up to the log's head."""
+    if where.redis_url is None:
+        say("  (no Redis: set FUSE_REDIS_URL to see them)")
+        return
+    ours = {f"{agent}-{key}" for agent, key in INSTANCES}
+    async with await open_event_store(where.nats_url, prefix=prefix) as store:
+        head = await store.head_position()
+        with tempfile.TemporaryDirectory(prefix="newfuse-demo-") as tmp:
+            models = await BuiltinProjections.open(
+                redis_url=where.redis_url, audit_db=str(Path(tmp) / "audit.db"), prefix=prefix
+            )
+            async with models:
+                if where.owner == "dev":  # its projections run already: wait for them
+                    view = AgentStateView(models.redis)
+                    await _until(lambda: _shows(view, ours))
+                else:
+                    runners = models.runners(store, ["agent_state"])
+                    group = ProjectionGroup(runners)
+                    running = asyncio.create_task(group.run(handle_signals=False))
+                    try:
+                        await runners[0].wait_until(head, timeout=15)
+                    finally:
+                        group.request_stop()
+                        await running
+                    view = AgentStateView(models.redis)
+                for state in await view.agents():
+                    if state.agent_id in ours:
+                        say(
+                            f"  {state.agent_id:<14} {state.status or '-':<10} "
+                            f"(position {state.position} of the event log)"
+                        )
+
+
+async def _shows(view: AgentStateView, agents: set[str]) -> bool:
+    return agents <= {state.agent_id for state in await view.agents()}
