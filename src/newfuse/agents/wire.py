@@ -40,6 +40,8 @@ REGISTRY: Final = default_registry()
 _ENCODER: Final = msgspec.json.Encoder()
 _NAMESPACE: Final = uuid.UUID("6f1c3c9e-2d0b-5a4e-9a55-0c5e1f3a2b77")
 DEFAULT_RANGE: Final = VersionRange.parse(DEFAULT_PROTOCOLS)
+PROTOCOL_MAJOR: Final = 1
+"""The major protocol version this runtime reads; its minors are `a2a.message` schema versions."""
 
 
 def derived_id(message_id: str, consumer: str, name: str) -> str:
@@ -95,7 +97,7 @@ def current_protocol(registry: SchemaRegistry = REGISTRY) -> ProtocolVersion:
     """The protocol version this registry reads natively: 1.(n - 1) for `a2a.message` schema
     version n (1.0 with the built-in types). An older minor is upcast to it, a newer minor of
     the same major is read with its struct (unknown fields are ignored, as for any payload)."""
-    return ProtocolVersion(1, registry.latest_version(MESSAGE_TYPE) - 1)
+    return ProtocolVersion(PROTOCOL_MAJOR, registry.latest_version(MESSAGE_TYPE) - 1)
 
 
 def reading_registry(registry: SchemaRegistry, agent_type: str) -> SchemaRegistry:
@@ -141,8 +143,9 @@ def decode(
         raise InvalidEnvelopeError(
             where=where, path="$.type", reason=f"{envelope.type!r} is not {MESSAGE_TYPE!r}"
         )
+    newest = registry.latest_version(MESSAGE_TYPE)
     version = _protocol(envelope.data, where, registry, accepts)
-    schema_version = min(version.minor + 1, registry.latest_version(MESSAGE_TYPE))
+    schema_version = newest if version is None else min(version.minor + 1, newest)
     try:
         message = registry.decode(MESSAGE_TYPE, schema_version, envelope.data)
     except FuseError as error:
@@ -202,38 +205,30 @@ def _envelope(body: bytes, where: str) -> Envelope:
 
 def _protocol(
     data: msgspec.Raw, where: str, registry: SchemaRegistry, accepts: VersionRange
-) -> ProtocolVersion:
-    current = current_protocol(registry)
+) -> ProtocolVersion | None:
+    """The message's protocol version, checked; None when it states none (the current one)."""
     try:
-        metadata = _PROBE.decode(data).metadata
+        metadata = _VERSION_PROBE.decode(data).metadata
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return current  # not an object: decoding it says why
-    stated = metadata.get("protocol_version", _ABSENT) if isinstance(metadata, dict) else _ABSENT
-    if stated is _ABSENT:
-        version = current
-    else:
-        try:
-            version = ProtocolVersion.parse(stated)
-        except ProtocolVersionError as error:
-            raise ProtocolVersionError(
-                version=error.version, reason=error.reason, where=where, accepted=str(accepts)
-            ) from None
-    if version not in accepts:
-        raise ProtocolVersionError(
-            version=str(version if stated is _ABSENT else stated),
-            reason="it is outside the range this agent accepts",
-            where=where,
-            accepted=str(accepts),
+        metadata = None  # not an object, or metadata is not: decoding it says why
+    stated = msgspec.UNSET if metadata is None else metadata.protocol_version
+    try:
+        version = accepts.check(
+            str(current_protocol(registry)) if stated is msgspec.UNSET else stated
         )
-    if version.major != current.major:
+    except ProtocolVersionError as error:
+        raise ProtocolVersionError(
+            version=error.version, reason=error.reason, where=where, accepted=str(accepts)
+        ) from None
+    if version.major != PROTOCOL_MAJOR:
         raise ProtocolVersionError(
             version=str(stated),
-            reason=f"this runtime reads protocol {current.major}.x (current {current}); no "
-            f"upcaster crosses a major version",
+            reason=f"this runtime reads protocol {PROTOCOL_MAJOR}.x (current "
+            f"{current_protocol(registry)}); no upcaster crosses a major version",
             where=where,
             accepted=str(accepts),
         )
-    return version
+    return None if stated is msgspec.UNSET else version
 
 
 class _Probe(msgspec.Struct, frozen=True):
@@ -248,7 +243,19 @@ class _Probe(msgspec.Struct, frozen=True):
 
 
 _PROBE: Final = msgspec.json.Decoder(_Probe)
-_ABSENT: Final = object()
+
+
+class _VersionMetadata(msgspec.Struct, frozen=True):
+    protocol_version: Any = msgspec.UNSET
+
+
+class _VersionProbe(msgspec.Struct, frozen=True):
+    """Only `metadata.protocol_version`, read before the message's schema is chosen."""
+
+    metadata: _VersionMetadata | None = None
+
+
+_VERSION_PROBE: Final = msgspec.json.Decoder(_VersionProbe)
 
 
 def _text(value: Any) -> str | None:

@@ -25,6 +25,7 @@ MAX_RANGE_CHARS: Final = 200
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(?:\.(0|[1-9][0-9]{0,8}))?")
 _SUFFIXED = re.compile(r"[0-9]+\.[0-9]+(?:\.[0-9]+)?[-+].*", re.DOTALL)
 _CLAUSE = re.compile(r"\s*(>=|<=|==|!=|>|<)?\s*([^\s,]+)\s*")
+_CACHED: Final = 1024  # versions parsed, and verdicts per range, kept (cleared when full)
 _OPERATORS: Final[dict[str, Callable[[Any, Any], bool]]] = {
     ">=": operator.ge,
     ">": operator.gt,
@@ -49,6 +50,10 @@ class ProtocolVersion(NamedTuple):
         Raises:
             ProtocolVersionError: `value` is not a string, too long, or not MAJOR.MINOR[.PATCH].
         """
+        if type(value) is str:
+            known = _PARSED.get(value)
+            if known is not None:  # every message states one of a few versions: parse once
+                return known
         if value is None:
             raise ProtocolVersionError(
                 version="null",
@@ -77,7 +82,11 @@ class ProtocolVersion(NamedTuple):
             )
             raise ProtocolVersionError(version=value, reason=reason)
         major, minor, patch = match.groups()
-        return cls(int(major), int(minor), int(patch or 0))
+        parsed = cls(int(major), int(minor), int(patch or 0))
+        if len(_PARSED) >= _CACHED:
+            _PARSED.clear()
+        _PARSED[value] = parsed
+        return parsed
 
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}" + (f".{self.patch}" if self.patch else "")
@@ -89,11 +98,13 @@ class VersionRange:
     `str()` gives the range as written (normalised spacing), for errors and agent cards.
     """
 
-    __slots__ = ("_clauses", "spec")
+    __slots__ = ("_admitted", "_clauses", "_verdicts", "spec")
 
     def __init__(self, spec: str, clauses: tuple[tuple[str, ProtocolVersion], ...]) -> None:
         self.spec = spec
         self._clauses = clauses
+        self._verdicts: dict[ProtocolVersion, bool] = {}
+        self._admitted: dict[str, ProtocolVersion] = {}
 
     @classmethod
     def parse(cls, spec: str) -> VersionRange:
@@ -135,7 +146,36 @@ class VersionRange:
     def __contains__(self, version: object) -> bool:
         if not isinstance(version, ProtocolVersion):
             return False
-        return all(_OPERATORS[op](version, bound) for op, bound in self._clauses)
+        verdict = self._verdicts.get(version)
+        if verdict is None:
+            verdict = all(_OPERATORS[op](version, bound) for op, bound in self._clauses)
+            if len(self._verdicts) >= _CACHED:
+                self._verdicts.clear()
+            self._verdicts[version] = verdict
+        return verdict
+
+    def check(self, stated: object) -> ProtocolVersion:
+        """The version a message states (any JSON value), if this range admits it.
+
+        Raises:
+            ProtocolVersionError: `stated` is not a version, or the range does not admit it.
+        """
+        if type(stated) is str:
+            known = self._admitted.get(stated)
+            if known is not None:  # the hot path: one of the few versions senders state
+                return known
+        version = ProtocolVersion.parse(stated)
+        if version not in self:
+            raise ProtocolVersionError(
+                version=str(stated),
+                reason="it is outside the range this agent accepts",
+                accepted=self.spec,
+            )
+        if isinstance(stated, str):
+            if len(self._admitted) >= _CACHED:
+                self._admitted.clear()
+            self._admitted[stated] = version
+        return version
 
     def __str__(self) -> str:
         return self.spec
@@ -188,6 +228,8 @@ def _quoted(value: object) -> str:
     text = repr(value)
     return text if len(text) <= MAX_VERSION_CHARS else text[:MAX_VERSION_CHARS] + "..."
 
+
+_PARSED: dict[str, ProtocolVersion] = {}
 
 DEFAULT_PROTOCOLS: Final = ">=1.0,<2.0"
 """What an agent accepts unless told otherwise: every minor version of protocol 1."""
