@@ -168,6 +168,8 @@ def test_the_v1_protocol_version_is_checked_like_any_message_version() -> None:
         read(v1(metadata={"protocol_version": "3.0"}))
     with pytest.raises(ProtocolVersionError, match=r"it is not a semantic version"):
         read(v1(metadata={"protocol_version": "one"}))
+    with pytest.raises(ProtocolVersionError, match=r"it is null"):
+        read(v1(metadata={"protocol_version": None}))
     no_version = read(v1(metadata={}))[1]
     assert no_version.metadata.protocol_version == "1.0"  # absent: the current version
     found = wire.refused(msgspec.json.encode(v1(metadata={"protocol_version": "3.0"})), "x")

@@ -52,7 +52,7 @@ class _V1Metadata(msgspec.Struct, frozen=True, kw_only=True):
     priority: Word | None = None
     timeout: Millis | None = None
     retry_count: Count | None = msgspec.field(default=None, name="retryCount")
-    protocol_version: Any = None  # checked as a protocol version, with its own error
+    protocol_version: Any = msgspec.UNSET  # checked as a protocol version, with its own error
 
 
 class V1Message(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,82 +158,87 @@ def recognise(body: bytes, where: str) -> Recognised | None:
 
 
 def _from_v1(v1: V1Message, body: bytes, where: str, label: str) -> Recognised:
-    message_id = _message_id(v1.id, body)
     meta = v1.metadata
-    metadata = _strings(
-        {
-            "legacy.shape": "v1",
-            "legacy.id": v1.id if message_id != v1.id else None,
+    return _recognised(
+        "v1",
+        given_id=v1.id,
+        body=body,
+        message_type=_type(v1.type, where, label),
+        payload=v1.payload,
+        sender=v1.sender,
+        when=v1.timestamp,
+        protocol_version=meta.protocol_version,
+        trace_id=None,
+        extra={
             "legacy.recipient": v1.recipient,
             "legacy.priority": meta.priority,
             "legacy.timeout_ms": meta.timeout,
             "legacy.retries": meta.retry_count,
-        }
-    )
-    timestamp = _moment(v1.timestamp)
-    return Recognised(
-        shape="v1",
-        id=message_id,
-        timestamp=timestamp,
-        trace=None,
-        metadata=metadata,
-        message=_message(
-            _type(v1.type, where, label),
-            v1.payload,
-            v1.sender,
-            timestamp,
-            message_id,
-            meta.protocol_version,
-        ),
+        },
     )
 
 
 def _from_v2(v2: V2Message, body: bytes, where: str, label: str) -> Recognised:
     header, meta = v2.header, v2.body.metadata
-    message_id = _message_id(header.id, body)
-    metadata = _strings(
-        {
-            "legacy.shape": "v2",
-            "legacy.id": header.id if message_id != header.id else None,
+    return _recognised(
+        "v2",
+        given_id=header.id,
+        body=body,
+        message_type=_type(header.type, where, label),
+        payload=v2.body.content,
+        sender=header.source,
+        when=meta.sent_at,
+        # header.version versions the V2 shape, not the A2A protocol: the mapped message is
+        # protocol 1.0 (the README says why).
+        protocol_version=msgspec.UNSET,
+        trace_id=meta.trace_id,
+        extra={
             "legacy.version": header.version,
             "legacy.target": header.target,
             "legacy.priority": header.priority,
             "legacy.timeout_ms": meta.timeout,
             "legacy.retries": meta.retries,
             "legacy.trace_id": meta.trace_id,
-        }
-    )
-    timestamp = _moment(meta.sent_at)
-    return Recognised(
-        shape="v2",
-        id=message_id,
-        timestamp=timestamp,
-        trace=None if meta.trace_id is None else _trace(meta.trace_id, message_id),
-        metadata=metadata,
-        # header.version versions the V2 shape, not the A2A protocol: the mapped message is
-        # protocol 1.0 (the README says why).
-        message=_message(
-            _type(header.type, where, label), v2.body.content, header.source, timestamp, message_id
-        ),
+        },
     )
 
 
-def _message(
+def _recognised(
+    shape: Shape,
+    *,
+    given_id: Any,
+    body: bytes,
     message_type: str,
     payload: Any,
     sender: str,
-    timestamp: datetime,
-    message_id: str,
-    protocol_version: Any = None,
-) -> dict[str, Any]:
+    when: int | float | datetime,
+    protocol_version: Any,
+    trace_id: str | None,
+    extra: dict[str, Any],
+) -> Recognised:
+    message_id = _message_id(given_id, body)
+    timestamp = _moment(when)
     metadata: dict[str, Any] = {"timestamp": timestamp.isoformat(), "sender": sender}
-    if protocol_version is not None:
+    if protocol_version is not msgspec.UNSET:  # null too: refused like any non-version
         metadata["protocol_version"] = protocol_version
     if payload is None:
         payload = {}
     elif not isinstance(payload, dict):
         payload = {"value": payload}
-    return {"type": message_type, "payload": payload, "metadata": metadata, "messageId": message_id}
+    replaced = given_id if message_id != given_id else None
+    return Recognised(
+        shape=shape,
+        id=message_id,
+        timestamp=timestamp,
+        trace=None if trace_id is None else _trace(trace_id, message_id),
+        metadata=_strings({"legacy.shape": shape, "legacy.id": replaced, **extra}),
+        message={
+            "type": message_type,
+            "payload": payload,
+            "metadata": metadata,
+            "messageId": message_id,
+        },
+    )
 
 
 def _type(name: str, where: str, label: str) -> str:
