@@ -169,7 +169,7 @@ def refused(body: bytes, where: str) -> tuple[Envelope, A2AMessage] | None:
         probe = _PROBE.decode(envelope.data)
     except (FuseError, msgspec.ValidationError, msgspec.DecodeError):
         return None
-    if not isinstance(probe.type, str) or not is_type_name(probe.type):
+    if not isinstance(probe.type, str) or not _is_type_name(probe.type):
         return None
     sender = probe.metadata.get("sender") if isinstance(probe.metadata, dict) else None
     stand_in = A2AMessage(
@@ -232,7 +232,7 @@ def _protocol(
 
 
 class _Probe(msgspec.Struct, frozen=True):
-    """The few fields of a message read before (or instead of) its schema: any JSON each."""
+    """What addresses the error reply to a refused message, each field any JSON (checked)."""
 
     type: Any = None
     metadata: Any = None
@@ -264,10 +264,11 @@ def _text(value: Any) -> str | None:
 
 def _token(value: Any) -> str | None:
     text = _text(value)
-    return text if text is not None and is_token(text) else None
+    return text if text is not None and _is_token(text) else None
 
 
-def is_type_name(value: str) -> bool:
+def _is_type_name(value: str) -> bool:
+    """Whether `value` is a valid type name (the stand-in's type names its error reply)."""
     try:
         check_type_name(value)
     except InvalidNameError:
@@ -275,7 +276,8 @@ def is_type_name(value: str) -> bool:
     return True
 
 
-def is_token(value: str) -> bool:
+def _is_token(value: str) -> bool:
+    """Whether `value` can be one subject token (a reply token becomes a subject)."""
     try:
         check_token(value, kind="reply token")
     except InvalidNameError:
