@@ -91,6 +91,14 @@ def test_a_range_admits_exactly_the_versions_its_clauses_allow(
     assert "1.0" not in accepted  # only parsed versions are compared, never text
 
 
+@pytest.mark.parametrize(
+    ("spec", "lowest"),
+    [(">=1.0,<2.0", "1.0"), (">1.1", "1.1.1"), ("<2.0", "0.0"), ("==1.2", "1.2"), ("*", "0.0")],
+)
+def test_a_range_knows_the_oldest_version_it_admits(spec: str, lowest: str) -> None:
+    assert str(VersionRange.parse(spec).lowest()) == lowest
+
+
 def test_a_range_prints_as_written_without_spaces() -> None:
     assert str(VersionRange.parse(" >= 1.0 , < 2.0 ")) == ">=1.0,<2.0"
     assert VersionRange.parse(">=1.0,<2.0") == VersionRange.parse(">=1.0.0, <2.0.0")

@@ -177,6 +177,16 @@ class VersionRange:
             self._admitted[stated] = version
         return version
 
+    def lowest(self) -> ProtocolVersion:
+        """The oldest version the range admits (0.0 when it has no lower bound)."""
+        low = ProtocolVersion(0, 0)
+        for op, bound in self._clauses:
+            if op == ">":
+                bound = ProtocolVersion(bound.major, bound.minor, bound.patch + 1)
+            if op in (">=", ">", "==") and bound > low:
+                low = bound
+        return low
+
     def __str__(self) -> str:
         return self.spec
 
