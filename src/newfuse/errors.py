@@ -269,6 +269,39 @@ class InvalidEnvelopeError(SchemaError, ValueError):
         super().__init__(f"invalid envelope {where} at {path}: {reason}")
 
 
+class ProtocolVersionError(SchemaError, ValueError):
+    """A message's protocol version is not one the reader accepts (or not a version at all).
+
+    Retrying cannot help: the message is refused, not handled (an agent dead-letters it and
+    answers a requester with `<type>.error`).
+    """
+
+    def __init__(self, *, version: str, reason: str, where: str = "", accepted: str = "") -> None:
+        self.version = version
+        self.reason = reason
+        self.where = where
+        self.accepted = accepted
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The text of the error, from its attributes."""
+        of = f" of the message {self.where}" if self.where else ""
+        accepts = f"; this agent accepts {self.accepted!r}" if self.accepted else ""
+        return f"protocol_version {_shown(self.version, 32)}{of}: {self.reason}{accepts}"
+
+
+class VersionRangeError(SchemaError, ValueError):
+    """A protocol version range (`Agent(protocols=...)`) cannot be parsed or admits nothing."""
+
+    def __init__(self, *, spec: str, reason: str) -> None:
+        self.spec = spec
+        self.reason = reason
+        super().__init__(
+            f"protocol range {spec!r}: {reason}; write comparisons joined by commas, such as "
+            f"'>=1.0,<2.0'"
+        )
+
+
 class InvalidEventError(SchemaError, ValueError):
     """An event given to append lacks what the store needs to write it (a type, a valid version)."""
 

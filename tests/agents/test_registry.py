@@ -177,6 +177,7 @@ async def test_an_agent_registers_its_card_on_start_and_deregisters_on_close(
         assert card.subjects.inbox == f"{prefix}.a2a.scout"
         assert card.subjects.rpc == f"{prefix}.rpc.scout"
         assert (card.protocol_versions.min, card.protocol_versions.max) == ("1.0", "1.0")
+        assert card.protocol_range == ">=1.0,<2.0"  # Agent(protocols=...), the default
         assert {e.data.instance for e in started} == {running.instance}
         assert registered.agent_id == "scout-1" and registered.key == "1"
         now = await liveness(nc, prefix)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 import msgspec
 from nats.aio.client import Client
 
+from newfuse.agents import wire
 from newfuse.errors import FuseError
 from newfuse.eventstore import ANY, EventFilter, EventStore
 from newfuse.nats import headers
@@ -89,7 +90,10 @@ def card_of(agent: Agent, subjects: Subjects, *, fast_path: bool = True) -> Agen
         default_input_modes=["application/json"],
         default_output_modes=["application/json"],
         message_types=sorted(agent.routes),
-        protocol_versions=ProtocolVersions(min="1.0", max="1.0"),
+        protocol_versions=ProtocolVersions(
+            min=str(agent.protocols.lowest()), max=str(wire.current_protocol(agent.registry))
+        ),
+        protocol_range=str(agent.protocols),
         subjects=AgentSubjects(
             inbox=subjects.agent_type(agent.type),
             instance=subjects.agent_instance(agent.type, "<key>"),

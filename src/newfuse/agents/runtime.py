@@ -44,6 +44,7 @@ from newfuse.errors import (
     FuseError,
     HandlerRegistrationError,
     InvalidPayloadError,
+    ProtocolVersionError,
 )
 from newfuse.eventstore import EventStore
 from newfuse.eventstore.jetstream import JetStreamEventStore
@@ -63,6 +64,7 @@ from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
+    DEFAULT_PROTOCOLS,
     A2AMessage,
     A2AMetadata,
     AgentCapabilities,
@@ -72,8 +74,10 @@ from newfuse.schemas import (
     DeadLetter,
     Envelope,
     Part,
+    SchemaRegistry,
     TaskState,
     TaskStatusUpdate,
+    VersionRange,
 )
 
 log = logging.getLogger("newfuse.agents")
@@ -360,6 +364,12 @@ class Agent:
         name: its name for people (default: the type); `description`, `provider`, `skills`
             and `capabilities` go on its card (A2A AgentCard).
         heartbeat: seconds between an instance's heartbeats (healthy within 2, stale within 5).
+        protocols: the protocol versions it accepts (`>=1.0,<2.0`: comparisons joined by
+            commas). A message outside is not handled: it is dead-lettered and a requester
+            gets `<type>.error` naming both versions. A message without a version is taken
+            to be of the current one.
+        registry: the schema registry messages are read with; its upcasters of
+            `a2a.message` bring older minor versions to the current shape.
     """
 
     def __init__(
@@ -378,6 +388,8 @@ class Agent:
         skills: tuple[AgentSkill, ...] = (),
         capabilities: AgentCapabilities | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        protocols: str = DEFAULT_PROTOCOLS,
+        registry: SchemaRegistry | None = None,
     ) -> None:
         self.type = check_agent_name(agent_type, kind="agent type")
         if not isinstance(version, str) or not SEMVER_RE.match(version):
@@ -406,6 +418,8 @@ class Agent:
         self.backoff = backoff
         self.ack_wait = ack_wait
         self.concurrency = concurrency
+        self.protocols = VersionRange.parse(protocols)
+        self.registry = wire.reading_registry(registry or wire.REGISTRY, self.type)
         self.routes: dict[str, _Route] = {}
 
     def handler(self, message_type: str) -> Callable[[Handler], Handler]:
@@ -656,7 +670,23 @@ class RunningAgent:
         position, attempt = meta.sequence.stream, meta.num_delivered
         where = f"at position {position} on {msg.subject}"
         try:
-            envelope, message = wire.decode(msg.data, where)
+            envelope, message = wire.decode(
+                msg.data, where, registry=self.agent.registry, accepts=self.agent.protocols
+            )
+        except ProtocolVersionError as error:  # not handled, not retried; a requester is told
+            log.warning("agent %s: %s", self.agent_id, error)
+            refused = wire.refused(msg.data, where)
+            answer = {"protocol_version": error.version, "accepted": error.accepted}
+            await self._dead_letter(
+                msg,
+                consumer,
+                refused[0] if refused else None,
+                refused[1] if refused else None,
+                attempt,
+                str(error),
+                answer,
+            )
+            return
         except FuseError as error:  # hostile or broken: reported, dead-lettered, never retried
             log.warning("agent %s: %s", self.agent_id, error)
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
@@ -797,8 +827,10 @@ class RunningAgent:
         message: A2AMessage | None,
         attempts: int,
         error: str,
+        answer: dict[str, str] | None = None,
     ) -> None:
-        """Store the dead letter (and the error reply a requester waits for) once, then term."""
+        """Store the dead letter (and the error reply a requester waits for: `{error}` plus
+        `answer`) once, then term."""
         position = msg.metadata.sequence.stream
         message_id = envelope.id if envelope is not None else f"position-{position}"
         letter = DeadLetter(
@@ -823,7 +855,7 @@ class RunningAgent:
             ctx = Context(
                 self, envelope, message, consumer=consumer, attempt=attempts, position=position
             )
-            ctx._reply({"error": error}, f"{message.type}.error")
+            ctx._reply({"error": error, **(answer or {})}, f"{message.type}.error")
             effects.extend(ctx._effects)
         await self._commit(effects, consumer, position, attempts + 1)
         self.dead_lettered += 1
@@ -836,7 +868,12 @@ class RunningAgent:
         started = time.perf_counter_ns()
         code = "400"  # until the request is understood, a failure is the caller's
         try:
-            envelope, message = wire.decode(msg.data, f"on {msg.subject}")
+            envelope, message = wire.decode(
+                msg.data,
+                f"on {msg.subject}",
+                registry=self.agent.registry,
+                accepts=self.agent.protocols,
+            )
             route = self.agent.routes.get(message.type)
             if route is None:
                 raise HandlerRegistrationError(

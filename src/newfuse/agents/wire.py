@@ -1,4 +1,5 @@
-"""A2A messages as envelopes on the message stream: encoding, checked decoding, derived ids."""
+"""A2A messages as envelopes on the message stream: encoding, checked decoding (protocol
+versions, legacy shapes), derived ids."""
 
 from __future__ import annotations
 
@@ -7,16 +8,29 @@ from typing import Any, Final
 
 import msgspec
 
-from newfuse.errors import FuseError, InvalidEnvelopeError
+from newfuse.agents import legacy
+from newfuse.errors import (
+    FuseError,
+    InvalidEnvelopeError,
+    InvalidNameError,
+    ProtocolVersionError,
+    SchemaRegistrationError,
+)
 from newfuse.nats import headers
 from newfuse.schemas import (
+    DEFAULT_PROTOCOLS,
     ENVELOPE_DECODER,
     ENVELOPE_ENCODER,
     A2AMessage,
+    A2AMetadata,
     Envelope,
+    ProtocolVersion,
     SchemaRegistry,
     TraceContext,
+    VersionRange,
     check_depth,
+    check_token,
+    check_type_name,
     default_registry,
     utcnow,
 )
@@ -25,6 +39,9 @@ MESSAGE_TYPE: Final = "a2a.message"
 REGISTRY: Final = default_registry()
 _ENCODER: Final = msgspec.json.Encoder()
 _NAMESPACE: Final = uuid.UUID("6f1c3c9e-2d0b-5a4e-9a55-0c5e1f3a2b77")
+DEFAULT_RANGE: Final = VersionRange.parse(DEFAULT_PROTOCOLS)
+PROTOCOL_MAJOR: Final = 1
+"""The major protocol version this runtime reads; its minors are `a2a.message` schema versions."""
 
 
 def derived_id(message_id: str, consumer: str, name: str) -> str:
@@ -76,24 +93,193 @@ def _payload(type_name: str, data: Any, registry: SchemaRegistry) -> bytes:
     return registry.encode(type_name, 1, data)
 
 
-def decode(body: bytes, where: str) -> tuple[Envelope, A2AMessage]:
-    """A delivered A2A message, checked: bounded depth, an envelope, type `a2a.message`, a valid
-    payload.
+def current_protocol(registry: SchemaRegistry = REGISTRY) -> ProtocolVersion:
+    """The protocol version this registry reads natively: 1.(n - 1) for `a2a.message` schema
+    version n (1.0 with the built-in types). An older minor is upcast to it, a newer minor of
+    the same major is read with its struct (unknown fields are ignored, as for any payload)."""
+    return ProtocolVersion(PROTOCOL_MAJOR, registry.latest_version(MESSAGE_TYPE) - 1)
+
+
+def reading_registry(registry: SchemaRegistry, agent_type: str) -> SchemaRegistry:
+    """`registry`, if agents can read messages with it: its newest `a2a.message` struct is an
+    A2AMessage (a subclass adds fields; the runtime reads the base's).
+
+    Raises:
+        SchemaRegistrationError: it is not.
+    """
+    newest = registry.struct_for(MESSAGE_TYPE)
+    if not issubclass(newest, A2AMessage):
+        raise SchemaRegistrationError(
+            type_name=MESSAGE_TYPE,
+            version=registry.latest_version(MESSAGE_TYPE),
+            reason=f"agent {agent_type!r} reads messages with it, so its struct "
+            f"({newest.__qualname__}) must subclass A2AMessage",
+        )
+    return registry
+
+
+def decode(
+    body: bytes,
+    where: str,
+    *,
+    registry: SchemaRegistry = REGISTRY,
+    accepts: VersionRange = DEFAULT_RANGE,
+) -> tuple[Envelope, A2AMessage]:
+    """A delivered A2A message, checked: bounded depth, an envelope (or a legacy V1/V2 body,
+    see legacy.py), type `a2a.message`, a protocol version in `accepts`, a valid payload.
+
+    The message's `metadata.protocol_version` (when absent: the current version) names its
+    shape; an older minor version is upcast through `registry` to the current one, so the
+    caller sees the current shape. For an `a2a.message` the envelope's `schema_version` is not
+    read: the protocol version says the same thing and is what other languages set.
 
     Raises:
         InvalidEnvelopeError: the body is not such a message (says where and why).
+        ProtocolVersionError: its protocol version is not a version, outside `accepts`, or of
+            another major version than this registry reads (says both versions).
     """
-    check_depth(body, where)
-    try:
-        envelope = ENVELOPE_DECODER.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise InvalidEnvelopeError(where=where, path="$", reason=str(error)) from None
+    envelope = _envelope(body, where)
     if envelope.type != MESSAGE_TYPE:
         raise InvalidEnvelopeError(
             where=where, path="$.type", reason=f"{envelope.type!r} is not {MESSAGE_TYPE!r}"
         )
+    newest = registry.latest_version(MESSAGE_TYPE)
+    version = _protocol(envelope.data, where, registry, accepts)
+    schema_version = newest if version is None else min(version.minor + 1, newest)
     try:
-        message = REGISTRY.decode(MESSAGE_TYPE, envelope.schema_version, envelope.data)
+        message = registry.decode(MESSAGE_TYPE, schema_version, envelope.data)
     except FuseError as error:
         raise InvalidEnvelopeError(where=where, path="$.data", reason=str(error)) from None
+    if not isinstance(message, A2AMessage):
+        raise InvalidEnvelopeError(
+            where=where,
+            path="$.data",
+            reason=f"the registry decodes {MESSAGE_TYPE!r} v{schema_version} into "
+            f"{type(message).__qualname__}, which is not an A2AMessage (register a subclass)",
+        )
     return envelope, message
+
+
+def refused(body: bytes, where: str) -> tuple[Envelope, A2AMessage] | None:
+    """Of a message `decode` refused for its protocol version, what addresses an error reply:
+    its envelope and a stand-in message (type, sender, replyTo, context and task ids, no
+    payload); None when even those are unreadable."""
+    try:
+        envelope = _envelope(body, where)
+        probe = _PROBE.decode(envelope.data)
+    except (FuseError, msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if not isinstance(probe.type, str) or not _is_type_name(probe.type):
+        return None
+    sender = probe.metadata.get("sender") if isinstance(probe.metadata, dict) else None
+    stand_in = A2AMessage(
+        type=probe.type,
+        metadata=A2AMetadata(sender=_text(sender) or "unknown"),
+        message_id=_text(probe.message_id),
+        context_id=_text(probe.context_id),
+        task_id=_text(probe.task_id),
+        reply_to=_token(probe.reply_to),
+    )
+    return envelope, stand_in
+
+
+def _envelope(body: bytes, where: str) -> Envelope:
+    check_depth(body, where)
+    try:
+        return ENVELOPE_DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        mapped = legacy.recognise(body, where)
+        if mapped is None:
+            raise InvalidEnvelopeError(where=where, path="$", reason=str(error)) from None
+    return Envelope(
+        id=mapped.id,
+        stream=f"legacy.{mapped.shape}",
+        type=MESSAGE_TYPE,
+        version=1,
+        timestamp=mapped.timestamp,
+        trace=mapped.trace,
+        metadata=mapped.metadata,
+        data=msgspec.Raw(_ENCODER.encode(mapped.message)),
+    )
+
+
+def _protocol(
+    data: msgspec.Raw, where: str, registry: SchemaRegistry, accepts: VersionRange
+) -> ProtocolVersion | None:
+    """The message's protocol version, checked; None when it states none (the current one)."""
+    try:
+        metadata = _VERSION_PROBE.decode(data).metadata
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        metadata = None  # not an object, or metadata is not: decoding it says why
+    stated = msgspec.UNSET if metadata is None else metadata.protocol_version
+    try:
+        version = accepts.check(
+            str(current_protocol(registry)) if stated is msgspec.UNSET else stated
+        )
+    except ProtocolVersionError as error:
+        raise ProtocolVersionError(
+            version=error.version, reason=error.reason, where=where, accepted=str(accepts)
+        ) from None
+    if version.major != PROTOCOL_MAJOR:
+        raise ProtocolVersionError(
+            version=str(stated),
+            reason=f"this runtime reads protocol {PROTOCOL_MAJOR}.x (current "
+            f"{current_protocol(registry)}); no upcaster crosses a major version",
+            where=where,
+            accepted=str(accepts),
+        )
+    return None if stated is msgspec.UNSET else version
+
+
+class _Probe(msgspec.Struct, frozen=True):
+    """What addresses the error reply to a refused message, each field any JSON (checked)."""
+
+    type: Any = None
+    metadata: Any = None
+    message_id: Any = msgspec.field(default=None, name="messageId")
+    context_id: Any = msgspec.field(default=None, name="contextId")
+    task_id: Any = msgspec.field(default=None, name="taskId")
+    reply_to: Any = msgspec.field(default=None, name="replyTo")
+
+
+_PROBE: Final = msgspec.json.Decoder(_Probe)
+
+
+class _VersionMetadata(msgspec.Struct, frozen=True):
+    protocol_version: Any = msgspec.UNSET
+
+
+class _VersionProbe(msgspec.Struct, frozen=True):
+    """Only `metadata.protocol_version`, read before the message's schema is chosen."""
+
+    metadata: _VersionMetadata | None = None
+
+
+_VERSION_PROBE: Final = msgspec.json.Decoder(_VersionProbe)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 256 else None
+
+
+def _token(value: Any) -> str | None:
+    text = _text(value)
+    return text if text is not None and _is_token(text) else None
+
+
+def _is_type_name(value: str) -> bool:
+    """Whether `value` is a valid type name (the stand-in's type names its error reply)."""
+    try:
+        check_type_name(value)
+    except InvalidNameError:
+        return False
+    return True
+
+
+def _is_token(value: str) -> bool:
+    """Whether `value` can be one subject token (a reply token becomes a subject)."""
+    try:
+        check_token(value, kind="reply token")
+    except InvalidNameError:
+        return False
+    return True

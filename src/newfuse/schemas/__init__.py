@@ -76,9 +76,16 @@ from newfuse.schemas.payloads import (
     as_utc,
     utcnow,
 )
+from newfuse.schemas.protocol import (
+    DEFAULT_PROTOCOLS,
+    MAX_VERSION_CHARS,
+    ProtocolVersion,
+    VersionRange,
+)
 from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
 
 __all__ = [
+    "DEFAULT_PROTOCOLS",
     "ENVELOPE_DECODER",
     "ENVELOPE_ENCODER",
     "INTERRUPTED_STATES",
@@ -91,6 +98,7 @@ __all__ = [
     "MAX_STREAM_ID_BYTES",
     "MAX_STREAM_NAME_BYTES",
     "MAX_TYPE_NAME_BYTES",
+    "MAX_VERSION_CHARS",
     "MAX_WIRE_INT",
     "TERMINAL_STATES",
     "A2AMessage",
@@ -114,6 +122,7 @@ __all__ = [
     "ExportedSchema",
     "NewEvent",
     "Part",
+    "ProtocolVersion",
     "ProtocolVersions",
     "RecordedEvent",
     "Role",
@@ -127,6 +136,7 @@ __all__ = [
     "Transaction",
     "TransactionStatus",
     "Upcaster",
+    "VersionRange",
     "as_utc",
     "build_export",
     "check_category",

@@ -74,4 +74,7 @@ class AgentCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     protocol_versions: ProtocolVersions = msgspec.field(
         default=ProtocolVersions(), name="protocolVersions"
     )
+    protocol_range: str | None = msgspec.field(default=None, name="protocolRange")
+    """The range as the agent declares it (`Agent(protocols=...)`, e.g. `>=1.0,<2.0`): what
+    it accepts; `protocolVersions` says the oldest it accepts and the newest it reads as is."""
     subjects: AgentSubjects | None = None
