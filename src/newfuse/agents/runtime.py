@@ -21,13 +21,16 @@ import time
 import typing
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from opentelemetry import trace
 
+from newfuse import telemetry
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of
@@ -74,6 +77,7 @@ from newfuse.schemas import (
     Part,
     TaskState,
     TaskStatusUpdate,
+    TraceContext,
 )
 
 log = logging.getLogger("newfuse.agents")
@@ -115,6 +119,9 @@ class Context:
         self._effects: list[Effect] = []
         self._replied = False
         self._task_recorded = False
+        # The span handling this message (current when the runtime builds a Context): every
+        # effect names it as its parent, so a chain of agents is one trace.
+        self._trace = _current_trace()
 
     @property
     def agent_id(self) -> AgentId:
@@ -148,6 +155,7 @@ class Context:
             event_id=event_id,
             correlation_id=self.envelope.correlation_id or self.envelope.id,
             causation_id=self.envelope.id,
+            trace=self._trace,
             metadata=metadata,
         )
         self._effects.append((subject, body, wire_headers))
@@ -302,6 +310,20 @@ class Context:
         )
 
 
+def _current_trace() -> TraceContext | None:
+    current = telemetry.current_trace_context()
+    if current is None:
+        return None
+    return TraceContext(traceparent=current[0], tracestate=current[1])
+
+
+def _failed(span: trace.Span, error: Exception, reason: str) -> None:
+    """Mark a handler's span failed: the exception as an event, the status ERROR."""
+    if span.is_recording():
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
+
+
 def _as_payload(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -434,6 +456,7 @@ class Agent:
         stream: MessageStreamSpec | None = None,
         fast_path: bool = True,
         store: EventStore | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> RunningAgent:
         """An instance of this agent on `nc` (an async context manager).
 
@@ -445,6 +468,8 @@ class Agent:
             fast_path: also answer core NATS requests on `<prefix>.rpc.<type>`.
             store: the event store its registration events go to (default: the JetStream
                 store of `prefix` on `nc`).
+            tracer: where its spans go (default: newfuse's tracer from the global provider;
+                a no-op until an application installs one).
         """
         subjects = Subjects(prefix)
         return RunningAgent(
@@ -455,6 +480,7 @@ class Agent:
             stream or MessageStreamSpec(subjects=subjects),
             fast_path=fast_path,
             store=store,
+            tracer=tracer,
         )
 
 
@@ -471,6 +497,7 @@ class RunningAgent:
         *,
         fast_path: bool,
         store: EventStore | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.agent = agent
         self.agent_id = agent_id
@@ -531,6 +558,8 @@ class RunningAgent:
                 metadata={"message_types": ",".join(sorted(agent.routes))},
             )
         self._registered = False
+        self._tracer = tracer or telemetry.tracer()
+        self._span_name = f"process {agent.type}"
 
     def _consumers(self) -> list[DurableSpec]:
         agent, subjects = self.agent, self.subjects
@@ -661,6 +690,13 @@ class RunningAgent:
             log.warning("agent %s: %s", self.agent_id, error)
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
             return
+        with self._span(msg, envelope, message, consumer, attempt, position) as span:
+            await self._handle(msg, consumer, envelope, message, span)
+
+    async def _handle(
+        self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, span: trace.Span
+    ) -> None:
+        position, attempt = msg.metadata.sequence.stream, msg.metadata.num_delivered
         if attempt > self.agent.max_attempts:
             await self._dead_letter(
                 msg,
@@ -702,6 +738,7 @@ class RunningAgent:
         except Exception as error:
             retryable = not isinstance(error, FuseError) or error.retryable
             reason = f"{type(error).__name__}: {error}"
+            _failed(span, error, reason)
             if retryable and attempt < self.agent.max_attempts:
                 await msg.nak(delay=self._backoff(attempt))
                 return
@@ -720,6 +757,41 @@ class RunningAgent:
         await self._commit(ctx._effects, consumer, position, attempt)
         self.handled += 1
         await self._ack(msg)
+
+    def _span(
+        self,
+        msg: Msg,
+        envelope: Envelope,
+        message: A2AMessage,
+        consumer: str,
+        attempt: int,
+        position: int,
+    ) -> AbstractContextManager[trace.Span]:
+        """The CONSUMER span of one handled message, current while it runs: its parent is the
+        message's trace context (headers first, then the envelope's), never the caller's."""
+        carried = envelope.trace
+        parent = telemetry.remote_parent(
+            msg.headers,
+            carried.traceparent if carried is not None else None,
+            carried.tracestate if carried is not None else None,
+        )
+        attributes: dict[str, str | int] = {
+            telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM_NATS,
+            telemetry.MESSAGING_OPERATION_TYPE: "process",
+            telemetry.MESSAGING_OPERATION_NAME: "process",
+            telemetry.MESSAGING_DESTINATION_NAME: msg.subject,
+            telemetry.MESSAGING_CONSUMER_GROUP_NAME: consumer,
+            telemetry.MESSAGING_MESSAGE_ID: envelope.id,
+            telemetry.NEWFUSE_DELIVERY_COUNT: attempt,
+            telemetry.NEWFUSE_POSITION: position,
+            telemetry.NEWFUSE_AGENT_ID: str(self.agent_id),
+            telemetry.NEWFUSE_MESSAGE_TYPE: message.type,
+        }
+        if message.context_id is not None:
+            attributes[telemetry.MESSAGING_MESSAGE_CONVERSATION_ID] = message.context_id
+        return self._tracer.start_as_current_span(
+            self._span_name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes
+        )
 
     def _backoff(self, attempt: int) -> float:
         first, most = self.agent.backoff
@@ -817,6 +889,7 @@ class RunningAgent:
             letter,
             event_id=letter_id,
             causation_id=envelope.id if envelope is not None else None,
+            trace=_current_trace(),
         )
         effects: list[Effect] = [(self.subjects.dead_letters(consumer), body, wire_headers)]
         if envelope is not None and message is not None:
@@ -834,9 +907,32 @@ class RunningAgent:
 
     async def _on_call(self, msg: Msg) -> None:
         started = time.perf_counter_ns()
-        code = "400"  # until the request is understood, a failure is the caller's
         try:
             envelope, message = wire.decode(msg.data, f"on {msg.subject}")
+        except Exception as error:  # the caller's mistake
+            await self._refuse_call(msg, error, started, "400")
+            return
+        with self._span(msg, envelope, message, self.agent.type, 1, 0) as span:
+            await self._answer_call(msg, envelope, message, span, started)
+
+    async def _refuse_call(self, msg: Msg, error: Exception, started: int, code: str) -> None:
+        text = f"{type(error).__name__}: {error}"
+        if self._rpc_endpoint is not None:
+            self._rpc_endpoint.record(time.perf_counter_ns() - started, text)
+        if msg.reply:  # ADR-32: an error answer says so in two headers
+            one_line = " ".join(text.split())[:1024]
+            with contextlib.suppress(Exception):
+                await self._nc.publish(
+                    msg.reply,
+                    msgspec.json.encode({"error": text}),
+                    headers={ERROR_HEADER: one_line, ERROR_CODE_HEADER: code},
+                )
+
+    async def _answer_call(
+        self, msg: Msg, envelope: Envelope, message: A2AMessage, span: trace.Span, started: int
+    ) -> None:
+        code = "400"  # until the request is understood, a failure is the caller's
+        try:
             route = self.agent.routes.get(message.type)
             if route is None:
                 raise HandlerRegistrationError(
@@ -846,17 +942,8 @@ class RunningAgent:
             code = "500"
             await self._call(route, ctx, None)
         except Exception as error:
-            text = f"{type(error).__name__}: {error}"
-            if self._rpc_endpoint is not None:
-                self._rpc_endpoint.record(time.perf_counter_ns() - started, text)
-            if msg.reply:  # ADR-32: an error answer says so in two headers
-                one_line = " ".join(text.split())[:1024]
-                with contextlib.suppress(Exception):
-                    await self._nc.publish(
-                        msg.reply,
-                        msgspec.json.encode({"error": text}),
-                        headers={ERROR_HEADER: one_line, ERROR_CODE_HEADER: code},
-                    )
+            _failed(span, error, f"{type(error).__name__}: {error}")
+            await self._refuse_call(msg, error, started, code)
             return
         replies = [effect for effect in ctx._effects if effect[0] == self.subjects.reply("_call")]
         await self._commit([e for e in ctx._effects if e not in replies], self.agent.type, 0)

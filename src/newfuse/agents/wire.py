@@ -65,6 +65,8 @@ def encode(
     wire_headers = {headers.MSG_ID: event_id, headers.TYPE: type_name, headers.SCHEMA_VERSION: "1"}
     if trace is not None:
         wire_headers[headers.TRACEPARENT] = trace.traceparent
+        if trace.tracestate:
+            wire_headers[headers.TRACESTATE] = trace.tracestate
     return ENVELOPE_ENCODER.encode(envelope), wire_headers
 
 
