@@ -11,6 +11,7 @@ A leaf: it imports nothing of newfuse, and every layer may import it.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Self
 
@@ -26,7 +27,10 @@ INSTRUMENTATION = "newfuse"
 """Instrumentation scope name of every span and metric newfuse emits."""
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_EMPTY: Final = otel_context.Context()
+_GLOBAL_READABLE: Final = (
+    hasattr(trace, "_TRACER_PROVIDER") and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
+)
+"""Whether `records_nothing` may read the API's global provider (None until one is set)."""
 
 # OpenTelemetry messaging semantic conventions (checked against opentelemetry-semantic-conventions
 # 0.66b2, whose messaging attributes are still incubating, so they are spelled out here rather
@@ -53,6 +57,23 @@ def tracer() -> trace.Tracer:
 def meter() -> metrics.Meter:
     """newfuse's meter from the globally installed meter provider."""
     return metrics.get_meter(INSTRUMENTATION)
+
+
+def records_nothing(tracer: trace.Tracer) -> bool:
+    """True when `tracer` records no span: the API's no-op tracer, or a proxy (newfuse's default
+    tracer) while no SDK provider is installed. Hot paths then skip making spans, and only pass
+    on a trace context that arrived."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return True
+    if not isinstance(tracer, trace.ProxyTracer):
+        return False
+    if _GLOBAL_READABLE:
+        # The public getter looks the provider up in os.environ on every call (~1 us here);
+        # the global it reads is set once per process, so reading it directly is as exact.
+        return trace._TRACER_PROVIDER is None
+    return isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
 
 
 def current_trace_context() -> tuple[str, str | None] | None:
@@ -103,9 +124,9 @@ def remote_parent(
     headers: Mapping[str, str] | None,
     traceparent: str | None = None,
     tracestate: str | None = None,
-) -> otel_context.Context:
+) -> otel_context.Context | None:
     """The parent of a consumer's span: the headers' trace context, else the given one (an
-    envelope's), else none (a new trace, never the context that happens to be current).
+    envelope's), else None (start a new trace: never the context that happens to be current).
 
     What a foreign client sent is not trusted: a malformed, oversized or non-text value is
     ignored (W3C Trace Context: an unparsable traceparent starts a new trace).
@@ -118,7 +139,7 @@ def remote_parent(
         parent = _valid_parent(traceparent, tracestate)
         if parent is not None:
             return parent
-    return _EMPTY
+    return None
 
 
 def _valid_parent(traceparent: object, tracestate: object) -> otel_context.Context | None:

@@ -37,6 +37,8 @@ def test_operation_types_are_semconv_values() -> None:
 
 
 def parent(context: object) -> str | None:
+    if context is None:
+        return None
     span_context = trace.get_current_span(context).get_span_context()  # type: ignore[arg-type]
     if not span_context.is_valid:
         return None
@@ -65,7 +67,22 @@ def test_remote_parent_prefers_a_valid_header_then_the_envelope_then_none(
 
 def test_remote_parent_is_never_the_current_span() -> None:
     with TracerProvider().get_tracer("test").start_as_current_span("caller"):
-        assert parent(telemetry.remote_parent(None)) is None
+        assert telemetry.remote_parent(None) is None
+        assert telemetry.remote_parent({"traceparent": "junk"}, "junk") is None
+
+
+def test_only_a_no_op_or_an_unbacked_proxy_tracer_records_nothing() -> None:
+    assert telemetry.records_nothing(trace.NoOpTracer())
+    assert telemetry.records_nothing(trace.ProxyTracer("newfuse"))  # no global provider here
+    assert not telemetry.records_nothing(TracerProvider().get_tracer("test"))
+
+
+def test_records_nothing_reads_the_global_provider_as_the_public_getter_does() -> None:
+    # it reads the API's private global (the public getter costs an os.environ lookup per
+    # message): this fails if OpenTelemetry stops keeping the provider there
+    assert telemetry._GLOBAL_READABLE
+    unbacked = isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert telemetry.records_nothing(trace.ProxyTracer("newfuse")) == unbacked
 
 
 def test_trace_context_of_a_span_is_its_w3c_traceparent_with_its_state() -> None:

@@ -169,6 +169,9 @@ class AgentClient:
     ) -> Iterator[TraceContext | None]:
         """A PRODUCER span for sending `message`; yields the trace context it carries (None
         when nothing records or propagates a trace)."""
+        if telemetry.records_nothing(self._tracer):  # pass on the current trace, if any
+            yield wire.current_trace()
+            return
         attributes = {
             telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM_NATS,
             telemetry.MESSAGING_OPERATION_TYPE: "send",

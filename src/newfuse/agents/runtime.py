@@ -21,13 +21,14 @@ import time
 import typing
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from newfuse import telemetry
@@ -77,13 +78,13 @@ from newfuse.schemas import (
     Part,
     TaskState,
     TaskStatusUpdate,
-    TraceContext,
 )
 
 log = logging.getLogger("newfuse.agents")
 
 Handler = Callable[["Context", Any], Awaitable[Any]]
 Effect = tuple[str, bytes, dict[str, str]]
+_UNTRACED: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
 class _Route(msgspec.Struct, frozen=True):
@@ -121,7 +122,7 @@ class Context:
         self._task_recorded = False
         # The span handling this message (current when the runtime builds a Context): every
         # effect names it as its parent, so a chain of agents is one trace.
-        self._trace = _current_trace()
+        self._trace = wire.current_trace()
 
     @property
     def agent_id(self) -> AgentId:
@@ -308,13 +309,6 @@ class Context:
             in_reply_to=self.envelope.id,
             task_id=self.message.task_id,
         )
-
-
-def _current_trace() -> TraceContext | None:
-    current = telemetry.current_trace_context()
-    if current is None:
-        return None
-    return TraceContext(traceparent=current[0], tracestate=current[1])
 
 
 def _failed(span: trace.Span, error: Exception, reason: str) -> None:
@@ -768,13 +762,18 @@ class RunningAgent:
         position: int,
     ) -> AbstractContextManager[trace.Span]:
         """The CONSUMER span of one handled message, current while it runs: its parent is the
-        message's trace context (headers first, then the envelope's), never the caller's."""
+        message's trace context (headers first, then the envelope's), never the caller's.
+        Without a recording tracer and a trace context to pass on, no span at all."""
         carried = envelope.trace
         parent = telemetry.remote_parent(
             msg.headers,
             carried.traceparent if carried is not None else None,
             carried.tracestate if carried is not None else None,
         )
+        if parent is None:
+            if telemetry.records_nothing(self._tracer):
+                return _UNTRACED
+            parent = otel_context.Context()
         attributes: dict[str, str | int] = {
             telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM_NATS,
             telemetry.MESSAGING_OPERATION_TYPE: "process",
@@ -889,7 +888,7 @@ class RunningAgent:
             letter,
             event_id=letter_id,
             causation_id=envelope.id if envelope is not None else None,
-            trace=_current_trace(),
+            trace=wire.current_trace(),
         )
         effects: list[Effect] = [(self.subjects.dead_letters(consumer), body, wire_headers)]
         if envelope is not None and message is not None:

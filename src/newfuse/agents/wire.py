@@ -7,6 +7,7 @@ from typing import Any, Final
 
 import msgspec
 
+from newfuse import telemetry
 from newfuse.errors import FuseError, InvalidEnvelopeError
 from newfuse.nats import headers
 from newfuse.schemas import (
@@ -68,6 +69,14 @@ def encode(
         if trace.tracestate:
             wire_headers[headers.TRACESTATE] = trace.tracestate
     return ENVELOPE_ENCODER.encode(envelope), wire_headers
+
+
+def current_trace() -> TraceContext | None:
+    """The W3C trace context of the current span, for a message sent now (None without one)."""
+    current = telemetry.current_trace_context()
+    if current is None:
+        return None
+    return TraceContext(traceparent=current[0], tracestate=current[1])
 
 
 def _payload(type_name: str, data: Any, registry: SchemaRegistry) -> bytes:
