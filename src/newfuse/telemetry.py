@@ -76,6 +76,11 @@ def records_nothing(tracer: trace.Tracer) -> bool:
     )
 
 
+def in_span() -> bool:
+    """Whether a span with a valid context (recording or passed on) is current."""
+    return trace.get_current_span().get_span_context().is_valid
+
+
 def current_trace_context() -> tuple[str, str | None] | None:
     """(traceparent, tracestate) of the active span, or None without a valid span context.
 

@@ -297,7 +297,7 @@ async def test_a_malformed_trace_context_from_a_raw_publish_is_ignored_and_never
 
 
 async def test_without_a_tracer_provider_nothing_is_stamped_yet_an_incoming_trace_is_passed_on(
-    nc: Client, prefix: str, stream: MessageStreamSpec
+    nc: Client, prefix: str, stream: MessageStreamSpec, tracer: trace.Tracer
 ) -> None:
     subjects = Subjects(prefix)
     relay = Agent("relay", concurrency=1)
@@ -307,10 +307,11 @@ async def test_without_a_tracer_provider_nothing_is_stamped_yet_an_incoming_trac
         ctx.send("sink", "hopped", body)
 
     noop = trace.NoOpTracer()  # what the API gives when no SDK is installed
-    async with (
-        relay.run(nc, key="1", prefix=prefix, stream=stream, tracer=noop) as running,
-        AgentClient(nc, prefix=prefix, stream=stream, tracer=noop) as client,
-    ):
+    with tracer.start_as_current_span("started the agent"):  # its tasks inherit this span
+        running = await relay.run(
+            nc, key="1", prefix=prefix, stream=stream, tracer=noop
+        ).__aenter__()
+    async with running, AgentClient(nc, prefix=prefix, stream=stream, tracer=noop) as client:
         await client.send("relay", "hop", {"n": 1})
         message = A2AMessage(type="hop", payload={"n": 2}, metadata=A2AMetadata(sender="x"))
         body, wire_headers = wire.encode(
@@ -335,7 +336,7 @@ async def test_without_a_tracer_provider_nothing_is_stamped_yet_an_incoming_trac
         for m in await raw_stored(nc, prefix, subjects.agent_type("sink"))
     }
     first = effects[ENVELOPE_DECODER.decode(plain.data).id]
-    assert "traceparent" not in (first.headers or {})
+    assert "traceparent" not in (first.headers or {})  # not the span that started the agent
     assert ENVELOPE_DECODER.decode(first.data).trace is None
     passed = effects["traced-elsewhere"]  # the no-op span keeps the incoming context
     assert (passed.headers or {})["traceparent"] == VALID

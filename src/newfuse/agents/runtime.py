@@ -645,6 +645,9 @@ class RunningAgent:
                 await self._store.close()
 
     async def _work(self) -> None:
+        # This task inherited the context of whoever started the agent: what it stores outside
+        # a message's span (a dead letter of a body that is not a message) is in no trace.
+        otel_context.attach(otel_context.Context())
         while True:
             msg = await self._queue.get()
             if self._stopping:
@@ -771,9 +774,9 @@ class RunningAgent:
             carried.tracestate if carried is not None else None,
         )
         if parent is None:
-            if telemetry.records_nothing(self._tracer):
+            if telemetry.records_nothing(self._tracer) and not telemetry.in_span():
                 return _UNTRACED
-            parent = otel_context.Context()
+            parent = otel_context.Context()  # a new trace, not the span that started us
         attributes: dict[str, str | int] = {
             telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM_NATS,
             telemetry.MESSAGING_OPERATION_TYPE: "process",
