@@ -11,8 +11,9 @@ A leaf: it imports nothing of newfuse, and every layer may import it.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -26,6 +27,26 @@ INSTRUMENTATION = "newfuse"
 """Instrumentation scope name of every span and metric newfuse emits."""
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+_GLOBAL_READABLE: Final = (
+    hasattr(trace, "_TRACER_PROVIDER") and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
+)
+"""Whether `records_nothing` may read the API's global provider (None until one is set)."""
+
+# OpenTelemetry messaging semantic conventions (checked against opentelemetry-semantic-conventions
+# 0.66b2, whose messaging attributes are still incubating, so they are spelled out here rather
+# than imported). Semconv has no system-neutral delivery count, hence newfuse's own.
+MESSAGING_SYSTEM: Final = "messaging.system"
+MESSAGING_DESTINATION_NAME: Final = "messaging.destination.name"
+MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
+MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
+MESSAGING_MESSAGE_ID: Final = "messaging.message.id"
+MESSAGING_MESSAGE_CONVERSATION_ID: Final = "messaging.message.conversation_id"
+MESSAGING_CONSUMER_GROUP_NAME: Final = "messaging.consumer.group.name"
+NEWFUSE_AGENT_ID: Final = "newfuse.agent.id"
+NEWFUSE_MESSAGE_TYPE: Final = "newfuse.message.type"
+NEWFUSE_DELIVERY_COUNT: Final = "newfuse.message.delivery_count"
+NEWFUSE_POSITION: Final = "newfuse.message.position"
+SYSTEM_NATS: Final = "nats"
 
 
 def tracer() -> trace.Tracer:
@@ -38,21 +59,49 @@ def meter() -> metrics.Meter:
     return metrics.get_meter(INSTRUMENTATION)
 
 
+def records_nothing(tracer: trace.Tracer) -> bool:
+    """True when `tracer` records no span: the API's no-op tracer, or a proxy (newfuse's default
+    tracer) while no SDK provider is installed. Hot paths then skip making spans, and only pass
+    on a trace context that arrived."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return True
+    if not isinstance(tracer, trace.ProxyTracer):
+        return False
+    if _GLOBAL_READABLE:
+        # The public getter looks the provider up in os.environ on every call (~1 us here);
+        # the global it reads is set once per process, so reading it directly is as exact.
+        return trace._TRACER_PROVIDER is None
+    return isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
+def in_span() -> bool:
+    """Whether a span with a valid context (recording or passed on) is current."""
+    return trace.get_current_span().get_span_context().is_valid
+
+
 def current_trace_context() -> tuple[str, str | None] | None:
     """(traceparent, tracestate) of the active span, or None without a valid span context.
 
     The event store stamps this on events appended without an explicit trace, so a consumer can
     continue the producer's trace (W3C Trace Context, https://www.w3.org/TR/trace-context/).
     """
-    span_context = trace.get_current_span().get_span_context()
+    return trace_context_of(trace.get_current_span())
+
+
+def trace_context_of(span: trace.Span) -> tuple[str, str | None] | None:
+    """(traceparent, tracestate) naming `span` as the parent, or None if its context is invalid
+    (the no-op tracer's span when nothing is traced)."""
+    span_context = span.get_span_context()
     if not span_context.is_valid:
         return None
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
-    traceparent = carrier.get("traceparent")
-    if traceparent is None:
-        return None
-    return traceparent, carrier.get("tracestate")
+    traceparent = (
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+        f"{span_context.trace_flags:02x}"
+    )
+    state = span_context.trace_state
+    return traceparent, (state.to_header() or None) if state else None
 
 
 def context_from(traceparent: str | None, tracestate: str | None = None) -> otel_context.Context:
@@ -74,6 +123,40 @@ def context_from_headers(headers: Mapping[str, str] | None) -> otel_context.Cont
     if not headers:
         return otel_context.Context()
     return context_from(headers.get("traceparent"), headers.get("tracestate"))
+
+
+def remote_parent(
+    headers: Mapping[str, str] | None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+) -> otel_context.Context | None:
+    """The parent of a consumer's span: the headers' trace context, else the given one (an
+    envelope's), else None (start a new trace: never the context that happens to be current).
+
+    What a foreign client sent is not trusted: a malformed, oversized or non-text value is
+    ignored (W3C Trace Context: an unparsable traceparent starts a new trace).
+    """
+    if headers:
+        parent = _valid_parent(headers.get("traceparent"), headers.get("tracestate"))
+        if parent is not None:
+            return parent
+    if traceparent:
+        parent = _valid_parent(traceparent, tracestate)
+        if parent is not None:
+            return parent
+    return None
+
+
+def _valid_parent(traceparent: object, tracestate: object) -> otel_context.Context | None:
+    if not isinstance(traceparent, str) or not traceparent:
+        return None
+    try:
+        parent = context_from(traceparent, tracestate if isinstance(tracestate, str) else None)
+    except Exception:  # a propagator that chokes on hostile input must not stop a consumer
+        return None
+    if not trace.get_current_span(parent).get_span_context().is_valid:
+        return None
+    return parent
 
 
 class Telemetry:

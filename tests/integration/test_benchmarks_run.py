@@ -44,6 +44,8 @@ PROJECTION_LINES = {
 
 A2A_LINES = {
     "a2a.fan_in",
+    "a2a.fan_in.64",
+    "a2a.fan_in.256",
     "a2a.instances.1",
     "a2a.instances.3",
     *(f"a2a.round_trip.{path}.{p}" for path in ("fast_path", "log") for p in ("p50", "p99")),

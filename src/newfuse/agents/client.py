@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -13,7 +15,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
+from opentelemetry import trace
 
+from newfuse import telemetry
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.tasks import read_task, task_id_for
@@ -30,7 +34,14 @@ from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
-from newfuse.schemas import TERMINAL_STATES, A2AMessage, A2AMetadata, Part, new_event_id
+from newfuse.schemas import (
+    TERMINAL_STATES,
+    A2AMessage,
+    A2AMetadata,
+    Part,
+    TraceContext,
+    new_event_id,
+)
 
 FAST_PATH_TOKEN = "_call"
 """`replyTo` of a fast-path call: the reply comes back as the core NATS response."""
@@ -60,6 +71,9 @@ class AgentClient:
 
     Every send waits for JetStream's PubAck (the message is stored) and carries
     `Nats-Msg-Id` = message id, so a retried send is stored once within the duplicate window.
+    Each send, publish, request, call and answer is a PRODUCER span (`send <stream>`; a request
+    or call until its reply), child of the current span, whose W3C trace context the message
+    carries in its headers and envelope; `tracer` defaults to newfuse's global one.
     """
 
     def __init__(
@@ -70,6 +84,7 @@ class AgentClient:
         sender: str = "client",
         stream: MessageStreamSpec | None = None,
         timeout: float = 5.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.subjects = Subjects(prefix)
         self.sender = sender
@@ -82,6 +97,7 @@ class AgentClient:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._replies: Subscription | None = None
         self._closed = False
+        self._tracer = tracer or telemetry.tracer()
 
     async def __aenter__(self) -> AgentClient:
         await ensure_event_stream(self._nc, self._stream)
@@ -147,7 +163,38 @@ class AgentClient:
             in_reply_to=in_reply_to,
         )
 
-    async def _store(self, subject: str, stream: str, message: A2AMessage) -> PubAck:
+    @contextlib.contextmanager
+    def _producing(
+        self, subject: str, stream: str, message: A2AMessage
+    ) -> Iterator[TraceContext | None]:
+        """A PRODUCER span for sending `message`; yields the trace context it carries (None
+        when nothing records or propagates a trace)."""
+        if telemetry.records_nothing(self._tracer):  # pass on the current trace, if any
+            yield wire.current_trace()
+            return
+        attributes = {
+            telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM_NATS,
+            telemetry.MESSAGING_OPERATION_TYPE: "send",
+            telemetry.MESSAGING_OPERATION_NAME: "send",
+            telemetry.MESSAGING_DESTINATION_NAME: subject,
+            telemetry.MESSAGING_MESSAGE_ID: message.message_id or "",
+            telemetry.NEWFUSE_MESSAGE_TYPE: message.type,
+        }
+        if message.context_id is not None:
+            attributes[telemetry.MESSAGING_MESSAGE_CONVERSATION_ID] = message.context_id
+        with self._tracer.start_as_current_span(
+            f"send {stream}", kind=trace.SpanKind.PRODUCER, attributes=attributes
+        ) as span:
+            carried = telemetry.trace_context_of(span)
+            yield (
+                None
+                if carried is None
+                else TraceContext(traceparent=carried[0], tracestate=carried[1])
+            )
+
+    async def _store(
+        self, subject: str, stream: str, message: A2AMessage, carried: TraceContext | None = None
+    ) -> PubAck:
         if self._closed:
             raise AgentClosedError(agent=f"agent client {self.sender!r}")
         message_id = message.message_id or new_event_id()
@@ -157,6 +204,7 @@ class AgentClient:
             message,
             event_id=message_id,
             correlation_id=message.context_id,
+            trace=carried,
         )
         answer = await self._inbox.request(subject, body, wire_headers, self._timeout)
         return decode_pub_ack(answer, subject=subject)
@@ -186,7 +234,8 @@ class AgentClient:
             task_id=task_id,
             parts=parts,
         )
-        await self._store(subject, stream, message)
+        with self._producing(subject, stream, message) as carried:
+            await self._store(subject, stream, message, carried)
         return message.message_id or ""
 
     async def publish(
@@ -195,7 +244,9 @@ class AgentClient:
         """Store a message to every subscriber of `topic`; returns its id."""
         check_agent_name(topic, kind="topic")
         message = self._message(message_type, payload, message_id=message_id or new_event_id())
-        await self._store(self.subjects.topic(topic), f"topic.{topic}", message)
+        subject, stream = self.subjects.topic(topic), f"topic.{topic}"
+        with self._producing(subject, stream, message) as carried:
+            await self._store(subject, stream, message, carried)
         return message.message_id or ""
 
     def task_id(self, to: AgentId | str, message_id: str) -> str:
@@ -264,7 +315,8 @@ class AgentClient:
             parts=parts,
             in_reply_to=asked.message_id,
         )
-        ack = await self._store(address, stream, message)
+        with self._producing(address, stream, message) as carried:
+            ack = await self._store(address, stream, message, carried)
         return TaskAnswer(
             message_id=message.message_id or "",
             to=str(to),
@@ -302,20 +354,24 @@ class AgentClient:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[message_id] = future
         started = time.monotonic()
-        try:
-            await self._store(subject, stream, message)
-            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
-                reply = await future
-        except TimeoutError:
-            raise RequestTimeoutError(
-                agent=str(to), message_type=message_type, waited=timeout, path="through the log"
-            ) from None
-        finally:
-            self._waiting.pop(message_id, None)
-        if reply.type == f"{message_type}.error":
-            raise RequestFailedError(
-                agent=str(to), message_type=message_type, error=str(reply.payload.get("error"))
-            )
+        with self._producing(subject, stream, message) as carried:
+            try:
+                await self._store(subject, stream, message, carried)
+                async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
+                    reply = await future
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    agent=str(to),
+                    message_type=message_type,
+                    waited=timeout,
+                    path="through the log",
+                ) from None
+            finally:
+                self._waiting.pop(message_id, None)
+            if reply.type == f"{message_type}.error":
+                raise RequestFailedError(
+                    agent=str(to), message_type=message_type, error=str(reply.payload.get("error"))
+                )
         return reply
 
     async def call(
@@ -338,21 +394,23 @@ class AgentClient:
         message = self._message(
             message_type, payload, message_id=message_id, reply_to=FAST_PATH_TOKEN
         )
-        body, wire_headers = wire.encode(
-            f"a2a.{agent_type}", wire.MESSAGE_TYPE, message, event_id=message_id
-        )
-        try:
-            answer = await self._nc.request(
-                self.subjects.rpc(agent_type), body, timeout=timeout, headers=wire_headers
+        subject, stream = self.subjects.rpc(agent_type), f"a2a.{agent_type}"
+        with self._producing(subject, stream, message) as carried:
+            body, wire_headers = wire.encode(
+                stream, wire.MESSAGE_TYPE, message, event_id=message_id, trace=carried
             )
-        except (NoRespondersError, NatsError):
-            raise RequestTimeoutError(
-                agent=agent_type, message_type=message_type, waited=timeout, path="fast path"
-            ) from None
-        decoded = msgspec.json.decode(answer.data)
-        if isinstance(decoded, dict) and "error" in decoded and "type" not in decoded:
-            raise RequestFailedError(
-                agent=agent_type, message_type=message_type, error=str(decoded["error"])
-            )
+            try:
+                answer = await self._nc.request(
+                    subject, body, timeout=timeout, headers=wire_headers
+                )
+            except (NoRespondersError, NatsError):
+                raise RequestTimeoutError(
+                    agent=agent_type, message_type=message_type, waited=timeout, path="fast path"
+                ) from None
+            decoded = msgspec.json.decode(answer.data)
+            if isinstance(decoded, dict) and "error" in decoded and "type" not in decoded:
+                raise RequestFailedError(
+                    agent=agent_type, message_type=message_type, error=str(decoded["error"])
+                )
         _, reply = wire.decode(answer.data, f"fast-path answer of {agent_type!r}")
         return Reply(type=reply.type, payload=reply.payload, message=reply)

@@ -21,13 +21,17 @@ import time
 import typing
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from newfuse import telemetry
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of
@@ -84,6 +88,7 @@ log = logging.getLogger("newfuse.agents")
 
 Handler = Callable[["Context", Any], Awaitable[Any]]
 Effect = tuple[str, bytes, dict[str, str]]
+_UNTRACED: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
 class _Route(msgspec.Struct, frozen=True):
@@ -119,6 +124,9 @@ class Context:
         self._effects: list[Effect] = []
         self._replied = False
         self._task_recorded = False
+        # The span handling this message (current when the runtime builds a Context): every
+        # effect names it as its parent, so a chain of agents is one trace.
+        self._trace = wire.current_trace()
 
     @property
     def agent_id(self) -> AgentId:
@@ -152,6 +160,7 @@ class Context:
             event_id=event_id,
             correlation_id=self.envelope.correlation_id or self.envelope.id,
             causation_id=self.envelope.id,
+            trace=self._trace,
             metadata=metadata,
         )
         self._effects.append((subject, body, wire_headers))
@@ -306,6 +315,13 @@ class Context:
         )
 
 
+def _failed(span: trace.Span, error: Exception, reason: str) -> None:
+    """Mark a handler's span failed: the exception as an event, the status ERROR."""
+    if span.is_recording():
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
+
+
 def _as_payload(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -448,6 +464,7 @@ class Agent:
         stream: MessageStreamSpec | None = None,
         fast_path: bool = True,
         store: EventStore | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> RunningAgent:
         """An instance of this agent on `nc` (an async context manager).
 
@@ -459,6 +476,8 @@ class Agent:
             fast_path: also answer core NATS requests on `<prefix>.rpc.<type>`.
             store: the event store its registration events go to (default: the JetStream
                 store of `prefix` on `nc`).
+            tracer: where its spans go (default: newfuse's tracer from the global provider;
+                a no-op until an application installs one).
         """
         subjects = Subjects(prefix)
         return RunningAgent(
@@ -469,6 +488,7 @@ class Agent:
             stream or MessageStreamSpec(subjects=subjects),
             fast_path=fast_path,
             store=store,
+            tracer=tracer,
         )
 
 
@@ -485,6 +505,7 @@ class RunningAgent:
         *,
         fast_path: bool,
         store: EventStore | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.agent = agent
         self.agent_id = agent_id
@@ -545,6 +566,8 @@ class RunningAgent:
                 metadata={"message_types": ",".join(sorted(agent.routes))},
             )
         self._registered = False
+        self._tracer = tracer or telemetry.tracer()
+        self._span_name = f"process {agent.type}"
 
     def _consumers(self) -> list[DurableSpec]:
         agent, subjects = self.agent, self.subjects
@@ -636,6 +659,9 @@ class RunningAgent:
                 await self._store.close()
 
     async def _work(self) -> None:
+        # This task inherited the context of whoever started the agent: what it stores outside
+        # a message's span (a dead letter of a body that is not a message) is in no trace.
+        otel_context.attach(otel_context.Context())
         while True:
             msg = await self._queue.get()
             if self._stopping:
@@ -691,6 +717,13 @@ class RunningAgent:
             log.warning("agent %s: %s", self.agent_id, error)
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
             return
+        with self._span(msg, envelope, message, consumer, attempt, position) as span:
+            await self._handle(msg, consumer, envelope, message, span)
+
+    async def _handle(
+        self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, span: trace.Span
+    ) -> None:
+        position, attempt = msg.metadata.sequence.stream, msg.metadata.num_delivered
         if attempt > self.agent.max_attempts:
             await self._dead_letter(
                 msg,
@@ -732,6 +765,7 @@ class RunningAgent:
         except Exception as error:
             retryable = not isinstance(error, FuseError) or error.retryable
             reason = f"{type(error).__name__}: {error}"
+            _failed(span, error, reason)
             if retryable and attempt < self.agent.max_attempts:
                 await msg.nak(delay=self._backoff(attempt))
                 return
@@ -750,6 +784,46 @@ class RunningAgent:
         await self._commit(ctx._effects, consumer, position, attempt)
         self.handled += 1
         await self._ack(msg)
+
+    def _span(
+        self,
+        msg: Msg,
+        envelope: Envelope,
+        message: A2AMessage,
+        consumer: str,
+        attempt: int,
+        position: int,
+    ) -> AbstractContextManager[trace.Span]:
+        """The CONSUMER span of one handled message, current while it runs: its parent is the
+        message's trace context (headers first, then the envelope's), never the caller's.
+        Without a recording tracer and a trace context to pass on, no span at all."""
+        carried = envelope.trace
+        parent = telemetry.remote_parent(
+            msg.headers,
+            carried.traceparent if carried is not None else None,
+            carried.tracestate if carried is not None else None,
+        )
+        if parent is None:
+            if telemetry.records_nothing(self._tracer) and not telemetry.in_span():
+                return _UNTRACED
+            parent = otel_context.Context()  # a new trace, not the span that started us
+        attributes: dict[str, str | int] = {
+            telemetry.MESSAGING_SYSTEM: telemetry.SYSTEM_NATS,
+            telemetry.MESSAGING_OPERATION_TYPE: "process",
+            telemetry.MESSAGING_OPERATION_NAME: "process",
+            telemetry.MESSAGING_DESTINATION_NAME: msg.subject,
+            telemetry.MESSAGING_CONSUMER_GROUP_NAME: consumer,
+            telemetry.MESSAGING_MESSAGE_ID: envelope.id,
+            telemetry.NEWFUSE_DELIVERY_COUNT: attempt,
+            telemetry.NEWFUSE_POSITION: position,
+            telemetry.NEWFUSE_AGENT_ID: str(self.agent_id),
+            telemetry.NEWFUSE_MESSAGE_TYPE: message.type,
+        }
+        if message.context_id is not None:
+            attributes[telemetry.MESSAGING_MESSAGE_CONVERSATION_ID] = message.context_id
+        return self._tracer.start_as_current_span(
+            self._span_name, context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes
+        )
 
     def _backoff(self, attempt: int) -> float:
         first, most = self.agent.backoff
@@ -849,6 +923,7 @@ class RunningAgent:
             letter,
             event_id=letter_id,
             causation_id=envelope.id if envelope is not None else None,
+            trace=wire.current_trace(),
         )
         effects: list[Effect] = [(self.subjects.dead_letters(consumer), body, wire_headers)]
         if envelope is not None and message is not None:
@@ -866,7 +941,6 @@ class RunningAgent:
 
     async def _on_call(self, msg: Msg) -> None:
         started = time.perf_counter_ns()
-        code = "400"  # until the request is understood, a failure is the caller's
         try:
             envelope, message = wire.decode(
                 msg.data,
@@ -874,6 +948,30 @@ class RunningAgent:
                 registry=self.agent.registry,
                 accepts=self.agent.protocols,
             )
+        except Exception as error:  # the caller's mistake
+            await self._refuse_call(msg, error, started, "400")
+            return
+        with self._span(msg, envelope, message, self.agent.type, 1, 0) as span:
+            await self._answer_call(msg, envelope, message, span, started)
+
+    async def _refuse_call(self, msg: Msg, error: Exception, started: int, code: str) -> None:
+        text = f"{type(error).__name__}: {error}"
+        if self._rpc_endpoint is not None:
+            self._rpc_endpoint.record(time.perf_counter_ns() - started, text)
+        if msg.reply:  # ADR-32: an error answer says so in two headers
+            one_line = " ".join(text.split())[:1024]
+            with contextlib.suppress(Exception):
+                await self._nc.publish(
+                    msg.reply,
+                    msgspec.json.encode({"error": text}),
+                    headers={ERROR_HEADER: one_line, ERROR_CODE_HEADER: code},
+                )
+
+    async def _answer_call(
+        self, msg: Msg, envelope: Envelope, message: A2AMessage, span: trace.Span, started: int
+    ) -> None:
+        code = "400"  # until the request is understood, a failure is the caller's
+        try:
             route = self.agent.routes.get(message.type)
             if route is None:
                 raise HandlerRegistrationError(
@@ -883,17 +981,8 @@ class RunningAgent:
             code = "500"
             await self._call(route, ctx, None)
         except Exception as error:
-            text = f"{type(error).__name__}: {error}"
-            if self._rpc_endpoint is not None:
-                self._rpc_endpoint.record(time.perf_counter_ns() - started, text)
-            if msg.reply:  # ADR-32: an error answer says so in two headers
-                one_line = " ".join(text.split())[:1024]
-                with contextlib.suppress(Exception):
-                    await self._nc.publish(
-                        msg.reply,
-                        msgspec.json.encode({"error": text}),
-                        headers={ERROR_HEADER: one_line, ERROR_CODE_HEADER: code},
-                    )
+            _failed(span, error, f"{type(error).__name__}: {error}")
+            await self._refuse_call(msg, error, started, code)
             return
         replies = [effect for effect in ctx._effects if effect[0] == self.subjects.reply("_call")]
         await self._commit([e for e in ctx._effects if e not in replies], self.agent.type, 0)

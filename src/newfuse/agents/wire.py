@@ -8,6 +8,7 @@ from typing import Any, Final
 
 import msgspec
 
+from newfuse import telemetry
 from newfuse.agents import legacy
 from newfuse.errors import (
     FuseError,
@@ -82,7 +83,17 @@ def encode(
     wire_headers = {headers.MSG_ID: event_id, headers.TYPE: type_name, headers.SCHEMA_VERSION: "1"}
     if trace is not None:
         wire_headers[headers.TRACEPARENT] = trace.traceparent
+        if trace.tracestate:
+            wire_headers[headers.TRACESTATE] = trace.tracestate
     return ENVELOPE_ENCODER.encode(envelope), wire_headers
+
+
+def current_trace() -> TraceContext | None:
+    """The W3C trace context of the current span, for a message sent now (None without one)."""
+    current = telemetry.current_trace_context()
+    if current is None:
+        return None
+    return TraceContext(traceparent=current[0], tracestate=current[1])
 
 
 def _payload(type_name: str, data: Any, registry: SchemaRegistry) -> bytes:
