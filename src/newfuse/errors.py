@@ -945,3 +945,29 @@ class MicroServiceConfigError(FuseError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"micro service {field} {value!r}: {reason}")
+
+
+class TaskSubmitError(AgentError, ValueError):
+    """A task cannot be submitted as asked (a priority outside 0-9, a deadline in the past,
+    max attempts outside the queue's range)."""
+
+    def __init__(self, *, queue: str, field: str, value: object, reason: str) -> None:
+        self.queue = queue
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"submit to queue {_shown(queue)}: {field}={value!r}: {reason}")
+
+
+class TaskAttemptsError(AgentError):
+    """A queued task failed on its last allowed attempt; the last error is kept (it becomes the
+    dead letter's error and the failed status's text). Not retryable: the attempts are spent."""
+
+    def __init__(self, *, task_id: str, attempts: int, last_error: str) -> None:
+        self.task_id = task_id
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(
+            f"task {_shown(task_id)} failed {attempts} attempt(s), the most it allows; "
+            f"last error: {last_error}"
+        )
