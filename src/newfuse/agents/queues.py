@@ -39,18 +39,18 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any, Final
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, read_liveness
-from newfuse.agents.runtime import Agent, Context, RunningAgent, _Route
+from newfuse.agents.runtime import Agent, Context, Effect, RunningAgent, _Route
 from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, decode_task_event, read_task
 from newfuse.errors import (
     FuseError,
@@ -71,6 +71,7 @@ from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
+    MAX_STREAM_ID_BYTES,
     TERMINAL_STATES,
     A2AMessage,
     A2AMetadata,
@@ -358,6 +359,8 @@ class TaskQueue:
             sender=self.sender,
         )
         await self._store(subject, *status)
+        with contextlib.suppress(NatsError):  # the stored status is the truth; this is news
+            await self._nc.publish(self.subjects.task_cancels, task_id.encode())
         return True
 
     async def get(self, task_id: str) -> Task | None:
@@ -427,6 +430,7 @@ class TaskContext(Context):
         super().__init__(*args, **kwargs)
         self._cancel = asyncio.Event()
         self._result: Any = None
+        self._scope: asyncio.Timeout | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -568,6 +572,8 @@ class RunningWorker(RunningAgent):
         self._arrived = asyncio.Event()
         self._lanes: list[_Lane] = []
         self._keeper: asyncio.Task[None] | None = None
+        self._running: dict[str, TaskContext] = {}
+        self._cancels: Subscription | None = None
 
     def _consumers(self) -> list[DurableSpec]:
         agent, queue = self.agent, self.worker.queue
@@ -589,6 +595,7 @@ class RunningWorker(RunningAgent):
         return lane, max(2, self.agent.concurrency)
 
     async def _start(self) -> None:
+        self._cancels = await self._nc.subscribe(self.subjects.task_cancels, cb=self._on_cancel)
         await super()._start()
         self._keeper = asyncio.create_task(self._keep(), name=f"newfuse-worker-{self.agent_id}")
 
@@ -644,6 +651,10 @@ class RunningWorker(RunningAgent):
         await self._hand_back()
         await super().close(grace=grace)
         await self._hand_back()
+        if self._cancels is not None:
+            with contextlib.suppress(Exception):
+                await self._cancels.unsubscribe()
+            self._cancels = None
 
     async def _hand_back(self) -> None:
         for lane in self._lanes:
@@ -671,13 +682,14 @@ class RunningWorker(RunningAgent):
                 attempts=ctx.attempt - 1,
                 last_error="delivered without an outcome each time (did its worker die?)",
             )
-        sub = await self._nc.subscribe(subject, cb=partial(self._on_task_event, ctx, task_id))
+        self._running[task_id] = ctx  # from here on, an announced cancel reaches it
         try:
             state = await self._state_of(task_id, subject)
-            if state in TERMINAL_STATES:
+            if state in TERMINAL_STATES:  # canceled while queued (or done: a redelivery)
                 self.skipped += 1
                 return
-            left = None
+            loop = asyncio.get_running_loop()
+            due = None
             if terms.deadline is not None:
                 left = (terms.deadline - datetime.now(UTC)).total_seconds()
                 if left <= 0:
@@ -686,13 +698,13 @@ class RunningWorker(RunningAgent):
                         "failed", text=f"its deadline {terms.deadline} passed before it started"
                     )
                     return
+                due = loop.time() + left
             submitted = msg.metadata.timestamp
             self.started.append((terms.priority, (datetime.now(UTC) - submitted).total_seconds()))
             await self._publish(subject, *self._working(ctx, task_id))
-            await self._run(route, ctx, msg, task_id, left, limit)
+            await self._run(route, ctx, msg, task_id, due, limit)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            self._running.pop(task_id, None)
 
     async def _run(
         self,
@@ -700,36 +712,31 @@ class RunningWorker(RunningAgent):
         ctx: TaskContext,
         msg: Msg,
         task_id: str,
-        left: float | None,
+        due: float | None,
         limit: int,
     ) -> None:
         async def keep_result(inner: Context, payload: Any) -> None:
             ctx._result = await route.handler(inner, payload)
 
-        run = asyncio.create_task(super()._call(_Route(keep_result, route.payload), ctx, msg))
-        cancel = asyncio.create_task(ctx._cancel.wait())
+        # One scope ends the handler at its deadline or at a cancel (which reschedules it to
+        # now): the handler sees an asyncio cancellation either way, and no task is spawned.
         try:
-            done, _ = await asyncio.wait(
-                {run, cancel}, timeout=left, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            cancel.cancel()
-            if not run.done():
-                run.cancel()
-                await asyncio.wait({run})
-        if ctx.cancelled:
-            ctx._effects.clear()  # the task is canceled: nothing it emitted counts
-            self.cancelled += 1
-            return
-        if run not in done:
-            ctx._effects.clear()
-            self.expired += 1
-            ctx.task_status("failed", text=f"its deadline {ctx.deadline} passed while it ran")
-            return
-        error = None if run.cancelled() else run.exception()
-        if run.cancelled():
-            error = RuntimeError("the handler was cancelled, not by a cancel of its task")
-        if error is not None:
+            async with asyncio.timeout_at(due) as scope:
+                ctx._scope = scope
+                if ctx.cancelled:
+                    scope.reschedule(asyncio.get_running_loop().time())
+                await super()._call(_Route(keep_result, route.payload), ctx, msg)
+        except Exception as error:
+            ended = isinstance(error, TimeoutError) and scope.expired()  # not the handler's own
+            if ctx.cancelled:  # ended by the cancel, or it raised on seeing it
+                ctx._effects.clear()  # nothing a canceled task emitted counts
+                self.cancelled += 1
+                return
+            if ended:
+                ctx._effects.clear()
+                self.expired += 1
+                ctx.task_status("failed", text=f"its deadline {ctx.deadline} passed while it ran")
+                return
             retryable = not isinstance(error, FuseError) or error.retryable
             if retryable and ctx.attempt >= limit:
                 raise TaskAttemptsError(
@@ -737,8 +744,28 @@ class RunningWorker(RunningAgent):
                     attempts=ctx.attempt,
                     last_error=f"{type(error).__name__}: {error}",
                 ) from error
-            raise error
+            raise
+        finally:
+            ctx._scope = None
+        if ctx.cancelled:
+            ctx._effects.clear()
+            self.cancelled += 1
+            return
         ctx.task_status("completed", artifacts=result_artifacts(ctx._result))
+
+    async def _commit(
+        self, effects: list[Effect], consumer: str, position: int, attempt: int = 1
+    ) -> None:
+        """As the runtime's, with the task's terminal status as the handled marker: it is stored
+        last, after the other effects, so a redelivery that finds the task ended has nothing
+        left to store (and skips it); the runtime's marker would be one more write per task."""
+        if attempt > 1:
+            effects = await self._missing(effects, position)
+        if not effects:
+            return
+        *first, last = effects
+        await asyncio.gather(*(self._publish(*effect) for effect in first))
+        await self._publish(*last)
 
     def _working(self, ctx: TaskContext, task_id: str) -> tuple[bytes, dict[str, str]]:
         return _status(
@@ -763,22 +790,29 @@ class RunningWorker(RunningAgent):
         task = await read_task(self._direct, self.subjects, task_id)
         return task.state if task is not None else None
 
-    async def _on_task_event(self, ctx: TaskContext, task_id: str, msg: Msg) -> None:
-        try:  # what comes on the task's subject is anyone's: only a checked cancel counts
-            event = decode_task_event(msg.data, position=0, subject=msg.subject)
-        except FuseError as error:
-            log.warning("worker %s: task %s: %s", self.agent_id, task_id, error)
+    async def _on_cancel(self, msg: Msg) -> None:
+        """A cancel was announced: if the task runs here and its stored state says canceled
+        (an announcement alone is anyone's), end its handler."""
+        if len(msg.data) > MAX_STREAM_ID_BYTES:
             return
-        payload = event.payload
-        if (
-            isinstance(payload, TaskStatusUpdate)
-            and payload.task_id == task_id
-            and payload.state == "canceled"
-        ):
+        task_id = msg.data.decode(errors="replace")
+        ctx = self._running.get(task_id)
+        if ctx is None:
+            return
+        try:
+            state = await self._state_of(task_id, self.subjects.task_events(task_id))
+        except FuseError as error:
+            log.warning("worker %s: cancel of %s not checked: %s", self.agent_id, task_id, error)
+            return
+        if state == "canceled":
             ctx._cancel.set()
+            if ctx._scope is not None:
+                ctx._scope.reschedule(asyncio.get_running_loop().time())
 
     def _give_up(self, ctx: Context, error: str, answer: dict[str, str] | None = None) -> None:
         super()._give_up(ctx, error, answer)
+        if ctx.message.type != TASK_MESSAGE_TYPE or ctx.message.task_id is None:
+            return  # not a task: no task to fail
         ctx._task_recorded = True
         try:  # the task fails with the dead letter (a task id that names no subject has none)
             ctx.task_status("failed", text=error)
