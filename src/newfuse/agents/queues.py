@@ -66,7 +66,7 @@ from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.durable import DurableSpec
 from newfuse.nats.jsapi import API, api_error, api_request
-from newfuse.nats.jserrors import decode_pub_ack
+from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
@@ -97,6 +97,10 @@ QUEUE_KEY: Final = "queue"
 PRIORITY_KEY: Final = "priority"
 DEADLINE_KEY: Final = "deadline"
 ATTEMPTS_KEY: Final = "max_attempts"
+STATUS_SEQ_KEY: Final = "status_seq"
+"""The sequence of the task's `submitted` status: the first attempt stores `working` expecting
+it as the task subject's last (JetStream's expected last subject sequence), so a cancel stored
+in between is found without a read."""
 _MAX_TERM = 64  # characters of one term's value: anything longer is not ours
 
 
@@ -122,6 +126,7 @@ class TaskTerms(msgspec.Struct, frozen=True, kw_only=True):
     priority: int
     deadline: datetime | None = None
     max_attempts: int | None = None
+    status_seq: int | None = None
 
 
 def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
@@ -139,7 +144,7 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
             reason=f"{reason} ({where})",
         )
 
-    for key in (QUEUE_KEY, PRIORITY_KEY, DEADLINE_KEY, ATTEMPTS_KEY):
+    for key in (QUEUE_KEY, PRIORITY_KEY, DEADLINE_KEY, ATTEMPTS_KEY, STATUS_SEQ_KEY):
         value = metadata.get(key)
         if value is not None and len(value) > _MAX_TERM:
             raise bad(key, f"longer than {_MAX_TERM} characters")
@@ -162,7 +167,16 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
         if not text.isdigit() or not 1 <= int(text) <= MAX_ATTEMPTS:
             raise bad(ATTEMPTS_KEY, f"{text!r} is not a number of attempts 1-{MAX_ATTEMPTS}")
         attempts = int(text)
-    return TaskTerms(queue=queue, priority=int(priority), deadline=deadline, max_attempts=attempts)
+    seq = metadata.get(STATUS_SEQ_KEY)
+    if seq is not None and not (seq.isdigit() and seq.isascii()):
+        raise bad(STATUS_SEQ_KEY, f"{seq!r} is not a stream sequence")
+    return TaskTerms(
+        queue=queue,
+        priority=int(priority),
+        deadline=deadline,
+        max_attempts=attempts,
+        status_seq=int(seq) if seq is not None else None,
+    )
 
 
 def _status(
@@ -323,7 +337,7 @@ class TaskQueue:
             sender=self.sender,
             message=message,
         )
-        await self._store(task_subject, *status)
+        terms[STATUS_SEQ_KEY] = str(await self._store(task_subject, *status))
         body, wire_headers = wire.encode(
             f"queue.{queue}",
             wire.MESSAGE_TYPE,
@@ -684,27 +698,45 @@ class RunningWorker(RunningAgent):
             )
         self._running[task_id] = ctx  # from here on, an announced cancel reaches it
         try:
-            state = await self._state_of(task_id, subject)
-            if state in TERMINAL_STATES:  # canceled while queued (or done: a redelivery)
-                self.skipped += 1
-                return
             loop = asyncio.get_running_loop()
             due = None
             if terms.deadline is not None:
                 left = (terms.deadline - datetime.now(UTC)).total_seconds()
                 if left <= 0:
+                    if await self._state_of(task_id, subject) in TERMINAL_STATES:
+                        self.skipped += 1
+                        return
                     self.expired += 1
                     ctx.task_status(
                         "failed", text=f"its deadline {terms.deadline} passed before it started"
                     )
                     return
                 due = loop.time() + left
+            if not await self._start_working(ctx, terms, task_id, subject):
+                self.skipped += 1  # canceled while queued (or ended: a redelivery)
+                return
             submitted = msg.metadata.timestamp
             self.started.append((terms.priority, (datetime.now(UTC) - submitted).total_seconds()))
-            await self._publish(subject, *self._working(ctx, task_id))
             await self._run(route, ctx, msg, task_id, due, limit)
         finally:
             self._running.pop(task_id, None)
+
+    async def _start_working(
+        self, ctx: TaskContext, terms: TaskTerms, task_id: str, subject: str
+    ) -> bool:
+        """Store `working` unless the task ended; False when it had."""
+        body, wire_headers = self._working(ctx, task_id)
+        if ctx.attempt == 1 and terms.status_seq is not None:
+            expect = {**wire_headers, headers.EXPECTED_LAST_SUBJECT_SEQUENCE: str(terms.status_seq)}
+            try:  # nothing stored since `submitted`: no read needed
+                await self._publish(subject, body, expect)
+                return True
+            except WrongLastSequenceError:
+                pass  # something came after `submitted` (a cancel?): read what it was
+        if await self._state_of(task_id, subject) in TERMINAL_STATES:
+            return False
+        await self._publish(subject, body, wire_headers)
+        return True
 
     async def _run(
         self,
