@@ -9,8 +9,8 @@ n; ratio oriented so higher is better):
   the same size on the same stream. `shares` is what each process took.
 - `tasks.priority0_wait.p99`: the p99 wait (submission to start, ms) of priority-0 tasks, one
   every `spacing` seconds, while a priority-9 flood keeps the queue's backlog growing; the
-  baseline is the bound the README states for them, aging + the longest handler run (ratio >= 1:
-  within the bound).
+  baseline is the bound the README states for them, aging + the longest handler run + 25 ms of
+  delivery (ratio >= 1: within the bound).
 
 Usage: `python benchmarks/tasks.py [--quick]`. Worker processes are this script with `--child`.
 """
@@ -40,6 +40,7 @@ from newfuse.nats import MessageStreamSpec, NatsServer, Subjects
 CONCURRENCY = 16
 AGING = 0.25  # seconds: the flood phase's aging
 FLOOD_HANDLER = 0.02  # seconds a flood-phase task takes
+DELIVERY = 0.025  # seconds the bound allows for the pull's delivery and storing `working`
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ async def child(side: str, url: str, prefix: str, queue: str, key: str) -> None:
         consumer = asyncio.create_task(consume())
         await lines.readline()
         consumer.cancel()
+        await asyncio.wait({consumer})
     print(json.dumps({"handled": handled}), flush=True)
     await nc.close()
 
@@ -223,7 +225,7 @@ async def bench_throughput(
             )
 
 
-# -- priority 0 under a priority-9 flood ------------------------------------------------------------
+# -- priority 0 under a priority-9 flood -----------------------------------------------------
 
 
 async def bench_flood(nc: NatsClient, prefix: str, stream: MessageStreamSpec, sizes: Sizes) -> None:
@@ -260,7 +262,7 @@ async def bench_flood(nc: NatsClient, prefix: str, stream: MessageStreamSpec, si
                 await flooding
             waits = sorted(w for priority, w in running.started if priority == 0)
             flood_started = sum(1 for priority, _ in running.started if priority == 9)
-    bound = AGING + FLOOD_HANDLER
+    bound = AGING + FLOOD_HANDLER + DELIVERY
     progress(
         f"flood: priority-0 waits p50 {percentile(waits, 0.5) * 1e3:.0f} ms, max "
         f"{waits[-1] * 1e3:.0f} ms (bound {bound * 1e3:.0f} ms); {flood_started} priority-9 "
@@ -270,7 +272,7 @@ async def bench_flood(nc: NatsClient, prefix: str, stream: MessageStreamSpec, si
         "tasks.priority0_wait.p99",
         percentile(waits, 0.99) * 1e3,
         bound * 1e3,
-        "ms (baseline: the stated bound, aging + the longest handler run)",
+        "ms (baseline: the stated bound, aging + the longest handler run + 25 ms)",
         n=len(waits),
         lower_is_better=True,
         aging_s=AGING,
