@@ -119,7 +119,7 @@ async def test_higher_priorities_go_first(
             await gate.wait()
         else:
             order.append(ctx.priority)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # ample time for the lane's refill to arrive
 
     async with running(nc, prefix, stream, "prio", work, concurrency=1, aging=60) as worker:
         blocker = await tasks.submit("prio", {"block": 1}, priority=5)

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("queue_worker.py")
 TASKS = 90
-SPEEDS = {"fast": 0.005, "medium": 0.03, "slow": 0.12}  # seconds per task
+SPEEDS = {"fast": 0.005, "medium": 0.05, "slow": 0.2}  # seconds per task
 
 
 async def start_worker(
