@@ -971,3 +971,18 @@ class TaskAttemptsError(AgentError):
             f"task {_shown(task_id)} failed {attempts} attempt(s), the most it allows; "
             f"last error: {last_error}"
         )
+
+
+class TaskWaitTimeoutError(AgentError, TimeoutError):
+    """A task had not ended when the time to wait for it ran out (it may still end)."""
+
+    retryable = True
+
+    def __init__(self, *, task_id: str, state: str, waited: float) -> None:
+        self.task_id = task_id
+        self.state = state
+        self.waited = waited
+        super().__init__(
+            f"task {_shown(task_id)} is still {state} after {waited:g}s; `fuse queues list` "
+            f"shows whether its queue has workers, `fuse tasks show` what it went through"
+        )

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from newfuse.agents import RunningWorker, Task, TaskContext, TaskQueue, Worker, queue_stats, wire
 from newfuse.agents.queues import consumer_name
-from newfuse.errors import InvalidNameError, TaskSubmitError
+from newfuse.errors import AgentConfigError, InvalidNameError, TaskSubmitError, TaskWaitTimeoutError
 from newfuse.nats import DirectGet, MessageStreamSpec, Subjects
 from newfuse.schemas import DeadLetter
 from support import run_fuse, wait_for
@@ -368,3 +368,21 @@ async def test_fuse_queues_list_never_creates_the_stream(nats_url: str) -> None:
     result = run_fuse("--nats", nats_url, "--prefix", "nowhere9", "queues", "list", check=False)
     assert result.returncode != 0
     assert "nowhere9" in result.stderr
+
+
+async def test_waiting_for_a_task_no_worker_takes_names_its_state(tasks: TaskQueue) -> None:
+    task_id = await tasks.submit("nobody", [1, 2])  # not a dict: sent as {"value": [1, 2]}
+    with pytest.raises(TaskWaitTimeoutError, match=r"is still submitted after 0.2s"):
+        await tasks.wait(task_id, timeout=0.2)
+    task = await tasks.get(task_id)
+    assert task is not None and task.history[0].payload == {"value": [1, 2]}
+
+
+def test_a_worker_refuses_settings_it_cannot_use() -> None:
+    async def work(ctx: TaskContext, job: dict[str, Any]) -> None:
+        return None
+
+    with pytest.raises(AgentConfigError, match=r"'task-q': max_attempts=11: use 1 to 10"):
+        Worker("q", work, max_attempts=11)
+    with pytest.raises(AgentConfigError, match=r"aging=0: seconds above 0"):
+        Worker("q", work, aging=0)

@@ -50,16 +50,17 @@ from nats.errors import Error as NatsError
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, read_liveness
-from newfuse.agents.runtime import Agent, Context, Effect, RunningAgent, _Route
+from newfuse.agents.runtime import Agent, Context, Effect, RunningAgent, _as_payload, _Route
 from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, decode_task_event, read_task
 from newfuse.errors import (
+    AgentConfigError,
     FuseError,
     InvalidPayloadError,
-    RequestTimeoutError,
     StoreNotFoundError,
     TaskAttemptsError,
     TaskNotFoundError,
     TaskSubmitError,
+    TaskWaitTimeoutError,
 )
 from newfuse.eventstore import EventStore
 from newfuse.nats import headers
@@ -320,7 +321,7 @@ class TaskQueue:
         context_id = context_id or task_id
         message = A2AMessage(
             type=TASK_MESSAGE_TYPE,
-            payload={} if payload is None else msgspec.to_builtins(payload),
+            payload=_as_payload(payload),
             metadata=A2AMetadata(sender=self.sender),
             message_id=wire.derived_id(task_id, "submit", "message"),
             context_id=context_id,
@@ -391,7 +392,7 @@ class TaskQueue:
         """The task once it is in a terminal state (polled every `interval`, doubling to 1 s).
 
         Raises:
-            RequestTimeoutError: it had not ended within `timeout` seconds.
+            TaskWaitTimeoutError: it had not ended within `timeout` seconds.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -401,11 +402,10 @@ class TaskQueue:
                 return task
             left = deadline - loop.time()
             if left <= 0:
-                raise RequestTimeoutError(
-                    agent=f"task {task_id}",
-                    message_type=TASK_MESSAGE_TYPE,
+                raise TaskWaitTimeoutError(
+                    task_id=task_id,
+                    state=task.state if task is not None else "not stored",
                     waited=timeout,
-                    path=f"it is {task.state if task else 'not stored'}",
                 )
             await asyncio.sleep(min(interval, left))
             interval = min(interval * 2, 1.0)
@@ -517,11 +517,16 @@ class Worker:
     ) -> None:
         self.queue = check_queue(queue)
         if not 1 <= max_attempts <= MAX_ATTEMPTS:
-            raise TaskSubmitError(
-                queue=queue, field="max_attempts", value=max_attempts, reason="use 1 to 10"
+            raise AgentConfigError(
+                agent=worker_type(queue),
+                field="max_attempts",
+                value=max_attempts,
+                reason=f"use 1 to {MAX_ATTEMPTS}",
             )
         if not aging > 0:
-            raise TaskSubmitError(queue=queue, field="aging", value=aging, reason="use > 0 s")
+            raise AgentConfigError(
+                agent=worker_type(queue), field="aging", value=aging, reason="seconds above 0"
+            )
         self.aging = float(aging)
         self.max_attempts = max_attempts
         self.agent = Agent(
