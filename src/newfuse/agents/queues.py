@@ -199,6 +199,7 @@ def _status(
         event_id=event_id,
         correlation_id=context_id,
         causation_id=causation_id,
+        trace=wire.current_trace(),  # the worker's span while it runs; the submitter's, if any
         metadata={SENDER: sender},
     )
 
@@ -345,6 +346,7 @@ class TaskQueue:
             message,
             event_id=message.message_id or task_id,
             correlation_id=context_id,
+            trace=wire.current_trace(),
             metadata=terms,
         )
         await self._store(self.subjects.task(queue, priority), body, wire_headers)
