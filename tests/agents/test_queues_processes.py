@@ -44,6 +44,13 @@ async def start_worker(
     return process
 
 
+def stop(workers: list[subprocess.Popen[str]]) -> None:
+    for process in workers:
+        if process.stdout is not None:
+            process.stdout.close()
+        reap(process)
+
+
 async def test_three_worker_processes_of_uneven_speed_take_each_task_once_fast_ones_more(
     nc: Client, nats_url: str, prefix: str, stream: MessageStreamSpec
 ) -> None:
@@ -56,10 +63,7 @@ async def test_three_worker_processes_of_uneven_speed_take_each_task_once_fast_o
             done = [await queue.wait(task_id, timeout=60) for task_id in ids]
         await settled(nc, prefix, consumer_name("uneven", 0))
     finally:
-        for process in workers:
-            if process.stdout is not None:
-                process.stdout.close()
-            reap(process)
+        stop(workers)
     for task in done:  # one worker each: one working, then completed by that same worker
         assert [s.state for s in task.statuses] == ["submitted", "working", "completed"]
         assert task.statuses[1].sender == task.statuses[2].sender == task.agent
@@ -91,10 +95,7 @@ async def test_a_worker_sigkilled_mid_task_is_replaced_and_every_task_completes_
             done = [await queue.wait(task_id, timeout=60) for task_id in ids]
         await settled(nc, prefix, consumer_name("crash", 0))
     finally:
-        for process in workers:
-            if process.stdout is not None:
-                process.stdout.close()
-            reap(process)
+        stop(workers)
     assert all(task.state == "completed" for task in done)
     assert all([s.state for s in task.statuses].count("completed") == 1 for task in done)
     agents = Counter(task.agent for task in done)
