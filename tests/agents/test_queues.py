@@ -298,6 +298,10 @@ async def test_hostile_bodies_on_a_queue_are_dead_lettered_and_the_worker_carrie
     bad_terms["metadata"]["priority"] = "eleven"
     bad_terms["data"]["taskId"] = "bad-terms-task"
     await js.publish(subjects.task("ho", 3), json.dumps(bad_terms).encode())
+    bad_id = json.loads(stolen.data)
+    bad_id["id"] = "bad-id"
+    bad_id["data"]["taskId"] = "no.such>subject"
+    await js.publish(subjects.task("ho", 3), json.dumps(bad_id).encode())
     other, headers = wire.encode("x.y", "something.else", {"a": 1}, event_id="other")
     await js.publish(subjects.task("ho", 3), other, headers=headers)
 
@@ -311,7 +315,8 @@ async def test_hostile_bodies_on_a_queue_are_dead_lettered_and_the_worker_carrie
         payload(e) for e in await stored(nc, prefix, subjects.dead_letters(consumer_name("ho", 3)))
     ]
     errors = sorted(letter.error for letter in letters)
-    assert len(errors) == 4, errors
+    assert len(errors) == 5, errors
+    assert any("task id" in e and "no.such>subject" in e for e in errors), errors
     assert any("$.metadata.priority" in e and "'eleven' is not a priority 0-9" in e for e in errors)
     assert worker.handled == 1
     # the task whose terms were broken fails with its dead letter's error
