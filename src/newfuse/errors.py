@@ -945,3 +945,44 @@ class MicroServiceConfigError(FuseError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"micro service {field} {value!r}: {reason}")
+
+
+class TaskSubmitError(AgentError, ValueError):
+    """A task cannot be submitted as asked (a priority outside 0-9, a deadline in the past,
+    max attempts outside the queue's range)."""
+
+    def __init__(self, *, queue: str, field: str, value: object, reason: str) -> None:
+        self.queue = queue
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"submit to queue {_shown(queue)}: {field}={value!r}: {reason}")
+
+
+class TaskAttemptsError(AgentError):
+    """A queued task failed on its last allowed attempt; the last error is kept (it becomes the
+    dead letter's error and the failed status's text). Not retryable: the attempts are spent."""
+
+    def __init__(self, *, task_id: str, attempts: int, last_error: str) -> None:
+        self.task_id = task_id
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(
+            f"task {_shown(task_id)} failed {attempts} attempt(s), the most it allows; "
+            f"last error: {last_error}"
+        )
+
+
+class TaskWaitTimeoutError(AgentError, TimeoutError):
+    """A task had not ended when the time to wait for it ran out (it may still end)."""
+
+    retryable = True
+
+    def __init__(self, *, task_id: str, state: str, waited: float) -> None:
+        self.task_id = task_id
+        self.state = state
+        self.waited = waited
+        super().__init__(
+            f"task {_shown(task_id)} is still {state} after {waited:g}s; `fuse queues list` "
+            f"shows whether its queue has workers, `fuse tasks show` what it went through"
+        )

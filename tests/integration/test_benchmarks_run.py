@@ -51,6 +51,11 @@ A2A_LINES = {
     *(f"a2a.round_trip.{path}.{p}" for path in ("fast_path", "log") for p in ("p50", "p99")),
 }
 
+TASK_LINES = {
+    *(f"tasks.throughput.workers_{n}" for n in (1, 2, 4)),
+    "tasks.priority0_wait.p99",
+}
+
 
 @pytest.mark.parametrize(
     ("script", "expected_names"),
@@ -58,6 +63,7 @@ A2A_LINES = {
         ("eventstore.py", EVENTSTORE_LINES),
         ("projections.py", PROJECTION_LINES),
         ("a2a.py", A2A_LINES),
+        ("tasks.py", TASK_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(

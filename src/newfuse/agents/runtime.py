@@ -493,7 +493,14 @@ class Agent:
 
 
 class RunningAgent:
-    """One running instance of an Agent; counts what it handled."""
+    """One running instance of an Agent; counts what it handled.
+
+    Subclasses (agents/queues.py's workers) change what is pulled and in which order through
+    `_consumers`, `_lane` and `_take`, what a handler sees through `_context_class`, and what a
+    dead letter adds through `_give_up`.
+    """
+
+    _context_class: type[Context] = Context
 
     def __init__(
         self,
@@ -602,13 +609,8 @@ class RunningAgent:
         self._registered = True
         for spec in self._consumers():
             await ensure_durable(self._nc, spec)
-            loop = PullLoop(
-                self._nc,
-                spec.stream,
-                spec.name,
-                batch=self.agent.concurrency * 4,
-                queue=self._queue,
-            )
+            queue, batch = self._lane(spec)
+            loop = PullLoop(self._nc, spec.stream, spec.name, batch=batch, queue=queue)
             self._loops[spec.name] = loop
             await loop.start()
         for index in range(self.agent.concurrency):
@@ -620,6 +622,14 @@ class RunningAgent:
                 self.subjects.rpc(self.agent.type), queue=self.agent.type, cb=self._on_call
             )
         await self.service.start()
+
+    def _lane(self, spec: DurableSpec) -> tuple[asyncio.Queue[Msg], int]:
+        """Where a consumer's messages wait to be taken, and how many are pulled at once."""
+        return self._queue, self.agent.concurrency * 4
+
+    async def _take(self) -> Msg:
+        """The next message to handle (waits until one comes)."""
+        return await self._queue.get()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -663,7 +673,7 @@ class RunningAgent:
         # a message's span (a dead letter of a body that is not a message) is in no trace.
         otel_context.attach(otel_context.Context())
         while True:
-            msg = await self._queue.get()
+            msg = await self._take()
             if self._stopping:
                 with contextlib.suppress(Exception):
                     await msg.nak()
@@ -754,7 +764,7 @@ class RunningAgent:
                 f"(it handles {known})",
             )
             return
-        ctx = Context(
+        ctx = self._context_class(
             self, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
         started = time.monotonic()
@@ -927,15 +937,20 @@ class RunningAgent:
         )
         effects: list[Effect] = [(self.subjects.dead_letters(consumer), body, wire_headers)]
         if envelope is not None and message is not None:
-            ctx = Context(
+            ctx = self._context_class(
                 self, envelope, message, consumer=consumer, attempt=attempts, position=position
             )
-            ctx._reply({"error": error, **(answer or {})}, f"{message.type}.error")
+            self._give_up(ctx, error, answer)
             effects.extend(ctx._effects)
         await self._commit(effects, consumer, position, attempts + 1)
         self.dead_lettered += 1
         log.warning("agent %s: dead letter %s: %s", self.agent_id, message_id, error)
         await msg.term()
+
+    def _give_up(self, ctx: Context, error: str, answer: dict[str, str] | None = None) -> None:
+        """What a dead letter stores besides the letter: the error reply a requester waits for
+        (`{error}` plus `answer`)."""
+        ctx._reply({"error": error, **(answer or {})}, f"{ctx.message.type}.error")
 
     # -- the fast path ---------------------------------------------------------------------------
 

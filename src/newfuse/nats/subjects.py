@@ -126,6 +126,12 @@ class Subjects:
         """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
         return f"{self.prefix}.rpc.{agent_type}"
 
+    @property
+    def task_cancels(self) -> str:
+        """Where a task's cancel is announced to its workers (core NATS, in no stream; the
+        stored `canceled` status is the truth): `<prefix>.rpc._cancel`."""
+        return f"{self.prefix}.rpc._cancel"
+
     def liveness(self, agent_type: str, key: str) -> str:
         """One instance's heartbeats (the stream keeps the last): `<prefix>.agents.<type>.<key>`."""
         return f"{self.prefix}.agents.{agent_type}.{key}"
