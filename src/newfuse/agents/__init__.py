@@ -1,8 +1,9 @@
 """Agents on the log: the runtime (Agent, Context), addresses (AgentId), the client, A2A tasks,
-dead letters, and the registry (cards, registration, heartbeats, who is live)."""
+dead letters, the registry (cards, registration, heartbeats, who is live), circuit events."""
 
 from newfuse.agents.address import AgentId
-from newfuse.agents.client import AgentClient, Reply, TaskAnswer
+from newfuse.agents.circuits import CircuitEvents, circuit_stream
+from newfuse.agents.client import AgentClient, Reply, TaskAnswer, UnclaimedReply
 from newfuse.agents.dead_letters import DeadLetters, Replayed, StoredDeadLetter
 from newfuse.agents.registry import (
     AgentSummary,
@@ -22,6 +23,7 @@ __all__ = [
     "AgentClient",
     "AgentId",
     "AgentSummary",
+    "CircuitEvents",
     "Context",
     "DeadLetters",
     "Instance",
@@ -34,7 +36,9 @@ __all__ = [
     "Task",
     "TaskAnswer",
     "Tasks",
+    "UnclaimedReply",
     "card_of",
+    "circuit_stream",
     "fold",
     "live_at",
     "read_liveness",
