@@ -862,12 +862,16 @@ class RequestTimeoutError(AgentError, TimeoutError):
 
 
 class RequestFailedError(AgentError):
-    """The agent answered a request with an error (its handler failed or gave up)."""
+    """The agent answered a request with an error (its handler failed or gave up);
+    `reply_id` is the event id of that answer when it came through the log."""
 
-    def __init__(self, *, agent: str, message_type: str, error: str) -> None:
+    def __init__(
+        self, *, agent: str, message_type: str, error: str, reply_id: str | None = None
+    ) -> None:
         self.agent = agent
         self.message_type = message_type
         self.error = error
+        self.reply_id = reply_id
         super().__init__(f"agent {agent!r} failed {message_type!r}: {error}")
 
 
@@ -935,6 +939,16 @@ class AgentConfigError(AgentError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"agent {agent!r}: {field}={value!r}: {reason}")
+
+
+class AggregateConfigError(AgentError, ValueError):
+    """A scatter/gather is asked for with agents, a strategy or a quorum it cannot use."""
+
+    def __init__(self, *, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"aggregate: {field}={_shown(repr(value), 120)}: {reason}")
 
 
 class MicroServiceConfigError(FuseError, ValueError):

@@ -1,7 +1,9 @@
 """Agents on the log: the runtime (Agent, Context), addresses (AgentId), the client, A2A tasks,
-dead letters, the registry (cards, registration, heartbeats, who is live), circuit events."""
+dead letters, the registry (cards, registration, heartbeats, who is live), result
+aggregation, circuit events."""
 
 from newfuse.agents.address import AgentId
+from newfuse.agents.aggregate import AggregateRecord, Aggregates, Aggregator, Gathered
 from newfuse.agents.circuits import CircuitEvents, circuit_stream
 from newfuse.agents.client import AgentClient, Reply, TaskAnswer, UnclaimedReply
 from newfuse.agents.dead_letters import DeadLetters, Replayed, StoredDeadLetter
@@ -23,9 +25,13 @@ __all__ = [
     "AgentClient",
     "AgentId",
     "AgentSummary",
+    "AggregateRecord",
+    "Aggregates",
+    "Aggregator",
     "CircuitEvents",
     "Context",
     "DeadLetters",
+    "Gathered",
     "Instance",
     "Replayed",
     "Reply",

@@ -222,16 +222,42 @@ class AgentClient:
     async def _store(
         self, subject: str, stream: str, message: A2AMessage, carried: TraceContext | None = None
     ) -> PubAck:
-        if self._closed:
-            raise AgentClosedError(agent=f"agent client {self.sender!r}")
-        message_id = message.message_id or new_event_id()
-        body, wire_headers = wire.encode(
+        return await self.record(
+            subject,
             stream,
             wire.MESSAGE_TYPE,
             message,
-            event_id=message_id,
+            event_id=message.message_id or new_event_id(),
             correlation_id=message.context_id,
             trace=carried,
+        )
+
+    async def record(
+        self,
+        subject: str,
+        stream: str,
+        type_name: str,
+        data: Any,
+        *,
+        event_id: str,
+        correlation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        trace: TraceContext | None = None,
+    ) -> PubAck:
+        """Store one event of `type_name` (registered types are checked) on the message
+        stream at `subject`, waiting for its PubAck; the same `event_id` again within the
+        duplicate window is stored once (`PubAck.duplicate`). What aggregations and other
+        bookkeeping beside the messages write."""
+        if self._closed:
+            raise AgentClosedError(agent=f"agent client {self.sender!r}")
+        body, wire_headers = wire.encode(
+            stream,
+            type_name,
+            data,
+            event_id=event_id,
+            correlation_id=correlation_id,
+            metadata=metadata,
+            trace=trace,
         )
         answer = await self._inbox.request(subject, body, wire_headers, self._timeout)
         return decode_pub_ack(answer, subject=subject)
@@ -246,8 +272,12 @@ class AgentClient:
         context_id: str | None = None,
         task_id: str | None = None,
         parts: list[Part] | None = None,
+        want_reply: bool = False,
     ) -> str:
         """Store a message to one instance (AgentId) or any instance of a type (str).
+
+        With `want_reply`, the message asks for a reply to this client; no request waits for
+        it, so it goes to the `on_unclaimed_reply` callbacks (what aggregation listens to).
 
         Returns:
             The message id (`message_id`, or a new UUIDv7).
@@ -260,6 +290,7 @@ class AgentClient:
             context_id=context_id,
             task_id=task_id,
             parts=parts,
+            reply_to=self._token if want_reply else None,
         )
         with self._producing(subject, stream, message) as carried:
             await self._store(subject, stream, message, carried)
@@ -411,7 +442,10 @@ class AgentClient:
                 ) from None
             if reply.type == f"{message_type}.error":  # a failure, for the breaker too
                 raise RequestFailedError(
-                    agent=str(to), message_type=message_type, error=str(reply.payload.get("error"))
+                    agent=str(to),
+                    message_type=message_type,
+                    error=str(reply.payload.get("error")),
+                    reply_id=reply.event_id,
                 )
             return reply
 
