@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -16,7 +17,7 @@ from newfuse.agents import Agent, AgentClient, AgentId, Aggregates, Aggregator, 
 from newfuse.agents.history import History
 from newfuse.errors import AggregateConfigError
 from newfuse.nats import MessageStreamSpec
-from support import wait_for
+from support import run_fuse, wait_for
 
 KEYS = ("1", "2", "3")
 SOLVERS = [AgentId("solver", key) for key in KEYS]
@@ -94,7 +95,7 @@ async def test_all_gathers_every_reply_and_stores_the_aggregate_listing_them(
 
 
 async def test_first_closes_on_one_reply_and_records_the_late_ones(
-    nc: Client, prefix: str, solvers: tuple[Solvers, Aggregator]
+    nc: Client, nats_url: str, prefix: str, solvers: tuple[Solvers, Aggregator]
 ) -> None:
     team, aggregator = solvers
     team.hold("2", "3")
@@ -128,6 +129,20 @@ async def test_first_closes_on_one_reply_and_records_the_late_ones(
     closed_turn = next(t for t in turns if t.type == "aggregate.closed")
     assert closed_turn.sender == "planner"
     assert closed_turn.text == "first: complete; answered solver/1; missing solver/2, solver/3"
+
+    # and `fuse agents history --context` finds them (off the loop: the agents keep running)
+    printed = await asyncio.to_thread(
+        run_fuse,
+        *("--nats", nats_url, "--prefix", prefix, "--json", "agents", "history"),
+        *("--context", gathered.context_id),
+    )
+    rows = [msgspec.json.decode(line) for line in printed.stdout.splitlines()]
+    assert [row["type"] for row in rows if row["kind"] == "aggregate"] == [
+        "aggregate.closed",
+        "aggregate.late",
+        "aggregate.late",
+    ]
+    assert sum(row["kind"] == "reply" for row in rows) == 3
 
 
 async def test_quorum_two_of_three_closes_without_the_slow_one(
@@ -213,3 +228,21 @@ async def test_a_scatter_it_cannot_do_is_refused_before_anything_is_sent(
     with pytest.raises(AggregateConfigError, match=match):
         await aggregator.scatter(agents, "solve", {"x": 1}, strategy=strategy, quorum=quorum)
     assert team.handled == []
+
+
+async def test_foreign_bodies_on_an_aggregate_subject_are_skipped_and_named(
+    nc: Client, prefix: str, solvers: tuple[Solvers, Aggregator]
+) -> None:
+    _, aggregator = solvers
+    gathered = await aggregator.scatter(SOLVERS[:1], "solve", {"x": 1}, timeout=30)
+    subject = aggregator.subjects.aggregate(gathered.aggregate_id)
+    await nc.request(subject, b"not json at all", timeout=5)
+    await nc.request(subject, b'{"id": "x", "type": "aggregate.closed"}', timeout=5)
+    record = await Aggregates(nc, prefix=prefix).get(gathered.aggregate_id)
+    assert record.closed is not None and record.closed.answered == ["solver/1"]
+    assert len(record.skipped) == 2
+    assert all(f"on {subject}" in reason for reason in record.skipped)
+    history = History(nc, prefix=prefix)
+    turns = [t async for t in history.turns(context_id=gathered.context_id)]
+    assert [t.type for t in turns if t.kind == "aggregate"] == ["aggregate.closed"]
+    assert len(history.skipped) == 2

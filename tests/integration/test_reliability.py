@@ -222,3 +222,28 @@ async def test_two_clients_waiting_on_one_redis_bucket_get_the_rate_not_twice_it
     # server's clock, however fast this machine is; two separate buckets would need half that
     print(f"12 tokens in {elapsed:.3f}s")
     assert elapsed >= 0.5 - 0.01
+
+
+async def test_a_store_that_refuses_circuit_events_never_breaks_the_guarded_call(
+    nc: Client, prefix: str
+) -> None:
+    store = JetStreamEventStore(nc, prefix=prefix)
+    await store.close()  # every append now raises StoreClosedError
+    async with CircuitEvents(store) as events:
+        breaker = events.watch(CircuitBreaker("closed store", failures=1))
+
+        async def boom() -> None:
+            raise OSError("down")
+
+        with pytest.raises(OSError, match="down"):
+            await breaker.call(boom)
+        await events.flush()
+    assert breaker.state == "open"
+    assert (events.appended, events.dropped) == (0, 1)
+
+
+def test_circuit_names_become_valid_stream_names() -> None:
+    assert circuit_stream("model openai") == "circuit.model-openai"
+    assert circuit_stream("agent echo/1") == "circuit.agent-echo-1"
+    hashed = circuit_stream("...")
+    assert hashed.startswith("circuit.") and len(hashed) == len("circuit.") + 32
