@@ -862,12 +862,16 @@ class RequestTimeoutError(AgentError, TimeoutError):
 
 
 class RequestFailedError(AgentError):
-    """The agent answered a request with an error (its handler failed or gave up)."""
+    """The agent answered a request with an error (its handler failed or gave up);
+    `reply_id` is the event id of that answer when it came through the log."""
 
-    def __init__(self, *, agent: str, message_type: str, error: str) -> None:
+    def __init__(
+        self, *, agent: str, message_type: str, error: str, reply_id: str | None = None
+    ) -> None:
         self.agent = agent
         self.message_type = message_type
         self.error = error
+        self.reply_id = reply_id
         super().__init__(f"agent {agent!r} failed {message_type!r}: {error}")
 
 
@@ -937,6 +941,16 @@ class AgentConfigError(AgentError, ValueError):
         super().__init__(f"agent {agent!r}: {field}={value!r}: {reason}")
 
 
+class AggregateConfigError(AgentError, ValueError):
+    """A scatter/gather is asked for with agents, a strategy or a quorum it cannot use."""
+
+    def __init__(self, *, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"aggregate: {field}={_shown(repr(value), 120)}: {reason}")
+
+
 class MicroServiceConfigError(FuseError, ValueError):
     """A NATS micro service (ADR-32) cannot be declared as asked."""
 
@@ -945,6 +959,70 @@ class MicroServiceConfigError(FuseError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"micro service {field} {value!r}: {reason}")
+
+
+# -- reliability -----------------------------------------------------------------------------------
+
+
+class ReliabilityConfigError(FuseError, ValueError):
+    """A retry policy, circuit breaker or rate limiter is declared with a value it cannot use."""
+
+    def __init__(self, *, what: str, field: str, value: object, reason: str) -> None:
+        self.what = what
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{what}: {field}={value!r}: {reason}")
+
+
+class RetriesExhaustedError(FuseError):
+    """A retried operation failed every attempt, or its deadline passed; the last error is the
+    cause (`__cause__`) and is named in the message. Not retryable: the retrying is done."""
+
+    def __init__(
+        self, *, operation: str, attempts: int, elapsed: float, last_error: str, reason: str
+    ) -> None:
+        self.operation = operation
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.last_error = last_error
+        self.reason = reason
+        tries = "attempt" if attempts == 1 else "attempts"
+        super().__init__(
+            f"{operation}: gave up after {attempts} {tries} in {elapsed:.3g}s ({reason}); "
+            f"last error: {last_error}"
+        )
+
+
+class CircuitOpenError(FuseError):
+    """A circuit breaker refused a call: the circuit is open (or half-open with its trial calls
+    taken). Retryable: `retry_after` says when it lets a trial call through."""
+
+    retryable = True
+
+    def __init__(self, *, name: str, state: str, failures: int, retry_after: float) -> None:
+        self.name = name
+        self.state = state
+        self.failures = failures
+        self.retry_after = retry_after
+        if state == "half-open":
+            when = "its trial calls are under way; try again when they end"
+        else:
+            when = f"calls are refused for {retry_after:.3g}s more, then a trial call goes through"
+        super().__init__(f"circuit {_shown(name)} is {state} after {failures} failures; {when}")
+
+
+class RateLimitExceededError(FuseError):
+    """A rate limiter cannot grant what was asked: more tokens than its burst holds."""
+
+    def __init__(self, *, limiter: str, tokens: int, burst: int) -> None:
+        self.limiter = limiter
+        self.tokens = tokens
+        self.burst = burst
+        super().__init__(
+            f"rate limiter {limiter}: {tokens} tokens asked at once, but its bucket holds at most "
+            f"{burst}; ask for fewer per call or raise the burst"
+        )
 
 
 class TaskSubmitError(AgentError, ValueError):

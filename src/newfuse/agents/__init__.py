@@ -1,9 +1,11 @@
 """Agents on the log: the runtime (Agent, Context), addresses (AgentId), the client, A2A tasks,
-dead letters, the registry (cards, registration, heartbeats, who is live), and work queues
-(priorities with aging, load-balanced workers)."""
+dead letters, the registry (cards, registration, heartbeats, who is live), work queues
+(priorities with aging, load-balanced workers), result aggregation, circuit events."""
 
 from newfuse.agents.address import AgentId
-from newfuse.agents.client import AgentClient, Reply, TaskAnswer
+from newfuse.agents.aggregate import AggregateRecord, Aggregates, Aggregator, Gathered
+from newfuse.agents.circuits import CircuitEvents, circuit_stream
+from newfuse.agents.client import AgentClient, Reply, TaskAnswer, UnclaimedReply
 from newfuse.agents.dead_letters import DeadLetters, Replayed, StoredDeadLetter
 from newfuse.agents.queues import (
     QueueStats,
@@ -31,8 +33,13 @@ __all__ = [
     "AgentClient",
     "AgentId",
     "AgentSummary",
+    "AggregateRecord",
+    "Aggregates",
+    "Aggregator",
+    "CircuitEvents",
     "Context",
     "DeadLetters",
+    "Gathered",
     "Instance",
     "QueueStats",
     "Replayed",
@@ -47,8 +54,10 @@ __all__ = [
     "TaskContext",
     "TaskQueue",
     "Tasks",
+    "UnclaimedReply",
     "Worker",
     "card_of",
+    "circuit_stream",
     "fold",
     "live_at",
     "queue_stats",

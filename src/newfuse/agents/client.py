@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -34,6 +35,7 @@ from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
+from newfuse.reliability import CircuitBreaker, RetryPolicy
 from newfuse.schemas import (
     TERMINAL_STATES,
     A2AMessage,
@@ -43,16 +45,24 @@ from newfuse.schemas import (
     new_event_id,
 )
 
+log = logging.getLogger(__name__)
+
 FAST_PATH_TOKEN = "_call"
 """`replyTo` of a fast-path call: the reply comes back as the core NATS response."""
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):
-    """An agent's answer to a request: its message type, payload and the whole message."""
+    """An agent's answer to a request: its message type, payload, the whole message and, for
+    a reply through the log, its event id on the message stream."""
 
     type: str
     payload: dict[str, Any]
     message: A2AMessage | None = None
+    event_id: str | None = None
+
+
+UnclaimedReply = Callable[[Reply], None]
+"""Called with a reply through the log that no request waits for (any more)."""
 
 
 class TaskAnswer(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,6 +106,7 @@ class AgentClient:
         self._token = uuid.uuid4().hex[:12]
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._replies: Subscription | None = None
+        self._unclaimed: list[UnclaimedReply] = []
         self._closed = False
         self._tracer = tracer or telemetry.tracer()
 
@@ -124,14 +135,30 @@ class AgentClient:
             self._replies = None
         await self._inbox.close()
 
+    def on_unclaimed_reply(self, callback: UnclaimedReply) -> Callable[[], None]:
+        """Call `callback` with every reply that comes when no request waits for it (it came
+        after its request timed out or was given up); returns what removes the callback.
+        A callback that raises is logged and kept."""
+        self._unclaimed.append(callback)
+        return lambda: self._unclaimed.remove(callback) if callback in self._unclaimed else None
+
     async def _on_reply(self, msg: Msg) -> None:
         try:
-            _, message = wire.decode(msg.data, f"on {msg.subject}")
+            envelope, message = wire.decode(msg.data, f"on {msg.subject}")
         except FuseError:
             return  # not a reply of ours; the stream keeps it for audit
+        reply = Reply(
+            type=message.type, payload=message.payload, message=message, event_id=envelope.id
+        )
         future = self._waiting.pop(message.in_reply_to or "", None)
         if future is not None and not future.done():
-            future.set_result(Reply(type=message.type, payload=message.payload, message=message))
+            future.set_result(reply)
+            return
+        for callback in list(self._unclaimed):
+            try:
+                callback(reply)
+            except Exception:
+                log.exception("agent client %r: an unclaimed-reply callback failed", self.sender)
 
     def _address(self, to: AgentId | str) -> tuple[str, str]:
         if isinstance(to, AgentId):
@@ -195,16 +222,42 @@ class AgentClient:
     async def _store(
         self, subject: str, stream: str, message: A2AMessage, carried: TraceContext | None = None
     ) -> PubAck:
-        if self._closed:
-            raise AgentClosedError(agent=f"agent client {self.sender!r}")
-        message_id = message.message_id or new_event_id()
-        body, wire_headers = wire.encode(
+        return await self.record(
+            subject,
             stream,
             wire.MESSAGE_TYPE,
             message,
-            event_id=message_id,
+            event_id=message.message_id or new_event_id(),
             correlation_id=message.context_id,
             trace=carried,
+        )
+
+    async def record(
+        self,
+        subject: str,
+        stream: str,
+        type_name: str,
+        data: Any,
+        *,
+        event_id: str,
+        correlation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        trace: TraceContext | None = None,
+    ) -> PubAck:
+        """Store one event of `type_name` (registered types are checked) on the message
+        stream at `subject`, waiting for its PubAck; the same `event_id` again within the
+        duplicate window is stored once (`PubAck.duplicate`). What aggregations and other
+        bookkeeping beside the messages write."""
+        if self._closed:
+            raise AgentClosedError(agent=f"agent client {self.sender!r}")
+        body, wire_headers = wire.encode(
+            stream,
+            type_name,
+            data,
+            event_id=event_id,
+            correlation_id=correlation_id,
+            metadata=metadata,
+            trace=trace,
         )
         answer = await self._inbox.request(subject, body, wire_headers, self._timeout)
         return decode_pub_ack(answer, subject=subject)
@@ -219,8 +272,12 @@ class AgentClient:
         context_id: str | None = None,
         task_id: str | None = None,
         parts: list[Part] | None = None,
+        want_reply: bool = False,
     ) -> str:
         """Store a message to one instance (AgentId) or any instance of a type (str).
+
+        With `want_reply`, the message asks for a reply to this client; no request waits for
+        it, so it goes to the `on_unclaimed_reply` callbacks (what aggregation listens to).
 
         Returns:
             The message id (`message_id`, or a new UUIDv7).
@@ -233,6 +290,7 @@ class AgentClient:
             context_id=context_id,
             task_id=task_id,
             parts=parts,
+            reply_to=self._token if want_reply else None,
         )
         with self._producing(subject, stream, message) as carried:
             await self._store(subject, stream, message, carried)
@@ -334,45 +392,80 @@ class AgentClient:
         timeout: float = 10.0,  # noqa: ASYNC109 - how long to wait for the reply
         context_id: str | None = None,
         task_id: str | None = None,
+        message_id: str | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Reply:
         """Request through the log: the request and the reply are both stored messages.
+
+        Args:
+            timeout: how long one attempt waits for the reply.
+            message_id: the request's id (default: a new UUIDv7).
+            retry: try again on what it retries (a timeout, an unavailable store), within its
+                deadline. Every attempt sends the same message id: within the stream's
+                duplicate window a resend is stored once and the attempt waits again for the
+                reply; after it, the agent sees a redelivery, whose effects are keyed by the
+                message and so happen once.
+            breaker: refuse at once (CircuitOpenError) while `to` keeps failing; each attempt
+                goes through it.
 
         Raises:
             RequestTimeoutError: no reply within `timeout` (names agent, type, time waited).
             RequestFailedError: the agent gave up on the request (its dead letter's error).
+            RetriesExhaustedError: with `retry`, every attempt failed (the last error is its
+                cause).
+            CircuitOpenError: with `breaker`, the circuit is open.
         """
         subject, stream = self._address(to)
-        message_id = new_event_id()
         message = self._message(
             message_type,
             payload,
-            message_id=message_id,
+            message_id=message_id or new_event_id(),
             context_id=context_id,
             task_id=task_id,
             reply_to=self._token,
         )
+        request_id = message.message_id or ""
+        # One future across attempts: a reply that comes between two attempts is still taken.
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[message_id] = future
-        started = time.monotonic()
-        with self._producing(subject, stream, message) as carried:
+        self._waiting[request_id] = future
+
+        async def once(carried: TraceContext | None) -> Reply:
+            started = time.monotonic()
             try:
                 await self._store(subject, stream, message, carried)
                 async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
-                    reply = await future
+                    reply = await asyncio.shield(future)
             except TimeoutError:
                 raise RequestTimeoutError(
+                    agent=str(to), message_type=message_type, waited=timeout, path="through the log"
+                ) from None
+            if reply.type == f"{message_type}.error":  # a failure, for the breaker too
+                raise RequestFailedError(
                     agent=str(to),
                     message_type=message_type,
-                    waited=timeout,
-                    path="through the log",
-                ) from None
-            finally:
-                self._waiting.pop(message_id, None)
-            if reply.type == f"{message_type}.error":
-                raise RequestFailedError(
-                    agent=str(to), message_type=message_type, error=str(reply.payload.get("error"))
+                    error=str(reply.payload.get("error")),
+                    reply_id=reply.event_id,
                 )
-        return reply
+            return reply
+
+        # One PRODUCER span for the request until its reply, however many attempts it takes.
+        with self._producing(subject, stream, message) as carried:
+
+            async def attempt() -> Reply:
+                if breaker is None:
+                    return await once(carried)
+                return await breaker.call(lambda: once(carried))
+
+            try:
+                if retry is None:
+                    return await attempt()
+                operation = f"request {message_type!r} to {str(to)!r}"
+                return await retry.run(attempt, operation=operation)
+            finally:
+                if self._waiting.get(request_id) is future:
+                    del self._waiting[request_id]
+                future.cancel()
 
     async def call(
         self,

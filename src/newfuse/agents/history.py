@@ -19,15 +19,17 @@ import msgspec
 from nats.aio.client import Client
 
 from newfuse.agents import wire
+from newfuse.agents.aggregate import SENDER as AGGREGATE_SENDER
+from newfuse.agents.aggregate import decode_aggregate_event
 from newfuse.agents.dead_letters import StoredDeadLetter, decode_dead_letter
 from newfuse.agents.tasks import SENDER, STATUS_TYPE, decode_task_event
 from newfuse.errors import FuseError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.subjects import Subjects
-from newfuse.schemas import A2AMessage, TaskStatusUpdate
+from newfuse.schemas import A2AMessage, AggregateClosed, TaskStatusUpdate
 
-Kind = Literal["message", "reply", "topic", "status", "dead-letter"]
+Kind = Literal["message", "reply", "topic", "status", "dead-letter", "aggregate"]
 
 
 class Turn(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,12 +38,12 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         position: the JetStream sequence on the message stream.
         time: when the writer stamped it (the envelope's timestamp).
-        kind: a message to an agent, a reply, a topic message, a task's status change, or a
-            dead letter.
+        kind: a message to an agent, a reply, a topic message, a task's status change, a
+            dead letter, or an aggregate's event (closed, a late reply).
         sender: who wrote it (`metadata.sender`; for a status, the agent that moved the task).
         to: whom it was for: an agent type, `type/key`, `#topic`, the requester of a reply,
-            or `task <id>`; a dead letter goes from the consumer that gave up to the subject
-            of the message it gave up on.
+            `task <id>` or `aggregate <id>`; a dead letter goes from the consumer that gave up
+            to the subject of the message it gave up on.
         type: the message type, the task's new state, or the dead message's type.
         id: the event id.
         context_id: the conversation it belongs to.
@@ -120,6 +122,8 @@ class History:
         try:
             if head == "_task":
                 return self._status(body, position, subject, rest)
+            if head == "_aggregate":
+                return self._aggregate(body, position, subject, rest)
             if head == "_dead":
                 return self._dead_letter(
                     decode_dead_letter(body, position=position, subject=subject)
@@ -167,6 +171,32 @@ class History:
             context_id=status.context_id,
             task_id=status.task_id,
             text=said,
+        )
+
+    def _aggregate(self, body: bytes, position: int, subject: str, aggregate_id: str) -> Turn:
+        envelope, event = decode_aggregate_event(body, position=position, subject=subject)
+        if isinstance(event, AggregateClosed):
+            rule = f"quorum({event.quorum})" if event.strategy == "quorum" else event.strategy
+            said = [f"{rule}: {event.outcome}", f"answered {', '.join(event.answered) or '-'}"]
+            if event.failed:
+                said.append(f"failed {', '.join(event.failed)}")
+            if event.missing:
+                said.append(f"missing {', '.join(event.missing)}")
+            text = "; ".join(said)
+            context_id: str | None = event.context_id
+        else:
+            text = f"late reply from {event.agent} ({event.reply})"
+            context_id = envelope.correlation_id
+        return Turn(
+            position=position,
+            time=envelope.timestamp,
+            kind="aggregate",
+            sender=envelope.metadata.get(AGGREGATE_SENDER, ""),
+            to=f"aggregate {aggregate_id}",
+            type=envelope.type,
+            id=envelope.id,
+            context_id=context_id,
+            text=text,
         )
 
     def _dead_letter(self, stored: StoredDeadLetter) -> Turn:

@@ -67,6 +67,7 @@ from newfuse.nats.micro import (
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
+from newfuse.reliability import backoff
 from newfuse.schemas import (
     DEFAULT_PROTOCOLS,
     A2AMessage,
@@ -837,7 +838,7 @@ class RunningAgent:
 
     def _backoff(self, attempt: int) -> float:
         first, most = self.agent.backoff
-        return float(min(most, first * 2 ** (attempt - 1)))
+        return backoff(attempt, first=first, most=most)
 
     async def _call(self, route: _Route, ctx: Context, msg: Msg | None) -> None:
         payload: Any = ctx.message.payload

@@ -171,6 +171,26 @@ def decode(
     return envelope, message
 
 
+def decode_event(body: bytes, where: str, types: tuple[str, ...]) -> tuple[Envelope, Any]:
+    """A stored bookkeeping event of one of `types` (registered; not an A2A message), checked:
+    bounded depth, an envelope, its type, a valid payload (decoded into its struct).
+
+    Raises:
+        InvalidEnvelopeError: the body is not such an event (says where and why).
+    """
+    envelope = _envelope(body, where)
+    if envelope.type not in types:
+        expected = " or ".join(map(repr, types))
+        raise InvalidEnvelopeError(
+            where=where, path="$.type", reason=f"{envelope.type!r} is not {expected}"
+        )
+    try:
+        payload = REGISTRY.decode(envelope.type, envelope.schema_version, envelope.data)
+    except FuseError as error:
+        raise InvalidEnvelopeError(where=where, path="$.data", reason=str(error)) from None
+    return envelope, payload
+
+
 def refused(body: bytes, where: str) -> tuple[Envelope, A2AMessage] | None:
     """Of a message `decode` refused for its protocol version, what addresses an error reply:
     its envelope and a stand-in message (type, sender, replyTo, context and task ids, no

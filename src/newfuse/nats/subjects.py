@@ -122,6 +122,17 @@ class Subjects:
         """Every task's events: `<prefix>.a2a._task.*`."""
         return f"{self._a2a}_task.*"
 
+    def aggregate(self, aggregate_id: str) -> str:
+        """Events of one result aggregation (closed, late replies):
+        `<prefix>.a2a._aggregate.<aggregate_id>`."""
+        check_token(
+            aggregate_id,
+            kind="aggregate id",
+            max_bytes=MAX_STREAM_ID_BYTES,
+            limit_name="MAX_STREAM_ID_BYTES",
+        )
+        return f"{self._a2a}_aggregate.{aggregate_id}"
+
     def rpc(self, agent_type: str) -> str:
         """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
         return f"{self.prefix}.rpc.{agent_type}"

@@ -21,6 +21,7 @@ import msgspec
 from newfuse._closing import AsyncClosing
 from newfuse.errors import InvalidNameError
 from newfuse.eventstore import EventFilter
+from newfuse.reliability import backoff
 from newfuse.schemas import RecordedEvent
 
 OnPoison = Literal["skip", "stop"]
@@ -50,7 +51,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after `failures` failed tries (>= 1)."""
-        return min(self.max_delay, self.initial_delay * self.multiplier ** max(failures - 1, 0))
+        return backoff(
+            failures, first=self.initial_delay, most=self.max_delay, multiplier=self.multiplier
+        )
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,7 +16,7 @@ from typing import Any, Generic, Self
 import msgspec
 from opentelemetry import metrics, trace
 
-from newfuse import telemetry
+from newfuse import reliability, telemetry
 from newfuse.errors import (
     EventStoreError,
     FuseError,
@@ -34,14 +34,15 @@ from newfuse.projections.base import (
     DeferredWriteError,
     Projection,
     ReadModel,
-    RetryPolicy,
     RunnerStats,
 )
 from newfuse.schemas import RecordedEvent, utcnow
 
 log = logging.getLogger("newfuse.projections")
 
-_OUTAGE_RETRY = RetryPolicy(attempts=0, initial_delay=0.05, multiplier=2.0, max_delay=2.0)
+_OUTAGE_RETRY = reliability.RetryPolicy(first=0.05, most=2.0, deadline=None, jitter=0.0)
+"""The wait between tries while the store or read model is unavailable (tried until stopped:
+only `delay` is used, the attempts are the runner's own loop)."""
 
 
 class _HandlerFailed(Exception):

@@ -17,6 +17,13 @@ from newfuse.schemas.a2a import (
     TaskState,
     TaskStatusUpdate,
 )
+from newfuse.schemas.aggregate import (
+    AggregateClosed,
+    AggregateLate,
+    Asked,
+    Outcome,
+    Strategy,
+)
 from newfuse.schemas.body import (
     MAX_NESTING_DEPTH,
     check_data_depth,
@@ -32,6 +39,14 @@ from newfuse.schemas.card import (
     AgentSkill,
     AgentSubjects,
     ProtocolVersions,
+)
+from newfuse.schemas.circuit import (
+    CIRCUIT_TYPES,
+    BreakerState,
+    CircuitChange,
+    CircuitClosed,
+    CircuitHalfOpened,
+    CircuitOpened,
 )
 from newfuse.schemas.envelope import (
     ENVELOPE_DECODER,
@@ -85,6 +100,7 @@ from newfuse.schemas.protocol import (
 from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
 
 __all__ = [
+    "CIRCUIT_TYPES",
     "DEFAULT_PROTOCOLS",
     "ENVELOPE_DECODER",
     "ENVELOPE_ENCODER",
@@ -116,11 +132,20 @@ __all__ = [
     "AgentState",
     "AgentStopped",
     "AgentSubjects",
+    "AggregateClosed",
+    "AggregateLate",
     "Artifact",
+    "Asked",
+    "BreakerState",
+    "CircuitChange",
+    "CircuitClosed",
+    "CircuitHalfOpened",
+    "CircuitOpened",
     "DeadLetter",
     "Envelope",
     "ExportedSchema",
     "NewEvent",
+    "Outcome",
     "Part",
     "ProtocolVersion",
     "ProtocolVersions",
@@ -128,6 +153,7 @@ __all__ = [
     "Role",
     "SchemaRegistry",
     "StateUpdate",
+    "Strategy",
     "StreamName",
     "TaskState",
     "TaskStatusUpdate",

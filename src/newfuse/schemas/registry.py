@@ -22,7 +22,9 @@ from newfuse.errors import (
     UnknownVersionError,
 )
 from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
+from newfuse.schemas.aggregate import AggregateClosed, AggregateLate
 from newfuse.schemas.card import AgentCard
+from newfuse.schemas.circuit import CIRCUIT_TYPES
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 
@@ -384,4 +386,8 @@ def default_registry() -> SchemaRegistry:
     registry.add("agent.dead_letter", 1, DeadLetter)
     for name, cls in LIFECYCLE_TYPES.items():
         registry.add(name, 1, cls)
+    for name, change in CIRCUIT_TYPES.values():
+        registry.add(name, 1, change)
+    registry.add("aggregate.closed", 1, AggregateClosed)
+    registry.add("aggregate.late", 1, AggregateLate)
     return registry
