@@ -43,6 +43,11 @@ BUILT_IN = [
     "agent.started",
     "agent.state_update",
     "agent.stopped",
+    "aggregate.closed",
+    "aggregate.late",
+    "circuit.closed",
+    "circuit.half_opened",
+    "circuit.opened",
     "task.status",
     "transaction",
 ]
