@@ -218,6 +218,15 @@ _CHECKPOINT_PAGES: Final[int] = 1000
 measured: about 4.3 for one event), and how many make the writer thread checkpoint: SQLite's own
 automatic checkpoint default, which the inline connection turns off."""
 
+_LOOKUP_ONE: Final[str] = f"""
+    SELECT '{_STREAM_VERSION}', ?1, NULL, (SELECT max(version) FROM events WHERE stream = ?1), NULL
+    UNION ALL
+    SELECT '{_STORED_ID}', e.id, e.stream, e.version, e.position FROM events AS e WHERE e.id = ?2
+    UNION ALL
+    SELECT '{_HEAD}', NULL, NULL, NULL, max(position) FROM events
+"""
+"""`_LOOKUP` for one event in one stream (a lone appender's group), without JSON arrays."""
+
 _INSERT: Final[str] = (
     "INSERT INTO events (position, stream, category, version, id, type, schema_version, "
     "timestamp, correlation_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -759,11 +768,13 @@ class SQLiteEventStore(EventStore):
             raise ValueError("the write connection is closed")
         streams = list(dict.fromkeys(waiting.stream for waiting in group))
         ids = [event.id for waiting in group for event in waiting.events]
+        lookup, parameters = _LOOKUP_ONE, (streams[0], ids[0])
+        if len(ids) > 1:
+            lookup = _LOOKUP
+            parameters = (_JSON.encode(streams).decode(), _JSON.encode(ids).decode())
         connection.execute("BEGIN IMMEDIATE")
         try:
-            found = connection.execute(
-                _LOOKUP, (_JSON.encode(streams).decode(), _JSON.encode(ids).decode())
-            ).fetchall()
+            found = connection.execute(lookup, parameters).fetchall()
             rows, outcomes = self._plan(group, found)
             if rows:
                 connection.executemany(_INSERT, rows)
@@ -861,7 +872,7 @@ class SQLiteEventStore(EventStore):
 
     def _notify_commit(self) -> None:
         self._wake()
-        if self._file_key is None:
+        if self._file_key is None or len(_neighbours) < 2:  # no other store in this process
             return
         for other in list(_neighbours.values()):
             if (
