@@ -243,6 +243,13 @@ def inline_writes(store: SQLiteEventStore) -> int:
     return store._inline.total_changes
 
 
+async def writer_idle(store: SQLiteEventStore) -> None:
+    """Wait until the writer thread has finished its drain: an append settled by it may resume
+    its caller before the drain lets go, and the caller's next append would queue behind it."""
+    assert store._write_thread is not None
+    await store._on(store._write_thread, lambda: None)
+
+
 async def test_only_a_commit_without_fsync_runs_inline(db: Path, tmp_path: Path) -> None:
     for synchronous, inline, expected in (
         ("FULL", True, False),
@@ -270,26 +277,37 @@ async def test_only_a_commit_without_fsync_runs_inline(db: Path, tmp_path: Path)
         await memory.close()
 
 
-async def test_a_lone_append_commits_inline_and_overlapping_ones_share_the_writer(
+async def test_a_lone_append_commits_inline_and_overlapping_ones_commit_as_one_group(
     db: Path,
 ) -> None:
     store = await SQLiteEventStore.open(str(db), synchronous="NORMAL")
     try:
+        assert store._inline is not None
+        statements: list[str] = []
+        store._inline.set_trace_callback(statements.append)
         for version in range(3):
             await store.append("agent.lone", note(version), version)
         assert inline_writes(store) == 3
-        # 16 at once: the first finds no other append and commits inline; the others arrive
-        # while it is still inside append, so they go to the writer thread and group there.
+        # 16 at once: the first finds no other append and commits at once; the other 15 arrive
+        # while it is still inside append, queue in that loop turn and commit as one group.
+        statements.clear()
         results = await asyncio.gather(
             *(store.append(f"agent.s{i}", note(i), NO_STREAM) for i in range(16))
         )
-        assert inline_writes(store) == 4
+        assert inline_writes(store) == 19
+        assert [sql for sql in statements if sql == "COMMIT"] == ["COMMIT"] * 2
         assert sorted(r.position for r in results) == list(range(4, 20))
         # too large to block the loop for: the writer thread
         await store.append("agent.big", [note(i) for i in range(17)], NO_STREAM)
-        assert inline_writes(store) == 4
+        assert inline_writes(store) == 19
+        await writer_idle(store)
+        # more than an inline transaction takes at once: several groups, in order
+        results = await asyncio.gather(
+            *(store.append(f"agent.t{i}", note(i), NO_STREAM) for i in range(40))
+        )
+        assert [r.position for r in results] == list(range(37, 77))
         assert await numbers(store.read("agent.lone")) == [0, 1, 2]
-        assert len([e async for e in store.read_all()]) == 36
+        assert len([e async for e in store.read_all()]) == 76
     finally:
         await store.close()
 
@@ -312,6 +330,7 @@ async def test_an_inline_append_that_finds_the_write_lock_taken_waits_on_the_wri
             blocker.close()
         assert (await waiting).version == 2
         assert inline_writes(store) == 1  # only the first
+        await writer_idle(store)
         # the lock is free again: the next lone append is inline once more
         await store.append("agent.a", note(3), 2)
         assert inline_writes(store) == 2
@@ -327,7 +346,7 @@ async def test_inline_commits_keep_the_wal_checkpointed(db: Path) -> None:
     try:
         for version in range(1500):
             await store.append("agent.a", note(version), version)
-        assert inline_writes(store) > 1400  # a checkpoint's append goes to the thread
+        assert inline_writes(store) > 1000  # a checkpoint's append goes to the thread
         wal = db.with_name(db.name + "-wal").stat().st_size
         assert wal < 12 * 1024 * 1024, f"the WAL grew to {wal} bytes"
         assert len(await numbers(store.read("agent.a"))) == 1500
@@ -344,6 +363,7 @@ async def test_a_failed_inline_commit_fails_its_append_and_leaves_the_store_usab
         refuse_bad_stream(db)
         with pytest.raises(SQLiteStoreError, match="refused by a trigger"):
             await inline.append("agent.bad", note(1), NO_STREAM)
+        await writer_idle(inline)  # the failed group was done again there
         assert (await inline.append("agent.ok", note(2), 1)).version == 2
         assert await inline.stream_version("agent.bad") == 0
         assert inline_writes(inline) == 2

@@ -27,16 +27,17 @@ transaction, so that the failure lands on the append that causes it. Closing fai
 still queued (StoreClosedError); the group in flight finishes first.
 
 Inline commits (synchronous NORMAL or OFF, a file, `inline_commits=True`): there a WAL commit
-writes the log without fsync, so a lone append (no other append inside `append` at the time, the
-writer thread idle, at most 16 events and 64 KiB of payload) runs the same transaction on the
-event loop, on a second write connection, and pays no thread hop at all. That connection has no
-busy timeout: a write lock held by another process or store fails its `BEGIN IMMEDIATE` at once,
-and the append goes to the writer thread, which waits `busy_timeout` for the lock as before. It
-does not checkpoint either (a checkpoint fsyncs): after about SQLite's own threshold of WAL
-pages, the next append goes to the writer thread, which checkpoints after its commit. So the
-loop blocks for one small transaction without fsync or lock wait: measured p50 / p99 in
-benchmarks/sqlite_store.py (`sqlite.append.inline_commit.*`). Appenders that overlap find another
-append in progress and group on the writer thread as above; FULL and EXTRA never commit inline.
+writes the log without fsync, so the drain runs on the event loop instead, on a second write
+connection, with no thread hop: a lone append (no other inside `append`) commits at once, within
+its call; appends that overlap queue during that loop turn and commit as one group in the next
+(at most 16 events and 64 KiB of payload per transaction; the rest in the turns after). That
+connection has no busy timeout: a write lock held by another process or store fails its `BEGIN
+IMMEDIATE` at once, and the group goes to the writer thread, which waits `busy_timeout` for the
+lock as before (any other failure too: the thread maps it and retries alone). It does not
+checkpoint either (a checkpoint fsyncs): after about SQLite's own threshold of WAL pages, the
+next group goes to the writer thread, which checkpoints after its commit. So the loop blocks for
+one small transaction without fsync or lock wait: measured p50 / p99 in
+benchmarks/sqlite_store.py (`sqlite.append.inline_commit.*`). FULL and EXTRA never commit inline.
 
 Within one process: any number of appenders and store instances; in-process subscribers are woken
 on commit (instances on the same file in the same process wake each other too).
@@ -209,8 +210,8 @@ _NO_FSYNC_AT_COMMIT: Final[frozenset[str]] = frozenset({"OFF", "NORMAL"})
 
 _INLINE_MAX_EVENTS: Final[int] = 16
 _INLINE_MAX_BYTES: Final[int] = 64 * 1024
-"""The largest append committed inline, on the loop (events, payload bytes): what bounds how long
-an inline commit can block it."""
+"""The most an inline transaction, on the loop, commits (events, payload bytes, in one append or
+a group of them): what bounds how long an inline commit can block it."""
 
 _INLINE_PAGES: Final[int] = 4
 _CHECKPOINT_PAGES: Final[int] = 1000
@@ -611,67 +612,73 @@ class SQLiteEventStore(EventStore):
         if self._stopping or thread is None or loop is None:
             raise StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
         future: asyncio.Future[AppendResult] = loop.create_future()
-        waiting = _Append(stream, events, expected, future)
         self._appending += 1
         try:
-            if (
-                self._inline is not None
-                and self._appending == 1
-                and not self._checkpoint_due
-                and _small(events)
-            ):
-                with self._queue_lock:
-                    inline = not self._draining
-                    self._draining = True
-                if inline:
-                    if self._inline_commit(waiting):
-                        await asyncio.sleep(0)  # let the loop run others before this caller
-                        return future.result()
-                    # the write lock is taken elsewhere: the writer thread waits for it
-                    with self._queue_lock:
-                        self._queue.append(waiting)
-                    thread.submit(self._drain)
-                    return await future
             with self._queue_lock:
-                self._queue.append(waiting)
+                self._queue.append(_Append(stream, events, expected, future))
                 start, self._draining = not self._draining, True
-            if start:
+            if not start:
+                return await future  # the drain under way (thread or loop) takes it
+            if self._inline is None or self._checkpoint_due:
                 # Straight to the writer thread (no writer task on the loop in between): a lone
                 # appender pays one hop there and one back, appenders that overlap share a
                 # commit.
                 thread.submit(self._drain)
+            elif self._appending == 1:  # alone: commit it now, on the loop
+                self._drain_on_loop()
+                if future.done():
+                    await asyncio.sleep(0)  # let the loop run others before this caller
+                    return future.result()
+            else:  # others are inside append now: what they queue this turn commits as one
+                loop.call_soon(self._drain_on_loop)
             return await future
         finally:
             self._appending -= 1
 
-    def _inline_commit(self, waiting: _Append) -> bool:
-        """On the loop, holding `_draining` (so the writer thread is idle): commit one append on
-        the inline connection and settle it; False, with nothing written and `_draining` still
-        held, if another connection holds the write lock.
+    def _drain_on_loop(self) -> None:
+        """On the loop, holding `_draining` (so the writer thread is idle): commit what is queued
+        (up to `_INLINE_MAX_EVENTS` events, `_INLINE_MAX_BYTES`) in one transaction on the inline
+        connection and settle it; then the next group, in the next loop turn.
 
-        The loop blocks for the transaction only: a lock that is free at once, one lookup, at
-        most `_INLINE_MAX_EVENTS` rows of at most `_INLINE_MAX_BYTES`, a COMMIT that writes the
-        WAL without fsync. Checkpoints (they fsync) go to the writer thread.
+        The loop blocks for that transaction only: a write lock that is free at once, one lookup,
+        at most `_INLINE_MAX_EVENTS` rows, a COMMIT that writes the WAL without fsync. What it
+        cannot do so goes to the writer thread, nothing written: a larger append, a checkpoint
+        due (checkpoints fsync), and any failure, a write lock held elsewhere included (there it
+        waits up to `busy_timeout`, and errors are mapped and retried alone as in any group).
         """
-        connection = self._inline
-        if connection is None:
-            raise StoreClosedError(store=f"SQLiteEventStore({self.path!r})")
-        outcomes: list[AppendResult | Exception]
-        try:
-            outcomes = self._transact([waiting], connection)
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return False
-            outcomes = [self._store_error(f"append to {waiting.stream!r}", error)]
-        except Exception as error:
-            outcomes = [self._store_error(f"append to {waiting.stream!r}", error)]
         with self._queue_lock:
-            self._draining = False  # nothing was queued meanwhile: enqueuing runs on the loop
-        if isinstance(outcomes[0], AppendResult):
-            self._wal_pages += _INLINE_PAGES + sum(len(e.data) for e in waiting.events) // 4096
-            self._checkpoint_due = self._wal_pages >= _CHECKPOINT_PAGES
-        self._settle([waiting], outcomes)
-        return True
+            group = self._take_group(_INLINE_MAX_EVENTS)
+            if not group:
+                self._draining = False
+                return
+        connection, thread = self._inline, self._write_thread
+        outcomes: list[AppendResult | Exception] | None = None
+        if connection is not None and not self._stopping and _small(group):
+            try:
+                outcomes = self._transact(group, connection)
+            except Exception:  # rolled back: the writer thread does it again
+                outcomes = None
+        if outcomes is None:
+            with self._queue_lock:
+                self._queue.extendleft(reversed(group))
+            if thread is not None:
+                thread.submit(self._drain)
+            return
+        self._wal_pages += sum(
+            _INLINE_PAGES + sum(len(event.data) for event in waiting.events) // 4096
+            for waiting in group
+        )
+        self._checkpoint_due = self._wal_pages >= _CHECKPOINT_PAGES
+        with self._queue_lock:
+            more = bool(self._queue)
+            self._draining = more
+        self._settle(group, outcomes)
+        if not more:
+            return
+        if self._checkpoint_due and thread is not None:
+            thread.submit(self._drain)
+        elif self._loop is not None:
+            self._loop.call_soon(self._drain_on_loop)
 
     def _checkpoint(self) -> None:
         """On the writer thread, holding `_draining`: copy the WAL into the database, as SQLite's
@@ -688,22 +695,24 @@ class SQLiteEventStore(EventStore):
         loop; while more is queued, come back behind whatever else waits for this thread (in
         memory, the reads), so that appends never starve them."""
         with self._queue_lock:
-            group = self._take_group()
+            group = self._take_group(self.max_group_events)
             if not group:
                 self._draining = False
                 return
         self._in_flight = group
         outcomes = self._commit(group)
+        if self._checkpoint_due:
+            self._checkpoint()
+        # Let go before the outcomes reach the loop, so that their callers' next appends find
+        # the writer idle (and may commit inline) instead of queueing behind this drain.
+        with self._queue_lock:
+            self._draining = more = bool(self._queue)
         loop = self._loop
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             if loop is not None:
                 loop.call_soon_threadsafe(self._settle, group, outcomes)
-        if self._checkpoint_due:
-            self._checkpoint()
-        with self._queue_lock:
-            self._draining = bool(self._queue)
-            if not self._draining:
-                return
+        if not more:
+            return
         thread = self._write_thread
         try:
             if thread is None:
@@ -713,8 +722,8 @@ class SQLiteEventStore(EventStore):
             with self._queue_lock:
                 self._draining = False
 
-    def _take_group(self) -> list[_Append]:
-        """Appends from the queue, oldest first, up to max_group_events (at least one)."""
+    def _take_group(self, max_events: int) -> list[_Append]:
+        """Appends from the queue, oldest first, up to `max_events` events (at least one)."""
         group: list[_Append] = []
         size = 0
         while self._queue:
@@ -722,7 +731,7 @@ class SQLiteEventStore(EventStore):
             if waiting.future.done():  # its caller was cancelled before it was written
                 self._queue.popleft()
                 continue
-            if group and size + len(waiting.events) > self.max_group_events:
+            if group and size + len(waiting.events) > max_events:
                 break
             group.append(self._queue.popleft())
             size += len(waiting.events)
@@ -1125,8 +1134,9 @@ class SQLiteEventStore(EventStore):
         return None
 
 
-def _small(events: list[PreparedEvent]) -> bool:
-    """True if an append is small enough to commit inline (see `_INLINE_MAX_EVENTS`)."""
+def _small(group: list[_Append]) -> bool:
+    """True if a group is small enough to commit inline (see `_INLINE_MAX_EVENTS`)."""
+    events = [event for waiting in group for event in waiting.events]
     return len(events) <= _INLINE_MAX_EVENTS and (
         sum(len(event.data) for event in events) <= _INLINE_MAX_BYTES
     )
