@@ -29,7 +29,13 @@ from newfuse.eventstore import (
     open_event_store,
 )
 from newfuse.eventstore.sqlite import SQLiteEventStore
-from newfuse.schemas import ENVELOPE_ENCODER, NewEvent, RecordedEvent
+from newfuse.schemas import (
+    ENVELOPE_ENCODER,
+    Envelope,
+    NewEvent,
+    RecordedEvent,
+    default_registry,
+)
 from support import wait_for
 
 
@@ -58,6 +64,15 @@ def hold_write_lock(db: Path) -> sqlite3.Connection:
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     return blocker
+
+
+def refuse_bad_stream(db: Path) -> None:
+    """A failure no check of ours foresees: a trigger refuses every row of `agent.bad`."""
+    with contextlib.closing(sqlite3.connect(db)) as other, other:
+        other.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.stream = 'agent.bad' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+        )
 
 
 async def queued(store: SQLiteEventStore, count: int) -> None:
@@ -162,11 +177,7 @@ async def test_a_failed_group_transaction_is_retried_one_append_at_a_time(
 ) -> None:
     for i in range(3):
         await store.append(f"agent.g{i}", note(0), NO_STREAM)
-    with contextlib.closing(sqlite3.connect(db)) as other, other:  # a failure no check foresees
-        other.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.stream = 'agent.bad' "
-            "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
-        )
+    refuse_bad_stream(db)
     statements: list[str] = []
     assert store._writer is not None and store._write_thread is not None
     await store._on(store._write_thread, store._writer.set_trace_callback, statements.append)
@@ -221,6 +232,143 @@ async def test_a_write_lock_held_past_busy_timeout_fails_the_append_retryably(db
         assert await numbers(store.read("agent.l1")) == [2]
     finally:
         await store.close()
+
+
+# -- inline commits --------------------------------------------------------------------------------
+
+
+def inline_writes(store: SQLiteEventStore) -> int:
+    """Rows the inline (event loop) connection has written (white box: which path committed)."""
+    assert store._inline is not None
+    return store._inline.total_changes
+
+
+async def writer_idle(store: SQLiteEventStore) -> None:
+    """Wait until the writer thread has finished its drain: an append settled by it may resume
+    its caller before the drain lets go, and the caller's next append would queue behind it."""
+    assert store._write_thread is not None
+    await store._on(store._write_thread, lambda: None)
+
+
+async def test_only_a_commit_without_fsync_runs_inline(db: Path, tmp_path: Path) -> None:
+    for synchronous, inline, expected in (
+        ("FULL", True, False),
+        ("EXTRA", True, False),
+        ("NORMAL", False, False),
+        ("NORMAL", True, True),
+        ("OFF", True, True),
+    ):
+        store = await SQLiteEventStore.open(
+            str(tmp_path / f"{synchronous}-{inline}.db"),
+            synchronous=synchronous,
+            inline_commits=inline,
+        )
+        try:
+            assert store.inline_commits is expected, (synchronous, inline)
+            assert (store._inline is not None) is expected
+            result = await store.append("agent.a", note(1), NO_STREAM)
+            assert (result.version, result.position) == (1, 1)
+        finally:
+            await store.close()
+    memory = await SQLiteEventStore.open(":memory:", synchronous="NORMAL")
+    try:
+        assert not memory.inline_commits  # one connection only: reads share its thread
+    finally:
+        await memory.close()
+
+
+async def test_a_lone_append_commits_inline_and_overlapping_ones_commit_as_one_group(
+    db: Path,
+) -> None:
+    store = await SQLiteEventStore.open(str(db), synchronous="NORMAL")
+    try:
+        assert store._inline is not None
+        statements: list[str] = []
+        store._inline.set_trace_callback(statements.append)
+        for version in range(3):
+            await store.append("agent.lone", note(version), version)
+        assert inline_writes(store) == 3
+        # 16 at once: the first finds no other append and commits at once; the other 15 arrive
+        # while it is still inside append, queue in that loop turn and commit as one group.
+        statements.clear()
+        results = await asyncio.gather(
+            *(store.append(f"agent.s{i}", note(i), NO_STREAM) for i in range(16))
+        )
+        assert inline_writes(store) == 19
+        assert [sql for sql in statements if sql == "COMMIT"] == ["COMMIT"] * 2
+        assert sorted(r.position for r in results) == list(range(4, 20))
+        # too large to block the loop for: the writer thread
+        await store.append("agent.big", [note(i) for i in range(17)], NO_STREAM)
+        assert inline_writes(store) == 19
+        await writer_idle(store)
+        # more than an inline transaction takes at once: several groups, in order
+        results = await asyncio.gather(
+            *(store.append(f"agent.t{i}", note(i), NO_STREAM) for i in range(40))
+        )
+        assert [r.position for r in results] == list(range(37, 77))
+        assert await numbers(store.read("agent.lone")) == [0, 1, 2]
+        assert len([e async for e in store.read_all()]) == 76
+    finally:
+        await store.close()
+
+
+async def test_an_inline_append_that_finds_the_write_lock_taken_waits_on_the_writer_thread(
+    db: Path,
+) -> None:
+    store = await SQLiteEventStore.open(str(db), synchronous="NORMAL", busy_timeout=30.0)
+    try:
+        await store.append("agent.a", note(1), NO_STREAM)
+        blocker = hold_write_lock(db)
+        try:
+            waiting = asyncio.create_task(store.append("agent.a", note(2), 1))
+            # the inline attempt fails at once (no busy wait on the loop); the writer thread
+            # takes the append and waits for the lock while the loop goes on
+            await wait_for(lambda: _true(bool(store._in_flight)))
+            assert not waiting.done()
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert (await waiting).version == 2
+        assert inline_writes(store) == 1  # only the first
+        await writer_idle(store)
+        # the lock is free again: the next lone append is inline once more
+        await store.append("agent.a", note(3), 2)
+        assert inline_writes(store) == 2
+        assert await numbers(store.read("agent.a")) == [1, 2, 3]
+    finally:
+        await store.close()
+
+
+async def test_inline_commits_keep_the_wal_checkpointed(db: Path) -> None:
+    """The inline connection does not checkpoint (that fsyncs); the writer thread does, between
+    commits, so the WAL is reused instead of growing with every commit (about 17 KB each)."""
+    store = await SQLiteEventStore.open(str(db), synchronous="NORMAL")
+    try:
+        for version in range(1500):
+            await store.append("agent.a", note(version), version)
+        assert inline_writes(store) > 1000  # a checkpoint's append goes to the thread
+        wal = db.with_name(db.name + "-wal").stat().st_size
+        assert wal < 12 * 1024 * 1024, f"the WAL grew to {wal} bytes"
+        assert len(await numbers(store.read("agent.a"))) == 1500
+    finally:
+        await store.close()
+
+
+async def test_a_failed_inline_commit_fails_its_append_and_leaves_the_store_usable(
+    db: Path,
+) -> None:
+    inline = await SQLiteEventStore.open(str(db), synchronous="NORMAL")
+    try:
+        await inline.append("agent.ok", note(1), NO_STREAM)
+        refuse_bad_stream(db)
+        with pytest.raises(SQLiteStoreError, match="refused by a trigger"):
+            await inline.append("agent.bad", note(1), NO_STREAM)
+        await writer_idle(inline)  # the failed group was done again there
+        assert (await inline.append("agent.ok", note(2), 1)).version == 2
+        assert await inline.stream_version("agent.bad") == 0
+        assert inline_writes(inline) == 2
+    finally:
+        await inline.close()
 
 
 # -- several instances, several processes ----------------------------------------------------------
@@ -492,6 +640,73 @@ async def test_a_row_whose_envelope_disagrees_with_its_row_is_reported_and_skipp
         assert "version 9 is not the version of its row (3)" in reports[1].error
     finally:
         await store.close()
+
+
+class OrderV1(msgspec.Struct, frozen=True):
+    id: str
+
+
+class OrderV2(msgspec.Struct, frozen=True):
+    order_id: str
+    lines: list[str]
+
+
+async def test_a_page_mixing_newest_old_unregistered_and_invalid_payloads_reads_each_right(
+    db: Path,
+) -> None:
+    """The read's inline path takes only the newest version of a registered type; an older one
+    is upcast, an unregistered one comes back as JSON, and a payload its schema refuses is
+    reported and skipped, each in its place in one page."""
+    old = default_registry()
+    old.add("order.placed", 1, OrderV1)
+    writer = await SQLiteEventStore.open(str(db), registry=old)
+    try:
+        await writer.append("order.o1", NewEvent(data=OrderV1(id="a")), NO_STREAM)
+        await writer.append("order.o1", note(7), 1)
+        await writer.append("order.o1", NewEvent(data=OrderV1(id="b")), 2)
+    finally:
+        await writer.close()
+    new = default_registry()
+    new.add("order.placed", 1, OrderV1)
+    new.add("order.placed", 2, OrderV2)
+    new.upcaster("order.placed", 1)(lambda v1: {"order_id": v1["id"], "lines": []})
+    with contextlib.closing(sqlite3.connect(db)) as other, other:  # v2 rows, one of them invalid
+        for position, data in ((4, b'{"order_id":"c","lines":["x"]}'), (5, b'{"order_id":5}')):
+            body = ENVELOPE_ENCODER.encode(
+                msgspec.structs.replace(
+                    _first_envelope(db),
+                    id=f"forged-{position}",
+                    version=position,
+                    schema_version=2,
+                    data=msgspec.Raw(data),
+                )
+            )
+            other.execute(
+                "INSERT INTO events (position, stream, category, version, id, type, "
+                "schema_version, timestamp, correlation_id, body) "
+                "VALUES (?, 'order.o1', 'order', ?, ?, 'order.placed', 2, 0, NULL, ?)",
+                (position, position, f"forged-{position}", body),
+            )
+    reports: list[InvalidEventReport] = []
+    reader = await SQLiteEventStore.open(str(db), registry=new, on_invalid=reports.append)
+    try:
+        for events in (reader.read_all(), reader.read("order.o1")):
+            assert [e.data async for e in events] == [
+                OrderV2(order_id="a", lines=[]),
+                {"n": 7},
+                OrderV2(order_id="b", lines=[]),
+                OrderV2(order_id="c", lines=["x"]),
+            ]
+        assert [r.position for r in reports] == [5, 5]
+        assert "order.placed" in reports[0].error and "$.order_id" in reports[0].error
+    finally:
+        await reader.close()
+
+
+def _first_envelope(db: Path) -> Envelope:
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        (body,) = connection.execute("SELECT body FROM events WHERE position = 1").fetchone()
+    return msgspec.json.decode(body, type=Envelope)
 
 
 async def test_a_row_nested_deeper_than_the_decoder_can_take_is_reported_and_skipped(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Set as AbstractSet
 from itertools import accumulate
 from typing import Final
 
@@ -80,6 +81,13 @@ def check_data_depth(data: bytes, *, type_name: str, version: int) -> bytes:
 _KNOWN_STREAMS: set[str] = set()
 _KNOWN_TYPES: set[str] = set()
 _KNOWN_MAX: Final = 65_536
+
+
+def checked_names() -> tuple[AbstractSet[str], AbstractSet[str]]:
+    """The stream names and type names `parse_envelope` has found valid so far (live views: they
+    grow, and are cleared when full). A reader's fast path may take an envelope whose stream and
+    type are in them as checked, and must send any other through `parse_envelope`."""
+    return _KNOWN_STREAMS, _KNOWN_TYPES
 
 
 def parse_envelope(

@@ -286,6 +286,14 @@ class SchemaRegistry:
         self._decode_exact(type_name, version, encoded)  # what we write, we can read back
         return encoded
 
+    def newest_decoder(self, type_name: str, version: int) -> msgspec.json.Decoder[Any] | None:
+        """The decoder of `type_name` if `version` is its newest registered version (a payload
+        it decodes needs no upcasting), else None: then only `decode` knows what to do."""
+        newest_known = self._newest.get(type_name)
+        if newest_known is not None and newest_known[0] == version:
+            return newest_known[1]
+        return None
+
     def decode(self, type_name: str, version: int, raw: bytes | msgspec.Raw) -> Any:
         """Decode a payload into the newest struct of its type, upcasting older versions.
 
