@@ -1064,3 +1064,54 @@ class TaskWaitTimeoutError(AgentError, TimeoutError):
             f"task {_shown(task_id)} is still {state} after {waited:g}s; `fuse queues list` "
             f"shows whether its queue has workers, `fuse tasks show` what it went through"
         )
+
+
+# -- sagas ---------------------------------------------------------------------------------------
+
+
+class SagaError(FuseError):
+    """Base of the errors of sagas (definitions, orchestrators)."""
+
+
+class SagaDefinitionError(SagaError, ValueError):
+    """A saga is defined in a way the orchestrator cannot run (a step twice, no such step)."""
+
+    def __init__(self, *, saga: str, reason: str) -> None:
+        self.saga = saga
+        self.reason = reason
+        super().__init__(f"saga {saga!r}: {reason}")
+
+
+class UnknownSagaError(SagaError, LookupError):
+    """An orchestrator was asked to start or drive a saga whose definition it does not have."""
+
+    def __init__(self, *, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            f"no saga definition {name!r} in this orchestrator (it has "
+            f"{', '.join(known) or 'none'}): pass it in `sagas=`"
+        )
+
+
+class SagaNotFoundError(SagaError, LookupError):
+    """No saga with this id has events."""
+
+    def __init__(self, *, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(f"no saga {_shown(saga_id)}: its stream saga.<id> has no events")
+
+
+class SagaTimeoutError(SagaError, TimeoutError):
+    """A saga had not ended when the time to wait for it ran out (it may still end)."""
+
+    retryable = True
+
+    def __init__(self, *, saga_id: str, status: str, waited: float) -> None:
+        self.saga_id = saga_id
+        self.status = status
+        self.waited = waited
+        super().__init__(
+            f"saga {_shown(saga_id)} is still {status} after {waited:g}s; `fuse sagas show` "
+            f"tells which step it is at"
+        )

@@ -48,6 +48,13 @@ BUILT_IN = [
     "circuit.closed",
     "circuit.half_opened",
     "circuit.opened",
+    "saga.committed",
+    "saga.rolled_back",
+    "saga.started",
+    "saga.step_completed",
+    "saga.step_failed",
+    "saga.step_started",
+    "saga.stuck",
     "task.status",
     "transaction",
 ]

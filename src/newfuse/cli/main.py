@@ -41,6 +41,7 @@ COMMANDS: dict[str, Command] = {
     "agents": Command("newfuse.cli.read_side", "run agents, their read models, dead letters"),
     "audit": Command("newfuse.cli.read_side", "query the audit index"),
     "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
+    "sagas": Command("newfuse.cli.sagas", "list sagas and show one: steps, Transaction view"),
     "queues": Command("newfuse.cli.queues", "task queues: depth per priority, workers, oldest"),
     "completion": Command("newfuse.cli.completion", "print a bash or zsh completion script"),
 }

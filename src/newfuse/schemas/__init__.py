@@ -98,6 +98,17 @@ from newfuse.schemas.protocol import (
     VersionRange,
 )
 from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
+from newfuse.schemas.saga import (
+    SAGA_TYPES,
+    Phase,
+    SagaCommitted,
+    SagaRolledBack,
+    SagaStarted,
+    SagaStuck,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+)
 
 __all__ = [
     "CIRCUIT_TYPES",
@@ -116,6 +127,7 @@ __all__ = [
     "MAX_TYPE_NAME_BYTES",
     "MAX_VERSION_CHARS",
     "MAX_WIRE_INT",
+    "SAGA_TYPES",
     "TERMINAL_STATES",
     "A2AMessage",
     "A2AMetadata",
@@ -147,12 +159,20 @@ __all__ = [
     "NewEvent",
     "Outcome",
     "Part",
+    "Phase",
     "ProtocolVersion",
     "ProtocolVersions",
     "RecordedEvent",
     "Role",
+    "SagaCommitted",
+    "SagaRolledBack",
+    "SagaStarted",
+    "SagaStuck",
     "SchemaRegistry",
     "StateUpdate",
+    "StepCompleted",
+    "StepFailed",
+    "StepStarted",
     "Strategy",
     "StreamName",
     "TaskState",

@@ -27,6 +27,7 @@ from newfuse.schemas.card import AgentCard
 from newfuse.schemas.circuit import CIRCUIT_TYPES
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
+from newfuse.schemas.saga import SAGA_TYPES
 
 S = TypeVar("S", bound=type[msgspec.Struct])
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
@@ -398,4 +399,6 @@ def default_registry() -> SchemaRegistry:
         registry.add(name, 1, change)
     registry.add("aggregate.closed", 1, AggregateClosed)
     registry.add("aggregate.late", 1, AggregateLate)
+    for name, struct in SAGA_TYPES.items():
+        registry.add(name, 1, struct)
     return registry

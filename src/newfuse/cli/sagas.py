@@ -1,0 +1,130 @@
+"""`fuse sagas list|show`: each saga as the seed's Transaction, folded from its stream."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from newfuse.cli._common import Commands, open_store
+from newfuse.cli._output import note, print_json, print_table, rfc3339
+from newfuse.core.orchestrator import CATEGORY, read_saga
+from newfuse.core.saga import SagaState
+from newfuse.errors import SagaNotFoundError
+from newfuse.eventstore import EventFilter
+
+STATUSES = ("active", "compensating", "committed", "rolled_back", "stuck")
+
+
+def register(commands: Commands) -> None:
+    """Add `fuse sagas list` and `fuse sagas show ID`."""
+    sagas = commands.add_parser("sagas")
+    actions = sagas.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser(
+        "list",
+        help="every saga: its status and steps",
+        description="Every saga in the event store (its `saga.<id>` stream folded), oldest "
+        "first; JSON Lines with --json: id, name, status, steps, started_at, ended_at.",
+    )
+    listing.add_argument("--status", choices=STATUSES, help="only sagas in this status")
+    listing.set_defaults(handler=run_sagas_list)
+    show = actions.add_parser(
+        "show",
+        help="one saga: each step's history, and its Transaction view",
+        description="One saga: its status, each step with what happened to it, and the seed's "
+        "Transaction {id, operations, status, timestamp}.",
+    )
+    show.add_argument("saga", metavar="ID", help="the saga's id")
+    show.set_defaults(handler=run_sagas_show)
+
+
+def saga_json(state: SagaState) -> dict[str, Any]:
+    """A saga as `--json` prints it."""
+    return {
+        "id": state.id,
+        "name": state.name,
+        "status": state.status,
+        "steps": [
+            {
+                "name": step.name,
+                "status": step.status,
+                "phase": step.phase,
+                "attempts": step.attempts,
+                "output": step.output,
+                "error": step.error,
+                "history": step.history,
+            }
+            for step in state.steps.values()
+        ],
+        "started_at": rfc3339(state.started_at),
+        "ended_at": rfc3339(state.ended_at),
+        "failed_step": state.failed_step,
+        "error": state.error,
+    }
+
+
+async def run_sagas_list(args: argparse.Namespace) -> int:
+    async with await open_store(args, create=False) as store:
+        folds: dict[str, SagaState] = {}
+        async for event in store.read_all(filter=EventFilter(categories=(CATEGORY,))):
+            saga_id = event.stream.partition(".")[2]
+            state = folds.get(saga_id)
+            if state is None:
+                state = folds[saga_id] = SagaState(saga_id)
+            state.apply(event)
+    sagas = [s for s in folds.values() if s.name and args.status in (None, s.status)]
+    if args.json:
+        for state in sagas:
+            print_json(saga_json(state))
+        return 0
+    print_table(
+        [
+            [
+                s.id,
+                s.name,
+                s.status,
+                f"{sum(1 for x in s.steps.values() if x.status == 'done')}/{len(s.steps)}",
+                s.started_at,
+                s.ended_at,
+                s.error or "",
+            ]
+            for s in sagas
+        ],
+        ["ID", "NAME", "STATUS", "DONE", "STARTED", "ENDED", "ERROR"],
+    )
+    note(f"{len(sagas)} saga(s)")
+    return 0
+
+
+async def run_sagas_show(args: argparse.Namespace) -> int:
+    async with await open_store(args, create=False) as store:
+        state = await read_saga(store, args.saga)
+    if not state.name:
+        raise SagaNotFoundError(saga_id=args.saga)
+    if args.json:
+        print_json(saga_json(state) | {"transaction": _transaction_json(state)})
+        return 0
+    print(f"saga {state.id} ({state.name}): {state.status}")
+    if state.error:
+        print(f"  failed at {state.failed_step}: {state.error}")
+    print_table(
+        [
+            [step.name, step.status, step.attempts, "; ".join(step.history)]
+            for step in state.steps.values()
+        ],
+        ["STEP", "STATUS", "ATTEMPTS", "HISTORY"],
+    )
+    transaction = state.transaction()
+    print(f"transaction {transaction.id}: {transaction.status} at {rfc3339(transaction.timestamp)}")
+    for ignored in state.ignored:
+        note(f"ignored: {ignored}")
+    return 0
+
+
+def _transaction_json(state: SagaState) -> dict[str, Any]:
+    transaction = state.transaction()
+    return {
+        "id": transaction.id,
+        "operations": transaction.operations,
+        "status": transaction.status,
+        "timestamp": rfc3339(transaction.timestamp),
+    }

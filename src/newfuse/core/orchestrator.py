@@ -1,0 +1,399 @@
+"""The saga orchestrator: it folds each saga's stream, decides (core/saga.py `next_move`), and
+writes what it did back to the stream, every write fenced by the stream's expected version.
+
+How several orchestrator instances share the sagas: each follows every saga (a subscription on
+the `saga` category) and tries to drive those not ended. Driving a step starts with a claim,
+`saga.step_started`, appended expecting the version it read: of two instances that read the
+same version, one claim is stored and the other gets WrongExpectedVersionError and waits. The
+claim holds a lease (the step's timeout plus a grace); the outcome is appended expecting the
+claim's version + 1. An instance that paused (SIGSTOP, a long GC, a lost network) past its
+lease finds another instance's claim stored after its own, so its outcome is refused: it cannot
+write once it lost the lease (a fencing token that is the stream version). Its action may
+still have run: actions are at least once, keyed by `StepContext.idempotency_key`.
+
+A crashed instance leaves a claim whose lease runs out; whoever looks next (the others are
+woken by the lease's end, and on restart every instance catches up on the whole category)
+claims the step again. The last step's outcome and `saga.committed` (or the last
+compensation's and `saga.rolled_back`) are appended together, in one atomic append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from newfuse.core.saga import End, Run, Saga, SagaState, StepContext, Wait, next_move
+from newfuse.errors import (
+    FuseError,
+    SagaNotFoundError,
+    SagaTimeoutError,
+    UnknownSagaError,
+    WrongExpectedVersionError,
+)
+from newfuse.eventstore import NO_STREAM, EventFilter, EventStore
+from newfuse.schemas import (
+    NewEvent,
+    SagaCommitted,
+    SagaRolledBack,
+    SagaStarted,
+    SagaStuck,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+)
+
+log = logging.getLogger("newfuse.sagas")
+
+CATEGORY = "saga"
+LEASE_GRACE = 2.0
+"""Seconds a claim's lease lasts beyond its step's timeout (an outcome on its way)."""
+
+
+def saga_stream(saga_id: str) -> str:
+    """The stream of one saga: `saga.<id>`."""
+    return f"{CATEGORY}.{saga_id}"
+
+
+async def read_saga(store: EventStore, saga_id: str) -> SagaState:
+    """The fold of a saga's stream (an empty state, with no name, when it has no events)."""
+    return SagaState.fold(saga_id, [event async for event in store.read(saga_stream(saga_id))])
+
+
+async def start_saga(
+    store: EventStore,
+    saga: Saga,
+    input: dict[str, Any] | None = None,
+    *,
+    saga_id: str | None = None,
+) -> str:
+    """Append a saga's `saga.started` (whichever orchestrator has its definition drives it);
+    returns its id. Starting one id twice stores it once."""
+    saga_id = saga_id or str(uuid.uuid4())
+    started = SagaStarted(
+        saga_id=saga_id,
+        name=saga.name,
+        input=input or {},
+        steps=[step.name for step in saga.steps],
+    )
+    with contextlib.suppress(WrongExpectedVersionError):
+        await store.append(
+            saga_stream(saga_id), NewEvent(data=started, correlation_id=saga_id), NO_STREAM
+        )
+    return saga_id
+
+
+class Orchestrator:
+    """Drives the sagas of `sagas` (their definitions) on `store`.
+
+    Use `async with Orchestrator(store, [order]) as orchestrator:` and `await
+    orchestrator.start("order", {...})`; the sagas run in the background (each in its own
+    task), also those another instance or an earlier run started. `wait(id)` waits for one to
+    end.
+
+    Args:
+        store: the event store holding the `saga.<id>` streams.
+        sagas: the definitions this instance can run.
+        name: this instance's name in its claims (default: host, pid and a random part).
+        concurrency: sagas driven at once at most.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        sagas: Sequence[Saga],
+        *,
+        name: str | None = None,
+        concurrency: int = 64,
+    ) -> None:
+        self.store = store
+        self.sagas = {saga.name: saga for saga in sagas}
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.fenced = 0
+        """Writes the store refused because another instance wrote first (a lost claim)."""
+        self.runs = 0
+        """Step attempts (actions and compensations) this instance ran."""
+        self._slots = asyncio.Semaphore(concurrency)
+        self._driving: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._ended: dict[str, asyncio.Event] = {}
+        self._follow: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
+        self._closed = False
+
+    async def __aenter__(self) -> Orchestrator:
+        self._follow = asyncio.create_task(self._follow_sagas(), name=f"newfuse-saga-{self.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop following and driving (a step running is cancelled: its claim's lease runs out
+        and another instance, or the next run, claims it again). Idempotent."""
+        self._closed = True
+        tasks = [t for t in (self._follow, *self._driving.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._driving.clear()
+
+    async def start(
+        self, saga: Saga | str, input: dict[str, Any] | None = None, *, saga_id: str | None = None
+    ) -> str:
+        """Start a saga (append its `saga.started`); returns its id. Starting one id twice
+        stores it once (the second finds the stream there and returns the id).
+
+        Raises:
+            UnknownSagaError: this instance has no such definition.
+        """
+        definition = self._definition(saga if isinstance(saga, str) else saga.name)
+        saga_id = await start_saga(self.store, definition, input, saga_id=saga_id)
+        self._kick(saga_id)
+        return saga_id
+
+    async def wait(self, saga_id: str, timeout: float = 30.0) -> SagaState:  # noqa: ASYNC109
+        """The saga's state once it has ended (committed, rolled back or stuck).
+
+        Raises:
+            SagaTimeoutError: it had not ended within `timeout` seconds.
+        """
+        ended = self._ended.setdefault(saga_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    state = await read_saga(self.store, saga_id)
+                    if state.ended:
+                        return state
+                    ended.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):  # also when another instance ends it
+                            await ended.wait()
+        except TimeoutError:
+            state = await read_saga(self.store, saga_id)
+            if state.ended:
+                return state
+            raise SagaTimeoutError(saga_id=saga_id, status=state.status, waited=timeout) from None
+
+    async def state(self, saga_id: str) -> SagaState:
+        """The saga's state as its stream has it now.
+
+        Raises:
+            SagaNotFoundError: it has no events.
+        """
+        state = await read_saga(self.store, saga_id)
+        if not state.name:
+            raise SagaNotFoundError(saga_id=saga_id)
+        return state
+
+    def _definition(self, name: str) -> Saga:
+        definition = self.sagas.get(name)
+        if definition is None:
+            raise UnknownSagaError(name=name, known=sorted(self.sagas))
+        return definition
+
+    # -- following the category -----------------------------------------------------------------
+
+    async def _follow_sagas(self) -> None:
+        """Every saga event, from the start: each saga not ended is driven; each event wakes
+        its driver (another instance's write ends its wait at once)."""
+        while not self._closed:
+            try:
+                async with self.store.subscribe(EventFilter(categories=(CATEGORY,))) as feed:
+                    async for event in feed:
+                        saga_id = event.stream.partition(".")[2]
+                        if event.type in ("saga.committed", "saga.rolled_back", "saga.stuck"):
+                            self._finished(saga_id)
+                            continue
+                        self._kick(saga_id)
+            except asyncio.CancelledError:
+                raise
+            except FuseError as error:  # the store is away: follow again once it is back
+                log.warning("orchestrator %s: following sagas: %s; again in 1s", self.name, error)
+                await asyncio.sleep(1.0)
+
+    def _kick(self, saga_id: str) -> None:
+        """Drive `saga_id` (if no task of ours does) and wake its driver."""
+        self._wake.setdefault(saga_id, asyncio.Event()).set()
+        task = self._driving.get(saga_id)
+        if (task is None or task.done()) and not self._closed:
+            self._driving[saga_id] = asyncio.create_task(
+                self._drive(saga_id), name=f"newfuse-saga-{saga_id}"
+            )
+
+    def _finished(self, saga_id: str) -> None:
+        ended = self._ended.get(saga_id)
+        if ended is not None:
+            ended.set()
+        wake = self._wake.pop(saga_id, None)
+        if wake is not None:
+            wake.set()
+
+    # -- driving one saga -------------------------------------------------------------------------
+
+    async def _drive(self, saga_id: str) -> None:
+        try:
+            async with self._slots:
+                await self._drive_until_ended(saga_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug or a store outage: log it; the next event kicks it again
+            log.exception("orchestrator %s: saga %s", self.name, saga_id)
+        finally:
+            if self._driving.get(saga_id) is asyncio.current_task():
+                del self._driving[saga_id]
+
+    async def _drive_until_ended(self, saga_id: str) -> None:
+        wake = self._wake.setdefault(saga_id, asyncio.Event())
+        while True:
+            wake.clear()
+            state = await read_saga(self.store, saga_id)
+            if not state.name or state.ended:
+                if state.ended:
+                    self._finished(saga_id)
+                return
+            definition = self.sagas.get(state.name)
+            if definition is None:  # another instance's kind of saga: leave it to that one
+                log.debug(
+                    "orchestrator %s: no definition %r for %s", self.name, state.name, saga_id
+                )
+                return
+            move = next_move(definition, state, _now())
+            if move is None:
+                return
+            if isinstance(move, Wait):
+                pause = (move.until - _now()).total_seconds()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, pause) + 0.05):
+                        await wake.wait()
+                continue
+            if isinstance(move, End):
+                await self._end(definition, state, move)
+                continue
+            await self._run(definition, state, move)
+
+    async def _run(self, definition: Saga, state: SagaState, move: Run) -> None:
+        try:
+            await self._claim_and_run(definition, state, move)
+        except asyncio.CancelledError:  # this instance stops: give back a claim it may hold
+            released = StepFailed(
+                **_of(state, move),
+                error=f"orchestrator {self.name} stopped",
+                released=True,
+            )
+            # expecting the claim's version: refused when the claim was never stored, or when
+            # its outcome was (then there is nothing to give back)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self._append_at(state.id, state.version + 1, [released]))
+            raise
+
+    async def _claim_and_run(self, definition: Saga, state: SagaState, move: Run) -> None:
+        step = definition.get(move.step)
+        lease = step.timeout + LEASE_GRACE
+        claim = StepStarted(
+            saga_id=state.id,
+            step=step.name,
+            phase=move.phase,
+            attempt=move.attempt,
+            driver=self.name,
+            lease_until=_now() + timedelta(seconds=lease),
+        )
+        if not await self._append(state, [claim]):
+            return
+        ctx = StepContext(
+            saga_id=state.id,
+            step=step.name,
+            phase=move.phase,
+            attempt=move.attempt,
+            input=state.input,
+            outputs=state.outputs,
+        )
+        fn = step.action if move.phase == "action" else step.compensation
+        assert fn is not None  # next_move compensates only steps that have a compensation
+        self.runs += 1
+        outcome: Any
+        try:
+            async with asyncio.timeout(step.timeout):
+                output = await fn(ctx)
+            outcome = StepCompleted(
+                **_of(state, move),
+                output=msgspec.to_builtins(output),
+            )
+        except TimeoutError:
+            outcome = StepFailed(
+                **_of(state, move),
+                error=f"timed out after {step.timeout:g}s",
+            )
+        except Exception as error:
+            retryable = not isinstance(error, FuseError) or error.retryable
+            outcome = StepFailed(
+                **_of(state, move),
+                error=f"{type(error).__name__}: {error}",
+                retryable=retryable,
+            )
+        claimed = state.version + 1
+        events: list[Any] = [outcome]
+        closing = self._closing(definition, state, claim, outcome)
+        if closing is not None:
+            events.append(closing)
+        await self._append_at(state.id, claimed, events)
+
+    def _closing(self, definition: Saga, state: SagaState, claim: Any, outcome: Any) -> Any:
+        """The saga's end when `outcome` is its last outcome: stored with it, atomically."""
+        after = copy.deepcopy(state)
+        after.apply_data(claim, "the claim")
+        after.apply_data(outcome, "the outcome")
+        move = next_move(definition, after, _now())
+        if isinstance(move, End) and move.status == "committed":
+            return SagaCommitted(saga_id=state.id)
+        if isinstance(move, End) and move.status == "rolled_back":
+            return SagaRolledBack(saga_id=state.id, failed_step=move.step, error=move.error)
+        return None
+
+    async def _end(self, definition: Saga, state: SagaState, move: End) -> None:
+        event: Any
+        if move.status == "committed":
+            event = SagaCommitted(saga_id=state.id)
+        elif move.status == "rolled_back":
+            event = SagaRolledBack(saga_id=state.id, failed_step=move.step, error=move.error)
+        else:
+            event = SagaStuck(saga_id=state.id, step=move.step, error=move.error)
+            log.error("saga %s stuck: compensation of %s: %s", state.id, move.step, move.error)
+        await self._append(state, [event])
+
+    async def _append(self, state: SagaState, events: list[Any]) -> bool:
+        return await self._append_at(state.id, state.version, events)
+
+    async def _append_at(self, saga_id: str, expected: int, events: list[Any]) -> bool:
+        """Append `events` expecting version `expected`; False when another write came first
+        (this instance lost the claim or the race: its write is fenced off)."""
+        try:
+            await self.store.append(
+                saga_stream(saga_id),
+                [NewEvent(data=event, correlation_id=saga_id) for event in events],
+                expected,
+            )
+        except WrongExpectedVersionError:
+            self.fenced += 1
+            log.info("orchestrator %s: saga %s moved on before its write", self.name, saga_id)
+            return False
+        return True
+
+
+def _of(state: SagaState, move: Run) -> dict[str, Any]:
+    """The fields an attempt's events share: which saga, step, phase and attempt."""
+    return {"saga_id": state.id, "step": move.step, "phase": move.phase, "attempt": move.attempt}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,378 @@
+"""Sagas: definitions, the fold of a saga's stream into its state, and what to do next.
+
+A `Saga` is an ordered list of steps; each has an action, an optional compensation, a timeout
+and a number of attempts. Everything that happens to one saga is an event on its stream
+`saga.<id>` (schemas/saga.py), and its state is their fold (`SagaState.fold`). What the
+orchestrator does next is a pure function of the definition, the state and the time
+(`next_move`), so every orchestrator instance, after any crash, decides the same from the log.
+
+Effects run at least once: an action whose orchestrator died after it ran, and before its
+outcome was stored, runs again. Each attempt gets the same `StepContext.idempotency_key`
+(`<saga id>/<step>` for the action, `<saga id>/<step>/undo` for the compensation), so an
+effect keyed by it (a conditional write, a request with that id) happens once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+
+from newfuse.errors import SagaDefinitionError
+from newfuse.schemas import (
+    Phase,
+    RecordedEvent,
+    SagaCommitted,
+    SagaRolledBack,
+    SagaStarted,
+    SagaStuck,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    Transaction,
+    TransactionStatus,
+    check_token,
+    utcnow,
+)
+
+SagaStatus = Literal["active", "compensating", "committed", "rolled_back", "stuck"]
+StepStatus = Literal["pending", "running", "done", "failed", "compensating", "compensated", "stuck"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step's action or compensation sees."""
+
+    saga_id: str
+    step: str
+    phase: Phase
+    attempt: int
+    input: dict[str, Any]
+    """The saga's input."""
+    outputs: dict[str, Any]
+    """The outputs of the steps completed so far, by step name."""
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every attempt of this step's phase: key effects by it."""
+        if self.phase == "action":
+            return f"{self.saga_id}/{self.step}"
+        return f"{self.saga_id}/{self.step}/undo"
+
+
+Action = Callable[[StepContext], Awaitable[Any]]
+
+
+@dataclass
+class Step:
+    """One step of a saga: its action, its compensation (None: nothing to undo)."""
+
+    name: str
+    action: Action
+    compensation: Action | None = None
+    timeout: float = 30.0
+    attempts: int = 3
+    backoff: float = 0.2
+    """Seconds before the second attempt, doubling per attempt (at most 30 s)."""
+    compensation_attempts: int = 5
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt` (1: none)."""
+        return 0.0 if attempt <= 1 else min(30.0, self.backoff * 2 ** (attempt - 2))
+
+    def tries(self, phase: Phase) -> int:
+        return self.attempts if phase == "action" else self.compensation_attempts
+
+
+class Saga:
+    """A saga definition: ordered steps, each an action and its compensation.
+
+    Example:
+        >>> order = Saga("order")
+        >>> @order.step("reserve", timeout=5, attempts=3)
+        ... async def reserve(ctx: StepContext) -> dict[str, str]:
+        ...     return {"reservation": ctx.idempotency_key}
+        >>> @order.compensate("reserve")
+        ... async def release(ctx: StepContext) -> None: ...
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = check_token(name, kind="saga name")
+        self.steps: list[Step] = []
+
+    def step(
+        self, name: str, *, timeout: float = 30.0, attempts: int = 3, backoff: float = 0.2
+    ) -> Callable[[Action], Action]:
+        """Decorator: the next step of the saga, run by `async def f(ctx)`; its return value
+        (JSON-encodable) is the step's output."""
+        check_token(name, kind="step name")
+        if any(step.name == name for step in self.steps):
+            raise SagaDefinitionError(saga=self.name, reason=f"step {name!r} is defined twice")
+        if timeout <= 0 or attempts < 1:
+            raise SagaDefinitionError(
+                saga=self.name, reason=f"step {name!r} needs timeout > 0 and attempts >= 1"
+            )
+
+        def decorate(fn: Action) -> Action:
+            self.steps.append(Step(name, fn, timeout=timeout, attempts=attempts, backoff=backoff))
+            return fn
+
+        return decorate
+
+    def compensate(self, name: str, *, attempts: int = 5) -> Callable[[Action], Action]:
+        """Decorator: `async def f(ctx)` undoes step `name` (when a later step fails)."""
+
+        def decorate(fn: Action) -> Action:
+            step = self.get(name)
+            if step.compensation is not None:
+                raise SagaDefinitionError(
+                    saga=self.name, reason=f"step {name!r} has a compensation already"
+                )
+            step.compensation = fn
+            step.compensation_attempts = attempts
+            return fn
+
+        return decorate
+
+    def get(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        known = ", ".join(step.name for step in self.steps) or "none"
+        raise SagaDefinitionError(saga=self.name, reason=f"no step {name!r} (it has {known})")
+
+
+@dataclass
+class StepState:
+    """One step of one saga as its events left it."""
+
+    name: str
+    status: StepStatus = "pending"
+    attempts: int = 0
+    """Attempts of the current phase claimed so far."""
+    phase: Phase = "action"
+    driver: str | None = None
+    lease_until: datetime | None = None
+    output: Any = None
+    error: str | None = None
+    retryable: bool = True
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    history: list[str] = field(default_factory=list)
+    """What happened, one line per event (for `fuse sagas show`)."""
+
+
+@dataclass
+class SagaState:
+    """A saga as the fold of its stream."""
+
+    id: str
+    name: str = ""
+    input: dict[str, Any] = field(default_factory=dict)
+    status: SagaStatus = "active"
+    steps: dict[str, StepState] = field(default_factory=dict)
+    version: int = 0
+    """The stream's version after the last event folded (what the next append expects)."""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    failed_step: str | None = None
+    error: str | None = None
+    ignored: list[str] = field(default_factory=list)
+    """Events read and not applied (foreign, out of order), each with its position and why."""
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("committed", "rolled_back", "stuck")
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return {name: s.output for name, s in self.steps.items() if s.status == "done"}
+
+    @classmethod
+    def fold(cls, saga_id: str, events: Iterable[RecordedEvent]) -> SagaState:
+        """The state `events` (a saga stream's, in version order) make."""
+        state = cls(saga_id)
+        for event in events:
+            state.apply(event)
+        return state
+
+    def apply(self, event: RecordedEvent) -> None:
+        """Fold one event; one that does not fit is noted in `ignored`, never raised."""
+        self.version = event.version
+        self.apply_data(event.data, f"position {event.position} ({event.type})")
+
+    def apply_data(self, data: Any, where: str) -> None:
+        """Fold one event's payload (`where` names it in `ignored`)."""
+        if getattr(data, "saga_id", self.id) != self.id:
+            self.ignored.append(f"{where}: it names saga {data.saga_id!r}")
+            return
+        if isinstance(data, SagaStarted):
+            if self.name:
+                self.ignored.append(f"{where}: the saga started already")
+                return
+            self.name, self.input, self.started_at = data.name, data.input, data.timestamp
+            self.steps = {name: StepState(name) for name in data.steps}
+            return
+        if not self.name:
+            self.ignored.append(f"{where}: before saga.started")
+            return
+        if isinstance(data, SagaCommitted | SagaRolledBack | SagaStuck):
+            self._end(data)
+            return
+        if not isinstance(data, StepStarted | StepCompleted | StepFailed):
+            self.ignored.append(f"{where}: not a saga event")
+            return
+        step = self.steps.get(data.step)
+        if step is None:
+            self.ignored.append(f"{where}: no step {data.step!r} in this saga")
+            return
+        self._step(step, data)
+
+    def _end(self, data: SagaCommitted | SagaRolledBack | SagaStuck) -> None:
+        self.ended_at = data.timestamp
+        if isinstance(data, SagaCommitted):
+            self.status = "committed"
+        elif isinstance(data, SagaRolledBack):
+            self.status, self.failed_step, self.error = "rolled_back", data.failed_step, data.error
+        else:
+            self.status, self.error = "stuck", data.error
+            self.steps[data.step].status = "stuck" if data.step in self.steps else "failed"
+
+    def _step(self, step: StepState, data: StepStarted | StepCompleted | StepFailed) -> None:
+        if data.phase != step.phase:  # the compensation begins: attempts count afresh
+            step.phase, step.attempts = data.phase, 0
+        if isinstance(data, StepStarted):
+            step.status = "running" if data.phase == "action" else "compensating"
+            step.attempts = max(step.attempts, data.attempt)
+            step.driver, step.lease_until = data.driver, data.lease_until
+            step.started_at = step.started_at or data.timestamp
+            step.history.append(f"{data.phase} attempt {data.attempt} claimed by {data.driver}")
+        elif isinstance(data, StepCompleted):
+            step.status = "done" if data.phase == "action" else "compensated"
+            if data.phase == "action":
+                step.output = data.output
+            step.lease_until, step.ended_at = None, data.timestamp
+            step.history.append(f"{data.phase} attempt {data.attempt} completed")
+        elif data.released:  # given back unfinished: claimable again, no attempt spent
+            step.status = "running" if data.phase == "action" else "compensating"
+            step.attempts = data.attempt - 1
+            step.lease_until = data.timestamp
+            step.history.append(f"{data.phase} attempt {data.attempt} released: {data.error}")
+            return
+        else:
+            step.status = "failed"
+            step.error, step.retryable, step.lease_until = data.error, data.retryable, None
+            step.ended_at = data.timestamp
+            step.history.append(f"{data.phase} attempt {data.attempt} failed: {data.error}")
+        if data.phase == "compensation" and self.status == "active":
+            self.status = "compensating"
+        if isinstance(data, StepFailed) and data.phase == "action":
+            self.failed_step, self.error = step.name, data.error
+
+    def transaction(self) -> Transaction:
+        """The seed's `Transaction {id, operations, status, timestamp}` view of this saga."""
+        status: TransactionStatus = "active"
+        if self.status == "committed" or self.status == "rolled_back":
+            status = self.status
+        operations = [
+            {
+                "step": s.name,
+                "status": s.status,
+                "attempts": s.attempts,
+                **({"error": s.error} if s.error else {}),
+            }
+            for s in self.steps.values()
+        ]
+        return Transaction(
+            id=self.id,
+            operations=operations,
+            status=status,
+            timestamp=self.ended_at or self.started_at or utcnow(),
+        )
+
+
+class Run(msgspec.Struct, frozen=True):
+    """Claim attempt `attempt` of `step`'s `phase` and run it."""
+
+    step: str
+    phase: Phase
+    attempt: int
+
+
+class Wait(msgspec.Struct, frozen=True):
+    """Look again at `until` (or at the saga's next event): another orchestrator holds `step`
+    until then, or its retry's backoff ends then."""
+
+    step: str
+    until: datetime
+
+
+class End(msgspec.Struct, frozen=True):
+    """Append the saga's end: committed, rolled back, or stuck (a compensation kept failing)."""
+
+    status: SagaStatus
+    step: str = ""
+    error: str = ""
+
+
+Move = Run | Wait | End | None
+
+
+def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
+    """What to do next with `state`, a saga of definition `saga`, at time `now` (None: nothing,
+    it has ended)."""
+    if state.ended or not state.name:
+        return None
+    if state.status == "active":
+        for definition in saga.steps:
+            step = state.steps.get(definition.name)
+            if step is None or step.status == "done":
+                continue
+            return _attempt(definition, step, "action", now) or _begin_compensation(
+                saga, state, now
+            )
+        return End("committed")
+    return _begin_compensation(saga, state, now)
+
+
+def _attempt(definition: Step, step: StepState, phase: Phase, now: datetime) -> Run | Wait | None:
+    """The next attempt of `phase` (or a wait for its holder); None when it has none left."""
+    if step.status in ("running", "compensating") and step.lease_until is not None:
+        if step.lease_until > now:
+            return Wait(step.name, step.lease_until)
+        # its holder's lease ran out (it died, or paused): the claim it held is void
+    # Only failures spend attempts: a claim whose holder died (its lease ran out with no
+    # outcome) says nothing about the step, so it is claimed again.
+    if step.status == "failed" and (not step.retryable or step.attempts >= definition.tries(phase)):
+        return None
+    attempt = step.attempts + 1
+    if step.status == "failed" and step.ended_at is not None:  # a retry waits its backoff
+        due = step.ended_at + timedelta(seconds=definition.delay(attempt))
+        if due > now:
+            return Wait(step.name, due)
+    return Run(step.name, phase, attempt)
+
+
+def _begin_compensation(saga: Saga, state: SagaState, now: datetime) -> Move:
+    """Compensate the completed steps, newest first; End when none is left."""
+    for definition in reversed(saga.steps):
+        step = state.steps.get(definition.name)
+        if step is None:
+            continue
+        undoing = step.phase == "compensation"
+        if step.status == "compensated" or definition.compensation is None:
+            continue
+        if not undoing and step.status != "done":
+            continue
+        if undoing and step.status == "stuck":
+            return None
+        move = _attempt(definition, step, "compensation", now) if undoing else None
+        if not undoing:
+            return Run(step.name, "compensation", 1)
+        if move is None:
+            return End("stuck", step.name, step.error or "its compensation kept failing")
+        return move
+    return End("rolled_back", state.failed_step or "", state.error or "")

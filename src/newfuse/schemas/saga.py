@@ -1,0 +1,109 @@
+"""Saga events: a saga's stream (`saga.<id>`) is its whole history, and its state their fold.
+
+A step runs in two phases, its action and, when a later step fails, its compensation. Each
+attempt of either is claimed by a `saga.step_started` (appended with the stream's expected
+version, so one orchestrator wins it) that holds a lease until `leaseUntil`; the attempt's
+outcome, `saga.step_completed` or `saga.step_failed`, is appended expecting the claim's version,
+so an orchestrator whose lease was taken over (it paused, its clock ran on) cannot write it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+from newfuse.schemas.payloads import Timestamp, utcnow
+
+Phase = Literal["action", "compensation"]
+
+
+class SagaStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.started`: a saga of definition `name` began with `input`; `steps` names its
+    steps in order (what the orchestrator will run)."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    name: str
+    input: dict[str, Any] = {}
+    steps: list[str] = []
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class StepStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.step_started`: `driver` claimed attempt `attempt` of a step's `phase`, and
+    holds it until `leaseUntil` (then another orchestrator may take it over)."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    phase: Phase = "action"
+    attempt: int
+    driver: str
+    lease_until: Timestamp = msgspec.field(name="leaseUntil")
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class StepCompleted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.step_completed`: the attempt succeeded; `output` feeds later steps."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    phase: Phase = "action"
+    attempt: int
+    output: Any = None
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class StepFailed(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.step_failed`: the attempt failed with `error` (`retryable`: another attempt
+    may succeed, if the step has attempts left). `released`: it did not fail, its orchestrator
+    stopped and gave the claim back (the attempt may have run: it is claimed again at once,
+    and spends no attempt)."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    phase: Phase = "action"
+    attempt: int
+    error: str
+    retryable: bool = True
+    released: bool = False
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class SagaCommitted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.committed`: every step's action succeeded (appended with the last one's
+    outcome, in one atomic append)."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class SagaRolledBack(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.rolled_back`: step `failed_step` failed for good (`error`) and every step
+    completed before it was compensated."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    failed_step: str = msgspec.field(name="failedStep")
+    error: str
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class SagaStuck(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.stuck`: the compensation of `step` kept failing (`error`); the saga waits for
+    a person (nothing more runs on its own)."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    error: str
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+SAGA_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
+    "saga.started": SagaStarted,
+    "saga.step_started": StepStarted,
+    "saga.step_completed": StepCompleted,
+    "saga.step_failed": StepFailed,
+    "saga.committed": SagaCommitted,
+    "saga.rolled_back": SagaRolledBack,
+    "saga.stuck": SagaStuck,
+}
+"""The saga event types and their payloads (version 1 each)."""
