@@ -48,6 +48,7 @@ BUILT_IN = [
     "circuit.closed",
     "circuit.half_opened",
     "circuit.opened",
+    "model.invoked",
     "task.status",
     "transaction",
 ]

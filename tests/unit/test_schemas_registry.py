@@ -28,6 +28,7 @@ from newfuse.schemas import (
     CircuitHalfOpened,
     CircuitOpened,
     DeadLetter,
+    ModelInvoked,
     SchemaRegistry,
     StateUpdate,
     TaskStatusUpdate,
@@ -408,6 +409,7 @@ def test_default_registry_holds_the_built_in_types_and_is_a_fresh_copy() -> None
         ("circuit.closed", 1, CircuitClosed),
         ("circuit.half_opened", 1, CircuitHalfOpened),
         ("circuit.opened", 1, CircuitOpened),
+        ("model.invoked", 1, ModelInvoked),
         ("task.status", 1, TaskStatusUpdate),
         ("transaction", 1, Transaction),
     ]

@@ -66,6 +66,7 @@ from newfuse.schemas.export import (
     payload_schema,
 )
 from newfuse.schemas.ids import new_event_id
+from newfuse.schemas.model import ChatMessage, ChatRole, ModelInvoked, Outcome, Tool, ToolCall
 from newfuse.schemas.names import (
     MAX_CATEGORY_BYTES,
     MAX_EVENT_ID_BYTES,
@@ -137,6 +138,8 @@ __all__ = [
     "Artifact",
     "Asked",
     "BreakerState",
+    "ChatMessage",
+    "ChatRole",
     "CircuitChange",
     "CircuitClosed",
     "CircuitHalfOpened",
@@ -144,6 +147,7 @@ __all__ = [
     "DeadLetter",
     "Envelope",
     "ExportedSchema",
+    "ModelInvoked",
     "NewEvent",
     "Outcome",
     "Part",
@@ -158,6 +162,8 @@ __all__ = [
     "TaskState",
     "TaskStatusUpdate",
     "Timestamp",
+    "Tool",
+    "ToolCall",
     "TraceContext",
     "Transaction",
     "TransactionStatus",
