@@ -47,6 +47,8 @@ class OpenAIServer:
 
     def __init__(self) -> None:
         self.failures: deque[Failure] = deque()
+        self.fail_at: dict[int, Failure] = {}
+        """Failures by request number (1 is the first chat request this server gets)."""
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
         self.fingerprint: str | None = FINGERPRINT
@@ -101,8 +103,10 @@ class OpenAIServer:
             return True
         request = json.loads(body)
         self.requests.append(request)
-        if self.failures:
+        failure = self.fail_at.pop(len(self.requests), None)
+        if failure is None and self.failures:
             failure = self.failures.popleft()
+        if failure is not None:
             if failure.close:
                 return False
             extra = {"Retry-After": failure.retry_after} if failure.retry_after else {}
