@@ -412,6 +412,25 @@ class _HandlerLog(CallLog):
         )
 
 
+async def run_handler(route: _Route, ctx: Context) -> None:
+    """Convert the payload to the handler's type, run it, and reply with what it returns.
+
+    Raises:
+        InvalidPayloadError: the payload does not fit the handler's type.
+    """
+    payload: Any = ctx.message.payload
+    if route.payload is not dict:
+        try:
+            payload = msgspec.convert(payload, route.payload)
+        except msgspec.ValidationError as error:  # the sender's mistake: retrying won't help
+            raise InvalidPayloadError(
+                type_name=ctx.message.type, version=1, path="$.payload", reason=str(error)
+            ) from None
+    result = await route.handler(ctx, payload)
+    if result is not None:
+        ctx.reply(result)
+
+
 def _as_payload(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -930,24 +949,14 @@ class RunningAgent:
         return backoff(attempt, first=first, most=most)
 
     async def _call(self, route: _Route, ctx: Context, msg: Msg | None) -> None:
-        payload: Any = ctx.message.payload
-        if route.payload is not dict:
-            try:
-                payload = msgspec.convert(payload, route.payload)
-            except msgspec.ValidationError as error:  # the sender's mistake: retrying won't help
-                raise InvalidPayloadError(
-                    type_name=ctx.message.type, version=1, path="$.payload", reason=str(error)
-                ) from None
         beat = None
         if msg is not None:
             beat = asyncio.create_task(self._in_progress(msg))
         try:
-            result = await route.handler(ctx, payload)
+            await run_handler(route, ctx)
         finally:
             if beat is not None:
                 beat.cancel()
-        if result is not None:
-            ctx.reply(result)
 
     async def _in_progress(self, msg: Msg) -> None:
         while True:

@@ -42,6 +42,7 @@ COMMANDS: dict[str, Command] = {
     "audit": Command("newfuse.cli.read_side", "query the audit index"),
     "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
     "queues": Command("newfuse.cli.queues", "task queues: depth per priority, workers, oldest"),
+    "models": Command("newfuse.cli.models", "what model calls cost, per agent and model version"),
     "completion": Command("newfuse.cli.completion", "print a bash or zsh completion script"),
 }
 
