@@ -157,35 +157,6 @@ class _Recorded:
         yield result
 
 
-class _Renamed:
-    """A provider asked for `model` whatever the handler names."""
-
-    def __init__(self, provider: ModelProvider, model: str) -> None:
-        self.name = provider.name
-        self._provider = provider
-        self._model = model
-
-    async def chat(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        model: str,
-        tools: Sequence[Tool] | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> ChatResult:
-        return await self._provider.chat(messages, model=self._model, tools=tools, params=params)
-
-    def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        model: str,
-        tools: Sequence[Tool] | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> AsyncIterator[ChatChunk | ChatResult]:
-        return self._provider.stream(messages, model=self._model, tools=tools, params=params)
-
-
 class _DryRun:
     """The runtime a replayed handler sees: reads work, effects stay in its Context."""
 
@@ -205,11 +176,10 @@ class _DryRun:
         self._provider = provider
         self._model = model
 
-    def _provider_for(self, provider: ModelProvider) -> ModelProvider:
+    def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
         if self._answers is not None:
-            return self._answers
-        chosen = self._provider or provider
-        return chosen if self._model is None else _Renamed(chosen, self._model)
+            return self._answers, None
+        return self._provider or provider, self._model
 
 
 def _stripped(value: Any) -> Any:

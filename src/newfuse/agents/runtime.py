@@ -104,8 +104,9 @@ class AgentRuntime(Protocol):
     subjects: Subjects
     _direct: DirectGet
 
-    def _provider_for(self, provider: ModelProvider) -> ModelProvider:
-        """The provider that answers a handler's model calls (a replay swaps it)."""
+    def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
+        """The provider that answers a handler's model calls, and the model to ask for instead
+        of the one the handler names (None: that one); a replay swaps them."""
         ...
 
 
@@ -146,6 +147,7 @@ class Context:
         # effect names it as its parent, so a chain of agents is one trace.
         self._trace = wire.current_trace()
         self._model_log: _HandlerLog | None = None
+        self._model_effects = 0
 
     @property
     def agent_id(self) -> AgentId:
@@ -159,7 +161,7 @@ class Context:
     def _next_id(self, name: str = "") -> str:
         """The id of the next effect (derived from the message handled and the effect's index,
         so a redelivered handler that emits the same effects gets the same ids)."""
-        index = str(len(self._effects))
+        index = str(len(self._effects) - self._model_effects)  # model records have their own
         return wire.derived_id(self.envelope.id, self.consumer, f"{index}{name}")
 
     def _effect(
@@ -298,7 +300,8 @@ class Context:
         """
         if self._model_log is None:
             self._model_log = _HandlerLog(self)
-        return RecordedModel(self._runtime._provider_for(provider), self._model_log)
+        chosen, model = self._runtime._provider_for(provider)
+        return RecordedModel(chosen, self._model_log, model=model)
 
     async def chat(
         self,
@@ -403,6 +406,7 @@ class _HandlerLog(CallLog):
     async def write(self, invoked: ModelInvoked) -> None:
         self.records.append(invoked)
         ctx = self._ctx
+        ctx._model_effects += 1
         ctx._effect(
             self._subject,
             self._stream,
@@ -1002,8 +1006,8 @@ class RunningAgent:
     async def _ack(self, msg: Msg) -> None:
         await msg.ack()
 
-    def _provider_for(self, provider: ModelProvider) -> ModelProvider:
-        return provider
+    def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
+        return provider, None
 
     async def _dead_letter(
         self,

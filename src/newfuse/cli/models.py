@@ -202,10 +202,20 @@ async def run_replay(args: argparse.Namespace) -> int:
             await provider.aclose()
     for skipped in replay.skipped:
         note(f"skipped: {skipped}")
+    diverged = sum(1 for replayed in results if replayed.diverged)
+    if not results:
+        note(f"no message of conversation {args.context!r} reached agent type {agent.type!r}")
     if args.json:
         for replayed in results:
             print_json(replayed_json(replayed))
-        return 0
+    else:
+        _print_replay(results, details=args.details)
+    if results:
+        note(f"{len(results)} message(s) replayed, {diverged} diverged from the log")
+    return 0
+
+
+def _print_replay(results: list[ReplayedMessage], *, details: bool) -> None:
     print_table(
         [
             [
@@ -220,7 +230,7 @@ async def run_replay(args: argparse.Namespace) -> int:
         ],
         ["POS", "TYPE", "CALLS", "EFFECTS", "RESULT", "WHERE"],
     )
-    if args.details:
+    if details:
         console = stdout_console()
         for replayed in results:
             console.print(f"[bold]message {replayed.position}[/] ({replayed.type})")
@@ -233,19 +243,4 @@ async def run_replay(args: argparse.Namespace) -> int:
             for effect in replayed.effects:
                 console.print(f"  {effect.type} {effect.id[:8]}: {effect.change}", highlight=False)
                 if effect.change == "changed":
-                    console.print(
-                        f"    recorded: {_short(effect.recorded, 200)}",
-                        highlight=False,
-                        markup=False,
-                    )
-                    console.print(
-                        f"    replayed: {_short(effect.replayed, 200)}",
-                        highlight=False,
-                        markup=False,
-                    )
-    diverged = sum(1 for replayed in results if replayed.diverged)
-    if not results:
-        note(f"no message of conversation {args.context!r} reached agent type {agent.type!r}")
-    else:
-        note(f"{len(results)} message(s) replayed, {diverged} diverged from the log")
-    return 0
+                    _pair(console, effect.recorded, effect.replayed)

@@ -103,15 +103,22 @@ class RecordedModel:
         provider: the model.
         log: where records go (a plain CallLog keeps them in `log.records`).
         tracer: the tracer of the spans (default: newfuse's, from the global provider).
+        model: ask for this model whatever the caller names (a replay with another model).
     """
 
     def __init__(
-        self, provider: ModelProvider, log: CallLog, *, tracer: trace.Tracer | None = None
+        self,
+        provider: ModelProvider,
+        log: CallLog,
+        *,
+        tracer: trace.Tracer | None = None,
+        model: str | None = None,
     ) -> None:
         self.name = provider.name
         self.provider = provider
         self.log = log
         self._tracer = tracer
+        self._model = model
 
     def _span(self, model: str) -> Any:
         tracer = self._tracer or telemetry.tracer()
@@ -203,6 +210,7 @@ class RecordedModel:
         tools: Sequence[Tool] | None = None,
         params: dict[str, Any] | None = None,
     ) -> ChatResult:
+        model = self._model or model
         call = self.log.next_call()
         stored = await self._replayed(call, messages, model)
         if stored is not None:
@@ -230,6 +238,7 @@ class RecordedModel:
         tools: Sequence[Tool] | None = None,
         params: dict[str, Any] | None = None,
     ) -> AsyncIterator[ChatChunk | ChatResult]:
+        model = self._model or model
         call = self.log.next_call()
         stored = await self._replayed(call, messages, model)
         if stored is not None:
