@@ -10,6 +10,8 @@ baseline, unit, ratio, n; ratio oriented so higher is better; `overhead_ms` and
 `target_ms` = max(10% of the baseline, 1 ms), `within_target`):
 - `models.chat.p50`, `models.chat.p99`, `models.chat.mean`: a whole-answer call, ms;
 - `models.stream.p50`, `models.stream.mean`: a streamed call read to its end, ms;
+- `models.chat_pipelined.p50`, `.mean`: the same through `ModelRecorder(wait=False)`: the
+  record is published and its PubAck awaited in the background (all acknowledged at the end);
 - `models.chat_unstored.mean`: the span, hashes and record alone, kept in memory (a CallLog),
   without the store: what recording costs before the PubAck.
 
@@ -140,6 +142,19 @@ async def main(sizes: Sizes) -> None:
                     plain, ours = await alternate(bare_stream, recorded_stream, sizes)
                     progress(f"stream: {len(ours)} calls of each kind")
                     report("stream", plain, ours, ["p50", "mean"])
+
+                async with ModelRecorder(
+                    nc, source="bench", prefix=prefix, wait=False
+                ) as pipelining:
+                    fast = pipelining.model(provider)
+
+                    async def pipelined() -> object:
+                        return await fast.chat(PROMPT, model="bench-1")
+
+                    plain, ours = await alternate(bare, pipelined, sizes)
+                    await pipelining.flush()
+                    assert not pipelining.failed, pipelining.failed
+                    report("chat_pipelined", plain, ours, ["p50", "mean"])
 
                     kept = RecordedModel(provider, CallLog(agent="bench"))
 

@@ -220,3 +220,20 @@ async def test_a_recorder_outside_handlers_stores_each_call_with_its_outcome(
         ("notebook", "error", "conv-9", 1),
     ]
     assert found[1].error is not None and "HTTP 429" in found[1].error
+
+
+async def test_a_recorder_that_does_not_wait_stores_every_record_by_close(
+    nc: Client,
+    prefix: str,
+    stream: MessageStreamSpec,
+    provider: OpenAICompatibleProvider,
+) -> None:
+    async with ModelRecorder(
+        nc, source="batch", prefix=prefix, wait=False, in_flight=2
+    ) as recorder:
+        model = recorder.model(provider)
+        for n in range(6):
+            await model.chat([ChatMessage(role="user", content=f"q{n}")], model="gpt-x")
+    assert recorder.failed == []
+    found = sorted(await records(nc, prefix), key=lambda r: r.call)  # acks may interleave
+    assert [(r.call, r.content) for r in found] == [(n, f"gpt-x says: q{n}") for n in range(6)]

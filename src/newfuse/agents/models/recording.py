@@ -15,6 +15,8 @@ pass, and a write does not contend with any event stream's version check.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
@@ -34,7 +36,7 @@ from newfuse.agents.models.base import (
     input_hash,
     params_hash,
 )
-from newfuse.errors import InvalidEnvelopeError
+from newfuse.errors import FuseError, InvalidEnvelopeError
 from newfuse.nats.jserrors import decode_pub_ack
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
@@ -49,6 +51,8 @@ from newfuse.schemas import (
 )
 
 INVOKED_TYPE: Final = "model.invoked"
+
+log = logging.getLogger("newfuse.agents.models")
 
 
 class CallLog:
@@ -289,6 +293,11 @@ class ModelRecorder:
             `<prefix>.a2a._model.<source>`.
         agent: the `agent` field of the records (default: `source`).
         timeout: seconds to wait for each record's PubAck.
+        wait: a call returns once its record is stored (True), or at once while the record's
+            PubAck is awaited in the background (False: the call costs a publish, not a round
+            trip; `flush()` and `close()` wait for what is in flight, at most `in_flight`
+            records are, and `failed` keeps the errors of records that were not stored).
+        in_flight: with `wait=False`, the most records awaiting their PubAck at once.
     """
 
     def __init__(
@@ -299,6 +308,8 @@ class ModelRecorder:
         prefix: str = "fuse",
         agent: str | None = None,
         timeout: float = 5.0,
+        wait: bool = True,
+        in_flight: int = 256,
     ) -> None:
         self.subjects = Subjects(prefix)
         self.source = check_agent_name(source, kind="model call source")
@@ -307,6 +318,11 @@ class ModelRecorder:
         self._inbox = PubAckInbox(nc, f"model recorder {source!r}")
         self._started = False
         self._timeout = timeout
+        self._wait = wait
+        self._room = asyncio.Semaphore(max(1, in_flight))
+        self._pending: set[asyncio.Task[None]] = set()
+        self.failed: list[str] = []
+        """Why records stored in the background were not stored (oldest first, at most 100)."""
 
     async def __aenter__(self) -> ModelRecorder:
         await self._start()
@@ -320,8 +336,14 @@ class ModelRecorder:
             self._started = True
             await self._inbox.start()
 
+    async def flush(self) -> None:
+        """Wait until every record stored in the background is acknowledged (or failed)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
     async def close(self) -> None:
-        """Close the PubAck inbox. Idempotent."""
+        """Wait for the records in flight, then close the PubAck inbox. Idempotent."""
+        await self.flush()
         await self._inbox.close()
 
     def model(
@@ -348,8 +370,27 @@ class ModelRecorder:
             correlation_id=invoked.context_id,
             causation_id=invoked.correlation,
         )
+        if self._wait:
+            await self._acked(body, wire_headers)
+            return
+        await self._room.acquire()
+        task = asyncio.create_task(self._background(body, wire_headers))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _acked(self, body: bytes, wire_headers: dict[str, str]) -> None:
         answer = await self._inbox.request(self.subject, body, wire_headers, self._timeout)
         decode_pub_ack(answer, subject=self.subject)
+
+    async def _background(self, body: bytes, wire_headers: dict[str, str]) -> None:
+        try:
+            await self._acked(body, wire_headers)
+        except FuseError as error:
+            log.warning("model recorder %s: a record was not stored: %s", self.source, error)
+            if len(self.failed) < 100:
+                self.failed.append(str(error))
+        finally:
+            self._room.release()
 
 
 class _BusLog(CallLog):
