@@ -36,17 +36,15 @@ from newfuse.agents.models.base import (
     input_hash,
     params_hash,
 )
-from newfuse.errors import FuseError, InvalidEnvelopeError
+from newfuse.errors import FuseError
 from newfuse.nats.jserrors import decode_pub_ack
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
-    ENVELOPE_DECODER,
     ChatMessage,
     Envelope,
     ModelInvoked,
     Tool,
-    check_depth,
     new_event_id,
 )
 
@@ -410,9 +408,6 @@ class StoredInvocation(msgspec.Struct, frozen=True, kw_only=True):
     invoked: ModelInvoked
 
 
-_INVOKED: Final = msgspec.json.Decoder(ModelInvoked)
-
-
 def decode_invoked(body: bytes, *, position: int, subject: str) -> StoredInvocation:
     """A stored model.invoked record, checked (depth, envelope, type, payload).
 
@@ -420,17 +415,5 @@ def decode_invoked(body: bytes, *, position: int, subject: str) -> StoredInvocat
         InvalidEnvelopeError: it is not one (says where and why).
     """
     where = f"at position {position} on {subject}"
-    check_depth(body, where)
-    try:
-        envelope = ENVELOPE_DECODER.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise InvalidEnvelopeError(where=where, path="$", reason=str(error)) from None
-    if envelope.type != INVOKED_TYPE:
-        raise InvalidEnvelopeError(
-            where=where, path="$.type", reason=f"{envelope.type!r} is not {INVOKED_TYPE!r}"
-        )
-    try:
-        invoked = _INVOKED.decode(envelope.data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise InvalidEnvelopeError(where=where, path="$.data", reason=str(error)) from None
+    envelope, invoked = wire.decode_stored(body, where, (INVOKED_TYPE,))
     return StoredInvocation(envelope=envelope, position=position, invoked=invoked)
