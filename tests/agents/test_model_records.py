@@ -58,6 +58,21 @@ def asking_agent(provider: OpenAICompatibleProvider) -> Agent:
     return agent
 
 
+def one_call_agent(provider: OpenAICompatibleProvider, runs: list[str]) -> Agent:
+    """An agent whose handler makes one model call; `runs` gets each run's message id."""
+    agent = Agent("asker", ack_wait=1.0)
+
+    @agent.handler("ask")
+    async def ask(ctx: Context, body: dict[str, str]) -> dict[str, str]:
+        runs.append(ctx.envelope.id)
+        answer = await ctx.chat(
+            provider, [ChatMessage(role="user", content=body["q"])], model="gpt-x"
+        )
+        return {"a": answer.content or ""}
+
+    return agent
+
+
 class LosesFirstAcks(RunningAgent):
     """An instance whose first ack of each message is lost: the message comes back."""
 
@@ -136,17 +151,8 @@ async def test_a_redelivered_handler_gets_its_recorded_answers_and_records_once(
     server: OpenAIServer,
     provider: OpenAICompatibleProvider,
 ) -> None:
-    agent = Agent("asker", ack_wait=1.0)
     runs: list[str] = []
-
-    @agent.handler("ask")
-    async def ask(ctx: Context, body: dict[str, str]) -> dict[str, str]:
-        runs.append(ctx.envelope.id)
-        answer = await ctx.chat(
-            provider, [ChatMessage(role="user", content=body["q"])], model="gpt-x"
-        )
-        return {"a": answer.content or ""}
-
+    agent = one_call_agent(provider, runs)
     running = agent.run(nc, key="1", prefix=prefix, stream=stream)
     instance = LosesFirstAcks(
         agent, nc, running.agent_id, running.subjects, stream, fast_path=False
@@ -168,14 +174,7 @@ async def test_a_handler_run_again_before_its_marker_asks_the_record_not_the_mod
     server: OpenAIServer,
     provider: OpenAICompatibleProvider,
 ) -> None:
-    agent = Agent("asker", ack_wait=1.0)
-
-    @agent.handler("ask")
-    async def ask(ctx: Context, body: dict[str, str]) -> dict[str, str]:
-        answer = await ctx.chat(
-            provider, [ChatMessage(role="user", content=body["q"])], model="gpt-x"
-        )
-        return {"a": answer.content or ""}
+    agent = one_call_agent(provider, [])
 
     class DiesBeforeItsMarker(RunningAgent):
         """Stores the effects of the first delivery, then 'dies' before the marker."""

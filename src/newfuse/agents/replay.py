@@ -26,7 +26,7 @@ from nats.aio.client import Client
 
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId
-from newfuse.agents.models.base import ChatChunk, ChatResult, ModelProvider
+from newfuse.agents.models.base import ChatChunk, ChatResult, ModelProvider, chunked
 from newfuse.agents.models.recording import INVOKED_TYPE, decode_invoked, result_of
 from newfuse.agents.runtime import Agent, Context, run_handler
 from newfuse.errors import FuseError, ModelReplayError, ModelUnavailableError
@@ -152,9 +152,8 @@ class _Recorded:
         params: dict[str, Any] | None = None,
     ) -> AsyncIterator[ChatChunk | ChatResult]:
         result = await self.chat(messages, model=model, tools=tools, params=params)
-        if result.content:
-            yield ChatChunk(content=result.content)
-        yield result
+        async for item in chunked(result):
+            yield item
 
 
 class _DryRun:

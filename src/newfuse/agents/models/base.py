@@ -100,3 +100,10 @@ async def collect(stream: AsyncIterator[ChatChunk | ChatResult]) -> ChatResult:
         if isinstance(item, ChatResult):
             result = item
     return result or ChatResult()
+
+
+async def chunked(result: ChatResult) -> AsyncIterator[ChatChunk | ChatResult]:
+    """A whole result as a stream: its text word by word (spaces kept), then the result."""
+    for index, word in enumerate((result.content or "").split(" ") if result.content else []):
+        yield ChatChunk(content=word if index == 0 else " " + word)
+    yield result

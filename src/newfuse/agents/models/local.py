@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from newfuse.agents.models.base import ChatChunk, ChatResult
+from newfuse.agents.models.base import ChatChunk, ChatResult, chunked
 from newfuse.schemas import ChatMessage, Tool
 
 LocalModel = Callable[
@@ -97,7 +97,5 @@ class LocalModelProvider:
         params: dict[str, Any] | None = None,
     ) -> AsyncIterator[ChatChunk | ChatResult]:
         result = await self.chat(messages, model=model, tools=tools, params=params)
-        text = result.content or ""
-        for index, word in enumerate(text.split(" ")):
-            yield ChatChunk(content=word if index == 0 else " " + word)
-        yield result
+        async for item in chunked(result):
+            yield item

@@ -33,6 +33,7 @@ from newfuse.agents.models.base import (
     ChatChunk,
     ChatResult,
     ModelProvider,
+    chunked,
     input_hash,
     params_hash,
 )
@@ -245,9 +246,8 @@ class RecordedModel:
         stored = await self._replayed(call, messages, model)
         if stored is not None:
             await self.log.write(stored)
-            if stored.content:
-                yield ChatChunk(content=stored.content)
-            yield result_of(stored)
+            async for item in chunked(result_of(stored)):
+                yield item
             return
         started = time.perf_counter()
         result: ChatResult | None = None
