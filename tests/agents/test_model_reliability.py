@@ -1,85 +1,27 @@
-"""The HTTP provider's calls go through a rate limiter, a circuit breaker and a retry policy
-(the API of newfuse.reliability: `acquire()`, `call(fn)`, `run(fn, operation=, retryable=)`),
-against the loopback server failing on purpose.
-
-newfuse.reliability is on another branch; until it is on main these small implementations of
-its three methods stand in for it (what is tested is the provider's side: what it passes, in
-which order, what it retries).
-"""
+"""The HTTP provider's calls go through newfuse.reliability's rate limiter, circuit breaker
+and retry policy, against the loopback server failing on purpose (429 with Retry-After, 5xx)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import pytest
 
 from newfuse.agents.models import ChatMessage, OpenAICompatibleProvider, collect
-from newfuse.errors import ModelRequestError, ModelUnavailableError
+from newfuse.errors import CircuitOpenError, ModelRequestError, ModelUnavailableError
+from newfuse.reliability import CircuitBreaker, RateLimiter, RetryPolicy
 from openai_server import Failure, OpenAIServer
 
-T = TypeVar("T")
 HELLO = [ChatMessage(role="user", content="hi")]
 
 
-class Attempts:
-    """A retry policy of `attempts` tries with no wait, keeping the waits asked for."""
+def retry_policy(waits: list[float]) -> RetryPolicy:
+    """Four attempts without jitter; the waits it asks for are kept, not slept."""
 
-    def __init__(self, attempts: int) -> None:
-        self.attempts = attempts
-        self.asked: list[float | None] = []
-        self.operations: list[str] = []
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
 
-    async def run(
-        self,
-        fn: Callable[[], Awaitable[T]],
-        *,
-        operation: str,
-        retryable: Callable[[BaseException], bool] | None = None,
-    ) -> T:
-        self.operations.append(operation)
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return await fn()
-            except Exception as error:
-                if retryable is None or not retryable(error) or attempt == self.attempts:
-                    raise
-                self.asked.append(getattr(error, "retry_after", None))
-        raise AssertionError("unreachable")
-
-
-class OpenAfter:
-    """A breaker that opens after `failures` failures in a row and then refuses calls."""
-
-    class Open(Exception):
-        pass
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.failed = 0
-        self.calls = 0
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        if self.failed >= self.failures:
-            raise OpenAfter.Open("circuit open")
-        self.calls += 1
-        try:
-            result = await fn()
-        except Exception:
-            self.failed += 1
-            raise
-        self.failed = 0
-        return result
-
-
-class Counter:
-    """A limiter that lets everything through and counts."""
-
-    def __init__(self) -> None:
-        self.acquired = 0
-
-    async def acquire(self) -> None:
-        self.acquired += 1
+    return RetryPolicy(attempts=4, first=0.25, most=5.0, jitter=0.0, sleep=sleep)
 
 
 @pytest.fixture
@@ -89,14 +31,16 @@ async def server() -> AsyncIterator[OpenAIServer]:
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["chat", "stream"])
-async def test_failures_are_retried_through_limiter_and_breaker_with_retry_after(
+async def test_failures_are_retried_through_limiter_and_breaker_honouring_retry_after(
     server: OpenAIServer, streamed: bool
 ) -> None:
-    retry, breaker, limiter = Attempts(4), OpenAfter(5), Counter()
+    waits: list[float] = []
+    limiter = RateLimiter(rate=0.001, burst=10, clock=lambda: 0.0)  # a frozen clock: no refill
+    breaker = CircuitBreaker("model", failures=5)
     server.fail(Failure(status=429, retry_after="3"))
     server.fail(Failure(status=503))
     async with OpenAICompatibleProvider(
-        server.url, retry=retry, breaker=breaker, limiter=limiter
+        server.url, retry=retry_policy(waits), breaker=breaker, limiter=limiter
     ) as provider:
         if streamed:
             result = await collect(provider.stream(HELLO, model="m"))
@@ -104,30 +48,37 @@ async def test_failures_are_retried_through_limiter_and_breaker_with_retry_after
             result = await provider.chat(HELLO, model="m")
     assert result.content == "m says: hi"
     assert len(server.requests) == 3
-    assert limiter.acquired == 3 and breaker.calls == 3
-    assert retry.asked == [3.0, None]
-    verb = "stream from" if streamed else "chat with"
-    assert retry.operations == [f"{verb} 'm' at {server.url}/chat/completions"]
+    assert limiter.tokens == 7  # one token per attempt
+    assert waits[0] == 3.0  # the Retry-After, not the backoff
+    assert len(waits) == 2 and waits[1] != 3.0
+    assert breaker.state == "closed"
 
 
 async def test_a_refusal_is_not_retried(server: OpenAIServer) -> None:
-    retry = Attempts(4)
+    waits: list[float] = []
     server.fail(Failure(status=400, body=b'{"error": {"message": "bad"}}'))
-    async with OpenAICompatibleProvider(server.url, retry=retry) as provider:
+    async with OpenAICompatibleProvider(server.url, retry=retry_policy(waits)) as provider:
         with pytest.raises(ModelRequestError, match="HTTP 400"):
             await provider.chat(HELLO, model="m")
-    assert len(server.requests) == 1 and retry.asked == []
+    assert len(server.requests) == 1 and waits == []
 
 
 async def test_the_breaker_opens_on_a_failing_server_and_stops_calling_it(
     server: OpenAIServer,
 ) -> None:
-    breaker = OpenAfter(3)
+    changes: list[tuple[str, str, str]] = []
+    breaker = CircuitBreaker(
+        "model", failures=3, reset_after=60.0, on_change=lambda *c: changes.append(c)
+    )
     server.fail(Failure(status=500), times=10)
     async with OpenAICompatibleProvider(server.url, breaker=breaker) as provider:
         for _ in range(3):
             with pytest.raises(ModelUnavailableError):
                 await provider.chat(HELLO, model="m")
-        with pytest.raises(OpenAfter.Open):
+        with pytest.raises(CircuitOpenError):
             await provider.chat(HELLO, model="m")
+        with pytest.raises(CircuitOpenError):
+            await collect(provider.stream(HELLO, model="m"))
     assert len(server.requests) == 3
+    assert breaker.state == "open"
+    assert [change[1:] for change in changes] == [("closed", "open")]

@@ -66,7 +66,7 @@ from newfuse.schemas.export import (
     payload_schema,
 )
 from newfuse.schemas.ids import new_event_id
-from newfuse.schemas.model import ChatMessage, ChatRole, ModelInvoked, Outcome, Tool, ToolCall
+from newfuse.schemas.model import ChatMessage, ChatRole, ModelInvoked, ModelOutcome, Tool, ToolCall
 from newfuse.schemas.names import (
     MAX_CATEGORY_BYTES,
     MAX_EVENT_ID_BYTES,
@@ -148,6 +148,7 @@ __all__ = [
     "Envelope",
     "ExportedSchema",
     "ModelInvoked",
+    "ModelOutcome",
     "NewEvent",
     "Outcome",
     "Part",

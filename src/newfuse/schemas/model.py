@@ -14,7 +14,7 @@ import msgspec
 from newfuse.schemas.payloads import Timestamp, utcnow
 
 ChatRole = Literal["system", "user", "assistant", "tool"]
-Outcome = Literal["ok", "error"]
+ModelOutcome = Literal["ok", "error"]
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,7 +77,7 @@ class ModelInvoked(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     request_model: str
     params_hash: str
     input_hash: str
-    outcome: Outcome
+    outcome: ModelOutcome
     latency_ms: float
     operation: str = "chat"
     response_model: str | None = None
