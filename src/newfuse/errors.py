@@ -1115,3 +1115,92 @@ class SagaTimeoutError(SagaError, TimeoutError):
             f"saga {_shown(saga_id)} is still {status} after {waited:g}s; `fuse sagas show` "
             f"tells which step it is at"
         )
+
+
+# -- model providers -------------------------------------------------------------------------------
+
+
+class ModelError(FuseError):
+    """Base of the errors of model providers (LLM endpoints and local models)."""
+
+
+class ModelRequestError(ModelError):
+    """The model server refused the request as asked (400, 401, 403, 404, 422): a wrong model
+    name, key or parameter; sending it again will not help."""
+
+    def __init__(self, *, provider: str, url: str, status: int, detail: str) -> None:
+        self.provider = provider
+        self.url = url
+        self.status = status
+        self.detail = detail
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text; subclasses with other facts say it their way."""
+        hint = {
+            401: "check the API key",
+            403: "check the API key's permissions",
+            404: "check the base URL (it ends in /v1) and the model name",
+        }.get(self.status, "check the model name and parameters")
+        return (
+            f"{self.provider} at {self.url} refused the request (HTTP {self.status}): "
+            f"{_shown(self.detail, 300)}; {hint}"
+        )
+
+
+class ModelUnavailableError(ModelError):
+    """The model server is overloaded, failing or unreachable (429, 5xx, a timeout, a refused
+    connection); a later attempt may succeed, after `retry_after` seconds when it said so."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        url: str,
+        reason: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.provider = provider
+        self.url = url
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text; subclasses with other facts say it their way."""
+        status = f" (HTTP {self.status})" if self.status is not None else ""
+        wait = f"; it asks to wait {self.retry_after:g}s" if self.retry_after is not None else ""
+        return f"{self.provider} at {self.url}{status}: {self.reason}{wait}"
+
+
+class ModelRateLimitedError(ModelUnavailableError):
+    """The model server said too many requests (429)."""
+
+
+class ModelResponseError(ModelError):
+    """The model server answered with something that is not a chat completion (not JSON, too
+    large, too deeply nested, a field of the wrong type): it is not used."""
+
+    def __init__(self, *, provider: str, url: str, reason: str) -> None:
+        self.provider = provider
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{provider} at {url} answered with no usable chat completion: {reason}")
+
+
+class ModelReplayError(ModelError):
+    """A replay cannot answer a model call from the log: the handler made more calls than were
+    recorded (its code or input changed); the replay of that message stops there."""
+
+    def __init__(self, *, message_id: str, call: int, recorded: int) -> None:
+        self.message_id = message_id
+        self.call = call
+        self.recorded = recorded
+        super().__init__(
+            f"replay of message {_shown(message_id)}: model call {call} has no recorded result "
+            f"({recorded} call(s) recorded); replay with --provider to answer new calls"
+        )

@@ -48,6 +48,7 @@ BUILT_IN = [
     "circuit.closed",
     "circuit.half_opened",
     "circuit.opened",
+    "model.invoked",
     "saga.committed",
     "saga.rolled_back",
     "saga.started",

@@ -76,6 +76,7 @@ def test_export_writes_envelope_each_type_and_version_and_the_index(tmp_path: Pa
         ("circuit.closed", 1, "circuit.closed.v1.json", True),
         ("circuit.half_opened", 1, "circuit.half_opened.v1.json", True),
         ("circuit.opened", 1, "circuit.opened.v1.json", True),
+        ("model.invoked", 1, "model.invoked.v1.json", True),
         ("order.placed", 1, "order.placed.v1.json", False),
         ("order.placed", 2, "order.placed.v2.json", True),
         ("saga.committed", 1, "saga.committed.v1.json", True),

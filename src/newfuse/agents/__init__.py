@@ -25,6 +25,7 @@ from newfuse.agents.registry import (
     runs,
     summarize,
 )
+from newfuse.agents.replay import CallComparison, EffectComparison, Replay, ReplayedMessage
 from newfuse.agents.runtime import Agent, Context, RunningAgent
 from newfuse.agents.tasks import StatusChange, Task, Tasks, fold
 
@@ -36,13 +37,17 @@ __all__ = [
     "AggregateRecord",
     "Aggregates",
     "Aggregator",
+    "CallComparison",
     "CircuitEvents",
     "Context",
     "DeadLetters",
+    "EffectComparison",
     "Gathered",
     "Instance",
     "QueueStats",
+    "Replay",
     "Replayed",
+    "ReplayedMessage",
     "Reply",
     "Run",
     "RunningAgent",

@@ -26,18 +26,15 @@ from newfuse.errors import (
     DeadLetterNotFoundError,
     DeadLetterReplayError,
     FuseError,
-    InvalidEnvelopeError,
 )
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.jserrors import client_error, decode_pub_ack
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
-    ENVELOPE_DECODER,
     A2AMessage,
     DeadLetter,
     Envelope,
-    check_depth,
     default_registry,
 )
 
@@ -79,19 +76,7 @@ def decode_dead_letter(body: bytes, *, position: int, subject: str) -> StoredDea
         InvalidEnvelopeError: it is not one (says where and why).
     """
     where = f"at position {position} on {subject}"
-    check_depth(body, where)
-    try:
-        envelope = ENVELOPE_DECODER.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise InvalidEnvelopeError(where=where, path="$", reason=str(error)) from None
-    if envelope.type != DEAD_LETTER_TYPE:
-        raise InvalidEnvelopeError(
-            where=where, path="$.type", reason=f"{envelope.type!r} is not {DEAD_LETTER_TYPE!r}"
-        )
-    try:
-        letter = _REGISTRY.decode(envelope.type, envelope.schema_version, envelope.data)
-    except FuseError as error:
-        raise InvalidEnvelopeError(where=where, path="$.data", reason=str(error)) from None
+    envelope, letter = wire.decode_stored(body, where, (DEAD_LETTER_TYPE,), _REGISTRY)
     return StoredDeadLetter(
         id=envelope.id, position=position, timestamp=envelope.timestamp, letter=letter
     )

@@ -5,8 +5,8 @@ conversation: requests, replies, topic messages, task status changes and dead le
 order the stream stored them. `History` reads them by direct get (nothing is consumed, nothing
 written), decodes each body as the runtime would (hostile or broken bodies are listed in
 `skipped` with their position, never raised) and filters by conversation, agent or task.
-Handled markers (`_handled`) and the copies of messages a task keeps are bookkeeping, not turns
-of the conversation: they are passed over.
+Handled markers (`_handled`), model call records (`_model`) and the copies of messages a task
+keeps are bookkeeping, not turns of the conversation: they are passed over.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class History:
     def _turn(self, body: bytes, position: int, subject: str) -> Turn | None:
         where = subject[self._cut :]
         head, _, rest = where.partition(".")
-        if head == "_handled" or not where:
+        if head in ("_handled", "_model") or not where:
             return None
         try:
             if head == "_task":

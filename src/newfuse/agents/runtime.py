@@ -22,7 +22,7 @@ import typing
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from nats.aio.client import Client
@@ -34,6 +34,8 @@ from opentelemetry import trace
 from newfuse import telemetry
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
+from newfuse.agents.models.base import ChatResult, ModelProvider
+from newfuse.agents.models.recording import INVOKED_TYPE, CallLog, RecordedModel, decode_invoked
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of
 from newfuse.agents.tasks import (
     SENDER,
@@ -76,12 +78,15 @@ from newfuse.schemas import (
     AgentProvider,
     AgentSkill,
     Artifact,
+    ChatMessage,
     DeadLetter,
     Envelope,
+    ModelInvoked,
     Part,
     SchemaRegistry,
     TaskState,
     TaskStatusUpdate,
+    Tool,
     VersionRange,
 )
 
@@ -90,6 +95,19 @@ log = logging.getLogger("newfuse.agents")
 Handler = Callable[["Context", Any], Awaitable[Any]]
 Effect = tuple[str, bytes, dict[str, str]]
 _UNTRACED: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
+
+
+class AgentRuntime(Protocol):
+    """What a Context needs of the instance it runs in (a RunningAgent, or a replay's)."""
+
+    agent_id: AgentId
+    subjects: Subjects
+    _direct: DirectGet
+
+    def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
+        """The provider that answers a handler's model calls, and the model to ask for instead
+        of the one the handler names (None: that one); a replay swaps them."""
+        ...
 
 
 class _Route(msgspec.Struct, frozen=True):
@@ -106,7 +124,7 @@ class Context:
 
     def __init__(
         self,
-        runtime: RunningAgent,
+        runtime: AgentRuntime,
         envelope: Envelope,
         message: A2AMessage,
         *,
@@ -128,6 +146,8 @@ class Context:
         # The span handling this message (current when the runtime builds a Context): every
         # effect names it as its parent, so a chain of agents is one trace.
         self._trace = wire.current_trace()
+        self._model_log: _HandlerLog | None = None
+        self._model_effects = 0
 
     @property
     def agent_id(self) -> AgentId:
@@ -141,7 +161,7 @@ class Context:
     def _next_id(self, name: str = "") -> str:
         """The id of the next effect (derived from the message handled and the effect's index,
         so a redelivered handler that emits the same effects gets the same ids)."""
-        index = str(len(self._effects))
+        index = str(len(self._effects) - self._model_effects)  # model records have their own
         return wire.derived_id(self.envelope.id, self.consumer, f"{index}{name}")
 
     def _effect(
@@ -152,8 +172,9 @@ class Context:
         data: Any,
         *,
         metadata: dict[str, str] | None = None,
+        event_id: str | None = None,
     ) -> str:
-        event_id = self._next_id()
+        event_id = event_id or self._next_id()
         body, wire_headers = wire.encode(
             stream,
             type_name,
@@ -267,6 +288,33 @@ class Context:
         self._effect(subject, stream, STATUS_TYPE, update, metadata={SENDER: sender})
         return task_id
 
+    def model(self, provider: ModelProvider) -> RecordedModel:
+        """`provider`, with each call recorded as an effect of this handler (`model.invoked` on
+        `<prefix>.a2a._model.<type>`, stored when the handler returns, once however often the
+        message is delivered) and traced with the OpenTelemetry GenAI attributes.
+
+        Calls are numbered in the order the handler makes them (0, 1, ...): a redelivered
+        handler whose earlier attempt stored call n gets that answer again when it asks the
+        same (model and input) instead of calling the model. Records of a handler that
+        raises are not stored (effects are all or none): catch a ModelError to keep one.
+        """
+        if self._model_log is None:
+            self._model_log = _HandlerLog(self)
+        chosen, model = self._runtime._provider_for(provider)
+        return RecordedModel(chosen, self._model_log, model=model)
+
+    async def chat(
+        self,
+        provider: ModelProvider,
+        messages: list[ChatMessage],
+        *,
+        model: str,
+        tools: list[Tool] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> ChatResult:
+        """One recorded chat call: `await ctx.model(provider).chat(...)`."""
+        return await self.model(provider).chat(messages, model=model, tools=tools, params=params)
+
     def send(
         self,
         to: AgentId | str,
@@ -321,6 +369,70 @@ def _failed(span: trace.Span, error: Exception, reason: str) -> None:
     if span.is_recording():
         span.record_exception(error)
         span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
+
+
+class _HandlerLog(CallLog):
+    """The model calls of one handler run: records are the handler's effects."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(
+            agent=str(ctx.agent_id),
+            correlation=ctx.envelope.id,
+            context_id=ctx.message.context_id,
+        )
+        self._ctx = ctx
+        agent_type = ctx.agent_id.type
+        self._subject = ctx._runtime.subjects.models(agent_type)
+        self._stream = f"model.{agent_type}"
+
+    def _id(self, call: int) -> str:
+        return wire.derived_id(self._ctx.envelope.id, self._ctx.consumer, f"model/{call}")
+
+    async def recorded(self, call: int) -> ModelInvoked | None:
+        ctx = self._ctx
+        if ctx.attempt < 2 or ctx.position == 0:
+            return None
+        wanted = self._id(call)
+        direct = ctx._runtime._direct
+        async for msg in direct.messages(self._subject, "find recorded model calls", ctx.position):
+            if (msg.headers or {}).get(headers.MSG_ID) != wanted:
+                continue
+            try:
+                return decode_invoked(msg.data, position=0, subject=self._subject).invoked
+            except FuseError:
+                return None
+        return None
+
+    async def write(self, invoked: ModelInvoked) -> None:
+        self.records.append(invoked)
+        ctx = self._ctx
+        ctx._model_effects += 1
+        ctx._effect(
+            self._subject,
+            self._stream,
+            INVOKED_TYPE,
+            invoked,
+            event_id=self._id(invoked.call),
+        )
+
+
+async def run_handler(route: _Route, ctx: Context) -> None:
+    """Convert the payload to the handler's type, run it, and reply with what it returns.
+
+    Raises:
+        InvalidPayloadError: the payload does not fit the handler's type.
+    """
+    payload: Any = ctx.message.payload
+    if route.payload is not dict:
+        try:
+            payload = msgspec.convert(payload, route.payload)
+        except msgspec.ValidationError as error:  # the sender's mistake: retrying won't help
+            raise InvalidPayloadError(
+                type_name=ctx.message.type, version=1, path="$.payload", reason=str(error)
+            ) from None
+    result = await route.handler(ctx, payload)
+    if result is not None:
+        ctx.reply(result)
 
 
 def _as_payload(value: Any) -> dict[str, Any]:
@@ -841,24 +953,14 @@ class RunningAgent:
         return backoff(attempt, first=first, most=most)
 
     async def _call(self, route: _Route, ctx: Context, msg: Msg | None) -> None:
-        payload: Any = ctx.message.payload
-        if route.payload is not dict:
-            try:
-                payload = msgspec.convert(payload, route.payload)
-            except msgspec.ValidationError as error:  # the sender's mistake: retrying won't help
-                raise InvalidPayloadError(
-                    type_name=ctx.message.type, version=1, path="$.payload", reason=str(error)
-                ) from None
         beat = None
         if msg is not None:
             beat = asyncio.create_task(self._in_progress(msg))
         try:
-            result = await route.handler(ctx, payload)
+            await run_handler(route, ctx)
         finally:
             if beat is not None:
                 beat.cancel()
-        if result is not None:
-            ctx.reply(result)
 
     async def _in_progress(self, msg: Msg) -> None:
         while True:
@@ -903,6 +1005,9 @@ class RunningAgent:
 
     async def _ack(self, msg: Msg) -> None:
         await msg.ack()
+
+    def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
+        return provider, None
 
     async def _dead_letter(
         self,

@@ -22,19 +22,17 @@ import msgspec
 from nats.aio.client import Client
 
 from newfuse.agents import wire
-from newfuse.errors import FuseError, InvalidEnvelopeError
+from newfuse.errors import FuseError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
-    ENVELOPE_DECODER,
     TERMINAL_STATES,
     A2AMessage,
     Artifact,
     Envelope,
     TaskState,
     TaskStatusUpdate,
-    check_depth,
     default_registry,
 )
 
@@ -122,21 +120,7 @@ def decode_task_event(body: bytes, *, position: int, subject: str) -> TaskEvent:
         InvalidEnvelopeError: it is not a task event (says where and why).
     """
     where = f"at position {position} on {subject}"
-    check_depth(body, where)
-    try:
-        envelope = ENVELOPE_DECODER.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise InvalidEnvelopeError(where=where, path="$", reason=str(error)) from None
-    if envelope.type not in (STATUS_TYPE, MESSAGE_TYPE):
-        raise InvalidEnvelopeError(
-            where=where,
-            path="$.type",
-            reason=f"{envelope.type!r} is neither {STATUS_TYPE!r} nor {MESSAGE_TYPE!r}",
-        )
-    try:
-        payload = _REGISTRY.decode(envelope.type, envelope.schema_version, envelope.data)
-    except FuseError as error:
-        raise InvalidEnvelopeError(where=where, path="$.data", reason=str(error)) from None
+    envelope, payload = wire.decode_stored(body, where, (STATUS_TYPE, MESSAGE_TYPE), _REGISTRY)
     return TaskEvent(position, envelope, payload)
 
 

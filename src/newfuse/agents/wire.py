@@ -314,3 +314,28 @@ def _is_token(value: str) -> bool:
     except InvalidNameError:
         return False
     return True
+
+
+def decode_stored(
+    body: bytes, where: str, types: tuple[str, ...], registry: SchemaRegistry = REGISTRY
+) -> tuple[Envelope, Any]:
+    """A stored event of one of `types` on the message stream, checked: bounded depth, an
+    envelope, one of those types, a payload valid for it.
+
+    Raises:
+        InvalidEnvelopeError: it is not one (says where and why).
+    """
+    check_depth(body, where)
+    try:
+        envelope = ENVELOPE_DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        raise InvalidEnvelopeError(where=where, path="$", reason=str(error)) from None
+    if envelope.type not in types:
+        expected = " nor ".join(map(repr, types))
+        reason = f"{envelope.type!r} is {'neither ' if len(types) > 1 else 'not '}{expected}"
+        raise InvalidEnvelopeError(where=where, path="$.type", reason=reason)
+    try:
+        payload = registry.decode(envelope.type, envelope.schema_version, envelope.data)
+    except FuseError as error:
+        raise InvalidEnvelopeError(where=where, path="$.data", reason=str(error)) from None
+    return envelope, payload

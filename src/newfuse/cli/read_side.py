@@ -22,6 +22,7 @@ from newfuse.cli._common import (
 from newfuse.cli._output import note, print_error, print_json, print_table, progress, rfc3339
 from newfuse.cli.agents import register_agent_actions
 from newfuse.cli.history import register_history_action
+from newfuse.cli.models import register_replay_action
 from newfuse.eventstore import EventStore
 from newfuse.projections import (
     AgentStateView,
@@ -74,6 +75,7 @@ def register(commands: Commands) -> None:
     state.set_defaults(handler=run_agent_state)
     register_agent_actions(agent_actions)
     register_history_action(agent_actions)
+    register_replay_action(agent_actions)
 
     audit = commands.add_parser(
         "audit",

@@ -133,6 +133,16 @@ class Subjects:
         )
         return f"{self._a2a}_aggregate.{aggregate_id}"
 
+    def models(self, source: str) -> str:
+        """Records of model calls (`model.invoked`) by one agent type or source:
+        `<prefix>.a2a._model.<source>`."""
+        return f"{self._a2a}_model.{source}"
+
+    @property
+    def all_models(self) -> str:
+        """Every model call record: `<prefix>.a2a._model.*`."""
+        return f"{self._a2a}_model.*"
+
     def rpc(self, agent_type: str) -> str:
         """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
         return f"{self.prefix}.rpc.{agent_type}"

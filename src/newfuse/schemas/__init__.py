@@ -66,6 +66,7 @@ from newfuse.schemas.export import (
     payload_schema,
 )
 from newfuse.schemas.ids import new_event_id
+from newfuse.schemas.model import ChatMessage, ChatRole, ModelInvoked, ModelOutcome, Tool, ToolCall
 from newfuse.schemas.names import (
     MAX_CATEGORY_BYTES,
     MAX_EVENT_ID_BYTES,
@@ -149,6 +150,8 @@ __all__ = [
     "Artifact",
     "Asked",
     "BreakerState",
+    "ChatMessage",
+    "ChatRole",
     "CircuitChange",
     "CircuitClosed",
     "CircuitHalfOpened",
@@ -156,6 +159,8 @@ __all__ = [
     "DeadLetter",
     "Envelope",
     "ExportedSchema",
+    "ModelInvoked",
+    "ModelOutcome",
     "NewEvent",
     "Outcome",
     "Part",
@@ -178,6 +183,8 @@ __all__ = [
     "TaskState",
     "TaskStatusUpdate",
     "Timestamp",
+    "Tool",
+    "ToolCall",
     "TraceContext",
     "Transaction",
     "TransactionStatus",

@@ -25,6 +25,7 @@ from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
 from newfuse.schemas.aggregate import AggregateClosed, AggregateLate
 from newfuse.schemas.card import AgentCard
 from newfuse.schemas.circuit import CIRCUIT_TYPES
+from newfuse.schemas.model import ModelInvoked
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 from newfuse.schemas.saga import SAGA_TYPES
@@ -393,6 +394,7 @@ def default_registry() -> SchemaRegistry:
     registry.add("task.status", 1, TaskStatusUpdate)
     registry.add("agent.card", 1, AgentCard)
     registry.add("agent.dead_letter", 1, DeadLetter)
+    registry.add("model.invoked", 1, ModelInvoked)
     for name, cls in LIFECYCLE_TYPES.items():
         registry.add(name, 1, cls)
     for name, change in CIRCUIT_TYPES.values():

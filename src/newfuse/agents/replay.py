@@ -1,0 +1,431 @@
+"""Replay an agent's handling of a past conversation, its model calls answered from the log.
+
+`replay(nc, agent, context_id=...)` reads the message stream once: the messages of the
+conversation that reached the agent's type (its inbox, its instances' inboxes, its topics),
+what its handlers stored for each (replies, sends, task changes, dead letters: the envelopes
+caused by that message) and its `model.invoked` records. Then, in this process, it runs the
+handler of each message again on a dry-run Context whose effects are compared, never
+published: nothing is written to the bus.
+
+Each model call is answered from the record of the same call (by order: call 0, 1, ... of
+that message) at no cost, so a replay of unchanged code reproduces what was stored; the input
+hash tells whether the handler asked the same. With `provider` (and/or `model`) the calls go
+to that model instead, and the replay shows where its answers, and what the handler made of
+them, diverge from what was recorded. Effect ids are derived from the message and the
+consumer as the runtime derives them, so a replayed effect is compared with the stored one of
+the same id; envelope timestamps and latencies are left out of the comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final, Literal
+
+import msgspec
+from nats.aio.client import Client
+
+from newfuse.agents import wire
+from newfuse.agents.address import AgentId
+from newfuse.agents.models.base import ChatChunk, ChatResult, ModelProvider, chunked
+from newfuse.agents.models.recording import INVOKED_TYPE, decode_invoked, result_of
+from newfuse.agents.runtime import Agent, Context, run_handler
+from newfuse.errors import FuseError, ModelReplayError, ModelUnavailableError
+from newfuse.nats import headers
+from newfuse.nats.direct import DirectGet, sequence_of
+from newfuse.nats.subjects import Subjects
+from newfuse.schemas import (
+    ENVELOPE_DECODER,
+    ChatMessage,
+    Envelope,
+    ModelInvoked,
+    Tool,
+    check_depth,
+)
+
+_VOLATILE: Final = frozenset({"timestamp", "latencyMs"})
+
+EffectChange = Literal["same", "changed", "missing", "extra"]
+
+
+class CallComparison(msgspec.Struct, frozen=True, kw_only=True):
+    """One model call of a replayed message: what was recorded, what the replay got.
+
+    `diverged` when one of them is missing, the input differs (another prompt), or the answer
+    differs (content, tool calls or outcome); `reason` says which.
+    """
+
+    call: int
+    recorded: ModelInvoked | None
+    replayed: ModelInvoked | None
+    diverged: bool
+    reason: str = ""
+
+
+class EffectComparison(msgspec.Struct, frozen=True, kw_only=True):
+    """One effect of a replayed message (a reply, a send, a task change, a dead letter), by
+    id: `same`, `changed`, `missing` (stored, not made again) or `extra` (made, not stored).
+    `recorded` and `replayed` are its payloads without timestamps."""
+
+    id: str
+    subject: str
+    type: str
+    change: EffectChange
+    recorded: Any = None
+    replayed: Any = None
+
+
+class ReplayedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """The replay of one message of the conversation.
+
+    Attributes:
+        position: the message's position on the message stream.
+        message_id: its envelope id.
+        type: its message type.
+        consumer: the consumer that handled it (whose ids the effects derive from).
+        calls: each model call, recorded against replayed.
+        effects: each effect, recorded against replayed (model records are in `calls`).
+        error: what the handler raised in the replay, if it did.
+        diverged: any call or effect differs, or the handler raised.
+    """
+
+    position: int
+    message_id: str
+    type: str
+    consumer: str
+    calls: list[CallComparison]
+    effects: list[EffectComparison]
+    error: str | None = None
+    diverged: bool = False
+
+
+class _Input(msgspec.Struct, kw_only=True):
+    position: int
+    subject: str
+    consumer: str
+    envelope: Envelope
+    message: Any  # A2AMessage
+    records: list[ModelInvoked] = []
+    effects: list[tuple[str, Envelope]] = []
+
+
+class _Recorded:
+    """Answers a message's model calls from its records, in order."""
+
+    def __init__(self, name: str, records: Sequence[ModelInvoked], message_id: str) -> None:
+        self.name = name
+        self._records = records
+        self._message_id = message_id
+        self._next = 0
+
+    def _take(self) -> ModelInvoked:
+        call = self._next
+        self._next += 1
+        if call >= len(self._records):
+            raise ModelReplayError(
+                message_id=self._message_id, call=call, recorded=len(self._records)
+            )
+        return self._records[call]
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        model: str,
+        tools: Sequence[Tool] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> ChatResult:
+        record = self._take()
+        if record.outcome != "ok":
+            raise ModelUnavailableError(
+                provider=record.provider,
+                url="(recorded)",
+                reason=record.error or "the recorded call failed",
+            )
+        return result_of(record)
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        model: str,
+        tools: Sequence[Tool] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[ChatChunk | ChatResult]:
+        result = await self.chat(messages, model=model, tools=tools, params=params)
+        async for item in chunked(result):
+            yield item
+
+
+class _DryRun:
+    """The runtime a replayed handler sees: reads work, effects stay in its Context."""
+
+    def __init__(
+        self,
+        agent_id: AgentId,
+        subjects: Subjects,
+        direct: DirectGet,
+        answers: ModelProvider | None,
+        provider: ModelProvider | None,
+        model: str | None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.subjects = subjects
+        self._direct = direct
+        self._answers = answers
+        self._provider = provider
+        self._model = model
+
+    def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
+        if self._answers is not None:
+            return self._answers, None
+        return self._provider or provider, self._model
+
+
+def _stripped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stripped(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_stripped(item) for item in value]
+    return value
+
+
+def _payload_of(envelope: Envelope) -> Any:
+    return _stripped(msgspec.json.decode(envelope.data))
+
+
+def _compare_calls(
+    recorded: Sequence[ModelInvoked], replayed: Sequence[ModelInvoked]
+) -> list[CallComparison]:
+    compared = []
+    for call in range(max(len(recorded), len(replayed))):
+        old = recorded[call] if call < len(recorded) else None
+        new = replayed[call] if call < len(replayed) else None
+        reason = ""
+        if old is None:
+            reason = "not recorded: the replay made an extra call"
+        elif new is None:
+            reason = "not made by the replay"
+        else:
+            differs = []
+            if old.input_hash != new.input_hash:
+                differs.append("input")
+            if old.request_model != new.request_model:
+                differs.append(f"model {old.request_model} -> {new.request_model}")
+            if (old.outcome, old.content, old.tool_calls) != (
+                new.outcome,
+                new.content,
+                new.tool_calls,
+            ):
+                differs.append("output")
+            if differs:
+                reason = " and ".join(differs) + " differ"
+        compared.append(
+            CallComparison(
+                call=call, recorded=old, replayed=new, diverged=bool(reason), reason=reason
+            )
+        )
+    return compared
+
+
+def _compare_effects(
+    recorded: Sequence[tuple[str, Envelope]], ctx: Context
+) -> list[EffectComparison]:
+    stored = {envelope.id: (subject, envelope) for subject, envelope in recorded}
+    made: dict[str, tuple[str, Envelope]] = {}
+    for subject, body, wire_headers in ctx._effects:
+        if wire_headers.get(headers.TYPE) == INVOKED_TYPE:
+            continue
+        made[wire_headers[headers.MSG_ID]] = (subject, ENVELOPE_DECODER.decode(body))
+    compared = []
+    for effect_id in [*stored, *(i for i in made if i not in stored)]:
+        old, new = stored.get(effect_id), made.get(effect_id)
+        either = old if old is not None else new
+        assert either is not None
+        subject, envelope = either
+        before = _payload_of(old[1]) if old else None
+        after = _payload_of(new[1]) if new else None
+        change: EffectChange = (
+            "missing"
+            if new is None
+            else "extra"
+            if old is None
+            else "same"
+            if before == after
+            else "changed"
+        )
+        compared.append(
+            EffectComparison(
+                id=effect_id,
+                subject=subject,
+                type=envelope.type,
+                change=change,
+                recorded=before,
+                replayed=after,
+            )
+        )
+    return compared
+
+
+class Replay:
+    """Replays one agent type's handling of conversations stored under `prefix`.
+
+    `skipped` lists what the last run could not read (position and why).
+
+    Args:
+        nc: a connected client (only reads are sent).
+        agent: the agent's definition (its handlers as they are now).
+        provider: answer model calls with this provider instead of the records.
+        model: ask for this model instead of the one the handler names (with the handler's
+            own provider unless `provider` is given).
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        agent: Agent,
+        *,
+        prefix: str = "fuse",
+        provider: ModelProvider | None = None,
+        model: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.agent = agent
+        self.subjects = Subjects(prefix)
+        self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
+        self._provider = provider
+        self._model = model
+        self.skipped: list[str] = []
+
+    def _consumer_of(self, subject: str) -> str | None:
+        """The consumer of the agent's type that takes messages on `subject` (None: not one)."""
+        agent_type = self.agent.type
+        own = self.subjects.agent_type(agent_type)
+        if subject == own:
+            return agent_type
+        if subject.startswith(own + ".") and "." not in subject[len(own) + 1 :]:
+            return f"{agent_type}__{subject[len(own) + 1 :]}"
+        if subject in {self.subjects.topic(topic) for topic in self.agent.topics}:
+            return agent_type
+        return None
+
+    async def _read(self, context_id: str) -> list[_Input]:
+        inputs: dict[str, _Input] = {}
+        models = self.subjects.models(self.agent.type)
+        everything = f"{self.subjects.prefix}.a2a.>"
+        async for msg in self._direct.messages(everything, "read the conversation to replay"):
+            subject = (msg.headers or {}).get(headers.SUBJECT, "")
+            position = sequence_of(msg)
+            if "._handled." in subject:
+                continue
+            where = f"at position {position} on {subject}"
+            try:
+                check_depth(msg.data, where)
+                envelope = ENVELOPE_DECODER.decode(msg.data)
+            except (FuseError, msgspec.DecodeError, msgspec.ValidationError) as error:
+                self.skipped.append(f"{where}: {error}")
+                continue
+            if subject == models:
+                try:
+                    invoked = decode_invoked(msg.data, position=position, subject=subject).invoked
+                except FuseError as error:
+                    self.skipped.append(str(error))
+                    continue
+                handled = inputs.get(invoked.correlation or "")
+                if handled is not None:
+                    handled.records.append(invoked)
+                continue
+            cause = inputs.get(envelope.causation_id or "")
+            if cause is not None:
+                cause.effects.append((subject, envelope))
+                continue
+            consumer = self._consumer_of(subject)
+            if consumer is None or envelope.type != wire.MESSAGE_TYPE:
+                continue
+            try:
+                _, message = wire.decode(msg.data, where)
+            except FuseError as error:
+                self.skipped.append(str(error))
+                continue
+            if (message.context_id or envelope.correlation_id) != context_id:
+                continue
+            inputs[envelope.id] = _Input(
+                position=position,
+                subject=subject,
+                consumer=consumer,
+                envelope=envelope,
+                message=message,
+                records=[],
+                effects=[],
+            )
+        return list(inputs.values())
+
+    def _agent_id(self, handled: _Input) -> AgentId:
+        """The instance that handled it: from its records or its effects' sender."""
+        names = [r.agent for r in handled.records if r.agent]
+        for _, envelope in handled.effects:
+            if envelope.type == wire.MESSAGE_TYPE:
+                sender = msgspec.json.decode(envelope.data).get("metadata", {}).get("sender")
+                if isinstance(sender, str):
+                    names.append(sender)
+        for name in names:
+            agent_type, slash, key = name.partition("/")
+            if slash and agent_type == self.agent.type and key:
+                return AgentId.of(agent_type, key)
+        return AgentId.of(self.agent.type, "replay")
+
+    async def messages(self, context_id: str) -> AsyncIterator[ReplayedMessage]:
+        """The replay of each message of conversation `context_id` the agent has a handler
+        for, oldest first.
+
+        Raises:
+            StoreUnavailableError, ElectionTimeoutError: the stream did not answer.
+        """
+        self.skipped = []
+        for handled in await self._read(context_id):
+            route = self.agent.routes.get(handled.message.type)
+            if route is None:
+                continue
+            handled.records.sort(key=lambda record: record.call)
+            answers = None
+            if self._provider is None and self._model is None:
+                name = handled.records[0].provider if handled.records else "recorded"
+                answers = _Recorded(name, handled.records, handled.envelope.id)
+            runtime = _DryRun(
+                self._agent_id(handled),
+                self.subjects,
+                self._direct,
+                answers,
+                self._provider,
+                self._model,
+            )
+            ctx = Context(
+                runtime,
+                handled.envelope,
+                handled.message,
+                consumer=handled.consumer,
+                attempt=1,
+                position=handled.position,
+            )
+            error = None
+            try:
+                await run_handler(route, ctx)
+            except Exception as failure:
+                error = f"{type(failure).__name__}: {failure}"
+                ctx._effects.clear()  # a handler that raises emits nothing
+            replayed = ctx._model_log.records if ctx._model_log is not None else []
+            calls = _compare_calls(handled.records, replayed)
+            effects = _compare_effects(handled.effects, ctx)
+            if error is not None:  # the runtime stored its dead letter: not an effect of ours
+                effects = [e for e in effects if e.type != "agent.dead_letter"]
+            yield ReplayedMessage(
+                position=handled.position,
+                message_id=handled.envelope.id,
+                type=handled.message.type,
+                consumer=handled.consumer,
+                calls=calls,
+                effects=effects,
+                error=error,
+                diverged=error is not None
+                or any(c.diverged for c in calls)
+                or any(e.change != "same" for e in effects),
+            )
