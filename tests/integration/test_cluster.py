@@ -45,8 +45,11 @@ async def test_an_r3_stream_keeps_its_events_on_every_node_across_a_leader_kill(
     try:
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="KILLED_LEADER", subjects=["kl.>"], num_replicas=3))
+        # the stream answers once its group has a leader (a loaded machine elects it later
+        # than add_stream returns: a publish before that meets no responders)
+        await cluster.stream_leader("KILLED_LEADER", timeout=30)
         for i in range(50):
-            await js.publish("kl.a", str(i).encode())
+            await js.publish("kl.a", str(i).encode(), timeout=10)
         leader = await cluster.stream_leader("KILLED_LEADER")
         pid = leader.pid
         assert pid is not None

@@ -25,6 +25,9 @@ from newfuse.nats.jserrors import ApiError, WrongLastSequenceError, client_error
         (503, 10077, "maximum messages exceeded", PublishRejectedError, False),
         (400, 10054, "message size exceeds maximum allowed", PublishRejectedError, False),
         (400, 10071, "wrong last sequence: 4", WrongLastSequenceError, False),
+        # after an election the new leader may answer without the sequence: the store re-reads
+        # the stream and retries or reports the conflict, as for 10071
+        (400, 10164, "wrong last sequence", WrongLastSequenceError, False),
     ],
 )
 def test_publish_refusals_are_retryable_only_when_passing(

@@ -27,6 +27,9 @@ from newfuse.errors import (
 )
 
 WRONG_LAST_SEQUENCE: Final = 10071
+WRONG_LAST_SEQUENCE_CONSTANT: Final = 10164
+"""The same refusal with no sequence in its text: seen from nats-server 2.15 on a new stream
+leader right after an election, while an earlier attempt of the same append may be in flight."""
 """`Nats-Expected-Last-Subject-Sequence` (or `Nats-Expected-Last-Sequence`) did not hold."""
 ATOMIC_PUBLISH_DISABLED: Final = 10174
 """The stream does not have `allow_atomic` (ADR-50)."""
@@ -92,7 +95,8 @@ _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
 
 
 class WrongLastSequenceError(PublishRejectedError):
-    """The subject's last sequence was not the expected one (err_code 10071); nothing stored.
+    """The subject's last sequence was not the expected one (err_code 10071, or 10164 without the
+    sequence); nothing stored.
 
     It never leaves the store, which turns it into WrongExpectedVersionError (or retries).
     """
@@ -167,7 +171,7 @@ def decode_pub_ack(data: bytes, *, subject: str, server_version: str = "") -> Pu
 def error_for(error: ApiError, *, subject: str, server_version: str = "") -> Exception:
     """The FuseError for a JetStream API error answered to a publish on `subject`."""
     code, err_code, text = error.code, error.err_code, error.description
-    if err_code == WRONG_LAST_SEQUENCE:
+    if err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_CONSTANT):
         match = _LAST_SEQ_RE.search(text)
         return WrongLastSequenceError(
             subject=subject,
