@@ -31,12 +31,30 @@ async def test_the_tour_on_existing_servers_leaves_a_history_that_replays(
     result = await asyncio.to_thread(run_fuse, "demo", env=env)
     out = result.stdout
     assert f"using the NATS server at {nats_url}" in out
-    steps = ("1. requests", "2. a task asks", "3. the registry", "4. the read models", "5. the")
+    steps = (
+        "1. requests",
+        "2. a task asks",
+        "3. the registry",
+        "4. the read models",
+        "5. the",
+        "6. a job through a queue",
+        "7. what `fuse agents list`",
+        "8. the drafter replayed",
+    )
     for step in steps:
         assert step in out, out
     assert re.search(r"^  researcher +v1\.0\.0 +2 instance\(s\) +healthy", out, flags=re.M), out
     states = re.findall(r"^  (researcher-r[12]|writer-w1) +running ", out, flags=re.M)
     assert sorted(states) == ["researcher-r1", "researcher-r2", "writer-w1"], out
+    # agent work: three queued jobs drafted with the local model, reviewed by an aggregation
+    assert len(re.findall(r"^  planner -> queue jobs, priority [730]:", out, flags=re.M)) == 3
+    assert len(re.findall(r"^  drafter/w1 -> #drafts", out, flags=re.M)) == 3, out
+    assert "reviewer/strict: rejected ['risk list']" in out and "reviewer/kind: approved" in out
+    assert re.search(r"aggregate \S+ \(all\): complete, built from replies \S+, \S+", out)
+    assert "queue jobs: 0 waiting, 0 in flight, 1 worker(s)" in out
+    assert re.search(r"model local/draft-1 \(revision local-\w+\): 3 calls by drafter", out)
+    assert "with its recorded model answers: 3 message(s) replayed, 0 diverged" in out
+    assert "with model draft-2 instead: 3 message(s) replayed, 3 diverged" in out
     # each reply names the instance that answered (either of the two sharing the consumer)
     assert len(re.findall(r"researcher/r[12] says", out)) == 3, out
     conversation = re.search(r"conversation (tour-[0-9a-f]{8})", out)

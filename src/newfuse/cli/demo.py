@@ -27,9 +27,23 @@ from typing import Any
 
 import msgspec
 
-from newfuse.agents import Agent, AgentClient, Context, Tasks
+from newfuse.agents import (
+    Agent,
+    AgentClient,
+    AgentId,
+    Aggregator,
+    Context,
+    TaskContext,
+    TaskQueue,
+    Tasks,
+    Worker,
+    queue_stats,
+)
 from newfuse.agents.history import History
+from newfuse.agents.models import ChatMessage, LocalModelProvider
+from newfuse.agents.models.usage import ModelCalls, usage
 from newfuse.agents.registry import read_liveness, summarize
+from newfuse.agents.replay import Replay
 from newfuse.cli._common import settings_from_args
 from newfuse.config import Settings, read_dev_state
 from newfuse.eventstore import open_event_store
@@ -108,6 +122,38 @@ async def clarify(ctx: Context, payload: dict[str, Any]) -> None:
 @writer.handler("finding.noted")
 async def note_finding(ctx: Context, finding: Finding) -> None:
     notes.append(f"{finding.by}: {finding.summary}")
+
+
+# -- agent work: a planner's job through a queue, a model-using drafter, two reviewers ------------
+
+JOBS = (("launch note", 7), ("risk list", 3), ("status mail", 0))
+LOCAL_MODEL = LocalModelProvider()
+
+
+async def split_job(ctx: TaskContext, job: dict[str, Any]) -> dict[str, str]:
+    """The `jobs` queue's worker: hands each job to the drafter (an effect: sent once)."""
+    ctx.send("drafter", "draft.write", {"topic": job["topic"]})
+    return {"sent_to": "drafter"}
+
+
+jobs = Worker("jobs", split_job, concurrency=2, aging=1.0, version="1.2.0")
+drafter = Agent("drafter", description="drafts with a language model", version="2.0.0")
+reviewer = Agent("reviewer", description="approves or rejects a draft", version="1.0.0")
+
+
+@drafter.handler("draft.write")
+async def draft(ctx: Context, body: dict[str, Any]) -> None:
+    answer = await ctx.chat(
+        LOCAL_MODEL, [ChatMessage(role="user", content=f"draft a {body['topic']}")], model="draft-1"
+    )
+    ctx.publish("drafts", "draft.written", {"topic": body["topic"], "text": answer.content})
+
+
+@reviewer.handler("review.check")
+async def review(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    strict = ctx.agent_id.key == "strict"
+    short = [d["topic"] for d in body["drafts"] if strict and len(d["text"]) < 27]
+    return {"approved": not short, "by": str(ctx.agent_id), "too_short": short}
 
 
 def register(commands: Any) -> None:
@@ -226,12 +272,90 @@ async def tour(where: Servers, prefix: str) -> None:
                     f"  #{turn.position:<4} {turn.kind:<7} {turn.sender:>13} -> {turn.to:<24} "
                     f"{turn.type:<17} {turn.text[:60]}"
                 )
+            await _agent_work(nc, prefix, conversation, planner)
     finally:
         await nc.close()
     if where.owner != "own":
         say("\nits history stays on the server; look again with:")
         say(f"  fuse agents history --context {conversation}")
         say(f"  fuse tasks show {task_id}")
+
+
+async def _agent_work(nc: Any, prefix: str, conversation: str, planner: AgentClient) -> None:
+    """Issue 10's part: a queue, a model-using writer, an aggregation, then the views and a
+    replay of the writer from its recorded model calls."""
+    job = f"{conversation}-job"
+    say(f"\n6. a job through a queue, a model and two reviewers (conversation {job})")
+    history = History(nc, prefix=prefix)
+    async with (
+        jobs.run(nc, key="j1", prefix=prefix),
+        drafter.run(nc, key="w1", prefix=prefix),
+        reviewer.run(nc, key="strict", prefix=prefix),
+        reviewer.run(nc, key="kind", prefix=prefix),
+        TaskQueue(nc, prefix=prefix, sender="planner") as queue,
+    ):
+        for topic, priority in JOBS:
+            task_id = await queue.submit(
+                "jobs", {"topic": topic}, priority=priority, context_id=job
+            )
+            say(f"  planner -> queue jobs, priority {priority}: {topic!r} (task {task_id})")
+        seen: dict[str, str] = {}
+
+        async def drafted() -> bool:
+            async for turn in history.turns(context_id=job):
+                if turn.type == "draft.written" and turn.id not in seen:
+                    seen[turn.id] = turn.text
+                    say(f"  {turn.sender} -> #drafts  {turn.text[:70]}")
+            return len(seen) >= len(JOBS)
+
+        await _until(drafted)
+        drafts = [msgspec.json.decode(text) for text in seen.values()]
+        gathered = await Aggregator(planner).scatter(
+            [AgentId.of("reviewer", "strict"), AgentId.of("reviewer", "kind")],
+            "review.check",
+            {"drafts": drafts},
+            strategy="all",
+            timeout=10,
+            context_id=job,
+        )
+        for agent, reply in gathered.replies.items():
+            verdict = "approved" if reply.payload["approved"] else "rejected"
+            say(f"  {agent}: {verdict} {reply.payload['too_short'] or ''}".rstrip())
+        used = ", ".join(r.event_id[:8] for r in gathered.replies.values() if r.event_id)
+        say(
+            f"  aggregate {gathered.aggregate_id[:8]} ({gathered.strategy}): {gathered.outcome}, "
+            f"built from replies {used} (event {gathered.event_id[:8]} on the log)"
+        )
+
+        say("\n7. what `fuse agents list`, `fuse queues list` and `fuse models usage` show")
+        for agent_row in summarize(await read_liveness(nc, Subjects(prefix))):
+            say(
+                f"  agent {agent_row.id:<11} v{agent_row.version:<6} "
+                f"{agent_row.instances} instance(s) {agent_row.status}"
+            )
+        for stats in await queue_stats(nc, prefix=prefix):
+            say(
+                f"  queue {stats.queue}: {stats.total} waiting, {stats.in_flight} in flight, "
+                f"{stats.workers} worker(s)"
+            )
+        records = [r async for r in ModelCalls(nc, prefix=prefix).records(agent="drafter")]
+        for calls in usage(records):
+            say(
+                f"  model {calls.provider}/{calls.request_model} (revision {calls.revision}): "
+                f"{calls.calls} calls by {calls.agent}, {calls.input_tokens} in / "
+                f"{calls.output_tokens} out tokens, {calls.mean_latency_ms:.2f} ms each"
+            )
+
+    say("\n8. the drafter replayed from the log (`fuse agents replay newfuse.cli.demo:drafter`)")
+    for label, model in (
+        ("its recorded model answers", None),
+        ("model draft-2 instead", "draft-2"),
+    ):
+        replay = Replay(nc, drafter, prefix=prefix, model=model)
+        replayed = [message async for message in replay.messages(job)]
+        diverged = sum(1 for message in replayed if message.diverged)
+        cost = ", no model called" if model is None else ""
+        say(f"  with {label}: {len(replayed)} message(s) replayed, {diverged} diverged{cost}")
 
 
 async def _task_in(tasks: Tasks, task_id: str, state: str) -> Any:
