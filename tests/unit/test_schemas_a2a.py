@@ -40,3 +40,13 @@ def test_terminal_and_interrupted_states_are_the_a2a_specs_and_cover_the_rest() 
         assert msgspec.convert({"taskId": "t", "state": state}, TaskStatusUpdate).state == state
     with pytest.raises(msgspec.ValidationError, match="state"):
         msgspec.convert({"taskId": "t", "state": "done"}, TaskStatusUpdate)
+
+
+def test_derived_ids_are_the_uuid5_of_consumer_message_and_name() -> None:
+    import uuid
+
+    from newfuse.agents import wire
+
+    for message_id, consumer, name in (("m-1", "geo", "0"), ("01a2-ü", "geo__k", "7model/3")):
+        expected = uuid.uuid5(wire._NAMESPACE, f"{consumer}/{message_id}/{name}")
+        assert wire.derived_id(message_id, consumer, name) == str(expected)

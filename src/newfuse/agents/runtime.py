@@ -200,7 +200,9 @@ class Context:
             role="agent",
             **fields,
         )
-        return self._effect(subject, stream, wire.MESSAGE_TYPE, message)
+        return self._effect(
+            subject, stream, wire.MESSAGE_TYPE, message, event_id=message.message_id
+        )
 
     @property
     def task_id(self) -> str:

@@ -3,6 +3,7 @@ versions, legacy shapes), derived ids."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any, Final
 
@@ -45,10 +46,20 @@ PROTOCOL_MAJOR: Final = 1
 """The major protocol version this runtime reads; its minors are `a2a.message` schema versions."""
 
 
+_NAMESPACE_BYTES: Final = _NAMESPACE.bytes
+
+
 def derived_id(message_id: str, consumer: str, name: str) -> str:
     """The id of an effect of handling `message_id` by `consumer`: the same on every redelivery
-    (UUIDv5), so a repeated effect is recognised as the same message."""
-    return str(uuid.uuid5(_NAMESPACE, f"{consumer}/{message_id}/{name}"))
+    (UUIDv5 of `<consumer>/<message id>/<name>` in our namespace), so a repeated effect is
+    recognised as the same message. Computed as RFC 9562 says, without the UUID objects that
+    `uuid.uuid5` makes (a third of a fast-path call's own time went there)."""
+    name_bytes = f"{consumer}/{message_id}/{name}".encode()
+    raw = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name_bytes, usedforsecurity=False).digest())
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC variant
+    text = raw[:16].hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def encode(
