@@ -66,6 +66,7 @@ from newfuse.schemas.export import (
     payload_schema,
 )
 from newfuse.schemas.ids import new_event_id
+from newfuse.schemas.lock import LOCK_TYPES, LockGranted, LockReleased, LockRequested
 from newfuse.schemas.model import ChatMessage, ChatRole, ModelInvoked, ModelOutcome, Tool, ToolCall
 from newfuse.schemas.names import (
     MAX_CATEGORY_BYTES,
@@ -99,7 +100,6 @@ from newfuse.schemas.protocol import (
     VersionRange,
 )
 from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
-from newfuse.schemas.lock import LOCK_TYPES, LockGranted, LockReleased, LockRequested
 from newfuse.schemas.saga import (
     SAGA_TYPES,
     Phase,

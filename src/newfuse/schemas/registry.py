@@ -25,10 +25,10 @@ from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
 from newfuse.schemas.aggregate import AggregateClosed, AggregateLate
 from newfuse.schemas.card import AgentCard
 from newfuse.schemas.circuit import CIRCUIT_TYPES
+from newfuse.schemas.lock import LOCK_TYPES
 from newfuse.schemas.model import ModelInvoked
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
-from newfuse.schemas.lock import LOCK_TYPES
 from newfuse.schemas.saga import SAGA_TYPES
 
 S = TypeVar("S", bound=type[msgspec.Struct])
