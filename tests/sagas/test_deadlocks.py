@@ -13,6 +13,7 @@ from newfuse.core.locks import LockState, read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
 from newfuse.core.saga import Saga, SagaState, StepContext
 from newfuse.eventstore.jetstream import JetStreamEventStore
+from newfuse.schemas import LockGranted, LockReleased, LockRequested, NewEvent, SagaCommitted
 from support import run_fuse
 
 
@@ -32,7 +33,7 @@ def _locking(
 
     @saga.step("hold", locks=(first,), lock_timeout=lock_timeout)
     async def hold(ctx: StepContext) -> str:
-        log.append(f"{ctx.saga_id} hold")
+        log.append(f"{ctx.saga_id} hold {ctx.locks[first]}")
         if barrier is not None:
             async with asyncio.timeout(20):
                 await barrier.wait()
@@ -73,7 +74,7 @@ async def _aborts(store: JetStreamEventStore, saga_ids: list[str]) -> list[tuple
 
 
 async def _cycle(
-    store: JetStreamEventStore, size: int, detectors: int
+    store: JetStreamEventStore, size: int, detectors: int, *, on_change: bool = True
 ) -> tuple[list[SagaState], list[str], list[DeadlockDetector], list[str]]:
     """`size` sagas s0..s<size-1>, saga i locking r<i> then r<i+1 mod size>, started oldest
     first, with `detectors` detectors running; their end states, the log, the detectors."""
@@ -87,7 +88,8 @@ async def _cycle(
     found: list[DeadlockDetector] = []
     async with Orchestrator(store, sagas) as orchestrator:
         running = [
-            DeadlockDetector(store, name=f"detector-{n}", interval=0.2) for n in range(detectors)
+            DeadlockDetector(store, name=f"detector-{n}", interval=0.2, on_change=on_change)
+            for n in range(detectors)
         ]
         for detector in running:
             await detector.__aenter__()
@@ -158,6 +160,12 @@ async def test_two_detectors_at_once_abort_one_victim_per_cycle(
     _print_times("3-saga cycle, 2 detectors", detectors)
 
 
+async def test_the_periodic_check_alone_finds_the_cycle(store: JetStreamEventStore) -> None:
+    ends, log, detectors, ids = await _cycle(store, 2, 1, on_change=False)
+    _check_one_victim(ends, log, ids, await _aborts(store, ids))
+    _print_times("2-saga cycle, periodic check only (0.2 s)", detectors)
+
+
 async def test_without_a_detector_the_lock_wait_timeout_rolls_the_waiter_back(
     store: JetStreamEventStore,
 ) -> None:
@@ -200,6 +208,8 @@ async def test_grants_are_exclusive_and_their_tokens_grow(store: JetStreamEventS
             holder = None
     assert len(tokens) == 4 and tokens == sorted(tokens)
     assert {s.locks["shared"] for s in ends} == set(tokens)
+    # each action saw its grant's token (to carry in its writes elsewhere)
+    assert {int(line.split()[-1]) for line in log if " hold " in line} == set(tokens)
 
 
 def test_cycles_are_found_once_each_from_their_least_id() -> None:
@@ -252,3 +262,30 @@ async def test_fuse_locks_shows_holders_and_waiters(
     assert "account-1" in table and "h1" in table and "w1 (hold)" in table
     state = await read_saga(store, "w1")
     assert any("waits for lock account-1" in line for line in state.steps["hold"].history)
+
+
+async def test_a_lock_stream_s_contradictions_are_ignored_and_named(
+    store: JetStreamEventStore,
+) -> None:
+    stream = "lock.vault"
+    events = [
+        LockRequested(resource="vault", saga_id="h1", step="s"),
+        LockGranted(resource="vault", saga_id="h1", step="s", token=2),
+        LockGranted(resource="vault", saga_id="x9", step="s", token=3),  # a second grant
+        LockReleased(resource="vault", saga_id="x9", token=3),  # released by a stranger
+        LockRequested(resource="other", saga_id="w1", step="s"),  # another resource's
+        SagaCommitted(saga_id="h1"),  # not a lock event
+    ]
+    for event in events:
+        await store.append(stream, NewEvent(data=event))
+    lock = await read_lock(store, "vault")
+    assert lock.holder is not None and (lock.holder.saga_id, lock.holder.token) == ("h1", 2)
+    assert lock.waiters == {}
+    assert [line.split(": ", 1)[1] for line in lock.ignored] == [
+        "'h1' holds it",
+        "'x9' neither holds nor waits",
+        "it names resource 'other'",
+        "not a lock event",
+    ]
+    async with DeadlockDetector(store, interval=0.05) as detector:
+        assert await detector.check() == []  # a stream like this is no cycle, and no crash

@@ -4,8 +4,9 @@ and one victim per cycle.
 A detector follows every lock event (a subscription on the `lock` category, from the start) and
 folds each resource's lock (core/locks.py). The wait-for graph has an edge waiter saga ->
 holder saga for each waiter of each held lock. It looks for cycles whenever a new wait begins
-and every `interval` seconds (a wait whose cycle it could not break at once, an abort it lost
-to a store outage, is found again).
+(or a grant gives a waiter a new holder) and every `interval` seconds: a cycle it could not
+break at once (an abort lost to a store outage, a victim not yet waiting in its own stream) is
+found again without a new event.
 
 The victim of a cycle is its youngest saga: the latest `saga.started` timestamp, ties broken by
 the larger saga id. Every detector instance computes the same from the same log, so two
@@ -39,7 +40,7 @@ from newfuse.core.orchestrator import read_saga, saga_stream
 from newfuse.core.saga import SagaState
 from newfuse.errors import FuseError, WrongExpectedVersionError
 from newfuse.eventstore import EventFilter, EventStore
-from newfuse.schemas import LockRequested, NewEvent, SagaAborted
+from newfuse.schemas import LockGranted, LockRequested, NewEvent, SagaAborted
 
 log = logging.getLogger("newfuse.deadlock")
 
@@ -116,6 +117,7 @@ class DeadlockDetector:
         name: this instance's name in its aborts (default: host, pid and a random part).
         interval: seconds between periodic checks.
         stale_after: seconds a lock of an ended saga stays before the sweep releases it.
+        on_change: check on each new wait or grant (False: only every `interval` seconds).
     """
 
     def __init__(
@@ -125,11 +127,13 @@ class DeadlockDetector:
         name: str | None = None,
         interval: float = 0.5,
         stale_after: float = 5.0,
+        on_change: bool = True,
     ) -> None:
         self.store = store
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.interval = interval
         self.stale_after = stale_after
+        self.on_change = on_change
         self.locks: dict[str, LockState] = {}
         self.detections: list[Detection] = []
         self.lost = 0
@@ -168,7 +172,8 @@ class DeadlockDetector:
                         if state is None:
                             state = self.locks[resource] = LockState(resource)
                         state.apply(event)
-                        if isinstance(event.data, LockRequested):
+                        # a wait, or a grant (a waiter's holder changed), may close a cycle
+                        if self.on_change and isinstance(event.data, LockRequested | LockGranted):
                             self._new_wait.set()
             except asyncio.CancelledError:
                 raise

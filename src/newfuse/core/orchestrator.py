@@ -417,6 +417,7 @@ class Orchestrator:
             attempt=move.attempt,
             input=state.input,
             outputs=state.outputs,
+            locks=dict(state.locks),
         )
         fn = step.action if move.phase == "action" else step.compensation
         assert fn is not None  # next_move compensates only steps that have a compensation

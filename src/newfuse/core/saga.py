@@ -59,6 +59,9 @@ class StepContext:
     """The saga's input."""
     outputs: dict[str, Any]
     """The outputs of the steps completed so far, by step name."""
+    locks: dict[str, int] = field(default_factory=dict)
+    """The locks the saga holds -> each grant's fencing token (carry it in writes elsewhere:
+    a store that keeps the highest token seen per resource refuses a stale holder's)."""
 
     @property
     def idempotency_key(self) -> str:
