@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from newfuse.core.deadlock import DeadlockDetector, find_cycles
@@ -13,7 +14,14 @@ from newfuse.core.locks import LockState, read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
 from newfuse.core.saga import Saga, SagaState, StepContext
 from newfuse.eventstore.jetstream import JetStreamEventStore
-from newfuse.schemas import LockGranted, LockReleased, LockRequested, NewEvent, SagaCommitted
+from newfuse.schemas import (
+    LockGranted,
+    LockReleased,
+    LockRequested,
+    NewEvent,
+    SagaCommitted,
+    SagaStarted,
+)
 from support import run_fuse
 
 
@@ -289,3 +297,44 @@ async def test_a_lock_stream_s_contradictions_are_ignored_and_named(
     ]
     async with DeadlockDetector(store, interval=0.05) as detector:
         assert await detector.check() == []  # a stream like this is no cycle, and no crash
+
+
+async def test_the_sweep_releases_locks_an_ended_saga_left(store: JetStreamEventStore) -> None:
+    # an orchestrator died between the saga's commit and its releases: the lock stays held
+    long_ago = datetime.now(UTC) - timedelta(seconds=60)
+    await store.append(
+        saga_stream("gone"),
+        [
+            NewEvent(data=SagaStarted(saga_id="gone", name="x", steps=["s"], timestamp=long_ago)),
+            NewEvent(data=SagaCommitted(saga_id="gone", timestamp=long_ago)),
+        ],
+    )
+    await store.append(
+        saga_stream("alive"),
+        NewEvent(data=SagaStarted(saga_id="alive", name="x", steps=["s"], timestamp=long_ago)),
+    )
+    for saga_id, resource in (("gone", "left"), ("alive", "kept")):
+        await store.append(
+            f"lock.{resource}",
+            [
+                NewEvent(
+                    data=LockRequested(
+                        resource=resource, saga_id=saga_id, step="s", timestamp=long_ago
+                    )
+                ),
+                NewEvent(
+                    data=LockGranted(
+                        resource=resource, saga_id=saga_id, step="s", token=2, timestamp=long_ago
+                    )
+                ),
+            ],
+        )
+    async with DeadlockDetector(store, interval=0.05, stale_after=5.0) as detector:
+        for _ in range(100):
+            if {"left", "kept"} <= set(detector.locks):
+                break
+            await asyncio.sleep(0.05)
+        assert await detector.sweep() == 1
+    assert (await read_lock(store, "left")).holder is None
+    kept = await read_lock(store, "kept")
+    assert kept.holder is not None and kept.holder.saga_id == "alive"

@@ -211,13 +211,24 @@ class DeadlockDetector:
         states = [await read_saga(self.store, saga_id) for saga_id in cycle]
         if any(not s.name or s.ended for s in states):
             return None  # an ended saga's locks are on their way out (or swept)
+        if any(s.aborted is not None for s in states):
+            return None  # this cycle has its victim (ours or another detector's)
         victim = choose_victim(states)
-        if victim.aborted is not None or victim.lock_wait is None:
-            return None  # aborted already (by us or another detector), or it got its lock
+        wait = victim.lock_wait
+        successor = cycle[(cycle.index(victim.id) + 1) % len(cycle)]
+        lock = self.locks.get(wait.resource) if wait is not None else None
+        if (
+            wait is None
+            or lock is None
+            or victim.id not in lock.waiters
+            or lock.holder is None
+            or lock.holder.saga_id != successor
+        ):
+            return None  # our view lags the victim's: it got its lock, or waits elsewhere now
         members = " -> ".join((*cycle, cycle[0]))
         abort = SagaAborted(
             saga_id=victim.id,
-            step=victim.lock_wait.step,
+            step=wait.step,
             reason=f"deadlock victim: the youngest saga in the wait-for cycle {members}",
             cycle=list(cycle),
             detector=self.name,
