@@ -338,3 +338,43 @@ async def test_the_sweep_releases_locks_an_ended_saga_left(store: JetStreamEvent
     assert (await read_lock(store, "left")).holder is None
     kept = await read_lock(store, "kept")
     assert kept.holder is not None and kept.holder.saga_id == "alive"
+
+
+async def test_locks_belong_to_sagas_so_another_orchestrator_carries_on_a_wait(
+    store: JetStreamEventStore,
+) -> None:
+    log: list[str] = []
+    go = asyncio.Event()
+    holding = Saga("holding")
+
+    @holding.step("hold", locks=("desk",))
+    async def hold(ctx: StepContext) -> int:
+        log.append(f"hold {ctx.attempt} {ctx.locks['desk']}")
+        await go.wait()
+        return ctx.locks["desk"]
+
+    sagas = [holding, _locking("waiting", "desk", "chair", log, None)]
+    async with Orchestrator(store, sagas, name="first") as first:
+        await first.start("holding", saga_id="h1")
+        for _ in range(200):
+            if log:  # h1 holds the desk
+                break
+            await asyncio.sleep(0.05)
+        await first.start("waiting", saga_id="w1")
+        for _ in range(200):
+            desk = await read_lock(store, "desk")
+            if desk.holder is not None and "w1" in desk.waiters and log:
+                break
+            await asyncio.sleep(0.05)
+    # the first orchestrator stopped: h1's claim was given back, w1 still waits in its stream
+    assert (await read_saga(store, "w1")).lock_wait is not None
+    go.set()
+    async with Orchestrator(store, sagas, name="second") as second:
+        held = await second.wait("h1", timeout=20)
+        waited = await second.wait("w1", timeout=20)
+    assert held.status == "committed" and waited.status == "committed"
+    # h1 kept its grant across orchestrators (the same token on both attempts)
+    assert len({line.split()[-1] for line in log if line.startswith("hold ")}) == 1
+    assert held.outputs["hold"] == held.locks["desk"]
+    states = await _locks_free(store, ["desk", "chair"])
+    assert all(s.holder is None and not s.waiters for s in states), states

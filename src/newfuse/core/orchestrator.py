@@ -143,6 +143,7 @@ class Orchestrator:
         self._follow: asyncio.Task[None] | None = None
         self._follow_locks: asyncio.Task[None] | None = None
         self._waiting_on: dict[str, set[str]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
         """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
         self._caught_up = asyncio.Event()
         self._closed = False
@@ -159,7 +160,8 @@ class Orchestrator:
 
     async def close(self) -> None:
         """Stop following and driving (a step running is cancelled: its claim's lease runs out
-        and another instance, or the next run, claims it again). Idempotent."""
+        and another instance, or the next run, claims it again; a lock wait is taken up by
+        them too; the lock releases of a saga that ended finish first). Idempotent."""
         self._closed = True
         tasks = [
             t for t in (self._follow, self._follow_locks, *self._driving.values()) if t is not None
@@ -168,6 +170,8 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._driving.clear()
+        if self._releasing:  # an ended saga's lock releases under way: let them finish
+            await asyncio.wait(set(self._releasing), timeout=5.0)
 
     async def start(
         self, saga: Saga | str, input: dict[str, Any] | None = None, *, saga_id: str | None = None
@@ -299,7 +303,11 @@ class Orchestrator:
             state = await read_saga(self.store, saga_id)
             if not state.name or state.ended:
                 if state.ended:
-                    await self._release_locks(state)
+                    # shielded: close() cancelling this driver lets the releases finish
+                    release = asyncio.create_task(self._release_locks(state))
+                    self._releasing.add(release)
+                    release.add_done_callback(self._releasing.discard)
+                    await asyncio.shield(release)
                     self._finished(saga_id)
                 return
             definition = self.sagas.get(state.name)
