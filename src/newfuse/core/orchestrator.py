@@ -15,6 +15,13 @@ A crashed instance leaves a claim whose lease runs out; whoever looks next (the 
 woken by the lease's end, and on restart every instance catches up on the whole category)
 claims the step again. The last step's outcome and `saga.committed` (or the last
 compensation's and `saga.rolled_back`) are appended together, in one atomic append.
+
+Locks (core/locks.py): a step's declared locks are acquired one at a time, in their order,
+before its first claim (`saga.lock_waiting`, then the lock stream's request and grant, then
+`saga.lock_acquired`, each write fenced by its stream's version); a wait wakes on the lock's
+events and ends by the grant, by a detector's `saga.aborted` (core/deadlock.py) or by the
+step's lock timeout, the last two failing the step for good. Every lock of a saga is released
+once it has ended, by whichever instance sees it ended.
 """
 
 from __future__ import annotations
