@@ -18,6 +18,7 @@ from newfuse.errors import (
 )
 from newfuse.schemas import (
     LIFECYCLE_TYPES,
+    LOCK_TYPES,
     SAGA_TYPES,
     A2AMessage,
     A2AMetadata,
@@ -410,6 +411,7 @@ def test_default_registry_holds_the_built_in_types_and_is_a_fresh_copy() -> None
         ("circuit.closed", 1, CircuitClosed),
         ("circuit.half_opened", 1, CircuitHalfOpened),
         ("circuit.opened", 1, CircuitOpened),
+        *((name, 1, cls) for name, cls in sorted(LOCK_TYPES.items())),
         ("model.invoked", 1, ModelInvoked),
         *((name, 1, cls) for name, cls in sorted(SAGA_TYPES.items())),
         ("task.status", 1, TaskStatusUpdate),

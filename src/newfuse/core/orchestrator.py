@@ -15,6 +15,13 @@ A crashed instance leaves a claim whose lease runs out; whoever looks next (the 
 woken by the lease's end, and on restart every instance catches up on the whole category)
 claims the step again. The last step's outcome and `saga.committed` (or the last
 compensation's and `saga.rolled_back`) are appended together, in one atomic append.
+
+Locks (core/locks.py): a step's declared locks are acquired one at a time, in their order,
+before its first claim (`saga.lock_waiting`, then the lock stream's request and grant, then
+`saga.lock_acquired`, each write fenced by its stream's version); a wait wakes on the lock's
+events and ends by the grant, by a detector's `saga.aborted` (core/deadlock.py) or by the
+step's lock timeout, the last two failing the step for good. Every lock of a saga is released
+once it has ended, by whichever instance sees it ended.
 """
 
 from __future__ import annotations
@@ -32,7 +39,17 @@ from typing import Any
 
 import msgspec
 
-from newfuse.core.saga import End, Run, Saga, SagaState, StepContext, Wait, next_move
+from newfuse.core import locks
+from newfuse.core.saga import (
+    Acquire,
+    End,
+    Run,
+    Saga,
+    SagaState,
+    StepContext,
+    Wait,
+    next_move,
+)
 from newfuse.errors import (
     FuseError,
     SagaNotFoundError,
@@ -44,6 +61,8 @@ from newfuse.eventstore import NO_STREAM, EventFilter, EventStore
 from newfuse.schemas import (
     NewEvent,
     SagaCommitted,
+    SagaLockAcquired,
+    SagaLockWaiting,
     SagaRolledBack,
     SagaStarted,
     SagaStuck,
@@ -57,6 +76,8 @@ log = logging.getLogger("newfuse.sagas")
 CATEGORY = "saga"
 LEASE_GRACE = 2.0
 """Seconds a claim's lease lasts beyond its step's timeout (an outcome on its way)."""
+LOCK_POLL = 1.0
+"""Seconds a lock wait sleeps at most between looks (lock events wake it before)."""
 
 
 def saga_stream(saga_id: str) -> str:
@@ -127,11 +148,18 @@ class Orchestrator:
         self._wake: dict[str, asyncio.Event] = {}
         self._ended: dict[str, asyncio.Event] = {}
         self._follow: asyncio.Task[None] | None = None
+        self._follow_locks: asyncio.Task[None] | None = None
+        self._waiting_on: dict[str, set[str]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
+        """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
         self._caught_up = asyncio.Event()
         self._closed = False
 
     async def __aenter__(self) -> Orchestrator:
         self._follow = asyncio.create_task(self._follow_sagas(), name=f"newfuse-saga-{self.name}")
+        self._follow_locks = asyncio.create_task(
+            self._follow_lock_streams(), name=f"newfuse-saga-locks-{self.name}"
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -139,13 +167,18 @@ class Orchestrator:
 
     async def close(self) -> None:
         """Stop following and driving (a step running is cancelled: its claim's lease runs out
-        and another instance, or the next run, claims it again). Idempotent."""
+        and another instance, or the next run, claims it again; a lock wait is taken up by
+        them too; the lock releases of a saga that ended finish first). Idempotent."""
         self._closed = True
-        tasks = [t for t in (self._follow, *self._driving.values()) if t is not None]
+        tasks = [
+            t for t in (self._follow, self._follow_locks, *self._driving.values()) if t is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._driving.clear()
+        if self._releasing:  # an ended saga's lock releases under way: let them finish
+            await asyncio.wait(set(self._releasing), timeout=5.0)
 
     async def start(
         self, saga: Saga | str, input: dict[str, Any] | None = None, *, saga_id: str | None = None
@@ -221,6 +254,24 @@ class Orchestrator:
                 log.warning("orchestrator %s: following sagas: %s; again in 1s", self.name, error)
                 await asyncio.sleep(1.0)
 
+    async def _follow_lock_streams(self) -> None:
+        """Every new lock event wakes the sagas of ours waiting for that resource."""
+        while not self._closed:
+            try:
+                head = await self.store.head_position()
+                async with self.store.subscribe(
+                    EventFilter(categories=(locks.CATEGORY,)), from_position=head + 1
+                ) as feed:
+                    async for event in feed:
+                        resource = event.stream.partition(".")[2]
+                        for saga_id in self._waiting_on.get(resource, ()):
+                            self._wake.setdefault(saga_id, asyncio.Event()).set()
+            except asyncio.CancelledError:
+                raise
+            except FuseError as error:  # the waits poll meanwhile (LOCK_POLL)
+                log.warning("orchestrator %s: following locks: %s; again in 1s", self.name, error)
+                await asyncio.sleep(1.0)
+
     def _kick(self, saga_id: str) -> None:
         """Drive `saga_id` (if no task of ours does) and wake its driver."""
         self._wake.setdefault(saga_id, asyncio.Event()).set()
@@ -259,6 +310,11 @@ class Orchestrator:
             state = await read_saga(self.store, saga_id)
             if not state.name or state.ended:
                 if state.ended:
+                    # shielded: close() cancelling this driver lets the releases finish
+                    release = asyncio.create_task(self._release_locks(state))
+                    self._releasing.add(release)
+                    release.add_done_callback(self._releasing.discard)
+                    await asyncio.shield(release)
                     self._finished(saga_id)
                 return
             definition = self.sagas.get(state.name)
@@ -279,7 +335,66 @@ class Orchestrator:
             if isinstance(move, End):
                 await self._end(definition, state, move)
                 continue
+            if isinstance(move, Acquire):
+                await self._acquire(definition, state, move, wake)
+                continue
             await self._run(definition, state, move)
+
+    async def _acquire(
+        self, definition: Saga, state: SagaState, move: Acquire, wake: asyncio.Event
+    ) -> None:
+        """One look at the lock `move` wants: note the wait in the saga's stream, ask for the
+        lock, take it when it is free, fail the step when the wait outlasts its lock timeout,
+        or sleep until the lock's or the saga's next event (a detector's abort ends the wait)."""
+        step = definition.get(move.step)
+        wait = state.lock_wait
+        if wait is None or wait.resource != move.resource:
+            # the saga's stream says it waits before the lock's does, so a detector that sees
+            # the request finds the saga waiting (and can abort it at that version)
+            waiting = SagaLockWaiting(saga_id=state.id, step=step.name, resource=move.resource)
+            await self._append(state, [waiting])
+            return
+        waiters = self._waiting_on.setdefault(move.resource, set())
+        waiters.add(state.id)
+        try:
+            await locks.request(self.store, move.resource, state.id, step.name)
+            token = await locks.try_grant(self.store, move.resource, state.id, step.name)
+            if token is not None:
+                # refused when the saga moved on (an abort): the grant is released at its end
+                acquired = SagaLockAcquired(
+                    saga_id=state.id, step=step.name, resource=move.resource, token=token
+                )
+                await self._append(state, [acquired])
+                return
+            due = wait.since + timedelta(seconds=step.lock_timeout)
+            left = (due - _now()).total_seconds()
+            if left <= 0:
+                attempt = state.steps[step.name].attempts + 1
+                timed_out = StepFailed(
+                    saga_id=state.id,
+                    step=step.name,
+                    attempt=attempt,
+                    error=(
+                        f"lock wait for {move.resource!r} timed out after {step.lock_timeout:g}s"
+                    ),
+                    retryable=False,
+                )
+                await self._append(state, [timed_out])
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, LOCK_POLL)):
+                    await wake.wait()
+        finally:
+            waiters.discard(state.id)
+            if not waiters:
+                self._waiting_on.pop(move.resource, None)
+
+    async def _release_locks(self, state: SagaState) -> None:
+        """Let go of every lock an ended saga holds or asked for (idempotent: each
+        orchestrator that sees it ended may do it)."""
+        for resource in state.requested:
+            if await locks.release(self.store, resource, state.id, f"saga {state.status}"):
+                log.debug("saga %s released %s", state.id, resource)
 
     async def _run(self, definition: Saga, state: SagaState, move: Run) -> None:
         try:
@@ -317,6 +432,7 @@ class Orchestrator:
             attempt=move.attempt,
             input=state.input,
             outputs=state.outputs,
+            locks=dict(state.locks),
         )
         fn = step.action if move.phase == "action" else step.compensation
         assert fn is not None  # next_move compensates only steps that have a compensation

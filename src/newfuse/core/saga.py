@@ -14,7 +14,7 @@ effect keyed by it (a conditional write, a request with that id) happens once.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -25,7 +25,10 @@ from newfuse.errors import SagaDefinitionError
 from newfuse.schemas import (
     Phase,
     RecordedEvent,
+    SagaAborted,
     SagaCommitted,
+    SagaLockAcquired,
+    SagaLockWaiting,
     SagaRolledBack,
     SagaStarted,
     SagaStuck,
@@ -39,7 +42,9 @@ from newfuse.schemas import (
 )
 
 SagaStatus = Literal["active", "compensating", "committed", "rolled_back", "stuck"]
-StepStatus = Literal["pending", "running", "done", "failed", "compensating", "compensated", "stuck"]
+StepStatus = Literal[
+    "pending", "waiting", "running", "done", "failed", "compensating", "compensated", "stuck"
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class StepContext:
     """The saga's input."""
     outputs: dict[str, Any]
     """The outputs of the steps completed so far, by step name."""
+    locks: dict[str, int] = field(default_factory=dict)
+    """The locks the saga holds -> each grant's fencing token (carry it in writes elsewhere:
+    a store that keeps the highest token seen per resource refuses a stale holder's)."""
 
     @property
     def idempotency_key(self) -> str:
@@ -78,6 +86,10 @@ class Step:
     backoff: float = 0.2
     """Seconds before the second attempt, doubling per attempt (at most 30 s)."""
     compensation_attempts: int = 5
+    locks: tuple[str, ...] = ()
+    """Resources the step locks (in this order) before its action; held until the saga ends."""
+    lock_timeout: float = 30.0
+    """Seconds the step waits for one lock before it fails for good (the saga rolls back)."""
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt` (1: none)."""
@@ -104,11 +116,26 @@ class Saga:
         self.steps: list[Step] = []
 
     def step(
-        self, name: str, *, timeout: float = 30.0, attempts: int = 3, backoff: float = 0.2
+        self,
+        name: str,
+        *,
+        timeout: float = 30.0,
+        attempts: int = 3,
+        backoff: float = 0.2,
+        locks: Sequence[str] = (),
+        lock_timeout: float = 30.0,
     ) -> Callable[[Action], Action]:
         """Decorator: the next step of the saga, run by `async def f(ctx)`; its return value
-        (JSON-encodable) is the step's output."""
+        (JSON-encodable) is the step's output. `locks`: resources acquired, in the order given,
+        before the action (each waited for at most `lock_timeout` seconds), held until the
+        saga commits or rolls back."""
         check_token(name, kind="step name")
+        for resource in locks:
+            check_token(resource, kind="lock resource")
+        if len(set(locks)) != len(locks) or lock_timeout <= 0:
+            raise SagaDefinitionError(
+                saga=self.name, reason=f"step {name!r} needs distinct locks and lock_timeout > 0"
+            )
         if any(step.name == name for step in self.steps):
             raise SagaDefinitionError(saga=self.name, reason=f"step {name!r} is defined twice")
         if timeout <= 0 or attempts < 1:
@@ -117,7 +144,17 @@ class Saga:
             )
 
         def decorate(fn: Action) -> Action:
-            self.steps.append(Step(name, fn, timeout=timeout, attempts=attempts, backoff=backoff))
+            self.steps.append(
+                Step(
+                    name,
+                    fn,
+                    timeout=timeout,
+                    attempts=attempts,
+                    backoff=backoff,
+                    locks=tuple(locks),
+                    lock_timeout=lock_timeout,
+                )
+            )
             return fn
 
         return decorate
@@ -165,6 +202,15 @@ class StepState:
     """What happened, one line per event (for `fuse sagas show`)."""
 
 
+@dataclass(frozen=True)
+class LockWait:
+    """A step waiting for a lock: which resource, since when."""
+
+    step: str
+    resource: str
+    since: datetime
+
+
 @dataclass
 class SagaState:
     """A saga as the fold of its stream."""
@@ -182,6 +228,14 @@ class SagaState:
     error: str | None = None
     ignored: list[str] = field(default_factory=list)
     """Events read and not applied (foreign, out of order), each with its position and why."""
+    locks: dict[str, int] = field(default_factory=dict)
+    """Resources the saga holds -> the grant's fencing token."""
+    lock_wait: LockWait | None = None
+    """The lock a step waits for now."""
+    requested: list[str] = field(default_factory=list)
+    """Every resource the saga waited for (released, held or asked, when it ends)."""
+    aborted: str | None = None
+    """Why a deadlock detector aborted the saga (None: it did not)."""
 
     @property
     def ended(self) -> bool:
@@ -222,14 +276,49 @@ class SagaState:
         if isinstance(data, SagaCommitted | SagaRolledBack | SagaStuck):
             self._end(data)
             return
-        if not isinstance(data, StepStarted | StepCompleted | StepFailed):
+        if not isinstance(
+            data,
+            StepStarted
+            | StepCompleted
+            | StepFailed
+            | SagaLockWaiting
+            | SagaLockAcquired
+            | SagaAborted,
+        ):
             self.ignored.append(f"{where}: not a saga event")
             return
         step = self.steps.get(data.step)
         if step is None:
             self.ignored.append(f"{where}: no step {data.step!r} in this saga")
             return
+        if isinstance(data, SagaLockWaiting | SagaLockAcquired | SagaAborted):
+            self._lock(step, data, where)
+            return
         self._step(step, data)
+
+    def _lock(
+        self, step: StepState, data: SagaLockWaiting | SagaLockAcquired | SagaAborted, where: str
+    ) -> None:
+        if self.status != "active" or step.status not in ("pending", "waiting"):
+            self.ignored.append(f"{where}: step {step.name!r} is {step.status}, not before its run")
+            return
+        if isinstance(data, SagaLockWaiting):
+            step.status = "waiting"
+            self.lock_wait = LockWait(step.name, data.resource, data.timestamp)
+            if data.resource not in self.requested:
+                self.requested.append(data.resource)
+            step.history.append(f"waits for lock {data.resource}")
+        elif isinstance(data, SagaLockAcquired):
+            step.status = "pending"
+            self.lock_wait = None
+            self.locks[data.resource] = data.token
+            step.history.append(f"holds lock {data.resource} (token {data.token})")
+        else:
+            step.status, step.retryable, step.error = "failed", False, data.reason
+            step.ended_at = data.timestamp
+            self.lock_wait, self.aborted = None, data.reason
+            self.failed_step, self.error = step.name, data.reason
+            step.history.append(f"aborted: {data.reason}")
 
     def _end(self, data: SagaCommitted | SagaRolledBack | SagaStuck) -> None:
         self.ended_at = data.timestamp
@@ -263,6 +352,8 @@ class SagaState:
             step.history.append(f"{data.phase} attempt {data.attempt} released: {data.error}")
             return
         else:
+            if self.lock_wait is not None and self.lock_wait.step == step.name:
+                self.lock_wait = None  # the lock-wait timeout
             step.status = "failed"
             step.error, step.retryable, step.lease_until = data.error, data.retryable, None
             step.ended_at = data.timestamp
@@ -310,6 +401,13 @@ class Wait(msgspec.Struct, frozen=True):
     until: datetime
 
 
+class Acquire(msgspec.Struct, frozen=True):
+    """Acquire the lock on `resource` for `step` (wait for it), before its action runs."""
+
+    step: str
+    resource: str
+
+
 class End(msgspec.Struct, frozen=True):
     """Append the saga's end: committed, rolled back, or stuck (a compensation kept failing)."""
 
@@ -318,7 +416,7 @@ class End(msgspec.Struct, frozen=True):
     error: str = ""
 
 
-Move = Run | Wait | End | None
+Move = Run | Wait | Acquire | End | None
 
 
 def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
@@ -331,6 +429,9 @@ def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
             step = state.steps.get(definition.name)
             if step is None or step.status == "done":
                 continue
+            missing = [r for r in definition.locks if r not in state.locks]
+            if missing and step.status in ("pending", "waiting"):
+                return Acquire(step.name, missing[0])
             return _attempt(definition, step, "action", now) or _begin_compensation(
                 saga, state, now
             )

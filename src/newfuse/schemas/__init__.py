@@ -66,6 +66,7 @@ from newfuse.schemas.export import (
     payload_schema,
 )
 from newfuse.schemas.ids import new_event_id
+from newfuse.schemas.lock import LOCK_TYPES, LockGranted, LockReleased, LockRequested
 from newfuse.schemas.model import ChatMessage, ChatRole, ModelInvoked, ModelOutcome, Tool, ToolCall
 from newfuse.schemas.names import (
     MAX_CATEGORY_BYTES,
@@ -102,7 +103,10 @@ from newfuse.schemas.registry import SchemaRegistry, Upcaster, default_registry
 from newfuse.schemas.saga import (
     SAGA_TYPES,
     Phase,
+    SagaAborted,
     SagaCommitted,
+    SagaLockAcquired,
+    SagaLockWaiting,
     SagaRolledBack,
     SagaStarted,
     SagaStuck,
@@ -119,6 +123,7 @@ __all__ = [
     "INTERRUPTED_STATES",
     "JSON_SCHEMA_DIALECT",
     "LIFECYCLE_TYPES",
+    "LOCK_TYPES",
     "MAX_CATEGORY_BYTES",
     "MAX_EVENT_ID_BYTES",
     "MAX_NESTING_DEPTH",
@@ -159,6 +164,9 @@ __all__ = [
     "DeadLetter",
     "Envelope",
     "ExportedSchema",
+    "LockGranted",
+    "LockReleased",
+    "LockRequested",
     "ModelInvoked",
     "ModelOutcome",
     "NewEvent",
@@ -169,7 +177,10 @@ __all__ = [
     "ProtocolVersions",
     "RecordedEvent",
     "Role",
+    "SagaAborted",
     "SagaCommitted",
+    "SagaLockAcquired",
+    "SagaLockWaiting",
     "SagaRolledBack",
     "SagaStarted",
     "SagaStuck",

@@ -25,6 +25,7 @@ from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
 from newfuse.schemas.aggregate import AggregateClosed, AggregateLate
 from newfuse.schemas.card import AgentCard
 from newfuse.schemas.circuit import CIRCUIT_TYPES
+from newfuse.schemas.lock import LOCK_TYPES
 from newfuse.schemas.model import ModelInvoked
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
@@ -402,5 +403,7 @@ def default_registry() -> SchemaRegistry:
     registry.add("aggregate.closed", 1, AggregateClosed)
     registry.add("aggregate.late", 1, AggregateLate)
     for name, struct in SAGA_TYPES.items():
+        registry.add(name, 1, struct)
+    for name, struct in LOCK_TYPES.items():
         registry.add(name, 1, struct)
     return registry

@@ -97,6 +97,42 @@ class SagaStuck(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
 
+class SagaLockWaiting(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.lock_waiting`: step `step` waits for the lock on `resource` (its request is on
+    the stream `lock.<resource>`); the saga stays here until `saga.lock_acquired`, or an
+    abort or the step's lock-wait timeout fails the step."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    resource: str
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class SagaLockAcquired(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.lock_acquired`: the saga holds `resource` (grant `token`, its fencing token)
+    until it ends."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    resource: str
+    token: int
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class SagaAborted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.aborted`: a deadlock detector (`detector`) chose this saga as the victim of
+    the wait-for cycle `cycle` (saga ids) while step `step` waited: the step fails for good, the
+    saga compensates and releases its locks. Appended expecting the version at which the saga
+    waited, so it lands only while it still waits, and only once."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    reason: str
+    cycle: list[str] = []
+    detector: str = ""
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
 SAGA_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "saga.started": SagaStarted,
     "saga.step_started": StepStarted,
@@ -105,5 +141,8 @@ SAGA_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "saga.committed": SagaCommitted,
     "saga.rolled_back": SagaRolledBack,
     "saga.stuck": SagaStuck,
+    "saga.lock_waiting": SagaLockWaiting,
+    "saga.lock_acquired": SagaLockAcquired,
+    "saga.aborted": SagaAborted,
 }
 """The saga event types and their payloads (version 1 each)."""
