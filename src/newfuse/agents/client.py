@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from nats.aio.client import Client
@@ -30,8 +30,10 @@ from newfuse.errors import (
     TaskAnswerRefusedError,
     TaskNotFoundError,
 )
+from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet
 from newfuse.nats.jserrors import PubAck, decode_pub_ack
+from newfuse.nats.micro import ERROR_HEADER
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
@@ -48,6 +50,7 @@ from newfuse.schemas import (
 log = logging.getLogger(__name__)
 
 FAST_PATH_TOKEN = "_call"
+_TRACE_HEADERS: Final = frozenset({headers.TRACEPARENT, headers.TRACESTATE})
 """`replyTo` of a fast-path call: the reply comes back as the core NATS response."""
 
 
@@ -492,18 +495,23 @@ class AgentClient:
             body, wire_headers = wire.encode(
                 stream, wire.MESSAGE_TYPE, message, event_id=message_id, trace=carried
             )
+            # on core NATS the headers would only repeat the envelope (no stream dedupes by
+            # them): a call carries just the trace context, when there is one
+            carried_headers = {k: v for k, v in wire_headers.items() if k in _TRACE_HEADERS}
             try:
                 answer = await self._nc.request(
-                    subject, body, timeout=timeout, headers=wire_headers
+                    subject, body, timeout=timeout, headers=carried_headers or None
                 )
             except (NoRespondersError, NatsError):
                 raise RequestTimeoutError(
                     agent=agent_type, message_type=message_type, waited=timeout, path="fast path"
                 ) from None
-            decoded = msgspec.json.decode(answer.data)
-            if isinstance(decoded, dict) and "error" in decoded and "type" not in decoded:
-                raise RequestFailedError(
-                    agent=agent_type, message_type=message_type, error=str(decoded["error"])
-                )
+            refused = (answer.headers or {}).get(ERROR_HEADER) is not None
+            if refused or answer.data.startswith(b'{"error"'):  # ADR-32's error answer
+                decoded = msgspec.json.decode(answer.data)
+                if isinstance(decoded, dict) and "error" in decoded and "type" not in decoded:
+                    raise RequestFailedError(
+                        agent=agent_type, message_type=message_type, error=str(decoded["error"])
+                    )
         _, reply = wire.decode(answer.data, f"fast-path answer of {agent_type!r}")
         return Reply(type=reply.type, payload=reply.payload, message=reply)
