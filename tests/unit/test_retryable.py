@@ -22,6 +22,7 @@ from newfuse.nats.jserrors import ApiError, WrongLastSequenceError, client_error
         (503, 10008, "JetStream system temporarily unavailable", PublishUnavailableError, True),
         (500, 10009, "JetStream cluster can not handle request", PublishUnavailableError, True),
         (429, 10210, "atomic publish too many inflight", PublishUnavailableError, True),
+        (400, 10176, "atomic publish batch is incomplete", PublishUnavailableError, True),
         (503, 10077, "maximum messages exceeded", PublishRejectedError, False),
         (400, 10054, "message size exceeds maximum allowed", PublishRejectedError, False),
         (400, 10071, "wrong last sequence: 4", WrongLastSequenceError, False),

@@ -34,7 +34,8 @@ leader right after an election, while an earlier attempt of the same append may 
 ATOMIC_PUBLISH_DISABLED: Final = 10174
 """The stream does not have `allow_atomic` (ADR-50)."""
 ATOMIC_BATCH_INCOMPLETE: Final = 10176
-"""A batch sequence is missing (a gap, or the server abandoned the batch)."""
+"""A batch sequence is missing (a gap, or the server abandoned the batch): nothing of it was
+stored; retryable (seen after a SIGSTOP/SIGCONT of the stream leader under load)."""
 DUPLICATE_IN_PROCESS: Final = 10158
 """A message with this `Nats-Msg-Id` is being stored right now (a retry met its first attempt,
 still in the stream's Raft proposal): the first attempt's outcome decides, ask again shortly."""
@@ -88,7 +89,15 @@ _CREATE_ADVICE: Final = {
 }
 _CREATE_TRANSIENT: Final = frozenset({CLUSTER_NO_PEERS, CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER})
 _PUBLISH_TRANSIENT: Final = frozenset(
-    {CLUSTER_NOT_AVAILABLE, CLUSTER_NOT_LEADER, ATOMIC_PUBLISH_TOO_MANY_INFLIGHT}
+    # an incomplete atomic batch is discarded whole (ADR-50): after a paused or killed leader
+    # its messages may have reached two leaders; the next attempt is a new batch with the same
+    # ids and expected sequence, so it stores the events once or finds them stored
+    {
+        CLUSTER_NOT_AVAILABLE,
+        CLUSTER_NOT_LEADER,
+        ATOMIC_PUBLISH_TOO_MANY_INFLIGHT,
+        ATOMIC_BATCH_INCOMPLETE,
+    }
 )
 
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
