@@ -15,17 +15,13 @@ Usage: `python benchmarks/a2a.py [--quick]`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import nats
-from _harness import emit, percentile, progress, run_benchmark, run_id
+from _harness import emit, parser, percentile, progress, run_benchmark, run_id, workdir
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -251,10 +247,9 @@ async def bench_instances(
 
 
 async def main(sizes: Sizes) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-a2a-"))
-    try:
-        async with NatsServer(data_dir=workdir / "nats") as server:
-            progress(f"nats-server at {server.url}, files in {workdir}")
+    async with workdir("a2a") as files:
+        async with NatsServer(data_dir=files / "nats") as server:
+            progress(f"nats-server at {server.url}, files in {files}")
             nc = await nats.connect(server.url)
             try:
                 prefix = f"bq{run_id()}"
@@ -264,16 +259,12 @@ async def main(sizes: Sizes) -> None:
                 await bench_instances(nc, stream, prefix, sizes)
             finally:
                 await nc.close()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     progress("done")
 
 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (a few seconds)")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     run_benchmark(main(QUICK if args.quick else FULL))
 
 

@@ -20,18 +20,15 @@ Usage: `python benchmarks/models.py [--quick]`.
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-from _harness import emit, percentile, progress, run_benchmark, run_id
+from _harness import emit, parser, percentile, progress, run_benchmark, run_id, workdir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from newfuse.agents.models import (
@@ -108,10 +105,9 @@ def report(kind: str, plain: list[float], ours: list[float], figures: list[str])
 
 
 async def main(sizes: Sizes) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-models-"))
-    try:
+    async with workdir("models") as files:
         async with (
-            NatsServer(data_dir=workdir / "nats") as server,
+            NatsServer(data_dir=files / "nats") as server,
             OpenAIServer() as loopback,
             OpenAICompatibleProvider(loopback.url) as provider,
         ):
@@ -165,16 +161,12 @@ async def main(sizes: Sizes) -> None:
                     report("chat_unstored", plain, ours, ["mean"])
             finally:
                 await nc.close()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     progress("done")
 
 
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (a few seconds)")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     run_benchmark(main(QUICK if args.quick else FULL))
 
 

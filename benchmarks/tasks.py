@@ -17,19 +17,15 @@ Usage: `python benchmarks/tasks.py [--quick]`. Worker processes are this script 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import nats
-from _harness import emit, percentile, progress, run_benchmark, run_id
+from _harness import emit, parser, percentile, progress, run_benchmark, run_id, workdir
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -290,10 +286,9 @@ async def fill_flood(queue: TaskQueue, name: str, n: int) -> None:
 
 
 async def main(sizes: Sizes) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="newfuse-bench-tasks-"))
-    try:
-        async with NatsServer(data_dir=workdir / "nats") as server:
-            progress(f"nats-server at {server.url}, files in {workdir}")
+    async with workdir("tasks") as files:
+        async with NatsServer(data_dir=files / "nats") as server:
+            progress(f"nats-server at {server.url}, files in {files}")
             nc = await nats.connect(server.url)
             try:
                 prefix = f"bt{run_id()}"
@@ -302,8 +297,6 @@ async def main(sizes: Sizes) -> None:
                 await bench_flood(nc, prefix, stream, sizes)
             finally:
                 await nc.close()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     progress("done")
 
 
@@ -314,9 +307,7 @@ def cli(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--child"]:
         run_benchmark(child(*argv[1:6]))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (a few seconds)")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     run_benchmark(main(QUICK if args.quick else FULL))
 
 

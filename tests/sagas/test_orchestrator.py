@@ -10,7 +10,7 @@ from typing import Any
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
 from newfuse.core.saga import Saga, StepContext
 from newfuse.eventstore.jetstream import JetStreamEventStore
-from support import run_fuse
+from support import run_fuse, wait_for
 
 
 def _travel(log: list[str], *, fail: str | None = None, fail_times: int = 99) -> Saga:
@@ -140,8 +140,11 @@ async def test_a_saga_started_by_an_instance_that_stopped_is_finished_by_the_nex
     first = Orchestrator(store, [slow], name="first")
     async with first:
         saga_id = await first.start("travel")
-        while "hotel:1" not in log:
-            await asyncio.sleep(0.01)
+
+        async def hotel_started() -> bool:
+            return "hotel:1" in log
+
+        await wait_for(hotel_started, timeout=20)
     # `first` stopped with its claim on hotel held: the next run waits the lease, then claims
     state = await read_saga(store, saga_id)
     assert state.steps["hotel"].status in ("running", "done")

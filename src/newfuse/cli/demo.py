@@ -21,7 +21,7 @@ import contextlib
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +283,7 @@ async def tour(where: Servers, prefix: str) -> None:
 
 async def _agent_work(nc: Any, prefix: str, conversation: str, planner: AgentClient) -> None:
     """Issue 10's part: a queue, a model-using writer, an aggregation, then the views and a
-    replay of the writer from its recorded model calls."""
+    replay of the drafter from its recorded model calls."""
     job = f"{conversation}-job"
     say(f"\n6. a job through a queue, a model and two reviewers (conversation {job})")
     history = History(nc, prefix=prefix)
@@ -372,11 +372,16 @@ async def _task_in(tasks: Tasks, task_id: str, state: str) -> Any:
     return found[0]
 
 
-async def _until(condition: Any, timeout: float = 15.0) -> None:  # noqa: ASYNC109
+async def _until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 15.0,  # noqa: ASYNC109 - how long the tour waits for a step
+) -> None:
+    """Poll `condition` (a plain or async predicate) until it holds; TimeoutError after
+    `timeout` seconds."""
     async with asyncio.timeout(timeout):
         while True:
             done = condition()
-            if asyncio.iscoroutine(done):
+            if not isinstance(done, bool):
                 done = await done
             if done:
                 return

@@ -202,6 +202,18 @@ class Orchestrator:
         """
         ended = self._ended.setdefault(saga_id, asyncio.Event())
         try:
+            return await self._wait_ended(saga_id, ended, timeout)
+        finally:  # a long-running instance keeps no event per saga it was once asked about
+            if self._ended.get(saga_id) is ended:
+                del self._ended[saga_id]
+
+    async def _wait_ended(
+        self,
+        saga_id: str,
+        ended: asyncio.Event,
+        timeout: float,  # noqa: ASYNC109 - the caller's deadline
+    ) -> SagaState:
+        try:
             async with asyncio.timeout(timeout):
                 while True:
                     state = await read_saga(self.store, saga_id)
