@@ -1192,7 +1192,8 @@ class ReviewerNotAllowedError(ReviewError):
 
 
 class ReviewInputError(ReviewError, ValueError):
-    """An edited input or a feedback is not what a review or feedback takes."""
+    """What a person gives is not what it should be: an edited input that is no JSON object or
+    too big, a rejection or resolution without a comment, a feedback score out of range."""
 
     def __init__(self, *, what: str, reason: str) -> None:
         self.what = what

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -19,7 +21,7 @@ from newfuse.core.feedback import give_feedback, model_of, read_feedback
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
 from newfuse.core.resolution import resolve_saga
 from newfuse.core.review import Escalate, Review, Reviewer, ReviewState
-from newfuse.core.saga import Saga, StepContext
+from newfuse.core.saga import AwaitReview, Run, Saga, SagaState, StepContext, next_move
 from newfuse.errors import (
     ReviewClaimedError,
     ReviewDecidedError,
@@ -27,9 +29,19 @@ from newfuse.errors import (
     ReviewInputError,
     SagaNotStuckError,
 )
+from newfuse.eventstore import NO_STREAM
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import MessageStreamSpec, Subjects, connect, ensure_event_stream
-from newfuse.schemas import ChatMessage
+from newfuse.schemas import (
+    ChatMessage,
+    NewEvent,
+    ReviewApproved,
+    ReviewRequested,
+    SagaResolved,
+    SagaStarted,
+    StepCompleted,
+    StepReviewed,
+)
 from support import run_fuse, wait_for
 
 ADA = Reviewer("ada", ("ops",))
@@ -418,3 +430,74 @@ async def test_fuse_review_lists_claims_edits_approves_rejects_and_resolves(
     assert [(f.by, f.score, f.comment) for f in given] == [("ada", 3, "fine")]
     missing = await asyncio.to_thread(fuse, "review", "show", "rvnope", check=False)
     assert missing.returncode == 1 and "no review 'rvnope'" in missing.stderr
+
+
+async def test_a_review_stream_written_by_someone_else_fails_the_step_and_is_never_obeyed(
+    store: JetStreamEventStore,
+) -> None:
+    log: list[Any] = []
+    forged = reviews.review_id("forged-1", "ship")
+    stream = reviews.review_stream(forged)
+    when = datetime.now(UTC)
+    await store.append(
+        stream,
+        [
+            NewEvent(
+                data=ReviewRequested(
+                    review_id=forged,
+                    saga_id="someone-else",
+                    step="ship",
+                    summary="x",
+                    action="x",
+                    groups=["ops"],
+                    deadline=when + timedelta(hours=1),
+                )
+            ),
+            NewEvent(data={"reviewId": forged, "by": "mallory"}, type="review.approved.v9"),
+            NewEvent(data=ReviewApproved(review_id="rvother", saga_id="forged-1", by="mallory")),
+        ],
+        NO_STREAM,
+    )
+    folded = await reviews.read_review(store, forged)
+    assert folded.status == "pending" and len(folded.ignored) == 2, folded.ignored
+    async with Orchestrator(store, [_shipping(log, _ops())]) as orch:
+        state = await orch.wait(await orch.start("shipping", {"to": "x"}, saga_id="forged-1"))
+    assert state.status == "rolled_back" and log == ["pack", "unpack"]
+    assert "requests saga 'someone-else' step 'ship', not this one" in (state.error or "")
+    types = [event.type async for event in store.read(saga_stream("forged-1"))]
+    assert "saga.step_reviewed" not in types
+
+
+async def test_a_proposal_that_raises_fails_the_step_for_good(store: JetStreamEventStore) -> None:
+    log: list[Any] = []
+
+    def broken(ctx: StepContext) -> dict[str, Any]:
+        raise KeyError("box")
+
+    async with Orchestrator(store, [_shipping(log, Review(group="ops", propose=broken))]) as orch:
+        state = await orch.wait(await orch.start("shipping", {"to": "x"}), timeout=20)
+    assert state.status == "rolled_back" and state.error == "review: KeyError: 'box'"
+    assert not (await reviews.read_review(store, reviews.review_id(state.id, "ship"))).requested
+
+
+def test_a_decision_or_resolution_out_of_place_is_ignored_and_named() -> None:
+    saga = _shipping([], _ops())
+    state = SagaState("s1")
+    state.apply_data(SagaStarted(saga_id="s1", name="shipping", steps=["pack", "ship"]), "1")
+    assert next_move(saga, state, datetime.now(UTC)) == Run("pack", "action", 1)
+    state.apply_data(StepCompleted(saga_id="s1", step="pack", attempt=1, output="box"), "2")
+    assert next_move(saga, state, datetime.now(UTC)) == AwaitReview("ship")
+    now = datetime.now(UTC)
+    decision = StepReviewed(
+        saga_id="s1", step="ship", review_id="rv1", decision="approved", by="ada", decided_at=now
+    )
+    state.apply_data(msgspec.structs.replace(decision, step="pack"), "3")  # pack ran already
+    state.apply_data(SagaResolved(saga_id="s1", step="pack", resolution="retry", by="x"), "4")
+    assert state.ignored == [
+        "3: step 'pack' is not waiting for its review",
+        "4: the saga is active, its step is not stuck",
+    ]
+    state.apply_data(msgspec.structs.replace(decision, input={"to": "y"}), "5")
+    state.apply_data(msgspec.structs.replace(decision, decision="rejected"), "6")  # a second one
+    assert state.step_input("ship") == {"to": "y"} and len(state.ignored) == 3
+    assert next_move(saga, state, datetime.now(UTC)) == Run("ship", "action", 1)

@@ -325,6 +325,9 @@ class Orchestrator:
             )
 
     def _finished(self, saga_id: str) -> None:
+        timer = self._review_timers.pop(saga_id, None)
+        if timer is not None:
+            timer.cancel()
         ended = self._ended.get(saga_id)
         if ended is not None:
             ended.set()
@@ -445,10 +448,22 @@ class Orchestrator:
         review = await reviews.read_review(self.store, review_id)
         if not review.requested:
             ctx = self._context(state, step.name, "action", 0)
-            request = reviews.request_for(
-                step.review, saga_name=definition.name, ctx=ctx, now=_now()
-            )
+            try:
+                request = reviews.request_for(
+                    step.review, saga_name=definition.name, ctx=ctx, now=_now()
+                )
+            except Exception as error:  # the definition's summary or proposal: a bug of it
+                await self._review_failed(state, step.name, f"{type(error).__name__}: {error}")
+                return False
             review = await reviews.open_review(self.store, request)
+        if (review.saga_id, review.step) != (state.id, step.name):  # written by someone else
+            await self._review_failed(
+                state,
+                step.name,
+                f"review {review_id} requests saga {review.saga_id!r} "
+                f"step {review.step!r}, not this one",
+            )
+            return False
         if not review.decided:
             review = await reviews.expire_if_due(self.store, review_id, _now())
         decision = review.decision()
@@ -458,6 +473,14 @@ class Orchestrator:
         if review.deadline is not None:
             self._wake_at(state.id, review.deadline)
         return True
+
+    async def _review_failed(self, state: SagaState, step: str, why: str) -> None:
+        """The step's review cannot be opened: the step fails for good (the saga compensates)."""
+        log.error("saga %s: the review of %s: %s", state.id, step, why)
+        failed = StepFailed(
+            saga_id=state.id, step=step, attempt=1, error=f"review: {why}", retryable=False
+        )
+        await self._append(state, [failed])
 
     def _wake_at(self, saga_id: str, when: datetime) -> None:
         """Drive `saga_id` again at `when` (its review's deadline). This is where a JetStream
