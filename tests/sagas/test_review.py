@@ -501,3 +501,30 @@ def test_a_decision_or_resolution_out_of_place_is_ignored_and_named() -> None:
     state.apply_data(msgspec.structs.replace(decision, decision="rejected"), "6")  # a second one
     assert state.step_input("ship") == {"to": "y"} and len(state.ignored) == 3
     assert next_move(saga, state, datetime.now(UTC)) == Run("ship", "action", 1)
+
+
+async def test_an_escalated_review_is_rejected_at_its_second_deadline_and_only_once(
+    store: JetStreamEventStore,
+) -> None:
+    ctx = StepContext(saga_id="esc-1", step="ship", phase="action", attempt=0, input={}, outputs={})
+    now = datetime.now(UTC)
+    escalating = Review(group="ops", deadline=60, on_deadline=Escalate(["leads", "cto"]))
+    opened = await reviews.open_review(
+        store, reviews.request_for(escalating, saga_name="shipping", ctx=ctx, now=now)
+    )
+    again = await reviews.open_review(
+        store, reviews.request_for(escalating, saga_name="shipping", ctx=ctx, now=now)
+    )
+    assert again.version == opened.version == 1  # opened once
+    early = await reviews.expire_if_due(store, opened.id, now + timedelta(seconds=59))
+    assert (early.status, early.version) == ("pending", 1)
+    first, second = await asyncio.gather(
+        reviews.expire_if_due(store, opened.id, now + timedelta(seconds=61)),
+        reviews.expire_if_due(store, opened.id, now + timedelta(seconds=61)),
+    )
+    assert first.escalated and second.escalated and first.groups == ["leads", "cto"]
+    assert second.deadline == now + timedelta(seconds=121)  # as long again as the first group had
+    late = await reviews.expire_if_due(store, opened.id, now + timedelta(seconds=122))
+    assert (late.status, late.decided_by) == ("expired", "deadline")
+    types = [e.type async for e in store.read(reviews.review_stream(opened.id))]
+    assert types == ["review.requested", "review.escalated", "review.expired"]
