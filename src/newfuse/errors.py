@@ -1117,6 +1117,90 @@ class SagaTimeoutError(SagaError, TimeoutError):
         )
 
 
+class SagaNotStuckError(SagaError):
+    """A person tried to resolve a saga that is not stuck (it never was, or someone resolved
+    it first)."""
+
+    def __init__(self, *, saga_id: str, status: str, resolved_by: str | None = None) -> None:
+        self.saga_id = saga_id
+        self.status = status
+        self.resolved_by = resolved_by
+        by = f" ({resolved_by} resolved it)" if resolved_by else ""
+        super().__init__(
+            f"saga {_shown(saga_id)} is {status}{by}, not stuck: only a stuck saga is "
+            f"resolved; `fuse sagas show` tells where it is"
+        )
+
+
+# -- human review and feedback ---------------------------------------------------------------------
+
+
+class ReviewError(FuseError):
+    """Base of the errors of human reviews and feedback."""
+
+
+class ReviewNotFoundError(ReviewError, LookupError):
+    """No review with this id has been requested."""
+
+    def __init__(self, *, review_id: str) -> None:
+        self.review_id = review_id
+        super().__init__(
+            f"no review {_shown(review_id)}: its stream review.<id> has no request; "
+            f"`fuse review list` shows the reviews there are"
+        )
+
+
+class ReviewDecidedError(ReviewError):
+    """A review was decided already (by another reviewer, or by its deadline): this decision,
+    claim or edit was not stored."""
+
+    def __init__(self, *, review_id: str, status: str, by: str, at: str) -> None:
+        self.review_id = review_id
+        self.status = status
+        self.by = by
+        self.at = at
+        super().__init__(f"review {_shown(review_id)} was {status} by {by} at {at}; nothing stored")
+
+
+class ReviewClaimedError(ReviewError):
+    """A review is claimed by another reviewer, who alone may edit or decide it."""
+
+    def __init__(self, *, review_id: str, by: str, wanted: str) -> None:
+        self.review_id = review_id
+        self.by = by
+        self.wanted = wanted
+        super().__init__(
+            f"review {_shown(review_id)} is claimed by {by}: {wanted} cannot decide or edit it"
+        )
+
+
+class ReviewerNotAllowedError(ReviewError):
+    """The reviewer names none of the groups the review says may decide it."""
+
+    def __init__(
+        self, *, review_id: str, reviewer: str, groups: list[str], allowed: list[str]
+    ) -> None:
+        self.review_id = review_id
+        self.reviewer = reviewer
+        self.groups = groups
+        self.allowed = allowed
+        super().__init__(
+            f"review {_shown(review_id)} is decided by group {' or '.join(allowed)}; "
+            f"{reviewer} acts for {', '.join(groups) or 'no group'} (give --group or "
+            f"$FUSE_REVIEWER_GROUPS)"
+        )
+
+
+class ReviewInputError(ReviewError, ValueError):
+    """What a person gives is not what it should be: an edited input that is no JSON object or
+    too big, a rejection or resolution without a comment, a feedback score out of range."""
+
+    def __init__(self, *, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+
 # -- model providers -------------------------------------------------------------------------------
 
 

@@ -216,7 +216,7 @@ def test_bash_completion_completes_commands_and_flags(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return sorted(done.stdout.split())
 
-    assert complete("fuse", "re") == ["replay"]
+    assert complete("fuse", "re") == ["replay", "review"]
     assert "--from-position" in complete("fuse", "replay", "--fr")
     assert complete("fuse", "completion", "") == ["bash", "zsh"]
 

@@ -1,13 +1,17 @@
-"""`fuse sagas list|show`: each saga as the seed's Transaction, folded from its stream."""
+"""`fuse sagas list|show|resolve`: each saga as the seed's Transaction, folded from its stream,
+and a person's resolution of a stuck one."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 from typing import Any
 
 from newfuse.cli._common import Commands, open_store
 from newfuse.cli._output import note, print_json, print_table, rfc3339
 from newfuse.core.orchestrator import CATEGORY, read_saga
+from newfuse.core.resolution import resolve_saga
 from newfuse.core.saga import SagaState
 from newfuse.errors import SagaNotFoundError
 from newfuse.eventstore import EventFilter
@@ -16,7 +20,7 @@ STATUSES = ("active", "compensating", "committed", "rolled_back", "stuck")
 
 
 def register(commands: Commands) -> None:
-    """Add `fuse sagas list` and `fuse sagas show ID`."""
+    """Add `fuse sagas list`, `fuse sagas show ID` and `fuse sagas resolve ID`."""
     sagas = commands.add_parser("sagas")
     actions = sagas.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser(
@@ -35,6 +39,21 @@ def register(commands: Commands) -> None:
     )
     show.add_argument("saga", metavar="ID", help="the saga's id")
     show.set_defaults(handler=run_sagas_show)
+    resolve = actions.add_parser(
+        "resolve",
+        help="resolve a stuck saga: undone by hand, or its compensation retried",
+        description="A stuck saga's compensation kept failing. --rolled-back: you undid it by "
+        "hand, the saga is rolled back; --retry: the compensation gets fresh attempts. "
+        "Either is a saga.resolved event with who (--as, $FUSE_REVIEWER, the OS user), when "
+        "and --comment.",
+    )
+    resolve.add_argument("saga", metavar="ID", help="the saga's id")
+    how = resolve.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rolled-back", dest="resolution", action="store_const", const="rolled_back")
+    how.add_argument("--retry", dest="resolution", action="store_const", const="retry")
+    resolve.add_argument("--comment", required=True, help="what was done, or why retry")
+    resolve.add_argument("--as", dest="reviewer", metavar="NAME", help="who resolves it")
+    resolve.set_defaults(handler=run_sagas_resolve)
 
 
 def saga_json(state: SagaState) -> dict[str, Any]:
@@ -128,3 +147,14 @@ def _transaction_json(state: SagaState) -> dict[str, Any]:
         "status": transaction.status,
         "timestamp": rfc3339(transaction.timestamp),
     }
+
+
+async def run_sagas_resolve(args: argparse.Namespace) -> int:
+    by = args.reviewer or os.environ.get("FUSE_REVIEWER") or getpass.getuser()
+    async with await open_store(args, create=False) as store:
+        state = await resolve_saga(store, args.saga, args.resolution, by=by, comment=args.comment)
+    if args.json:
+        print_json(saga_json(state))
+        return 0
+    print(f"saga {state.id} ({state.name}): {state.status}, resolved by {by} ({args.resolution})")
+    return 0

@@ -1,24 +1,46 @@
 """Transactions across agents: sagas (definitions, the fold of their streams, the orchestrator),
-named resource locks and deadlock detection between sagas."""
+named resource locks and deadlock detection between sagas, human review of steps, resolving a
+stuck saga, and feedback on agents' results."""
 
 from newfuse.core.deadlock import DeadlockDetector, Detection
+from newfuse.core.feedback import give_feedback, read_feedback
 from newfuse.core.locks import LockState, read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream, start_saga
+from newfuse.core.resolution import resolve_saga
+from newfuse.core.review import (
+    Escalate,
+    Review,
+    Reviewer,
+    ReviewState,
+    list_reviews,
+    read_review,
+    review_id,
+)
 from newfuse.core.saga import Saga, SagaState, Step, StepContext, StepState, next_move
 
 __all__ = [
     "DeadlockDetector",
     "Detection",
+    "Escalate",
     "LockState",
     "Orchestrator",
+    "Review",
+    "ReviewState",
+    "Reviewer",
     "Saga",
     "SagaState",
     "Step",
     "StepContext",
     "StepState",
+    "give_feedback",
+    "list_reviews",
     "next_move",
+    "read_feedback",
     "read_lock",
+    "read_review",
     "read_saga",
+    "resolve_saga",
+    "review_id",
     "saga_stream",
     "start_saga",
 ]

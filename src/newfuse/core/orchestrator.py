@@ -22,6 +22,11 @@ before its first claim (`saga.lock_waiting`, then the lock stream's request and 
 events and ends by the grant, by a detector's `saga.aborted` (core/deadlock.py) or by the
 step's lock timeout, the last two failing the step for good. Every lock of a saga is released
 once it has ended, by whichever instance sees it ended.
+
+Reviews (core/review.py): a step declared with `review=` is preceded by its review. The driver
+opens it (once), copies a decision into the saga's stream (`saga.step_reviewed`, fenced), and
+otherwise lets go of the saga, holding no slot: the review's events (the `review` category is
+followed) and a wake-up at its deadline drive it again.
 """
 
 from __future__ import annotations
@@ -33,15 +38,17 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 
 from newfuse.core import locks
+from newfuse.core import review as reviews
 from newfuse.core.saga import (
     Acquire,
+    AwaitReview,
     End,
     Run,
     Saga,
@@ -60,6 +67,8 @@ from newfuse.errors import (
 from newfuse.eventstore import NO_STREAM, EventFilter, EventStore
 from newfuse.schemas import (
     NewEvent,
+    Phase,
+    RecordedEvent,
     SagaCommitted,
     SagaLockAcquired,
     SagaLockWaiting,
@@ -149,6 +158,9 @@ class Orchestrator:
         self._ended: dict[str, asyncio.Event] = {}
         self._follow: asyncio.Task[None] | None = None
         self._follow_locks: asyncio.Task[None] | None = None
+        self._follow_reviews: asyncio.Task[None] | None = None
+        self._review_timers: dict[str, asyncio.TimerHandle] = {}
+        """Saga -> the wake-up at its review's deadline."""
         self._waiting_on: dict[str, set[str]] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
@@ -158,7 +170,12 @@ class Orchestrator:
     async def __aenter__(self) -> Orchestrator:
         self._follow = asyncio.create_task(self._follow_sagas(), name=f"newfuse-saga-{self.name}")
         self._follow_locks = asyncio.create_task(
-            self._follow_lock_streams(), name=f"newfuse-saga-locks-{self.name}"
+            self._follow_new(locks.CATEGORY, self._lock_event),
+            name=f"newfuse-saga-locks-{self.name}",
+        )
+        self._follow_reviews = asyncio.create_task(
+            self._follow_new(reviews.CATEGORY, self._review_event),
+            name=f"newfuse-saga-reviews-{self.name}",
         )
         return self
 
@@ -170,9 +187,11 @@ class Orchestrator:
         and another instance, or the next run, claims it again; a lock wait is taken up by
         them too; the lock releases of a saga that ended finish first). Idempotent."""
         self._closed = True
-        tasks = [
-            t for t in (self._follow, self._follow_locks, *self._driving.values()) if t is not None
-        ]
+        for timer in self._review_timers.values():
+            timer.cancel()
+        self._review_timers.clear()
+        followers = (self._follow, self._follow_locks, self._follow_reviews)
+        tasks = [t for t in (*followers, *self._driving.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -266,23 +285,35 @@ class Orchestrator:
                 log.warning("orchestrator %s: following sagas: %s; again in 1s", self.name, error)
                 await asyncio.sleep(1.0)
 
-    async def _follow_lock_streams(self) -> None:
-        """Every new lock event wakes the sagas of ours waiting for that resource."""
+    async def _follow_new(self, category: str, handle: Callable[[RecordedEvent], None]) -> None:
+        """Every new event of `category` (from now on) goes to `handle`."""
         while not self._closed:
             try:
                 head = await self.store.head_position()
                 async with self.store.subscribe(
-                    EventFilter(categories=(locks.CATEGORY,)), from_position=head + 1
+                    EventFilter(categories=(category,)), from_position=head + 1
                 ) as feed:
                     async for event in feed:
-                        resource = event.stream.partition(".")[2]
-                        for saga_id in self._waiting_on.get(resource, ()):
-                            self._wake.setdefault(saga_id, asyncio.Event()).set()
+                        handle(event)
             except asyncio.CancelledError:
                 raise
-            except FuseError as error:  # the waits poll meanwhile (LOCK_POLL)
-                log.warning("orchestrator %s: following locks: %s; again in 1s", self.name, error)
+            except FuseError as error:  # lock waits poll meanwhile (LOCK_POLL)
+                log.warning(
+                    "orchestrator %s: following %s: %s; again in 1s", self.name, category, error
+                )
                 await asyncio.sleep(1.0)
+
+    def _lock_event(self, event: RecordedEvent) -> None:
+        """A lock event wakes the sagas of ours waiting for that resource."""
+        resource = event.stream.partition(".")[2]
+        for saga_id in self._waiting_on.get(resource, ()):
+            self._wake.setdefault(saga_id, asyncio.Event()).set()
+
+    def _review_event(self, event: RecordedEvent) -> None:
+        """A review event drives the saga it names (a body that names none is left alone)."""
+        saga_id = getattr(event.data, "saga_id", None)
+        if isinstance(saga_id, str) and saga_id:
+            self._kick(saga_id)
 
     def _kick(self, saga_id: str) -> None:
         """Drive `saga_id` (if no task of ours does) and wake its driver."""
@@ -294,6 +325,9 @@ class Orchestrator:
             )
 
     def _finished(self, saga_id: str) -> None:
+        timer = self._review_timers.pop(saga_id, None)
+        if timer is not None:
+            timer.cancel()
         ended = self._ended.get(saga_id)
         if ended is not None:
             ended.set()
@@ -350,6 +384,10 @@ class Orchestrator:
             if isinstance(move, Acquire):
                 await self._acquire(definition, state, move, wake)
                 continue
+            if isinstance(move, AwaitReview):
+                if await self._await_review(definition, state, move) and not wake.is_set():
+                    return  # the review's next event, or its deadline, drives the saga again
+                continue
             await self._run(definition, state, move)
 
     async def _acquire(
@@ -401,6 +439,78 @@ class Orchestrator:
             if not waiters:
                 self._waiting_on.pop(move.resource, None)
 
+    async def _await_review(self, definition: Saga, state: SagaState, move: AwaitReview) -> bool:
+        """Open the step's review (once), apply its deadline when due, and copy a decision into
+        the saga's stream; True when it is still undecided (the saga waits)."""
+        step = definition.get(move.step)
+        assert step.review is not None  # next_move awaits reviews only of steps that have one
+        review_id = reviews.review_id(state.id, step.name)
+        review = await reviews.read_review(self.store, review_id)
+        if not review.requested:
+            ctx = self._context(state, step.name, "action", 0)
+            try:
+                request = reviews.request_for(
+                    step.review, saga_name=definition.name, ctx=ctx, now=_now()
+                )
+            except Exception as error:  # the definition's summary or proposal: a bug of it
+                await self._review_failed(state, step.name, f"{type(error).__name__}: {error}")
+                return False
+            review = await reviews.open_review(self.store, request)
+        if (review.saga_id, review.step) != (state.id, step.name):  # written by someone else
+            await self._review_failed(
+                state,
+                step.name,
+                f"review {review_id} requests saga {review.saga_id!r} "
+                f"step {review.step!r}, not this one",
+            )
+            return False
+        if not review.decided:
+            review = await reviews.expire_if_due(self.store, review_id, _now())
+        decision = review.decision()
+        if decision is not None:
+            await self._append(state, [decision])
+            return False
+        if review.deadline is not None:
+            self._wake_at(state.id, review.deadline)
+        return True
+
+    async def _review_failed(self, state: SagaState, step: str, why: str) -> None:
+        """The step's review cannot be opened: the step fails for good (the saga compensates)."""
+        log.error("saga %s: the review of %s: %s", state.id, step, why)
+        failed = StepFailed(
+            saga_id=state.id, step=step, attempt=1, error=f"review: {why}", retryable=False
+        )
+        await self._append(state, [failed])
+
+    def _wake_at(self, saga_id: str, when: datetime) -> None:
+        """Drive `saga_id` again at `when` (its review's deadline). This is where a JetStream
+        scheduled message (core/timers.py, once merged) replaces the in-process timer."""
+        old = self._review_timers.pop(saga_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (when - _now()).total_seconds()) + 0.05
+
+        def due() -> None:
+            self._review_timers.pop(saga_id, None)
+            self._kick(saga_id)
+
+        self._review_timers[saga_id] = loop.call_at(loop.time() + delay, due)
+
+    def _context(self, state: SagaState, step: str, phase: Phase, attempt: int) -> StepContext:
+        """What an attempt of `step`'s `phase` sees."""
+        reviewed = state.steps[step].reviewed
+        return StepContext(
+            saga_id=state.id,
+            step=step,
+            phase=phase,
+            attempt=attempt,
+            input=state.step_input(step),
+            outputs=state.outputs,
+            locks=dict(state.locks),
+            review=reviewed if reviewed is not None and reviewed.decision == "approved" else None,
+        )
+
     async def _release_locks(self, state: SagaState) -> None:
         """Let go of every lock an ended saga holds or asked for (idempotent: each
         orchestrator that sees it ended may do it)."""
@@ -437,15 +547,7 @@ class Orchestrator:
         )
         if not await self._append(state, [claim]):
             return
-        ctx = StepContext(
-            saga_id=state.id,
-            step=step.name,
-            phase=move.phase,
-            attempt=move.attempt,
-            input=state.input,
-            outputs=state.outputs,
-            locks=dict(state.locks),
-        )
+        ctx = self._context(state, step.name, move.phase, move.attempt)
         fn = step.action if move.phase == "action" else step.compensation
         assert fn is not None  # next_move compensates only steps that have a compensation
         self.runs += 1

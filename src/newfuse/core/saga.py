@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -29,17 +29,22 @@ from newfuse.schemas import (
     SagaCommitted,
     SagaLockAcquired,
     SagaLockWaiting,
+    SagaResolved,
     SagaRolledBack,
     SagaStarted,
     SagaStuck,
     StepCompleted,
     StepFailed,
+    StepReviewed,
     StepStarted,
     Transaction,
     TransactionStatus,
     check_token,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from newfuse.core.review import Review
 
 SagaStatus = Literal["active", "compensating", "committed", "rolled_back", "stuck"]
 StepStatus = Literal[
@@ -62,6 +67,9 @@ class StepContext:
     locks: dict[str, int] = field(default_factory=dict)
     """The locks the saga holds -> each grant's fencing token (carry it in writes elsewhere:
     a store that keeps the highest token seen per resource refuses a stale holder's)."""
+    review: StepReviewed | None = None
+    """The approved review of this step (who, comment; `input` is then the reviewed input),
+    None when the step has no review."""
 
     @property
     def idempotency_key(self) -> str:
@@ -90,6 +98,8 @@ class Step:
     """Resources the step locks (in this order) before its action; held until the saga ends."""
     lock_timeout: float = 30.0
     """Seconds the step waits for one lock before it fails for good (the saga rolls back)."""
+    review: Review | None = None
+    """A person approves the step before its action runs (core/review.py)."""
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt` (1: none)."""
@@ -124,11 +134,13 @@ class Saga:
         backoff: float = 0.2,
         locks: Sequence[str] = (),
         lock_timeout: float = 30.0,
+        review: Review | None = None,
     ) -> Callable[[Action], Action]:
         """Decorator: the next step of the saga, run by `async def f(ctx)`; its return value
         (JSON-encodable) is the step's output. `locks`: resources acquired, in the order given,
         before the action (each waited for at most `lock_timeout` seconds), held until the
-        saga commits or rolls back."""
+        saga commits or rolls back. `review`: someone approves the step (and may edit its
+        input) before it runs; rejected, it fails for good (core/review.py)."""
         check_token(name, kind="step name")
         for resource in locks:
             check_token(resource, kind="lock resource")
@@ -153,6 +165,7 @@ class Saga:
                     backoff=backoff,
                     locks=tuple(locks),
                     lock_timeout=lock_timeout,
+                    review=review,
                 )
             )
             return fn
@@ -200,6 +213,8 @@ class StepState:
     ended_at: datetime | None = None
     history: list[str] = field(default_factory=list)
     """What happened, one line per event (for `fuse sagas show`)."""
+    reviewed: StepReviewed | None = None
+    """The decision of the step's review (None: none yet, or the step has no review)."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +251,8 @@ class SagaState:
     """Every resource the saga waited for (released, held or asked, when it ends)."""
     aborted: str | None = None
     """Why a deadlock detector aborted the saga (None: it did not)."""
+    resolutions: list[SagaResolved] = field(default_factory=list)
+    """How people resolved the saga when it was stuck, oldest first."""
 
     @property
     def ended(self) -> bool:
@@ -244,6 +261,11 @@ class SagaState:
     @property
     def outputs(self) -> dict[str, Any]:
         return {name: s.output for name, s in self.steps.items() if s.status == "done"}
+
+    def step_input(self, step: str) -> dict[str, Any]:
+        """What `step` runs with: its approved review's input, else the saga's input."""
+        reviewed = self.steps[step].reviewed if step in self.steps else None
+        return reviewed.input if reviewed is not None else self.input
 
     @classmethod
     def fold(cls, saga_id: str, events: Iterable[RecordedEvent]) -> SagaState:
@@ -276,6 +298,9 @@ class SagaState:
         if isinstance(data, SagaCommitted | SagaRolledBack | SagaStuck):
             self._end(data)
             return
+        if isinstance(data, SagaResolved):
+            self._resolve(data, where)
+            return
         if not isinstance(
             data,
             StepStarted
@@ -283,7 +308,8 @@ class SagaState:
             | StepFailed
             | SagaLockWaiting
             | SagaLockAcquired
-            | SagaAborted,
+            | SagaAborted
+            | StepReviewed,
         ):
             self.ignored.append(f"{where}: not a saga event")
             return
@@ -294,7 +320,40 @@ class SagaState:
         if isinstance(data, SagaLockWaiting | SagaLockAcquired | SagaAborted):
             self._lock(step, data, where)
             return
+        if isinstance(data, StepReviewed):
+            self._reviewed(step, data, where)
+            return
         self._step(step, data)
+
+    def _reviewed(self, step: StepState, data: StepReviewed, where: str) -> None:
+        """A review's decision: approved lets the step run (with its input), rejected fails it
+        for good (the saga compensates)."""
+        if self.status != "active" or step.status != "pending" or step.reviewed is not None:
+            self.ignored.append(f"{where}: step {step.name!r} is not waiting for its review")
+            return
+        step.reviewed = data
+        said = f": {data.comment}" if data.comment else ""
+        step.history.append(f"review {data.review_id} {data.decision} by {data.by}{said}")
+        if data.decision == "rejected":
+            step.status, step.retryable, step.ended_at = "failed", False, data.timestamp
+            step.error = f"review {data.review_id} rejected by {data.by}{said}"
+            self.failed_step, self.error = step.name, step.error
+
+    def _resolve(self, data: SagaResolved, where: str) -> None:
+        """A person resolved the stuck compensation: undone by hand (rolled back), or retried
+        with fresh attempts."""
+        step = self.steps.get(data.step)
+        if self.status != "stuck" or step is None or step.status != "stuck":
+            self.ignored.append(f"{where}: the saga is {self.status}, its step is not stuck")
+            return
+        self.resolutions.append(data)
+        step.history.append(f"resolved by {data.by} ({data.resolution}): {data.comment}")
+        if data.resolution == "rolled_back":
+            self.status, self.ended_at = "rolled_back", data.timestamp
+            step.status, step.ended_at = "compensated", data.timestamp
+            return
+        self.status, self.ended_at = "compensating", None
+        step.status, step.attempts, step.retryable, step.ended_at = "failed", 0, True, None
 
     def _lock(
         self, step: StepState, data: SagaLockWaiting | SagaLockAcquired | SagaAborted, where: str
@@ -408,6 +467,12 @@ class Acquire(msgspec.Struct, frozen=True):
     resource: str
 
 
+class AwaitReview(msgspec.Struct, frozen=True):
+    """Open `step`'s review (once) and wait for its decision before anything else of it."""
+
+    step: str
+
+
 class End(msgspec.Struct, frozen=True):
     """Append the saga's end: committed, rolled back, or stuck (a compensation kept failing)."""
 
@@ -416,7 +481,7 @@ class End(msgspec.Struct, frozen=True):
     error: str = ""
 
 
-Move = Run | Wait | Acquire | End | None
+Move = Run | Wait | Acquire | AwaitReview | End | None
 
 
 def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
@@ -429,6 +494,8 @@ def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
             step = state.steps.get(definition.name)
             if step is None or step.status == "done":
                 continue
+            if definition.review is not None and step.reviewed is None and step.status == "pending":
+                return AwaitReview(step.name)
             missing = [r for r in definition.locks if r not in state.locks]
             if missing and step.status in ("pending", "waiting"):
                 return Acquire(step.name, missing[0])

@@ -29,6 +29,7 @@ from newfuse.schemas.lock import LOCK_TYPES
 from newfuse.schemas.model import ModelInvoked
 from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
+from newfuse.schemas.review import REVIEW_TYPES
 from newfuse.schemas.saga import SAGA_TYPES
 
 S = TypeVar("S", bound=type[msgspec.Struct])
@@ -405,5 +406,7 @@ def default_registry() -> SchemaRegistry:
     for name, struct in SAGA_TYPES.items():
         registry.add(name, 1, struct)
     for name, struct in LOCK_TYPES.items():
+        registry.add(name, 1, struct)
+    for name, struct in REVIEW_TYPES.items():
         registry.add(name, 1, struct)
     return registry

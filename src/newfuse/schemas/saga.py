@@ -133,6 +133,36 @@ class SagaAborted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
 
+class StepReviewed(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.step_reviewed`: review `reviewId` of step `step` was decided (`approved` or
+    `rejected`, by `by`, with `comment`), copied here so the saga's fold decides from its own
+    stream: approved runs the step with `input`, rejected fails it for good. Appended expecting
+    the saga's version (fenced, like every saga write)."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    review_id: str = msgspec.field(name="reviewId")
+    decision: Literal["approved", "rejected"]
+    by: str
+    comment: str = ""
+    input: dict[str, Any] = {}
+    decided_at: Timestamp = msgspec.field(name="decidedAt")
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class SagaResolved(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `saga.resolved`: a person (`by`) resolved the stuck compensation of `step`:
+    `rolled_back` (it was undone by hand: the saga is rolled back) or `retry` (the compensation
+    gets fresh attempts). Appended expecting the version at which the saga was stuck."""
+
+    saga_id: str = msgspec.field(name="sagaId")
+    step: str
+    resolution: Literal["rolled_back", "retry"]
+    by: str
+    comment: str = ""
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
 SAGA_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "saga.started": SagaStarted,
     "saga.step_started": StepStarted,
@@ -144,5 +174,7 @@ SAGA_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "saga.lock_waiting": SagaLockWaiting,
     "saga.lock_acquired": SagaLockAcquired,
     "saga.aborted": SagaAborted,
+    "saga.step_reviewed": StepReviewed,
+    "saga.resolved": SagaResolved,
 }
 """The saga event types and their payloads (version 1 each)."""
