@@ -199,6 +199,8 @@ def _input(text: str) -> Any:
 
 async def run_feedback(args: argparse.Namespace) -> int:
     by = args.reviewer or os.environ.get(REVIEWER_ENV) or getpass.getuser()
+    # a wrong score or name is refused before the model records are searched
+    feedback.check_feedback(args.message, score=args.score, by=by, comment=args.comment)
     found = None
     try:
         async with message_stream(args, name="fuse-review-feedback") as (nc, prefix):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from newfuse.errors import ReviewInputError
 from newfuse.eventstore import ANY, EventStore
 from newfuse.schemas import FeedbackGiven, ModelVersion, NewEvent, check_token
@@ -44,28 +46,11 @@ async def model_of(calls: ModelCalls, message_id: str) -> tuple[str | None, Mode
             found = invoked
     if found is None:
         return None
-    version = ModelVersion(
-        provider=found.provider,
-        request_model=found.request_model,
-        response_model=found.response_model,
-        revision=found.revision,
-        params_hash=found.params_hash,
-        call=found.call,
-    )
-    return found.agent, version
+    return found.agent, msgspec.convert(found, ModelVersion, from_attributes=True)
 
 
-async def give_feedback(
-    store: EventStore,
-    message_id: str,
-    *,
-    score: int,
-    by: str,
-    comment: str = "",
-    model: ModelVersion | None = None,
-    agent: str | None = None,
-) -> FeedbackGiven:
-    """Append `by`'s feedback on the result of handling `message_id`; the event stored.
+def check_feedback(message_id: str, *, score: int, by: str, comment: str = "") -> None:
+    """Refuse feedback that cannot be stored, before anything is read or written.
 
     Raises:
         ReviewInputError: the score is not a whole number from -10 to 10, the comment is too
@@ -82,6 +67,25 @@ async def give_feedback(
         )
     if not by.strip():
         raise ReviewInputError(what="the reviewer", reason="feedback says who gave it")
+    feedback_stream(message_id)
+
+
+async def give_feedback(
+    store: EventStore,
+    message_id: str,
+    *,
+    score: int,
+    by: str,
+    comment: str = "",
+    model: ModelVersion | None = None,
+    agent: str | None = None,
+) -> FeedbackGiven:
+    """Append `by`'s feedback on the result of handling `message_id`; the event stored.
+
+    Raises:
+        ReviewInputError, InvalidNameError: see `check_feedback`.
+    """
+    check_feedback(message_id, score=score, by=by, comment=comment)
     given = FeedbackGiven(
         message_id=message_id, by=by, score=score, comment=comment, agent=agent, model=model
     )
