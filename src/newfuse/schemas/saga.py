@@ -20,13 +20,15 @@ Phase = Literal["action", "compensation"]
 
 class SagaStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Type `saga.started`: a saga of definition `name` began with `input`; `steps` names its
-    steps in order (what the orchestrator will run)."""
+    steps in order (what the orchestrator will run); `groups` maps each step of a parallel
+    group to the group's name (the steps of one group run concurrently)."""
 
     saga_id: str = msgspec.field(name="sagaId")
     name: str
     input: dict[str, Any] = {}
     steps: list[str] = []
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+    groups: dict[str, str] = {}
 
 
 class StepStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
