@@ -476,6 +476,7 @@ class SagaState:
                 "step": s.name,
                 "status": s.status,
                 "attempts": s.attempts,
+                **({"group": s.group} if s.group else {}),
                 **({"error": s.error} if s.error else {}),
             }
             for s in self.steps.values()
