@@ -47,6 +47,16 @@ PROTOCOL_MAJOR: Final = 1
 
 
 _NAMESPACE_BYTES: Final = _NAMESPACE.bytes
+ONCE_PREFIX: Final = "once-"
+"""How the reply token of a request asked once per key begins (`once_token`)."""
+
+
+def once_token(message_id: str) -> str:
+    """The reply token of a request asked once per key (`AgentClient.request_once`): derived
+    from its message id, so whoever asks again finds the reply on
+    `<prefix>.a2a._reply.<token>`, and a runtime handling a copy of the request sees it was
+    answered already."""
+    return ONCE_PREFIX + message_id.replace("-", "")
 
 
 def derived_id(message_id: str, consumer: str, name: str) -> str:
