@@ -414,6 +414,10 @@ class Orchestrator:
         runs = [move for move in found if isinstance(move, Run) and move.step not in running]
         if runs:
             claimed, contexts = await self._claim(definition, state, runs)
+            if len(found) == 1 and len(contexts) == 1 and not running:
+                # a lone step (no group): run by the driver itself, nothing else to follow
+                await self._attempt(definition, runs[0], contexts[0][1], claimed, wake)
+                return True
             for run, ctx in contexts:
                 running[run.step] = asyncio.create_task(
                     self._attempt(definition, run, ctx, claimed, wake),
@@ -588,17 +592,17 @@ class Orchestrator:
         ]
         if not await self._append(state, claims):
             return state, []
-        claimed = copy.deepcopy(state)
-        for claim in claims:
-            claimed.apply_data(claim, "the claim")
-        claimed.version = state.version + len(claims)
-        return claimed, [
+        contexts = [
             (
                 move,
                 self._context(state, move.step, move.phase, move.attempt),
             )
             for move in runs
         ]
+        for claim in claims:  # the driver reads the stream afresh: this fold is the claims'
+            state.apply_data(claim, "the claim")
+        state.version += len(claims)
+        return state, contexts
 
     async def _attempt(
         self,
@@ -656,8 +660,8 @@ class Orchestrator:
         step over, or the outcome is stored already): this write is fenced off."""
         state = claimed
         for tries in range(RECORD_TRIES):
-            if tries:  # something came after the claim: read, check the claim, append again
-                state = await read_saga(self.store, claimed.id)
+            if tries:  # something came after the claim: read on, check the claim, append again
+                state = await self._read_on(state)
                 if not self._holds(state, move):
                     self.fenced += 1
                     log.info(
@@ -682,6 +686,13 @@ class Orchestrator:
                 continue
         log.warning("orchestrator %s: saga %s: gave up recording %s", self.name, state.id, move)
         return False
+
+    async def _read_on(self, state: SagaState) -> SagaState:
+        """`state` with the events stored after it folded in (a copy: others share it)."""
+        state = copy.deepcopy(state)
+        async for event in self.store.read(saga_stream(state.id), from_version=state.version + 1):
+            state.apply(event)
+        return state
 
     def _holds(self, state: SagaState, move: Run) -> bool:
         """Whether the latest claim of `move`'s step in `state` is this instance's attempt,
