@@ -3,8 +3,10 @@
 A step runs in two phases, its action and, when a later step fails, its compensation. Each
 attempt of either is claimed by a `saga.step_started` (appended with the stream's expected
 version, so one orchestrator wins it) that holds a lease until `leaseUntil`; the attempt's
-outcome, `saga.step_completed` or `saga.step_failed`, is appended expecting the claim's version,
-so an orchestrator whose lease was taken over (it paused, its clock ran on) cannot write it.
+outcome, `saga.step_completed` or `saga.step_failed`, is appended expecting the claim's version
+(or, when other steps of its parallel group wrote since, the version of a read in which the
+step's latest claim is still the writer's), so an orchestrator whose lease was taken over (it
+paused, its clock ran on) cannot write it.
 """
 
 from __future__ import annotations
