@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from test_saga_moves import NOW, _claim, _done
 
 from newfuse.core.locks import read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
@@ -18,8 +19,6 @@ from newfuse.eventstore import NO_STREAM
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.schemas import NewEvent, SagaStarted, StepCompleted, StepFailed, StepStarted
 from support import run_fuse, wait_for
-
-NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
 
 class Refused(FuseError):
@@ -55,23 +54,8 @@ def _state(*events: Any) -> SagaState:
     return state
 
 
-def _claim(step: str, attempt: int = 1, phase: str = "action", lease: float = 10) -> StepStarted:
-    return StepStarted(
-        saga_id="s1",
-        step=step,
-        phase=phase,  # type: ignore[arg-type]
-        attempt=attempt,
-        driver="d",
-        lease_until=NOW + timedelta(seconds=lease),
-    )
-
-
 def _undo(step: str) -> list[Any]:
-    return [_claim(step, phase="compensation"), _done(step, "compensation")]
-
-
-def _done(step: str, phase: str = "action") -> StepCompleted:
-    return StepCompleted(saga_id="s1", step=step, phase=phase, attempt=1)  # type: ignore[arg-type]
+    return [_claim(step, phase="compensation"), _done(step, phase="compensation")]
 
 
 def _refused(step: str) -> StepFailed:
