@@ -932,8 +932,13 @@ class RunningAgent:
         if not _asked_once(message):
             yield
             return
-        while (busy := self._once_busy.get(envelope.id)) is not None:
-            await busy.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.agent.ack_wait):  # the other may hang: not forever
+                while (busy := self._once_busy.get(envelope.id)) is not None:
+                    await busy.wait()
+        if envelope.id in self._once_busy:  # it still runs: the answered check decides alone
+            yield
+            return
         done = self._once_busy[envelope.id] = asyncio.Event()
         try:
             yield
