@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from newfuse.agents import Agent, AgentClient, Context, TaskContext, TaskQueue, Worker
+from newfuse.agents import Agent, AgentClient, Context, TaskContext, TaskQueue, Worker, wire
 from newfuse.core import Orchestrator, Saga, StepContext, ask, enqueue
 from newfuse.core.steps import task_id_of
 from newfuse.errors import FuseError, RequestTimeoutError
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import DirectGet, MessageStreamSpec, Subjects, connect, ensure_event_stream
+from newfuse.schemas import A2AMessage, A2AMetadata
 from support import wait_for
 
 WINDOW = 0.5
@@ -299,3 +300,40 @@ async def test_ask_waits_no_longer_than_its_step(
     assert state.steps["quote"].attempts == 2
     assert state.error == "timed out after 0.3s"
     await asyncio.sleep(0)
+
+
+async def test_junk_on_a_requests_reply_subject_is_not_taken_for_its_answer(
+    nc: Client, prefix: str, stream: MessageStreamSpec, client: AgentClient
+) -> None:
+    """A body that is no message, and a message answering another request, sit on the reply
+    subject of a request asked once: the client sends the request anyway, the runtime handles
+    it, and the agent's own reply is the answer."""
+    asked: Counter[str] = Counter()
+    subjects = Subjects(prefix)
+    message_id, token = wire.once_ids("s9/quote")
+    assert token.startswith(wire.ONCE_PREFIX)
+    replies = subjects.reply(token)
+    await nc.publish(replies, b"\xff not json")
+    stranger = A2AMessage(
+        type="price.quote.reply",
+        payload={"price": 0},
+        metadata=A2AMetadata(sender="mallory"),
+        message_id="m-1",
+        in_reply_to="someone-else",
+    )
+    body, headers = wire.encode(f"reply.{token}", wire.MESSAGE_TYPE, stranger, event_id="m-1")
+    await nc.publish(replies, body, headers=headers)
+    direct = DirectGet(nc, subjects.message_stream_name, timeout=5.0)
+
+    async def stored() -> bool:
+        last = await direct.last_for(replies, "the stranger")
+        return last is not None and last.data == body
+
+    await wait_for(stored, timeout=5)
+    async with _pricer(asked).run(nc, key="1", prefix=prefix, stream=stream) as agent:
+        reply = await client.request_once(
+            "pricer", "price.quote", {"item": "tea", "qty": 1}, key="s9/quote", timeout=10
+        )
+    assert reply.payload == {"item": "tea", "price": 7}
+    assert reply.message is not None and reply.message.in_reply_to == message_id
+    assert asked == {"quote": 1} and agent.handled == 1

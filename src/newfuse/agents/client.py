@@ -489,8 +489,7 @@ class AgentClient:
                 answer).
         """
         subject, stream = self._address(to)
-        message_id = wire.derived_id(key, "request", "once")
-        token = wire.once_token(message_id)
+        message_id, token = wire.once_ids(key)
         replies = self.subjects.reply(token)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
 
