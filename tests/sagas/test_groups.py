@@ -230,6 +230,8 @@ async def test_a_failing_last_step_undoes_the_group_together_then_the_steps_befo
     # the two undos wait for each other (run one at a time they time out): concurrent
     assert sorted(log[-3:-1]) == ["undo charge", "undo notify"] and log[-1] == "undo reserve"
     assert {s.status for s in state.steps.values()} == {"compensated", "failed"}
+    types = [event.type async for event in store.read(saga_stream(state.id))]
+    assert types[-2:] == ["saga.step_completed", "saga.rolled_back"]  # one atomic append
 
 
 async def test_steps_of_a_group_take_their_own_locks_and_release_them_at_the_end(
