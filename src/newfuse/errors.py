@@ -1214,6 +1214,8 @@ class ReviewInputError(ReviewError, ValueError):
         self.what = what
         self.reason = reason
         super().__init__(f"{what}: {reason}")
+
+
 # -- model providers -------------------------------------------------------------------------------
 
 
