@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from test_saga_moves import NOW, _claim, _done
 
+from newfuse.core import review as reviews
 from newfuse.core.locks import read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
+from newfuse.core.review import Review, Reviewer
 from newfuse.core.saga import Acquire, End, Run, Saga, SagaState, StepContext, Wait, moves
 from newfuse.errors import FuseError, SagaDefinitionError
 from newfuse.eventstore import NO_STREAM
@@ -327,3 +329,47 @@ async def test_a_saga_started_without_groups_reads_as_before(store: JetStreamEve
     await store.append(saga_stream("old-1"), NewEvent(data=started), NO_STREAM)
     state = await read_saga(store, "old-1")
     assert [(s.name, s.group) for s in state.steps.values()] == [("reserve", None)]
+
+
+async def test_a_reviewed_step_of_a_group_waits_for_its_decision_while_the_others_run(
+    store: JetStreamEventStore,
+) -> None:
+    """A group of a reviewed step and a plain one: the plain one runs (and completes) while
+    the review is pending; once approved, the reviewed step runs with the reviewed input, and
+    the step after the group sees both outputs."""
+    ada = Reviewer("ada", ("ops",))
+    log: list[str] = []
+    saga = Saga("reviewed-group")
+
+    @saga.step("ship", group="g", review=Review(group="ops"))
+    async def ship(ctx: StepContext) -> str:
+        log.append("ship")
+        return f"shipped to {ctx.input['to']}"
+
+    @saga.step("bill", group="g")
+    async def bill(ctx: StepContext) -> str:
+        log.append("bill")
+        return "billed"
+
+    @saga.step("close")
+    async def close(ctx: StepContext) -> list[str]:
+        return sorted(ctx.outputs)
+
+    async with Orchestrator(store, [saga]) as orchestrator:
+        saga_id = await orchestrator.start("reviewed-group", {"to": "lima"})
+        review_id = reviews.review_id(saga_id, "ship")
+
+        async def billed_and_pending() -> bool:
+            state = await read_saga(store, saga_id)
+            review = await reviews.read_review(store, review_id)
+            return state.steps["bill"].status == "done" and review.requested
+
+        await wait_for(billed_and_pending, timeout=20)
+        assert log == ["bill"] and (await read_saga(store, saga_id)).status == "active"
+        await reviews.edit(store, review_id, ada, {"to": "cusco"})
+        await reviews.approve(store, review_id, ada)
+        state = await orchestrator.wait(saga_id, timeout=20)
+    assert state.status == "committed", state.error
+    assert log == ["bill", "ship"]
+    assert state.outputs["ship"] == "shipped to cusco"
+    assert state.outputs["close"] == ["bill", "ship"]
