@@ -1132,6 +1132,21 @@ class SagaNotStuckError(SagaError):
         )
 
 
+class StepTaskFailedError(SagaError):
+    """A saga step's queued task ended without a result (failed, canceled, rejected). Not
+    retryable: the step's task is submitted once, so another attempt finds the same end."""
+
+    def __init__(self, *, queue: str, task_id: str, state: str, reason: str) -> None:
+        self.queue = queue
+        self.task_id = task_id
+        self.state = state
+        self.reason = reason
+        super().__init__(
+            f"task {_shown(task_id)} on queue {_shown(queue)} ended {state}: {reason}; "
+            f"`fuse tasks show` tells what it went through"
+        )
+
+
 # -- human review and feedback ---------------------------------------------------------------------
 
 

@@ -1,10 +1,10 @@
 """An orchestrator process for the crash tests: `python saga_worker.py NATS PREFIX REDIS NAME`.
 
-Its saga, `booking`, has three steps whose effects are Redis writes keyed by the step's
-idempotency key: `runs:<key>` counts every time an action or compensation ran, `applied:<key>`
-is set once (SET NX) by the first run, so the test counts effects apart from runs. A saga whose
-input says `fail` fails its last step for good and is compensated. On SIGTERM it prints its
-counters as JSON and stops.
+Its saga, `booking`, has four steps (charge and notify a parallel group) whose effects are
+Redis writes keyed by the step's idempotency key: `runs:<key>` counts every time an action or
+compensation ran, `applied:<key>` is set once (SET NX) by the first run, so the test counts
+effects apart from runs. A saga whose input says `fail` fails its last step for good and is
+compensated. On SIGTERM it prints its counters as JSON and stops.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def booking(db: redis.Redis, prefix: str) -> Saga:
         await db.set(f"{prefix}:applied:{ctx.idempotency_key}", ctx.attempt, nx=True)
         await asyncio.sleep(0.02)
 
-    for name in ("reserve", "charge", "confirm"):
+    for name in ("reserve", "charge", "notify", "confirm"):
 
         async def action(ctx: StepContext, name: str = name) -> str:
             if name == "confirm" and ctx.input.get("fail"):
@@ -45,7 +45,8 @@ def booking(db: redis.Redis, prefix: str) -> Saga:
             await effect(ctx)
             return name
 
-        saga.step(name, timeout=1.0, attempts=3, backoff=0.05)(action)
+        group = "pay" if name in ("charge", "notify") else None
+        saga.step(name, timeout=1.0, attempts=3, backoff=0.05, group=group)(action)
         saga.compensate(name)(effect)
     return saga
 

@@ -18,14 +18,15 @@ import pytest
 import redis.asyncio as redis
 from saga_worker import booking
 
-from newfuse.core.orchestrator import read_saga, start_saga
+from newfuse.core.orchestrator import read_saga, saga_stream, start_saga
 from newfuse.eventstore.jetstream import JetStreamEventStore
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("saga_worker.py")
 SAGAS = 200
-STEPS = ("reserve", "charge", "confirm")
+STEPS = ("reserve", "charge", "notify", "confirm")
+"""charge and notify are a parallel group: two steps of one saga in flight at once."""
 
 
 def _spawn(
@@ -70,17 +71,25 @@ async def test_killed_and_paused_orchestrators_lose_no_saga_and_repeat_no_effect
     }
     kills = pauses = 0
     try:
-        for n in range(SAGAS):
-            saga_id = f"s{n:03d}"
-            await start_saga(store, definition, {"fail": saga_id in failing}, saga_id=saga_id)
+        ids = iter(f"s{n:03d}" for n in range(SAGAS))
+
+        async def start(count: int) -> None:
+            # in waves, so every kill and the pause find sagas in flight (200 at once would
+            # all have ended before the first kill)
+            for saga_id in (next(ids) for _ in range(count)):
+                await start_saga(store, definition, {"fail": saga_id in failing}, saga_id=saga_id)
+
         started = time.monotonic()
         for _ in range(8):  # SIGKILL `a` at random points while the sagas run, then restart it
-            await asyncio.sleep(rng.uniform(0.2, 0.8))
+            await start(20)
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
             _kill(workers["a"])
             kills += 1
             workers["a"] = await asyncio.to_thread(
                 _spawn, nats_url, prefix, redis_url, "a", tmp_path
             )
+        await start(SAGAS - 160)
+        await asyncio.sleep(rng.uniform(0.05, 0.2))
         workers["b"].send_signal(signal.SIGSTOP)  # past its leases (a step's 1 s + 2 s grace)
         pauses += 1
         await asyncio.sleep(4.0)
@@ -118,8 +127,21 @@ async def test_killed_and_paused_orchestrators_lose_no_saga_and_repeat_no_effect
                 assert (effect is not None) == (step in done), (saga_id, step, state.steps[step])
                 assert (undo is not None) == (step in undone), (saga_id, step)
                 applied += effect is not None
-            if expected == "rolled_back":  # every completed step was compensated, newest first
-                assert undone == {"reserve", "charge"}, (saga_id, undone)
+            if expected == "rolled_back":  # every completed step was compensated
+                assert undone == {"reserve", "charge", "notify"}, (saga_id, undone)
+                # the group's compensations ended before reserve's began (groups newest first)
+                undos = [
+                    (e.type, e.data.step)
+                    async for e in store.read(saga_stream(saga_id))
+                    if getattr(e.data, "phase", "") == "compensation"
+                ]
+                first_reserve = undos.index(("saga.step_started", "reserve"))
+                last_group = max(
+                    i
+                    for i, (kind, step) in enumerate(undos)
+                    if kind == "saga.step_completed" and step in ("charge", "notify")
+                )
+                assert last_group < first_reserve, (saga_id, undos)
         print(
             f"{SAGAS} sagas ended in {took:.1f}s through {kills} SIGKILLs and {pauses} pause: "
             f"{applied} effects, {runs} action runs ({runs - applied} re-runs after a crash, "

@@ -443,14 +443,7 @@ class AgentClient:
                 raise RequestTimeoutError(
                     agent=str(to), message_type=message_type, waited=timeout, path="through the log"
                 ) from None
-            if reply.type == f"{message_type}.error":  # a failure, for the breaker too
-                raise RequestFailedError(
-                    agent=str(to),
-                    message_type=message_type,
-                    error=str(reply.payload.get("error")),
-                    reply_id=reply.event_id,
-                )
-            return reply
+            return _answered(reply, to, message_type)  # a failure raises, for the breaker too
 
         # One PRODUCER span for the request until its reply, however many attempts it takes.
         with self._producing(subject, stream, message) as carried:
@@ -469,6 +462,83 @@ class AgentClient:
                 if self._waiting.get(request_id) is future:
                     del self._waiting[request_id]
                 future.cancel()
+
+    async def request_once(
+        self,
+        to: AgentId | str,
+        message_type: str,
+        payload: Any = None,
+        *,
+        key: str,
+        timeout: float = 10.0,  # noqa: ASYNC109 - how long to wait for the reply
+        context_id: str | None = None,
+    ) -> Reply:
+        """A request through the log asked at most once for `key` (a saga step's idempotency
+        key), however often and wherever it is called again.
+
+        Its message id and its reply token are derived from `key`. A call first looks for the
+        reply on the token's subject: when an earlier call (another process's, before a crash)
+        got one, that is the answer, and nothing is sent. Otherwise it sends the request with
+        the same message id (stored once within the stream's duplicate window; a later copy
+        is not handled by a runtime that finds the request answered) and waits for the reply.
+
+        Raises:
+            RequestTimeoutError: no reply within `timeout` (calling again waits again; the
+                request is not asked twice).
+            RequestFailedError: the agent gave up on the request (calling again finds the same
+                answer).
+        """
+        subject, stream = self._address(to)
+        message_id, token = wire.once_ids(key)
+        replies = self.subjects.reply(token)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def take(body: bytes, where: str) -> None:
+            try:
+                envelope, message = wire.decode(body, where)
+            except FuseError as error:  # not an answer: the stream keeps it for audit
+                log.warning("agent client %r: %s", self.sender, error)
+                return
+            if message.in_reply_to == message_id and not future.done():
+                future.set_result(
+                    Reply(
+                        type=message.type,
+                        payload=message.payload,
+                        message=message,
+                        event_id=envelope.id,
+                    )
+                )
+
+        async def on_reply(msg: Msg) -> None:
+            take(msg.data, f"on {msg.subject}")
+
+        # subscribed before the look, so a reply stored in between is not missed
+        subscription = await self._nc.subscribe(replies, cb=on_reply)
+        try:
+            earlier = await self._direct.last_for(replies, "look up an earlier reply")
+            if earlier is not None:
+                take(earlier.data, f"the last message on {replies}")
+            if not future.done():
+                message = self._message(
+                    message_type,
+                    payload,
+                    message_id=message_id,
+                    context_id=context_id,
+                    reply_to=token,
+                )
+                with self._producing(subject, stream, message) as carried:
+                    await self._store(subject, stream, message, carried)
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await future
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    agent=str(to), message_type=message_type, waited=timeout, path="through the log"
+                ) from None
+            return _answered(reply, to, message_type)
+        finally:
+            with contextlib.suppress(NatsError):
+                await subscription.unsubscribe()
 
     async def call(
         self,
@@ -515,3 +585,15 @@ class AgentClient:
                     )
         _, reply = wire.decode(answer.data, f"fast-path answer of {agent_type!r}")
         return Reply(type=reply.type, payload=reply.payload, message=reply)
+
+
+def _answered(reply: Reply, to: AgentId | str, message_type: str) -> Reply:
+    """`reply`, unless it is the agent's error answer (`<type>.error`): RequestFailedError."""
+    if reply.type == f"{message_type}.error":
+        raise RequestFailedError(
+            agent=str(to),
+            message_type=message_type,
+            error=str(reply.payload.get("error")),
+            reply_id=reply.event_id,
+        )
+    return reply

@@ -284,7 +284,8 @@ class TaskQueue:
                 way it fails.
             max_attempts: runs of the handler at most (1-10; default: the worker's).
             task_id: the task's id; submitting the same id again within the stream's
-                duplicate window stores nothing new.
+                duplicate window stores nothing new, and neither does it, at any time, once a
+                worker has taken the task (its state is past `submitted`).
             context_id: the conversation (A2A `contextId`; default: the task id).
 
         Raises:
@@ -317,6 +318,10 @@ class TaskQueue:
             terms[DEADLINE_KEY] = due.isoformat()
         if max_attempts is not None:
             terms[ATTEMPTS_KEY] = str(max_attempts)
+        if task_id is not None:
+            known = await read_task(self._direct, self.subjects, task_id)
+            if known is not None and known.state != "submitted":
+                return task_id  # taken, or ended: a second copy would run it again
         task_id = task_id or new_event_id()
         task_subject = self.subjects.task_events(task_id)  # checks the id
         context_id = context_id or task_id

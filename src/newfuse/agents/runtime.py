@@ -20,7 +20,7 @@ import logging
 import time
 import typing
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
@@ -55,7 +55,7 @@ from newfuse.errors import (
 from newfuse.eventstore import EventStore
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import headers
-from newfuse.nats.direct import DirectGet
+from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.durable import DurableSpec, PullLoop, ensure_durable
 from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
 from newfuse.nats.micro import (
@@ -88,6 +88,7 @@ from newfuse.schemas import (
     TaskStatusUpdate,
     Tool,
     VersionRange,
+    check_token,
 )
 
 log = logging.getLogger("newfuse.agents")
@@ -364,6 +365,11 @@ class Context:
             in_reply_to=self.envelope.id,
             task_id=self.message.task_id,
         )
+
+
+def _asked_once(message: A2AMessage) -> bool:
+    """Whether `message` is a request asked once per key (its reply token says so)."""
+    return message.reply_to is not None and message.reply_to.startswith(wire.ONCE_PREFIX)
 
 
 def _failed(span: trace.Span, error: Exception, reason: str) -> None:
@@ -654,6 +660,8 @@ class RunningAgent:
         self._stopping = False
         self._busy = 0
         self._idle = asyncio.Event()
+        self._once_busy: dict[str, asyncio.Event] = {}
+        """Envelope id -> the handling in flight of a copy of that request asked once."""
         self._own_store = store is None
         self._store: EventStore = store or JetStreamEventStore(nc, prefix=subjects.prefix)
         self.registration = Registration(
@@ -843,7 +851,8 @@ class RunningAgent:
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
             return
         with self._span(msg, envelope, message, consumer, attempt, position) as span:
-            await self._handle(msg, consumer, envelope, message, span)
+            async with self._one_copy_at_a_time(envelope, message):
+                await self._handle(msg, consumer, envelope, message, span)
 
     async def _handle(
         self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, span: trace.Span
@@ -865,6 +874,10 @@ class RunningAgent:
         ):
             self.already_handled += 1
             await self._ack(msg)  # its effects are stored: only the ack was lost
+            return
+        if await self._answered_once(envelope, message, position, attempt):
+            self.already_handled += 1
+            await self._ack(msg)  # a copy of a request asked once, answered already
             return
         route = self.agent.routes.get(message.type)
         if route is None:
@@ -909,6 +922,54 @@ class RunningAgent:
         await self._commit(ctx._effects, consumer, position, attempt)
         self.handled += 1
         await self._ack(msg)
+
+    @contextlib.asynccontextmanager
+    async def _one_copy_at_a_time(
+        self, envelope: Envelope, message: A2AMessage
+    ) -> AsyncIterator[None]:
+        """For a request asked once (AgentClient.request_once), wait until no other copy of it
+        is being handled here: copies pulled together are then answered once."""
+        if not _asked_once(message):
+            yield
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.agent.ack_wait):  # the other may hang: not forever
+                while (busy := self._once_busy.get(envelope.id)) is not None:
+                    await busy.wait()
+        if envelope.id in self._once_busy:  # it still runs: the answered check decides alone
+            yield
+            return
+        done = self._once_busy[envelope.id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._once_busy[envelope.id]
+            done.set()
+
+    async def _answered_once(
+        self, envelope: Envelope, message: A2AMessage, position: int, attempt: int
+    ) -> bool:
+        """Whether `message` is a copy of a request asked once per key (AgentClient.
+        request_once) that another copy answered already: stored again after the duplicate
+        window, it is not handled twice. The answer is another copy's when this one is
+        delivered for the first time, or when it was stored before this one. (A redelivery of
+        the copy that was answered takes the usual path, which also stores any of its effects
+        that are missing.)"""
+        token = message.reply_to
+        if token is None or not token.startswith(wire.ONCE_PREFIX):
+            return False
+        try:
+            subject = self.subjects.reply(check_token(token, kind="reply token"))
+        except FuseError:
+            return False  # not a token we made: handled as any request
+        last = await self._direct.last_for(subject, "look up a request's reply")
+        if last is None:
+            return False
+        try:
+            _, reply = wire.decode(last.data, f"the last message on {subject}")
+        except FuseError:
+            return False
+        return reply.in_reply_to == envelope.id and (attempt == 1 or sequence_of(last) < position)
 
     def _span(
         self,

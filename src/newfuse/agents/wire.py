@@ -47,6 +47,17 @@ PROTOCOL_MAJOR: Final = 1
 
 
 _NAMESPACE_BYTES: Final = _NAMESPACE.bytes
+ONCE_PREFIX: Final = "once-"
+"""How the reply token of a request asked once per key begins (`once_token`)."""
+
+
+def once_ids(key: str) -> tuple[str, str]:
+    """The message id and the reply token of a request asked once per `key`
+    (`AgentClient.request_once`): derived from the key, so whoever asks again finds the reply
+    on `<prefix>.a2a._reply.<token>`, and a runtime handling a copy of the request sees by the
+    token's prefix that it may have been answered already."""
+    message_id = derived_id(key, "request", "once")
+    return message_id, ONCE_PREFIX + message_id.replace("-", "")
 
 
 def derived_id(message_id: str, consumer: str, name: str) -> str:

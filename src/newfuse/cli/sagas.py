@@ -65,6 +65,7 @@ def saga_json(state: SagaState) -> dict[str, Any]:
         "steps": [
             {
                 "name": step.name,
+                "group": step.group,
                 "status": step.status,
                 "phase": step.phase,
                 "attempts": step.attempts,
@@ -127,16 +128,27 @@ async def run_sagas_show(args: argparse.Namespace) -> int:
         print(f"  failed at {state.failed_step}: {state.error}")
     print_table(
         [
-            [step.name, step.status, step.attempts, "; ".join(step.history)]
+            [step.name, step.group or "", step.status, step.attempts, "; ".join(step.history)]
             for step in state.steps.values()
         ],
-        ["STEP", "STATUS", "ATTEMPTS", "HISTORY"],
+        ["STEP", "GROUP", "STATUS", "ATTEMPTS", "HISTORY"],
     )
+    for group, steps in _groups(state).items():
+        print(f"group {group}: {', '.join(steps)} (run concurrently)")
     transaction = state.transaction()
     print(f"transaction {transaction.id}: {transaction.status} at {rfc3339(transaction.timestamp)}")
     for ignored in state.ignored:
         note(f"ignored: {ignored}")
     return 0
+
+
+def _groups(state: SagaState) -> dict[str, list[str]]:
+    """Each parallel group of the saga -> its steps, in their order."""
+    groups: dict[str, list[str]] = {}
+    for step in state.steps.values():
+        if step.group is not None:
+            groups.setdefault(step.group, []).append(step.name)
+    return groups
 
 
 def _transaction_json(state: SagaState) -> dict[str, Any]:

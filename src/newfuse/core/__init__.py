@@ -16,7 +16,8 @@ from newfuse.core.review import (
     read_review,
     review_id,
 )
-from newfuse.core.saga import Saga, SagaState, Step, StepContext, StepState, next_move
+from newfuse.core.saga import Saga, SagaState, Step, StepContext, StepState, moves, next_move
+from newfuse.core.steps import ask, enqueue
 
 __all__ = [
     "DeadlockDetector",
@@ -32,8 +33,11 @@ __all__ = [
     "Step",
     "StepContext",
     "StepState",
+    "ask",
+    "enqueue",
     "give_feedback",
     "list_reviews",
+    "moves",
     "next_move",
     "read_feedback",
     "read_lock",

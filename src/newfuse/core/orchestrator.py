@@ -1,15 +1,23 @@
-"""The saga orchestrator: it folds each saga's stream, decides (core/saga.py `next_move`), and
+"""The saga orchestrator: it folds each saga's stream, decides (core/saga.py `moves`), and
 writes what it did back to the stream, every write fenced by the stream's expected version.
 
 How several orchestrator instances share the sagas: each follows every saga (a subscription on
 the `saga` category) and tries to drive those not ended. Driving a step starts with a claim,
 `saga.step_started`, appended expecting the version it read: of two instances that read the
 same version, one claim is stored and the other gets WrongExpectedVersionError and waits. The
-claim holds a lease (the step's timeout plus a grace); the outcome is appended expecting the
-claim's version + 1. An instance that paused (SIGSTOP, a long GC, a lost network) past its
-lease finds another instance's claim stored after its own, so its outcome is refused: it cannot
-write once it lost the lease (a fencing token that is the stream version). Its action may
-still have run: actions are at least once, keyed by `StepContext.idempotency_key`.
+claim holds a lease (the step's timeout plus a grace). The outcome is appended expecting the
+claim's version + 1; when something came after the claim (the steps of a parallel group write
+to one stream at once), the instance reads the stream again, checks that the step's latest
+claim is still its own (driver and attempt, no outcome yet) and appends expecting the version
+it read, and again on a conflict. An instance that paused (SIGSTOP, a long GC, a lost network)
+past its lease finds another instance's claim stored after its own, so its outcome is refused:
+it cannot write once it lost the lease (the claim in the stream, checked under the stream's
+version, is the fencing token). Its action may still have run: actions are at least once,
+keyed by `StepContext.idempotency_key`.
+
+Parallel groups: the moves of a saga (core/saga.py `moves`) may be several runs at once; their
+claims are one append, and each attempt runs in its own task under the saga's driver, which
+meanwhile follows the saga's events (a lock wait, the other steps' outcomes).
 
 A crashed instance leaves a claim whose lease runs out; whoever looks next (the others are
 woken by the lease's end, and on restart every instance catches up on the whole category)
@@ -50,12 +58,13 @@ from newfuse.core.saga import (
     Acquire,
     AwaitReview,
     End,
+    Move,
     Run,
     Saga,
     SagaState,
     StepContext,
     Wait,
-    next_move,
+    moves,
 )
 from newfuse.errors import (
     FuseError,
@@ -87,6 +96,10 @@ LEASE_GRACE = 2.0
 """Seconds a claim's lease lasts beyond its step's timeout (an outcome on its way)."""
 LOCK_POLL = 1.0
 """Seconds a lock wait sleeps at most between looks (lock events wake it before)."""
+LOOK_AGAIN = 5.0
+"""Seconds a driver waits at most for its saga's next event before it reads the stream again."""
+RECORD_TRIES = 100
+"""Appends an outcome tries at most when other writes to its saga keep coming first."""
 
 
 def saga_stream(saga_id: str) -> str:
@@ -114,6 +127,7 @@ async def start_saga(
         name=saga.name,
         input=input or {},
         steps=[step.name for step in saga.steps],
+        groups=saga.groups,
     )
     with contextlib.suppress(WrongExpectedVersionError):
         await store.append(
@@ -351,44 +365,87 @@ class Orchestrator:
 
     async def _drive_until_ended(self, saga_id: str) -> None:
         wake = self._wake.setdefault(saga_id, asyncio.Event())
-        while True:
-            wake.clear()
-            state = await read_saga(self.store, saga_id)
-            if not state.name or state.ended:
-                if state.ended:
-                    # shielded: close() cancelling this driver lets the releases finish
-                    release = asyncio.create_task(self._release_locks(state))
-                    self._releasing.add(release)
-                    release.add_done_callback(self._releasing.discard)
-                    await asyncio.shield(release)
-                    self._finished(saga_id)
-                return
-            definition = self.sagas.get(state.name)
-            if definition is None:  # another instance's kind of saga: leave it to that one
-                log.debug(
-                    "orchestrator %s: no definition %r for %s", self.name, state.name, saga_id
-                )
-                return
-            move = next_move(definition, state, _now())
-            if move is None:
-                return
-            if isinstance(move, Wait):
-                pause = (move.until - _now()).total_seconds()
+        running: dict[str, asyncio.Task[None]] = {}
+        """Step -> this instance's attempt of it in flight."""
+        try:
+            while True:
+                wake.clear()
+                for name in [name for name, task in running.items() if task.done()]:
+                    del running[name]
+                state = await read_saga(self.store, saga_id)
+                if not state.name or state.ended:
+                    if state.ended:
+                        await self._ended_saga(state)
+                    return
+                definition = self.sagas.get(state.name)
+                if definition is None:  # another instance's kind of saga: leave it to that one
+                    log.debug(
+                        "orchestrator %s: no definition %r for %s", self.name, state.name, saga_id
+                    )
+                    return
+                found = moves(definition, state, _now())
+                if not found and not running:
+                    return
+                if await self._make(definition, state, found, running, wake):
+                    continue
+                if not running and not wake.is_set():
+                    if all(isinstance(move, AwaitReview) for move in found):
+                        return  # the reviews' next events, or their deadlines, drive it again
+                waits = [move.until for move in found if isinstance(move, Wait)]
+                pause = (min(waits) - _now()).total_seconds() if waits else LOOK_AGAIN
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, pause) + 0.05):
+                    async with asyncio.timeout(min(max(0.0, pause) + 0.05, LOOK_AGAIN)):
                         await wake.wait()
-                continue
+        finally:  # stopping (or ended): the attempts in flight give their claims back
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
+
+    async def _make(
+        self,
+        definition: Saga,
+        state: SagaState,
+        found: list[Move],
+        running: dict[str, asyncio.Task[None]],
+        wake: asyncio.Event,
+    ) -> bool:
+        """Make the moves `found` that need a write: claim the runs (together) and start them,
+        append the end, or look at a lock; False when all there is to do is wait."""
+        runs = [move for move in found if isinstance(move, Run) and move.step not in running]
+        if runs:
+            claimed, contexts = await self._claim(definition, state, runs)
+            if len(found) == 1 and len(contexts) == 1 and not running:
+                # a lone step (no group): run by the driver itself, nothing else to follow
+                await self._attempt(definition, runs[0], contexts[0][1], claimed, wake)
+                return True
+            for run, ctx in contexts:
+                running[run.step] = asyncio.create_task(
+                    self._attempt(definition, run, ctx, claimed, wake),
+                    name=f"newfuse-saga-{state.id}-{run.step}",
+                )
+            return True
+        for move in found:
             if isinstance(move, End):
                 await self._end(definition, state, move)
-                continue
+                return True
+        for move in found:  # before a lock wait, which may sleep: reviews open at once
+            if isinstance(move, AwaitReview) and not await self._await_review(
+                definition, state, move
+            ):
+                return True  # decided (copied into the stream), or failed
+        for move in found:
             if isinstance(move, Acquire):
                 await self._acquire(definition, state, move, wake)
-                continue
-            if isinstance(move, AwaitReview):
-                if await self._await_review(definition, state, move) and not wake.is_set():
-                    return  # the review's next event, or its deadline, drives the saga again
-                continue
-            await self._run(definition, state, move)
+                return True
+        return False
+
+    async def _ended_saga(self, state: SagaState) -> None:
+        # shielded: close() cancelling this driver lets the releases finish
+        release = asyncio.create_task(self._release_locks(state))
+        self._releasing.add(release)
+        release.add_done_callback(self._releasing.discard)
+        await asyncio.shield(release)
+        self._finished(state.id)
 
     async def _acquire(
         self, definition: Saga, state: SagaState, move: Acquire, wake: asyncio.Event
@@ -443,7 +500,7 @@ class Orchestrator:
         """Open the step's review (once), apply its deadline when due, and copy a decision into
         the saga's stream; True when it is still undecided (the saga waits)."""
         step = definition.get(move.step)
-        assert step.review is not None  # next_move awaits reviews only of steps that have one
+        assert step.review is not None  # moves awaits reviews only of steps that have one
         review_id = reviews.review_id(state.id, step.name)
         review = await reviews.read_review(self.store, review_id)
         if not review.requested:
@@ -518,72 +575,144 @@ class Orchestrator:
             if await locks.release(self.store, resource, state.id, f"saga {state.status}"):
                 log.debug("saga %s released %s", state.id, resource)
 
-    async def _run(self, definition: Saga, state: SagaState, move: Run) -> None:
+    async def _claim(
+        self, definition: Saga, state: SagaState, runs: list[Run]
+    ) -> tuple[SagaState, list[tuple[Run, StepContext]]]:
+        """Claim every attempt of `runs` in one append (expecting the version read): the saga
+        as the claims left it, and what each attempt sees (none when another write came
+        first)."""
+        claims = [
+            StepStarted(
+                **_of(state.id, move),
+                driver=self.name,
+                lease_until=_now()
+                + timedelta(seconds=definition.get(move.step).timeout + LEASE_GRACE),
+            )
+            for move in runs
+        ]
+        if not await self._append(state, claims):
+            return state, []
+        contexts = [
+            (
+                move,
+                self._context(state, move.step, move.phase, move.attempt),
+            )
+            for move in runs
+        ]
+        for claim in claims:  # the driver reads the stream afresh: this fold is the claims'
+            state.apply_data(claim, "the claim")
+        state.version += len(claims)
+        return state, contexts
+
+    async def _attempt(
+        self,
+        definition: Saga,
+        move: Run,
+        ctx: StepContext,
+        claimed: SagaState,
+        wake: asyncio.Event,
+    ) -> None:
+        """Run one claimed attempt and record its outcome (a claim given back when cancelled)."""
         try:
-            await self._claim_and_run(definition, state, move)
-        except asyncio.CancelledError:  # this instance stops: give back a claim it may hold
+            outcome = await self._outcome(definition, move, ctx)
+            await self._record(definition, move, outcome, claimed)
+        except asyncio.CancelledError:  # this instance stops: give back a claim it still holds
             released = StepFailed(
-                **_of(state, move),
+                **_of(ctx.saga_id, move),
                 error=f"orchestrator {self.name} stopped",
                 released=True,
             )
-            # expecting the claim's version: refused when the claim was never stored, or when
-            # its outcome was (then there is nothing to give back)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
-                    await asyncio.shield(self._append_at(state.id, state.version + 1, [released]))
+                    await asyncio.shield(self._record(definition, move, released, claimed))
             raise
+        except Exception:  # the store failed us: the claim's lease runs out, it is run again
+            log.exception("orchestrator %s: saga %s step %s", self.name, ctx.saga_id, move.step)
+        finally:
+            wake.set()
 
-    async def _claim_and_run(self, definition: Saga, state: SagaState, move: Run) -> None:
+    async def _outcome(self, definition: Saga, move: Run, ctx: StepContext) -> Any:
+        """Run the step's action or compensation: its `saga.step_completed` or `_failed`."""
         step = definition.get(move.step)
-        lease = step.timeout + LEASE_GRACE
-        claim = StepStarted(
-            saga_id=state.id,
-            step=step.name,
-            phase=move.phase,
-            attempt=move.attempt,
-            driver=self.name,
-            lease_until=_now() + timedelta(seconds=lease),
-        )
-        if not await self._append(state, [claim]):
-            return
-        ctx = self._context(state, step.name, move.phase, move.attempt)
         fn = step.action if move.phase == "action" else step.compensation
-        assert fn is not None  # next_move compensates only steps that have a compensation
+        assert fn is not None  # moves compensates only steps that have a compensation
         self.runs += 1
-        outcome: Any
+        of = _of(ctx.saga_id, move)
         try:
             async with asyncio.timeout(step.timeout):
                 output = await fn(ctx)
-            outcome = StepCompleted(
-                **_of(state, move),
-                output=msgspec.to_builtins(output),
-            )
+            return StepCompleted(**of, output=msgspec.to_builtins(output))
         except TimeoutError:
-            outcome = StepFailed(
-                **_of(state, move),
-                error=f"timed out after {step.timeout:g}s",
-            )
+            return StepFailed(**of, error=f"timed out after {step.timeout:g}s")
         except Exception as error:
             retryable = not isinstance(error, FuseError) or error.retryable
-            outcome = StepFailed(
-                **_of(state, move),
+            return StepFailed(
+                **of,
                 error=f"{type(error).__name__}: {error}",
                 retryable=retryable,
             )
-        claimed = state.version + 1
-        events: list[Any] = [outcome]
-        closing = self._closing(definition, state, claim, outcome)
-        if closing is not None:
-            events.append(closing)
-        await self._append_at(state.id, claimed, events)
 
-    def _closing(self, definition: Saga, state: SagaState, claim: Any, outcome: Any) -> Any:
+    async def _record(self, definition: Saga, move: Run, outcome: Any, claimed: SagaState) -> bool:
+        """Append an attempt's outcome (with the saga's end when it is the last), fenced: first
+        expecting the claim's version (`claimed` is the saga as the claim left it: nothing came
+        after it), then, after other writes, expecting the version of a read in which the
+        step's latest claim is still ours. False when it is not (another instance took the
+        step over, or the outcome is stored already): this write is fenced off."""
+        state = claimed
+        for tries in range(RECORD_TRIES):
+            if tries:  # something came after the claim: read on, check the claim, append again
+                state = await self._read_on(state)
+                if not self._holds(state, move):
+                    self.fenced += 1
+                    log.info(
+                        "orchestrator %s: saga %s step %s was taken over before its outcome",
+                        self.name,
+                        state.id,
+                        move.step,
+                    )
+                    return False
+            events: list[Any] = [outcome]
+            closing = self._closing(definition, state, outcome)
+            if closing is not None:
+                events.append(closing)
+            try:
+                await self.store.append(
+                    saga_stream(state.id),
+                    [NewEvent(data=event, correlation_id=state.id) for event in events],
+                    state.version,
+                )
+                return True
+            except WrongExpectedVersionError:
+                continue
+        log.warning("orchestrator %s: saga %s: gave up recording %s", self.name, state.id, move)
+        return False
+
+    async def _read_on(self, state: SagaState) -> SagaState:
+        """`state` with the events stored after it folded in (a copy: others share it)."""
+        state = copy.deepcopy(state)
+        async for event in self.store.read(saga_stream(state.id), from_version=state.version + 1):
+            state.apply(event)
+        return state
+
+    def _holds(self, state: SagaState, move: Run) -> bool:
+        """Whether the latest claim of `move`'s step in `state` is this instance's attempt,
+        still without an outcome."""
+        step = state.steps.get(move.step)
+        return (
+            not state.ended
+            and step is not None
+            and step.status in ("running", "compensating")
+            and step.phase == move.phase
+            and step.driver == self.name
+            and step.attempts == move.attempt
+        )
+
+    def _closing(self, definition: Saga, state: SagaState, outcome: Any) -> Any:
         """The saga's end when `outcome` is its last outcome: stored with it, atomically."""
         after = copy.deepcopy(state)
-        after.apply_data(claim, "the claim")
         after.apply_data(outcome, "the outcome")
-        move = next_move(definition, after, _now())
+        found = moves(definition, after, _now())
+        move = found[0] if len(found) == 1 else None
         if isinstance(move, End) and move.status == "committed":
             return SagaCommitted(saga_id=state.id)
         if isinstance(move, End) and move.status == "rolled_back":
@@ -620,9 +749,9 @@ class Orchestrator:
         return True
 
 
-def _of(state: SagaState, move: Run) -> dict[str, Any]:
+def _of(saga_id: str, move: Run) -> dict[str, Any]:
     """The fields an attempt's events share: which saga, step, phase and attempt."""
-    return {"saga_id": state.id, "step": move.step, "phase": move.phase, "attempt": move.attempt}
+    return {"saga_id": saga_id, "step": move.step, "phase": move.phase, "attempt": move.attempt}
 
 
 def _now() -> datetime:

@@ -1,10 +1,17 @@
 """Sagas: definitions, the fold of a saga's stream into its state, and what to do next.
 
 A `Saga` is an ordered list of steps; each has an action, an optional compensation, a timeout
-and a number of attempts. Everything that happens to one saga is an event on its stream
+and a number of attempts. Consecutive steps declared with the same `group` form a parallel
+group: they run concurrently, and the steps after the group start once all of them are done
+(and see all their outputs). Everything that happens to one saga is an event on its stream
 `saga.<id>` (schemas/saga.py), and its state is their fold (`SagaState.fold`). What the
 orchestrator does next is a pure function of the definition, the state and the time
-(`next_move`), so every orchestrator instance, after any crash, decides the same from the log.
+(`moves`: every move that can be made now), so every orchestrator instance, after any crash,
+decides the same from the log.
+
+A group whose step fails for good lets its other running steps finish (or time out), starts
+none of its steps that had not started, and then every completed step of the saga is
+compensated: the groups newest first, the steps of one group concurrently.
 
 Effects run at least once: an action whose orchestrator died after it ran, and before its
 outcome was stored, runs again. Each attempt gets the same `StepContext.idempotency_key`
@@ -100,6 +107,8 @@ class Step:
     """Seconds the step waits for one lock before it fails for good (the saga rolls back)."""
     review: Review | None = None
     """A person approves the step before its action runs (core/review.py)."""
+    group: str | None = None
+    """The parallel group the step belongs to (None: it runs alone)."""
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt` (1: none)."""
@@ -119,6 +128,10 @@ class Saga:
         ...     return {"reservation": ctx.idempotency_key}
         >>> @order.compensate("reserve")
         ... async def release(ctx: StepContext) -> None: ...
+        >>> @order.step("charge", group="pay")  # charge and notify run concurrently
+        ... async def charge(ctx: StepContext) -> None: ...
+        >>> @order.step("notify", group="pay")
+        ... async def notify(ctx: StepContext) -> None: ...
     """
 
     def __init__(self, name: str) -> None:
@@ -135,13 +148,25 @@ class Saga:
         locks: Sequence[str] = (),
         lock_timeout: float = 30.0,
         review: Review | None = None,
+        group: str | None = None,
     ) -> Callable[[Action], Action]:
         """Decorator: the next step of the saga, run by `async def f(ctx)`; its return value
         (JSON-encodable) is the step's output. `locks`: resources acquired, in the order given,
         before the action (each waited for at most `lock_timeout` seconds), held until the
         saga commits or rolls back. `review`: someone approves the step (and may edit its
-        input) before it runs; rejected, it fails for good (core/review.py)."""
+        input) before it runs; rejected, it fails for good (core/review.py). `group`:
+        consecutive steps of one group run concurrently (a group is declared in one run of
+        steps: its name cannot come back later)."""
         check_token(name, kind="step name")
+        if group is not None:
+            check_token(group, kind="step group")
+            last = self.steps[-1].group if self.steps else None
+            if last != group and any(step.group == group for step in self.steps):
+                raise SagaDefinitionError(
+                    saga=self.name,
+                    reason=f"step {name!r}: group {group!r} was declared earlier, not just "
+                    "before it (the steps of a group are consecutive)",
+                )
         for resource in locks:
             check_token(resource, kind="lock resource")
         if len(set(locks)) != len(locks) or lock_timeout <= 0:
@@ -166,6 +191,7 @@ class Saga:
                     locks=tuple(locks),
                     lock_timeout=lock_timeout,
                     review=review,
+                    group=group,
                 )
             )
             return fn
@@ -186,6 +212,22 @@ class Saga:
             return fn
 
         return decorate
+
+    @property
+    def stages(self) -> list[list[Step]]:
+        """The steps in the order they run: each stage a parallel group, or one step alone."""
+        stages: list[list[Step]] = []
+        for step in self.steps:
+            if stages and step.group is not None and stages[-1][0].group == step.group:
+                stages[-1].append(step)
+            else:
+                stages.append([step])
+        return stages
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """Step name -> its group's name, for the steps that are in a group."""
+        return {step.name: step.group for step in self.steps if step.group is not None}
 
     def get(self, name: str) -> Step:
         for step in self.steps:
@@ -215,6 +257,8 @@ class StepState:
     """What happened, one line per event (for `fuse sagas show`)."""
     reviewed: StepReviewed | None = None
     """The decision of the step's review (None: none yet, or the step has no review)."""
+    group: str | None = None
+    """The parallel group of the step, as `saga.started` declared it."""
 
 
 @dataclass(frozen=True)
@@ -290,7 +334,7 @@ class SagaState:
                 self.ignored.append(f"{where}: the saga started already")
                 return
             self.name, self.input, self.started_at = data.name, data.input, data.timestamp
-            self.steps = {name: StepState(name) for name in data.steps}
+            self.steps = {name: StepState(name, group=data.groups.get(name)) for name in data.steps}
             return
         if not self.name:
             self.ignored.append(f"{where}: before saga.started")
@@ -432,6 +476,7 @@ class SagaState:
                 "step": s.name,
                 "status": s.status,
                 "attempts": s.attempts,
+                **({"group": s.group} if s.group else {}),
                 **({"error": s.error} if s.error else {}),
             }
             for s in self.steps.values()
@@ -484,26 +529,58 @@ class End(msgspec.Struct, frozen=True):
 Move = Run | Wait | Acquire | AwaitReview | End | None
 
 
-def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
-    """What to do next with `state`, a saga of definition `saga`, at time `now` (None: nothing,
-    it has ended)."""
+def moves(saga: Saga, state: SagaState, now: datetime) -> list[Move]:
+    """Every move that can be made now with `state`, a saga of definition `saga`, at time
+    `now` (none once it has ended): the runs of a parallel group's steps together, at most one
+    lock acquisition (a saga waits for one lock at a time), waits for claims others hold."""
     if state.ended or not state.name:
-        return None
+        return []
     if state.status == "active":
-        for definition in saga.steps:
-            step = state.steps.get(definition.name)
-            if step is None or step.status == "done":
+        forward = _forward(saga, state, now)
+        if forward is not None:
+            return forward
+    return _backward(saga, state, now)
+
+
+def next_move(saga: Saga, state: SagaState, now: datetime) -> Move:
+    """The first of `moves` (None: nothing, it has ended): all there is to do for a saga
+    without parallel groups."""
+    found = moves(saga, state, now)
+    return found[0] if found else None
+
+
+def _forward(saga: Saga, state: SagaState, now: datetime) -> list[Move] | None:
+    """The moves of the first stage not done (End when every one is); None when it failed
+    for good and nothing of it runs any more: the saga compensates."""
+    for stage in saga.stages:
+        steps = [(d, state.steps[d.name]) for d in stage if d.name in state.steps]
+        if all(step.status == "done" for _, step in steps):
+            continue
+        failed = any(
+            step.status == "failed" and _attempt(d, step, "action", now) is None
+            for d, step in steps
+        )
+        found: list[Move] = []
+        for definition, step in steps:
+            if step.status == "done":
+                continue
+            if failed:
+                # the group failed: what runs is let finish (a claim whose driver died is
+                # claimed again, to learn whether its effect happened); nothing else starts
+                if step.status == "running":
+                    found.append(_attempt(definition, step, "action", now))
                 continue
             if definition.review is not None and step.reviewed is None and step.status == "pending":
-                return AwaitReview(step.name)
+                found.append(AwaitReview(step.name))  # a person decides; the others run on
+                continue
             missing = [r for r in definition.locks if r not in state.locks]
             if missing and step.status in ("pending", "waiting"):
-                return Acquire(step.name, missing[0])
-            return _attempt(definition, step, "action", now) or _begin_compensation(
-                saga, state, now
-            )
-        return End("committed")
-    return _begin_compensation(saga, state, now)
+                if not any(isinstance(move, Acquire) for move in found):
+                    found.append(Acquire(step.name, missing[0]))
+                continue
+            found.append(_attempt(definition, step, "action", now))
+        return found or None
+    return [End("committed")]
 
 
 def _attempt(definition: Step, step: StepState, phase: Phase, now: datetime) -> Run | Wait | None:
@@ -524,23 +601,29 @@ def _attempt(definition: Step, step: StepState, phase: Phase, now: datetime) -> 
     return Run(step.name, phase, attempt)
 
 
-def _begin_compensation(saga: Saga, state: SagaState, now: datetime) -> Move:
-    """Compensate the completed steps, newest first; End when none is left."""
-    for definition in reversed(saga.steps):
-        step = state.steps.get(definition.name)
-        if step is None:
-            continue
-        undoing = step.phase == "compensation"
-        if step.status == "compensated" or definition.compensation is None:
-            continue
-        if not undoing and step.status != "done":
-            continue
-        if undoing and step.status == "stuck":
-            return None
-        move = _attempt(definition, step, "compensation", now) if undoing else None
-        if not undoing:
-            return Run(step.name, "compensation", 1)
-        if move is None:
-            return End("stuck", step.name, step.error or "its compensation kept failing")
-        return move
-    return End("rolled_back", state.failed_step or "", state.error or "")
+def _backward(saga: Saga, state: SagaState, now: datetime) -> list[Move]:
+    """Compensate the completed steps, the newest stage first and the steps of one stage
+    together; End when none is left (stuck when a compensation kept failing)."""
+    for stage in reversed(saga.stages):
+        found: list[Move] = []
+        spent: StepState | None = None
+        for definition in stage:
+            step = state.steps.get(definition.name)
+            if step is None or step.status == "compensated" or definition.compensation is None:
+                continue
+            if step.phase != "compensation":
+                if step.status == "done":
+                    found.append(Run(step.name, "compensation", 1))
+                continue
+            if step.status == "stuck":
+                return []
+            move = _attempt(definition, step, "compensation", now)
+            if move is None:
+                spent = spent or step
+            else:
+                found.append(move)
+        if found:  # a spent compensation waits for its group's others to finish
+            return found
+        if spent is not None:
+            return [End("stuck", spent.name, spent.error or "its compensation kept failing")]
+    return [End("rolled_back", state.failed_step or "", state.error or "")]

@@ -3,8 +3,10 @@
 A step runs in two phases, its action and, when a later step fails, its compensation. Each
 attempt of either is claimed by a `saga.step_started` (appended with the stream's expected
 version, so one orchestrator wins it) that holds a lease until `leaseUntil`; the attempt's
-outcome, `saga.step_completed` or `saga.step_failed`, is appended expecting the claim's version,
-so an orchestrator whose lease was taken over (it paused, its clock ran on) cannot write it.
+outcome, `saga.step_completed` or `saga.step_failed`, is appended expecting the claim's version
+(or, when other steps of its parallel group wrote since, the version of a read in which the
+step's latest claim is still the writer's), so an orchestrator whose lease was taken over (it
+paused, its clock ran on) cannot write it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ Phase = Literal["action", "compensation"]
 
 class SagaStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Type `saga.started`: a saga of definition `name` began with `input`; `steps` names its
-    steps in order (what the orchestrator will run)."""
+    steps in order (what the orchestrator will run); `groups` maps each step of a parallel
+    group to the group's name (the steps of one group run concurrently)."""
 
     saga_id: str = msgspec.field(name="sagaId")
     name: str
     input: dict[str, Any] = {}
     steps: list[str] = []
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+    groups: dict[str, str] = {}
 
 
 class StepStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
