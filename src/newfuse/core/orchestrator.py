@@ -23,6 +23,14 @@ events and ends by the grant, by a detector's `saga.aborted` (core/deadlock.py) 
 step's lock timeout, the last two failing the step for good. Every lock of a saga is released
 once it has ended, by whichever instance sees it ended.
 
+Timers (core/timers.py): a claim sets its step's timer to its lease's end, a retry's backoff and
+a lock wait set it to their due time, and the outcome cancels it; a review's deadline has a
+timer too. Every instance shares the fires (JetStream message schedules where the server has
+them), and a fire kicks its saga: `next_move` decides, so a fire for a step that moved on does
+nothing. A Wait therefore sleeps until the saga's next event or its timer, not in a loop; a
+long safety poll (`safety_poll`) remains for what a timer cannot promise: a fire lost to an
+outage or dropped as stale, an in-process timer of an instance that died.
+
 Reviews (core/review.py): a step declared with `review=` is preceded by its review. The driver
 opens it (once), copies a decision into the saga's stream (`saga.step_reviewed`, fenced), and
 otherwise lets go of the saga, holding no slot: the review's events (the `review` category is
@@ -57,6 +65,7 @@ from newfuse.core.saga import (
     Wait,
     next_move,
 )
+from newfuse.core.timers import Alarm, Fire, Timers, open_timers, timer_key
 from newfuse.errors import (
     FuseError,
     SagaNotFoundError,
@@ -86,7 +95,14 @@ CATEGORY = "saga"
 LEASE_GRACE = 2.0
 """Seconds a claim's lease lasts beyond its step's timeout (an outcome on its way)."""
 LOCK_POLL = 1.0
-"""Seconds a lock wait sleeps at most between looks (lock events wake it before)."""
+"""Seconds a lock wait sleeps at most between looks (lock events wake it before; a release
+seen between the saga's read and the wait's start wakes nothing, hence a short poll)."""
+SAFETY_POLL = 30.0
+"""Seconds a Wait sleeps at most when its timer is set (the timer or the saga's next event
+ends it before): the look that still comes when a fire was lost or dropped."""
+STALE_AFTER = 300.0
+"""Seconds after its time a step's timer may still fire; later it is dropped (a restarted
+orchestrator re-reads every saga anyway)."""
 
 
 def saga_stream(saga_id: str) -> str:
@@ -135,6 +151,12 @@ class Orchestrator:
         sagas: the definitions this instance can run.
         name: this instance's name in its claims (default: host, pid and a random part).
         concurrency: sagas driven at once at most.
+        timers: where step timers are set and fired (default: `open_timers(store, "saga")`,
+            JetStream schedules on a server that has them, owned and closed by this instance).
+            The instances of one namespace share its fires, each going to one of them: where
+            instances on one prefix run different kinds of saga, give each kind a namespace of
+            its own (`open_timers(store, "billing")`), so a fire reaches one that can drive it.
+        safety_poll: seconds a Wait sleeps at most when its timer is set.
     """
 
     def __init__(
@@ -144,6 +166,8 @@ class Orchestrator:
         *,
         name: str | None = None,
         concurrency: int = 64,
+        timers: Timers | None = None,
+        safety_poll: float = SAFETY_POLL,
     ) -> None:
         self.store = store
         self.sagas = {saga.name: saga for saga in sagas}
@@ -159,15 +183,23 @@ class Orchestrator:
         self._follow: asyncio.Task[None] | None = None
         self._follow_locks: asyncio.Task[None] | None = None
         self._follow_reviews: asyncio.Task[None] | None = None
-        self._review_timers: dict[str, asyncio.TimerHandle] = {}
-        """Saga -> the wake-up at its review's deadline."""
+        self._review_timers: dict[str, tuple[str, datetime]] = {}
+        """Saga -> the key and time of the timer this instance set at its review's deadline."""
         self._waiting_on: dict[str, set[str]] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
         self._caught_up = asyncio.Event()
         self._closed = False
+        self.timers = timers
+        self._owns_timers = timers is None
+        self.safety_poll = safety_poll
+        self._fired: set[str] = set()
+        """Sagas whose timer fired since their driver last looked."""
 
     async def __aenter__(self) -> Orchestrator:
+        if self.timers is None:
+            self.timers = await open_timers(self.store, "saga")
+        await self.timers.start(self._on_fire)
         self._follow = asyncio.create_task(self._follow_sagas(), name=f"newfuse-saga-{self.name}")
         self._follow_locks = asyncio.create_task(
             self._follow_new(locks.CATEGORY, self._lock_event),
@@ -187,9 +219,7 @@ class Orchestrator:
         and another instance, or the next run, claims it again; a lock wait is taken up by
         them too; the lock releases of a saga that ended finish first). Idempotent."""
         self._closed = True
-        for timer in self._review_timers.values():
-            timer.cancel()
-        self._review_timers.clear()
+        self._review_timers.clear()  # their timers stay set: any instance takes the fire
         followers = (self._follow, self._follow_locks, self._follow_reviews)
         tasks = [t for t in (*followers, *self._driving.values()) if t is not None]
         for task in tasks:
@@ -198,6 +228,8 @@ class Orchestrator:
         self._driving.clear()
         if self._releasing:  # an ended saga's lock releases under way: let them finish
             await asyncio.wait(set(self._releasing), timeout=5.0)
+        if self.timers is not None and self._owns_timers:
+            await self.timers.close()
 
     async def start(
         self, saga: Saga | str, input: dict[str, Any] | None = None, *, saga_id: str | None = None
@@ -315,6 +347,12 @@ class Orchestrator:
         if isinstance(saga_id, str) and saga_id:
             self._kick(saga_id)
 
+    async def _on_fire(self, fire: Fire) -> None:
+        """A timer of a saga fired (here or for another instance): look at the saga again."""
+        saga_id = fire.key.partition(".")[0]
+        self._fired.add(saga_id)
+        self._kick(saga_id)
+
     def _kick(self, saga_id: str) -> None:
         """Drive `saga_id` (if no task of ours does) and wake its driver."""
         self._wake.setdefault(saga_id, asyncio.Event()).set()
@@ -326,8 +364,8 @@ class Orchestrator:
 
     def _finished(self, saga_id: str) -> None:
         timer = self._review_timers.pop(saga_id, None)
-        if timer is not None:
-            timer.cancel()
+        if timer is not None and self.timers is not None:
+            self.timers.cancel_soon(timer[0])
         ended = self._ended.get(saga_id)
         if ended is not None:
             ended.set()
@@ -351,8 +389,12 @@ class Orchestrator:
 
     async def _drive_until_ended(self, saga_id: str) -> None:
         wake = self._wake.setdefault(saga_id, asyncio.Event())
+        assert self.timers is not None
+        alarm = Alarm(self.timers, stale_after=STALE_AFTER)
         while True:
             wake.clear()
+            fired = saga_id in self._fired
+            self._fired.discard(saga_id)
             state = await read_saga(self.store, saga_id)
             if not state.name or state.ended:
                 if state.ended:
@@ -373,25 +415,40 @@ class Orchestrator:
             if move is None:
                 return
             if isinstance(move, Wait):
-                pause = (move.until - _now()).total_seconds()
+                pause = max(0.0, (move.until - _now()).total_seconds()) + 0.05
+                timer = await alarm.set(*self._timer_for(state, move))
+                if timer == "new" or (timer == "same" and not fired):
+                    pause = self.safety_poll  # the timer, or the saga's next event, wakes it
+                # else its timer fired before the wait's end by our clock (the server's runs
+                # ahead), or could not be set: sleep out the rest
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, pause) + 0.05):
+                    async with asyncio.timeout(min(pause, self.safety_poll)):
                         await wake.wait()
                 continue
             if isinstance(move, End):
                 await self._end(definition, state, move)
                 continue
             if isinstance(move, Acquire):
-                await self._acquire(definition, state, move, wake)
+                await self._acquire(definition, state, move, wake, alarm)
                 continue
             if isinstance(move, AwaitReview):
                 if await self._await_review(definition, state, move) and not wake.is_set():
                     return  # the review's next event, or its deadline, drives the saga again
                 continue
+            alarm.forget()  # a claim sets the step's timer itself
             await self._run(definition, state, move)
 
+    def _timer_for(self, state: SagaState, move: Wait) -> tuple[str, datetime]:
+        """The timer that ends a Wait: its step's key, at the time the wait ends."""
+        return timer_key(state.id, move.step), move.until
+
     async def _acquire(
-        self, definition: Saga, state: SagaState, move: Acquire, wake: asyncio.Event
+        self,
+        definition: Saga,
+        state: SagaState,
+        move: Acquire,
+        wake: asyncio.Event,
+        alarm: Alarm,
     ) -> None:
         """One look at the lock `move` wants: note the wait in the saga's stream, ask for the
         lock, take it when it is free, fail the step when the wait outlasts its lock timeout,
@@ -431,6 +488,8 @@ class Orchestrator:
                 )
                 await self._append(state, [timed_out])
                 return
+            # the lock timeout wakes whichever instance is up, should this one die meanwhile
+            await alarm.set(timer_key(state.id, step.name), due)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, LOCK_POLL)):
                     await wake.wait()
@@ -471,7 +530,7 @@ class Orchestrator:
             await self._append(state, [decision])
             return False
         if review.deadline is not None:
-            self._wake_at(state.id, review.deadline)
+            self._wake_at(state.id, step.name, review.deadline)
         return True
 
     async def _review_failed(self, state: SagaState, step: str, why: str) -> None:
@@ -482,20 +541,16 @@ class Orchestrator:
         )
         await self._append(state, [failed])
 
-    def _wake_at(self, saga_id: str, when: datetime) -> None:
-        """Drive `saga_id` again at `when` (its review's deadline). This is where a JetStream
-        scheduled message (core/timers.py, once merged) replaces the in-process timer."""
-        old = self._review_timers.pop(saga_id, None)
-        if old is not None:
-            old.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, (when - _now()).total_seconds()) + 0.05
-
-        def due() -> None:
-            self._review_timers.pop(saga_id, None)
-            self._kick(saga_id)
-
-        self._review_timers[saga_id] = loop.call_at(loop.time() + delay, due)
+    def _wake_at(self, saga_id: str, step: str, when: datetime) -> None:
+        """Drive `saga_id` again at `when` (its review's deadline), on whichever instance takes
+        the timer's fire: `<saga id>.<step>.review`, set once per deadline, in the background,
+        never dropped as stale (a late deadline is applied late, not skipped)."""
+        assert self.timers is not None
+        key = timer_key(saga_id, step, "review")
+        if self._review_timers.get(saga_id) == (key, when):
+            return
+        self._review_timers[saga_id] = (key, when)
+        self.timers.schedule_soon(key, when)
 
     def _context(self, state: SagaState, step: str, phase: Phase, attempt: int) -> StepContext:
         """What an attempt of `step`'s `phase` sees."""
@@ -547,6 +602,10 @@ class Orchestrator:
         )
         if not await self._append(state, [claim]):
             return
+        assert self.timers is not None
+        key = timer_key(state.id, step.name)
+        # in the background: the step's latency does not wait for the timer's acknowledgement
+        self.timers.schedule_soon(key, claim.lease_until, stale_after=STALE_AFTER)
         ctx = self._context(state, step.name, move.phase, move.attempt)
         fn = step.action if move.phase == "action" else step.compensation
         assert fn is not None  # next_move compensates only steps that have a compensation
@@ -576,7 +635,8 @@ class Orchestrator:
         closing = self._closing(definition, state, claim, outcome)
         if closing is not None:
             events.append(closing)
-        await self._append_at(state.id, claimed, events)
+        if await self._append_at(state.id, claimed, events):
+            self.timers.cancel_soon(key)  # fenced off: the new claim's timer is not ours
 
     def _closing(self, definition: Saga, state: SagaState, claim: Any, outcome: Any) -> Any:
         """The saga's end when `outcome` is its last outcome: stored with it, atomically."""
