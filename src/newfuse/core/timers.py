@@ -14,9 +14,10 @@ Two implementations:
   again replaces its schedule; cancelling purges the schedule's subject. Fires are read by one
   durable consumer per namespace that every instance shares (each fire goes to one of them, and
   to another if that one dies before acknowledging it). Timers survive the restart of whoever
-  set them, and of the server. A timer may say how stale its fire may get (`stale_after`): its
-  schedule then carries `Nats-TTL` and is dropped rather than fired that long after its time
-  (a past `@at` fires at once, even after a month of downtime).
+  set them, and of the server. A timer may say how stale its fire may get (`stale_after`): a
+  past `@at` fires at once, even after a month of downtime, so its schedule carries `Nats-TTL`
+  (ADR-51's way to drop it) and its body the limit, which the receiver checks (nats-server
+  2.15.1 fires a schedule whose TTL ran out while it was down as soon as it is back).
 - `MemoryTimers`: an in-process heap, for the SQLite store and servers without scheduling. Its
   timers die with the process; that is fine where every instance re-reads its state on start
   (a restarted orchestrator re-reads every saga) and the waiting instance sets its own timer.
@@ -74,11 +75,13 @@ KEEP_FIRED = 3600.0
 
 
 class Fire(msgspec.Struct, frozen=True, kw_only=True):
-    """A timer that fired: its key, the time it was set for, and the payload it was set with."""
+    """A timer that fired: its key, the time it was set for, the payload it was set with, and
+    how late it may come (seconds after `at`; None: however late)."""
 
     key: str
     at: datetime
     payload: dict[str, Any] = msgspec.field(default_factory=dict)
+    stale_after: float | None = None
 
 
 FireHandler = Callable[[Fire], Awaitable[None]]
@@ -114,11 +117,16 @@ def check_key(key: str) -> str:
     return key
 
 
-def _encode(key: str, at: datetime, payload: Mapping[str, Any] | None) -> bytes:
+def _encode(
+    key: str, at: datetime, payload: Mapping[str, Any] | None, stale_after: float | None
+) -> bytes:
     if at.tzinfo is None:
         raise InvalidTimerError(where=f"for key {key!r}", reason="its time has no time zone")
     try:
-        body = _ENCODE.encode(Fire(key=key, at=at.astimezone(UTC), payload=dict(payload or {})))
+        fire = Fire(
+            key=key, at=at.astimezone(UTC), payload=dict(payload or {}), stale_after=stale_after
+        )
+        body = _ENCODE.encode(fire)
     except (TypeError, ValueError, OverflowError) as error:
         raise InvalidTimerError(
             where=f"for key {key!r}", reason=f"its payload is not JSON: {error}"
@@ -174,6 +182,8 @@ class Timers(ABC):
         """Fires handed to the handler."""
         self.dropped = 0
         """Fires that were not a timer's (logged and dropped)."""
+        self.stale = 0
+        """Fires that came later than their `stale_after` (dropped)."""
         self._handler: FireHandler | None = None
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._closed = False
@@ -210,15 +220,16 @@ class Timers(ABC):
             at: when, with a time zone.
             payload: JSON-encodable data handed back with the fire (small: MAX_TIMER_BYTES).
             stale_after: seconds after `at` past which the fire is dropped instead (the server
-                or this process was down that long); None fires however late.
+                or this process was down that long; a timer stale already when set is
+                cancelled); None fires however late.
 
         Raises:
             InvalidNameError: a bad key. InvalidTimerError: a bad time or payload.
             StoreUnavailableError, PublishRejectedError: the server did not take it.
         """
         check_key(key)
-        body = _encode(key, at, payload)
-        await self._in_order(key, self._schedule(key, at, body, stale_after))
+        body = _encode(key, at, payload, stale_after)
+        await self._in_order(key, self._set_or_drop(key, at, body, stale_after))
 
     async def cancel(self, key: str) -> None:
         """Remove timer `key` (nothing happens if it is not set, or fired already).
@@ -240,14 +251,22 @@ class Timers(ABC):
         """`schedule` in the background, best effort (a failure is logged): for callers whose
         latency must not include the server's answer."""
         check_key(key)
-        body = _encode(key, at, payload)
-        self._queue(key, self._schedule(key, at, body, stale_after), "set")
+        body = _encode(key, at, payload, stale_after)
+        self._queue(key, self._set_or_drop(key, at, body, stale_after), "set")
 
     def cancel_soon(self, key: str) -> None:
         """`cancel` in the background, best effort (a failure is logged; the timer then fires
         and its receiver finds nothing to do)."""
         check_key(key)
         self._queue(key, self._cancel(key), "cancel")
+
+    async def _set_or_drop(
+        self, key: str, at: datetime, body: bytes, stale_after: float | None
+    ) -> None:
+        if stale_after is not None and datetime.now(UTC) - at > timedelta(seconds=stale_after):
+            await self._cancel(key)  # stale already: set to nothing (a past time fires at once)
+        else:
+            await self._schedule(key, at, body, stale_after)
 
     async def _in_order(self, key: str, op: Coroutine[Any, Any, None]) -> None:
         before = self._chains.get(key)
@@ -291,8 +310,16 @@ class Timers(ABC):
             log.warning("timers %s: %s timer %r: %s", self.namespace, what, key, error)
 
     async def _deliver(self, fire: Fire) -> bool:
-        """Hand `fire` to the handler; False when it raised (logged)."""
+        """Hand `fire` to the handler (unless it is stale); False when it raised (logged)."""
         assert self._handler is not None
+        late = (datetime.now(UTC) - fire.at).total_seconds()
+        if fire.stale_after is not None and late > fire.stale_after:
+            # the server fires a schedule whose Nats-TTL ran out while it was down (2.15.1)
+            self.stale += 1
+            log.info(
+                "timers %s: %r fired %.1fs late: stale, dropped", self.namespace, fire.key, late
+            )
+            return True
         try:
             await self._handler(fire)
         except Exception:
@@ -372,7 +399,7 @@ class MemoryTimers(Timers):
 
     def __init__(self, namespace: str = "saga") -> None:
         super().__init__(namespace)
-        self._set: dict[str, tuple[datetime, int, bytes, float | None]] = {}
+        self._set: dict[str, tuple[int, bytes]] = {}
         self._heap: list[tuple[datetime, int, str]] = []
         self._counter = itertools.count()
         self._changed = asyncio.Event()
@@ -385,7 +412,7 @@ class MemoryTimers(Timers):
         self, key: str, at: datetime, body: bytes, stale_after: float | None
     ) -> None:
         number = next(self._counter)
-        self._set[key] = (at, number, body, stale_after)
+        self._set[key] = (number, body)
         heapq.heappush(self._heap, (at, number, key))
         self._changed.set()
 
@@ -398,13 +425,10 @@ class MemoryTimers(Timers):
             while self._heap and self._heap[0][0] <= now:
                 _, number, key = heapq.heappop(self._heap)
                 entry = self._set.get(key)
-                if entry is None or entry[1] != number:
+                if entry is None or entry[0] != number:
                     continue  # cancelled or replaced
                 del self._set[key]
-                at, _, body, stale_after = entry
-                if stale_after is not None and now - at > timedelta(seconds=stale_after):
-                    continue  # as a JetStream schedule's Nats-TTL would drop it
-                await self._deliver(_DECODE.decode(body))
+                await self._deliver(_DECODE.decode(entry[1]))
             self._changed.clear()
             pause = (self._heap[0][0] - now).total_seconds() if self._heap else 3600.0
             with contextlib.suppress(TimeoutError):
@@ -517,7 +541,8 @@ class JetStreamTimers(Timers):
             headers.SCHEDULE_TTL: f"{self._keep_fired}s",
         }
         if stale_after is not None:
-            # the schedule itself expires that long after its time: unfired by then, dropped
+            # the schedule expires that long after its time, by ADR-51 unfired; 2.15.1 still
+            # fires it after a restart, so the receiver checks the fire's lateness as well
             left = (at - datetime.now(UTC)).total_seconds() + stale_after
             sent[headers.TTL] = f"{max(1, math.ceil(left))}s"
         try:
