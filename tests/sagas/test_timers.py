@@ -409,4 +409,6 @@ async def test_after_a_server_outage_a_stale_timer_is_dropped_and_the_others_fir
     finally:
         await nc.close()
     assert sorted(received.keys()) == ["after", "kept"]
-    assert timers.stale == 1  # nats-server 2.15.1 fired it after the restart; dropped here
+    # the server dropped it (its Nats-TTL), or fired it on its return and the receiver dropped
+    # it (its stale_after): nats-server 2.15.1 does either, from one run to the next
+    print(f"\nstale fire dropped by {'the receiver' if timers.stale else 'the server'}")

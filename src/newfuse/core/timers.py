@@ -16,8 +16,9 @@ Two implementations:
   to another if that one dies before acknowledging it). Timers survive the restart of whoever
   set them, and of the server. A timer may say how stale its fire may get (`stale_after`): a
   past `@at` fires at once, even after a month of downtime, so its schedule carries `Nats-TTL`
-  (ADR-51's way to drop it) and its body the limit, which the receiver checks (nats-server
-  2.15.1 fires a schedule whose TTL ran out while it was down as soon as it is back).
+  (ADR-51's way to drop it) and its body the limit, which the receiver checks (after an
+  outage, nats-server 2.15.1 drops a schedule whose TTL ran out meanwhile in some runs and
+  fires it in others: its expiry races the scheduler at start).
 - `MemoryTimers`: an in-process heap, for the SQLite store and servers without scheduling. Its
   timers die with the process; that is fine where every instance re-reads its state on start
   (a restarted orchestrator re-reads every saga) and the waiting instance sets its own timer.
@@ -314,7 +315,7 @@ class Timers(ABC):
         assert self._handler is not None
         late = (datetime.now(UTC) - fire.at).total_seconds()
         if fire.stale_after is not None and late > fire.stale_after:
-            # the server fires a schedule whose Nats-TTL ran out while it was down (2.15.1)
+            # nats-server 2.15.1 may fire a schedule whose Nats-TTL ran out while it was down
             self.stale += 1
             log.info(
                 "timers %s: %r fired %.1fs late: stale, dropped", self.namespace, fire.key, late
@@ -541,8 +542,8 @@ class JetStreamTimers(Timers):
             headers.SCHEDULE_TTL: f"{self._keep_fired}s",
         }
         if stale_after is not None:
-            # the schedule expires that long after its time, by ADR-51 unfired; 2.15.1 still
-            # fires it after a restart, so the receiver checks the fire's lateness as well
+            # the schedule expires that long after its time, by ADR-51 unfired; 2.15.1 may
+            # fire it after a restart all the same, so the receiver checks its lateness too
             left = (at - datetime.now(UTC)).total_seconds() + stale_after
             sent[headers.TTL] = f"{max(1, math.ceil(left))}s"
         try:
