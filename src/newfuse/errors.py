@@ -1147,6 +1147,37 @@ class StepTaskFailedError(SagaError):
         )
 
 
+class InvalidTimerError(SagaError, ValueError):
+    """A timer message (one to set, or a fire read back) is not one newfuse can use: too big,
+    not JSON of the timer's shape, or on a subject that is not its key's. A fire like that is
+    logged and dropped; retrying cannot help."""
+
+    def __init__(self, *, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text."""
+        return f"timer message {self.where}: {self.reason}; it is dropped"
+
+
+class TimerSetupError(SagaError):
+    """The timers could not be set up on the server (stream or consumer refused)."""
+
+    def __init__(self, *, stream: str, reason: str) -> None:
+        self.stream = stream
+        self.reason = reason
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text."""
+        return (
+            f"timers on JetStream stream {self.stream!r}: {self.reason}; on a server without "
+            f"message scheduling (before 2.12) use the in-process timers (MemoryTimers)"
+        )
+
+
 # -- human review and feedback ---------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Transactions across agents: sagas (definitions, the fold of their streams, the orchestrator),
 named resource locks and deadlock detection between sagas, human review of steps, resolving a
-stuck saga, and feedback on agents' results."""
+stuck saga, feedback on agents' results, and timers (scheduled wake-ups)."""
 
 from newfuse.core.deadlock import DeadlockDetector, Detection
 from newfuse.core.feedback import give_feedback, read_feedback
@@ -18,12 +18,16 @@ from newfuse.core.review import (
 )
 from newfuse.core.saga import Saga, SagaState, Step, StepContext, StepState, moves, next_move
 from newfuse.core.steps import ask, enqueue
+from newfuse.core.timers import Fire, JetStreamTimers, MemoryTimers, Timers, open_timers
 
 __all__ = [
     "DeadlockDetector",
     "Detection",
     "Escalate",
+    "Fire",
+    "JetStreamTimers",
     "LockState",
+    "MemoryTimers",
     "Orchestrator",
     "Review",
     "ReviewState",
@@ -33,12 +37,14 @@ __all__ = [
     "Step",
     "StepContext",
     "StepState",
+    "Timers",
     "ask",
     "enqueue",
     "give_feedback",
     "list_reviews",
     "moves",
     "next_move",
+    "open_timers",
     "read_feedback",
     "read_lock",
     "read_review",

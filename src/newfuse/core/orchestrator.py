@@ -31,6 +31,14 @@ events and ends by the grant, by a detector's `saga.aborted` (core/deadlock.py) 
 step's lock timeout, the last two failing the step for good. Every lock of a saga is released
 once it has ended, by whichever instance sees it ended.
 
+Timers (core/timers.py): a claim sets its step's timer to its lease's end, a retry's backoff and
+a lock wait set it to their due time, and the outcome cancels it; a review's deadline has a
+timer too. Every instance shares the fires (JetStream message schedules where the server has
+them), and a fire kicks its saga: `moves` decides, so a fire for a step that moved on does
+nothing. A Wait therefore sleeps until the saga's next event or its timer, not in a loop; a
+long safety poll (`safety_poll`) remains for what a timer cannot promise: a fire lost to an
+outage or dropped as stale, an in-process timer of an instance that died.
+
 Reviews (core/review.py): a step declared with `review=` is preceded by its review. The driver
 opens it (once), copies a decision into the saga's stream (`saga.step_reviewed`, fenced), and
 otherwise lets go of the saga, holding no slot: the review's events (the `review` category is
@@ -66,6 +74,7 @@ from newfuse.core.saga import (
     Wait,
     moves,
 )
+from newfuse.core.timers import Alarm, Fire, Timers, open_timers, timer_key
 from newfuse.errors import (
     FuseError,
     SagaNotFoundError,
@@ -95,11 +104,19 @@ CATEGORY = "saga"
 LEASE_GRACE = 2.0
 """Seconds a claim's lease lasts beyond its step's timeout (an outcome on its way)."""
 LOCK_POLL = 1.0
-"""Seconds a lock wait sleeps at most between looks (lock events wake it before)."""
+"""Seconds a lock wait sleeps at most between looks (lock events wake it before; a release
+seen between the saga's read and the wait's start wakes nothing, hence a short poll)."""
 LOOK_AGAIN = 5.0
-"""Seconds a driver waits at most for its saga's next event before it reads the stream again."""
+"""Seconds a driver waits at most for its saga's next event, while attempts of its own run or
+reviews are open, before it reads the stream again."""
 RECORD_TRIES = 100
 """Appends an outcome tries at most when other writes to its saga keep coming first."""
+SAFETY_POLL = 30.0
+"""Seconds a Wait sleeps at most when its timer is set (the timer or the saga's next event
+ends it before): the look that still comes when a fire was lost or dropped."""
+STALE_AFTER = 300.0
+"""Seconds after its time a step's timer may still fire; later it is dropped (a restarted
+orchestrator re-reads every saga anyway)."""
 
 
 def saga_stream(saga_id: str) -> str:
@@ -149,6 +166,12 @@ class Orchestrator:
         sagas: the definitions this instance can run.
         name: this instance's name in its claims (default: host, pid and a random part).
         concurrency: sagas driven at once at most.
+        timers: where step timers are set and fired (default: `open_timers(store, "saga")`,
+            JetStream schedules on a server that has them, owned and closed by this instance).
+            The instances of one namespace share its fires, each going to one of them: where
+            instances on one prefix run different kinds of saga, give each kind a namespace of
+            its own (`open_timers(store, "billing")`), so a fire reaches one that can drive it.
+        safety_poll: seconds a Wait sleeps at most when its timer is set.
     """
 
     def __init__(
@@ -158,6 +181,8 @@ class Orchestrator:
         *,
         name: str | None = None,
         concurrency: int = 64,
+        timers: Timers | None = None,
+        safety_poll: float = SAFETY_POLL,
     ) -> None:
         self.store = store
         self.sagas = {saga.name: saga for saga in sagas}
@@ -173,15 +198,23 @@ class Orchestrator:
         self._follow: asyncio.Task[None] | None = None
         self._follow_locks: asyncio.Task[None] | None = None
         self._follow_reviews: asyncio.Task[None] | None = None
-        self._review_timers: dict[str, asyncio.TimerHandle] = {}
-        """Saga -> the wake-up at its review's deadline."""
+        self._review_timers: dict[str, dict[str, datetime]] = {}
+        """Saga -> the key and time of each timer this instance set at a review's deadline."""
         self._waiting_on: dict[str, set[str]] = {}
         self._releasing: set[asyncio.Task[None]] = set()
         """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
         self._caught_up = asyncio.Event()
         self._closed = False
+        self.timers = timers
+        self._owns_timers = timers is None
+        self.safety_poll = safety_poll
+        self._fired: set[str] = set()
+        """Sagas whose timer fired since their driver last looked."""
 
     async def __aenter__(self) -> Orchestrator:
+        if self.timers is None:
+            self.timers = await open_timers(self.store, "saga")
+        await self.timers.start(self._on_fire)
         self._follow = asyncio.create_task(self._follow_sagas(), name=f"newfuse-saga-{self.name}")
         self._follow_locks = asyncio.create_task(
             self._follow_new(locks.CATEGORY, self._lock_event),
@@ -201,9 +234,7 @@ class Orchestrator:
         and another instance, or the next run, claims it again; a lock wait is taken up by
         them too; the lock releases of a saga that ended finish first). Idempotent."""
         self._closed = True
-        for timer in self._review_timers.values():
-            timer.cancel()
-        self._review_timers.clear()
+        self._review_timers.clear()  # their timers stay set: any instance takes the fire
         followers = (self._follow, self._follow_locks, self._follow_reviews)
         tasks = [t for t in (*followers, *self._driving.values()) if t is not None]
         for task in tasks:
@@ -212,6 +243,8 @@ class Orchestrator:
         self._driving.clear()
         if self._releasing:  # an ended saga's lock releases under way: let them finish
             await asyncio.wait(set(self._releasing), timeout=5.0)
+        if self.timers is not None and self._owns_timers:
+            await self.timers.close()
 
     async def start(
         self, saga: Saga | str, input: dict[str, Any] | None = None, *, saga_id: str | None = None
@@ -329,6 +362,12 @@ class Orchestrator:
         if isinstance(saga_id, str) and saga_id:
             self._kick(saga_id)
 
+    async def _on_fire(self, fire: Fire) -> None:
+        """A timer of a saga fired (here or for another instance): look at the saga again."""
+        saga_id = fire.key.partition(".")[0]
+        self._fired.add(saga_id)
+        self._kick(saga_id)
+
     def _kick(self, saga_id: str) -> None:
         """Drive `saga_id` (if no task of ours does) and wake its driver."""
         self._wake.setdefault(saga_id, asyncio.Event()).set()
@@ -339,9 +378,9 @@ class Orchestrator:
             )
 
     def _finished(self, saga_id: str) -> None:
-        timer = self._review_timers.pop(saga_id, None)
-        if timer is not None:
-            timer.cancel()
+        for key in self._review_timers.pop(saga_id, {}):
+            assert self.timers is not None  # set only by a driver, after __aenter__
+            self.timers.cancel_soon(key)
         ended = self._ended.get(saga_id)
         if ended is not None:
             ended.set()
@@ -367,9 +406,13 @@ class Orchestrator:
         wake = self._wake.setdefault(saga_id, asyncio.Event())
         running: dict[str, asyncio.Task[None]] = {}
         """Step -> this instance's attempt of it in flight."""
+        alarms: dict[str, Alarm] = {}
+        """Step -> the timer this driver set for it last."""
         try:
             while True:
                 wake.clear()
+                fired = saga_id in self._fired
+                self._fired.discard(saga_id)
                 for name in [name for name, task in running.items() if task.done()]:
                     del running[name]
                 state = await read_saga(self.store, saga_id)
@@ -386,15 +429,17 @@ class Orchestrator:
                 found = moves(definition, state, _now())
                 if not found and not running:
                     return
-                if await self._make(definition, state, found, running, wake):
+                if await self._make(definition, state, found, running, wake, alarms):
                     continue
                 if not running and not wake.is_set():
                     if all(isinstance(move, AwaitReview) for move in found):
                         return  # the reviews' next events, or their deadlines, drive it again
-                waits = [move.until for move in found if isinstance(move, Wait)]
-                pause = (min(waits) - _now()).total_seconds() if waits else LOOK_AGAIN
+                waits = [move for move in found if isinstance(move, Wait)]
+                pause = LOOK_AGAIN if running or not waits else self.safety_poll
+                for move in waits:
+                    pause = min(pause, await self._wait_for(state, move, alarms, fired))
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(max(0.0, pause) + 0.05, LOOK_AGAIN)):
+                    async with asyncio.timeout(pause):
                         await wake.wait()
         finally:  # stopping (or ended): the attempts in flight give their claims back
             for task in running.values():
@@ -408,11 +453,14 @@ class Orchestrator:
         found: list[Move],
         running: dict[str, asyncio.Task[None]],
         wake: asyncio.Event,
+        alarms: dict[str, Alarm],
     ) -> bool:
         """Make the moves `found` that need a write: claim the runs (together) and start them,
         append the end, or look at a lock; False when all there is to do is wait."""
         runs = [move for move in found if isinstance(move, Run) and move.step not in running]
         if runs:
+            for run in runs:  # a claim sets the step's timer itself
+                alarms.pop(run.step, None)
             claimed, contexts = await self._claim(definition, state, runs)
             if len(found) == 1 and len(contexts) == 1 and not running:
                 # a lone step (no group): run by the driver itself, nothing else to follow
@@ -435,9 +483,29 @@ class Orchestrator:
                 return True  # decided (copied into the stream), or failed
         for move in found:
             if isinstance(move, Acquire):
-                await self._acquire(definition, state, move, wake)
+                await self._acquire(definition, state, move, wake, self._alarm(alarms, move))
                 return True
         return False
+
+    def _alarm(self, alarms: dict[str, Alarm], move: Wait | Acquire) -> Alarm:
+        """The driver's timer for `move`'s step."""
+        alarm = alarms.get(move.step)
+        if alarm is None:
+            assert self.timers is not None
+            alarm = alarms[move.step] = Alarm(self.timers, stale_after=STALE_AFTER)
+        return alarm
+
+    async def _wait_for(
+        self, state: SagaState, move: Wait, alarms: dict[str, Alarm], fired: bool
+    ) -> float:
+        """Set the timer that ends the Wait `move`; the seconds to sleep at most for it: the
+        safety poll when the timer (or the saga's next event) wakes the driver, else the rest
+        of the wait (its timer fired before the wait's end by our clock, the server's running
+        ahead, or could not be set)."""
+        timer = await self._alarm(alarms, move).set(timer_key(state.id, move.step), move.until)
+        if timer == "new" or (timer == "same" and not fired):
+            return self.safety_poll
+        return max(0.0, (move.until - _now()).total_seconds()) + 0.05
 
     async def _ended_saga(self, state: SagaState) -> None:
         # shielded: close() cancelling this driver lets the releases finish
@@ -448,7 +516,12 @@ class Orchestrator:
         self._finished(state.id)
 
     async def _acquire(
-        self, definition: Saga, state: SagaState, move: Acquire, wake: asyncio.Event
+        self,
+        definition: Saga,
+        state: SagaState,
+        move: Acquire,
+        wake: asyncio.Event,
+        alarm: Alarm,
     ) -> None:
         """One look at the lock `move` wants: note the wait in the saga's stream, ask for the
         lock, take it when it is free, fail the step when the wait outlasts its lock timeout,
@@ -488,6 +561,8 @@ class Orchestrator:
                 )
                 await self._append(state, [timed_out])
                 return
+            # the lock timeout wakes whichever instance is up, should this one die meanwhile
+            await alarm.set(timer_key(state.id, step.name), due)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, LOCK_POLL)):
                     await wake.wait()
@@ -528,7 +603,7 @@ class Orchestrator:
             await self._append(state, [decision])
             return False
         if review.deadline is not None:
-            self._wake_at(state.id, review.deadline)
+            self._wake_at(state.id, step.name, review.deadline)
         return True
 
     async def _review_failed(self, state: SagaState, step: str, why: str) -> None:
@@ -539,20 +614,17 @@ class Orchestrator:
         )
         await self._append(state, [failed])
 
-    def _wake_at(self, saga_id: str, when: datetime) -> None:
-        """Drive `saga_id` again at `when` (its review's deadline). This is where a JetStream
-        scheduled message (core/timers.py, once merged) replaces the in-process timer."""
-        old = self._review_timers.pop(saga_id, None)
-        if old is not None:
-            old.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, (when - _now()).total_seconds()) + 0.05
-
-        def due() -> None:
-            self._review_timers.pop(saga_id, None)
-            self._kick(saga_id)
-
-        self._review_timers[saga_id] = loop.call_at(loop.time() + delay, due)
+    def _wake_at(self, saga_id: str, step: str, when: datetime) -> None:
+        """Drive `saga_id` again at `when` (its review's deadline), on whichever instance takes
+        the timer's fire: `<saga id>.<step>.review`, set once per deadline, in the background,
+        never dropped as stale (a late deadline is applied late, not skipped)."""
+        assert self.timers is not None
+        key = timer_key(saga_id, step, "review")
+        set_here = self._review_timers.setdefault(saga_id, {})
+        if set_here.get(key) == when:
+            return
+        set_here[key] = when
+        self.timers.schedule_soon(key, when)
 
     def _context(self, state: SagaState, step: str, phase: Phase, attempt: int) -> StepContext:
         """What an attempt of `step`'s `phase` sees."""
@@ -599,8 +671,13 @@ class Orchestrator:
             )
             for move in runs
         ]
+        assert self.timers is not None
         for claim in claims:  # the driver reads the stream afresh: this fold is the claims'
             state.apply_data(claim, "the claim")
+            # in the background: the step's latency does not wait for the timer's acknowledgement
+            self.timers.schedule_soon(
+                timer_key(state.id, claim.step), claim.lease_until, stale_after=STALE_AFTER
+            )
         state.version += len(claims)
         return state, contexts
 
@@ -615,7 +692,9 @@ class Orchestrator:
         """Run one claimed attempt and record its outcome (a claim given back when cancelled)."""
         try:
             outcome = await self._outcome(definition, move, ctx)
-            await self._record(definition, move, outcome, claimed)
+            if await self._record(definition, move, outcome, claimed):
+                assert self.timers is not None  # fenced off, the new claim's timer is not ours
+                self.timers.cancel_soon(timer_key(ctx.saga_id, move.step))
         except asyncio.CancelledError:  # this instance stops: give back a claim it still holds
             released = StepFailed(
                 **_of(ctx.saga_id, move),

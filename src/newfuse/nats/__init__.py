@@ -15,6 +15,7 @@ from newfuse.nats.provision import (
     LivenessStreamSpec,
     MessageStreamSpec,
     StreamState,
+    TimerStreamSpec,
     ensure_event_stream,
 )
 from newfuse.nats.publish import PubAckInbox
@@ -38,6 +39,8 @@ __all__ = [
     "Endpoint",
     "LivenessStreamSpec",
     "MicroService",
+    # the timers' stream (message schedules, ADR-51)
+    "TimerStreamSpec",
     # publishing
     "MAX_BATCH_MESSAGES",
     "PubAck",

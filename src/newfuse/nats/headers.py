@@ -30,6 +30,29 @@ BATCH_SEQUENCE: Final[str] = "Nats-Batch-Sequence"
 BATCH_COMMIT: Final[str] = "Nats-Batch-Commit"
 """Atomic batch publish (ADR-50): `1` on the last message; the server stores all or nothing."""
 
+SCHEDULE: Final[str] = "Nats-Schedule"
+"""Message scheduling (ADR-51, nats-server >= 2.12): `@at <RFC 3339 time>` makes the message a
+schedule that the server fires once, at that time, into `Nats-Schedule-Target`."""
+
+SCHEDULE_TARGET: Final[str] = "Nats-Schedule-Target"
+"""Message scheduling (ADR-51): the subject, in the same stream and not the schedule's own, that a
+fired schedule is stored on (error 10190 otherwise)."""
+
+SCHEDULE_TTL: Final[str] = "Nats-Schedule-TTL"
+"""Message scheduling (ADR-51): the `Nats-TTL` the fired message gets (needs allow_msg_ttl; at
+least 1 s, error 10191 otherwise)."""
+
+SCHEDULER: Final[str] = "Nats-Scheduler"
+"""Set by the server on a fired message: the subject of the schedule that fired it."""
+
+SCHEDULE_NEXT: Final[str] = "Nats-Schedule-Next"
+"""Set by the server on a fired message: when the schedule fires next, `purge` for an `@at` one
+(its schedule message is removed)."""
+
+TTL: Final[str] = "Nats-TTL"
+"""Per-message TTL (ADR-43, nats-server >= 2.11, stream allow_msg_ttl): seconds or a Go duration,
+at least 1 s; the server removes the message once it is that old."""
+
 TRACEPARENT: Final[str] = "traceparent"
 """W3C trace context: the producing span (https://www.w3.org/TR/trace-context/)."""
 

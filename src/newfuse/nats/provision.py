@@ -134,6 +134,42 @@ class LivenessStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
         }
 
 
+class TimerStreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the timers' stream must look like (core/timers.py): message schedules (ADR-51) on
+    `<prefix>.timer.at.<namespace>.<key>`, fired into `<prefix>.timer.fired.<namespace>.<key>`.
+
+    One message per subject: setting a timer again replaces its schedule, and a key keeps only
+    its last fire, so the stream holds at most two messages per key however often it is set;
+    fires also expire (`Nats-Schedule-TTL`, hence allow_msg_ttl). No age limit: it would drop
+    schedules set far ahead. Messages are small (`max_msg_size`): a timer carries a wake-up,
+    not data.
+    """
+
+    subjects: Subjects
+    replicas: int | None = None
+    max_msg_size: int = 8192
+
+    def config(self, *, atomic: bool, replicas: int = 1) -> dict[str, Any]:
+        """The JetStream API stream configuration (`atomic` is ignored: no batches here)."""
+        return {
+            "name": self.subjects.timer_stream_name,
+            "subjects": [self.subjects.all_timers],
+            "retention": "limits",
+            "storage": "file",
+            "num_replicas": self.replicas or replicas,
+            "max_age": 0,
+            "max_bytes": -1,
+            "max_msgs": -1,
+            "max_msgs_per_subject": 1,
+            "max_msg_size": self.max_msg_size,
+            "duplicate_window": nanoseconds(120.0),
+            "discard": "old",
+            "allow_msg_schedules": True,  # ADR-51, nats-server >= 2.12
+            "allow_msg_ttl": True,  # ADR-43, nats-server >= 2.11
+            "description": "newfuse timers: schedules (ADR-51) and their fires",
+        }
+
+
 class StreamState(msgspec.Struct, frozen=True, kw_only=True):
     """What provisioning found out: the stream's name, whether it can take atomic batches, and
     how many copies it keeps."""
@@ -178,6 +214,12 @@ def server_supports_atomic(version: str) -> bool:
     return (major, minor) >= (2, 12)
 
 
+def server_supports_schedules(version: str) -> bool:
+    """True if a nats-server version string is 2.12 or newer (message scheduling with `@at`,
+    ADR-51; older servers store a `Nats-Schedule` message as a plain one and never fire it)."""
+    return server_supports_atomic(version)  # both came with 2.12
+
+
 async def event_prefixes(
     nc: Client,
     *,
@@ -207,7 +249,7 @@ async def event_prefixes(
 
 async def ensure_event_stream(
     nc: Client,
-    spec: EventStreamSpec | MessageStreamSpec | LivenessStreamSpec,
+    spec: EventStreamSpec | MessageStreamSpec | LivenessStreamSpec | TimerStreamSpec,
     *,
     timeout: float = 5.0,  # noqa: ASYNC109 - a deadline per JetStream API answer
     create: bool = True,
@@ -287,6 +329,8 @@ async def ensure_event_stream(
         if isinstance(spec, EventStreamSpec)
         else _LIVENESS_CHECKED
         if isinstance(spec, LivenessStreamSpec)
+        else _TIMERS_CHECKED
+        if isinstance(spec, TimerStreamSpec)
         else _MESSAGES_CHECKED
     )
     _check(name, wanted, actual, atomic=atomic, checked=checked)
@@ -306,6 +350,8 @@ _DEFAULTS: dict[str, Any] = {
     "max_msgs_per_subject": -1,
     "allow_direct": False,
     "allow_atomic": False,
+    "allow_msg_schedules": False,
+    "allow_msg_ttl": False,
     "num_replicas": 1,
 }
 _CHECKED = (
@@ -330,6 +376,16 @@ are the operator's to choose (exactly-once effects do not depend on the window).
 
 _LIVENESS_CHECKED = ("subjects", "max_msgs_per_subject", "allow_direct")
 """What listing agents relies on in the liveness stream: one message per instance, direct gets."""
+
+
+_TIMERS_CHECKED = (
+    "subjects",
+    "retention",
+    "max_msgs_per_subject",
+    "allow_msg_schedules",
+    "allow_msg_ttl",
+)
+"""What timers rely on: schedules allowed, a key's schedule replaced by the next, fires' TTLs."""
 
 
 def _check(

@@ -28,6 +28,7 @@ class Subjects:
         "message_stream_name",
         "prefix",
         "stream_name",
+        "timer_stream_name",
     )
 
     def __init__(self, prefix: str) -> None:
@@ -48,6 +49,8 @@ class Subjects:
         """The JetStream stream holding A2A messages and task queues (no version checks)."""
         self._a2a = f"{prefix}.a2a."
         self.liveness_stream_name = f"{prefix.upper().replace('-', '_')}_AGENTS"
+        self.timer_stream_name = f"{prefix.upper().replace('-', '_')}_TIMERS"
+        """The JetStream stream of the timers (message schedules, ADR-51) and their fires."""
         """The JetStream stream holding each agent instance's last heartbeat (one per subject)."""
 
     def events(self, stream: str) -> str:
@@ -161,6 +164,21 @@ class Subjects:
     def all_liveness(self) -> str:
         """The liveness stream's subject: `<prefix>.agents.>`."""
         return f"{self.prefix}.agents.>"
+
+    def timer_schedule(self, namespace: str, key: str) -> str:
+        """The schedule of one timer (one message, replaced when set again):
+        `<prefix>.timer.at.<namespace>.<key>` (a key is one or more tokens)."""
+        return f"{self.prefix}.timer.at.{namespace}.{key}"
+
+    def timer_fired(self, namespace: str, key: str = ">") -> str:
+        """Where a timer's schedule fires: `<prefix>.timer.fired.<namespace>.<key>` (the default
+        `>`: every fire of the namespace)."""
+        return f"{self.prefix}.timer.fired.{namespace}.{key}"
+
+    @property
+    def all_timers(self) -> str:
+        """The timer stream's subject: `<prefix>.timer.>`."""
+        return f"{self.prefix}.timer.>"
 
     def stream_of(self, subject: str) -> str:
         """The stream name (`<category>.<id>`) of an event subject; InvalidNameError otherwise."""
