@@ -162,8 +162,11 @@ class Orchestrator:
         self._review_timers: dict[str, asyncio.TimerHandle] = {}
         """Saga -> the wake-up at its review's deadline."""
         self._waiting_on: dict[str, set[str]] = {}
-        self._releasing: set[asyncio.Task[None]] = set()
         """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._written: dict[str, list[tuple[int, list[Any]]]] = {}
+        """Saga -> this instance's writes (expected version, events) since its driver's last
+        look (`_next_state` folds them in instead of reading the stream again)."""
         self._caught_up = asyncio.Event()
         self._closed = False
 
@@ -235,10 +238,12 @@ class Orchestrator:
         try:
             async with asyncio.timeout(timeout):
                 while True:
+                    # cleared before the read: an end stored while it reads sets it again (after
+                    # the read, a set that came during it would be lost: a 0.5 s wait for nothing)
+                    ended.clear()
                     state = await read_saga(self.store, saga_id)
                     if state.ended:
                         return state
-                    ended.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.5):  # also when another instance ends it
                             await ended.wait()
@@ -348,12 +353,14 @@ class Orchestrator:
         finally:
             if self._driving.get(saga_id) is asyncio.current_task():
                 del self._driving[saga_id]
+                self._written.pop(saga_id, None)
 
     async def _drive_until_ended(self, saga_id: str) -> None:
         wake = self._wake.setdefault(saga_id, asyncio.Event())
+        state: SagaState | None = None
         while True:
             wake.clear()
-            state = await read_saga(self.store, saga_id)
+            state = await self._next_state(saga_id, state)
             if not state.name or state.ended:
                 if state.ended:
                     # shielded: close() cancelling this driver lets the releases finish
@@ -389,6 +396,26 @@ class Orchestrator:
                     return  # the review's next event, or its deadline, drives the saga again
                 continue
             await self._run(definition, state, move)
+
+    async def _next_state(self, saga_id: str, known: SagaState | None) -> SagaState:
+        """The saga's state for the next move: `known` with this instance's own writes since
+        folded in, when they follow on from it; else the stream read again.
+
+        After a write stored at the version `known` has, the stream is `known` plus what was
+        written (the version check says so), so no read is needed to know it. A write by
+        another instance after it makes that state stale, but then the next write, fenced by
+        its expected version, is refused, and the look after it reads the stream.
+        """
+        written = self._written.pop(saga_id, [])
+        if known is None or not written:
+            return await read_saga(self.store, saga_id)
+        for expected, events in written:
+            if expected != known.version:
+                return await read_saga(self.store, saga_id)
+            for data in events:
+                known.apply_data(data, "this instance's write")
+            known.version += len(events)
+        return known
 
     async def _acquire(
         self, definition: Saga, state: SagaState, move: Acquire, wake: asyncio.Event
@@ -617,6 +644,7 @@ class Orchestrator:
             self.fenced += 1
             log.info("orchestrator %s: saga %s moved on before its write", self.name, saga_id)
             return False
+        self._written.setdefault(saga_id, []).append((expected, events))
         return True
 
 
