@@ -246,24 +246,31 @@ def locking(name: str, first: str, second: str, barrier: asyncio.Barrier) -> Sag
     return saga
 
 
-async def bench_deadlocks(store: JetStreamEventStore, sizes: Sizes) -> None:
+async def bench_deadlocks(url: str, sizes: Sizes) -> None:
+    """The cycles run on a store of their own prefix, with one orchestrator that knows every
+    cycle's sagas (a new orchestrator per cycle would first catch up on every saga before)."""
+    store = await JetStreamEventStore.connect(url, prefix=f"bd{run_id()}")
     detector = DeadlockDetector(store, name="bench-detector")
+    barriers = [asyncio.Barrier(2) for _ in range(sizes.cycles)]
+    cycles = []
+    for n, barrier in enumerate(barriers):
+        a, b = f"c{n}a", f"c{n}b"
+        cycles.append((locking(f"p{n}x", a, b, barrier), locking(f"p{n}y", b, a, barrier)))
     seconds: list[float] = []
-    async with detector:
-        for cycle in range(sizes.cycles):
-            barrier = asyncio.Barrier(2)
-            a, b = f"c{cycle}a{run_id()}", f"c{cycle}b{run_id()}"
-            sagas = [locking(f"p{cycle}x", a, b, barrier), locking(f"p{cycle}y", b, a, barrier)]
-            before = len(detector.detections)
-            async with Orchestrator(store, sagas) as orchestrator:
-                first = await orchestrator.start(sagas[0])
+    try:
+        async with detector, Orchestrator(store, [s for c in cycles for s in c]) as orchestrator:
+            for older, younger in cycles:
+                before = len(detector.detections)
+                first = await orchestrator.start(older)
                 await asyncio.sleep(0.005)  # distinct start times: the second is the youngest
-                second = await orchestrator.start(sagas[1])
+                second = await orchestrator.start(younger)
                 ends = [await orchestrator.wait(s, timeout=60) for s in (first, second)]
-            assert sorted(e.status for e in ends) == ["committed", "rolled_back"], ends
-            found = detector.detections[before:]
-            assert len(found) == 1, found
-            seconds.append(found[0].seconds)
+                assert sorted(e.status for e in ends) == ["committed", "rolled_back"], ends
+                found = detector.detections[before:]
+                assert len(found) == 1, found
+                seconds.append(found[0].seconds)
+    finally:
+        await store.close()
     seconds.sort()
     progress(
         f"deadlock detection over {len(seconds)} cycles: p50 {percentile(seconds, 0.5) * 1e3:.1f}"
@@ -297,7 +304,7 @@ async def main(sizes: Sizes, profile: str | None) -> None:
                 await bench_latency(orchestrator, js, prefix, sizes, profile)
                 await bench_throughput(orchestrator, js, prefix, sizes)
             await bench_atomic_append(store, sizes)
-            await bench_deadlocks(store, sizes)
+            await bench_deadlocks(server.url, sizes)
         finally:
             await nc.close()
             await store.close()

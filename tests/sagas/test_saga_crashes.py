@@ -57,20 +57,41 @@ def _kill(process: subprocess.Popen[str]) -> None:
         process.stdout.close()
 
 
+def _seeded() -> random.Random:
+    """A random source whose seed the test prints (to run the same again)."""
+    seed = random.randrange(1 << 30)
+    print(f"\nseed {seed}")
+    return random.Random(seed)
+
+
+async def _spawn_two(
+    nats_url: str, prefix: str, redis_url: str, logs: Path
+) -> dict[str, subprocess.Popen[str]]:
+    return {
+        name: await asyncio.to_thread(_spawn, nats_url, prefix, redis_url, name, logs)
+        for name in ("a", "b")
+    }
+
+
+async def _all_end(store: JetStreamEventStore, saga_ids: list[str], *, within: float) -> None:
+    """Wait until every saga of `saga_ids` has ended; fail naming some that did not."""
+    deadline = time.monotonic() + within
+    while True:
+        left = [s for s in saga_ids if not (await read_saga(store, s)).ended]
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert left == [], f"{len(left)} sagas did not end, e.g. {left[:3]}"
+
+
 async def test_killed_and_paused_orchestrators_lose_no_saga_and_repeat_no_effect(
     store: JetStreamEventStore, nats_url: str, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
-    print(f"\nseed {seed}")
+    rng = _seeded()
     db = redis.Redis.from_url(redis_url)
     definition = booking(db, prefix)
     failing = {f"s{n:03d}" for n in range(SAGAS) if n % 5 == 0}  # 40 roll back
-    workers = {
-        name: await asyncio.to_thread(_spawn, nats_url, prefix, redis_url, name, tmp_path)
-        for name in ("a", "b")
-    }
+    workers = await _spawn_two(nats_url, prefix, redis_url, tmp_path)
     kills = pauses = 0
     try:
         for n in range(SAGAS):
@@ -89,15 +110,7 @@ async def test_killed_and_paused_orchestrators_lose_no_saga_and_repeat_no_effect
         await asyncio.sleep(4.0)
         workers["b"].send_signal(signal.SIGCONT)
 
-        async def all_ended() -> list[str]:
-            return [
-                f"s{n:03d}" for n in range(SAGAS) if not (await read_saga(store, f"s{n:03d}")).ended
-            ]
-
-        deadline = time.monotonic() + 60
-        while (left := await all_ended()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-        assert left == [], f"{len(left)} sagas did not end, e.g. {left[:3]}"
+        await _all_end(store, [f"s{n:03d}" for n in range(SAGAS)], within=60)
         took = time.monotonic() - started
         counters = {}
         for name, process in workers.items():
@@ -140,17 +153,11 @@ LOCKING_SAGAS = 36
 async def test_killed_orchestrators_release_every_lock_and_fence_every_effect(
     store: JetStreamEventStore, nats_url: str, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
-    print(f"\nseed {seed}")
+    rng = _seeded()
     db = redis.Redis.from_url(redis_url)
     pairs = {f"t{n:02d}": PAIRS[n % len(PAIRS)] for n in range(LOCKING_SAGAS)}
     failing = {saga_id for n, saga_id in enumerate(pairs) if n % 4 == 3}  # 9 roll back
-    workers = {
-        name: await asyncio.to_thread(_spawn, nats_url, prefix, redis_url, name, tmp_path)
-        for name in ("a", "b")
-    }
+    workers = await _spawn_two(nats_url, prefix, redis_url, tmp_path)
     kills = 0
     try:
         for saga_id, (first, second) in pairs.items():
@@ -166,13 +173,7 @@ async def test_killed_orchestrators_release_every_lock_and_fence_every_effect(
                 _spawn, nats_url, prefix, redis_url, name, tmp_path
             )
 
-        async def not_ended() -> list[str]:
-            return [s for s in pairs if not (await read_saga(store, s)).ended]
-
-        deadline = time.monotonic() + 90
-        while (left := await not_ended()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-        assert left == [], f"{len(left)} sagas did not end, e.g. {left[:3]}"
+        await _all_end(store, list(pairs), within=90)
         took = time.monotonic() - started
 
         # every lock is free once the releases that follow each end are in (no leak)

@@ -208,23 +208,20 @@ async def test_fuse_sagas_reads_the_projection_when_built_and_folds_the_log_othe
     logged = await _logged(store, ids)
     db = tmp_path / "audit.db"
 
-    # no projection in the file yet: the log, said so
-    folded = await asyncio.to_thread(_sagas, nats_url, prefix, db, "list", "--json")
-    assert "source: the log" in folded.stderr
-    assert [json.loads(line) for line in folded.stdout.splitlines()] == logged
-    refused = await asyncio.to_thread(
-        _sagas, nats_url, prefix, db, "list", "--source", "projection", check=False
-    )
-    assert refused.returncode != 0 and "no such file" in refused.stderr
+    async def from_the_log(why: str, refusal: str) -> None:
+        """`list` folds the log and says `why`; `--source projection` refuses with `refusal`."""
+        folded = await asyncio.to_thread(_sagas, nats_url, prefix, db, "list", "--json")
+        assert f"source: the log ({why}" in folded.stderr
+        assert [json.loads(line) for line in folded.stdout.splitlines()] == logged
+        refused = await asyncio.to_thread(
+            _sagas, nats_url, prefix, db, "list", "--source", "projection", check=False
+        )
+        assert refused.returncode != 0 and refusal in refused.stderr
+
+    await from_the_log("no transactions projection to read", "no such file")
     async with await SQLiteReadModel.open(str(db)):  # a file with no `transactions` in it
         pass
-    folded = await asyncio.to_thread(_sagas, nats_url, prefix, db, "list", "--json")
-    assert "source: the log (no 'transactions' projection built" in folded.stderr
-    assert [json.loads(line) for line in folded.stdout.splitlines()] == logged
-    refused = await asyncio.to_thread(
-        _sagas, nats_url, prefix, db, "list", "--source", "projection", check=False
-    )
-    assert refused.returncode != 0 and "no 'transactions' projection" in refused.stderr
+    await from_the_log("no 'transactions' projection built", "no 'transactions' projection")
 
     async with await SQLiteReadModel.open(str(db)) as model:
         runner: ProjectionRunner[SQLiteBatch] = ProjectionRunner(

@@ -34,10 +34,10 @@ from newfuse._closing import AsyncClosing
 from newfuse.core.orchestrator import CATEGORY
 from newfuse.core.saga import SagaState
 from newfuse.errors import ReadModelUnavailableError, TransactionViewError
-from newfuse.projections.audit import readonly_uri
+from newfuse.projections.audit import readonly_uri, sortable_time
 from newfuse.projections.base import Projection
 from newfuse.projections.sqlite_model import SQLiteBatch, view_name
-from newfuse.schemas import RecordedEvent, as_utc
+from newfuse.schemas import RecordedEvent
 
 NAME: Final = "transactions"
 VIEW: Final = view_name(NAME, "sagas")
@@ -70,9 +70,7 @@ _COLUMNS: Final = (
 
 
 def _time(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return as_utc(moment).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return None if moment is None else sortable_time(moment)
 
 
 async def _setup(batch: SQLiteBatch) -> None:
