@@ -1247,6 +1247,20 @@ class ReviewInputError(ReviewError, ValueError):
         super().__init__(f"{what}: {reason}")
 
 
+class TransactionViewError(SagaError):
+    """The `transactions` projection cannot keep a saga's row: the saga's fold would be larger
+    than the row allows, or the row stored earlier no longer decodes (a newer SagaState after
+    an upgrade: rebuild the projection). The event is dead-lettered; the log is unchanged."""
+
+    def __init__(self, *, saga_id: str, position: int, reason: str) -> None:
+        self.saga_id = saga_id
+        self.position = position
+        self.reason = reason
+        super().__init__(
+            f"transactions view of saga {_shown(saga_id)} at position {position}: {reason}"
+        )
+
+
 # -- model providers -------------------------------------------------------------------------------
 
 

@@ -60,6 +60,13 @@ TASK_LINES = {
     "tasks.priority0_wait.p99",
 }
 
+SAGA_LINES = {
+    *(f"sagas.latency.{p}" for p in ("p50", "p99")),
+    "sagas.throughput",
+    "sagas.atomic_end.p50",
+    *(f"sagas.deadlock_detection.{p}" for p in ("p50", "p99")),
+}
+
 
 @pytest.mark.parametrize(
     ("script", "expected_names"),
@@ -68,6 +75,7 @@ TASK_LINES = {
         ("projections.py", PROJECTION_LINES),
         ("a2a.py", A2A_LINES),
         ("tasks.py", TASK_LINES),
+        ("sagas.py", SAGA_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(

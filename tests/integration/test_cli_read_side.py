@@ -75,7 +75,7 @@ def test_published_events_reach_agent_state_audit_and_status(dev_env: dict[str, 
         fuse(env, "publish", "inbox.r1", "a2a.message", "--data", message, "--json").stdout
     )
     statuses = wait_caught_up(env, last["position"])
-    assert {s["name"] for s in statuses} == {"agent_state", "audit"}
+    assert {s["name"] for s in statuses} == {"agent_state", "audit", "transactions"}
     assert all(
         {
             "name",

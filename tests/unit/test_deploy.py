@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from newfuse.cli._read_models import ALL_NAMES as BUILTIN_NAMES
 from newfuse.cli.main import build_parser
 from newfuse.config import Settings, split_address
-from newfuse.projections.builtin import BUILTIN_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

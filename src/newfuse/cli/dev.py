@@ -24,6 +24,7 @@ from newfuse.cli._common import (
     settings_from_args,
     write_dev_state,
 )
+from newfuse.cli._read_models import extra_projections
 from newfuse.config import Settings
 from newfuse.errors import DevAlreadyRunningError
 from newfuse.eventstore import open_event_store
@@ -52,7 +53,7 @@ def register(commands: Any) -> None:
         help="run embedded NATS and valkey servers for development",
         description=(
             "Start nats-server (JetStream) and valkey-server on free loopback ports, run the "
-            "built-in projections (agent state, audit index), print FUSE_NATS_URL=, "
+            "built-in projections (agent state, audit index, transactions), print FUSE_NATS_URL=, "
             "FUSE_REDIS_URL= and FUSE_AUDIT_DB= lines, and run until Ctrl-C or SIGTERM. "
             "A server that dies is restarted on the same port with the same data (said on "
             "stderr and in the state file). Other fuse commands find them when nothing is "
@@ -156,7 +157,10 @@ async def run_dev(args: argparse.Namespace) -> int:
                 election_timeout=settings.election_timeout,
             ) as store,
             await BuiltinProjections.open(
-                redis_url=valkey.url, audit_db=audit_db, prefix=settings.prefix
+                redis_url=valkey.url,
+                audit_db=audit_db,
+                prefix=settings.prefix,
+                extra=extra_projections(),
             ) as builtin,
             operations(settings, store, runners := builtin.runners(store), health=args.health),
         ):

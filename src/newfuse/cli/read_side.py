@@ -20,6 +20,7 @@ from newfuse.cli._common import (
     settings_from_args,
 )
 from newfuse.cli._output import note, print_error, print_json, print_table, progress, rfc3339
+from newfuse.cli._read_models import ALL_NAMES, extra_projections
 from newfuse.cli.agents import register_agent_actions
 from newfuse.cli.history import register_history_action
 from newfuse.cli.models import register_replay_action
@@ -34,7 +35,7 @@ from newfuse.projections import (
 )
 from newfuse.projections.agent_state import AgentState
 from newfuse.projections.audit import DEFAULT_SQL_TIME_LIMIT, AuditRecord
-from newfuse.projections.builtin import BUILTIN_NAMES, BuiltinProjections
+from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
 
 _JSON = msgspec.json.Encoder()
@@ -48,7 +49,7 @@ def register(commands: Commands) -> None:
     run = actions.add_parser(
         "run",
         help="keep projections up to date until SIGTERM/Ctrl-C",
-        description=f"Run projections (default: all built-in ones: {', '.join(BUILTIN_NAMES)}) "
+        description=f"Run projections (default: all built-in ones: {', '.join(ALL_NAMES)}) "
         "as a long-lived process; SIGTERM stops each at a checkpoint.",
     )
     run.add_argument("names", nargs="*", metavar="NAME", help="projections to run")
@@ -116,6 +117,7 @@ async def _opened(
             redis_url=resolve_redis_url(settings),
             audit_db=resolve_audit_db(settings),
             prefix=settings.prefix,
+            extra=extra_projections(),
         )
         try:
             yield store, builtin

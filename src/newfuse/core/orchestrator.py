@@ -201,8 +201,11 @@ class Orchestrator:
         self._review_timers: dict[str, dict[str, datetime]] = {}
         """Saga -> the key and time of each timer this instance set at a review's deadline."""
         self._waiting_on: dict[str, set[str]] = {}
-        self._releasing: set[asyncio.Task[None]] = set()
         """Resource -> the sagas of ours waiting for its lock (woken by its events)."""
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._written: dict[str, list[tuple[int, list[Any]]]] = {}
+        """Saga -> this instance's writes (expected version, events) since its driver's last
+        look (`_next_state` folds them in instead of reading the stream again)."""
         self._caught_up = asyncio.Event()
         self._closed = False
         self.timers = timers
@@ -282,10 +285,12 @@ class Orchestrator:
         try:
             async with asyncio.timeout(timeout):
                 while True:
+                    # cleared before the read: an end stored while it reads sets it again (after
+                    # the read, a set that came during it would be lost: a 0.5 s wait for nothing)
+                    ended.clear()
                     state = await read_saga(self.store, saga_id)
                     if state.ended:
                         return state
-                    ended.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.5):  # also when another instance ends it
                             await ended.wait()
@@ -401,6 +406,7 @@ class Orchestrator:
         finally:
             if self._driving.get(saga_id) is asyncio.current_task():
                 del self._driving[saga_id]
+                self._written.pop(saga_id, None)
 
     async def _drive_until_ended(self, saga_id: str) -> None:
         wake = self._wake.setdefault(saga_id, asyncio.Event())
@@ -408,6 +414,7 @@ class Orchestrator:
         """Step -> this instance's attempt of it in flight."""
         alarms: dict[str, Alarm] = {}
         """Step -> the timer this driver set for it last."""
+        state: SagaState | None = None
         try:
             while True:
                 wake.clear()
@@ -415,7 +422,7 @@ class Orchestrator:
                 self._fired.discard(saga_id)
                 for name in [name for name, task in running.items() if task.done()]:
                     del running[name]
-                state = await read_saga(self.store, saga_id)
+                state = await self._next_state(saga_id, state)
                 if not state.name or state.ended:
                     if state.ended:
                         await self._ended_saga(state)
@@ -514,6 +521,27 @@ class Orchestrator:
         release.add_done_callback(self._releasing.discard)
         await asyncio.shield(release)
         self._finished(state.id)
+
+    async def _next_state(self, saga_id: str, known: SagaState | None) -> SagaState:
+        """The saga's state for the next move: `known` with this instance's own writes since
+        folded in, when they follow on from it; else the stream read again.
+
+        After a write stored at the version `known` has, the stream is `known` plus what was
+        written (the version check says so), so no read is needed to know it. A write by
+        another instance after it makes that state stale, but then the next write, fenced by
+        its expected version, is refused, and the look after it reads the stream.
+        """
+        written = self._written.pop(saga_id, [])
+        if known is None or not written:
+            return await read_saga(self.store, saga_id)
+        # in the order stored: a group's attempts finish in any order
+        for expected, events in sorted(written, key=lambda write: write[0]):
+            if expected != known.version:
+                return await read_saga(self.store, saga_id)
+            for data in events:
+                known.apply_data(data, "this instance's write")
+            known.version += len(events)
+        return known
 
     async def _acquire(
         self,
@@ -664,6 +692,7 @@ class Orchestrator:
         ]
         if not await self._append(state, claims):
             return state, []
+        state = copy.deepcopy(state)  # the driver's own is its to fold (`_next_state`)
         contexts = [
             (
                 move,
@@ -672,7 +701,7 @@ class Orchestrator:
             for move in runs
         ]
         assert self.timers is not None
-        for claim in claims:  # the driver reads the stream afresh: this fold is the claims'
+        for claim in claims:  # the attempts' copy: the saga as the claims left it
             state.apply_data(claim, "the claim")
             # in the background: the step's latency does not wait for the timer's acknowledgement
             self.timers.schedule_soon(
@@ -760,6 +789,7 @@ class Orchestrator:
                     [NewEvent(data=event, correlation_id=state.id) for event in events],
                     state.version,
                 )
+                self._written.setdefault(state.id, []).append((state.version, events))
                 return True
             except WrongExpectedVersionError:
                 continue
@@ -825,6 +855,7 @@ class Orchestrator:
             self.fenced += 1
             log.info("orchestrator %s: saga %s moved on before its write", self.name, saga_id)
             return False
+        self._written.setdefault(saga_id, []).append((expected, events))
         return True
 
 

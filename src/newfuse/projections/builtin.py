@@ -1,4 +1,9 @@
-"""The built-in projections (agent state in Redis, the audit index in SQLite) and their models."""
+"""The built-in projections (agent state in Redis, the audit index in SQLite) and their models.
+
+Projections of higher layers (the saga layer's `transactions`, core/transactions.py) join them
+as `extra` SQLite projections, kept in the same file as the audit index: this layer does not
+import theirs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from newfuse.projections import agent_state, audit
 from newfuse.projections.base import Projection, ReadModel
 from newfuse.projections.redis_model import RedisReadModel
 from newfuse.projections.runner import ProjectionRunner
-from newfuse.projections.sqlite_model import SQLiteReadModel
+from newfuse.projections.sqlite_model import SQLiteBatch, SQLiteReadModel
 
 BUILTIN_NAMES: tuple[str, ...] = (agent_state.NAME, audit.NAME)
 
@@ -25,19 +30,35 @@ class BuiltinProjections(AsyncClosing):
             runners = builtin.runners(store)
     """
 
-    def __init__(self, redis: RedisReadModel, sqlite: SQLiteReadModel) -> None:
+    def __init__(
+        self,
+        redis: RedisReadModel,
+        sqlite: SQLiteReadModel,
+        *,
+        extra: Sequence[Projection[SQLiteBatch]] = (),
+    ) -> None:
         self.redis = redis
         self.sqlite = sqlite
         self._pairs: dict[str, tuple[Projection[Any], ReadModel[Any]]] = {
             agent_state.NAME: (agent_state.agent_state_projection(), redis),
             audit.NAME: (audit.audit_projection(), sqlite),
         }
+        for projection in extra:
+            if projection.name in self._pairs:
+                raise ValueError(f"projection {projection.name!r} is built in already")
+            self._pairs[projection.name] = (projection, sqlite)
 
     @classmethod
     async def open(
-        cls, *, redis_url: str, audit_db: str, prefix: str = "fuse"
+        cls,
+        *,
+        redis_url: str,
+        audit_db: str,
+        prefix: str = "fuse",
+        extra: Sequence[Projection[SQLiteBatch]] = (),
     ) -> BuiltinProjections:
-        """Connect to Redis at `redis_url` and open (creating) the SQLite file `audit_db`.
+        """Connect to Redis at `redis_url` and open (creating) the SQLite file `audit_db`;
+        `extra`: more SQLite projections kept in that file.
 
         The Redis keys live under `<prefix>:proj`, so two prefixes sharing a Redis keep apart.
         """
@@ -47,7 +68,7 @@ class BuiltinProjections(AsyncClosing):
         except BaseException:
             await redis.close()
             raise
-        return cls(redis, sqlite)
+        return cls(redis, sqlite, extra=extra)
 
     @property
     def names(self) -> list[str]:
