@@ -1204,3 +1204,28 @@ class ModelReplayError(ModelError):
             f"replay of message {_shown(message_id)}: model call {call} has no recorded result "
             f"({recorded} call(s) recorded); replay with --provider to answer new calls"
         )
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+class SecurityError(FuseError):
+    """Base of the errors of identities, keys, signatures and the audit trail."""
+
+
+class KeyFileError(SecurityError, ValueError):
+    """A key file cannot be used: missing, unreadable, malformed, or readable by others."""
+
+    def __init__(self, *, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        where = f"key file {path}" if path else "key"
+        super().__init__(f"{where}: {reason}")
+
+
+class SignedNoteError(SecurityError, ValueError):
+    """A signed note (an audit checkpoint) is malformed or signed by no trusted key."""
+
+    def __init__(self, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"signed note: {reason}")

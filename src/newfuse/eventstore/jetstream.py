@@ -50,6 +50,7 @@ from newfuse.eventstore.base import (
     Expected,
     InvalidEventHandler,
     PreparedEvent,
+    StoredRecord,
     VersionCheck,
     check_expected,
     wrong_expected,
@@ -781,6 +782,25 @@ class JetStreamEventStore(EventStore):
                     count += 1
                     if count == limit:
                         return
+                if seq >= head or pending == 0:
+                    return
+        finally:
+            await feed.close()
+
+    async def _records(self, from_position: int) -> AsyncIterator[StoredRecord]:
+        self._check_open()
+        head = await self._head_position()
+        if head < from_position:
+            return
+        feed = self._feed(EventFilter(), from_position, None, patience=self._timeout)
+        try:
+            if await feed.start() == 0:
+                return
+            skip = len(self._event_prefix)
+            async for seq, _, pending, subject, data in feed:
+                if seq > head:
+                    return
+                yield StoredRecord(seq, subject[skip:], data)
                 if seq >= head or pending == 0:
                     return
         finally:

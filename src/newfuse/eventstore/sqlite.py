@@ -102,6 +102,7 @@ from newfuse.eventstore.base import (
     Expected,
     InvalidEventHandler,
     PreparedEvent,
+    StoredRecord,
     check_expected,
     wrong_expected,
 )
@@ -1009,6 +1010,12 @@ class SQLiteEventStore(EventStore):
                 yield event
                 if remaining is not None:
                     remaining -= 1
+
+    async def _records(self, from_position: int) -> AsyncIterator[StoredRecord]:
+        head = await self._scalar("SELECT coalesce(max(position), 0) FROM events")
+        async for rows in self._scan(from_position - 1, head, [], [], lambda: None):
+            for position, body, stream, _ in rows:
+                yield StoredRecord(position, stream, bytes(body))
 
     def _decoded(self, rows: list[Any]) -> Iterator[RecordedEvent]:
         """The valid events of a page of (position, body, stream, version) rows, decoded one by
