@@ -60,6 +60,8 @@ TASK_LINES = {
     "tasks.priority0_wait.p99",
 }
 
+AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
+
 
 @pytest.mark.parametrize(
     ("script", "expected_names"),
@@ -68,6 +70,7 @@ TASK_LINES = {
         ("projections.py", PROJECTION_LINES),
         ("a2a.py", A2A_LINES),
         ("tasks.py", TASK_LINES),
+        ("audit.py", AUDIT_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(

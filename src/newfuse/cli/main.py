@@ -39,7 +39,9 @@ COMMANDS: dict[str, Command] = {
     "schemas": Command("newfuse.cli.schemas", "export or list the event schemas"),
     "projections": Command("newfuse.cli.read_side", "run, inspect and rebuild projections"),
     "agents": Command("newfuse.cli.read_side", "run agents, their read models, dead letters"),
-    "audit": Command("newfuse.cli.read_side", "query the audit index"),
+    "audit": Command(
+        "newfuse.cli.read_side", "query the audit index; sign and verify the log (tamper-evident)"
+    ),
     "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
     "sagas": Command("newfuse.cli.sagas", "list sagas and show one: steps, Transaction view"),
     "locks": Command("newfuse.cli.locks", "resource locks of sagas: holders and waiters"),

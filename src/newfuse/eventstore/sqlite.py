@@ -1015,7 +1015,7 @@ class SQLiteEventStore(EventStore):
         head = await self._scalar("SELECT coalesce(max(position), 0) FROM events")
         async for rows in self._scan(from_position - 1, head, [], [], lambda: None):
             for position, body, stream, _ in rows:
-                yield StoredRecord(position, stream, bytes(body))
+                yield StoredRecord(position, str(stream), _as_bytes(body))
 
     def _decoded(self, rows: list[Any]) -> Iterator[RecordedEvent]:
         """The valid events of a page of (position, body, stream, version) rows, decoded one by
@@ -1226,3 +1226,10 @@ def _replayed(
             f"new ids"
         ),
     )
+
+
+def _as_bytes(value: object) -> bytes:
+    """A body column as bytes, whatever a hand-edited file made of it (TEXT, a number)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogateescape")
