@@ -1229,3 +1229,26 @@ class SignedNoteError(SecurityError, ValueError):
     def __init__(self, *, reason: str) -> None:
         self.reason = reason
         super().__init__(f"signed note: {reason}")
+
+
+class IdentityError(SecurityError, ValueError):
+    """An identity cannot be created, found or used as asked."""
+
+    def __init__(self, *, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"identity {_shown(name)}: {reason}")
+
+
+class PermissionDeniedError(SecurityError):
+    """The NATS server refused an operation: this identity may not publish or subscribe there.
+    Retrying does not help; the identity's permissions (`fuse auth`) decide."""
+
+    def __init__(self, *, identity: str, operation: str, subject: str) -> None:
+        self.identity = identity
+        self.operation = operation
+        self.subject = subject
+        super().__init__(
+            f"permission denied: identity {_shown(identity)} may not {operation} "
+            f"{_shown(subject, 200)} (the server refused it; see `fuse auth list`)"
+        )

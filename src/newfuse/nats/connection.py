@@ -5,19 +5,119 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
 
-from newfuse.errors import ConnectionLostError
+from newfuse.errors import ConnectionLostError, PermissionDeniedError
 
 log = logging.getLogger("newfuse.nats")
 
 _listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = (
     weakref.WeakKeyDictionary()
 )
+_T = TypeVar("_T")
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How a connection proves who it is: an nkey seed (`SU…`, never sent: the server checks
+    a signature of its nonce), the identity's name, and the inbox prefix its permissions let it
+    subscribe to (`_INBOX_<name>`)."""
+
+    identity: str
+    seed: str = field(repr=False)
+    inbox_prefix: str
+
+    def __post_init__(self) -> None:
+        if not self.seed.startswith("SU"):
+            raise ConnectionLostError(
+                server="nats-server",
+                url="",
+                reason=f"the seed of identity {self.identity!r} is not a user nkey seed (SU...)",
+            )
+
+
+class _Denials:
+    """Permission violations the server reported on one connection, and who waits for them."""
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self.listeners: list[Callable[[PermissionDeniedError], None]] = []
+        self.waiting: dict[str, list[asyncio.Future[PermissionDeniedError]]] = {}
+
+    def report(self, operation: str, subject: str) -> None:
+        denied = PermissionDeniedError(
+            identity=self.identity,
+            operation="publish to" if operation.lower() == "publish" else "subscribe to",
+            subject=subject,
+        )
+        log.error("%s", denied)
+        for future in self.waiting.pop(subject, []):
+            if not future.done():
+                future.set_result(denied)
+        for listener in list(self.listeners):
+            listener(denied)
+
+
+_denials: weakref.WeakKeyDictionary[Client, _Denials] = weakref.WeakKeyDictionary()
+
+
+def identity_of(nc: Client) -> str | None:
+    """The identity `nc` connected as (with `Credentials`), None for an anonymous connection."""
+    denials = _denials.get(nc)
+    return denials.identity if denials is not None else None
+
+
+def on_permission_denied(
+    nc: Client, callback: Callable[[PermissionDeniedError], None]
+) -> Callable[[], None]:
+    """Call `callback` with each permission violation the server reports on `nc` (a no-op on
+    connections made without `Credentials`); returns a function that removes it."""
+    denials = _denials.get(nc)
+    if denials is None:
+        return lambda: None
+    denials.listeners.append(callback)
+
+    def remove() -> None:
+        with contextlib.suppress(ValueError):
+            denials.listeners.remove(callback)
+
+    return remove
+
+
+async def guarded(nc: Client, subject: str, operation: Awaitable[_T]) -> _T:
+    """`operation` (a request or publish to `subject`), failed at once with
+    PermissionDeniedError when the server refuses `subject`, not by a timeout later (nats-py
+    reports a violation only to the error callback). Connections without `Credentials` run
+    `operation` as it is."""
+    denials = _denials.get(nc)
+    if denials is None:
+        return await operation
+    denied: asyncio.Future[PermissionDeniedError] = asyncio.get_running_loop().create_future()
+    waiting = denials.waiting.setdefault(subject, [])
+    waiting.append(denied)
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.wait((task, denied), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise denied.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(ValueError):
+            waiting.remove(denied)
+        if not waiting and denials.waiting.get(subject) is waiting:
+            del denials.waiting[subject]
 
 
 def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
@@ -54,6 +154,7 @@ async def connect(
     name: str = "newfuse",
     timeout: float = 5.0,  # noqa: ASYNC109 - bounds the first connect over all its attempts
     reconnect_wait: float = 0.25,
+    credentials: Credentials | None = None,
 ) -> Client:
     """Connect to NATS and keep the connection: after the first connect it reconnects forever.
 
@@ -62,21 +163,29 @@ async def connect(
         name: the connection name the server shows in its monitoring.
         timeout: seconds allowed for the first connect, over every attempt.
         reconnect_wait: seconds between reconnect attempts to one server.
+        credentials: connect as this identity (nkey); without, anonymously.
 
     Returns:
         A connected nats-py client; close it with `await nc.close()` (or `drain()`).
 
     Raises:
         ConnectionLostError: no server answered within `timeout`.
+        PermissionDeniedError: the server refused the identity (or asks for one).
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
     nc = Client()
     failures: list[BaseException] = []
     connected = False
 
+    denials = _Denials(credentials.identity) if credentials is not None else None
+
     async def on_error(error: Exception) -> None:
         if not connected:  # first connect: the error goes into ConnectionLostError instead
             failures.append(error)
+            return
+        violation = _VIOLATION.search(str(error))
+        if violation is not None and denials is not None:
+            denials.report(violation.group(1), violation.group(2))
             return
         log.warning("nats %s: %s: %s", name, type(error).__name__, error)
 
@@ -104,13 +213,25 @@ async def connect(
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
                 connect_timeout=max(1, int(timeout)),
+                **_auth(credentials),
             )
     except (TimeoutError, OSError, nats.errors.Error) as error:
         with contextlib.suppress(Exception):
             await nc.close()
         reason = str(failures[-1]) if failures else (str(error) or type(error).__name__)
+        if "authorization violation" in reason.lower():
+            who = credentials.identity if credentials is not None else "(anonymous)"
+            raise PermissionDeniedError(identity=who, operation="connect to", subject=url) from None
         raise ConnectionLostError(
             server="nats-server", url=url, reason=f"no connection within {timeout:g}s ({reason})"
         ) from None
     connected = True
+    if denials is not None:
+        _denials[nc] = denials
     return nc
+
+
+def _auth(credentials: Credentials | None) -> dict[str, Any]:
+    if credentials is None:
+        return {}
+    return {"nkeys_seed_str": credentials.seed, "inbox_prefix": credentials.inbox_prefix}
