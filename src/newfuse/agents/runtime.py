@@ -607,6 +607,22 @@ class Agent:
         )
 
 
+def consumer_specs(agent: Agent, key: str, subjects: Subjects) -> list[DurableSpec]:
+    """The durable consumers an instance `key` of `agent` reads: `<type>` (shared by every
+    instance: the type's inbox and its topics) and `<type>__<key>` (its own inbox)."""
+    common: dict[str, Any] = {
+        "stream": subjects.message_stream_name,
+        "ack_wait": agent.ack_wait,
+        "max_deliver": agent.max_attempts + 1,  # the extra one turns a crash loop dead
+    }
+    shared = (subjects.agent_type(agent.type), *map(subjects.topic, agent.topics))
+    own = (subjects.agent_instance(agent.type, key),)
+    return [
+        DurableSpec(name=agent.type, filter_subjects=shared, **common),
+        DurableSpec(name=f"{agent.type}__{key}", filter_subjects=own, **common),
+    ]
+
+
 class RunningAgent:
     """One running instance of an Agent; counts what it handled.
 
@@ -692,18 +708,7 @@ class RunningAgent:
         self._span_name = f"process {agent.type}"
 
     def _consumers(self) -> list[DurableSpec]:
-        agent, subjects = self.agent, self.subjects
-        common: dict[str, Any] = {
-            "stream": subjects.message_stream_name,
-            "ack_wait": agent.ack_wait,
-            "max_deliver": agent.max_attempts + 1,  # the extra one turns a crash loop dead
-        }
-        shared = (subjects.agent_type(agent.type), *map(subjects.topic, agent.topics))
-        own = (subjects.agent_instance(agent.type, self.agent_id.key),)
-        return [
-            DurableSpec(name=agent.type, filter_subjects=shared, **common),
-            DurableSpec(name=f"{agent.type}__{self.agent_id.key}", filter_subjects=own, **common),
-        ]
+        return consumer_specs(self.agent, self.agent_id.key, self.subjects)
 
     async def __aenter__(self) -> RunningAgent:
         state = await ensure_event_stream(self._nc, self._stream)

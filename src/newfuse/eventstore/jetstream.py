@@ -57,7 +57,7 @@ from newfuse.eventstore.base import (
 )
 from newfuse.nats import headers
 from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
-from newfuse.nats.connection import connect
+from newfuse.nats.connection import connect, reads_own_subjects_only
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
 from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
@@ -174,6 +174,7 @@ class JetStreamEventStore(EventStore):
         self._acks = PubAckInbox(nc, type(self).__name__)
         self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
         self._direct = DirectGet(nc, self.stream_name, timeout=timeout, patience=election_timeout)
+        self._scoped = reads_own_subjects_only(nc)
 
     @classmethod
     async def connect(
@@ -436,6 +437,8 @@ class JetStreamEventStore(EventStore):
         request that finds nothing, on a miss a scan of the subject. `clean` says that every
         message up to the sequence was valid (so versions equal positions on the subject).
         """
+        if self._scoped:
+            return await self._last_state(stream, subject)
         version, seq, clean = self._cache.get(stream) or (0, 0, True)
         where = f"on {subject}"
         async for msg in self._subject_messages(subject, stream, seq + 1):
@@ -447,6 +450,23 @@ class JetStreamEventStore(EventStore):
                 clean = False
         self._remember(stream, version, seq, clean)
         return version, seq, clean
+
+    async def _last_state(self, stream: str, subject: str) -> tuple[int, int, bool]:
+        """`_fetch_state` for an identity whose permissions allow only a direct get of its own
+        subjects' last message (`fuse auth`: an agent may not read the log). Nobody else may
+        write those subjects but the bus's admins and services, so the last message is the
+        last event; one that is not a valid event is refused rather than counted."""
+        msg = await self._direct.last_for(subject, f"read {stream!r}")
+        if msg is None:
+            return 0, 0, True
+        envelope = _envelope_of(msg, f"on {subject}", stream)
+        if envelope is None:
+            raise StoreUnavailableError(
+                operation=f"append to {stream!r}",
+                reason=f"its last message (sequence {_seq_of(msg)}) is not a valid event, and "
+                "this identity may read only that one; an admin must repair the stream",
+            )
+        return envelope.version, _seq_of(msg), False
 
     async def _valid_events(self, subject: str, stream: str) -> AsyncIterator[tuple[int, Envelope]]:
         """(sequence, envelope) of each valid event of a stream, from its start, by the rule."""

@@ -34,6 +34,8 @@ class Credentials:
     identity: str
     seed: str = field(repr=False)
     inbox_prefix: str
+    scoped: bool = False
+    """Its permissions let it read only its own subjects (an agent's), not the log."""
 
     def __post_init__(self) -> None:
         if not self.seed.startswith("SU"):
@@ -47,19 +49,21 @@ class Credentials:
 class _Denials:
     """Permission violations the server reported on one connection, and who waits for them."""
 
-    def __init__(self, identity: str) -> None:
+    def __init__(self, identity: str, scoped: bool) -> None:
         self.identity = identity
+        self.scoped = scoped
         self.listeners: list[Callable[[PermissionDeniedError], None]] = []
         self.waiting: dict[str, list[asyncio.Future[PermissionDeniedError]]] = {}
 
     def report(self, operation: str, subject: str) -> None:
+        """`subject` as nats-py passes it on: lower-cased (waiters are keyed so too)."""
         denied = PermissionDeniedError(
             identity=self.identity,
             operation="publish to" if operation.lower() == "publish" else "subscribe to",
-            subject=subject,
+            subject=subject.lower(),
         )
         log.error("%s", denied)
-        for future in self.waiting.pop(subject, []):
+        for future in self.waiting.pop(subject.lower(), []):
             if not future.done():
                 future.set_result(denied)
         for listener in list(self.listeners):
@@ -73,6 +77,13 @@ def identity_of(nc: Client) -> str | None:
     """The identity `nc` connected as (with `Credentials`), None for an anonymous connection."""
     denials = _denials.get(nc)
     return denials.identity if denials is not None else None
+
+
+def reads_own_subjects_only(nc: Client) -> bool:
+    """Whether `nc`'s identity may read only its own subjects (then a store reads a stream's
+    state from its last message, the one direct get such an identity is allowed)."""
+    denials = _denials.get(nc)
+    return denials is not None and denials.scoped
 
 
 def on_permission_denied(
@@ -101,14 +112,18 @@ async def guarded(nc: Client, subject: str, operation: Awaitable[_T]) -> _T:
     if denials is None:
         return await operation
     denied: asyncio.Future[PermissionDeniedError] = asyncio.get_running_loop().create_future()
-    waiting = denials.waiting.setdefault(subject, [])
+    key = subject.lower()  # nats-py lower-cases the server's error text
+    waiting = denials.waiting.setdefault(key, [])
     waiting.append(denied)
     task = asyncio.ensure_future(operation)
     try:
         await asyncio.wait((task, denied), return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        raise denied.result()
+        reported = denied.result()
+        raise PermissionDeniedError(
+            identity=reported.identity, operation=reported.operation, subject=subject
+        )
     finally:
         if not task.done():
             task.cancel()
@@ -116,8 +131,8 @@ async def guarded(nc: Client, subject: str, operation: Awaitable[_T]) -> _T:
                 await task
         with contextlib.suppress(ValueError):
             waiting.remove(denied)
-        if not waiting and denials.waiting.get(subject) is waiting:
-            del denials.waiting[subject]
+        if not waiting and denials.waiting.get(key) is waiting:
+            del denials.waiting[key]
 
 
 def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
@@ -177,7 +192,7 @@ async def connect(
     failures: list[BaseException] = []
     connected = False
 
-    denials = _Denials(credentials.identity) if credentials is not None else None
+    denials = _Denials(credentials.identity, credentials.scoped) if credentials else None
 
     async def on_error(error: Exception) -> None:
         if not connected:  # first connect: the error goes into ConnectionLostError instead

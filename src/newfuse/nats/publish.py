@@ -71,8 +71,12 @@ class PubAckInbox:
         """The server refused a publish: fail at once the requests waiting on that subject
         (they would otherwise wait for a PubAck that never comes, until their timeout)."""
         for future, subject in list(self._waiting.values()):
-            if subject == denied.subject and not future.done():
-                future.set_exception(denied)
+            if subject.lower() == denied.subject and not future.done():  # nats-py lower-cases
+                future.set_exception(
+                    PermissionDeniedError(
+                        identity=denied.identity, operation=denied.operation, subject=subject
+                    )
+                )
 
     async def _on_reply(self, msg: Msg) -> None:
         waiting = self._waiting.pop(msg.subject[self._cut :], None)

@@ -22,6 +22,7 @@ Roles:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,8 @@ from typing import Any, Final, Literal
 import msgspec
 
 from newfuse.errors import IdentityError, KeyFileError
+from newfuse.nats.connection import Credentials
+from newfuse.nats.micro import service_name
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
 
@@ -63,11 +66,6 @@ class Identity:
     def inbox_prefix(self) -> str:
         """The core NATS inbox prefix its connection uses (only it may subscribe there)."""
         return f"_INBOX_{self.name}"
-
-    @property
-    def reply_token_prefix(self) -> str:
-        """What its request-reply tokens begin with (`<prefix>.a2a._reply.<this>.<random>`)."""
-        return self.name
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,7 +190,7 @@ class IdentityStore:
         """Mark an identity revoked (the next server config leaves it out) and delete its seed."""
         rows = self.list()
         found = self.get(name)
-        revoked = msgspec.structs.replace(found, revoked=datetime.now(UTC).isoformat())  # type: ignore[type-var]
+        revoked = dataclasses.replace(found, revoked=datetime.now(UTC).isoformat())
         self._write([revoked if i.name == name else i for i in rows])
         self.seed_file(name).unlink(missing_ok=True)
         return revoked
@@ -208,6 +206,18 @@ class IdentityStore:
         if mode & 0o077:
             raise KeyFileError(path=str(path), reason=f"mode {mode & 0o777:o}: chmod 600 it")
         return text
+
+    def credentials(self, name: str) -> Credentials:
+        """What `connect(url, credentials=...)` needs to connect as `name`."""
+        identity = self.get(name)
+        if identity.revoked:
+            raise IdentityError(name=name, reason=f"revoked at {identity.revoked}")
+        return Credentials(
+            identity=name,
+            seed=self.seed(name),
+            inbox_prefix=identity.inbox_prefix,
+            scoped=identity.role == "agent",
+        )
 
     def _write(self, identities: Iterable[Identity]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -261,35 +271,45 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
     consumers = (shared, own)
     stream = s.message_stream_name
     a2a = f"{s.prefix}.a2a"
+    own_events = s.events(f"agent.{kind}-{key}")  # its registration (agents/registry.py)
+    service = service_name(kind)  # NATS micro (ADR-32): its service is named after its type
+    discovery = ("", f".{service}", f".{service}.*")
     publish = [
         *(s.agent_type(t) for t in identity.send_to),
         *(f"{s.agent_type(t)}.*" for t in identity.send_to),
         *(s.topic(t) for t in identity.publish_topics),
-        f"{a2a}._reply.*.*",
+        f"{a2a}._reply.*",
         f"{a2a}._task.*",
         f"{a2a}._model.{kind}",
         *(f"{a2a}._handled.{c}.*" for c in consumers),
         *(f"{a2a}._dead.{c}" for c in consumers),
         s.liveness(kind, key),
+        own_events,
+        f"{API}.STREAM.INFO.{s.stream_name}",
+        f"{API}.DIRECT.GET.{s.stream_name}.{own_events}",
         *(f"{s.rpc(t)}" for t in identity.send_to),
         s.task_cancels,
         f"{API}.INFO",
         f"{API}.STREAM.INFO.{stream}",
         f"{API}.STREAM.INFO.{s.liveness_stream_name}",
         *(f"{API}.CONSUMER.{op}.{stream}.{c}" for op in ("INFO", "MSG.NEXT") for c in consumers),
-        *(f"{API}.CONSUMER.CREATE.{stream}.{c}.>" for c in consumers),
-        *(f"{API}.CONSUMER.CREATE.{stream}.{c}" for c in consumers),
         *(f"$JS.ACK.{stream}.{c}.>" for c in consumers),
         *(f"{API}.DIRECT.GET.{stream}.{a2a}._handled.{c}.*" for c in consumers),
     ]
     subscribe = [
         f"{identity.inbox_prefix}.>",
-        f"{a2a}._reply.{identity.reply_token_prefix}.*",
+        f"{a2a}._reply.{identity.name}",
         s.rpc(kind),
         f"{s.rpc(kind)}.>",
         s.task_cancels,
+        *(f"$SRV.{verb}{tail}" for verb in ("PING", "INFO", "STATS") for tail in discovery),
     ]
-    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+    # replies to requests it serves (fast path, service discovery) go to requesters' inboxes
+    return {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": subscribe},
+        "allow_responses": True,
+    }
 
 
 def server_config(identities: Iterable[Identity], subjects: Subjects) -> str:
