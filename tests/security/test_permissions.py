@@ -182,7 +182,7 @@ def test_credentials_files_are_owner_only_and_the_config_holds_no_seed(
     for identity in secure.identities.list():
         path = secure.identities.seed_file(identity.name)
         assert path.stat().st_mode & 0o777 == 0o600
-        seed = path.read_text().strip()
+        seed = secure.identities.seed(identity.name)
         assert seed.startswith("SU")
         config = server_config(secure.identities.list(), Subjects("fuse"))
         assert seed not in config and identity.public_key in config

@@ -47,6 +47,7 @@ COMMANDS: dict[str, Command] = {
     "locks": Command("newfuse.cli.locks", "resource locks of sagas: holders and waiters"),
     "queues": Command("newfuse.cli.queues", "task queues: depth per priority, workers, oldest"),
     "models": Command("newfuse.cli.models", "what model calls cost, per agent and model version"),
+    "auth": Command("newfuse.cli.auth", "identities (nkeys) and the permissions NATS enforces"),
     "completion": Command("newfuse.cli.completion", "print a bash or zsh completion script"),
 }
 
@@ -55,6 +56,11 @@ _VALUED_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--nats", "URL", "NATS server URL (default: $FUSE_NATS_URL, else the running fuse dev's)"),
     ("--redis", "URL", "Redis URL (default: $FUSE_REDIS_URL, else the running fuse dev's)"),
     ("--store", "URL", "event store URL, nats://… or sqlite:///… ($FUSE_STORE)"),
+    (
+        "--credentials",
+        "FILE",
+        "connect to NATS as this identity, a file of `fuse auth add` ($FUSE_NATS_CREDENTIALS)",
+    ),
     ("--prefix", "NAME", "subject prefix (default: $FUSE_PREFIX, the running fuse dev's, 'fuse')"),
     ("--audit-db", "PATH", "SQLite file of the read models ($FUSE_AUDIT_DB)"),
     (

@@ -57,7 +57,7 @@ from newfuse.eventstore.base import (
 )
 from newfuse.nats import headers
 from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
-from newfuse.nats.connection import connect, reads_own_subjects_only
+from newfuse.nats.connection import Credentials, connect, reads_own_subjects_only
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
 from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
@@ -185,6 +185,7 @@ class JetStreamEventStore(EventStore):
         registry: SchemaRegistry | None = None,
         name: str = "newfuse-eventstore",
         timeout: float = 5.0,  # noqa: ASYNC109 - a per-answer deadline, as in nats.py's API
+        credentials: Credentials | None = None,
         **options: Any,
     ) -> JetStreamEventStore:
         """Connect to NATS, provision the events' stream, and return a store owning the link.
@@ -195,6 +196,7 @@ class JetStreamEventStore(EventStore):
             registry: payload schemas (default: the built-in types).
             name: the connection's name on the server.
             timeout: seconds for the first connect and for each server answer.
+            credentials: connect as this identity (`fuse auth`); None: anonymously.
             **options: the other keyword arguments of the constructor (replicas,
                 election_timeout, max_age, max_bytes, duplicate_window, heartbeat, on_invalid,
                 create).
@@ -205,7 +207,7 @@ class JetStreamEventStore(EventStore):
             StreamCreateError: JetStream refused to create the stream (it says what to change).
             StoreNotFoundError: `create=False` and the stream does not exist.
         """
-        nc = await connect(url, name=name, timeout=timeout)
+        nc = await connect(url, name=name, timeout=timeout, credentials=credentials)
         store = cls(
             nc, prefix=prefix, registry=registry, timeout=timeout, owns_connection=True, **options
         )

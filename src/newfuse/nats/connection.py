@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import nats
 from nats.aio.client import Client
 
-from newfuse.errors import ConnectionLostError, PermissionDeniedError
+from newfuse.errors import ConfigError, ConnectionLostError, PermissionDeniedError
 
 log = logging.getLogger("newfuse.nats")
 
@@ -37,6 +40,43 @@ class Credentials:
     scoped: bool = False
     """Its permissions let it read only its own subjects (an agent's), not the log."""
 
+    @classmethod
+    def load(cls, path: str | Path) -> Credentials:
+        """Read a credentials file (`fuse auth add` writes them: JSON with identity, seed,
+        inbox_prefix, scoped); refuses one that others may read.
+
+        Raises:
+            ConfigError: the file is missing, unreadable, open to others, or malformed.
+        """
+        where = Path(path)
+        try:
+            mode = where.stat().st_mode
+            raw = where.read_bytes()
+        except OSError as error:
+            raise ConfigError(
+                variable="FUSE_NATS_CREDENTIALS", value=str(path), reason=str(error)
+            ) from None
+        if mode & 0o077:
+            raise ConfigError(
+                variable="FUSE_NATS_CREDENTIALS",
+                value=str(path),
+                reason=f"others may read it (mode {mode & 0o777:o}); chmod 600 it",
+            )
+        try:
+            return msgspec.json.decode(raw, type=cls)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise ConfigError(
+                variable="FUSE_NATS_CREDENTIALS",
+                value=str(path),
+                reason=f"not a credentials file of `fuse auth add` ({error})",
+            ) from None
+
+    def save(self, path: Path) -> None:
+        """Write the file `load` reads, owner-only; never overwrites one."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(msgspec.json.encode(self) + b"\n")
+
     def __post_init__(self) -> None:
         if not self.seed.startswith("SU"):
             raise ConnectionLostError(
@@ -52,7 +92,8 @@ class _Denials:
     def __init__(self, identity: str, scoped: bool) -> None:
         self.identity = identity
         self.scoped = scoped
-        self.listeners: list[Callable[[PermissionDeniedError], None]] = []
+        self.listeners: list[Callable[[PermissionDeniedError], int]] = []
+        """Each fails what waits on the refused subject and says how many it failed."""
         self.waiting: dict[str, list[asyncio.Future[PermissionDeniedError]]] = {}
 
     def report(self, operation: str, subject: str) -> None:
@@ -62,12 +103,15 @@ class _Denials:
             operation="publish to" if operation.lower() == "publish" else "subscribe to",
             subject=subject.lower(),
         )
-        log.error("%s", denied)
+        told = 0
         for future in self.waiting.pop(subject.lower(), []):
             if not future.done():
                 future.set_result(denied)
+                told += 1
         for listener in list(self.listeners):
-            listener(denied)
+            told += listener(denied)
+        # a refusal that failed an operation is that operation's error; others are logged
+        (log.debug if told else log.error)("%s", denied)
 
 
 _denials: weakref.WeakKeyDictionary[Client, _Denials] = weakref.WeakKeyDictionary()
@@ -87,10 +131,11 @@ def reads_own_subjects_only(nc: Client) -> bool:
 
 
 def on_permission_denied(
-    nc: Client, callback: Callable[[PermissionDeniedError], None]
+    nc: Client, callback: Callable[[PermissionDeniedError], int]
 ) -> Callable[[], None]:
     """Call `callback` with each permission violation the server reports on `nc` (a no-op on
-    connections made without `Credentials`); returns a function that removes it."""
+    connections made without `Credentials`); it returns how many operations it failed with
+    it. Returns a function that removes the callback."""
     denials = _denials.get(nc)
     if denials is None:
         return lambda: None

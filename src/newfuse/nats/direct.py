@@ -154,8 +154,8 @@ class DirectGet:
                 except NatsError as error:  # closed, or the reconnect buffer is full
                     raise client_error(operation, error) from None
                 while True:
-                    try:
-                        msg = await sub.next_msg(timeout=self._timeout)
+                    try:  # a refused request fails at once (PermissionDeniedError)
+                        msg = await guarded(nc, self._subject, sub.next_msg(timeout=self._timeout))
                     except NatsError as error:
                         raise client_error(operation, error) from None
                     found = msg.headers or {}

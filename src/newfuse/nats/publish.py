@@ -67,9 +67,10 @@ class PubAckInbox:
         self._sweeper = asyncio.create_task(self._sweep(), name="newfuse-pubacks")
         self._unlisten = on_permission_denied(self._nc, self._on_denied)
 
-    def _on_denied(self, denied: PermissionDeniedError) -> None:
+    def _on_denied(self, denied: PermissionDeniedError) -> int:
         """The server refused a publish: fail at once the requests waiting on that subject
         (they would otherwise wait for a PubAck that never comes, until their timeout)."""
+        failed = 0
         for future, subject in list(self._waiting.values()):
             if subject.lower() == denied.subject and not future.done():  # nats-py lower-cases
                 future.set_exception(
@@ -77,6 +78,8 @@ class PubAckInbox:
                         identity=denied.identity, operation=denied.operation, subject=subject
                     )
                 )
+                failed += 1
+        return failed
 
     async def _on_reply(self, msg: Msg) -> None:
         waiting = self._waiting.pop(msg.subject[self._cut :], None)

@@ -119,7 +119,9 @@ class IdentityStore:
         return self.directory / REGISTRY_FILE
 
     def seed_file(self, name: str) -> Path:
-        return self.directory / f"{check_identity_name(name)}.nk"
+        """Its credentials file (seed, name, inbox prefix; owner-only): what
+        `FUSE_NATS_CREDENTIALS` / `--credentials` point at."""
+        return self.directory / f"{check_identity_name(name)}.creds"
 
     def list(self) -> list[Identity]:
         try:
@@ -169,10 +171,12 @@ class IdentityStore:
         seed = new_seed()
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        path = self.seed_file(name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(seed + b"\n")
+        Credentials(
+            identity=name,
+            seed=seed.decode(),
+            inbox_prefix=f"_INBOX_{name}",
+            scoped=role == "agent",
+        ).save(self.seed_file(name))
         identity = Identity(
             name=name,
             role=role,
@@ -196,28 +200,15 @@ class IdentityStore:
         return revoked
 
     def seed(self, name: str) -> str:
-        """The seed of `name` (refuses a seed file others may read)."""
-        path = self.seed_file(name)
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text().strip()
-        except OSError as error:
-            raise KeyFileError(path=str(path), reason=error.strerror or str(error)) from None
-        if mode & 0o077:
-            raise KeyFileError(path=str(path), reason=f"mode {mode & 0o777:o}: chmod 600 it")
-        return text
+        """The seed of `name` (refuses a file others may read)."""
+        return self.credentials(name).seed
 
     def credentials(self, name: str) -> Credentials:
         """What `connect(url, credentials=...)` needs to connect as `name`."""
         identity = self.get(name)
         if identity.revoked:
             raise IdentityError(name=name, reason=f"revoked at {identity.revoked}")
-        return Credentials(
-            identity=name,
-            seed=self.seed(name),
-            inbox_prefix=identity.inbox_prefix,
-            scoped=identity.role == "agent",
-        )
+        return Credentials.load(self.seed_file(name))
 
     def _write(self, identities: Iterable[Identity]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
