@@ -199,3 +199,34 @@ def test_a_revoked_identity_is_left_out_of_the_server_config(tmp_path: Path) -> 
     with pytest.raises(Exception, match="revoked"):
         identities.credentials("old")
     assert isinstance(identities.credentials("admin"), Credentials)
+
+
+async def test_a_sender_the_signature_does_not_back_is_dead_lettered(secure: Secure) -> None:
+    """Caller may write to echo's inbox. Claiming to be someone else (its messages are signed
+    as caller), or sending with plain nats-py (unsigned), ends as a dead letter, not handled."""
+    agent_nc, caller_nc = await secure.connect("echo-1"), await secure.connect("caller")
+    raw_nc, _ = await raw(secure, "caller")
+    try:
+        async with echo.run(agent_nc, key="1") as running:
+            handled, dead = running.handled, running.dead_lettered
+            async with AgentClient(caller_nc, sender="planner") as forger:
+                await forger.send("echo", "ping", {"n": "forged"})
+            admin = await secure.connect("admin")
+            try:
+                last = await admin.jetstream().get_last_msg("FUSE_A2A", "fuse.a2a.echo")
+            finally:
+                await admin.close()
+            await raw_nc.jetstream().publish(
+                "fuse.a2a.echo", last.data, headers={"Nats-Msg-Id": "unsigned-copy"}
+            )
+            async with AgentClient(caller_nc, sender="caller") as honest:
+                reply = await honest.request("echo", "ping", {"n": "honest"}, timeout=10)
+            assert reply.payload["echo"] == {"n": "honest"}
+            async with asyncio.timeout(10):
+                while running.dead_lettered < dead + 2 or running.handled < handled + 1:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            assert running.handled == handled + 1  # only the honest one
+    finally:
+        for nc in (agent_nc, caller_nc, raw_nc):
+            await nc.close()

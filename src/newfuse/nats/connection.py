@@ -18,6 +18,7 @@ import nats
 from nats.aio.client import Client
 
 from newfuse.errors import ConfigError, ConnectionLostError, PermissionDeniedError
+from newfuse.nats.signing import Signer, Trust, sign_on, trust_on
 
 log = logging.getLogger("newfuse.nats")
 
@@ -39,6 +40,10 @@ class Credentials:
     inbox_prefix: str
     scoped: bool = False
     """Its permissions let it read only its own subjects (an agent's), not the log."""
+    certificate: str = ""
+    """Who it is, signed by an admin (nats/signing.py): what its messages carry."""
+    trust: tuple[str, ...] = ()
+    """The admins' public nkeys whose certificates it accepts on what it reads."""
 
     @classmethod
     def load(cls, path: str | Path) -> Credentials:
@@ -286,8 +291,12 @@ async def connect(
             server="nats-server", url=url, reason=f"no connection within {timeout:g}s ({reason})"
         ) from None
     connected = True
-    if denials is not None:
+    if credentials is not None and denials is not None:
         _denials[nc] = denials
+        if credentials.certificate:
+            sign_on(nc, Signer(credentials.seed, credentials.certificate))
+        if credentials.trust:
+            trust_on(nc, Trust(credentials.trust))
     return nc
 
 

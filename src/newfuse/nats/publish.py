@@ -23,6 +23,7 @@ from newfuse.errors import (
 from newfuse.nats import headers
 from newfuse.nats.connection import on_permission_denied
 from newfuse.nats.jserrors import client_error
+from newfuse.nats.signing import signed
 
 
 class PubAckInbox:
@@ -127,7 +128,12 @@ class PubAckInbox:
             self._wake.set()  # the sweeper sleeps past this deadline (or without one)
         try:
             try:
-                await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+                await self._nc.publish(
+                    subject,
+                    body,
+                    reply=self._prefix + token,
+                    headers=signed(self._nc, subject, body, headers),
+                )
             except NatsError as error:  # closed, or the reconnect buffer is full
                 raise client_error(f"publish to {subject!r}", error) from None
             return await future

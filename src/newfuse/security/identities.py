@@ -36,6 +36,7 @@ import msgspec
 from newfuse.errors import IdentityError, KeyFileError
 from newfuse.nats.connection import Credentials
 from newfuse.nats.micro import service_name
+from newfuse.nats.signing import Certified, issue
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
 
@@ -169,6 +170,17 @@ class IdentityStore:
         if any(i.name == name for i in existing):
             raise IdentityError(name=name, reason="exists already (revoke it or pick another)")
         seed = new_seed()
+        public = public_key_of(seed)
+        admins = [i for i in existing if i.role == "admin" and not i.revoked]
+        issuer = self.seed(admins[0].name) if admins else seed.decode()
+        if not admins and role != "admin":
+            raise IdentityError(
+                name=name,
+                reason="make an admin first (`fuse auth add NAME "
+                "--role admin`; `fuse dev --secure` makes one)",
+            )
+        certificate = issue(issuer, Certified(name=name, role=role, key=public, agent=agent))
+        trusted = tuple(i.public_key for i in admins) or (public,)
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         Credentials(
@@ -176,11 +188,13 @@ class IdentityStore:
             seed=seed.decode(),
             inbox_prefix=f"_INBOX_{name}",
             scoped=role == "agent",
+            certificate=certificate,
+            trust=trusted,
         ).save(self.seed_file(name))
         identity = Identity(
             name=name,
             role=role,
-            public_key=public_key_of(seed),
+            public_key=public,
             agent_type=agent_type,
             agent_key=agent_key,
             send_to=tuple(send_to),
