@@ -37,6 +37,14 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
         # every other command connects as the admin the dev made
         run_fuse("publish", "agent.x", "demo.thing", "--data", '{"a": 1}', env=env)
         assert '"a":1' in run_fuse("replay", env=env).stdout
+        # valkey asks for a password (in the owner-only state file); the runners use their
+        # own ACL user, and the read side works for the CLI
+        state_file = tmp_path / "state" / "dev.json"
+        assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+        redis_url = json.loads(state_file.read_text())["redis_url"]
+        assert redis_url.startswith("redis://default:")
+        status = run_fuse("--json", "projections", "status", env=env)
+        assert "agent_state" in status.stdout
         # no identity: refused at connect
         anonymous = run_fuse(
             "--nats",

@@ -81,7 +81,10 @@ def write_dev_state(settings: Settings, state: DevState) -> Path:
     path = dev_state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(state))
+    # owner-only: a secure dev's Redis URL carries the admin's password
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(msgspec.json.encode(state))
     tmp.replace(path)
     return path
 

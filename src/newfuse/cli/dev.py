@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
 from newfuse.security.identities import IdentityStore
+from newfuse.security.valkey import ensure_projection_user, with_user
 
 
 def _cluster_size(text: str) -> int:
@@ -165,9 +167,15 @@ async def run_dev(args: argparse.Namespace) -> int:
             )
         )
         credentials = Credentials.load(admin) if admin is not None else None
+        # secure: valkey's default user gets a password (the admin's, in the owner-only
+        # state file); the projection runners get a user limited to their keys
+        redis_password = secrets.token_urlsafe(24) if admin is not None else None
         async with (
             nats,
-            ValkeyServer(data_dir=root / "valkey") as valkey,
+            ValkeyServer(
+                data_dir=root / "valkey",
+                extra_args=["--requirepass", redis_password] if redis_password else None,
+            ) as valkey,
             await open_event_store(
                 nats.url,
                 prefix=settings.prefix,
@@ -176,7 +184,9 @@ async def run_dev(args: argparse.Namespace) -> int:
                 credentials=credentials,
             ) as store,
             await BuiltinProjections.open(
-                redis_url=valkey.url, audit_db=audit_db, prefix=settings.prefix
+                redis_url=await _runners_redis(valkey.url, redis_password, settings.prefix),
+                audit_db=audit_db,
+                prefix=settings.prefix,
             ) as builtin,
             operations(settings, store, runners := builtin.runners(store), health=args.health),
         ):
@@ -191,7 +201,9 @@ async def run_dev(args: argparse.Namespace) -> int:
                 DevState(
                     pid=os.getpid(),
                     nats_url=nats.url,
-                    redis_url=valkey.url,
+                    redis_url=with_user(valkey.url, "default", redis_password)
+                    if redis_password
+                    else valkey.url,
                     audit_db=audit_db,
                     prefix=settings.prefix,
                     data_dir=str(root),
@@ -261,6 +273,13 @@ def _secure(settings: Settings, root: Path) -> Path:
     admin = admins[0] if admins else store.add("admin", "admin")
     write_dev_config(root / AUTH_CONFIG, store, settings.prefix, DEV_SERVER_NAME)
     return store.seed_file(admin.name)
+
+
+async def _runners_redis(url: str, password: str | None, prefix: str) -> str:
+    """The URL the projection runners use: the plain one, or (secure) their ACL user's."""
+    if password is None:
+        return url
+    return await ensure_projection_user(with_user(url, "default", password), prefix)
 
 
 async def _provision(url: str, credentials: Credentials | None, settings: Settings) -> int:
