@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         election_timeout: seconds an operation of the JetStream store rides out a leader
             election or a reconnect (retrying with the same event ids) before it fails with a
             retryable error.
+        nats_credentials: a credentials file of `fuse auth add` (the identity to connect as);
+            None: a running `fuse dev --secure`'s admin when its servers are used, else none.
     """
 
     nats_url: str | None = None
@@ -63,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     otlp_endpoint: str | None = None
     replicas: int | None = None
     election_timeout: float = 15.0
+    nats_credentials: str | None = None
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -150,6 +153,7 @@ _VARIABLES: dict[str, str] = {
     "otlp_endpoint": "FUSE_OTLP_ENDPOINT",
     "replicas": "FUSE_REPLICAS",
     "election_timeout": "FUSE_ELECTION_TIMEOUT",
+    "nats_credentials": "FUSE_NATS_CREDENTIALS",
 }
 
 
@@ -200,6 +204,8 @@ class DevState(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str
     started: int | None = None
     servers: tuple[DevServer, ...] = ()
+    credentials: str | None = None
+    """The admin's credentials file when it runs with `--secure` (None: no authentication)."""
 
 
 def process_started(pid: int) -> int | None:
@@ -285,6 +291,17 @@ def resolve_redis_url(settings: Settings) -> str:
 def resolve_audit_db(settings: Settings) -> str:
     """FUSE_AUDIT_DB / --audit-db, else the running `fuse dev`'s, else a clear error."""
     return _configured_or_dev(settings, settings.audit_db, "audit_db", "audit database")
+
+
+def resolve_nats_credentials(settings: Settings) -> str | None:
+    """FUSE_NATS_CREDENTIALS / --credentials, else the admin's of a running `fuse dev --secure`
+    when its servers are the ones used (no FUSE_NATS_URL), else None (anonymous)."""
+    if settings.nats_credentials:
+        return settings.nats_credentials
+    if settings.nats_url:
+        return None
+    state = read_dev_state(settings)
+    return state.credentials if state is not None else None
 
 
 def resolve_store_url(settings: Settings) -> str:

@@ -1348,3 +1348,51 @@ class ModelReplayError(ModelError):
             f"replay of message {_shown(message_id)}: model call {call} has no recorded result "
             f"({recorded} call(s) recorded); replay with --provider to answer new calls"
         )
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+class SecurityError(FuseError):
+    """Base of the errors of identities, keys, signatures and the audit trail."""
+
+
+class KeyFileError(SecurityError, ValueError):
+    """A key file cannot be used: missing, unreadable, malformed, or readable by others."""
+
+    def __init__(self, *, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        where = f"key file {path}" if path else "key"
+        super().__init__(f"{where}: {reason}")
+
+
+class SignedNoteError(SecurityError, ValueError):
+    """A signed note (an audit checkpoint) is malformed or signed by no trusted key."""
+
+    def __init__(self, *, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"signed note: {reason}")
+
+
+class IdentityError(SecurityError, ValueError):
+    """An identity cannot be created, found or used as asked."""
+
+    def __init__(self, *, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"identity {_shown(name)}: {reason}")
+
+
+class PermissionDeniedError(SecurityError):
+    """The NATS server refused an operation: this identity may not publish or subscribe there.
+    Retrying does not help; the identity's permissions (`fuse auth`) decide."""
+
+    def __init__(self, *, identity: str, operation: str, subject: str) -> None:
+        self.identity = identity
+        self.operation = operation
+        self.subject = subject
+        super().__init__(
+            f"permission denied: identity {_shown(identity)} may not {operation} "
+            f"{_shown(subject, 200)} (the server refused it; see `fuse auth list`)"
+        )

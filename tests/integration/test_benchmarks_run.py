@@ -66,6 +66,7 @@ SAGA_LINES = {
     "sagas.atomic_end.p50",
     *(f"sagas.deadlock_detection.{p}" for p in ("p50", "p99")),
 }
+AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
 
 
 @pytest.mark.parametrize(
@@ -76,6 +77,7 @@ SAGA_LINES = {
         ("a2a.py", A2A_LINES),
         ("tasks.py", TASK_LINES),
         ("sagas.py", SAGA_LINES),
+        ("audit.py", AUDIT_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(

@@ -45,6 +45,7 @@ BUILT_IN = [
     "agent.stopped",
     "aggregate.closed",
     "aggregate.late",
+    "audit.checkpoint",
     "circuit.closed",
     "circuit.half_opened",
     "circuit.opened",

@@ -31,6 +31,7 @@ from newfuse.errors import (
     TaskNotFoundError,
 )
 from newfuse.nats import headers
+from newfuse.nats.connection import identity_of
 from newfuse.nats.direct import DirectGet
 from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.micro import ERROR_HEADER
@@ -106,7 +107,8 @@ class AgentClient:
         self._timeout = timeout
         self._inbox = PubAckInbox(nc, f"agent client {sender!r}")
         self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
-        self._token = uuid.uuid4().hex[:12]
+        # an identity may read only its own replies (`fuse auth`): its name is the token
+        self._token = identity_of(nc) or uuid.uuid4().hex[:12]
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._replies: Subscription | None = None
         self._unclaimed: list[UnclaimedReply] = []

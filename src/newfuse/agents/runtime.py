@@ -55,6 +55,7 @@ from newfuse.errors import (
 from newfuse.eventstore import EventStore
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import headers
+from newfuse.nats.connection import reads_own_subjects_only
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.durable import DurableSpec, PullLoop, ensure_durable
 from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
@@ -68,6 +69,7 @@ from newfuse.nats.micro import (
 )
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
+from newfuse.nats.signing import SenderError, trust_of
 from newfuse.nats.subjects import Subjects
 from newfuse.reliability import backoff
 from newfuse.schemas import (
@@ -613,6 +615,22 @@ class Agent:
         )
 
 
+def consumer_specs(agent: Agent, key: str, subjects: Subjects) -> list[DurableSpec]:
+    """The durable consumers an instance `key` of `agent` reads: `<type>` (shared by every
+    instance: the type's inbox and its topics) and `<type>__<key>` (its own inbox)."""
+    common: dict[str, Any] = {
+        "stream": subjects.message_stream_name,
+        "ack_wait": agent.ack_wait,
+        "max_deliver": agent.max_attempts + 1,  # the extra one turns a crash loop dead
+    }
+    shared = (subjects.agent_type(agent.type), *map(subjects.topic, agent.topics))
+    own = (subjects.agent_instance(agent.type, key),)
+    return [
+        DurableSpec(name=agent.type, filter_subjects=shared, **common),
+        DurableSpec(name=f"{agent.type}__{key}", filter_subjects=own, **common),
+    ]
+
+
 class RunningAgent:
     """One running instance of an Agent; counts what it handled.
 
@@ -700,18 +718,7 @@ class RunningAgent:
         self._span_name = f"process {agent.type}"
 
     def _consumers(self) -> list[DurableSpec]:
-        agent, subjects = self.agent, self.subjects
-        common: dict[str, Any] = {
-            "stream": subjects.message_stream_name,
-            "ack_wait": agent.ack_wait,
-            "max_deliver": agent.max_attempts + 1,  # the extra one turns a crash loop dead
-        }
-        shared = (subjects.agent_type(agent.type), *map(subjects.topic, agent.topics))
-        own = (subjects.agent_instance(agent.type, self.agent_id.key),)
-        return [
-            DurableSpec(name=agent.type, filter_subjects=shared, **common),
-            DurableSpec(name=f"{agent.type}__{self.agent_id.key}", filter_subjects=own, **common),
-        ]
+        return consumer_specs(self.agent, self.agent_id.key, self.subjects)
 
     async def __aenter__(self) -> RunningAgent:
         state = await ensure_event_stream(self._nc, self._stream)
@@ -850,9 +857,33 @@ class RunningAgent:
             log.warning("agent %s: %s", self.agent_id, error)
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
             return
+        forged = self._forged(msg, message)
+        if forged is not None:  # refused like a hostile message: a dead letter says why
+            log.warning("agent %s: %s: %s", self.agent_id, where, forged)
+            await self._dead_letter(msg, consumer, envelope, message, attempt, forged)
+            return
         with self._span(msg, envelope, message, consumer, attempt, position) as span:
             async with self._one_copy_at_a_time(envelope, message):
                 await self._handle(msg, consumer, envelope, message, span)
+
+    def _forged(self, msg: Msg, message: A2AMessage) -> str | None:
+        """Why the message's `sender` is not who signed it (None: it is, or this connection
+        trusts no admin, so senders are not checked). Admins and services may send as anyone
+        (a person answering a task through the CLI, an orchestrator for its saga)."""
+        trust = trust_of(self._nc)
+        if trust is None:
+            return None
+        claimed = message.metadata.sender
+        try:
+            holder = trust.sender(msg.subject, msg.data, msg.headers)
+        except SenderError as error:
+            return f"sender {claimed!r} not verified: {error}"
+        if holder.role in ("admin", "service"):
+            return None
+        agent_type = holder.agent.partition("/")[0]
+        if claimed in {holder.name, holder.agent, agent_type} - {""}:
+            return None
+        return f"forged sender: the message says {claimed!r}, but {holder.name!r} signed it"
 
     async def _handle(
         self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, span: trace.Span
@@ -1054,7 +1085,13 @@ class RunningAgent:
         decode_pub_ack(answer, subject=subject, server_version=self._server_version)
 
     async def _missing(self, effects: list[Effect], position: int) -> list[Effect]:
-        """The effects whose ids are not yet stored on their subjects after `position`."""
+        """The effects whose ids are not yet stored on their subjects after `position`.
+
+        An identity that may read only its own subjects (`fuse auth`: an agent's) cannot scan
+        them: it sends all again and relies on the stream's duplicate window (2 minutes by
+        default; a redelivery comes after `ack_wait`, 30 s by default) to store each once."""
+        if reads_own_subjects_only(self._nc):
+            return effects
         wanted: dict[str, set[str]] = {}
         for subject, _, wire_headers in effects:
             wanted.setdefault(subject, set()).add(wire_headers[headers.MSG_ID])

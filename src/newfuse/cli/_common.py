@@ -26,6 +26,7 @@ from newfuse.config import process_started as process_started
 from newfuse.config import read_dev_state as read_dev_state
 from newfuse.config import recorded_dev_state as recorded_dev_state
 from newfuse.config import resolve_audit_db as resolve_audit_db
+from newfuse.config import resolve_nats_credentials as resolve_nats_credentials
 from newfuse.config import resolve_nats_url as resolve_nats_url
 from newfuse.config import resolve_redis_url as resolve_redis_url
 from newfuse.config import resolve_store_url as resolve_store_url
@@ -34,6 +35,8 @@ from newfuse.eventstore import EventStore, open_event_store
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+
+    from newfuse.nats.connection import Credentials
 
 
 class Commands(Protocol):
@@ -61,14 +64,27 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         prefix=getattr(args, "prefix", None),
         audit_db=getattr(args, "audit_db", None),
         replicas=_replicas_flag(getattr(args, "replicas", None)),
+        nats_credentials=getattr(args, "credentials", None),
     )
+
+
+def nats_credentials(settings: Settings) -> Credentials | None:
+    """The identity to connect as (`--credentials`, FUSE_NATS_CREDENTIALS, or a secure
+    `fuse dev`'s admin), None for none."""
+    from newfuse.nats.connection import Credentials
+
+    path = resolve_nats_credentials(settings)
+    return None if path is None else Credentials.load(path)
 
 
 def write_dev_state(settings: Settings, state: DevState) -> Path:
     path = dev_state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(state))
+    # owner-only: a secure dev's Redis URL carries the admin's password
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(msgspec.json.encode(state))
     tmp.replace(path)
     return path
 
@@ -77,8 +93,13 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
     """The event store the settings name; a command that only reads passes `create=False`, so
     a mistyped prefix or path is an error naming what exists instead of a new, empty store."""
     settings = settings_from_args(args)
+    url = resolve_store_url(settings)
+    options: dict[str, Any] = {}
+    if not url.startswith("sqlite:"):
+        options["credentials"] = nats_credentials(settings)
     return await open_event_store(
-        resolve_store_url(settings),
+        url,
+        **options,
         prefix=settings.prefix,
         create=create,
         replicas=settings.replicas,
@@ -95,7 +116,9 @@ async def message_stream(
     from newfuse.nats import MessageStreamSpec, Subjects, connect, ensure_event_stream
 
     settings = settings_from_args(args)
-    nc = await connect(resolve_nats_url(settings), name=name)
+    nc = await connect(
+        resolve_nats_url(settings), name=name, credentials=nats_credentials(settings)
+    )
     try:
         spec = MessageStreamSpec(subjects=Subjects(settings.prefix))
         await ensure_event_stream(nc, spec, create=False)

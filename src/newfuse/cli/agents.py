@@ -18,6 +18,7 @@ from newfuse.agents.registry import Instance, live_at, read_liveness, runs, summ
 from newfuse.cli._common import (
     load_attribute,
     message_stream,
+    nats_credentials,
     open_store,
     parse_time,
     resolve_nats_url,
@@ -104,7 +105,11 @@ def load_agent(spec: str) -> Agent:
 async def run_agent(args: argparse.Namespace) -> int:
     agent = load_agent(args.agent)
     settings = settings_from_args(args)
-    nc = await connect(resolve_nats_url(settings), name=f"fuse-agent-{agent.type}")
+    nc = await connect(
+        resolve_nats_url(settings),
+        name=f"fuse-agent-{agent.type}",
+        credentials=nats_credentials(settings),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -239,7 +244,9 @@ async def run_agents_list(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     at = None if args.at is None else parse_time(args.at, flag="--at")
     subjects = Subjects(settings.prefix)
-    nc = await connect(resolve_nats_url(settings), name="fuse-agents-list")
+    nc = await connect(
+        resolve_nats_url(settings), name="fuse-agents-list", credentials=nats_credentials(settings)
+    )
     try:
         try:
             instances = await read_liveness(nc, subjects, on_invalid=note)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -25,10 +26,12 @@ from newfuse.cli._common import (
     write_dev_state,
 )
 from newfuse.cli._read_models import extra_projections
+from newfuse.cli.auth import AUTH_CONFIG, DEV_SERVER_NAME, write_dev_config
 from newfuse.config import Settings
-from newfuse.errors import DevAlreadyRunningError
+from newfuse.errors import ConfigError, DevAlreadyRunningError
 from newfuse.eventstore import open_event_store
 from newfuse.nats.cluster import NatsCluster
+from newfuse.nats.connection import Credentials
 from newfuse.nats.embedded import (
     NatsServer,
     ServerRestart,
@@ -39,6 +42,8 @@ from newfuse.nats.embedded import (
 from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
+from newfuse.security.identities import IdentityStore
+from newfuse.security.valkey import ensure_projection_user, with_user
 
 
 def _cluster_size(text: str) -> int:
@@ -70,6 +75,12 @@ def register(commands: Any) -> None:
         type=_cluster_size,
         metavar="N",
         help="run a JetStream cluster of N nats-server nodes instead of one server",
+    )
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="require identities (`fuse auth`): the server enforces each one's permissions; "
+        "an admin identity is made if there is none, and every other command uses it",
     )
     add_health_option(parser)
     parser.set_defaults(handler=run_dev)
@@ -142,22 +153,39 @@ async def run_dev(args: argparse.Namespace) -> int:
         )
         root.mkdir(parents=True, exist_ok=True)
         audit_db = str(root / "read-models.db")
+        admin = _secure(settings, root) if args.secure else None
+        if admin is not None and args.cluster:
+            raise ConfigError(
+                variable="--secure", value=True, reason="not with --cluster yet: use one server"
+            )
         nats: NatsServer | NatsCluster = (
             NatsCluster(size=args.cluster, data_dir=root / "nats", name="fuse-dev")
             if args.cluster
-            else NatsServer(data_dir=root / "nats")
+            else NatsServer(
+                data_dir=root / "nats",
+                server_name=DEV_SERVER_NAME,
+                extra_args=["--config", str(root / AUTH_CONFIG)] if admin else None,
+            )
         )
+        credentials = Credentials.load(admin) if admin is not None else None
+        # secure: valkey's default user gets a password (the admin's, in the owner-only
+        # state file); the projection runners get a user limited to their keys
+        redis_password = secrets.token_urlsafe(24) if admin is not None else None
         async with (
             nats,
-            ValkeyServer(data_dir=root / "valkey") as valkey,
+            ValkeyServer(
+                data_dir=root / "valkey",
+                extra_args=["--requirepass", redis_password] if redis_password else None,
+            ) as valkey,
             await open_event_store(
                 nats.url,
                 prefix=settings.prefix,
                 replicas=settings.replicas,
                 election_timeout=settings.election_timeout,
+                credentials=credentials,
             ) as store,
             await BuiltinProjections.open(
-                redis_url=valkey.url,
+                redis_url=await _runners_redis(valkey.url, redis_password, settings.prefix),
                 audit_db=audit_db,
                 prefix=settings.prefix,
                 extra=extra_projections(),
@@ -175,14 +203,24 @@ async def run_dev(args: argparse.Namespace) -> int:
                 DevState(
                     pid=os.getpid(),
                     nats_url=nats.url,
-                    redis_url=valkey.url,
+                    redis_url=with_user(valkey.url, "default", redis_password)
+                    if redis_password
+                    else valkey.url,
                     audit_db=audit_db,
                     prefix=settings.prefix,
                     data_dir=str(root),
                     started=process_started(os.getpid()),
+                    credentials=str(admin) if admin is not None else None,
                 ),
                 servers,
             )
+            if admin is not None:
+                made = await _provision(nats.url, credentials, settings)
+                print(
+                    f"fuse dev: secure: identities in {Path(admin).parent} ({made} agent "
+                    f"consumer(s) made); other commands connect as {Path(admin).stem}",
+                    file=sys.stderr,
+                )
             projections = ProjectionGroup(runners)
             running = asyncio.create_task(projections.run(handle_signals=False))
             keepers = [
@@ -227,3 +265,32 @@ async def run_dev(args: argparse.Namespace) -> int:
                 if error is not None:
                     raise error  # a server that could not be kept up (ServerStartError)
     return 0
+
+
+def _secure(settings: Settings, root: Path) -> Path:
+    """The identities of a secure dev (an `admin` made when there is no admin), the server's
+    authorization written to `<root>/auth.conf`; returns the admin's credentials file."""
+    store = IdentityStore(Path(settings.state_dir) / "auth")
+    admins = [i for i in store.list() if i.role == "admin" and not i.revoked]
+    admin = admins[0] if admins else store.add("admin", "admin")
+    write_dev_config(root / AUTH_CONFIG, store, settings.prefix, DEV_SERVER_NAME)
+    return store.seed_file(admin.name)
+
+
+async def _runners_redis(url: str, password: str | None, prefix: str) -> str:
+    """The URL the projection runners use: the plain one, or (secure) their ACL user's."""
+    if password is None:
+        return url
+    return await ensure_projection_user(with_user(url, "default", password), prefix)
+
+
+async def _provision(url: str, credentials: Credentials | None, settings: Settings) -> int:
+    from newfuse.agents.secure import provision
+    from newfuse.nats import connect
+
+    store = IdentityStore(Path(settings.state_dir) / "auth")
+    nc = await connect(url, name="fuse-dev-provision", credentials=credentials)
+    try:
+        return len(await provision(nc, store.list(), settings.prefix))
+    finally:
+        await nc.close()

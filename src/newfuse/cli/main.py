@@ -39,13 +39,16 @@ COMMANDS: dict[str, Command] = {
     "schemas": Command("newfuse.cli.schemas", "export or list the event schemas"),
     "projections": Command("newfuse.cli.read_side", "run, inspect and rebuild projections"),
     "agents": Command("newfuse.cli.read_side", "run agents, their read models, dead letters"),
-    "audit": Command("newfuse.cli.read_side", "query the audit index"),
+    "audit": Command(
+        "newfuse.cli.read_side", "query the audit index; sign and verify the log (tamper-evident)"
+    ),
     "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
     "sagas": Command("newfuse.cli.sagas", "list sagas and show one: steps, Transaction view"),
     "locks": Command("newfuse.cli.locks", "resource locks of sagas: holders and waiters"),
     "review": Command("newfuse.cli.review", "human review of saga steps, feedback on results"),
     "queues": Command("newfuse.cli.queues", "task queues: depth per priority, workers, oldest"),
     "models": Command("newfuse.cli.models", "what model calls cost, per agent and model version"),
+    "auth": Command("newfuse.cli.auth", "identities (nkeys) and the permissions NATS enforces"),
     "completion": Command("newfuse.cli.completion", "print a bash or zsh completion script"),
 }
 
@@ -54,6 +57,11 @@ _VALUED_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--nats", "URL", "NATS server URL (default: $FUSE_NATS_URL, else the running fuse dev's)"),
     ("--redis", "URL", "Redis URL (default: $FUSE_REDIS_URL, else the running fuse dev's)"),
     ("--store", "URL", "event store URL, nats://… or sqlite:///… ($FUSE_STORE)"),
+    (
+        "--credentials",
+        "FILE",
+        "connect to NATS as this identity, a file of `fuse auth add` ($FUSE_NATS_CREDENTIALS)",
+    ),
     ("--prefix", "NAME", "subject prefix (default: $FUSE_PREFIX, the running fuse dev's, 'fuse')"),
     ("--audit-db", "PATH", "SQLite file of the read models ($FUSE_AUDIT_DB)"),
     (

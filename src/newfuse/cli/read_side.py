@@ -103,6 +103,9 @@ def register(commands: Commands) -> None:
         help=f"stop the query after this long (default {DEFAULT_SQL_TIME_LIMIT:g}; 0: no limit)",
     )
     sql.set_defaults(handler=run_audit_sql)
+    from newfuse.cli import audit_trail  # keygen, checkpoint, verify: the tamper-evident trail
+
+    audit_trail.add_actions(audit_actions)
 
 
 @asynccontextmanager

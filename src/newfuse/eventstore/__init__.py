@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from newfuse.config import Settings, load_settings, resolve_store_url
+from newfuse.config import (
+    Settings,
+    load_settings,
+    resolve_nats_credentials,
+    resolve_store_url,
+)
 from newfuse.errors import UnsupportedStoreError
 from newfuse.eventstore.base import (
     ANY,
@@ -17,6 +22,7 @@ from newfuse.eventstore.base import (
     Expected,
     ExpectedVersion,
     InvalidEventReport,
+    StoredRecord,
     StreamInfo,
     Subscription,
     parse_expected,
@@ -54,12 +60,17 @@ async def open_event_store(
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme in ("nats", "tls"):
         from newfuse.eventstore.jetstream import JetStreamEventStore
+        from newfuse.nats.connection import Credentials
 
         if settings is not None:
             replicas = settings.replicas if replicas is None else replicas
             election_timeout = election_timeout or settings.election_timeout
         if election_timeout is not None:
             options["election_timeout"] = election_timeout
+        if settings is not None and "credentials" not in options:
+            path = resolve_nats_credentials(settings)
+            if path is not None:
+                options["credentials"] = Credentials.load(path)
         return await JetStreamEventStore.connect(
             url, prefix=prefix, registry=registry, replicas=replicas, **options
         )
@@ -84,6 +95,7 @@ __all__ = [
     "Expected",
     "ExpectedVersion",
     "InvalidEventReport",
+    "StoredRecord",
     "StreamInfo",
     "Subscription",
     "open_event_store",

@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Final, Self
+from typing import Final, Self, TypeVar
 
 import msgspec
 
@@ -50,6 +50,8 @@ from newfuse.schemas import (
     utcnow,
 )
 from newfuse.telemetry import current_trace_context, meter
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("newfuse.eventstore")
 
@@ -232,6 +234,15 @@ class StreamInfo(msgspec.Struct, frozen=True, kw_only=True):
 _ID_TIME_SLACK = timedelta(minutes=10)
 """How far around a UUIDv7 id's own time `EventStore.event` looks first (writers' clocks
 differ from the store's)."""
+
+
+class StoredRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One message as the log stores it, valid or not: its position, the stream its subject
+    (JetStream) or row (SQLite) names, and its body's bytes, untouched (what the audit hashes)."""
+
+    position: int
+    stream: str
+    body: bytes
 
 
 class InvalidEventReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -619,6 +630,16 @@ class EventStore(AsyncClosing, abc.ABC):
     ) -> AsyncIterator[RecordedEvent]:
         """Backends: `limit` is None or > 0."""
 
+    def records(self, from_position: int = 1) -> AsyncIterator[StoredRecord]:
+        """Every message stored at `from_position` and after, as stored (nothing decoded or
+        checked: foreign and invalid ones too), in position order, up to the head as it was
+        when called. A position with no message (deleted) is simply absent."""
+        self._check_open()
+        return self._opening(self._records(max(from_position, 1)))
+
+    @abc.abstractmethod
+    def _records(self, from_position: int) -> AsyncIterator[StoredRecord]: ...
+
     def subscribe(
         self,
         filter: EventFilter | None = None,
@@ -786,13 +807,11 @@ class EventStore(AsyncClosing, abc.ABC):
         """Backends that set `_opened` False: get ready for use (provision), then set it True.
         Called before the first operation that needs the backend; must be idempotent."""
 
-    def _opening(self, source: AsyncIterator[RecordedEvent]) -> AsyncIterator[RecordedEvent]:
+    def _opening(self, source: AsyncIterator[_T]) -> AsyncIterator[_T]:
         """`source`, behind `_open` while the backend is not open yet."""
         return source if self._opened else self._open_then(source)
 
-    async def _open_then(
-        self, source: AsyncIterator[RecordedEvent]
-    ) -> AsyncIterator[RecordedEvent]:
+    async def _open_then(self, source: AsyncIterator[_T]) -> AsyncIterator[_T]:
         try:
             await self._open()
             async for event in source:

@@ -50,13 +50,14 @@ from newfuse.eventstore.base import (
     Expected,
     InvalidEventHandler,
     PreparedEvent,
+    StoredRecord,
     VersionCheck,
     check_expected,
     wrong_expected,
 )
 from newfuse.nats import headers
 from newfuse.nats.batch import BATCH_HEADER_BYTES, publish_atomic_batch
-from newfuse.nats.connection import connect
+from newfuse.nats.connection import Credentials, connect, reads_own_subjects_only
 from newfuse.nats.direct import DIRECT_BATCH, DirectGet
 from newfuse.nats.direct import sequence_of as _seq_of
 from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
@@ -173,6 +174,7 @@ class JetStreamEventStore(EventStore):
         self._acks = PubAckInbox(nc, type(self).__name__)
         self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
         self._direct = DirectGet(nc, self.stream_name, timeout=timeout, patience=election_timeout)
+        self._scoped = reads_own_subjects_only(nc)
 
     @classmethod
     async def connect(
@@ -183,6 +185,7 @@ class JetStreamEventStore(EventStore):
         registry: SchemaRegistry | None = None,
         name: str = "newfuse-eventstore",
         timeout: float = 5.0,  # noqa: ASYNC109 - a per-answer deadline, as in nats.py's API
+        credentials: Credentials | None = None,
         **options: Any,
     ) -> JetStreamEventStore:
         """Connect to NATS, provision the events' stream, and return a store owning the link.
@@ -193,6 +196,7 @@ class JetStreamEventStore(EventStore):
             registry: payload schemas (default: the built-in types).
             name: the connection's name on the server.
             timeout: seconds for the first connect and for each server answer.
+            credentials: connect as this identity (`fuse auth`); None: anonymously.
             **options: the other keyword arguments of the constructor (replicas,
                 election_timeout, max_age, max_bytes, duplicate_window, heartbeat, on_invalid,
                 create).
@@ -203,7 +207,7 @@ class JetStreamEventStore(EventStore):
             StreamCreateError: JetStream refused to create the stream (it says what to change).
             StoreNotFoundError: `create=False` and the stream does not exist.
         """
-        nc = await connect(url, name=name, timeout=timeout)
+        nc = await connect(url, name=name, timeout=timeout, credentials=credentials)
         store = cls(
             nc, prefix=prefix, registry=registry, timeout=timeout, owns_connection=True, **options
         )
@@ -435,6 +439,8 @@ class JetStreamEventStore(EventStore):
         request that finds nothing, on a miss a scan of the subject. `clean` says that every
         message up to the sequence was valid (so versions equal positions on the subject).
         """
+        if self._scoped:
+            return await self._last_state(stream, subject)
         version, seq, clean = self._cache.get(stream) or (0, 0, True)
         where = f"on {subject}"
         async for msg in self._subject_messages(subject, stream, seq + 1):
@@ -446,6 +452,23 @@ class JetStreamEventStore(EventStore):
                 clean = False
         self._remember(stream, version, seq, clean)
         return version, seq, clean
+
+    async def _last_state(self, stream: str, subject: str) -> tuple[int, int, bool]:
+        """`_fetch_state` for an identity whose permissions allow only a direct get of its own
+        subjects' last message (`fuse auth`: an agent may not read the log). Nobody else may
+        write those subjects but the bus's admins and services, so the last message is the
+        last event; one that is not a valid event is refused rather than counted."""
+        msg = await self._direct.last_for(subject, f"read {stream!r}")
+        if msg is None:
+            return 0, 0, True
+        envelope = _envelope_of(msg, f"on {subject}", stream)
+        if envelope is None:
+            raise StoreUnavailableError(
+                operation=f"append to {stream!r}",
+                reason=f"its last message (sequence {_seq_of(msg)}) is not a valid event, and "
+                "this identity may read only that one; an admin must repair the stream",
+            )
+        return envelope.version, _seq_of(msg), False
 
     async def _valid_events(self, subject: str, stream: str) -> AsyncIterator[tuple[int, Envelope]]:
         """(sequence, envelope) of each valid event of a stream, from its start, by the rule."""
@@ -781,6 +804,25 @@ class JetStreamEventStore(EventStore):
                     count += 1
                     if count == limit:
                         return
+                if seq >= head or pending == 0:
+                    return
+        finally:
+            await feed.close()
+
+    async def _records(self, from_position: int) -> AsyncIterator[StoredRecord]:
+        self._check_open()
+        head = await self._head_position()
+        if head < from_position:
+            return
+        feed = self._feed(EventFilter(), from_position, None, patience=self._timeout)
+        try:
+            if await feed.start() == 0:
+                return
+            skip = len(self._event_prefix)
+            async for seq, _, pending, subject, data in feed:
+                if seq > head:
+                    return
+                yield StoredRecord(seq, subject[skip:], data)
                 if seq >= head or pending == 0:
                     return
         finally:

@@ -102,6 +102,7 @@ from newfuse.eventstore.base import (
     Expected,
     InvalidEventHandler,
     PreparedEvent,
+    StoredRecord,
     check_expected,
     wrong_expected,
 )
@@ -1010,6 +1011,12 @@ class SQLiteEventStore(EventStore):
                 if remaining is not None:
                     remaining -= 1
 
+    async def _records(self, from_position: int) -> AsyncIterator[StoredRecord]:
+        head = await self._scalar("SELECT coalesce(max(position), 0) FROM events")
+        async for rows in self._scan(from_position - 1, head, [], [], lambda: None):
+            for position, body, stream, _ in rows:
+                yield StoredRecord(position, str(stream), _as_bytes(body))
+
     def _decoded(self, rows: list[Any]) -> Iterator[RecordedEvent]:
         """The valid events of a page of (position, body, stream, version) rows, decoded one by
         one as they are taken.
@@ -1219,3 +1226,10 @@ def _replayed(
             f"new ids"
         ),
     )
+
+
+def _as_bytes(value: object) -> bytes:
+    """A body column as bytes, whatever a hand-edited file made of it (TEXT, a number)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogateescape")

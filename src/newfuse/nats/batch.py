@@ -26,7 +26,9 @@ from nats.nuid import NUID
 
 from newfuse.errors import BatchTooLargeError, PublishTimeoutError, StoreUnavailableError
 from newfuse.nats import headers
+from newfuse.nats.connection import guarded
 from newfuse.nats.jserrors import PubAck, client_error, decode_pub_ack
+from newfuse.nats.signing import signed
 
 MAX_BATCH_MESSAGES = 1000
 """The server's limit of messages in one atomic batch (ADR-50 default)."""
@@ -82,7 +84,7 @@ async def publish_atomic_batch(
     batch_id = _nuid.next().decode()
     last = count - 1
     for index, (subject, body, base) in enumerate(messages):
-        with_batch = dict(base)
+        with_batch = dict(signed(nc, subject, body, base))  # the caller's dict stays
         with_batch[headers.BATCH_ID] = batch_id
         with_batch[headers.BATCH_SEQUENCE] = str(index + 1)
         if index == last:
@@ -106,7 +108,7 @@ async def _request(
     nc: Client, subject: str, body: bytes, sent: dict[str, str], wait: float
 ) -> bytes:
     try:
-        msg = await nc.request(subject, body, timeout=wait, headers=sent)
+        msg = await guarded(nc, subject, nc.request(subject, body, timeout=wait, headers=sent))
     except NatsTimeoutError:
         raise PublishTimeoutError(subject=subject, timeout=wait) from None
     except NoRespondersError:

@@ -5,19 +5,184 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
+import msgspec
 import nats
 from nats.aio.client import Client
 
-from newfuse.errors import ConnectionLostError
+from newfuse.errors import ConfigError, ConnectionLostError, PermissionDeniedError
+from newfuse.nats.signing import Signer, Trust, sign_on, trust_on
 
 log = logging.getLogger("newfuse.nats")
 
 _listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = (
     weakref.WeakKeyDictionary()
 )
+_T = TypeVar("_T")
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How a connection proves who it is: an nkey seed (`SU…`, never sent: the server checks
+    a signature of its nonce), the identity's name, and the inbox prefix its permissions let it
+    subscribe to (`_INBOX_<name>`)."""
+
+    identity: str
+    seed: str = field(repr=False)
+    inbox_prefix: str
+    scoped: bool = False
+    """Its permissions let it read only its own subjects (an agent's), not the log."""
+    certificate: str = ""
+    """Who it is, signed by an admin (nats/signing.py): what its messages carry."""
+    trust: tuple[str, ...] = ()
+    """The admins' public nkeys whose certificates it accepts on what it reads."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Credentials:
+        """Read a credentials file (`fuse auth add` writes them: JSON with identity, seed,
+        inbox_prefix, scoped); refuses one that others may read.
+
+        Raises:
+            ConfigError: the file is missing, unreadable, open to others, or malformed.
+        """
+        where = Path(path)
+        try:
+            mode = where.stat().st_mode
+            raw = where.read_bytes()
+        except OSError as error:
+            raise ConfigError(
+                variable="FUSE_NATS_CREDENTIALS", value=str(path), reason=str(error)
+            ) from None
+        if mode & 0o077:
+            raise ConfigError(
+                variable="FUSE_NATS_CREDENTIALS",
+                value=str(path),
+                reason=f"others may read it (mode {mode & 0o777:o}); chmod 600 it",
+            )
+        try:
+            return msgspec.json.decode(raw, type=cls)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise ConfigError(
+                variable="FUSE_NATS_CREDENTIALS",
+                value=str(path),
+                reason=f"not a credentials file of `fuse auth add` ({error})",
+            ) from None
+
+    def save(self, path: Path) -> None:
+        """Write the file `load` reads, owner-only; never overwrites one."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(msgspec.json.encode(self) + b"\n")
+
+    def __post_init__(self) -> None:
+        if not self.seed.startswith("SU"):
+            raise ConnectionLostError(
+                server="nats-server",
+                url="",
+                reason=f"the seed of identity {self.identity!r} is not a user nkey seed (SU...)",
+            )
+
+
+class _Denials:
+    """Permission violations the server reported on one connection, and who waits for them."""
+
+    def __init__(self, identity: str, scoped: bool) -> None:
+        self.identity = identity
+        self.scoped = scoped
+        self.listeners: list[Callable[[PermissionDeniedError], int]] = []
+        """Each fails what waits on the refused subject and says how many it failed."""
+        self.waiting: dict[str, list[asyncio.Future[PermissionDeniedError]]] = {}
+
+    def report(self, operation: str, subject: str) -> None:
+        """`subject` as nats-py passes it on: lower-cased (waiters are keyed so too)."""
+        denied = PermissionDeniedError(
+            identity=self.identity,
+            operation="publish to" if operation.lower() == "publish" else "subscribe to",
+            subject=subject.lower(),
+        )
+        told = 0
+        for future in self.waiting.pop(subject.lower(), []):
+            if not future.done():
+                future.set_result(denied)
+                told += 1
+        for listener in list(self.listeners):
+            told += listener(denied)
+        # a refusal that failed an operation is that operation's error; others are logged
+        (log.debug if told else log.error)("%s", denied)
+
+
+_denials: weakref.WeakKeyDictionary[Client, _Denials] = weakref.WeakKeyDictionary()
+
+
+def identity_of(nc: Client) -> str | None:
+    """The identity `nc` connected as (with `Credentials`), None for an anonymous connection."""
+    denials = _denials.get(nc)
+    return denials.identity if denials is not None else None
+
+
+def reads_own_subjects_only(nc: Client) -> bool:
+    """Whether `nc`'s identity may read only its own subjects (then a store reads a stream's
+    state from its last message, the one direct get such an identity is allowed)."""
+    denials = _denials.get(nc)
+    return denials is not None and denials.scoped
+
+
+def on_permission_denied(
+    nc: Client, callback: Callable[[PermissionDeniedError], int]
+) -> Callable[[], None]:
+    """Call `callback` with each permission violation the server reports on `nc` (a no-op on
+    connections made without `Credentials`); it returns how many operations it failed with
+    it. Returns a function that removes the callback."""
+    denials = _denials.get(nc)
+    if denials is None:
+        return lambda: None
+    denials.listeners.append(callback)
+
+    def remove() -> None:
+        with contextlib.suppress(ValueError):
+            denials.listeners.remove(callback)
+
+    return remove
+
+
+async def guarded(nc: Client, subject: str, operation: Awaitable[_T]) -> _T:
+    """`operation` (a request or publish to `subject`), failed at once with
+    PermissionDeniedError when the server refuses `subject`, not by a timeout later (nats-py
+    reports a violation only to the error callback). Connections without `Credentials` run
+    `operation` as it is."""
+    denials = _denials.get(nc)
+    if denials is None:
+        return await operation
+    denied: asyncio.Future[PermissionDeniedError] = asyncio.get_running_loop().create_future()
+    key = subject.lower()  # nats-py lower-cases the server's error text
+    waiting = denials.waiting.setdefault(key, [])
+    waiting.append(denied)
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.wait((task, denied), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        reported = denied.result()
+        raise PermissionDeniedError(
+            identity=reported.identity, operation=reported.operation, subject=subject
+        )
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(ValueError):
+            waiting.remove(denied)
+        if not waiting and denials.waiting.get(key) is waiting:
+            del denials.waiting[key]
 
 
 def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
@@ -54,6 +219,7 @@ async def connect(
     name: str = "newfuse",
     timeout: float = 5.0,  # noqa: ASYNC109 - bounds the first connect over all its attempts
     reconnect_wait: float = 0.25,
+    credentials: Credentials | None = None,
 ) -> Client:
     """Connect to NATS and keep the connection: after the first connect it reconnects forever.
 
@@ -62,21 +228,29 @@ async def connect(
         name: the connection name the server shows in its monitoring.
         timeout: seconds allowed for the first connect, over every attempt.
         reconnect_wait: seconds between reconnect attempts to one server.
+        credentials: connect as this identity (nkey); without, anonymously.
 
     Returns:
         A connected nats-py client; close it with `await nc.close()` (or `drain()`).
 
     Raises:
         ConnectionLostError: no server answered within `timeout`.
+        PermissionDeniedError: the server refused the identity (or asks for one).
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
     nc = Client()
     failures: list[BaseException] = []
     connected = False
 
+    denials = _Denials(credentials.identity, credentials.scoped) if credentials else None
+
     async def on_error(error: Exception) -> None:
         if not connected:  # first connect: the error goes into ConnectionLostError instead
             failures.append(error)
+            return
+        violation = _VIOLATION.search(str(error))
+        if violation is not None and denials is not None:
+            denials.report(violation.group(1), violation.group(2))
             return
         log.warning("nats %s: %s: %s", name, type(error).__name__, error)
 
@@ -104,13 +278,29 @@ async def connect(
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
                 connect_timeout=max(1, int(timeout)),
+                **_auth(credentials),
             )
     except (TimeoutError, OSError, nats.errors.Error) as error:
         with contextlib.suppress(Exception):
             await nc.close()
         reason = str(failures[-1]) if failures else (str(error) or type(error).__name__)
+        if "authorization violation" in reason.lower():
+            who = credentials.identity if credentials is not None else "(anonymous)"
+            raise PermissionDeniedError(identity=who, operation="connect to", subject=url) from None
         raise ConnectionLostError(
             server="nats-server", url=url, reason=f"no connection within {timeout:g}s ({reason})"
         ) from None
     connected = True
+    if credentials is not None and denials is not None:
+        _denials[nc] = denials
+        if credentials.certificate:
+            sign_on(nc, Signer(credentials.seed, credentials.certificate))
+        if credentials.trust:
+            trust_on(nc, Trust(credentials.trust))
     return nc
+
+
+def _auth(credentials: Credentials | None) -> dict[str, Any]:
+    if credentials is None:
+        return {}
+    return {"nkeys_seed_str": credentials.seed, "inbox_prefix": credentials.inbox_prefix}

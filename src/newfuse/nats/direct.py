@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 
 from newfuse.errors import ElectionTimeoutError, StoreUnavailableError
 from newfuse.nats import headers
+from newfuse.nats.connection import guarded
 from newfuse.nats.election import FIRST_ATTEMPT_WAIT, ride_out
 from newfuse.nats.jsapi import API
 from newfuse.nats.jserrors import client_error
@@ -88,7 +89,7 @@ class DirectGet:
         wait: float,
     ) -> Msg | None:
         try:
-            msg = await self._nc.request(subject, body, timeout=wait)
+            msg = await guarded(self._nc, subject, self._nc.request(subject, body, timeout=wait))
         except NatsError as error:  # timeout, no responders, connection closed, ...
             raise client_error(operation, error) from None
         status = msg.headers.get(headers.STATUS) if msg.headers else None
@@ -153,8 +154,8 @@ class DirectGet:
                 except NatsError as error:  # closed, or the reconnect buffer is full
                     raise client_error(operation, error) from None
                 while True:
-                    try:
-                        msg = await sub.next_msg(timeout=self._timeout)
+                    try:  # a refused request fails at once (PermissionDeniedError)
+                        msg = await guarded(nc, self._subject, sub.next_msg(timeout=self._timeout))
                     except NatsError as error:
                         raise client_error(operation, error) from None
                     found = msg.headers or {}

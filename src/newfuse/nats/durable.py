@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 
 from newfuse.errors import ConsumerCreateError
 from newfuse.nats import headers
+from newfuse.nats.connection import reads_own_subjects_only
 from newfuse.nats.jsapi import API, api_error, api_request, nanoseconds
 
 
@@ -69,10 +70,23 @@ async def ensure_durable(
 ) -> None:
     """Create the durable consumer, or update it to `spec` (idempotent).
 
+    An identity that may not create consumers (an agent's: `fuse auth`) uses the one that
+    exists, which an admin or service made for it (`fuse dev --secure` does).
+
     Raises:
         ConsumerCreateError: JetStream refused the configuration (it says why).
         StoreUnavailableError: JetStream did not answer.
+        PermissionDeniedError: this identity may not create it, and it does not exist.
     """
+    if reads_own_subjects_only(nc):  # it may not create consumers: use the one there is
+        info = await api_request(
+            nc,
+            f"{API}.CONSUMER.INFO.{spec.stream}.{spec.name}",
+            timeout=timeout,
+            operation=f"look up consumer {spec.name!r} on {spec.stream!r}",
+        )
+        if api_error(info) is None:
+            return
     answer = await api_request(
         nc,
         f"{API}.CONSUMER.CREATE.{spec.stream}.{spec.name}",

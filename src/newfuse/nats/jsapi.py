@@ -9,6 +9,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
 from newfuse.errors import StoreUnavailableError
+from newfuse.nats.connection import guarded
 from newfuse.nats.jserrors import ApiError, client_error
 
 API: Final = "$JS.API"
@@ -38,8 +39,12 @@ async def api_request(
             `operation`.
     """
     try:
-        msg = await nc.request(
-            subject, b"" if body is None else msgspec.json.encode(body), timeout=timeout
+        msg = await guarded(
+            nc,
+            subject,
+            nc.request(
+                subject, b"" if body is None else msgspec.json.encode(body), timeout=timeout
+            ),
         )
     except NatsError as error:
         if not client_error(operation, error).retryable:  # a closed connection stays closed

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import heapq
 import math
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -14,12 +15,15 @@ from nats.errors import Error as NatsError
 
 from newfuse.errors import (
     ClosedDuringAppendError,
+    PermissionDeniedError,
     PublishTimeoutError,
     StoreClosedError,
     StoreUnavailableError,
 )
 from newfuse.nats import headers
+from newfuse.nats.connection import on_permission_denied
 from newfuse.nats.jserrors import client_error
+from newfuse.nats.signing import signed
 
 
 class PubAckInbox:
@@ -47,6 +51,7 @@ class PubAckInbox:
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._unlisten: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Subscribe to the inbox and start the sweeper.
@@ -61,6 +66,21 @@ class PubAckInbox:
         self._cut = len(self._prefix)
         self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_reply)
         self._sweeper = asyncio.create_task(self._sweep(), name="newfuse-pubacks")
+        self._unlisten = on_permission_denied(self._nc, self._on_denied)
+
+    def _on_denied(self, denied: PermissionDeniedError) -> int:
+        """The server refused a publish: fail at once the requests waiting on that subject
+        (they would otherwise wait for a PubAck that never comes, until their timeout)."""
+        failed = 0
+        for future, subject in list(self._waiting.values()):
+            if subject.lower() == denied.subject and not future.done():  # nats-py lower-cases
+                future.set_exception(
+                    PermissionDeniedError(
+                        identity=denied.identity, operation=denied.operation, subject=subject
+                    )
+                )
+                failed += 1
+        return failed
 
     async def _on_reply(self, msg: Msg) -> None:
         waiting = self._waiting.pop(msg.subject[self._cut :], None)
@@ -108,7 +128,12 @@ class PubAckInbox:
             self._wake.set()  # the sweeper sleeps past this deadline (or without one)
         try:
             try:
-                await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+                await self._nc.publish(
+                    subject,
+                    body,
+                    reply=self._prefix + token,
+                    headers=signed(self._nc, subject, body, headers),
+                )
             except NatsError as error:  # closed, or the reconnect buffer is full
                 raise client_error(f"publish to {subject!r}", error) from None
             return await future
@@ -139,6 +164,7 @@ class PubAckInbox:
     async def close(self) -> None:
         """Refuse new requests, fail those in flight, stop the sweeper, unsubscribe. Idempotent."""
         self._closed = True  # before any await: no request registers after this
+        self._unlisten()
         for future, subject in self._waiting.values():
             if not future.done():
                 future.set_exception(ClosedDuringAppendError(store=self._owner, subject=subject))

@@ -24,6 +24,7 @@ from newfuse.schemas.aggregate import (
     Outcome,
     Strategy,
 )
+from newfuse.schemas.audit import AUDIT_TYPES, AuditCheckpoint
 from newfuse.schemas.body import (
     MAX_NESTING_DEPTH,
     check_data_depth,
@@ -132,6 +133,7 @@ from newfuse.schemas.saga import (
 )
 
 __all__ = [
+    "AUDIT_TYPES",
     "CIRCUIT_TYPES",
     "DEFAULT_PROTOCOLS",
     "ENVELOPE_DECODER",
@@ -171,6 +173,7 @@ __all__ = [
     "AggregateLate",
     "Artifact",
     "Asked",
+    "AuditCheckpoint",
     "BreakerState",
     "ChatMessage",
     "ChatRole",

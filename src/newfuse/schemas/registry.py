@@ -23,6 +23,7 @@ from newfuse.errors import (
 )
 from newfuse.schemas.a2a import LIFECYCLE_TYPES, DeadLetter, TaskStatusUpdate
 from newfuse.schemas.aggregate import AggregateClosed, AggregateLate
+from newfuse.schemas.audit import AUDIT_TYPES
 from newfuse.schemas.card import AgentCard
 from newfuse.schemas.circuit import CIRCUIT_TYPES
 from newfuse.schemas.lock import LOCK_TYPES
@@ -408,5 +409,7 @@ def default_registry() -> SchemaRegistry:
     for name, struct in LOCK_TYPES.items():
         registry.add(name, 1, struct)
     for name, struct in REVIEW_TYPES.items():
+        registry.add(name, 1, struct)
+    for name, struct in AUDIT_TYPES.items():
         registry.add(name, 1, struct)
     return registry

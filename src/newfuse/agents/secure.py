@@ -1,0 +1,40 @@
+"""Getting a deployment ready for agents that connect under their own identities (`fuse auth`).
+
+An agent's permissions let it read only its own consumers and create none, so what it reads
+from is made for it first, by an identity that may: the streams, and each agent identity's
+durable consumers with the configuration a default `Agent` of its type would ask for (an
+agent that declares other delivery settings gets the ones made here; its start does not fail).
+"""
+
+from __future__ import annotations
+
+from nats.aio.client import Client
+
+from newfuse.agents.runtime import Agent, consumer_specs
+from newfuse.nats import (
+    EventStreamSpec,
+    LivenessStreamSpec,
+    MessageStreamSpec,
+    Subjects,
+    ensure_durable,
+    ensure_event_stream,
+)
+from newfuse.security.identities import Identity
+
+
+async def provision(nc: Client, identities: list[Identity], prefix: str) -> list[str]:
+    """Create the streams and every agent identity's consumers (idempotent); returns the
+    consumers made or confirmed. `nc` must be an admin's or a service's connection."""
+    subjects = Subjects(prefix)
+    await ensure_event_stream(nc, EventStreamSpec(subjects=subjects))
+    await ensure_event_stream(nc, MessageStreamSpec(subjects=subjects))
+    await ensure_event_stream(nc, LivenessStreamSpec(subjects=subjects))
+    made: list[str] = []
+    for identity in identities:
+        if identity.role != "agent" or identity.revoked:
+            continue
+        agent = Agent(identity.agent_type, topics=identity.topics)
+        for durable in consumer_specs(agent, identity.agent_key, subjects):
+            await ensure_durable(nc, durable)
+            made.append(durable.name)
+    return made

@@ -1,0 +1,197 @@
+"""`fuse auth add|list|revoke|config`: identities (nkeys) and the nats-server authorization
+that enforces their permissions (security/identities.py).
+
+Identities live in `<state dir>/auth/` (or `--dir`): `identities.json` and one credentials file
+per identity (`<name>.creds`, owner-only), which `--credentials` / FUSE_NATS_CREDENTIALS point
+at. With a `fuse dev --secure` running, `add` and `revoke` also rewrite its server's
+authorization and make it reload (SIGHUP), and `add` makes a new agent's consumers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from newfuse.cli._common import Commands, settings_from_args
+from newfuse.cli._output import note, print_json, print_table
+from newfuse.config import Settings, read_dev_state
+from newfuse.nats import Subjects
+from newfuse.security.identities import ROLES, Identity, IdentityStore, server_config
+
+DEV_SERVER_NAME = "newfuse-embedded"
+"""The name `fuse dev`'s nats-server has (NatsServer's default)."""
+AUTH_CONFIG = "auth.conf"
+"""The file a secure `fuse dev` gives nats-server (`--config`), in its data directory."""
+
+
+def register(commands: Commands) -> None:
+    """Add `fuse auth` and its actions."""
+    auth = commands.add_parser(
+        "auth",
+        description="Identities (NATS nkeys: the server checks a signature, never sees the "
+        "seed) and the permissions nats-server enforces for each role. JSON Lines with --json.",
+    )
+    auth.add_argument("--dir", type=Path, help="where identities live (<state dir>/auth)")
+    actions = auth.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="create an identity and its credentials file")
+    add.add_argument("name", help="letters, digits, '-' and '_'")
+    add.add_argument("--role", choices=ROLES, required=True)
+    add.add_argument("--agent", default="", metavar="TYPE/KEY", help="the agent (role agent)")
+    add.add_argument(
+        "--send-to", action="append", default=[], metavar="TYPE", help="inboxes it may write to"
+    )
+    add.add_argument("--topic", action="append", default=[], help="topics it subscribes to")
+    add.add_argument(
+        "--publish-topic", action="append", default=[], metavar="TOPIC", help="topics it writes"
+    )
+    add.set_defaults(handler=run_add)
+    listing = actions.add_parser("list", help="every identity: role, public key, permissions")
+    listing.set_defaults(handler=run_list)
+    revoke = actions.add_parser("revoke", help="revoke an identity (its credentials deleted)")
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=run_revoke)
+    config = actions.add_parser("config", help="print the nats-server authorization block")
+    config.add_argument("--out", type=Path, help="write it to this file instead")
+    config.set_defaults(handler=run_config)
+
+
+def identity_store(args: argparse.Namespace) -> IdentityStore:
+    folder: Path | None = getattr(args, "dir", None)
+    return IdentityStore(folder or Path(settings_from_args(args).state_dir) / "auth")
+
+
+def identity_json(identity: Identity, store: IdentityStore) -> dict[str, Any]:
+    return {
+        "name": identity.name,
+        "role": identity.role,
+        "public_key": identity.public_key,
+        "agent": f"{identity.agent_type}/{identity.agent_key}" if identity.agent_type else None,
+        "send_to": list(identity.send_to),
+        "topics": list(identity.topics),
+        "publish_topics": list(identity.publish_topics),
+        "created": identity.created,
+        "revoked": identity.revoked,
+        "credentials": None if identity.revoked else str(store.seed_file(identity.name)),
+    }
+
+
+async def run_add(args: argparse.Namespace) -> int:
+    store = identity_store(args)
+    identity = store.add(
+        args.name,
+        args.role,
+        agent=args.agent,
+        send_to=args.send_to,
+        publish_topics=args.publish_topic,
+        topics=args.topic,
+    )
+    if args.json:
+        print_json(identity_json(identity, store))
+    else:
+        print(f"{identity.name}  {identity.role}  {identity.public_key}")
+        note(f"credentials: {store.seed_file(identity.name)} (mode 600; never logged)")
+    await _reload_dev(args, store, [identity])
+    return 0
+
+
+async def run_list(args: argparse.Namespace) -> int:
+    store = identity_store(args)
+    rows = [identity_json(identity, store) for identity in store.list()]
+    if args.json:
+        for row in rows:
+            print_json(row)
+        return 0
+    print_table(
+        [
+            [
+                r["name"],
+                r["role"],
+                r["agent"] or "",
+                ",".join(r["send_to"]),
+                r["public_key"][:12] + "…",
+                "revoked " + r["revoked"][:19] if r["revoked"] else "active",
+            ]
+            for r in rows
+        ],
+        ["identity", "role", "agent", "may send to", "public key", "status"],
+    )
+    return 0
+
+
+async def run_revoke(args: argparse.Namespace) -> int:
+    store = identity_store(args)
+    revoked = store.revoke(args.name)
+    if args.json:
+        print_json(identity_json(revoked, store))
+    else:
+        print(f"{revoked.name} revoked at {revoked.revoked}")
+    await _reload_dev(args, store, [])
+    return 0
+
+
+async def run_config(args: argparse.Namespace) -> int:
+    store = identity_store(args)
+    text = server_config(store.list(), Subjects(settings_from_args(args).prefix))
+    if args.out is None:
+        print(text, end="")
+    else:
+        write_private(args.out, text)
+        note(f"wrote {args.out}; start nats-server with --config {args.out}")
+    return 0
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only (it lists every public key)."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    temporary.replace(path)
+
+
+async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[Identity]) -> None:
+    """A running `fuse dev --secure` on these identities: rewrite its server's authorization,
+    signal it to reload, and make the consumers of new agents."""
+    settings = settings_from_args(args)
+    state = read_dev_state(settings)
+    if state is None or state.credentials is None:
+        return
+    if Path(state.credentials).parent != store.directory:
+        return  # that dev runs on other identities
+    reload_server(settings, store, Path(state.data_dir), [s.pid for s in state.servers])
+    if any(identity.role == "agent" for identity in new):
+        from newfuse.agents.secure import provision
+        from newfuse.nats import connect
+        from newfuse.nats.connection import Credentials
+
+        nc = await connect(state.nats_url, credentials=Credentials.load(state.credentials))
+        try:
+            await provision(nc, new, settings.prefix)
+        finally:
+            await nc.close()
+    note(f"fuse dev (pid {state.pid}) reloaded its authorization")
+
+
+def write_dev_config(path: Path, store: IdentityStore, prefix: str, server_name: str) -> None:
+    """The configuration file a secure `fuse dev` gives its nats-server: the authorization of
+    `store`'s identities, and the server's name (a reload refuses a file that lacks what the
+    command line set)."""
+    text = server_config(store.list(), Subjects(prefix))
+    write_private(path, f"server_name: {json.dumps(server_name)}\n{text}")
+
+
+def reload_server(
+    settings: Settings, store: IdentityStore, data_dir: Path, pids: list[int]
+) -> None:
+    """Rewrite `<data dir>/auth.conf` and SIGHUP the nats-server processes of `pids`."""
+    write_dev_config(data_dir / AUTH_CONFIG, store, settings.prefix, DEV_SERVER_NAME)
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip().startswith("nats-server"):
+                os.kill(pid, signal.SIGHUP)
+        except OSError:
+            continue
