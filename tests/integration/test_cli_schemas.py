@@ -48,6 +48,7 @@ BUILT_IN = [
     "circuit.closed",
     "circuit.half_opened",
     "circuit.opened",
+    "key.forgotten",
     "lock.granted",
     "lock.released",
     "lock.requested",

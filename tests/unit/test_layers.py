@@ -1,5 +1,6 @@
-"""Imports run one way (DESIGN.md): leaves <- schemas <- nats <- eventstore <- projections <-
-agents <- core <- cli. A module importing a layer above its own fails here, naming both."""
+"""Imports run one way (DESIGN.md): leaves <- schemas <- nats <- eventstore <- security <-
+projections <- agents <- core <- cli (security: keys, signatures and the audit trail of the
+log, which read the event store). A module importing a layer above its own fails here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2] / "src" / "newfuse"
 LEAVES = {"errors", "config", "telemetry", "reliability", "health", "_closing"}
-LAYERS = ["schemas", "nats", "eventstore", "projections", "agents", "core", "cli"]
+LAYERS = ["schemas", "nats", "eventstore", "security", "projections", "agents", "core", "cli"]
 
 
 def layer_of(module: str) -> int | None:

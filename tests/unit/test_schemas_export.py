@@ -76,6 +76,7 @@ def test_export_writes_envelope_each_type_and_version_and_the_index(tmp_path: Pa
         ("circuit.closed", 1, "circuit.closed.v1.json", True),
         ("circuit.half_opened", 1, "circuit.half_opened.v1.json", True),
         ("circuit.opened", 1, "circuit.opened.v1.json", True),
+        ("key.forgotten", 1, "key.forgotten.v1.json", True),
         ("lock.granted", 1, "lock.granted.v1.json", True),
         ("lock.released", 1, "lock.released.v1.json", True),
         ("lock.requested", 1, "lock.requested.v1.json", True),
