@@ -74,16 +74,20 @@ def write_dev_state(settings: Settings, state: DevState) -> Path:
 
 
 async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
-    """The event store the settings name; a command that only reads passes `create=False`, so
-    a mistyped prefix or path is an error naming what exists instead of a new, empty store."""
+    """The event store the settings name, with its key store (sealed fields open, or read as
+    redacted once forgotten); a command that only reads passes `create=False`, so a mistyped
+    prefix or path is an error naming what exists instead of a new, empty store."""
+    from newfuse.security import with_keys  # sealed fields open with the deployment's keys
+
     settings = settings_from_args(args)
-    return await open_event_store(
+    store = await open_event_store(
         resolve_store_url(settings),
         prefix=settings.prefix,
         create=create,
         replicas=settings.replicas,
         election_timeout=settings.election_timeout,
     )
+    return await with_keys(store, settings)
 
 
 @contextlib.asynccontextmanager

@@ -38,6 +38,7 @@ from newfuse.nats.embedded import (
 from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
+from newfuse.security import with_keys
 
 
 def _cluster_size(text: str) -> int:
@@ -149,11 +150,14 @@ async def run_dev(args: argparse.Namespace) -> int:
         async with (
             nats,
             ValkeyServer(data_dir=root / "valkey") as valkey,
-            await open_event_store(
-                nats.url,
-                prefix=settings.prefix,
-                replicas=settings.replicas,
-                election_timeout=settings.election_timeout,
+            await with_keys(
+                await open_event_store(
+                    nats.url,
+                    prefix=settings.prefix,
+                    replicas=settings.replicas,
+                    election_timeout=settings.election_timeout,
+                ),
+                settings,
             ) as store,
             await BuiltinProjections.open(
                 redis_url=valkey.url, audit_db=audit_db, prefix=settings.prefix

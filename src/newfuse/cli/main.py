@@ -42,6 +42,7 @@ COMMANDS: dict[str, Command] = {
     "audit": Command("newfuse.cli.read_side", "query the audit index"),
     "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
     "sagas": Command("newfuse.cli.sagas", "list sagas and show one: steps, Transaction view"),
+    "forget": Command("newfuse.cli.forget", "delete a data subject's key: its fields redacted"),
     "locks": Command("newfuse.cli.locks", "resource locks of sagas: holders and waiters"),
     "queues": Command("newfuse.cli.queues", "task queues: depth per priority, workers, oldest"),
     "models": Command("newfuse.cli.models", "what model calls cost, per agent and model version"),

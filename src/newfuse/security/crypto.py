@@ -157,3 +157,14 @@ async def open_key_store(store: EventStore, settings: Settings) -> KeyStore:
     if nc is not None and subjects is not None:
         return await KVKeyStore.open(nc, subjects.prefix, replicas=settings.replicas or 1)
     return await SQLiteKeyStore.open(Path(settings.state_dir) / KEYS_FILE)
+
+
+async def with_keys(store: EventStore, settings: Settings) -> EventStore:
+    """`store`, sealing and opening fields with its default key store (see `open_key_store`),
+    which closes with it. On failure the store is closed and the error raised."""
+    try:
+        use_keys(store, await open_key_store(store, settings), owns_keys=True)
+    except BaseException:
+        await store.close()
+        raise
+    return store
