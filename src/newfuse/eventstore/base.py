@@ -41,6 +41,7 @@ from newfuse.schemas import (
     Envelope,
     FieldCipher,
     NewEvent,
+    Opened,
     RecordedEvent,
     SchemaRegistry,
     SealedValue,
@@ -51,6 +52,7 @@ from newfuse.schemas import (
     check_event_id,
     check_type_name,
     default_registry,
+    open_unregistered,
     out_of_place,
     parse_envelope,
     utcnow,
@@ -865,10 +867,14 @@ class EventStore(AsyncClosing, abc.ABC):
         redacted: tuple[str, ...] = ()
         try:
             plan = self.registry.sealed(envelope.type, envelope.schema_version)
+            opened: Opened | None = None
             if plan is not None:
                 opened = plan.open(
                     bytes(envelope.data), envelope.id, envelope.stream, cipher or self._opener()
                 )
+            elif self.cipher is not None and not self.registry.is_registered(envelope.type):
+                opened = open_unregistered(bytes(envelope.data), envelope.id, cipher or self.cipher)
+            if opened is not None:
                 envelope = msgspec.structs.replace(envelope, data=msgspec.Raw(opened.data))
                 redacted = opened.redacted
             data = self.registry.decode(envelope.type, envelope.schema_version, envelope.data)
@@ -898,8 +904,10 @@ class EventStore(AsyncClosing, abc.ABC):
 
     def _keyed(self, source: AsyncIterator[RecordedEvent]) -> AsyncIterator[RecordedEvent]:
         """`source`, with the events whose keys were not loaded yet finished after loading
-        them (`decode` is synchronous; the key store is not). No layer without sealed types."""
-        return self._finishing(source) if self.registry.any_sealed else source
+        them (`decode` is synchronous; the key store is not). No layer without keys or sealed
+        types."""
+        sealing = self.cipher is not None or self.registry.any_sealed
+        return self._finishing(source) if sealing else source
 
     async def _finishing(
         self, source: AsyncIterator[RecordedEvent]

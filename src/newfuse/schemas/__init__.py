@@ -127,6 +127,7 @@ from newfuse.schemas.sealed import (
     SealedValue,
     SealPlan,
     Secret,
+    open_unregistered,
 )
 
 __all__ = [
@@ -240,6 +241,7 @@ __all__ = [
     "export_schemas",
     "nesting_depth",
     "new_event_id",
+    "open_unregistered",
     "out_of_place",
     "parse_envelope",
     "payload_schema",

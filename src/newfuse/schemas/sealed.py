@@ -236,14 +236,53 @@ class SealPlan:
             if plaintext is None:
                 plaintext = field.replacement
                 redacted.append(field.path)
-            start = data.find(raw)
-            if start < 0 or data.find(raw, start + 1) >= 0:
-                raise ValueError(f"the sealed value of `{field.path}` appears more than once")
-            data = data[:start] + plaintext + data[start + len(raw) :]
+            data = _splice(data, raw, plaintext, field.path)
         return Opened(data=data, redacted=tuple(redacted))
 
 
 _ENCODER = msgspec.json.Encoder()
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_MARK: Final = ALGORITHM.encode()
+
+
+def open_unregistered(data: bytes, event_id: str, cipher: FieldCipher) -> Opened | None:
+    """The payload of an unregistered type (no struct says what is sealed) with each top-level
+    value that is a SealedValue opened, or null once forgotten; None when it holds none.
+
+    A reader without the writer's structs (the CLI, another language's payload) still shows
+    the plaintext it has keys for; what does not parse as a sealed value stays as it is.
+    """
+    if _MARK not in data:  # the common case: one substring search
+        return None
+    try:
+        members = _TOP_LEVEL.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # not an object: nothing to open
+    redacted: list[str] = []
+    opened = False
+    for name, raw in members.items():
+        body = bytes(raw)
+        if _MARK not in body:
+            continue
+        try:
+            value = SEALED_DECODER.decode(body)
+        except msgspec.DecodeError:
+            continue
+        path = f"$.{name}"
+        plaintext = cipher.decrypt(value, event_id, path)
+        if plaintext is None:
+            plaintext = b"null"
+            redacted.append(path)
+        data = _splice(data, body, plaintext, path)
+        opened = True
+    return Opened(data=data, redacted=tuple(redacted)) if opened else None
+
+
+def _splice(data: bytes, raw: bytes, plaintext: bytes, path: str) -> bytes:
+    start = data.find(raw)
+    if start < 0 or data.find(raw, start + 1) >= 0:
+        raise ValueError(f"the sealed value of `{path}` appears more than once")
+    return data[:start] + plaintext + data[start + len(raw) :]
 
 
 def _meta_spec(annotation: Any) -> dict[str, Any] | None:
