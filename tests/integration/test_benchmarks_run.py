@@ -55,6 +55,8 @@ A2A_LINES = {
     *(f"a2a.round_trip.{path}.{p}" for path in ("fast_path", "log") for p in ("p50", "p99")),
 }
 
+CRYPTO_LINES = {"crypto.append.latency.p50", "crypto.append.concurrent", "crypto.read_all"}
+
 TASK_LINES = {
     *(f"tasks.throughput.workers_{n}" for n in (1, 2, 4)),
     "tasks.priority0_wait.p99",
@@ -67,6 +69,7 @@ TASK_LINES = {
         ("eventstore.py", EVENTSTORE_LINES),
         ("projections.py", PROJECTION_LINES),
         ("a2a.py", A2A_LINES),
+        ("crypto.py", CRYPTO_LINES),
         ("tasks.py", TASK_LINES),
     ],
 )
