@@ -9,7 +9,7 @@ keys are not here (newfuse.security); this module only moves JSON and calls a `F
 
 from __future__ import annotations
 
-import base64
+import binascii
 import typing
 from collections.abc import Iterable
 from typing import Any, Final, Literal, Protocol
@@ -98,14 +98,22 @@ def associated_data(event_id: str, path: str, subject: str, kid: str) -> bytes:
     return "\0".join(("newfuse-sealed/1", event_id, path, subject, kid)).encode()
 
 
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+
+
 def b64(raw: bytes) -> str:
     """base64url without padding (the `iv` and `ct` of a sealed value)."""
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def unb64(text: str) -> bytes:
-    """The bytes of base64url text with or without padding; ValueError when it is not."""
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """The bytes of base64url text with or without padding; ValueError when it is not.
+
+    (binascii straight, strict: base64.urlsafe_b64decode cost a fifth of opening a field.)
+    """
+    raw = text.encode("ascii").translate(_FROM_URLSAFE)
+    return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)
 
 
 class FieldCipher(Protocol):
@@ -193,14 +201,13 @@ class SealPlan:
 
     def seal(self, data: bytes, event_id: str, stream: str, cipher: FieldCipher) -> bytes:
         """`data` (plaintext payload JSON) with each sealed field replaced by its SealedValue;
-        a field that is absent or null stays as it is."""
+        a field that is absent or null stays as it is. Subjects were checked by `subjects`."""
         doc = msgspec.json.decode(data)
-        found = self._probe.decode(data)
         for field in self.fields:
             value = doc.get(field.wire)
             if value is None:
                 continue
-            subject = self._subject(found, field, stream)
+            subject = stream if field.subject is None else doc[field.subject]
             doc[field.wire] = cipher.encrypt(subject, _ENCODER.encode(value), event_id, field.path)
         return _ENCODER.encode(doc)
 
@@ -226,7 +233,7 @@ class SealPlan:
                     f"`{field.path}` is declared {field.kind}: its value must be a sealed value "
                     f'{{"enc": "A256GCM", "sub", "kid", "iv", "ct"}}, not {raw[:60]!r} ({error})'
                 ) from None
-            subject = self._subject(found, field, stream)
+            subject = stream if field.subject is None else getattr(found, field.subject)
             if value.sub != subject:
                 raise ValueError(
                     f"`{field.path}` is sealed for subject {value.sub!r:.80}, but the event "
