@@ -55,7 +55,13 @@ A2A_LINES = {
     *(f"a2a.round_trip.{path}.{p}" for path in ("fast_path", "log") for p in ("p50", "p99")),
 }
 
-CRYPTO_LINES = {"crypto.append.latency.p50", "crypto.append.concurrent", "crypto.read_all"}
+CRYPTO_LINES = {
+    "crypto.append.latency.p50",
+    "crypto.append.concurrent",
+    "crypto.append.concurrent.cpu",
+    "crypto.read_all",
+    "crypto.read_all.cpu",
+}
 
 TASK_LINES = {
     *(f"tasks.throughput.workers_{n}" for n in (1, 2, 4)),
