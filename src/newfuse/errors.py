@@ -312,6 +312,62 @@ class InvalidEventError(SchemaError, ValueError):
         super().__init__(f"append to {stream}: event {event_id} {reason}")
 
 
+# -- sealed (encrypted) payload fields -------------------------------------------------------------
+
+
+class SealedValueError(SchemaError, ValueError):
+    """A sealed field's value does not open: moved from another event or field, tampered with,
+    or not a sealed value at all. The event is reported and skipped like any invalid one."""
+
+    def __init__(self, *, event_id: str, path: str, reason: str) -> None:
+        self.event_id = event_id
+        self.path = path
+        self.reason = reason
+        super().__init__(f"sealed field {path} of event {_shown(event_id)}: {reason}")
+
+
+class KeyNotLoadedError(FuseError):
+    """The key cache does not hold the key a sealed value names yet; the reader loads it from
+    the key store and decodes the event again (a signal between store and cipher)."""
+
+    retryable = True
+
+    def __init__(self, *, subject: str, kid: str) -> None:
+        self.subject = subject
+        self.kid = kid
+        super().__init__(f"key {_shown(kid)} of data subject {_shown(subject)} is not loaded")
+
+
+class SealingUnavailableError(FuseError):
+    """An event whose type declares personal or secret fields cannot be written in the clear:
+    the store has no key store to seal them with."""
+
+    def __init__(self, *, stream: str, type_name: str, fields: list[str]) -> None:
+        self.stream = stream
+        self.type_name = type_name
+        self.fields = fields
+        super().__init__(
+            f"append to {stream}: type {type_name!r} declares sealed field(s) "
+            f"{', '.join(fields)}, and this store has no key store; open it with one "
+            f"(newfuse.security.use_keys) so they are encrypted before they leave"
+        )
+
+
+class KeyStoreError(FuseError):
+    """The key store cannot be used as asked (a file, a bucket, a malformed entry)."""
+
+    def __init__(self, *, store: str, reason: str) -> None:
+        self.store = store
+        self.reason = reason
+        super().__init__(f"key store {store}: {reason}")
+
+
+class KeyStoreUnavailableError(KeyStoreError):
+    """The key store did not answer (server down, timeout); trying again may help."""
+
+    retryable = True
+
+
 # -- event store -----------------------------------------------------------------------------------
 
 

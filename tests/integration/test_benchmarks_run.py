@@ -55,6 +55,14 @@ A2A_LINES = {
     *(f"a2a.round_trip.{path}.{p}" for path in ("fast_path", "log") for p in ("p50", "p99")),
 }
 
+CRYPTO_LINES = {
+    "crypto.append.latency.p50",
+    "crypto.append.concurrent",
+    "crypto.append.concurrent.cpu",
+    "crypto.read_all",
+    "crypto.read_all.cpu",
+}
+
 TASK_LINES = {
     *(f"tasks.throughput.workers_{n}" for n in (1, 2, 4)),
     "tasks.priority0_wait.p99",
@@ -75,6 +83,7 @@ AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.ve
         ("eventstore.py", EVENTSTORE_LINES),
         ("projections.py", PROJECTION_LINES),
         ("a2a.py", A2A_LINES),
+        ("crypto.py", CRYPTO_LINES),
         ("tasks.py", TASK_LINES),
         ("sagas.py", SAGA_LINES),
         ("audit.py", AUDIT_LINES),

@@ -50,6 +50,7 @@ BUILT_IN = [
     "circuit.half_opened",
     "circuit.opened",
     "feedback.given",
+    "key.forgotten",
     "lock.granted",
     "lock.released",
     "lock.requested",

@@ -78,6 +78,7 @@ def test_export_writes_envelope_each_type_and_version_and_the_index(tmp_path: Pa
         ("circuit.half_opened", 1, "circuit.half_opened.v1.json", True),
         ("circuit.opened", 1, "circuit.opened.v1.json", True),
         ("feedback.given", 1, "feedback.given.v1.json", True),
+        ("key.forgotten", 1, "key.forgotten.v1.json", True),
         ("lock.granted", 1, "lock.granted.v1.json", True),
         ("lock.released", 1, "lock.released.v1.json", True),
         ("lock.requested", 1, "lock.requested.v1.json", True),

@@ -90,14 +90,17 @@ def write_dev_state(settings: Settings, state: DevState) -> Path:
 
 
 async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
-    """The event store the settings name; a command that only reads passes `create=False`, so
-    a mistyped prefix or path is an error naming what exists instead of a new, empty store."""
+    """The event store the settings name, with its key store (sealed fields open, or read as
+    redacted once forgotten); a command that only reads passes `create=False`, so a mistyped
+    prefix or path is an error naming what exists instead of a new, empty store."""
+    from newfuse.security import with_keys  # sealed fields open with the deployment's keys
+
     settings = settings_from_args(args)
     url = resolve_store_url(settings)
     options: dict[str, Any] = {}
     if not url.startswith("sqlite:"):
         options["credentials"] = nats_credentials(settings)
-    return await open_event_store(
+    store = await open_event_store(
         url,
         **options,
         prefix=settings.prefix,
@@ -105,6 +108,7 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
         replicas=settings.replicas,
         election_timeout=settings.election_timeout,
     )
+    return await with_keys(store, settings)
 
 
 @contextlib.asynccontextmanager

@@ -50,9 +50,11 @@ def rfc3339(moment: datetime | None) -> str | None:
 
 def event_json(event: RecordedEvent) -> dict[str, Any]:
     """An event as `--json` prints it: every envelope field (null when unset) and `position`;
-    `data` is the payload as stored (of `schema_version`), byte for byte."""
+    `data` is the payload as stored (of `schema_version`), byte for byte, except for sealed
+    fields, which show opened; `redacted` (only when some are) lists those whose data
+    subject is forgotten."""
     envelope = event.envelope
-    return {
+    shown: dict[str, Any] = {
         "id": envelope.id,
         "stream": envelope.stream,
         "type": envelope.type,
@@ -66,6 +68,9 @@ def event_json(event: RecordedEvent) -> dict[str, Any]:
         "metadata": envelope.metadata,
         "data": envelope.data,
     }
+    if event.redacted:
+        shown["redacted"] = list(event.redacted)
+    return shown
 
 
 def print_json(value: Any) -> None:

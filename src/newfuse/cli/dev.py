@@ -42,6 +42,7 @@ from newfuse.nats.embedded import (
 from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
+from newfuse.security import with_keys
 from newfuse.security.identities import IdentityStore
 from newfuse.security.valkey import ensure_projection_user, with_user
 
@@ -177,12 +178,15 @@ async def run_dev(args: argparse.Namespace) -> int:
                 data_dir=root / "valkey",
                 extra_args=["--requirepass", redis_password] if redis_password else None,
             ) as valkey,
-            await open_event_store(
-                nats.url,
-                prefix=settings.prefix,
-                replicas=settings.replicas,
-                election_timeout=settings.election_timeout,
-                credentials=credentials,
+            await with_keys(
+                await open_event_store(
+                    nats.url,
+                    prefix=settings.prefix,
+                    replicas=settings.replicas,
+                    election_timeout=settings.election_timeout,
+                    credentials=credentials,
+                ),
+                settings,
             ) as store,
             await BuiltinProjections.open(
                 redis_url=await _runners_redis(valkey.url, redis_password, settings.prefix),

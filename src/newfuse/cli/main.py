@@ -44,6 +44,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "tasks": Command("newfuse.cli.tasks", "list, show and answer A2A tasks"),
     "sagas": Command("newfuse.cli.sagas", "list sagas and show one: steps, Transaction view"),
+    "forget": Command("newfuse.cli.forget", "delete a data subject's key: its fields redacted"),
     "locks": Command("newfuse.cli.locks", "resource locks of sagas: holders and waiters"),
     "review": Command("newfuse.cli.review", "human review of saga steps, feedback on results"),
     "queues": Command("newfuse.cli.queues", "task queues: depth per priority, workers, oldest"),

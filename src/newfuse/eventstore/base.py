@@ -26,7 +26,11 @@ from newfuse.errors import (
     FuseError,
     InvalidEnvelopeError,
     InvalidEventError,
+    InvalidPayloadError,
+    KeyNotLoadedError,
     NestingTooDeepError,
+    SealedValueError,
+    SealingUnavailableError,
     StoreClosedError,
     UnknownTypeError,
     WrongExpectedVersionError,
@@ -35,9 +39,12 @@ from newfuse.schemas import (
     ENVELOPE_ENCODER,
     MAX_NESTING_DEPTH,
     Envelope,
+    FieldCipher,
     NewEvent,
+    Opened,
     RecordedEvent,
     SchemaRegistry,
+    SealedValue,
     StreamName,
     TraceContext,
     check_category,
@@ -45,6 +52,7 @@ from newfuse.schemas import (
     check_event_id,
     check_type_name,
     default_registry,
+    open_unregistered,
     out_of_place,
     parse_envelope,
     utcnow,
@@ -253,6 +261,38 @@ class InvalidEventReport(msgspec.Struct, frozen=True, kw_only=True):
     error: str
 
 
+class _Unopened(RecordedEvent, frozen=True, kw_only=True, gc=False):
+    """An event checked up to its sealed fields, whose key (subject, kid) is not loaded yet."""
+
+    missing: tuple[str, str]
+    where: str
+
+
+class _NoKeys:
+    """The cipher of a store without a key store: nothing seals; every sealed field opens as
+    its replacement (the reader cannot know the plaintext, and the rest stays readable)."""
+
+    async def load(self, subjects: object, *, create: bool) -> None:
+        return None
+
+    async def fetch(self, missing: object) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def encrypt(self, subject: str, plaintext: bytes, event_id: str, path: str) -> SealedValue:
+        raise AssertionError("a store without a key store seals nothing")
+
+    def decrypt(self, value: SealedValue, event_id: str, path: str) -> bytes | None:
+        return None
+
+
+_NO_KEYS: Final = _NoKeys()
+_MAX_SEALED_FIELDS: Final = 64
+"""Most key loads one event may need before it is reported (each sealed field names one)."""
+
+
 class PreparedEvent(msgspec.Struct, frozen=True, kw_only=True):
     """An event checked and encoded for appending, waiting for its version in the stream."""
 
@@ -445,6 +485,9 @@ class EventStore(AsyncClosing, abc.ABC):
     ) -> None:
         self.registry = registry or default_registry()
         self.on_invalid: InvalidEventHandler = on_invalid or _log_invalid
+        self.cipher: FieldCipher | None = None
+        """Seals and opens the personal and secret fields of payloads (newfuse.security's
+        `use_keys` sets it); without one such fields cannot be appended and read as redacted."""
         self._closed = False
 
     # -- writing ----------------------------------------------------------------------------------
@@ -484,6 +527,8 @@ class EventStore(AsyncClosing, abc.ABC):
             if twice is not None:
                 raise twice
         prepared = [self._prepare(name, event) for event in batch]
+        if self.registry.any_sealed:
+            prepared = await self._seal(stream, prepared)
         limit = self.max_event_bytes
         if limit is not None:
             for event in prepared:  # the data alone too large: refused before any round trip
@@ -562,6 +607,39 @@ class EventStore(AsyncClosing, abc.ABC):
             metadata=event.metadata,
         )
 
+    async def _seal(self, stream: str, prepared: list[PreparedEvent]) -> list[PreparedEvent]:
+        """`prepared` with the sealed fields of each payload encrypted (keys made as needed)."""
+        plans = [self.registry.sealed(event.type, event.schema_version) for event in prepared]
+        if not any(plans):
+            return prepared
+        cipher = self.cipher
+        subjects: set[str] = set()
+        for event, plan in zip(prepared, plans, strict=True):
+            if plan is None:
+                continue
+            if cipher is None:
+                raise SealingUnavailableError(
+                    stream=stream,
+                    type_name=event.type,
+                    fields=[field.path for field in plan.fields],
+                )
+            try:
+                subjects |= plan.subjects(event.data, stream)
+            except ValueError as error:
+                raise InvalidPayloadError(
+                    type_name=event.type, version=event.schema_version, path="$", reason=str(error)
+                ) from None
+        assert cipher is not None  # a plan without a cipher raised above
+        await cipher.load(subjects, create=True)
+        return [
+            event
+            if plan is None
+            else msgspec.structs.replace(
+                event, data=plan.seal(event.data, event.id, stream, cipher)
+            )
+            for event, plan in zip(prepared, plans, strict=True)
+        ]
+
     @abc.abstractmethod
     async def _append(
         self, stream: str, events: list[PreparedEvent], expected: Expected
@@ -590,7 +668,7 @@ class EventStore(AsyncClosing, abc.ABC):
             return _nothing()
         if not backwards:
             from_version = max(from_version or 1, 1)
-        return self._opening(self._read(stream, from_version, limit, backwards))
+        return self._opening(self._keyed(self._read(stream, from_version, limit, backwards)))
 
     @abc.abstractmethod
     def _read(
@@ -616,7 +694,9 @@ class EventStore(AsyncClosing, abc.ABC):
         if limit == 0:
             return _nothing()
         return self._opening(
-            self._read_all(max(from_position, 1), since, until, filter or EventFilter(), limit)
+            self._keyed(
+                self._read_all(max(from_position, 1), since, until, filter or EventFilter(), limit)
+            )
         )
 
     @abc.abstractmethod
@@ -652,7 +732,9 @@ class EventStore(AsyncClosing, abc.ABC):
         reads (e.g. `projection agent_state`): `subscribers()` finds where its feed sits."""
         self._check_open()
         return Subscription(
-            self._opening(self._subscribe(filter or EventFilter(), max(from_position, 1), name))
+            self._opening(
+                self._keyed(self._subscribe(filter or EventFilter(), max(from_position, 1), name))
+            )
         )
 
     @abc.abstractmethod
@@ -740,7 +822,10 @@ class EventStore(AsyncClosing, abc.ABC):
         UUIDv7 (as newfuse makes them), then everything.
         """
         self._check_open()
-        return await self._event(id)
+        found = await self._event(id)
+        if isinstance(found, _Unopened):
+            return await self._complete(found)
+        return found
 
     async def _event(self, id: str) -> RecordedEvent | None:
         created = _uuid7_time(id)
@@ -786,14 +871,95 @@ class EventStore(AsyncClosing, abc.ABC):
                     path="$.version",
                     reason=f"version {envelope.version} is not the version of its row ({version})",
                 )
+        except FuseError as error:
+            self._report(position, where, str(error))
+            return None
+        except Exception as error:  # a decoder bug must not stop a reader either
+            self._report(position, where, f"decoding raised {type(error).__name__}: {error}")
+            return None
+        return self._payload(position, where, envelope)
+
+    def _payload(
+        self, position: int, where: str, envelope: Envelope, cipher: FieldCipher | None = None
+    ) -> RecordedEvent | None:
+        """The event of a checked envelope: its payload opened (sealed fields decrypted, or
+        their replacements) and decoded; None, reported, when it is not valid. An event whose
+        key the cipher has not loaded comes back unopened, for `_keyed` to finish."""
+        redacted: tuple[str, ...] = ()
+        try:
+            plan = self.registry.sealed(envelope.type, envelope.schema_version)
+            opened: Opened | None = None
+            if plan is not None:
+                opened = plan.open(
+                    bytes(envelope.data), envelope.id, envelope.stream, cipher or self._opener()
+                )
+            elif self.cipher is not None and not self.registry.is_registered(envelope.type):
+                opened = open_unregistered(bytes(envelope.data), envelope.id, cipher or self.cipher)
+            if opened is not None:
+                envelope = msgspec.structs.replace(envelope, data=msgspec.Raw(opened.data))
+                redacted = opened.redacted
             data = self.registry.decode(envelope.type, envelope.schema_version, envelope.data)
+        except KeyNotLoadedError as missing:
+            return _Unopened(
+                position=position,
+                envelope=envelope,
+                data=None,
+                missing=(missing.subject, missing.kid),
+                where=where,
+            )
+        except ValueError as error:  # sealed fields that are no sealed values (plan.open)
+            if not isinstance(error, FuseError):
+                error = SealedValueError(event_id=envelope.id, path="$", reason=str(error))
+            self._report(position, where, str(error))
+            return None
         except FuseError as error:
             self._report(position, where, str(error))
             return None
         except Exception as error:  # a decoder or upcaster bug must not stop a reader either
             self._report(position, where, f"decoding raised {type(error).__name__}: {error}")
             return None
-        return RecordedEvent(position=position, envelope=envelope, data=data)
+        return RecordedEvent(position=position, envelope=envelope, data=data, redacted=redacted)
+
+    def _opener(self) -> FieldCipher:
+        return self.cipher or _NO_KEYS
+
+    def _keyed(self, source: AsyncIterator[RecordedEvent]) -> AsyncIterator[RecordedEvent]:
+        """`source`, with the events whose keys were not loaded yet finished after loading
+        them (`decode` is synchronous; the key store is not). No layer without keys or sealed
+        types."""
+        sealing = self.cipher is not None or self.registry.any_sealed
+        return self._finishing(source) if sealing else source
+
+    async def _finishing(
+        self, source: AsyncIterator[RecordedEvent]
+    ) -> AsyncIterator[RecordedEvent]:
+        try:
+            async for event in source:
+                if isinstance(event, _Unopened):
+                    finished = await self._complete(event)
+                    if finished is not None:
+                        yield finished
+                else:
+                    yield event
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _complete(self, event: _Unopened) -> RecordedEvent | None:
+        """Load the keys `event` waits for, then open and decode it (None: reported invalid).
+        Each load settles one (subject, key id): it opens, or is known forgotten."""
+        cipher = self._opener()
+        result: RecordedEvent | None = event
+        for _ in range(_MAX_SEALED_FIELDS):
+            if not isinstance(result, _Unopened):
+                return result
+            await cipher.fetch([result.missing])
+            result = self._payload(event.position, event.where, event.envelope, cipher)
+        if isinstance(result, _Unopened):
+            self._report(event.position, event.where, "its sealed fields name too many keys")
+            return None
+        return result
 
     def _report(self, position: int, where: str, error: str) -> None:
         try:
@@ -829,7 +995,11 @@ class EventStore(AsyncClosing, abc.ABC):
         """Release connections and background tasks. Idempotent."""
         if not self._closed:
             self._closed = True
-            await self._close()
+            try:
+                await self._close()
+            finally:
+                if self.cipher is not None:
+                    await self.cipher.close()
 
     @abc.abstractmethod
     async def _close(self) -> None: ...

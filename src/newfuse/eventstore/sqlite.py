@@ -1033,6 +1033,7 @@ class SQLiteEventStore(EventStore):
         envelope_of = ENVELOPE_DECODER.decode
         last_type, last_version = "", 0
         payload: msgspec.json.Decoder[Any] | None = None
+        sealed = False
         for position, body, stream, version in rows:
             event: RecordedEvent | None = None
             try:
@@ -1041,8 +1042,10 @@ class SQLiteEventStore(EventStore):
                 if type_name != last_type or schema_version != last_version:
                     last_type, last_version = type_name, schema_version
                     payload = registry.newest_decoder(type_name, schema_version)
+                    sealed = registry.sealed(type_name, schema_version) is not None
                 if (
-                    envelope.stream == stream
+                    not sealed  # sealed fields are opened by decode
+                    and envelope.stream == stream
                     and envelope.version == version
                     and stream in streams
                     and type_name in types

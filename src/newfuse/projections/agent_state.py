@@ -95,8 +95,8 @@ def agent_state_projection() -> Projection[RedisBatch]:
     @projection.on(STATE_UPDATE)
     def _state(event: RecordedEvent, batch: RedisBatch) -> None:
         update = event.data
-        if not isinstance(update, StateUpdate):
-            update = msgspec.convert(update, StateUpdate)
+        if not isinstance(update, StateUpdate):  # a dict, or a newer version's struct
+            update = msgspec.convert(update, StateUpdate, from_attributes=True)
         batch.eval(
             _APPLY_STATE,
             [batch.key("agent", update.agent_id), batch.key("agents")],

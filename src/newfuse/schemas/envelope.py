@@ -83,11 +83,16 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     Recorded events (and envelopes) are not tracked by Python's cyclic garbage collector
     (`gc=False`): replays allocate millions of them, and tracking cost about a tenth of read
     throughput. They are plain trees of decoded data; do not make `data` refer back to the event.
+
+    When the payload's type declares sealed (personal, secret) fields, `envelope.data` and
+    `data` hold them opened (decrypted); `redacted` lists the paths (`$.email`) of those that
+    read as their replacement because their data subject's key is forgotten.
     """
 
     position: int
     envelope: Envelope
     data: Any
+    redacted: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -137,6 +142,8 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         """The event as on the wire (envelope with its payload) plus `position`."""
         wire: dict[str, Any] = msgspec.json.decode(ENVELOPE_ENCODER.encode(self.envelope))
         wire["position"] = self.position
+        if self.redacted:
+            wire["redacted"] = list(self.redacted)
         return wire
 
 

@@ -20,6 +20,7 @@ import msgspec
 from newfuse.errors import SchemaRegistrationError
 from newfuse.schemas.envelope import Envelope
 from newfuse.schemas.registry import SchemaRegistry, default_registry
+from newfuse.schemas.sealed import mark_sealed_properties
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 """The `$schema` of every exported file: msgspec emits Draft 2020-12 (and OpenAPI 3.1)."""
@@ -236,6 +237,9 @@ def build_export(
                 f"rename the type",
             )
         files[file] = payload_schema(type_name, version, cls, base_uri=base_uri)
+        plan = registry.sealed(type_name, version)
+        if plan is not None:  # sealed fields are SealedValue objects on the wire
+            mark_sealed_properties(files[file], plan, cls.__name__)
         listed.append(
             ExportedSchema(
                 kind="payload",

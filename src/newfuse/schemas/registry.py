@@ -32,6 +32,7 @@ from newfuse.schemas.names import check_category, check_type_name
 from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 from newfuse.schemas.review import REVIEW_TYPES
 from newfuse.schemas.saga import SAGA_TYPES
+from newfuse.schemas.sealed import KEY_FORGOTTEN, KeyForgotten, SealPlan, seal_plan
 
 S = TypeVar("S", bound=type[msgspec.Struct])
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
@@ -82,6 +83,9 @@ class SchemaRegistry:
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
         self._by_class: dict[type[msgspec.Struct], tuple[str, int]] = {}
         self._strict: set[str] = set()
+        self._sealed: dict[tuple[str, int], SealPlan] = {}
+        self.any_sealed = False
+        """Whether any registered struct declares sealed fields (decode's quick check)."""
 
     # -- declaring -------------------------------------------------------------------------------
 
@@ -140,6 +144,15 @@ class SchemaRegistry:
                 f"v{elsewhere[1]}; one struct class describes one type and version",
             )
         decoder = msgspec.json.Decoder(cls)  # fails here, not on first use, if cls is unusable
+        try:
+            plan = seal_plan(type_name, version, cls)
+        except ValueError as error:
+            raise SchemaRegistrationError(
+                type_name=type_name, version=version, reason=str(error)
+            ) from None
+        if plan is not None:
+            self._sealed[(type_name, version)] = plan
+            self.any_sealed = True
         self._structs.setdefault(type_name, {})[version] = cls
         self._decoders[(type_name, version)] = decoder
         newest = max(self._structs[type_name])
@@ -231,6 +244,12 @@ class SchemaRegistry:
             raise UnknownTypeError(
                 type_name=cls.__name__, context="struct class has no registered type name"
             ) from None
+
+    def sealed(self, type_name: str, version: int) -> SealPlan | None:
+        """The plan of the personal and secret fields `type_name` declares at `version`, None
+        when it declares none (or is not registered). Payloads the registry encodes and decodes
+        are the plaintext; the store seals and opens them (newfuse.schemas.sealed)."""
+        return self._sealed.get((type_name, version)) if self.any_sealed else None
 
     def types(self) -> Iterator[tuple[str, int, type[msgspec.Struct]]]:
         """Every registered (type name, version, struct), sorted by name then version."""
@@ -398,6 +417,7 @@ def default_registry() -> SchemaRegistry:
     registry.add("agent.card", 1, AgentCard)
     registry.add("agent.dead_letter", 1, DeadLetter)
     registry.add("model.invoked", 1, ModelInvoked)
+    registry.add(KEY_FORGOTTEN, 1, KeyForgotten)
     for name, cls in LIFECYCLE_TYPES.items():
         registry.add(name, 1, cls)
     for name, change in CIRCUIT_TYPES.values():
