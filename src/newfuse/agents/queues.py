@@ -103,6 +103,7 @@ STATUS_SEQ_KEY: Final = "status_seq"
 it as the task subject's last (JetStream's expected last subject sequence), so a cancel stored
 in between is found without a read."""
 _MAX_TERM = 64  # characters of one term's value: anything longer is not ours
+_PRIORITY_NAMES: Final = frozenset(str(p) for p in PRIORITIES)
 
 
 def check_queue(queue: str) -> str:
@@ -153,7 +154,7 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
     if queue is None:
         raise bad(QUEUE_KEY, "missing: a task names its queue")
     priority = metadata.get(PRIORITY_KEY, "0")
-    if priority not in {str(p) for p in PRIORITIES}:
+    if priority not in _PRIORITY_NAMES:
         raise bad(PRIORITY_KEY, f"{priority!r} is not a priority 0-9")
     deadline = None
     if (text := metadata.get(DEADLINE_KEY)) is not None:
@@ -803,7 +804,8 @@ class RunningWorker(RunningAgent):
         if not effects:
             return
         *first, last = effects
-        await asyncio.gather(*(self._publish(*effect) for effect in first))
+        if first:
+            await asyncio.gather(*(self._publish(*effect) for effect in first))
         await self._publish(*last)
 
     def _working(self, ctx: TaskContext, task_id: str) -> tuple[bytes, dict[str, str]]:
@@ -973,7 +975,7 @@ def _queue_of(subject: str, base: str) -> tuple[str, int] | None:
     if not subject.startswith(base):
         return None
     queue, dot, priority = subject[len(base) :].rpartition(".")
-    if not dot or not queue or "." in queue or priority not in {str(p) for p in PRIORITIES}:
+    if not dot or not queue or "." in queue or priority not in _PRIORITY_NAMES:
         return None
     return queue, int(priority)
 
