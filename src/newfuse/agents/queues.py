@@ -794,11 +794,18 @@ class RunningWorker(RunningAgent):
         ctx.task_status("completed", artifacts=result_artifacts(ctx._result))
 
     async def _commit(
-        self, effects: list[Effect], consumer: str, position: int, attempt: int = 1
+        self,
+        effects: list[Effect],
+        consumer: str,
+        position: int,
+        attempt: int = 1,
+        *,
+        marker: bool = False,
     ) -> None:
         """As the runtime's, with the task's terminal status as the handled marker: it is stored
         last, after the other effects, so a redelivery that finds the task ended has nothing
-        left to store (and skips it); the runtime's marker would be one more write per task."""
+        left to store (and skips it); the runtime's marker would be one more write per task.
+        (A task that ends without a status of its worker's, canceled, was ended by the cancel.)"""
         if attempt > 1:
             effects = await self._missing(effects, position)
         if not effects:

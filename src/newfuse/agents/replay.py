@@ -180,6 +180,9 @@ class _DryRun:
             return self._answers, None
         return self._provider or provider, self._model
 
+    async def _store_record(self, ctx: Context, effect: Any, call: int) -> bool:
+        return False  # a dry run: the record stays in the Context, compared, never published
+
 
 def _stripped(value: Any) -> Any:
     if isinstance(value, dict):
@@ -385,7 +388,8 @@ class Replay:
             route = self.agent.routes.get(handled.message.type)
             if route is None:
                 continue
-            handled.records.sort(key=lambda record: record.call)
+            latest = {record.call: record for record in handled.records}  # a retry's last
+            handled.records = [latest[call] for call in sorted(latest)]
             answers = None
             if self._provider is None and self._model is None:
                 name = handled.records[0].provider if handled.records else "recorded"
