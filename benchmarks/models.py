@@ -2,18 +2,18 @@
 
 One run starts one embedded nats-server and the loopback OpenAI-compatible server of the tests
 (tests/openai_server.py: a real HTTP/1.1 server). Calls alternate one by one between the bare
-OpenAICompatibleProvider (the baseline) and the same provider through a ModelRecorder, which
-opens a span, hashes the parameters and input, and stores the record on the message stream,
-awaiting its PubAck before the call returns (the most a call pays: inside a handler the record
-is one more effect of the handler's pipelined commit instead). Lines (JSON, keys name, ours,
-baseline, unit, ratio, n; ratio oriented so higher is better; `overhead_ms` and
+OpenAICompatibleProvider (the baseline) and the same provider recorded. Lines (JSON, keys name,
+ours, baseline, unit, ratio, n; ratio oriented so higher is better; `overhead_ms` and
 `target_ms` = max(10% of the baseline, 1 ms), `within_target`):
-- `models.chat.p50`, `models.chat.p99`, `models.chat.mean`: a whole-answer call, ms;
-- `models.stream.p50`, `models.stream.mean`: a streamed call read to its end, ms;
-- `models.chat_pipelined.p50`, `.mean`: the same through `ModelRecorder(wait=False)`: the
-  record is published and its PubAck awaited in the background (all acknowledged at the end);
-- `models.chat_unstored.mean`: the span, hashes and record alone, kept in memory (a CallLog),
-  without the store: what recording costs before the PubAck.
+- `models.chat.p50|p99|mean`: a whole-answer call inside an agent's handler, `ctx.chat(...)`
+  against the bare provider in the same handler: the call returns once the model answered, its
+  record is stored in the background (awaited before the handler's outcome is committed, which
+  is outside the measured call);
+- `models.stream.p50|p99|mean`: the same for a streamed call read to its end;
+- `models.recorder.p50|p99|mean`: a call through `ModelRecorder` outside handlers (records in
+  the background, the default);
+- `models.recorder_awaited.p50|p99|mean`: `ModelRecorder(wait=True)`: the call returns once its
+  record's PubAck came (what every recorded call paid before records went to the background).
 
 Usage: `python benchmarks/models.py [--quick]`.
 """
@@ -26,18 +26,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 from _harness import emit, parser, percentile, progress, run_benchmark, run_id, workdir
+from nats.aio.client import Client as NatsClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from newfuse.agents import Agent, AgentClient, Context
 from newfuse.agents.models import (
-    CallLog,
     ChatMessage,
     ModelProvider,
     ModelRecorder,
     OpenAICompatibleProvider,
-    RecordedModel,
     collect,
 )
 from newfuse.nats import MessageStreamSpec, NatsServer, Subjects, ensure_event_stream
@@ -104,6 +105,56 @@ def report(kind: str, plain: list[float], ours: list[float], figures: list[str])
         )
 
 
+FIGURES = ["p50", "p99", "mean"]
+PER_MESSAGE = 10  # pairs of calls one handler run makes
+
+
+async def in_handler(nc: NatsClient, prefix: str, provider: ModelProvider, sizes: Sizes) -> None:
+    """Calls made by a handler: bare and `ctx.model(provider)` in turn, timed inside it."""
+    measured: dict[str, tuple[list[float], list[float]]] = {}
+    agent = Agent("bench", concurrency=1)
+
+    @agent.handler("measure")
+    async def measure(ctx: Context, job: dict[str, Any]) -> dict[str, int]:
+        recorded = ctx.model(provider)
+        if job["kind"] == "chat":
+
+            async def bare() -> object:
+                return await provider.chat(PROMPT, model="bench-1")
+
+            async def ours() -> object:
+                return await recorded.chat(PROMPT, model="bench-1")
+
+        else:
+
+            async def bare() -> object:
+                return await collect(provider.stream(PROMPT, model="bench-1"))
+
+            async def ours() -> object:
+                return await collect(recorded.stream(PROMPT, model="bench-1"))
+
+        plain, mine = await alternate(bare, ours, Sizes(warmup=0, calls=job["n"]))
+        if job["keep"]:
+            into = measured.setdefault(job["kind"], ([], []))
+            into[0].extend(plain)
+            into[1].extend(mine)
+        return {"calls": len(mine)}  # the reply the benchmark waits for
+
+    stream = MessageStreamSpec(subjects=Subjects(prefix))
+    async with (
+        agent.run(nc, key="1", prefix=prefix, stream=stream, fast_path=False),
+        AgentClient(nc, prefix=prefix, stream=stream) as client,
+    ):
+        for kind in ("chat", "stream"):
+            for keep, total in ((False, sizes.warmup), (True, sizes.calls)):
+                for start in range(0, total, PER_MESSAGE):
+                    job = {"kind": kind, "n": min(PER_MESSAGE, total - start), "keep": keep}
+                    await client.request("bench", "measure", job, timeout=60)
+            plain, mine = (sorted(side) for side in measured[kind])
+            progress(f"{kind} in a handler: {len(mine)} calls of each kind")
+            report(kind, plain, mine, FIGURES)
+
+
 async def main(sizes: Sizes) -> None:
     async with workdir("models") as files:
         async with (
@@ -116,49 +167,24 @@ async def main(sizes: Sizes) -> None:
             try:
                 prefix = f"bm{run_id()}"
                 await ensure_event_stream(nc, MessageStreamSpec(subjects=Subjects(prefix)))
-                async with ModelRecorder(nc, source="bench", prefix=prefix) as recorder:
-                    model: ModelProvider = recorder.model(provider)
+                await in_handler(nc, prefix, provider, sizes)
 
-                    async def bare() -> object:
-                        return await provider.chat(PROMPT, model="bench-1")
+                async def bare() -> object:
+                    return await provider.chat(PROMPT, model="bench-1")
 
-                    async def recorded() -> object:
-                        return await model.chat(PROMPT, model="bench-1")
+                for kind, wait in (("recorder", False), ("recorder_awaited", True)):
+                    async with ModelRecorder(
+                        nc, source="bench", prefix=prefix, wait=wait
+                    ) as recorder:
+                        model = recorder.model(provider)
 
-                    plain, ours = await alternate(bare, recorded, sizes)
-                    progress(f"chat: {len(ours)} calls of each kind")
-                    report("chat", plain, ours, ["p50", "p99", "mean"])
+                        async def recorded(model: ModelProvider = model) -> object:
+                            return await model.chat(PROMPT, model="bench-1")
 
-                    async def bare_stream() -> object:
-                        return await collect(provider.stream(PROMPT, model="bench-1"))
-
-                    async def recorded_stream() -> object:
-                        return await collect(model.stream(PROMPT, model="bench-1"))
-
-                    plain, ours = await alternate(bare_stream, recorded_stream, sizes)
-                    progress(f"stream: {len(ours)} calls of each kind")
-                    report("stream", plain, ours, ["p50", "mean"])
-
-                async with ModelRecorder(
-                    nc, source="bench", prefix=prefix, wait=False
-                ) as pipelining:
-                    fast = pipelining.model(provider)
-
-                    async def pipelined() -> object:
-                        return await fast.chat(PROMPT, model="bench-1")
-
-                    plain, ours = await alternate(bare, pipelined, sizes)
-                    await pipelining.flush()
-                    assert not pipelining.failed, pipelining.failed
-                    report("chat_pipelined", plain, ours, ["p50", "mean"])
-
-                    kept = RecordedModel(provider, CallLog(agent="bench"))
-
-                    async def unstored() -> object:
-                        return await kept.chat(PROMPT, model="bench-1")
-
-                    plain, ours = await alternate(bare, unstored, sizes)
-                    report("chat_unstored", plain, ours, ["mean"])
+                        plain, ours = await alternate(bare, recorded, sizes)
+                        await recorder.flush()
+                    progress(f"{kind}: {len(ours)} calls of each kind")
+                    report(kind, plain, ours, FIGURES)
             finally:
                 await nc.close()
     progress("done")

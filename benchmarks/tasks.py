@@ -6,7 +6,12 @@ n; ratio oriented so higher is better):
   concurrency 16, a handler that returns at once) take from a queue filled in advance, each task
   going submitted -> working -> completed; the baseline is W processes with a raw nats-py pull
   consumer (one shared durable, explicit ack, fetch 16) acking the same number of messages of
-  the same size on the same stream. `shares` is what each process took.
+  the same size on the same stream. `shares` is what each process took. `same_writes` is a
+  third side: the raw consumer that also stores two status-sized messages per task, each
+  awaiting its PubAck (nats-py `publish_async`; the 16 fetched ones concurrently), as a task's
+  `working` and `completed` are; `same_writes_of_raw` is that side against the bare raw one
+  (the most the target ratio can be with two awaited writes), `ratio_same_writes` ours against
+  it.
 - `tasks.priority0_wait.p99`: the p99 wait (submission to start, ms) of priority-0 tasks, one
   every `spacing` seconds, while a priority-9 flood keeps the queue's backlog growing; the
   baseline is the bound the README states for them, aging + the longest handler run + 25 ms of
@@ -27,6 +32,7 @@ from typing import Any
 import nats
 from _harness import emit, parser, percentile, progress, run_benchmark, run_id, workdir
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from newfuse.agents import TaskContext, TaskQueue, Worker
@@ -79,6 +85,16 @@ async def child(side: str, url: str, prefix: str, queue: str, key: str) -> None:
     else:
         js = nc.jetstream()
         psub = await js.pull_subscribe_bind(queue, Subjects(prefix).message_stream_name)
+        writes = side == "raw_writes"
+        status = b'{"state": "working", "pad": "' + b"x" * 200 + b'"}'  # about a status event
+
+        async def two_writes(msg: Msg) -> None:
+            nonlocal handled
+            subject = f"{prefix}.a2a._bench.{msg.metadata.sequence.stream}"
+            for write in ("working", "completed"):
+                await (await js.publish_async(subject, status, headers={"Nats-Msg-Id": write}))
+            await msg.ack()
+            handled += 1
 
         async def consume() -> None:
             nonlocal handled
@@ -86,6 +102,9 @@ async def child(side: str, url: str, prefix: str, queue: str, key: str) -> None:
                 try:
                     msgs = await psub.fetch(CONCURRENCY, timeout=1)
                 except nats.errors.TimeoutError:
+                    continue
+                if writes:
+                    await asyncio.gather(*(two_writes(msg) for msg in msgs))
                     continue
                 for msg in msgs:
                     await msg.ack()
@@ -126,7 +145,7 @@ async def run_processes(
             assert line.strip() == b"ready", line
         stream = Subjects(prefix).message_stream_name
         js = nc.jetstream()
-        names = [consumer] if side == "raw" else [consumer_name(queue, p) for p in range(10)]
+        names = [consumer] if side != "ours" else [consumer_name(queue, p) for p in range(10)]
         start = time.perf_counter()
         for proc in procs:
             assert proc.stdin is not None
@@ -189,7 +208,7 @@ async def bench_throughput(
     subjects = Subjects(prefix)
     async with TaskQueue(nc, prefix=prefix, stream=stream) as queue:
         for workers in (1, 2, 4):
-            ours, raw, shares = 0.0, 0.0, [0.0]
+            ours, raw, same, shares = 0.0, 0.0, 0.0, [0.0]
             for round_ in range(sizes.rounds):
                 name = f"tp{workers}r{round_}{run_id()}"
                 await fill_ours(queue, name, sizes.tasks)
@@ -206,9 +225,21 @@ async def bench_throughput(
                 )
                 rate, _ = await run_processes("raw", url, prefix, raw_name, workers, nc, raw_name)
                 raw = max(raw, rate)
+                same_name = f"raw2{name}"
+                await fill_raw(
+                    nc,
+                    subjects.message_stream_name,
+                    subjects.task(same_name, 0),
+                    same_name,
+                    sizes.tasks,
+                )
+                rate, _ = await run_processes(
+                    "raw_writes", url, prefix, same_name, workers, nc, same_name
+                )
+                same = max(same, rate)
                 progress(
                     f"{workers} worker(s), round {round_ + 1}: ours {ours:,.0f}/s {shares}, "
-                    f"raw {raw:,.0f}/s"
+                    f"raw {raw:,.0f}/s, raw with two writes {same:,.0f}/s"
                 )
             emit(
                 f"tasks.throughput.workers_{workers}",
@@ -218,6 +249,9 @@ async def bench_throughput(
                 n=sizes.tasks,
                 lower_is_better=False,
                 shares=shares,
+                same_writes=round(same, 3),
+                same_writes_of_raw=round(same / raw, 3) if raw else 0.0,
+                ratio_same_writes=round(ours / same, 3) if same else 0.0,
             )
 
 

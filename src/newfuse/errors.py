@@ -1392,6 +1392,28 @@ class ModelResponseError(ModelError):
         super().__init__(f"{provider} at {url} answered with no usable chat completion: {reason}")
 
 
+class ModelRecordError(ModelError):
+    """A `model.invoked` record stored in the background was not stored (no PubAck in time, the
+    stream refused it or is unavailable). The call itself was answered; what depends on its
+    record (the handler's outcome) is not committed, so the message is delivered again."""
+
+    retryable = True
+
+    def __init__(self, *, subject: str, call: int | None, reason: str) -> None:
+        self.subject = subject
+        self.call = call
+        self.reason = reason
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The error's text; subclasses with other facts say it their way."""
+        which = f"model call {self.call}" if self.call is not None else "a model call"
+        return (
+            f"the record of {which} was not stored on {self.subject!r}: {_shown(self.reason, 300)}"
+            "; the outcome that depends on it is not committed (it is tried again)"
+        )
+
+
 class ModelReplayError(ModelError):
     """A replay cannot answer a model call from the log: the handler made more calls than were
     recorded (its code or input changed); the replay of that message stops there."""

@@ -3,6 +3,7 @@ redelivery answered from the record) and from a ModelRecorder outside handlers."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,9 +22,15 @@ from newfuse.agents.models import (
     params_hash,
 )
 from newfuse.agents.wire import derived_id
-from newfuse.errors import ModelError, ModelUnavailableError
+from newfuse.errors import (
+    ModelError,
+    ModelRecordError,
+    ModelUnavailableError,
+    StoreUnavailableError,
+)
 from newfuse.nats import MessageStreamSpec, Subjects
 from openai_server import FINGERPRINT, Failure, OpenAIServer, response_model
+from support import new_prefix, wait_for
 
 
 @pytest.fixture
@@ -236,3 +243,117 @@ async def test_a_recorder_that_does_not_wait_stores_every_record_by_close(
     assert recorder.failed == []
     found = sorted(await records(nc, prefix), key=lambda r: r.call)  # acks may interleave
     assert [(r.call, r.content) for r in found] == [(n, f"gpt-x says: q{n}") for n in range(6)]
+
+
+async def test_a_handlers_record_is_stored_while_it_runs_before_its_outcome(
+    nc: Client,
+    prefix: str,
+    stream: MessageStreamSpec,
+    provider: OpenAICompatibleProvider,
+) -> None:
+    go_on = asyncio.Event()
+    agent = Agent("asker", ack_wait=5.0)
+
+    @agent.handler("ask")
+    async def ask(ctx: Context, body: dict[str, str]) -> dict[str, str]:
+        answer = await ctx.chat(provider, [ChatMessage(role="user", content="q")], model="gpt-x")
+        await go_on.wait()  # the call returned; its record is on its way meanwhile
+        return {"a": answer.content or ""}
+
+    async with (
+        agent.run(nc, key="1", prefix=prefix, stream=stream) as running,
+        AgentClient(nc, prefix=prefix, stream=stream) as client,
+    ):
+        asked = asyncio.create_task(client.request("asker", "ask", {}, timeout=30))
+
+        async def recorded() -> bool:
+            return len(await records(nc, prefix)) == 1
+
+        await wait_for(recorded, timeout=20)  # stored while the handler still waits
+        assert await stored(nc, prefix, Subjects(prefix).reply(">")) == []
+        go_on.set()
+        reply = await asked
+        await settled(nc, prefix, "asker")
+        assert running.handled == 1
+    assert reply.payload == {"a": "gpt-x says: q"}
+    assert len(await records(nc, prefix)) == 1
+
+
+class LosesItsFirstRecord(RunningAgent):
+    """An instance whose first model record is refused, as a stream that fails would."""
+
+    refused = 0
+
+    async def _publish(self, subject: str, body: bytes, wire_headers: dict[str, str]) -> None:
+        if "._model." in subject and not self.refused:
+            self.refused += 1
+            raise StoreUnavailableError(operation=f"publish to {subject!r}", reason="on purpose")
+        await super()._publish(subject, body, wire_headers)
+
+
+async def test_a_record_not_stored_fails_the_delivery_and_the_retry_records_the_call(
+    nc: Client,
+    prefix: str,
+    stream: MessageStreamSpec,
+    server: OpenAIServer,
+    provider: OpenAICompatibleProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs: list[str] = []
+    agent = one_call_agent(provider, runs)
+    agent.backoff = (0.05, 0.1)
+    running = agent.run(nc, key="1", prefix=prefix, stream=stream)
+    instance = LosesItsFirstRecord(
+        agent, nc, running.agent_id, running.subjects, stream, fast_path=False
+    )
+    async with instance, AgentClient(nc, prefix=prefix, stream=stream) as client:
+        reply = await client.request("asker", "ask", {"q": "three"}, timeout=30)
+        await settled(nc, prefix, "asker")
+    assert instance.refused == 1 and instance._records.failures == 1
+    assert len(runs) == 2  # the first outcome was not committed: no reply, no marker
+    assert len(server.requests) == 2  # nothing recorded to answer the retry from
+    assert reply.payload == {"a": "gpt-x says: three"}
+    assert len(await stored(nc, prefix, Subjects(prefix).reply(">"))) == 1
+    assert [r.call for r in await records(nc, prefix)] == [0]
+    assert "the record of model call 0 was not stored" in caplog.text
+
+
+async def test_a_clean_stop_stores_the_records_of_a_handler_it_cancels(
+    nc: Client,
+    prefix: str,
+    stream: MessageStreamSpec,
+    provider: OpenAICompatibleProvider,
+) -> None:
+    called = asyncio.Event()
+    agent = Agent("asker", ack_wait=5.0)
+
+    @agent.handler("ask")
+    async def ask(ctx: Context, body: dict[str, str]) -> None:
+        for n in range(3):
+            await ctx.chat(provider, [ChatMessage(role="user", content=f"q{n}")], model="gpt-x")
+        called.set()
+        await asyncio.sleep(60)  # still running at the stop
+
+    instance = agent.run(nc, key="1", prefix=prefix, stream=stream)
+    async with instance, AgentClient(nc, prefix=prefix, stream=stream) as client:
+        await client.send("asker", "ask", {})
+        await asyncio.wait_for(called.wait(), timeout=20)
+        await instance.close(grace=0)  # the handler is cancelled; its records are not lost
+    assert sorted(r.call for r in await records(nc, prefix)) == [0, 1, 2]
+
+
+async def test_a_recorder_whose_records_are_not_stored_says_so_at_close(
+    nc: Client, provider: OpenAICompatibleProvider
+) -> None:
+    nowhere = new_prefix()  # no stream takes its subjects: every record is refused
+    recorder = ModelRecorder(nc, source="lost", prefix=nowhere, timeout=2.0)
+    async with recorder:
+        model = recorder.model(provider)
+        answer = await model.chat([ChatMessage(role="user", content="q")], model="gpt-x")
+        assert answer.content == "gpt-x says: q"  # the call returned before its record failed
+        with pytest.raises(ModelRecordError, match=r"1 record\(s\) lost"):
+            await recorder.flush()
+        await model.chat([ChatMessage(role="user", content="q")], model="gpt-x")
+        with pytest.raises(ModelRecordError, match=r"1 record\(s\) lost"):
+            await recorder.close()
+    assert len(recorder.failed) == 2

@@ -103,6 +103,7 @@ STATUS_SEQ_KEY: Final = "status_seq"
 it as the task subject's last (JetStream's expected last subject sequence), so a cancel stored
 in between is found without a read."""
 _MAX_TERM = 64  # characters of one term's value: anything longer is not ours
+_PRIORITY_NAMES: Final = frozenset(str(p) for p in PRIORITIES)
 
 
 def check_queue(queue: str) -> str:
@@ -153,7 +154,7 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
     if queue is None:
         raise bad(QUEUE_KEY, "missing: a task names its queue")
     priority = metadata.get(PRIORITY_KEY, "0")
-    if priority not in {str(p) for p in PRIORITIES}:
+    if priority not in _PRIORITY_NAMES:
         raise bad(PRIORITY_KEY, f"{priority!r} is not a priority 0-9")
     deadline = None
     if (text := metadata.get(DEADLINE_KEY)) is not None:
@@ -798,17 +799,25 @@ class RunningWorker(RunningAgent):
         ctx.task_status("completed", artifacts=result_artifacts(ctx._result))
 
     async def _commit(
-        self, effects: list[Effect], consumer: str, position: int, attempt: int = 1
+        self,
+        effects: list[Effect],
+        consumer: str,
+        position: int,
+        attempt: int = 1,
+        *,
+        marker: bool = False,
     ) -> None:
         """As the runtime's, with the task's terminal status as the handled marker: it is stored
         last, after the other effects, so a redelivery that finds the task ended has nothing
-        left to store (and skips it); the runtime's marker would be one more write per task."""
+        left to store (and skips it); the runtime's marker would be one more write per task.
+        (A task that ends without a status of its worker's, canceled, was ended by the cancel.)"""
         if attempt > 1:
             effects = await self._missing(effects, position)
         if not effects:
             return
         *first, last = effects
-        await asyncio.gather(*(self._publish(*effect) for effect in first))
+        if first:
+            await asyncio.gather(*(self._publish(*effect) for effect in first))
         await self._publish(*last)
 
     def _working(self, ctx: TaskContext, task_id: str) -> tuple[bytes, dict[str, str]]:
@@ -978,7 +987,7 @@ def _queue_of(subject: str, base: str) -> tuple[str, int] | None:
     if not subject.startswith(base):
         return None
     queue, dot, priority = subject[len(base) :].rpartition(".")
-    if not dot or not queue or "." in queue or priority not in {str(p) for p in PRIORITIES}:
+    if not dot or not queue or "." in queue or priority not in _PRIORITY_NAMES:
         return None
     return queue, int(priority)
 

@@ -14,6 +14,12 @@ to that model instead, and the replay shows where its answers, and what the hand
 them, diverge from what was recorded. Effect ids are derived from the message and the
 consumer as the runtime derives them, so a replayed effect is compared with the stored one of
 the same id; envelope timestamps and latencies are left out of the comparison.
+
+A queue's Worker replays too: its tasks are the messages on `<prefix>.task.<queue>.*` (found by
+`--context` or by task id), each handled as the worker does (a TaskContext with the task's
+terms; the handler's return value becomes the `completed` status with its `result` artifact),
+and compared with what its worker stored for it. The `working` statuses are the worker's
+bookkeeping of each attempt, not the handler's doing: they are left out.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from newfuse.agents import wire
 from newfuse.agents.address import AgentId
 from newfuse.agents.models.base import ChatChunk, ChatResult, ModelProvider, chunked
 from newfuse.agents.models.recording import INVOKED_TYPE, decode_invoked, result_of
-from newfuse.agents.runtime import Agent, Context, run_handler
+from newfuse.agents.queues import TASK_MESSAGE_TYPE, TaskContext, Worker, result_artifacts, terms_of
+from newfuse.agents.runtime import Agent, Context, _HandlerLog, _Route, run_handler
+from newfuse.agents.tasks import SENDER, STATUS_TYPE
 from newfuse.errors import FuseError, ModelReplayError, ModelUnavailableError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
@@ -180,6 +188,9 @@ class _DryRun:
             return self._answers, None
         return self._provider or provider, self._model
 
+    async def _store_record(self, ctx: Context, effect: Any, call: int) -> bool:
+        return False  # a dry run: the record stays in the Context, compared, never published
+
 
 def _stripped(value: Any) -> Any:
     if isinstance(value, dict):
@@ -266,6 +277,24 @@ def _compare_effects(
     return compared
 
 
+class _DryLog(_HandlerLog):
+    """A replayed handler's model log: calls are answered by the replay's provider (the
+    records, or another model), never by what an earlier attempt stored."""
+
+    async def recorded(self, call: int) -> ModelInvoked | None:
+        return None
+
+
+def _working(envelope: Envelope) -> bool:
+    if envelope.type != STATUS_TYPE:
+        return False
+    try:
+        state = msgspec.json.decode(envelope.data).get("state")
+    except (msgspec.DecodeError, AttributeError):
+        return False
+    return bool(state == "working")
+
+
 class Replay:
     """Replays one agent type's handling of conversations stored under `prefix`.
 
@@ -273,7 +302,8 @@ class Replay:
 
     Args:
         nc: a connected client (only reads are sent).
-        agent: the agent's definition (its handlers as they are now).
+        agent: the agent's definition (its handlers as they are now), or a queue's Worker
+            (its tasks are replayed as its workers handled them).
         provider: answer model calls with this provider instead of the records.
         model: ask for this model instead of the one the handler names (with the handler's
             own provider unless `provider` is given).
@@ -282,14 +312,15 @@ class Replay:
     def __init__(
         self,
         nc: Client,
-        agent: Agent,
+        agent: Agent | Worker,
         *,
         prefix: str = "fuse",
         provider: ModelProvider | None = None,
         model: str | None = None,
         timeout: float = 5.0,
     ) -> None:
-        self.agent = agent
+        self.worker = agent if isinstance(agent, Worker) else None
+        self.agent = agent.agent if isinstance(agent, Worker) else agent
         self.subjects = Subjects(prefix)
         self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
         self._provider = provider
@@ -298,6 +329,12 @@ class Replay:
 
     def _consumer_of(self, subject: str) -> str | None:
         """The consumer of the agent's type that takes messages on `subject` (None: not one)."""
+        if self.worker is not None:
+            lanes = f"{self.subjects.prefix}.task.{self.worker.queue}."
+            priority = subject[len(lanes) :]
+            if subject.startswith(lanes) and priority.isdigit() and len(priority) == 1:
+                return f"task-{self.worker.queue}-p{priority}"
+            return None
         agent_type = self.agent.type
         own = self.subjects.agent_type(agent_type)
         if subject == own:
@@ -308,10 +345,11 @@ class Replay:
             return agent_type
         return None
 
-    async def _read(self, context_id: str) -> list[_Input]:
+    async def _read(self, context_id: str | None, task_id: str | None) -> list[_Input]:
         inputs: dict[str, _Input] = {}
         models = self.subjects.models(self.agent.type)
-        everything = f"{self.subjects.prefix}.a2a.>"
+        # a queue's tasks wait on `<prefix>.task.*`, their effects on `<prefix>.a2a.*`
+        everything = f"{self.subjects.prefix}.{'>' if self.worker is not None else 'a2a.>'}"
         async for msg in self._direct.messages(everything, "read the conversation to replay"):
             subject = (msg.headers or {}).get(headers.SUBJECT, "")
             position = sequence_of(msg)
@@ -346,7 +384,11 @@ class Replay:
             except FuseError as error:
                 self.skipped.append(str(error))
                 continue
-            if (message.context_id or envelope.correlation_id) != context_id:
+            if context_id is not None and (
+                (message.context_id or envelope.correlation_id) != context_id
+            ):
+                continue
+            if task_id is not None and message.task_id != task_id:
                 continue
             inputs[envelope.id] = _Input(
                 position=position,
@@ -363,7 +405,9 @@ class Replay:
         """The instance that handled it: from its records or its effects' sender."""
         names = [r.agent for r in handled.records if r.agent]
         for _, envelope in handled.effects:
-            if envelope.type == wire.MESSAGE_TYPE:
+            if envelope.metadata.get(SENDER):
+                names.append(envelope.metadata[SENDER])
+            elif envelope.type == wire.MESSAGE_TYPE:
                 sender = msgspec.json.decode(envelope.data).get("metadata", {}).get("sender")
                 if isinstance(sender, str):
                     names.append(sender)
@@ -373,19 +417,39 @@ class Replay:
                 return AgentId.of(agent_type, key)
         return AgentId.of(self.agent.type, "replay")
 
-    async def messages(self, context_id: str) -> AsyncIterator[ReplayedMessage]:
-        """The replay of each message of conversation `context_id` the agent has a handler
-        for, oldest first.
+    async def _run_task(self, route: _Route, ctx: TaskContext, handled: _Input) -> None:
+        """As a worker runs a task: its terms, the handler, its result as `completed`."""
+        ctx.terms = terms_of(
+            ctx.envelope.metadata, f"at position {handled.position} on {handled.subject}"
+        )
+        ctx._task_recorded = True  # the submitter stored the task's message
+        kept: list[Any] = []
+
+        async def keep_result(inner: Context, payload: Any) -> None:
+            kept.append(await route.handler(inner, payload))
+
+        await run_handler(_Route(keep_result, route.payload), ctx)
+        ctx.task_status("completed", artifacts=result_artifacts(kept[0] if kept else None))
+
+    async def messages(
+        self, context_id: str | None = None, *, task_id: str | None = None
+    ) -> AsyncIterator[ReplayedMessage]:
+        """The replay of each message of conversation `context_id` (or of task `task_id`, or
+        both) the agent has a handler for, oldest first.
 
         Raises:
+            ValueError: neither `context_id` nor `task_id` is given.
             StoreUnavailableError, ElectionTimeoutError: the stream did not answer.
         """
+        if context_id is None and task_id is None:
+            raise ValueError("replay a conversation (context_id) or a task (task_id)")
         self.skipped = []
-        for handled in await self._read(context_id):
+        for handled in await self._read(context_id, task_id):
             route = self.agent.routes.get(handled.message.type)
             if route is None:
                 continue
-            handled.records.sort(key=lambda record: record.call)
+            latest = {record.call: record for record in handled.records}  # a retry's last
+            handled.records = [latest[call] for call in sorted(latest)]
             answers = None
             if self._provider is None and self._model is None:
                 name = handled.records[0].provider if handled.records else "recorded"
@@ -398,23 +462,33 @@ class Replay:
                 self._provider,
                 self._model,
             )
-            ctx = Context(
+            task = self.worker is not None and handled.message.type == TASK_MESSAGE_TYPE
+            # A task replays the attempt that stored its outcome (one `working` per attempt).
+            attempts = sum(1 for _, e in handled.effects if _working(e)) if task else 1
+            ctx = (TaskContext if task else Context)(
                 runtime,
                 handled.envelope,
                 handled.message,
                 consumer=handled.consumer,
-                attempt=1,
+                attempt=max(1, attempts),
                 position=handled.position,
             )
+            ctx._model_log = _DryLog(ctx)
             error = None
             try:
-                await run_handler(route, ctx)
+                if isinstance(ctx, TaskContext):
+                    await self._run_task(route, ctx, handled)
+                else:
+                    await run_handler(route, ctx)
             except Exception as failure:
                 error = f"{type(failure).__name__}: {failure}"
                 ctx._effects.clear()  # a handler that raises emits nothing
             replayed = ctx._model_log.records if ctx._model_log is not None else []
             calls = _compare_calls(handled.records, replayed)
-            effects = _compare_effects(handled.effects, ctx)
+            stored = handled.effects
+            if task:  # each attempt's `working` is the worker's bookkeeping
+                stored = [(s, e) for s, e in stored if not _working(e)]
+            effects = _compare_effects(stored, ctx)
             if error is not None:  # the runtime stored its dead letter: not an effect of ours
                 effects = [e for e in effects if e.type != "agent.dead_letter"]
             yield ReplayedMessage(

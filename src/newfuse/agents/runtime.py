@@ -35,7 +35,14 @@ from newfuse import telemetry
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.models.base import ChatResult, ModelProvider
-from newfuse.agents.models.recording import INVOKED_TYPE, CallLog, RecordedModel, decode_invoked
+from newfuse.agents.models.recording import (
+    INVOKED_TYPE,
+    RECORDS_IN_FLIGHT,
+    CallLog,
+    RecordedModel,
+    RecordWriter,
+    decode_invoked,
+)
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of
 from newfuse.agents.tasks import (
     SENDER,
@@ -112,6 +119,11 @@ class AgentRuntime(Protocol):
         of the one the handler names (None: that one); a replay swaps them."""
         ...
 
+    async def _store_record(self, ctx: Context, effect: Effect, call: int) -> bool:
+        """Start storing a model record of `ctx`'s handler now (True), or leave it to be one of
+        its effects (False: the fast path's, a replay's)."""
+        ...
+
 
 class _Route(msgspec.Struct, frozen=True):
     handler: Handler
@@ -151,6 +163,7 @@ class Context:
         self._trace = wire.current_trace()
         self._model_log: _HandlerLog | None = None
         self._model_effects = 0
+        self._records: list[asyncio.Task[None]] = []  # model records being stored meanwhile
 
     @property
     def agent_id(self) -> AgentId:
@@ -178,6 +191,21 @@ class Context:
         event_id: str | None = None,
     ) -> str:
         event_id = event_id or self._next_id()
+        self._effects.append(
+            self._encoded(subject, stream, type_name, data, event_id=event_id, metadata=metadata)
+        )
+        return event_id
+
+    def _encoded(
+        self,
+        subject: str,
+        stream: str,
+        type_name: str,
+        data: Any,
+        *,
+        event_id: str,
+        metadata: dict[str, str] | None = None,
+    ) -> Effect:
         body, wire_headers = wire.encode(
             stream,
             type_name,
@@ -188,8 +216,7 @@ class Context:
             trace=self._trace,
             metadata=metadata,
         )
-        self._effects.append((subject, body, wire_headers))
-        return event_id
+        return subject, body, wire_headers
 
     def _emit(
         self, subject: str, stream: str, message_type: str, payload: Any, **fields: Any
@@ -294,14 +321,16 @@ class Context:
         return task_id
 
     def model(self, provider: ModelProvider) -> RecordedModel:
-        """`provider`, with each call recorded as an effect of this handler (`model.invoked` on
-        `<prefix>.a2a._model.<type>`, stored when the handler returns, once however often the
-        message is delivered) and traced with the OpenTelemetry GenAI attributes.
+        """`provider`, with each call recorded (`model.invoked` on `<prefix>.a2a._model.<type>`,
+        stored in the background as soon as the model answered and always before the handler's
+        outcome is committed, once however often the message is delivered) and traced with the
+        OpenTelemetry GenAI attributes.
 
         Calls are numbered in the order the handler makes them (0, 1, ...): a redelivered
         handler whose earlier attempt stored call n gets that answer again when it asks the
         same (model and input) instead of calling the model. Records of a handler that
-        raises are not stored (effects are all or none): catch a ModelError to keep one.
+        raises are stored too (the calls were made and paid for), so its retry gets their
+        answers back: vary the input to ask again.
         """
         if self._model_log is None:
             self._model_log = _HandlerLog(self)
@@ -391,39 +420,49 @@ class _HandlerLog(CallLog):
             context_id=ctx.message.context_id,
         )
         self._ctx = ctx
+        self._reused: dict[int, ModelInvoked] = {}
         agent_type = ctx.agent_id.type
         self._subject = ctx._runtime.subjects.models(agent_type)
         self._stream = f"model.{agent_type}"
 
-    def _id(self, call: int) -> str:
-        return wire.derived_id(self._ctx.envelope.id, self._ctx.consumer, f"model/{call}")
+    def _id(self, call: int, attempt: int) -> str:
+        """Call `call`'s record id: one per call (a redelivery stores it once), and one more per
+        later attempt that asks the model again (an earlier record did not fit)."""
+        name = f"model/{call}" if attempt < 2 else f"model/{call}.{attempt}"
+        return wire.derived_id(self._ctx.envelope.id, self._ctx.consumer, name)
 
     async def recorded(self, call: int) -> ModelInvoked | None:
+        """The latest record of call `call` an earlier attempt stored (None: none)."""
         ctx = self._ctx
         if ctx.attempt < 2 or ctx.position == 0:
             return None
-        wanted = self._id(call)
+        wanted = {self._id(call, attempt) for attempt in range(1, ctx.attempt)}
         direct = ctx._runtime._direct
+        found = None
         async for msg in direct.messages(self._subject, "find recorded model calls", ctx.position):
-            if (msg.headers or {}).get(headers.MSG_ID) != wanted:
+            if (msg.headers or {}).get(headers.MSG_ID) not in wanted:
                 continue
-            try:
-                return decode_invoked(msg.data, position=0, subject=self._subject).invoked
-            except FuseError:
-                return None
-        return None
+            with contextlib.suppress(FuseError):  # not ours to trust: as if not recorded
+                found = decode_invoked(msg.data, position=0, subject=self._subject).invoked
+        if found is not None:
+            self._reused[call] = found
+        return found
 
     async def write(self, invoked: ModelInvoked) -> None:
         self.records.append(invoked)
+        if self._reused.get(invoked.call) is invoked:
+            return  # an earlier attempt's record, stored already
         ctx = self._ctx
-        ctx._model_effects += 1
-        ctx._effect(
+        effect = ctx._encoded(
             self._subject,
             self._stream,
             INVOKED_TYPE,
             invoked,
-            event_id=self._id(invoked.call),
+            event_id=self._id(invoked.call, ctx.attempt),
         )
+        if not await ctx._runtime._store_record(ctx, effect, invoked.call):
+            ctx._model_effects += 1
+            ctx._effects.append(effect)
 
 
 async def run_handler(route: _Route, ctx: Context) -> None:
@@ -670,6 +709,7 @@ class RunningAgent:
         self._pubacks = PubAckInbox(nc, f"agent {agent_id}")
         self._publish_timeout = 5.0
         self._direct = DirectGet(nc, subjects.message_stream_name, timeout=5.0)
+        self._records = RecordWriter(self._publish, limit=RECORDS_IN_FLIGHT)
         self._server_version = ""
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._loops: dict[str, PullLoop] = {}
@@ -790,6 +830,7 @@ class RunningAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self._records.flush()  # a clean stop loses no model record in flight
         if self._registered:
             self._registered = False
             await self.registration.stop()
@@ -932,6 +973,9 @@ class RunningAgent:
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            # Its model records are stored before its failure is (a ModelRecordError here
+            # fails the delivery: the message comes back).
+            await self._records.settle(ctx._records)
             retryable = not isinstance(error, FuseError) or error.retryable
             reason = f"{type(error).__name__}: {error}"
             _failed(span, error, reason)
@@ -940,6 +984,7 @@ class RunningAgent:
                 return
             await self._dead_letter(msg, consumer, envelope, message, attempt, reason)
             return
+        await self._records.settle(ctx._records)  # every record before the outcome
         if time.monotonic() - started > self.agent.ack_wait:
             # It ran past ack_wait: if its process stalled (no in-progress acks went out), the
             # server redelivered it, maybe to another instance that has finished it since.
@@ -950,7 +995,7 @@ class RunningAgent:
                 self.already_handled += 1
                 await self._ack(msg)
                 return
-        await self._commit(ctx._effects, consumer, position, attempt)
+        await self._commit(ctx._effects, consumer, position, attempt, marker=bool(ctx._records))
         self.handled += 1
         await self._ack(msg)
 
@@ -1063,9 +1108,17 @@ class RunningAgent:
                 await msg.in_progress()
 
     async def _commit(
-        self, effects: list[Effect], consumer: str, position: int, attempt: int = 1
+        self,
+        effects: list[Effect],
+        consumer: str,
+        position: int,
+        attempt: int = 1,
+        *,
+        marker: bool = False,
     ) -> None:
-        if not effects:
+        """Store `effects`, then the handled marker (also with no effects when `marker`: the
+        handler stored model records meanwhile, and a redelivery must not run it again)."""
+        if not effects and not marker:
             return
         if position == 0:  # the fast path: delivered once, nothing to redeliver
             for subject, body, wire_headers in effects:
@@ -1074,9 +1127,9 @@ class RunningAgent:
         if attempt > 1:  # an earlier delivery may have stored some before it died
             effects = await self._missing(effects, position)
         await asyncio.gather(*(self._publish(*effect) for effect in effects))
-        marker = {headers.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
+        first = {headers.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
         try:
-            await self._publish(self.subjects.handled(consumer, position), b"", marker)
+            await self._publish(self.subjects.handled(consumer, position), b"", first)
         except WrongLastSequenceError:
             pass  # another delivery of this message got there first; ids kept effects single
 
@@ -1108,6 +1161,12 @@ class RunningAgent:
 
     def _provider_for(self, provider: ModelProvider) -> tuple[ModelProvider, str | None]:
         return provider, None
+
+    async def _store_record(self, ctx: Context, effect: Effect, call: int) -> bool:
+        if ctx.position == 0:  # the fast path: delivered once, its records go with its effects
+            return False
+        ctx._records.append(await self._records.put(*effect, call))
+        return True
 
     async def _dead_letter(
         self,

@@ -1,6 +1,7 @@
 """`fuse models usage` (calls, tokens and latency per agent and model version, from the log)
-and `fuse agents replay MODULE:AGENT --context ID` (a past conversation handled again, its
-model calls answered from their records or by another model, compared with what was stored)."""
+and `fuse agents replay MODULE:AGENT --context ID | --task ID` (a past conversation, or a
+queue's task, handled again, its model calls answered from their records or by another model,
+compared with what was stored)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from newfuse.agents import Agent, Worker
 from newfuse.agents.models import LocalModelProvider, ModelProvider, OpenAICompatibleProvider
 from newfuse.agents.models.usage import ModelCalls, Usage, usage
 from newfuse.agents.replay import Replay, ReplayedMessage
@@ -41,13 +43,18 @@ def register_replay_action(actions: Any) -> None:
         "replay",
         help="handle a past conversation again, model calls answered from the log",
         description="Run MODULE:AGENT's handlers again, in this process, over the messages "
-        "of conversation --context that reached its type, with every model call answered "
-        "from its recorded model.invoked result (deterministic, no model is called), or by "
-        "--provider / --model; print per message whether the model answers and the effects "
-        "(replies, sends, task changes) are the ones stored. Nothing is written to the bus.",
+        "of conversation --context (or of task --task) that reached its type, with every "
+        "model call answered from its recorded model.invoked result (deterministic, no model "
+        "is called), or by --provider / --model; print per message whether the model answers "
+        "and the effects (replies, sends, task changes) are the ones stored. MODULE:AGENT may "
+        "name a queue's Worker: its tasks are handled again as its workers did (the return "
+        "value as the completed status). Nothing is written to the bus.",
     )
-    replay.add_argument("agent", metavar="MODULE:AGENT", help="e.g. myapp.agents:writer")
-    replay.add_argument("--context", metavar="ID", required=True, help="the conversation")
+    replay.add_argument(
+        "agent", metavar="MODULE:AGENT", help="an Agent or a Worker, e.g. myapp.agents:writer"
+    )
+    replay.add_argument("--context", metavar="ID", help="the conversation")
+    replay.add_argument("--task", metavar="ID", help="the task (a queue's, or any A2A task)")
     replay.add_argument(
         "--provider",
         metavar="SPEC",
@@ -188,15 +195,37 @@ def _pair(console: Any, recorded: Any, replayed: Any) -> None:
         console.print(f"    {label}: {_short(value, 200)}", highlight=False, markup=False)
 
 
-async def run_replay(args: argparse.Namespace) -> int:
-    from newfuse.cli.agents import load_agent
+def load_replayable(spec: str) -> Agent | Worker:
+    """The Agent or Worker named by `module:attribute`.
 
-    agent = load_agent(args.agent)
+    Raises:
+        ConfigError: it cannot be found, or is neither.
+    """
+    found = load_attribute(spec, option="MODULE:AGENT", example="myapp.agents:writer")
+    if not isinstance(found, Agent | Worker):
+        raise ConfigError(
+            variable="MODULE:AGENT",
+            value=spec,
+            reason=f"it is a {type(found).__name__}, not a newfuse.agents.Agent or Worker",
+        )
+    return found
+
+
+async def run_replay(args: argparse.Namespace) -> int:
+    if args.context is None and args.task is None:
+        raise ConfigError(
+            variable="--context/--task",
+            value=None,
+            reason="name the conversation (--context ID) or the task (--task ID) to replay",
+        )
+    agent = load_replayable(args.agent)
     provider = load_provider(args.provider) if args.provider else None
     try:
         async with message_stream(args, name="fuse-agents-replay") as (nc, prefix):
             replay = Replay(nc, agent, prefix=prefix, provider=provider, model=args.model)
-            results = [replayed async for replayed in replay.messages(args.context)]
+            results = [
+                replayed async for replayed in replay.messages(args.context, task_id=args.task)
+            ]
     finally:
         if isinstance(provider, OpenAICompatibleProvider):
             await provider.aclose()
@@ -204,7 +233,12 @@ async def run_replay(args: argparse.Namespace) -> int:
         note(f"skipped: {skipped}")
     diverged = sum(1 for replayed in results if replayed.diverged)
     if not results:
-        note(f"no message of conversation {args.context!r} reached agent type {agent.type!r}")
+        what = " and ".join(
+            f"{name} {value!r}"
+            for name, value in (("conversation", args.context), ("task", args.task))
+            if value is not None
+        )
+        note(f"no message of {what} reached agent type {replay.agent.type!r}")
     if args.json:
         for replayed in results:
             print_json(replayed_json(replayed))

@@ -5,8 +5,16 @@ and ends in a ModelInvoked written to a `CallLog`. Inside a handler the log is t
 (`ctx.model(provider)`, `ctx.chat(...)`): the record is one of its effects, stored with its
 other effects when it returns, with an id derived from the message handled and the call's
 index, so a redelivery stores it once; and a redelivered handler whose earlier attempt's
-records are stored gets their answers back instead of calling the model again. Outside a
-handler, `ModelRecorder(nc, source=...)` stores each record at once (awaiting its PubAck).
+records are stored gets their answers back instead of calling the model again.
+
+Records are stored off the call's latency path (`RecordWriter`): a call returns as soon as the
+model answered; its record is published at once and its PubAck awaited in the background, at
+most `RECORDS_IN_FLIGHT` per agent instance (or recorder) unacknowledged, after which the next
+record waits for room (back-pressure). A handler's outcome is committed only after every record
+it made is stored (so a replay always finds them), and a record that fails makes the delivery
+fail (the message comes back): a failure is never swallowed. Outside a handler,
+`ModelRecorder(nc, source=...)` stores the same way; `flush()` and `close()` wait for what is
+in flight and raise when a record was not stored.
 
 Records are on the message stream, `<prefix>.a2a._model.<agent type or source>` (envelope
 stream `model.<type>`), beside the conversation they belong to: a replay reads both in one
@@ -18,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -37,7 +45,7 @@ from newfuse.agents.models.base import (
     input_hash,
     params_hash,
 )
-from newfuse.errors import FuseError
+from newfuse.errors import FuseError, ModelRecordError
 from newfuse.nats.jserrors import decode_pub_ack
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
@@ -50,8 +58,94 @@ from newfuse.schemas import (
 )
 
 INVOKED_TYPE: Final = "model.invoked"
+RECORDS_IN_FLIGHT: Final = 64
+"""Records one writer (an agent instance, a ModelRecorder) has published and not yet seen
+acknowledged, at most; the next waits until one is (back-pressure on the calls)."""
 
 log = logging.getLogger("newfuse.agents.models")
+
+
+Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # kept for settle(); retrieved so it is never logged as lost
+
+
+class RecordWriter:
+    """Stores records in the background: each is published at once and its PubAck awaited by a
+    task of its own, at most `limit` unacknowledged (then `put` waits for room).
+
+    Args:
+        publish: stores one message and returns once its PubAck says so (raises a FuseError
+            otherwise).
+        limit: records in flight at most.
+    """
+
+    def __init__(self, publish: Publish, *, limit: int = RECORDS_IN_FLIGHT) -> None:
+        self._publish = publish
+        self._room = asyncio.Semaphore(max(1, limit))
+        self._pending: set[asyncio.Task[None]] = set()
+        self.failures = 0
+        """Records that were not stored."""
+
+    @property
+    def in_flight(self) -> int:
+        """Records published and not yet acknowledged (or failed)."""
+        return len(self._pending)
+
+    async def put(
+        self, subject: str, body: bytes, wire_headers: dict[str, str], call: int | None
+    ) -> asyncio.Task[None]:
+        """Start storing one record (after waiting for room); the task fails with a
+        ModelRecordError when it is not stored."""
+        await self._room.acquire()
+        try:
+            task = asyncio.create_task(self._store(subject, body, wire_headers, call))
+        except BaseException:
+            self._room.release()
+            raise
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_retrieve)
+        return task
+
+    async def _store(
+        self, subject: str, body: bytes, wire_headers: dict[str, str], call: int | None
+    ) -> None:
+        try:
+            await self._publish(subject, body, wire_headers)
+        except FuseError as error:
+            self.failures += 1
+            log.warning("a model record on %s was not stored: %s", subject, error)
+            raise ModelRecordError(subject=subject, call=call, reason=str(error)) from error
+        finally:
+            self._room.release()
+
+    @staticmethod
+    async def settle(tasks: Sequence[asyncio.Task[None]]) -> None:
+        """Wait until `tasks` are done; raises the first one's ModelRecordError, if any failed.
+
+        Raises:
+            ModelRecordError: a record was not stored (or its store was cancelled).
+        """
+        if not tasks:
+            return
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if task.cancelled():
+                raise ModelRecordError(
+                    subject="(the message stream)", call=None, reason="its store was cancelled"
+                )
+            error = task.exception()
+            if error is not None:
+                raise error
+
+    async def flush(self) -> None:
+        """Wait until every record in flight is acknowledged or failed."""
+        while self._pending:
+            await asyncio.wait(set(self._pending))
 
 
 class CallLog:
@@ -292,9 +386,10 @@ class ModelRecorder:
         agent: the `agent` field of the records (default: `source`).
         timeout: seconds to wait for each record's PubAck.
         wait: a call returns once its record is stored (True), or at once while the record's
-            PubAck is awaited in the background (False: the call costs a publish, not a round
-            trip; `flush()` and `close()` wait for what is in flight, at most `in_flight`
-            records are, and `failed` keeps the errors of records that were not stored).
+            PubAck is awaited in the background (False, the default: the call costs a publish,
+            not a round trip; at most `in_flight` records are unacknowledged, then the next
+            call's record waits for room; `flush()` and `close()` wait for what is in flight
+            and raise ModelRecordError when a record was not stored, and `failed` keeps why).
         in_flight: with `wait=False`, the most records awaiting their PubAck at once.
     """
 
@@ -306,8 +401,8 @@ class ModelRecorder:
         prefix: str = "fuse",
         agent: str | None = None,
         timeout: float = 5.0,
-        wait: bool = True,
-        in_flight: int = 256,
+        wait: bool = False,
+        in_flight: int = RECORDS_IN_FLIGHT,
     ) -> None:
         self.subjects = Subjects(prefix)
         self.source = check_agent_name(source, kind="model call source")
@@ -317,8 +412,8 @@ class ModelRecorder:
         self._started = False
         self._timeout = timeout
         self._wait = wait
-        self._room = asyncio.Semaphore(max(1, in_flight))
-        self._pending: set[asyncio.Task[None]] = set()
+        self._writer = RecordWriter(self._acked, limit=in_flight)
+        self._reported = 0
         self.failed: list[str] = []
         """Why records stored in the background were not stored (oldest first, at most 100)."""
 
@@ -335,14 +430,31 @@ class ModelRecorder:
             await self._inbox.start()
 
     async def flush(self) -> None:
-        """Wait until every record stored in the background is acknowledged (or failed)."""
-        while self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        """Wait until every record stored in the background is acknowledged (or failed).
+
+        Raises:
+            ModelRecordError: records were not stored since the last flush (says how many, and
+                why the first was not).
+        """
+        await self._writer.flush()
+        failures = self._writer.failures - self._reported
+        if failures:
+            self._reported = self._writer.failures
+            first = self.failed[-min(failures, len(self.failed))] if self.failed else "unknown"
+            raise ModelRecordError(
+                subject=self.subject, call=None, reason=f"{failures} record(s) lost; {first}"
+            )
 
     async def close(self) -> None:
-        """Wait for the records in flight, then close the PubAck inbox. Idempotent."""
-        await self.flush()
-        await self._inbox.close()
+        """Wait for the records in flight, then close the PubAck inbox. Idempotent.
+
+        Raises:
+            ModelRecordError: as `flush`.
+        """
+        try:
+            await self.flush()
+        finally:
+            await self._inbox.close()
 
     def model(
         self,
@@ -369,26 +481,19 @@ class ModelRecorder:
             causation_id=invoked.correlation,
         )
         if self._wait:
-            await self._acked(body, wire_headers)
+            await self._acked(self.subject, body, wire_headers)
             return
-        await self._room.acquire()
-        task = asyncio.create_task(self._background(body, wire_headers))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task = await self._writer.put(self.subject, body, wire_headers, invoked.call)
+        task.add_done_callback(self._note)
 
-    async def _acked(self, body: bytes, wire_headers: dict[str, str]) -> None:
-        answer = await self._inbox.request(self.subject, body, wire_headers, self._timeout)
-        decode_pub_ack(answer, subject=self.subject)
+    def _note(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None and len(self.failed) < 100:
+            self.failed.append(str(error))
 
-    async def _background(self, body: bytes, wire_headers: dict[str, str]) -> None:
-        try:
-            await self._acked(body, wire_headers)
-        except FuseError as error:
-            log.warning("model recorder %s: a record was not stored: %s", self.source, error)
-            if len(self.failed) < 100:
-                self.failed.append(str(error))
-        finally:
-            self._room.release()
+    async def _acked(self, subject: str, body: bytes, wire_headers: dict[str, str]) -> None:
+        answer = await self._inbox.request(subject, body, wire_headers, self._timeout)
+        decode_pub_ack(answer, subject=subject)
 
 
 class _BusLog(CallLog):
