@@ -345,6 +345,41 @@ async def test_a_retry_backoff_ends_by_its_timer_not_by_polling(
     assert fired >= 1
 
 
+def _retrying_group(log: list[str]) -> Saga:
+    """A parallel group of two steps that each fail their first attempt, with backoffs of 1 s
+    and 2 s: each step waits for its own timer."""
+    saga = Saga("retrying-group")
+
+    def work(name: str) -> Any:
+        async def attempt(ctx: StepContext) -> int:
+            log.append(f"{name}:{ctx.attempt}")
+            if ctx.attempt == 1:
+                raise RuntimeError("not yet")
+            return ctx.attempt
+
+        return attempt
+
+    saga.step("a", attempts=2, backoff=1.0, group="both")(work("a"))
+    saga.step("b", attempts=2, backoff=2.0, group="both")(work("b"))
+    return saga
+
+
+async def test_each_step_of_a_group_waits_for_its_own_backoff_timer(
+    store: JetStreamEventStore,
+) -> None:
+    log: list[str] = []
+    # a safety poll of an hour: once both first attempts failed nothing of the saga runs, so
+    # only the two steps' timers can end their waits in time
+    async with Orchestrator(store, [_retrying_group(log)], safety_poll=3600) as orchestrator:
+        saga_id = await orchestrator.start("retrying-group")
+        state = await orchestrator.wait(saga_id, timeout=30)
+        assert orchestrator.timers is not None
+        fired = orchestrator.timers.fired
+    assert state.status == "committed"
+    assert sorted(log) == ["a:1", "a:2", "b:1", "b:2"]
+    assert fired >= 2
+
+
 def _spawn(nats_url: str, prefix: str, name: str, logs: Path) -> subprocess.Popen[str]:
     with (logs / f"{name}.log").open("a") as stderr:
         process = subprocess.Popen(
