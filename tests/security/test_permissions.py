@@ -20,10 +20,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from newfuse.agents import Agent, AgentClient, Context
 from newfuse.agents.secure import provision
+from newfuse.core import Orchestrator, Saga, StepContext
 from newfuse.errors import PermissionDeniedError
+from newfuse.eventstore import open_event_store
 from newfuse.nats import NatsServer, Subjects, connect
 from newfuse.nats.connection import Credentials
 from newfuse.security.identities import IdentityStore, server_config
+from newfuse.security.keys import KVKeyStore
 
 echo = Agent("echo", description="answers with what it was sent")
 
@@ -56,6 +59,7 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities.add("echo-1", "agent", agent="echo/1")
     identities.add("caller", "agent", agent="caller/1", send_to=["echo"])
     identities.add("mallory", "agent", agent="mallory/1")
+    identities.add("orchestrator", "service")
     config = folder / "auth.conf"
     config.write_text(server_config(identities.list(), Subjects("fuse")))
     async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
@@ -230,3 +234,47 @@ async def test_a_sender_the_signature_does_not_back_is_dead_lettered(secure: Sec
     finally:
         for nc in (agent_nc, caller_nc, raw_nc):
             await nc.close()
+
+
+async def test_a_service_drives_sagas_on_timers_and_keeps_keys_under_its_identity(
+    secure: Secure,
+) -> None:
+    """A service (an orchestrator, a projection) reaches what `provision` made for it: the
+    timers' stream (a backoff woken by its schedule, an hour's safety poll) and the keys' KV
+    bucket; it may not delete a stream."""
+    retrying = Saga("retrying")
+
+    @retrying.step("work", attempts=2, backoff=0.5)
+    async def work(ctx: StepContext) -> int:
+        if ctx.attempt == 1:
+            raise RuntimeError("not yet")
+        return ctx.attempt
+
+    credentials = secure.identities.credentials("orchestrator")
+    store = await open_event_store(secure.server.url, prefix="fuse", credentials=credentials)
+    try:
+        async with Orchestrator(store, [retrying], safety_poll=3600) as orchestrator:
+            state = await orchestrator.wait(await orchestrator.start("retrying"), timeout=30)
+            assert orchestrator.timers is not None and orchestrator.timers.backend == "jetstream"
+            assert orchestrator.timers.fired >= 1
+    finally:
+        await store.close()
+    assert state.status == "committed"
+
+    nc = await secure.connect("orchestrator")
+    try:
+        keys = await KVKeyStore.open(nc, "fuse", create=False)
+        try:
+            made = await keys.create("customer-7")
+            assert await keys.get("customer-7") == made
+            assert await keys.forget("customer-7") == made.kid
+        finally:
+            await keys.close()
+    finally:
+        await nc.close()
+    forger, violations = await raw(secure, "orchestrator")
+    try:
+        await forger.publish("$JS.API.STREAM.DELETE.FUSE_EVENTS", b"")
+        await refused(violations, "$JS.API.STREAM.DELETE.FUSE_EVENTS")
+    finally:
+        await forger.close()

@@ -16,19 +16,27 @@ from newfuse.nats import (
     LivenessStreamSpec,
     MessageStreamSpec,
     Subjects,
+    TimerStreamSpec,
     ensure_durable,
     ensure_event_stream,
 )
+from newfuse.nats.provision import server_supports_schedules, server_version
 from newfuse.security.identities import Identity
+from newfuse.security.keys import KVKeyStore
 
 
 async def provision(nc: Client, identities: list[Identity], prefix: str) -> list[str]:
-    """Create the streams and every agent identity's consumers (idempotent); returns the
-    consumers made or confirmed. `nc` must be an admin's or a service's connection."""
+    """Create the streams, the timers' stream (where the server schedules messages), the KV
+    bucket of the data subjects' keys, and every agent identity's consumers (idempotent);
+    returns the consumers made or confirmed. `nc` must be an admin's connection (a service
+    may confirm what exists, not create it)."""
     subjects = Subjects(prefix)
     await ensure_event_stream(nc, EventStreamSpec(subjects=subjects))
     await ensure_event_stream(nc, MessageStreamSpec(subjects=subjects))
     await ensure_event_stream(nc, LivenessStreamSpec(subjects=subjects))
+    if server_supports_schedules(server_version(nc)):
+        await ensure_event_stream(nc, TimerStreamSpec(subjects=subjects))
+    await (await KVKeyStore.open(nc, prefix)).close()
     made: list[str] = []
     for identity in identities:
         if identity.role != "agent" or identity.revoked:

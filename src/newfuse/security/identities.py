@@ -38,6 +38,7 @@ from newfuse.nats.connection import Credentials
 from newfuse.nats.micro import service_name
 from newfuse.nats.signing import Certified, issue
 from newfuse.nats.subjects import Subjects
+from newfuse.security.keys import bucket_name as keys_bucket
 from newfuse.schemas import check_token
 
 Role = Literal["admin", "service", "agent"]
@@ -244,11 +245,23 @@ def permissions(identity: Identity, subjects: Subjects) -> dict[str, Any] | None
 
 
 def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
-    streams = (s.stream_name, s.message_stream_name, s.liveness_stream_name)
+    # the timers' stream (saga timers, core/timers.py: a cancel purges its schedule's subject)
+    # and the KV bucket of the data subjects' keys (security/keys.py) are a service's too
+    keys = f"KV_{keys_bucket(s.prefix)}"
+    streams = (
+        s.stream_name,
+        s.message_stream_name,
+        s.liveness_stream_name,
+        s.timer_stream_name,
+        keys,
+    )
     publish = [
         s.all_events,
         *s.all_messages,
         s.all_liveness,
+        s.all_timers,
+        f"$KV.{keys_bucket(s.prefix)}.>",
+        f"{API}.STREAM.PURGE.{s.timer_stream_name}",
         f"{s.prefix}.rpc.>",
         f"{API}.INFO",
         "$JS.ACK.>",
@@ -260,13 +273,24 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
             for op in ("CREATE", "DURABLE.CREATE", "INFO", "DELETE", "MSG.NEXT")
             for stream in streams
         ),
-        *(f"{API}.CONSUMER.{op}.{stream}" for op in ("LIST", "NAMES") for stream in streams),
+        *(
+            f"{API}.CONSUMER.{op}.{stream}"
+            for op in ("CREATE", "LIST", "NAMES")  # CREATE without a name: an ordered consumer
+            for stream in streams
+        ),
+        f"{API}.STREAM.MSG.GET.{keys}",  # a KV get (the bucket has no direct get)
         f"{API}.STREAM.NAMES",
         f"{API}.STREAM.LIST",
     ]
     return {
         "publish": {"allow": publish},
-        "subscribe": {"allow": [f"{identity.inbox_prefix}.>", f"{s.prefix}.>"]},
+        "subscribe": {
+            "allow": [
+                f"{identity.inbox_prefix}.>",
+                f"{s.prefix}.>",
+                f"$KV.{keys_bucket(s.prefix)}.>",  # a key store hears of others' forgets
+            ]
+        },
     }
 
 
