@@ -38,8 +38,8 @@ from newfuse.nats.connection import Credentials
 from newfuse.nats.micro import service_name
 from newfuse.nats.signing import Certified, issue
 from newfuse.nats.subjects import Subjects
-from newfuse.security.keys import bucket_name as keys_bucket
 from newfuse.schemas import check_token
+from newfuse.security.keys import bucket_name as keys_bucket
 
 Role = Literal["admin", "service", "agent"]
 ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent")
