@@ -125,7 +125,8 @@ async def test_fuse_dev_serves_readiness_of_every_builtin_projection(tmp_path: P
         assert process.stdout is not None
         nats_url = process.stdout.readline().strip().removeprefix("FUSE_NATS_URL=")
         url = health_url(process)
-        assert poll(f"{url}/readyz", "ok") == "store ok\nagent_state ok\naudit ok\n"
+        ready = poll(f"{url}/readyz", "ok")
+        assert ready == "store ok\nagent_state ok\naudit ok\ntransactions ok\n"
         async with await open_event_store(nats_url) as store:
             update = StateUpdate(agent_id="r1", state={}, version=1)
             await store.append("agent.r1", NewEvent(data=update))
