@@ -368,6 +368,11 @@ class KeyStoreUnavailableError(KeyStoreError):
     retryable = True
 
 
+class KeyStoreMissingError(KeyStoreError):
+    """The key store is not there and was not to be made (a command that only reads): nothing
+    was ever sealed with it."""
+
+
 # -- event store -----------------------------------------------------------------------------------
 
 

@@ -210,10 +210,16 @@ class DiesBeforeItsMarker(RunningAgent):
     died: set[int]
 
     async def _commit(
-        self, effects: list[Any], consumer: str, position: int, attempt: int = 1
+        self,
+        effects: list[Any],
+        consumer: str,
+        position: int,
+        attempt: int = 1,
+        *,
+        marker: bool = False,
     ) -> None:
         if position in self.died:
-            await super()._commit(effects, consumer, position, attempt)
+            await super()._commit(effects, consumer, position, attempt, marker=marker)
             return
         self.died.add(position)
         for effect in effects:

@@ -50,7 +50,9 @@ async def test_fuse_dev_serves_nats_and_redis_and_stops_cleanly_on_sigterm(
         urls = dev.urls
         assert Path(urls["FUSE_AUDIT_DB"]).exists()
         nc = await nats.connect(urls["FUSE_NATS_URL"])
-        assert (await nc.jetstream().account_info()).streams == 1  # provisioned for projections
+        # provisioned: the log for the projections, the keys' bucket for sealed fields
+        names = {info.config.name for info in await nc.jetstream().streams_info()}
+        assert names == {"FUSE_EVENTS", "KV_fuse_keys"}
         await nc.close()
         client = aioredis.Redis.from_url(urls["FUSE_REDIS_URL"])
         assert await client.ping()

@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
+from newfuse.eventstore import open_event_store
+from newfuse.schemas import NewEvent, StateUpdate
 from support import new_prefix
 
 Run = subprocess.CompletedProcess[str]
@@ -303,3 +306,27 @@ def test_a_command_that_only_reads_creates_no_store(nats_url: str, tmp_path: Pat
     missing = fuse(["--store", f"sqlite://{path}"], "replay", check=False)
     assert missing.returncode == 1 and f"no event store at SQLite file '{path}'" in missing.stderr
     assert not path.exists()
+
+
+async def test_a_command_that_only_reads_makes_no_key_bucket(nats_url: str) -> None:
+    """A log with no keys' bucket (nothing was ever sealed) is read without making one."""
+    prefix = new_prefix("nokeys")  # registered: the session removes its streams
+    store = await open_event_store(nats_url, prefix=prefix)
+    async with store:
+        update = StateUpdate(agent_id="r1", state={}, version=1)
+        await store.append("agent.r1", NewEvent(data=update))
+    for command in (["replay"], ["streams", "list"], ["events", "show", "--position", "1"]):
+        fuse(["--nats", nats_url, "--prefix", prefix], *command)
+    nc = await nats.connect(nats_url)
+    try:
+        names = [info.config.name for info in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+    assert f"{prefix.upper()}_EVENTS" in names and f"KV_{prefix}_keys" not in names
+    fuse(["--nats", nats_url, "--prefix", prefix], "publish", "agent.r1", "note", "--data", "{}")
+    nc = await nats.connect(nats_url)
+    try:
+        names = [info.config.name for info in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+    assert f"KV_{prefix}_keys" in names  # a command that writes makes it

@@ -124,6 +124,7 @@ async def test_fuse_streams_info_shows_the_leader_and_each_replicas_state_and_la
 
     async def silent() -> bool:  # a live peer is heard from about every second
         shown = _fuse(*base, "streams", "info", "agent.r1", "--json")
+        assert shown.returncode == 0, shown.stderr
         copies = {copy["server"]: copy for copy in json.loads(shown.stdout)["jetstream"]["copies"]}
         return copies[follower.server_name]["seen"] > 2.0
 

@@ -108,7 +108,7 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
         replicas=settings.replicas,
         election_timeout=settings.election_timeout,
     )
-    return await with_keys(store, settings)
+    return await with_keys(store, settings, create=create)
 
 
 @contextlib.asynccontextmanager

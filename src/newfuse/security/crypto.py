@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from newfuse.config import Settings
-from newfuse.errors import KeyNotLoadedError, SealedValueError
+from newfuse.errors import KeyNotLoadedError, KeyStoreMissingError, SealedValueError
 from newfuse.eventstore import EventStore
 from newfuse.schemas import SealedValue
 from newfuse.schemas.sealed import ALGORITHM, associated_data, b64, unb64
@@ -149,22 +149,32 @@ def use_keys(store: EventStore, keys: KeyStore, *, owns_keys: bool = False) -> S
     return cipher
 
 
-async def open_key_store(store: EventStore, settings: Settings) -> KeyStore:
+async def open_key_store(store: EventStore, settings: Settings, *, create: bool = True) -> KeyStore:
     """The key store that goes with an event store: the KV bucket `<prefix>_keys` on a
-    JetStream store's connection (shared by every process), else the local file
-    `<state dir>/keys.sqlite`."""
+    JetStream store's connection (shared by every process; made with as many copies as the
+    events' stream has, so it outlives what the log outlives), else the local file
+    `<state dir>/keys.sqlite`.
+
+    Raises:
+        KeyStoreMissingError: with `create=False`, the bucket is not there.
+    """
     nc = getattr(store, "nc", None)
     subjects = getattr(store, "subjects", None)
     if nc is not None and subjects is not None:
-        return await KVKeyStore.open(nc, subjects.prefix, replicas=settings.replicas or 1)
+        replicas = settings.replicas or getattr(store, "replicas", 0) or 1
+        return await KVKeyStore.open(nc, subjects.prefix, replicas=replicas, create=create)
     return await SQLiteKeyStore.open(Path(settings.state_dir) / KEYS_FILE)
 
 
-async def with_keys(store: EventStore, settings: Settings) -> EventStore:
+async def with_keys(store: EventStore, settings: Settings, *, create: bool = True) -> EventStore:
     """`store`, sealing and opening fields with its default key store (see `open_key_store`),
-    which closes with it. On failure the store is closed and the error raised."""
+    which closes with it. With `create=False` (a command that only reads) a bucket that is not
+    there is not made: nothing was sealed with it, and sealed fields read as redacted. On
+    failure the store is closed and the error raised."""
     try:
-        use_keys(store, await open_key_store(store, settings), owns_keys=True)
+        use_keys(store, await open_key_store(store, settings, create=create), owns_keys=True)
+    except KeyStoreMissingError:
+        return store
     except BaseException:
         await store.close()
         raise

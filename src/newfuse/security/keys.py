@@ -30,7 +30,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from newfuse._closing import AsyncClosing
-from newfuse.errors import KeyStoreError, KeyStoreUnavailableError
+from newfuse.errors import KeyStoreError, KeyStoreMissingError, KeyStoreUnavailableError
 from newfuse.schemas import MAX_SUBJECT_CHARS, utcnow
 
 _T = TypeVar("_T")
@@ -247,7 +247,7 @@ class KVKeyStore(KeyStore):
                 kv = await js.key_value(bucket)
             except (NotFoundError, KeyNotFoundError):  # nats-py raises either for a missing bucket
                 if not create:
-                    raise KeyStoreError(
+                    raise KeyStoreMissingError(
                         store=f"KV bucket {bucket!r}", reason="it does not exist"
                     ) from None
                 kv = await js.create_key_value(
