@@ -28,9 +28,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/newfuse
 
-# The suite, then a subset of it against servers it did not start and what it left there.
+# The suite (in two worker processes, a test file to each at a time: most of its time is spent
+# waiting on servers), then a subset of it against servers it did not start and what it left.
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 	$(BIN)/python tests/no_trace.py
 
 bench: $(STAMP)

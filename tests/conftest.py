@@ -20,6 +20,12 @@ from support import SESSION_PREFIXES, new_prefix, remove_keys, remove_streams
 
 pytest_plugins = ["cluster_support"]
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest-xdist sets COLUMNS=80 in its workers; the CLI's tables in the tests' subprocesses
+    # are then cut to 80 columns, unlike in a serial run (off a terminal: 160)
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 
 @pytest.fixture(scope="session")
 async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
