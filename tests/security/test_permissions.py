@@ -176,7 +176,7 @@ async def test_an_unknown_key_cannot_connect(secure: Secure, tmp_path: Path) -> 
     stranger = IdentityStore(tmp_path / "other")
     stranger.add("stranger", "admin")
     with pytest.raises(PermissionDeniedError, match="identity 'stranger' may not connect to"):
-        await connect(secure.server.url, credentials=stranger.credentials("stranger"), timeout=2)
+        await connect(secure.server.url, credentials=stranger.credentials("stranger"), timeout=5)
 
 
 def test_credentials_files_are_owner_only_and_the_config_holds_no_seed(

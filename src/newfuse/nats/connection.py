@@ -284,7 +284,9 @@ async def connect(
         with contextlib.suppress(Exception):
             await nc.close()
         reason = str(failures[-1]) if failures else (str(error) or type(error).__name__)
-        if "authorization violation" in reason.lower():
+        # the server says so once, then drops the connection: a later attempt's failure may be
+        # only a reset, so any attempt refused for authorization tells
+        if any("authorization violation" in str(seen).lower() for seen in (*failures, error)):
             who = credentials.identity if credentials is not None else "(anonymous)"
             raise PermissionDeniedError(identity=who, operation="connect to", subject=url) from None
         raise ConnectionLostError(
