@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -173,3 +174,19 @@ def _events_until_ship_fails_twice() -> list[Any]:
         _claim("ship", 2),
         _failed("ship", 2, at=long_ago),
     ]
+
+
+def test_a_copy_of_the_fold_takes_more_events_and_leaves_the_original_as_it_was() -> None:
+    original = _state(_claim("reserve"), _done("reserve"), _claim("charge"))
+    before = copy.deepcopy(original)
+    copied = original.copy()
+    assert copied == original
+    for event in (_failed("charge", retryable=False), _claim("reserve", phase="compensation")):
+        copied.version += 1
+        copied.apply_data(event, "")
+    copied.apply_data(SagaStarted(saga_id="s1", name="again", steps=[]), "")  # ignored
+    copied.locks["till"] = 3
+    copied.requested.append("till")
+    assert original == before
+    assert copied.steps["charge"].status == "failed" and copied.ignored
+    assert copied.steps["reserve"].history != original.steps["reserve"].history

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import os
 import socket
@@ -692,7 +691,7 @@ class Orchestrator:
         ]
         if not await self._append(state, claims):
             return state, []
-        state = copy.deepcopy(state)  # the driver's own is its to fold (`_next_state`)
+        state = state.copy()  # the driver's own is its to fold (`_next_state`)
         contexts = [
             (
                 move,
@@ -798,7 +797,7 @@ class Orchestrator:
 
     async def _read_on(self, state: SagaState) -> SagaState:
         """`state` with the events stored after it folded in (a copy: others share it)."""
-        state = copy.deepcopy(state)
+        state = state.copy()
         async for event in self.store.read(saga_stream(state.id), from_version=state.version + 1):
             state.apply(event)
         return state
@@ -818,7 +817,7 @@ class Orchestrator:
 
     def _closing(self, definition: Saga, state: SagaState, outcome: Any) -> Any:
         """The saga's end when `outcome` is its last outcome: stored with it, atomically."""
-        after = copy.deepcopy(state)
+        after = state.copy()
         after.apply_data(outcome, "the outcome")
         found = moves(definition, after, _now())
         move = found[0] if len(found) == 1 else None

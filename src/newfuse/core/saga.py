@@ -21,6 +21,7 @@ effect keyed by it (a conditional write, a request with that id) happens once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -301,6 +302,23 @@ class SagaState:
     @property
     def ended(self) -> bool:
         return self.status in ("committed", "rolled_back", "stuck")
+
+    def copy(self) -> SagaState:
+        """A copy that folding more events into leaves this one as it was: what a fold
+        changes in place (the steps, the lists, the locks) is copied, what it only replaces
+        (the input, outputs, timestamps, decisions) is shared. A deep copy's result at a
+        tenth of its cost, for the orchestrator's look-ahead folds."""
+        return dataclasses.replace(
+            self,
+            steps={
+                name: dataclasses.replace(step, history=list(step.history))
+                for name, step in self.steps.items()
+            },
+            ignored=list(self.ignored),
+            locks=dict(self.locks),
+            requested=list(self.requested),
+            resolutions=list(self.resolutions),
+        )
 
     @property
     def outputs(self) -> dict[str, Any]:
