@@ -67,7 +67,7 @@ from newfuse.core import (
 )
 from newfuse.core import review as reviews
 from newfuse.errors import PermissionDeniedError
-from newfuse.eventstore import open_event_store
+from newfuse.eventstore import EventStore, open_event_store
 from newfuse.nats import NatsServer, Subjects, ValkeyServer, connect
 from newfuse.projections import AgentStateView, ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
@@ -582,7 +582,7 @@ def _print_steps(state: SagaState) -> None:
 
 async def _reviewed_saga(
     where: Servers,
-    store: Any,
+    store: EventStore,
     orchestrator: Orchestrator,
     prefix: str,
     *,
@@ -609,7 +609,7 @@ async def _reviewed_saga(
     _print_steps(state)
 
 
-async def _review_open(store: Any, review: str) -> ReviewState:
+async def _review_open(store: EventStore, review: str) -> ReviewState:
     """The review once the orchestrator has opened it."""
     found: list[ReviewState] = []
 
@@ -623,7 +623,7 @@ async def _review_open(store: Any, review: str) -> ReviewState:
 
 
 async def _person_decides(
-    where: Servers, store: Any, pending: ReviewState, prefix: str
+    where: Servers, store: EventStore, pending: ReviewState, prefix: str
 ) -> ReviewState:
     """`--interactive`: print the commands that decide, and wait (as long as it takes)."""
     reach = "" if where.owner == "dev" else f" --nats {where.nats_url} --prefix {prefix}"
