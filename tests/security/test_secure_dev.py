@@ -123,4 +123,12 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
             "replay", env={**env, "FUSE_NATS_CREDENTIALS": str(auth / "caller.creds")}, check=False
         )
         assert revoked.returncode != 0 and "caller.creds" in revoked.stderr
+        # the admin fuse dev made at its start, the agents added and the revocation: in the log
+        rows = [
+            json.loads(line)
+            for line in run_fuse("audit", "security", "--json", env=env).stdout.splitlines()
+        ]
+        seen = {(r["type"], r["data"]["name"]) for r in rows if r["type"].startswith("identity.")}
+        assert {("identity.created", "echo-1"), ("identity.revoked", "caller")} <= seen
+        assert any(kind == "identity.created" and name != "echo-1" for kind, name in seen)
     assert not os.path.exists(tmp_path / "state" / "dev.json")

@@ -1,4 +1,5 @@
-"""`fuse audit keygen|checkpoint|verify`: the tamper-evident audit trail (security/audit.py).
+"""`fuse audit keygen|checkpoint|verify|security`: the tamper-evident audit trail
+(security/audit.py) and the security events (security/events.py).
 
 Keys live in `<state dir>/audit/` unless a path is given: `<name>.key` (the private key, owner
 only) and `<name>.pub` (the verifier key, for anyone who checks). `verify` trusts every `.pub`
@@ -13,9 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from newfuse.cli._common import open_store, positive_int, settings_from_args
-from newfuse.cli._output import note, print_json, print_table, progress
+from newfuse.cli._output import note, print_json, print_table, progress, rfc3339
 from newfuse.errors import KeyFileError
+from newfuse.eventstore import EventFilter
+from newfuse.schemas import IdentityCreated, IdentityRevoked, KeyForgotten, PermissionDenied
 from newfuse.security import SigningKey, VerifierKey, checkpoint, verify
 
 DEFAULT_KEY = "newfuse-audit"
@@ -65,6 +70,15 @@ def add_actions(actions: Any) -> None:
         "--expected", type=Path, metavar="NOTEFILE", help="a checkpoint note kept elsewhere"
     )
     check.set_defaults(handler=run_verify)
+    security = actions.add_parser(
+        "security",
+        help="what happened to who may do what: identities, denials, forgotten keys",
+        description="The events of the security category, oldest first: identity.created and "
+        "identity.revoked (fuse auth), permission.denied (refusals the bus's own connections "
+        "saw), key.forgotten (fuse forget). A table, or JSON Lines with --json.",
+    )
+    security.add_argument("--limit", type=positive_int, help="at most this many (the newest)")
+    security.set_defaults(handler=run_security)
 
 
 def _key_dir(args: argparse.Namespace) -> Path:
@@ -173,3 +187,46 @@ async def run_verify(args: argparse.Namespace) -> int:
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _what(data: Any) -> tuple[str, str]:
+    """Who (the identity or subject concerned) and what, for the table."""
+    if isinstance(data, IdentityCreated):
+        agent = f" agent {data.agent}" if data.agent else ""
+        return data.name, f"{data.role}{agent} key {data.key[:12]}…"
+    if isinstance(data, IdentityRevoked):
+        return data.name, f"key {data.key[:12]}…"
+    if isinstance(data, PermissionDenied):
+        return data.identity, f"{data.operation} {data.subject} ({data.count} time(s))"
+    if isinstance(data, KeyForgotten):
+        return data.subject, f"key {data.kid or '(none held)'}"
+    return "", ""
+
+
+async def run_security(args: argparse.Namespace) -> int:
+    store = await open_store(args, create=False)
+    async with store:
+        events = [
+            event async for event in store.read_all(filter=EventFilter(categories=("security",)))
+        ]
+    if args.limit is not None:
+        events = events[-args.limit :]
+    if args.json:
+        for event in events:
+            print_json(
+                {
+                    "position": event.position,
+                    "stream": event.stream,
+                    "type": event.type,
+                    "timestamp": rfc3339(event.timestamp),
+                    "data": msgspec.to_builtins(event.data),
+                }
+            )
+        return 0
+    rows = []
+    for event in events:
+        who, what = _what(event.data)
+        by = getattr(event.data, "by", None) or getattr(event.data, "seen_by", "")
+        rows.append([event.position, rfc3339(event.timestamp), event.type, who, what, by])
+    print_table(rows, ["position", "time", "type", "who", "what", "by"])
+    return 0

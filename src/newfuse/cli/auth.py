@@ -1,25 +1,31 @@
-"""`fuse auth add|list|revoke|config`: identities (nkeys) and the nats-server authorization
+"""`fuse auth add|list|revoke|sync|config`: identities (nkeys) and the nats-server authorization
 that enforces their permissions (security/identities.py).
 
 Identities live in `<state dir>/auth/` (or `--dir`): `identities.json` and one credentials file
 per identity (`<name>.creds`, owner-only), which `--credentials` / FUSE_NATS_CREDENTIALS point
 at. With a `fuse dev --secure` running, `add` and `revoke` also rewrite its server's
-authorization and make it reload (SIGHUP), and `add` makes a new agent's consumers.
+authorization and make it reload (SIGHUP), and `add` makes a new agent's consumers; both
+record the change in its log (`identity.created` / `identity.revoked` on security.identities,
+security/events.py). Without one, `fuse auth sync` records what the log does not hold yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
-from newfuse.cli._common import Commands, settings_from_args
+from newfuse.cli._common import Commands, open_store, settings_from_args
 from newfuse.cli._output import note, print_json, print_table
 from newfuse.config import Settings, read_dev_state
 from newfuse.nats import Subjects
+from newfuse.schemas import IDENTITIES_STREAM
+from newfuse.security.events import sync_identities
 from newfuse.security.identities import ROLES, Identity, IdentityStore, server_config
 
 DEV_SERVER_NAME = "newfuse-embedded"
@@ -48,12 +54,22 @@ def register(commands: Commands) -> None:
     add.add_argument(
         "--publish-topic", action="append", default=[], metavar="TOPIC", help="topics it writes"
     )
+    add.add_argument("--as", dest="by", help="who makes it, in the log (default: user@host)")
     add.set_defaults(handler=run_add)
     listing = actions.add_parser("list", help="every identity: role, public key, permissions")
     listing.set_defaults(handler=run_list)
     revoke = actions.add_parser("revoke", help="revoke an identity (its credentials deleted)")
     revoke.add_argument("name")
+    revoke.add_argument("--as", dest="by", help="who revokes it, in the log (default: user@host)")
     revoke.set_defaults(handler=run_revoke)
+    sync = actions.add_parser(
+        "sync",
+        help="record in the log the identities it does not hold yet",
+        description="Append identity.created / identity.revoked (stream security.identities) "
+        "for each identity made or revoked while the bus was not reachable; idempotent.",
+    )
+    sync.add_argument("--as", dest="by", help="who records them (default: user@host)")
+    sync.set_defaults(handler=run_sync)
     config = actions.add_parser("config", help="print the nats-server authorization block")
     config.add_argument("--out", type=Path, help="write it to this file instead")
     config.set_defaults(handler=run_config)
@@ -95,6 +111,7 @@ async def run_add(args: argparse.Namespace) -> int:
         print(f"{identity.name}  {identity.role}  {identity.public_key}")
         note(f"credentials: {store.seed_file(identity.name)} (mode 600; never logged)")
     await _reload_dev(args, store, [identity])
+    await _record(args, store)
     return 0
 
 
@@ -130,7 +147,47 @@ async def run_revoke(args: argparse.Namespace) -> int:
     else:
         print(f"{revoked.name} revoked at {revoked.revoked}")
     await _reload_dev(args, store, [])
+    await _record(args, store)
     return 0
+
+
+async def run_sync(args: argparse.Namespace) -> int:
+    store = identity_store(args)
+    events = await open_store(args, create=True)
+    async with events:
+        appended = await sync_identities(events, store.list(), by=_by(args))
+    if args.json:
+        print_json({"appended": appended})
+    else:
+        print(f"{appended} identity event(s) appended to {IDENTITIES_STREAM}")
+    return 0
+
+
+def _by(args: argparse.Namespace) -> str:
+    return getattr(args, "by", None) or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+async def _record(args: argparse.Namespace, store: IdentityStore) -> None:
+    """Record the change in the log of the `fuse dev --secure` on these identities, if one
+    runs; otherwise say how it gets there."""
+    settings = settings_from_args(args)
+    state = read_dev_state(settings)
+    if (
+        state is None
+        or state.credentials is None
+        or Path(state.credentials).parent != (store.directory)
+    ):
+        note(f"not in the log yet: `fuse auth sync` records it ({IDENTITIES_STREAM})")
+        return
+    from newfuse.eventstore import open_event_store
+    from newfuse.nats.connection import Credentials
+
+    events = await open_event_store(
+        state.nats_url, prefix=settings.prefix, credentials=Credentials.load(state.credentials)
+    )
+    async with events:
+        appended = await sync_identities(events, store.list(), by=_by(args))
+    note(f"recorded in {IDENTITIES_STREAM} ({appended} event(s))")
 
 
 async def run_config(args: argparse.Namespace) -> int:

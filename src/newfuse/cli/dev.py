@@ -43,6 +43,7 @@ from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
 from newfuse.security import with_keys
+from newfuse.security.events import sync_identities
 from newfuse.security.identities import IdentityStore
 from newfuse.security.valkey import ensure_projection_user, with_user
 
@@ -220,6 +221,10 @@ async def run_dev(args: argparse.Namespace) -> int:
             )
             if admin is not None:
                 made = await _provision(nats.url, credentials, settings)
+                # identities made or revoked while no bus ran: into the log now
+                await sync_identities(
+                    store, IdentityStore(Path(admin).parent).list(), by="fuse dev"
+                )
                 print(
                     f"fuse dev: secure: identities in {Path(admin).parent} ({made} agent "
                     f"consumer(s) made); other commands connect as {Path(admin).stem}",

@@ -146,13 +146,23 @@ from newfuse.schemas.sealed import (
     Secret,
     open_unregistered,
 )
+from newfuse.schemas.security import (
+    DENIALS_STREAM,
+    IDENTITIES_STREAM,
+    SECURITY_TYPES,
+    IdentityCreated,
+    IdentityRevoked,
+    PermissionDenied,
+)
 
 __all__ = [
     "AUDIT_TYPES",
     "CIRCUIT_TYPES",
     "DEFAULT_PROTOCOLS",
+    "DENIALS_STREAM",
     "ENVELOPE_DECODER",
     "ENVELOPE_ENCODER",
+    "IDENTITIES_STREAM",
     "INTERRUPTED_STATES",
     "JSON_SCHEMA_DIALECT",
     "KEYS_STREAM",
@@ -172,6 +182,7 @@ __all__ = [
     "REDACTED",
     "REVIEW_TYPES",
     "SAGA_TYPES",
+    "SECURITY_TYPES",
     "TERMINAL_STATES",
     "A2AMessage",
     "A2AMetadata",
@@ -206,6 +217,8 @@ __all__ = [
     "ExportedSchema",
     "FeedbackGiven",
     "FieldCipher",
+    "IdentityCreated",
+    "IdentityRevoked",
     "KeyForgotten",
     "LockGranted",
     "LockReleased",
@@ -218,6 +231,7 @@ __all__ = [
     "Opened",
     "Outcome",
     "Part",
+    "PermissionDenied",
     "Personal",
     "Phase",
     "ProtocolVersion",

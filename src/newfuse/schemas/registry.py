@@ -33,6 +33,7 @@ from newfuse.schemas.payloads import A2AMessage, StateUpdate, Transaction
 from newfuse.schemas.review import REVIEW_TYPES
 from newfuse.schemas.saga import SAGA_TYPES
 from newfuse.schemas.sealed import KEY_FORGOTTEN, KeyForgotten, SealPlan, seal_plan
+from newfuse.schemas.security import SECURITY_TYPES
 
 S = TypeVar("S", bound=type[msgspec.Struct])
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
@@ -431,5 +432,7 @@ def default_registry() -> SchemaRegistry:
     for name, struct in REVIEW_TYPES.items():
         registry.add(name, 1, struct)
     for name, struct in AUDIT_TYPES.items():
+        registry.add(name, 1, struct)
+    for name, struct in SECURITY_TYPES.items():
         registry.add(name, 1, struct)
     return registry

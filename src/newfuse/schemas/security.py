@@ -1,0 +1,77 @@
+"""Security events: identities made and revoked, and refusals the bus saw (security/events.py).
+
+They sit on streams of the `security` category beside `security.keys` (`key.forgotten`), so
+one category filter (`fuse audit security`, `read_all(categories=("security",))`) lists what
+happened to who may do what.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from newfuse.schemas.payloads import Timestamp, utcnow
+
+IDENTITIES_STREAM: Final[str] = "security.identities"
+"""The stream of identity events: who made or revoked which identity, and when."""
+DENIALS_STREAM: Final[str] = "security.denials"
+"""The stream of permission denials the bus's own connections saw."""
+
+
+class IdentityCreated(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `identity.created`: an identity was made (`fuse auth add`). Never holds its seed.
+
+    Attributes:
+        name: the identity's name (its credentials file's).
+        role: admin, service or agent.
+        key: its public nkey (`U…`).
+        agent: `<type>/<key>` of an agent identity.
+        send_to: the agent types whose inboxes it may write to.
+        by: who made it (`--as`, else the OS user).
+        created_at: when the identity says it was made (its record's time).
+    """
+
+    name: str
+    role: str
+    key: str
+    agent: str = ""
+    send_to: list[str] = msgspec.field(name="sendTo", default_factory=list)
+    by: str
+    created_at: Timestamp = msgspec.field(name="createdAt", default_factory=utcnow)
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class IdentityRevoked(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `identity.revoked`: an identity was revoked (`fuse auth revoke`): left out of the
+    server's authorization, its credentials deleted."""
+
+    name: str
+    key: str
+    by: str
+    revoked_at: Timestamp = msgspec.field(name="revokedAt", default_factory=utcnow)
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+class PermissionDenied(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Type `permission.denied`: nats-server refused an identity an operation on a subject.
+
+    One event stands for `count` refusals of the same identity, operation and subject since
+    `first_at` (a loop of refusals makes at most one event a minute, see security/events.py).
+    """
+
+    identity: str
+    operation: str
+    subject: str
+    count: int = 1
+    first_at: Timestamp = msgspec.field(name="firstAt", default_factory=utcnow)
+    seen_by: str = msgspec.field(name="seenBy", default="")
+    timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+
+
+SECURITY_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
+    "identity.created": IdentityCreated,
+    "identity.revoked": IdentityRevoked,
+    "permission.denied": PermissionDenied,
+}
+"""The security event types and their payloads (version 1 each); `key.forgotten` is sealed.py's."""
