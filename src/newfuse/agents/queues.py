@@ -508,6 +508,8 @@ class Worker:
         max_attempts: attempts of a task that does not say (1-10).
         backoff: (first, most) seconds between attempts, doubling.
         ack_wait: seconds before a task whose worker went silent is handed to another.
+        election_timeout: seconds a task's writes and reads ride out a leader election or a
+            reconnect before its delivery fails (and spends one of its attempts).
     """
 
     def __init__(
@@ -522,6 +524,7 @@ class Worker:
         ack_wait: float = 30.0,
         version: str = "0.0.0",
         heartbeat: float = DEFAULT_HEARTBEAT,
+        election_timeout: float = 15.0,
     ) -> None:
         self.queue = check_queue(queue)
         if not 1 <= max_attempts <= MAX_ATTEMPTS:
@@ -546,6 +549,7 @@ class Worker:
             concurrency=concurrency,
             version=version,
             heartbeat=heartbeat,
+            election_timeout=election_timeout,
         )
         self.agent.handler(TASK_MESSAGE_TYPE)(handler)  # type: ignore[arg-type]
 

@@ -58,6 +58,7 @@ from newfuse.errors import (
     HandlerRegistrationError,
     InvalidPayloadError,
     ProtocolVersionError,
+    PublishTimeoutError,
 )
 from newfuse.eventstore import EventStore
 from newfuse.eventstore.jetstream import JetStreamEventStore
@@ -548,6 +549,10 @@ class Agent:
             to be of the current one.
         registry: the schema registry messages are read with; its upcasters of
             `a2a.message` bring older minor versions to the current shape.
+        election_timeout: seconds a delivery's writes and reads ride out a JetStream leader
+            election or a reconnect (retried to one deadline) before the delivery fails and
+            the message is handed back; without it, each refusal of an electing stream would
+            spend one of the message's attempts.
     """
 
     def __init__(
@@ -568,6 +573,7 @@ class Agent:
         heartbeat: float = DEFAULT_HEARTBEAT,
         protocols: str = DEFAULT_PROTOCOLS,
         registry: SchemaRegistry | None = None,
+        election_timeout: float = 15.0,
     ) -> None:
         self.type = check_agent_name(agent_type, kind="agent type")
         if not isinstance(version, str) or not SEMVER_RE.match(version):
@@ -590,6 +596,14 @@ class Agent:
         self.skills = tuple(skills)
         self.capabilities = capabilities or AgentCapabilities()
         self.heartbeat = float(heartbeat)
+        if not isinstance(election_timeout, int | float) or election_timeout < 0:
+            raise AgentConfigError(
+                agent=agent_type,
+                field="election_timeout",
+                value=election_timeout,
+                reason="seconds to ride out a leader election must be a number, 0 or more",
+            )
+        self.election_timeout = float(election_timeout)
         self.description = description
         self.topics = tuple(check_agent_name(topic, kind="topic") for topic in topics)
         self.max_attempts = max_attempts
@@ -708,7 +722,9 @@ class RunningAgent:
         self._fast_path = fast_path
         self._pubacks = PubAckInbox(nc, f"agent {agent_id}")
         self._publish_timeout = 5.0
-        self._direct = DirectGet(nc, subjects.message_stream_name, timeout=5.0)
+        self._direct = DirectGet(
+            nc, subjects.message_stream_name, timeout=5.0, patience=agent.election_timeout
+        )
         self._records = RecordWriter(self._publish, limit=RECORDS_IN_FLIGHT)
         self._server_version = ""
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -1134,8 +1150,30 @@ class RunningAgent:
             pass  # another delivery of this message got there first; ids kept effects single
 
     async def _publish(self, subject: str, body: bytes, wire_headers: dict[str, str]) -> None:
-        answer = await self._pubacks.request(subject, body, wire_headers, self._publish_timeout)
-        decode_pub_ack(answer, subject=subject, server_version=self._server_version)
+        """Store one message (its PubAck awaited), riding out a leader election or reconnect
+        for `election_timeout` seconds while it is certainly not stored: no stream answered
+        (503), or one refused it for now (no leader). An answer that did not come in time
+        (PublishTimeoutError) is not sent again here: the message may be stored, and past the
+        duplicate window a repeat would be stored twice; the delivery fails, and its
+        redelivery stores only what is missing (`_missing`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.agent.election_timeout
+        pause = 0.05
+        while True:
+            try:
+                answer = await self._pubacks.request(
+                    subject, body, wire_headers, self._publish_timeout
+                )
+                decode_pub_ack(answer, subject=subject, server_version=self._server_version)
+                return
+            except PublishTimeoutError:
+                raise
+            except FuseError as error:
+                if not error.retryable or self._pubacks.closed or loop.time() >= deadline:
+                    raise
+                log.debug("agent %s: %s; trying again", self.agent_id, error)
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 2, 0.5)
 
     async def _missing(self, effects: list[Effect], position: int) -> list[Effect]:
         """The effects whose ids are not yet stored on their subjects after `position`.

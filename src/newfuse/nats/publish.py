@@ -53,6 +53,11 @@ class PubAckInbox:
         self._sweeper: asyncio.Task[None] | None = None
         self._unlisten: Callable[[], None] = lambda: None
 
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called: nothing sent through it will be answered."""
+        return self._closed
+
     async def start(self) -> None:
         """Subscribe to the inbox and start the sweeper.
 
