@@ -8,6 +8,7 @@ KeyNotLoadedError; the store then awaits `fetch` and decodes the event again.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +18,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from newfuse.config import Settings
-from newfuse.errors import KeyNotLoadedError, KeyStoreMissingError, SealedValueError
+from newfuse.errors import (
+    KeyNotLoadedError,
+    KeyStoreMissingError,
+    KeyStoreUnavailableError,
+    SealedValueError,
+)
 from newfuse.eventstore import EventStore
 from newfuse.schemas import SealedValue
 from newfuse.schemas.sealed import ALGORITHM, associated_data, b64, unb64
@@ -161,8 +167,23 @@ async def open_key_store(store: EventStore, settings: Settings, *, create: bool 
     nc = getattr(store, "nc", None)
     subjects = getattr(store, "subjects", None)
     if nc is not None and subjects is not None:
+        ensure = getattr(store, "ensure_stream", None)
+        if ensure is not None:  # its replica count is known once the stream is provisioned
+            await ensure()
         replicas = settings.replicas or getattr(store, "replicas", 0) or 1
-        return await KVKeyStore.open(nc, subjects.prefix, replicas=replicas, create=create)
+        # the bucket's stream may be electing a leader (a node lost): ride it out, as the
+        # event store does, for the election timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.election_timeout
+        pause = 0.1
+        while True:
+            try:
+                return await KVKeyStore.open(nc, subjects.prefix, replicas=replicas, create=create)
+            except KeyStoreUnavailableError:
+                if loop.time() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
     return await SQLiteKeyStore.open(Path(settings.state_dir) / KEYS_FILE)
 
 
