@@ -125,9 +125,11 @@ class _Recorder:
         return lambda restart: self.restarted(label, restart)
 
     def restarted(self, label: str, restart: ServerRestart) -> None:
+        # said before it is recorded: whoever sees the new pid in the state file can find the line
+        said = f"fuse dev: {label}: {restart}; recording in {self.path}"
+        print(said, file=sys.stderr, flush=True)
         self.restarts[label] = (restart.restarts, describe_exit(restart.status))
         self.write()
-        print(f"fuse dev: {label}: {restart}; recorded in {self.path}", file=sys.stderr, flush=True)
 
     def remove(self) -> None:
         recorded = read_dev_state(self.settings)
