@@ -26,6 +26,7 @@ from newfuse.config import process_started as process_started
 from newfuse.config import read_dev_state as read_dev_state
 from newfuse.config import recorded_dev_state as recorded_dev_state
 from newfuse.config import resolve_audit_db as resolve_audit_db
+from newfuse.config import resolve_nats_ca as resolve_nats_ca
 from newfuse.config import resolve_nats_credentials as resolve_nats_credentials
 from newfuse.config import resolve_nats_url as resolve_nats_url
 from newfuse.config import resolve_redis_url as resolve_redis_url
@@ -65,6 +66,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         audit_db=getattr(args, "audit_db", None),
         replicas=_replicas_flag(getattr(args, "replicas", None)),
         nats_credentials=getattr(args, "credentials", None),
+        nats_ca=getattr(args, "ca", None),
     )
 
 
@@ -100,6 +102,7 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
     options: dict[str, Any] = {}
     if not url.startswith("sqlite:"):
         options["credentials"] = nats_credentials(settings)
+        options["ca"] = resolve_nats_ca(settings)
     store = await open_event_store(
         url,
         **options,
@@ -121,7 +124,10 @@ async def message_stream(
 
     settings = settings_from_args(args)
     nc = await connect(
-        resolve_nats_url(settings), name=name, credentials=nats_credentials(settings)
+        resolve_nats_url(settings),
+        name=name,
+        credentials=nats_credentials(settings),
+        ca=resolve_nats_ca(settings),
     )
     try:
         spec = MessageStreamSpec(subjects=Subjects(settings.prefix))

@@ -183,7 +183,10 @@ async def _record(args: argparse.Namespace, store: IdentityStore) -> None:
     from newfuse.nats.connection import Credentials
 
     events = await open_event_store(
-        state.nats_url, prefix=settings.prefix, credentials=Credentials.load(state.credentials)
+        state.nats_url,
+        prefix=settings.prefix,
+        credentials=Credentials.load(state.credentials),
+        ca=state.ca,
     )
     async with events:
         appended = await sync_identities(events, store.list(), by=_by(args))
@@ -225,7 +228,9 @@ async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[
         from newfuse.nats import connect
         from newfuse.nats.connection import Credentials
 
-        nc = await connect(state.nats_url, credentials=Credentials.load(state.credentials))
+        nc = await connect(
+            state.nats_url, credentials=Credentials.load(state.credentials), ca=state.ca
+        )
         try:
             await provision(nc, new, settings.prefix)
         finally:
