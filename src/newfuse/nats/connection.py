@@ -317,7 +317,9 @@ async def connect(
             # nats-py retries every failure; a certificate that failed verification fails
             # again (one deployment's servers share a CA), so it ends the connect at once
             if isinstance(error, ssl.SSLCertVerificationError) and not untrusted.done():
-                untrusted.set_result(error.verify_message or str(error))
+                untrusted.set_result(
+                    f"its certificate failed verification ({error.verify_message or error})"
+                )
             return
         violation = _VIOLATION.search(str(error))
         if violation is not None and denials is not None:
