@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from newfuse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CA_FILE = "ca.pem"
 """The CA certificate in a directory of `make_certificates`: what clients trust."""
@@ -84,6 +84,12 @@ def make_certificates(
         raise ConfigError(
             variable="hosts", value=list(hosts), reason="name at least one host or IP address"
         )
+    # imported here: every connection imports this module, only dev and tests make certificates
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
@@ -136,6 +142,8 @@ def make_certificates(
 
 def _usage(*, cert_sign: bool) -> x509.KeyUsage:
     """A CA signs certificates; a server signs its handshakes (ECDHE-ECDSA)."""
+    from cryptography import x509
+
     return x509.KeyUsage(
         digital_signature=not cert_sign,
         content_commitment=False,
@@ -150,6 +158,8 @@ def _usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 
 def _san(host: str) -> x509.GeneralName:
+    from cryptography import x509
+
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -157,6 +167,8 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
