@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from newfuse._files import write_private
+
 # The dev state and the URL resolvers live in the library so the API resolves as the CLI does;
 # re-exported here for the commands.
 from newfuse.config import DEV_STATE_FILE as DEV_STATE_FILE
@@ -82,12 +84,8 @@ def nats_credentials(settings: Settings) -> Credentials | None:
 def write_dev_state(settings: Settings, state: DevState) -> Path:
     path = dev_state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     # owner-only: a secure dev's Redis URL carries the admin's password
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(msgspec.json.encode(state))
-    tmp.replace(path)
+    write_private(path, msgspec.json.encode(state))
     return path
 
 

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from newfuse._files import write_private  # owner-only: it lists every public key
 from newfuse.cli._common import Commands, open_store, settings_from_args
 from newfuse.cli._output import note, print_json, print_table
 from newfuse.config import Settings, read_dev_state
@@ -202,15 +203,6 @@ async def run_config(args: argparse.Namespace) -> int:
         write_private(args.out, text)
         note(f"wrote {args.out}; start nats-server with --config {args.out}")
     return 0
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by its owner only (it lists every public key)."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    temporary.replace(path)
 
 
 async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[Identity]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from newfuse._files import write_private
 from newfuse.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -134,9 +134,9 @@ def make_certificates(
     )
 
     made = Certificates(ca=folder / CA_FILE, cert=folder / CERT_FILE, key=folder / KEY_FILE)
-    _write_private(made.key, _pem_key(key))
-    _write_private(made.cert, server.public_bytes(serialization.Encoding.PEM))
-    _write_private(made.ca, ca.public_bytes(serialization.Encoding.PEM))
+    write_private(made.key, _pem_key(key))
+    write_private(made.cert, server.public_bytes(serialization.Encoding.PEM))
+    write_private(made.ca, ca.public_bytes(serialization.Encoding.PEM))
     return made
 
 
@@ -174,15 +174,6 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` owner-only, atomically: a reader never sees half a key."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    temporary.replace(path)
 
 
 def server_tls_block(cert_file: str | Path, key_file: str | Path, *, timeout: float = 2.0) -> str:
