@@ -154,3 +154,30 @@ def start_fuse_dev(
         process.send_signal(signal.SIGTERM)
         _, errors = process.communicate(timeout=60)
     assert process.returncode == 0, errors
+
+
+ECHO_AGENT = """
+from newfuse.agents import Agent, Context
+
+echo = Agent("echo")
+
+
+@echo.handler("ping")
+async def ping(ctx: Context, body: dict) -> dict:
+    return {"pong": body}
+"""
+"""An agent module a user writes: echo/KEY answers `ping` with what it was sent."""
+
+
+def start_echo_agent(folder: Path, env: dict[str, str], credentials: Path) -> subprocess.Popen[str]:
+    """`fuse agents run` of ECHO_AGENT (written to `folder`) as echo/1, with `credentials`;
+    the caller terminates it (and `communicate`s, for its output)."""
+    (folder / "echo_mod.py").write_text(ECHO_AGENT)
+    agent_env = {**env, "PYTHONPATH": str(folder), "FUSE_NATS_CREDENTIALS": str(credentials)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "newfuse", "agents", "run", "echo_mod:echo", "--key", "1"],
+        env=agent_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
