@@ -114,7 +114,14 @@ async def remove_keys(redis_url: str, prefixes: Iterable[str]) -> int:
 
 
 # What points a command at servers; a reader of the README with only `fuse dev` running has none.
-SERVER_VARIABLES = ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB", "FUSE_PREFIX")
+SERVER_VARIABLES = (
+    "FUSE_NATS_URL",
+    "FUSE_NATS_CA",
+    "FUSE_REDIS_URL",
+    "FUSE_STORE",
+    "FUSE_AUDIT_DB",
+    "FUSE_PREFIX",
+)
 
 
 def dev_environment(state_dir: Path, **extra: str) -> dict[str, str]:
