@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import stat
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -219,6 +221,38 @@ async def test_credentials_and_tls_together_and_a_reload_keeps_tls(tmp_path: Pat
             assert (await served.tls_version_of("later") or "").startswith("1.")
         finally:
             await nc.close()
+
+
+async def test_refused_tls_connects_end_on_a_busy_event_loop(tmp_path: Path) -> None:
+    """Anonymous connects to a TLS server that asks for an identity, while other tasks keep
+    the event loop busy: each ends in PermissionDeniedError. (nats-py's close of such a client
+    was seen to wait forever for its transport; `connect` bounds that wait.)"""
+    certificates = make_certificates(tmp_path / "certs")
+    identities = IdentityStore(tmp_path / "auth")
+    identities.add("admin", "admin")
+    config = tmp_path / "auth.conf"
+    write_dev_config(config, identities, "fuse", DEV_SERVER_NAME)
+
+    async def busy(seed: int) -> None:
+        pauses = random.Random(seed)  # fixed: the same run each time
+        while True:
+            time.sleep(pauses.random() / 100)  # blocks the loop, as CPU-bound handlers would
+            await asyncio.sleep(0)
+
+    hogs = [asyncio.create_task(busy(seed)) for seed in (1, 2, 3)]
+    try:
+        async with NatsServer(data_dir=tmp_path / "nats", config=config, tls=certificates) as s:
+            for attempt in range(12):
+                refused = asyncio.create_task(connect(s.url, ca=certificates.ca, timeout=1))
+                done, _ = await asyncio.wait((refused,), timeout=60)
+                assert done, f"connect {attempt} did not end"  # else left to run: it is stuck
+                with pytest.raises(PermissionDeniedError, match="anonymous"):
+                    refused.result()
+    finally:
+        for hog in hogs:
+            hog.cancel()
+        await asyncio.wait(hogs)
+    assert all(hog.cancelled() for hog in hogs), "the busy tasks ran to the end"
 
 
 async def test_fuse_nats_ca_is_the_ca_of_the_api_and_the_cli(

@@ -36,6 +36,10 @@ _listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = (
 )
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+_RECANCEL = 0.5
+"""Seconds a cancelled operation has to end before it is cancelled again (see `_unless`)."""
+_ABANDON_WITHIN = 2.0
+"""Seconds the close of a client that never connected may take (see `_abandon`)."""
 
 _TLS_EOF_NOISE = "returning true from eof_received() has no effect when using ssl"
 
@@ -230,10 +234,15 @@ async def _unless(
             return task.result()
         raise error(refused.result())
     finally:
-        if not task.done():
+        # cancelled again until it ends, and our own cancellation never swallowed: before
+        # Python 3.12 asyncio.wait_for (nats-py's connect awaits it) can lose a cancellation
+        # that lands as its inner future completes (CPython gh-86296), and nats-py's connect
+        # loop would go on
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait((task,), timeout=_RECANCEL)
+        if not task.cancelled():
+            task.exception()  # retrieved: asyncio logs an exception nobody looked at
 
 
 def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
@@ -364,12 +373,10 @@ async def connect(
                 lambda reason: UntrustedServerError(url=url, ca=ca_path, reason=reason),
             )
     except UntrustedServerError:
-        with contextlib.suppress(Exception):
-            await nc.close()
+        await _abandon(nc)
         raise
     except (TimeoutError, OSError, nats.errors.Error) as error:
-        with contextlib.suppress(Exception):
-            await nc.close()
+        await _abandon(nc)
         reason = str(failures[-1]) if failures else (str(error) or type(error).__name__)
         # the server says so once, then drops the connection: a later attempt's failure may be
         # only a reset, so any attempt refused for authorization tells
@@ -382,8 +389,7 @@ async def connect(
     # nats-py upgrades to TLS only when the server requires it, whatever was asked: a server
     # without TLS would otherwise carry this connection in plain text
     if wants_tls and not nc._server_info.get("tls_required"):
-        with contextlib.suppress(Exception):
-            await nc.close()
+        await _abandon(nc)
         raise UntrustedServerError(
             url=url, ca=ca_path, reason="it offers no TLS (a plain nats-server, or a proxy)"
         )
@@ -395,6 +401,18 @@ async def connect(
         if credentials.trust:
             trust_on(nc, Trust(credentials.trust))
     return nc
+
+
+async def _abandon(nc: Client) -> None:
+    """Close a client whose first connect failed, giving up after `_ABANDON_WITHIN` seconds.
+
+    nats-py's close closes the socket, then waits for the transport to report it closed. After
+    a TLS connect the server refused (Authorization Violation) on a busy event loop, that
+    report was seen never to come, and the close waited forever; only that wait is cut short.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_ABANDON_WITHIN):
+            await nc.close()
 
 
 def _auth(credentials: Credentials | None) -> dict[str, Any]:
