@@ -1479,3 +1479,31 @@ class PermissionDeniedError(SecurityError):
             f"permission denied: identity {_shown(identity)} may not {operation} "
             f"{_shown(subject, 200)} (the server refused it; see `fuse auth list`)"
         )
+
+
+class MessageDeniedError(RequestFailedError, SecurityError):
+    """The receiving agent's message policy (`Agent(accepts=...)`) does not accept this message
+    type from this sender: the message was not handled. Retrying does not help; the receiver's
+    policy decides. `sender` is the identity that signed the request (on a secured bus), else
+    the sender it claimed; `reason` says what the receiver accepts from it."""
+
+    def __init__(
+        self,
+        *,
+        sender: str,
+        message_type: str,
+        receiver: str,
+        reason: str,
+        reply_id: str | None = None,
+    ) -> None:
+        self.agent = receiver
+        self.receiver = receiver
+        self.sender = sender
+        self.message_type = message_type
+        self.reason = reason
+        self.reply_id = reply_id
+        self.error = (
+            f"message denied: agent {_shown(receiver)} does not accept {_shown(message_type)} "
+            f"from {_shown(sender)}: {reason}"
+        )
+        FuseError.__init__(self, f"{self.error} (see the receiver's `accepts` policy)")
