@@ -22,7 +22,7 @@ from newfuse.schemas import (
     IdentityRevoked,
     PermissionDenied,
 )
-from newfuse.security.events import DenialRecorder, sync_identities
+from newfuse.security.events import MAX_TRACKED, OTHERS, DenialRecorder, sync_identities
 from newfuse.security.identities import IdentityStore, server_config
 from support import run_fuse
 
@@ -130,3 +130,29 @@ def test_fuse_auth_sync_and_fuse_audit_security_list_what_happened(secured: Secu
     assert writer[0]["stream"] == IDENTITIES_STREAM
     table = run_fuse("audit", "security", env=env).stdout
     assert "identity.created" in table and "writer-1" in table and "agent writer/1" in table
+
+
+async def test_a_flood_claiming_ever_new_identities_still_makes_a_bounded_number_of_events(
+    tmp_path: Path,
+) -> None:
+    flood = 1000
+    async with await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store:
+        recorder = DenialRecorder(store, seen_by="coder/1", stream="agent.coder-1")
+        for n in range(flood):  # each refusal in the name of an identity never seen before
+            recorder.record(
+                identity=f"claimed-{n}",
+                operation="send",
+                subject="fuse.a2a.coder",
+                message_type="x",
+            )
+        await recorder.close()
+        events = [e for e in await _payloads(store, "agent.coder-1")]
+    denied = [e for e in events if isinstance(e, PermissionDenied)]
+    # each tracked identity once; the rest together: at its first refusal, and at close
+    assert len(denied) == MAX_TRACKED + 2
+    assert sum(e.count for e in denied) == flood  # every refusal is counted in one of them
+    others = [e for e in denied if e.identity == OTHERS]
+    assert sorted((e.subject, e.count) for e in others) == [
+        (OTHERS, 1),
+        (OTHERS, flood - MAX_TRACKED - 1),
+    ]
