@@ -1496,14 +1496,13 @@ class MessageDeniedError(RequestFailedError, SecurityError):
         reason: str,
         reply_id: str | None = None,
     ) -> None:
-        self.agent = receiver
         self.receiver = receiver
         self.sender = sender
-        self.message_type = message_type
         self.reason = reason
-        self.reply_id = reply_id
-        self.error = (
-            f"message denied: agent {_shown(receiver)} does not accept {_shown(message_type)} "
-            f"from {_shown(sender)}: {reason}"
+        super().__init__(
+            agent=receiver,
+            message_type=message_type,
+            error=f"message denied: {_shown(sender)} may not send it ({reason}; see its "
+            "`accepts` policy)",
+            reply_id=reply_id,
         )
-        FuseError.__init__(self, f"{self.error} (see the receiver's `accepts` policy)")
