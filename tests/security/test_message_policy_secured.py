@@ -18,13 +18,12 @@ from nats.aio.client import Client
 
 from newfuse.agents import Agent, AgentClient, Context
 from newfuse.agents.registry import stream_of
-from newfuse.agents.secure import provision
 from newfuse.errors import MessageDeniedError
 from newfuse.eventstore import open_event_store
-from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.nats import NatsServer, connect
 from newfuse.schemas import PermissionDenied
-from newfuse.security.identities import IdentityStore, server_config
-from support import wait_for
+from newfuse.security.identities import IdentityStore
+from support import secured_nats, wait_for
 
 handled: list[tuple[str, str]] = []
 coder = Agent("coder", accepts={"planner": ["task.assign"]})
@@ -55,14 +54,7 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities.add("coder-1", "agent", agent="coder/1")
     identities.add("planner-1", "agent", agent="planner/1", send_to=["coder"])
     identities.add("rogue-1", "agent", agent="rogue/1", send_to=["coder"])
-    config = folder / "auth.conf"
-    config.write_text(server_config(identities.list(), Subjects("fuse")))
-    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
-        admin = await connect(server.url, credentials=identities.credentials("admin"))
-        try:
-            await provision(admin, identities.list(), "fuse")
-        finally:
-            await admin.close()
+    async with secured_nats(folder, identities) as server:
         yield Secure(server, identities)
 
 

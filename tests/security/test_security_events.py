@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from newfuse.agents.secure import provision
 from newfuse.eventstore import EventStore, open_event_store
-from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.nats import NatsServer
 from newfuse.schemas import (
     DENIALS_STREAM,
     IDENTITIES_STREAM,
@@ -23,8 +22,8 @@ from newfuse.schemas import (
     PermissionDenied,
 )
 from newfuse.security.events import MAX_TRACKED, OTHERS, DenialRecorder, sync_identities
-from newfuse.security.identities import IdentityStore, server_config
-from support import run_fuse
+from newfuse.security.identities import IdentityStore
+from support import run_fuse, secured_nats
 
 
 @dataclass
@@ -45,14 +44,7 @@ async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sec
     identities.add("admin", "admin")
     identities.add("runner", "service")
     identities.add("echo-1", "agent", agent="echo/1")
-    config = folder / "auth.conf"
-    config.write_text(server_config(identities.list(), Subjects("fuse")))
-    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
-        admin = await connect(server.url, credentials=identities.credentials("admin"))
-        try:
-            await provision(admin, identities.list(), "fuse")
-        finally:
-            await admin.close()
+    async with secured_nats(folder, identities) as server:
         yield Secured(server, identities, folder)
 
 
