@@ -1479,3 +1479,30 @@ class PermissionDeniedError(SecurityError):
             f"permission denied: identity {_shown(identity)} may not {operation} "
             f"{_shown(subject, 200)} (the server refused it; see `fuse auth list`)"
         )
+
+
+class MessageDeniedError(RequestFailedError, SecurityError):
+    """The receiving agent's message policy (`Agent(accepts=...)`) does not accept this message
+    type from this sender: the message was not handled. Retrying does not help; the receiver's
+    policy decides. `sender` is the identity that signed the request (on a secured bus), else
+    the sender it claimed; `reason` says what the receiver accepts from it."""
+
+    def __init__(
+        self,
+        *,
+        sender: str,
+        message_type: str,
+        receiver: str,
+        reason: str,
+        reply_id: str | None = None,
+    ) -> None:
+        self.receiver = receiver
+        self.sender = sender
+        self.reason = reason
+        super().__init__(
+            agent=receiver,
+            message_type=message_type,
+            error=f"message denied: {_shown(sender)} may not send it ({reason}; see its "
+            "`accepts` policy)",
+            reply_id=reply_id,
+        )

@@ -1,8 +1,9 @@
 """Security events: identities made and revoked, and refusals the bus saw (security/events.py).
 
 They sit on streams of the `security` category beside `security.keys` (`key.forgotten`), so
-one category filter (`fuse audit security`, `read_all(categories=("security",))`) lists what
-happened to who may do what.
+one category filter (`read_all(categories=("security",))`) lists what happened to who may do
+what; the one exception is a receiving agent's `permission.denied` of a message, stored on its
+own `agent.<type>-<key>` stream (see PermissionDenied), which `fuse audit security` lists too.
 """
 
 from __future__ import annotations
@@ -54,10 +55,19 @@ class IdentityRevoked(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 
 
 class PermissionDenied(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Type `permission.denied`: nats-server refused an identity an operation on a subject.
+    """Type `permission.denied`: an identity was refused an operation on a subject.
 
-    One event stands for `count` refusals of the same identity, operation and subject since
-    `first_at` (a loop of refusals makes at most one event a minute, see security/events.py).
+    Two enforcers write it. nats-server refuses a publish or subscribe (`operation` `publish
+    to` / `subscribe to`), reported on one of the bus's own connections and stored on
+    `security.denials`. A receiving agent's runtime refuses a message its policy does not
+    accept (`operation` `send`, `subject` the one it came on, `message_type` its type,
+    `identity` the signer or, on a bus without identities, the sender it claims); the runtime
+    stores it on the receiving instance's own stream `agent.<type>-<key>`, the one stream an
+    agent identity may write (security/identities.py).
+
+    One event stands for `count` refusals of the same identity, operation, subject and message
+    type since `first_at` (a loop of refusals makes at most one event a minute, see
+    security/events.py).
     """
 
     identity: str
@@ -67,6 +77,7 @@ class PermissionDenied(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
     first_at: Timestamp = msgspec.field(name="firstAt", default_factory=utcnow)
     seen_by: str = msgspec.field(name="seenBy", default="")
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
+    message_type: str = msgspec.field(name="messageType", default="")
 
 
 SECURITY_TYPES: Final[dict[str, type[msgspec.Struct]]] = {

@@ -8,9 +8,15 @@ made while no bus ran is recorded then, with the time the identity says it was m
 
 `DenialRecorder` appends `permission.denied` for each refusal nats-server reports on one of the
 bus's own connections (an admin's or a service's: an agent identity may not write the security
-streams). A loop of refusals cannot flood the log: one identity, operation and subject make at
-most one event per `WINDOW` seconds, which counts the refusals since the previous one; at most
-`MAX_TRACKED` of them are tracked at once (beyond, the oldest are written out first).
+streams), and for each message a receiving agent's policy denies (`record`, called by the agent
+runtime, which stores them on the instance's own stream: an agent identity may write that one).
+A loop of refusals cannot flood the log: one identity, operation, subject and message type make
+at most one event per `WINDOW` seconds, which counts the refusals since the previous one. At
+most `MAX_TRACKED` of them are tracked at once; a new one makes room by writing out and
+dropping those whose window has passed, and when every tracked one wrote within its window,
+it is counted under `OTHERS` (identity and subject `*`, one such entry per operation). So a
+recorder writes at most `MAX_TRACKED` + one per operation events a window, however many
+identities a flood claims.
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ log = logging.getLogger("newfuse.security")
 WINDOW: Final[float] = 60.0
 """Seconds within which refusals of one identity, operation and subject make one event."""
 MAX_TRACKED: Final[int] = 256
-"""(identity, operation, subject) triples tracked at once by one recorder."""
+"""(identity, operation, subject, message type) keys tracked at once by one recorder."""
+OTHERS: Final[str] = "*"
+"""The identity and subject of the refusals counted beyond `MAX_TRACKED` keys."""
+
+_Key = tuple[str, str, str, str]
 
 
 def _time(text: str | None) -> datetime:
@@ -99,20 +109,22 @@ class _Seen:
     def __init__(self) -> None:
         self.count = 0
         self.first = datetime.now(UTC)
-        self.written = 0.0
+        self.written = float("-inf")  # monotonic time of its last event: none yet
 
 
 class DenialRecorder:
-    """Appends `permission.denied` for the refusals reported on `store`'s connection (a
-    JetStream store opened with credentials; a no-op otherwise). Use `start()` and `close()`
-    (which writes out the refusals counted and not yet written)."""
+    """Appends `permission.denied` to `stream` (default `security.denials`) for the refusals
+    reported on `store`'s connection (`start()`: a JetStream store opened with credentials; a
+    no-op otherwise) and for those passed to `record`. `close()` writes out the refusals
+    counted and not yet written."""
 
-    def __init__(self, store: EventStore, *, seen_by: str) -> None:
+    def __init__(self, store: EventStore, *, seen_by: str, stream: str = DENIALS_STREAM) -> None:
         self.store = store
         self.seen_by = seen_by
+        self.stream = stream
         self.written = 0
         """Events appended."""
-        self._seen: dict[tuple[str, str, str], _Seen] = {}
+        self._seen: dict[_Key, _Seen] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._remove: object = None
 
@@ -125,25 +137,43 @@ class DenialRecorder:
         return self
 
     def _denied(self, error: PermissionDeniedError) -> int:
-        key = (error.identity, error.operation, error.subject)
+        self.record(identity=error.identity, operation=error.operation, subject=error.subject)
+        return 0  # it fails no operation: it only records
+
+    def record(
+        self, *, identity: str, operation: str, subject: str, message_type: str = ""
+    ) -> None:
+        """Count one refusal; append its event now unless this key had one within `WINDOW`
+        (the append runs in the background: call from a running event loop)."""
+        key = (identity, operation, subject, message_type)
         seen = self._seen.get(key)
         if seen is None:
             if len(self._seen) >= MAX_TRACKED:
-                oldest = next(iter(self._seen))
-                self._write(oldest, self._seen.pop(oldest))
-            seen = self._seen[key] = _Seen()
+                self._make_room()
+            if len(self._seen) >= MAX_TRACKED:
+                key = (OTHERS, operation, OTHERS, "")
+            seen = self._seen.setdefault(key, _Seen())
         seen.count += 1
         if time.monotonic() - seen.written >= WINDOW:
             self._write(key, seen)
-        return 0  # it fails no operation: it only records
 
-    def _write(self, key: tuple[str, str, str], seen: _Seen) -> None:
+    def _make_room(self) -> None:
+        """Write out and forget the keys whose window has passed: their next refusal may be
+        written at once anyway, so forgetting them loosens no bound."""
+        now = time.monotonic()
+        for key, seen in list(self._seen.items()):
+            if now - seen.written >= WINDOW:
+                self._write(key, seen)
+                del self._seen[key]
+
+    def _write(self, key: _Key, seen: _Seen) -> None:
         if not seen.count:
             return
         event = PermissionDenied(
             identity=key[0],
             operation=key[1],
             subject=key[2],
+            message_type=key[3],
             count=seen.count,
             first_at=seen.first,
             seen_by=self.seen_by,
@@ -156,7 +186,7 @@ class DenialRecorder:
     async def _append(self, event: PermissionDenied) -> None:
         try:
             await self.store.append(
-                DENIALS_STREAM, NewEvent(data=event, metadata={"sender": self.seen_by})
+                self.stream, NewEvent(data=event, metadata={"sender": self.seen_by})
             )
             self.written += 1
         except FuseError as error:  # refused too, or the store is down: say so, go on
