@@ -20,14 +20,21 @@ from pathlib import Path
 import nkeys  # type: ignore[import-untyped]
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from newfuse.cli.auth import write_dev_config
 from newfuse.errors import PermissionDeniedError
 from newfuse.eventstore import EventStore, open_event_store
 from newfuse.nats import NatsServer, Subjects, connect
 from newfuse.nats.connection import Credentials
-from newfuse.schemas import AUTH_FAILURES_STREAM, AuthFailed
-from newfuse.security.auth_events import MAX_ADVISORY, MAX_TEXT, OTHERS, AuthFailureRecorder
+from newfuse.schemas import AUTH_FAILURES_STREAM, AuthFailed, NewEvent
+from newfuse.security.auth_events import (
+    ADVISORIES,
+    MAX_ADVISORY,
+    MAX_TEXT,
+    OTHERS,
+    AuthFailureRecorder,
+)
 from newfuse.security.identities import IdentityStore, new_seed, public_key_of, server_config
 from support import run_fuse, wait_for
 
@@ -288,3 +295,58 @@ async def test_fuse_audit_security_lists_the_refusals(
     assert any(r["data"]["presented"] == caller for r in failed)
     table = run_fuse("audit", "security", "--limit", "1", env=env).stdout  # the newest
     assert f"{caller[:12]}… (caller)" in table and "from 127.0.0.1: Authentication" in table
+
+
+async def test_the_system_identity_sees_the_servers_account_and_not_the_bus(
+    secured: Secured, watching: Watching
+) -> None:
+    system = await secured.system()
+    admin = await connect(secured.server.url, credentials=secured.identities.credentials("admin"))
+    try:
+        # the bus's streams are in the global account: the system account has no JetStream
+        refused = json.loads((await system.request("$JS.API.STREAM.NAMES", b"", timeout=5)).data)
+        assert refused["error"]["description"] == "JetStream not enabled for account"
+        names = json.loads((await admin.request("$JS.API.STREAM.NAMES", b"", timeout=5)).data)
+        assert "error" not in names
+        # and the advisories reach only the system account
+        heard: list[str] = []
+
+        async def on_advisory(msg: Msg) -> None:
+            heard.append(msg.subject)
+
+        await admin.subscribe(ADVISORIES, cb=on_advisory)
+        await admin.flush()
+        stranger = new_seed().decode()
+        key = public_key_of(stranger.encode())
+        assert await knock(secured.server.url, nkey=key, signer=stranger) != "PONG"
+        await watching.written(1)  # the system account heard it; the bus's did not
+        await admin.flush()
+        assert heard == []
+        ping = await system.request("$SYS.REQ.SERVER.PING", b"", timeout=5)
+        assert json.loads(ping.data)["server"]["name"] == secured.server.server_name
+    finally:
+        await admin.close()
+        await system.close()
+
+
+async def test_a_store_directory_keeps_its_streams_when_the_system_account_comes(
+    tmp_path: Path,
+) -> None:
+    identities = IdentityStore(tmp_path / "auth")
+    admin = identities.add("admin", "admin")
+    identities.add("watcher", "system")
+    config = tmp_path / "auth.conf"
+    # the layout before the system account: the bus's users alone, in the global account
+    config.write_text(f'authorization {{\n  users = [ {{"nkey": "{admin.public_key}"}} ]\n}}\n')
+    server = NatsServer(data_dir=tmp_path / "nats", extra_args=["--config", str(config)])
+    async with server:
+        async with await open_event_store(
+            server.url, prefix="fuse", credentials=identities.credentials("admin")
+        ) as store:
+            await store.append("agent.kept", NewEvent(data={"text": "before"}, type="note.kept"))
+    config.write_text(server_config(identities.list(), Subjects("fuse")))
+    async with server:
+        async with await open_event_store(
+            server.url, prefix="fuse", credentials=identities.credentials("admin")
+        ) as store:
+            assert [e.data async for e in store.read("agent.kept")] == [{"text": "before"}]
