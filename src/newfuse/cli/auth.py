@@ -74,7 +74,9 @@ def register(commands: Commands) -> None:
     )
     sync.add_argument("--as", dest="by", help="who records them (default: user@host)")
     sync.set_defaults(handler=run_sync)
-    config = actions.add_parser("config", help="print the nats-server authorization block")
+    config = actions.add_parser(
+        "config", help="print the nats-server configuration: users, the system account"
+    )
     config.add_argument("--out", type=Path, help="write it to this file instead")
     config.set_defaults(handler=run_config)
 
