@@ -137,6 +137,14 @@ async def knock(url: str, *, nkey: str, signer: str, name: str = "knocker") -> s
         await writer.wait_closed()
 
 
+async def stranger_knocks(url: str) -> str:
+    """Log in with a new nkey the server does not know; returns the key it presented."""
+    seed = new_seed().decode()
+    key = public_key_of(seed.encode())
+    assert "authorization violation" in (await knock(url, nkey=key, signer=seed)).lower()
+    return key
+
+
 async def test_an_unknown_nkey_is_recorded_with_what_it_presented_and_from_where(
     secured: Secured, watching: Watching
 ) -> None:
@@ -210,10 +218,8 @@ async def test_many_names_from_one_address_are_counted_together_past_the_tracked
             async with AuthFailureRecorder(
                 store, system, seen_by="spray-test", max_tracked=4
             ) as recorder:
-                sprayed = [new_seed().decode() for _ in range(20)]
-                for seed in sprayed:
-                    key = public_key_of(seed.encode())
-                    assert await knock(secured.server.url, nkey=key, signer=seed) != "PONG"
+                for _ in range(20):
+                    await stranger_knocks(secured.server.url)
 
                 async def all_heard() -> bool:
                     return recorder.heard >= 20
@@ -259,9 +265,7 @@ async def test_a_message_on_the_advisory_subject_that_is_not_one_is_skipped(
 
     await wait_for(all_seen)
     # the listener lives on: a real refusal after them is recorded
-    stranger = new_seed().decode()
-    key = public_key_of(stranger.encode())
-    assert await knock(secured.server.url, nkey=key, signer=stranger) != "PONG"
+    key = await stranger_knocks(secured.server.url)
     await watching.written(2)
     assert len(await watching.events(key)) == 1
     [clamped] = [
@@ -316,9 +320,7 @@ async def test_the_system_identity_sees_the_servers_account_and_not_the_bus(
 
         await admin.subscribe(ADVISORIES, cb=on_advisory)
         await admin.flush()
-        stranger = new_seed().decode()
-        key = public_key_of(stranger.encode())
-        assert await knock(secured.server.url, nkey=key, signer=stranger) != "PONG"
+        await stranger_knocks(secured.server.url)
         await watching.written(1)  # the system account heard it; the bus's did not
         await admin.flush()
         assert heard == []
