@@ -196,6 +196,8 @@ class AuthFailureRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
             log.warning("auth.failed: the store did not take the last counts within 5 s")
+        elif writer.exception() is not None:  # it stopped early: say why, once
+            log.error("auth.failed: recording stopped: %r", writer.exception())
 
     async def _heard(self, msg: Msg) -> None:
         advisory = self._parse(msg)
