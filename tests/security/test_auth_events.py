@@ -36,7 +36,7 @@ from newfuse.security.auth_events import (
     AuthFailureRecorder,
 )
 from newfuse.security.identities import IdentityStore, new_seed, public_key_of, server_config
-from support import run_fuse, wait_for
+from support import run_fuse, secured_nats, wait_for
 
 REFUSED = "Authentication Failure"
 
@@ -78,10 +78,8 @@ async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sec
     identities.add("caller", "agent", agent="caller/1")
     identities.add("gone", "agent", agent="gone/1")
     identities.add("watcher", "system")
-    config = folder / "auth.conf"
-    config.write_text(server_config(identities.list(), Subjects("fuse")))
-    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
-        yield Secured(server, identities, config)
+    async with secured_nats(folder, identities) as server:
+        yield Secured(server, identities, folder / "auth.conf")
 
 
 @dataclass
