@@ -22,6 +22,7 @@ from newfuse.cli._output import note, print_json, print_table, progress, rfc3339
 from newfuse.errors import KeyFileError
 from newfuse.eventstore import EventFilter
 from newfuse.schemas import (
+    AuthFailed,
     IdentityCreated,
     IdentityRevoked,
     KeyForgotten,
@@ -80,11 +81,11 @@ def add_actions(actions: Any) -> None:
     check.set_defaults(handler=run_verify)
     security = actions.add_parser(
         "security",
-        help="what happened to who may do what: identities, denials, forgotten keys",
+        help="what happened to who may do what: identities, denials, refused logins, keys",
         description="The events of the security category, oldest first: identity.created and "
         "identity.revoked (fuse auth), permission.denied (refusals the bus's own connections "
-        "saw, and messages a receiving agent's policy denied), key.forgotten (fuse forget). A "
-        "table, or JSON Lines with --json.",
+        "saw, and messages a receiving agent's policy denied), auth.failed (logins the server "
+        "refused), key.forgotten (fuse forget). A table, or JSON Lines with --json.",
     )
     security.add_argument("--limit", type=positive_int, help="at most this many (the newest)")
     security.set_defaults(handler=run_security)
@@ -210,6 +211,10 @@ def _what(data: Any) -> tuple[str, str]:
         return data.identity, f"{what} {data.subject} ({data.count} time(s))"
     if isinstance(data, KeyForgotten):
         return data.subject, f"key {data.kid or '(none held)'}"
+    if isinstance(data, AuthFailed):
+        who = data.presented if len(data.presented) <= 16 else f"{data.presented[:12]}…"
+        known = f" ({data.identity})" if data.identity else ""
+        return f"{who}{known}", f"from {data.address}: {data.reason} ({data.count} time(s))"
     return "", ""
 
 

@@ -1,6 +1,10 @@
 """`fuse auth add|list|revoke|sync|config`: identities (nkeys) and the nats-server authorization
 that enforces their permissions (security/identities.py).
 
+A `system` identity (`--role system`) is a user of the server's system account, where the
+server reports the logins it refused: a secure `fuse dev` makes one and records those refusals
+as `auth.failed` (security/auth_events.py).
+
 Identities live in `<state dir>/auth/` (or `--dir`): `identities.json` and one credentials file
 per identity (`<name>.creds`, owner-only), which `--credentials` / FUSE_NATS_CREDENTIALS point
 at. With a `fuse dev --secure` running, `add` and `revoke` also rewrite its server's
@@ -70,7 +74,9 @@ def register(commands: Commands) -> None:
     )
     sync.add_argument("--as", dest="by", help="who records them (default: user@host)")
     sync.set_defaults(handler=run_sync)
-    config = actions.add_parser("config", help="print the nats-server authorization block")
+    config = actions.add_parser(
+        "config", help="print the nats-server configuration: users, the system account"
+    )
     config.add_argument("--out", type=Path, help="write it to this file instead")
     config.set_defaults(handler=run_config)
 
@@ -231,6 +237,19 @@ async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[
         finally:
             await nc.close()
     note(f"fuse dev (pid {state.pid}) reloaded its authorization")
+
+
+def ensure_system_identity(store: IdentityStore) -> Identity:
+    """The first active `system` identity of `store`, made (named `system`, or `system-2`…
+    if that name is taken) when there is none: what a secure `fuse dev` hears the server's
+    refused logins as."""
+    identities = store.list()
+    active = [i for i in identities if i.role == "system" and not i.revoked]
+    if active:
+        return active[0]
+    taken = {i.name for i in identities}
+    name = next(n for n in ("system", *(f"system-{k}" for k in range(2, 10**6))) if n not in taken)
+    return store.add(name, "system")
 
 
 def write_dev_config(path: Path, store: IdentityStore, prefix: str, server_name: str) -> None:

@@ -147,9 +147,11 @@ from newfuse.schemas.sealed import (
     open_unregistered,
 )
 from newfuse.schemas.security import (
+    AUTH_FAILURES_STREAM,
     DENIALS_STREAM,
     IDENTITIES_STREAM,
     SECURITY_TYPES,
+    AuthFailed,
     IdentityCreated,
     IdentityRevoked,
     PermissionDenied,
@@ -157,6 +159,7 @@ from newfuse.schemas.security import (
 
 __all__ = [
     "AUDIT_TYPES",
+    "AUTH_FAILURES_STREAM",
     "CIRCUIT_TYPES",
     "DEFAULT_PROTOCOLS",
     "DENIALS_STREAM",
@@ -204,6 +207,7 @@ __all__ = [
     "Artifact",
     "Asked",
     "AuditCheckpoint",
+    "AuthFailed",
     "BreakerState",
     "ChatMessage",
     "ChatRole",

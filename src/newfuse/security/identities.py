@@ -4,7 +4,8 @@ An identity is an Ed25519 nkey: the seed stays in a file only its owner reads
 (`<dir>/<name>.nk`), and the server knows only the public key (`U…`): it sends a nonce at
 connect and checks the signature, so it never sees the seed. `identities.json` beside the seeds
 lists each identity's name, role, public key and what its role lets it do; `server_config()`
-turns that list into the `authorization` block of nats-server's configuration.
+turns that list into nats-server's configuration: the bus's users in the `authorization` block
+(the global account, where the streams are), the system identities in the system account.
 
 Roles:
 - `admin`: everything (the CLI of an operator, `fuse dev` itself).
@@ -18,6 +19,11 @@ Roles:
   and its fast-path service. No other direct get, no stream read, no consumer of another inbox.
   Streams and consumers are created by an admin or service first (`fuse dev --secure` does it
   for the identities it knows).
+- `system`: a user of nats-server's system account (`SYS`), which sees nothing of the bus's
+  subjects and streams, only the server's own: its advisories, among them the authentication
+  failures that no other account hears of (security/auth_events.py listens as one). It has the
+  whole system account, as an admin has the bus's: that is also what an operator's `nats server`
+  tooling needs.
 """
 
 from __future__ import annotations
@@ -41,10 +47,13 @@ from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
 from newfuse.security.keys import bucket_name as keys_bucket
 
-Role = Literal["admin", "service", "agent"]
-ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent")
+Role = Literal["admin", "service", "agent", "system"]
+ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent", "system")
 REGISTRY_FILE: Final[str] = "identities.json"
 API: Final[str] = "$JS.API"
+SYSTEM_ACCOUNT: Final[str] = "SYS"
+"""The account nats-server sends its own events to (`system_account`), with the `system`
+identities as its users."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,11 @@ class IdentityStore:
         known = ", ".join(i.name for i in self.list()) or "none"
         raise IdentityError(name=name, reason=f"no such identity (known: {known})")
 
+    def name_of(self, public_key: str) -> str:
+        """The name of the identity, revoked or not, whose public nkey is `public_key` ('' if
+        none is)."""
+        return next((i.name for i in self.list() if i.public_key == public_key), "")
+
     def add(
         self,
         name: str,
@@ -236,8 +250,9 @@ class IdentityStore:
 
 
 def permissions(identity: Identity, subjects: Subjects) -> dict[str, Any] | None:
-    """The nats-server `permissions` of `identity` (None: no block, everything allowed)."""
-    if identity.role == "admin":
+    """The nats-server `permissions` of `identity` (None: no block, everything allowed in its
+    account)."""
+    if identity.role in ("admin", "system"):
         return None
     if identity.role == "service":
         return _service(identity, subjects)
@@ -342,9 +357,17 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
 
 
 def server_config(identities: Iterable[Identity], subjects: Subjects) -> str:
-    """The `authorization` block of nats-server's configuration for `identities` (revoked ones
-    left out): one nkey user each, with its permissions."""
-    users = []
+    """nats-server's configuration for `identities` (revoked ones left out): one nkey user
+    each, with its permissions.
+
+    The bus's users stay in the top-level `authorization` block, which puts them in the global
+    account: that is where the streams of a server that ran without a system account are, so
+    a store directory keeps its streams when the configuration gains one. The `system`
+    identities are the users of the system account `SYS`; the account is declared even with
+    none, so adding one later is a reload, not a restart.
+    """
+    users: list[dict[str, Any]] = []
+    system: list[dict[str, Any]] = []
     for identity in identities:
         if identity.revoked:
             continue
@@ -352,9 +375,17 @@ def server_config(identities: Iterable[Identity], subjects: Subjects) -> str:
         allowed = permissions(identity, subjects)
         if allowed is not None:
             user["permissions"] = allowed
-        users.append(user)
+        (system if identity.role == "system" else users).append(user)
     if not users:
         raise IdentityError(name="*", reason="no identity to let in: add one with `fuse auth add`")
+    return (
+        f"authorization {{\n{_users(users, '  ')}}}\n"
+        f"accounts {{\n  {SYSTEM_ACCOUNT} {{\n{_users(system, '    ')}  }}\n}}\n"
+        f"system_account: {SYSTEM_ACCOUNT}\n"
+    )
+
+
+def _users(users: list[dict[str, Any]], indent: str) -> str:
     # nats-server's configuration format accepts JSON values; each user is one line of JSON
-    lines = ",\n".join(f"    {json.dumps(user)}" for user in users)
-    return f"authorization {{\n  users = [\n{lines}\n  ]\n}}\n"
+    lines = "".join(f"{indent}  {json.dumps(user)},\n" for user in users)
+    return f"{indent}users = [\n{lines}{indent}]\n"
