@@ -461,7 +461,6 @@ class TaskContext(Context):
         self._canceled = False  # a flag, not an asyncio.Event: nothing waits on it
         self._result: Any = None
         self._scope: asyncio.Timeout | None = None
-        self._msg: Msg | None = None  # the delivery while it runs: its worker beats for it
 
     @property
     def cancelled(self) -> bool:
@@ -613,6 +612,7 @@ class RunningWorker(RunningAgent):
         self._lanes: list[_Lane] = []
         self._keeper: asyncio.Task[None] | None = None
         self._running: dict[str, TaskContext] = {}
+        self._held: dict[TaskContext, Msg] = {}  # each running delivery: the keeper beats for it
         self._cancels: Subscription | None = None
 
     def _consumers(self) -> list[DurableSpec]:
@@ -677,7 +677,7 @@ class RunningWorker(RunningAgent):
         waiting in a lane (stopping, it hands those back)."""
         while True:
             await asyncio.sleep(self.agent.ack_wait / 3)
-            held = [ctx._msg for ctx in self._running.values() if ctx._msg is not None]
+            held = list(self._held.values())
             if not self._stopping:
                 held += [msg for lane in self._lanes for msg in lane.msgs]
             for msg in held:
@@ -727,7 +727,7 @@ class RunningWorker(RunningAgent):
                 attempts=ctx.attempt - 1,
                 last_error="delivered without an outcome each time (did its worker die?)",
             )
-        ctx._msg = msg
+        self._held[ctx] = msg
         self._running[task_id] = ctx  # from here on, an announced cancel reaches it
         try:
             loop = asyncio.get_running_loop()
@@ -751,7 +751,9 @@ class RunningWorker(RunningAgent):
             self.started.append((terms.priority, (datetime.now(UTC) - submitted).total_seconds()))
             await self._run(route, ctx, msg, task_id, due, limit)
         finally:
-            self._running.pop(task_id, None)
+            del self._held[ctx]
+            if self._running.get(task_id) is ctx:  # not a second delivery's (a stalled first)
+                del self._running[task_id]
 
     async def _start_working(
         self, ctx: TaskContext, terms: TaskTerms, task_id: str, subject: str
