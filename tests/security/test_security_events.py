@@ -88,7 +88,7 @@ async def test_refusals_a_service_sees_are_recorded_bounded_per_identity_and_sub
                 await asyncio.sleep(0.02)
         # the server reports each refusal once: wait until all five were counted
         async with asyncio.timeout(10):
-            while sum(s.count for s in recorder._seen.values()) < 4:
+            while recorder.pending < 4:
                 await asyncio.sleep(0.02)
         await recorder.close()
         events = [e for e in await _payloads(store, DENIALS_STREAM)]
@@ -148,3 +148,19 @@ async def test_a_flood_claiming_ever_new_identities_still_makes_a_bounded_number
         (OTHERS, 1),
         (OTHERS, flood - MAX_TRACKED - 1),
     ]
+
+
+async def test_a_count_still_pending_goes_out_when_its_window_is_over_without_a_close(
+    tmp_path: Path,
+) -> None:
+    async with await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store:
+        recorder = DenialRecorder(store, seen_by="coder/1", stream="agent.coder-1", window=0.4)
+        for _ in range(5):
+            recorder.record(identity="rogue-1", operation="send", subject="fuse.a2a.coder")
+        async with asyncio.timeout(10):  # the first at once, the other four when the window ends
+            while recorder.written < 2:
+                await asyncio.sleep(0.02)
+        assert recorder.pending == 0
+        events = [e for e in await _payloads(store, "agent.coder-1")]
+        await recorder.close()
+    assert [e.count for e in events if isinstance(e, PermissionDenied)] == [1, 4]

@@ -25,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any, Final, NamedTuple, Self
+from typing import Any, Final, Self
 
 import msgspec
 from nats.aio.client import Client
@@ -38,8 +36,9 @@ from nats.aio.msg import Msg
 from newfuse.errors import FuseError
 from newfuse.eventstore import EventStore
 from newfuse.nats.connection import Credentials
-from newfuse.schemas import AUTH_FAILURES_STREAM, AuthFailed, NewEvent
+from newfuse.schemas import AUTH_FAILURES_STREAM, AuthFailed
 from newfuse.schemas.payloads import utcnow
+from newfuse.security._tally import Batch, BoundedRecorder
 
 log = logging.getLogger("newfuse.security")
 
@@ -97,36 +96,11 @@ def _when(text: str) -> datetime:
     return utcnow()
 
 
-class _Tally:
-    """The refusals of one (presented, address) pair not written yet, and when it last wrote."""
-
-    __slots__ = ("count", "first", "last", "sample", "written")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first = self.last = utcnow()
-        self.sample = _Advisory(client=_Client())
-        self.written = -math.inf  # monotonic time of its last event: the first goes out at once
-
-    def add(self, advisory: _Advisory, when: datetime) -> None:
-        if not self.count:
-            self.first = when
-        self.count += 1
-        self.last = when
-        self.sample = advisory
+_Pair = tuple[str, str]
+"""(presented user, address)."""
 
 
-class _Batch(NamedTuple):
-    """What one event says: a pair's refusals counted since its previous event."""
-
-    key: tuple[str, str]
-    refusals: int
-    first: datetime
-    last: datetime
-    sample: _Advisory
-
-
-class AuthFailureRecorder:
+class AuthFailureRecorder(BoundedRecorder[_Pair, _Advisory]):
     """Appends `auth.failed` to `store` for each login refusal `system` hears of (a connection
     of a `system` identity, which the caller owns). An async context manager: leaving it stops
     listening and writes out the refusals counted and not written yet.
@@ -151,29 +125,26 @@ class AuthFailureRecorder:
         window: float = WINDOW,
         max_tracked: int = MAX_TRACKED,
     ) -> None:
-        self.store = store
+        super().__init__(
+            store,
+            stream=AUTH_FAILURES_STREAM,
+            seen_by=seen_by,
+            what="auth.failed",
+            overflow=lambda _: OTHERS,
+            window=window,
+            max_tracked=max_tracked,
+        )
         self.system = system
-        self.seen_by = seen_by
         self.identify = identify
-        self.window = window
-        self.max_tracked = max_tracked
         self.heard = 0
         """Refusals heard of (advisories understood)."""
         self.skipped = 0
         """Messages on the advisories' subject that were not an advisory we understand."""
-        self.written = 0
-        """Events appended."""
-        self._tallies: dict[tuple[str, str], _Tally] = {}
-        self._due: list[_Batch] = []
-        self._wake = asyncio.Event()
-        self._closing = False
         self._subscription: Any = None
-        self._writer: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         self._subscription = await self.system.subscribe(ADVISORIES, cb=self._heard)
         await self.system.flush()  # the server knows of the interest before we return
-        self._writer = asyncio.create_task(self._write_loop(), name="record auth failures")
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -185,25 +156,17 @@ class AuthFailureRecorder:
         if subscription is not None:
             with contextlib.suppress(Exception):  # the connection may be closed already
                 await subscription.unsubscribe()
-        writer, self._writer = self._writer, None
-        if writer is None:
-            return
-        self._closing = True
-        self._wake.set()
-        done, _ = await asyncio.wait({writer}, timeout=5.0)
-        if not done:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            log.warning("auth.failed: the store did not take the last counts within 5 s")
-        elif writer.exception() is not None:  # it stopped early: say why, once
-            log.error("auth.failed: recording stopped: %r", writer.exception())
+        await super().close()
 
     async def _heard(self, msg: Msg) -> None:
         advisory = self._parse(msg)
         if advisory is not None:
             self.heard += 1
-            self.count(advisory)
+            self.count(
+                (clamp(advisory.client.user), clamp(advisory.client.host)),
+                advisory,
+                _when(advisory.timestamp),
+            )
 
     def _parse(self, msg: Msg) -> _Advisory | None:
         reason = None
@@ -218,54 +181,7 @@ class AuthFailureRecorder:
         log.warning("skipped a message on %s: not an auth-error advisory (%s)", msg.subject, reason)
         return None
 
-    def count(self, advisory: _Advisory) -> None:
-        """Count one refusal; queue its pair's event if the pair's window is over."""
-        key = (clamp(advisory.client.user), clamp(advisory.client.host))
-        tally = self._tallies.get(key)
-        if tally is None:
-            if len(self._tallies) >= self.max_tracked:
-                key = OTHERS
-            tally = self._tallies.setdefault(key, _Tally())
-        tally.add(advisory, _when(advisory.timestamp))
-        if time.monotonic() - tally.written >= self.window:
-            self._queue(key, tally)
-
-    def _queue(self, key: tuple[str, str], tally: _Tally) -> None:
-        self._due.append(_Batch(key, tally.count, tally.first, tally.last, tally.sample))
-        tally.count, tally.written = 0, time.monotonic()
-        self._wake.set()
-
-    def _sweep(self) -> None:
-        """Queue the pending counts whose window is over; forget pairs quiet for a window."""
-        now = time.monotonic()
-        for key, tally in list(self._tallies.items()):
-            if now - tally.written < self.window:
-                continue
-            if tally.count:
-                self._queue(key, tally)
-            else:
-                del self._tallies[key]
-
-    async def _write_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.window / 4):
-                    await self._wake.wait()
-            self._wake.clear()
-            if self._closing:
-                for key, tally in self._tallies.items():
-                    if tally.count:
-                        self._queue(key, tally)
-                self._tallies.clear()
-            else:
-                self._sweep()
-            due, self._due = self._due, []
-            for batch in due:
-                await self._append(await self._event(batch))
-            if self._closing:
-                return
-
-    async def _event(self, batch: _Batch) -> AuthFailed:
+    async def _payload(self, batch: Batch[_Pair, _Advisory]) -> AuthFailed:
         presented, address = batch.key
         identity = ""
         if self.identify is not None and batch.key != OTHERS:
@@ -282,20 +198,11 @@ class AuthFailureRecorder:
             client_name=clamp(client.name),
             client_library=clamp(f"{client.lang} {client.ver}".strip()),
             server=clamp(batch.sample.server.name),
-            count=batch.refusals,
+            count=batch.count,
             first_at=batch.first,
             last_at=batch.last,
             seen_by=self.seen_by,
         )
-
-    async def _append(self, event: AuthFailed) -> None:
-        try:
-            await self.store.append(
-                AUTH_FAILURES_STREAM, NewEvent(data=event, metadata={"sender": self.seen_by})
-            )
-            self.written += 1
-        except FuseError as error:  # refused, or the store is down: say so, go on
-            log.warning("auth.failed of %s not recorded: %s", event.presented, error)
 
 
 @contextlib.asynccontextmanager
