@@ -299,9 +299,9 @@ async def steps(sizes: Sizes) -> None:
                 store, await SQLiteKeyStore.open(files / "keys.sqlite"), owns_keys=True
             )
             for sealed in (True, False):
-                await store.append(
-                    f"{category(sealed)}.steps", [event(sealed, n) for n in range(count)]
-                )
+                for start in range(0, count, 500):  # batches within the store's limit
+                    batch = [event(sealed, n) for n in range(start, min(start + 500, count))]
+                    await store.append(f"{category(sealed)}.steps{start}", batch)
             records: dict[bool, list[StoredRecord]] = {True: [], False: []}
             async for record in store.records():
                 records[record.stream.startswith("sealed")].append(record)

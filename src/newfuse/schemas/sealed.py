@@ -91,6 +91,7 @@ class SealedValue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 SEALED_DECODER: Final = msgspec.json.Decoder(SealedValue)
+_decode_sealed: Final = SEALED_DECODER.decode
 
 
 def associated_data(event_id: str, path: str, subject: str, kid: str) -> bytes:
@@ -225,13 +226,13 @@ class SealPlan:
             KeyNotLoadedError, SealedValueError: from the cipher.
         """
         found = self._probe.decode(data)
-        redacted: list[str] = []
+        redacted: tuple[str, ...] = ()
         for field in self.fields:
             raw = getattr(found, field.wire)
             if not raw:  # absent
                 continue
             try:
-                value = SEALED_DECODER.decode(raw)
+                value = _decode_sealed(raw)
             except msgspec.DecodeError as error:
                 if bytes(raw) == b"null":
                     continue
@@ -249,9 +250,9 @@ class SealPlan:
             plaintext = cipher.decrypt(value, event_id, field.path)
             if plaintext is None:
                 plaintext = field.replacement
-                redacted.append(field.path)
+                redacted += (field.path,)
             data = _splice(data, raw, plaintext, field.path)
-        return Opened(data=data, redacted=tuple(redacted)) if redacted else Opened(data=data)
+        return Opened(data=data, redacted=redacted)
 
 
 _ENCODER = msgspec.json.Encoder()
