@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from _harness import emit, parser, percentile, progress, run_benchmark, run_id, workdir
@@ -283,6 +283,7 @@ class _Sample:
     data: bytes  # the payload as stored (sealed)
     raw: bytes  # the sealed value of `email`, as stored
     value: SealedValue
+    plaintext: bytes  # the value's JSON
     opened: bytes  # the payload opened
     nonce: bytes
     sealed: bytes
@@ -309,7 +310,7 @@ async def steps(sizes: Sizes) -> None:
                 pass
             plan = store.registry.sealed("bench.signed_up", 1)
             assert plan is not None
-            samples = [sample(store, cipher, plan, record) for record in records[True]]
+            samples = [sample(cipher, plan, record) for record in records[True]]
             plain = [
                 replace(samples[0], record=r, envelope=parse_envelope(r.body, "", r.stream))
                 for r in records[False]
@@ -332,6 +333,9 @@ async def steps(sizes: Sizes) -> None:
                     samples,
                     rounds,
                 ),
+                "    probe (the payload, `email` kept raw)": cpu_us(
+                    lambda s: _PROBE.decode(s.data), samples, rounds
+                ),
                 "    SealedValue decode": cpu_us(
                     lambda s: SEALED_DECODER.decode(s.raw), samples, rounds
                 ),
@@ -349,10 +353,7 @@ async def steps(sizes: Sizes) -> None:
                 "      AES-256-GCM decrypt": cpu_us(
                     lambda s: key.decrypt(s.nonce, s.sealed, s.aad), shut, rounds
                 ),
-                "    splice (two finds, one join)": cpu_us(
-                    lambda s: s.data.find(s.raw, s.data.find(s.raw) + 1), samples, rounds
-                )
-                + cpu_us(lambda s: s.data[:40] + s.opened + s.data[40:], samples, rounds),
+                "    splice (two finds, one join)": cpu_us(splice, samples, rounds),
                 "  payload decode (the plain event's too)": cpu_us(
                     lambda s: payload("bench.signed_up", 1, s.opened), samples, rounds
                 ),
@@ -362,20 +363,41 @@ async def steps(sizes: Sizes) -> None:
         print(f"{label:<{width}}  {us:6.2f} us")
 
 
-def sample(
-    store: EventStore, cipher: SubjectCipher, plan: SealPlan, record: StoredRecord
-) -> _Sample:
+class _Probe(msgspec.Struct, kw_only=True):
+    """What SealPlan's probe of a `bench.signed_up` decodes: the sealed field, the subject."""
+
+    email: msgspec.Raw = msgspec.Raw()
+    customer: Any = None
+
+
+_PROBE = msgspec.json.Decoder(_Probe)
+
+
+def splice(s: _Sample) -> bytes:
+    """The opened payload, as SealPlan.open makes it: the sealed value found, checked to be
+    the only one, and replaced by the plaintext."""
+    start = s.data.find(s.raw)
+    end = start + len(s.raw)
+    if s.data.find(s.raw, end) >= 0:
+        raise AssertionError("the benchmark's event holds its sealed value once")
+    return s.data[:start] + s.plaintext + s.data[end:]
+
+
+def sample(cipher: SubjectCipher, plan: SealPlan, record: StoredRecord) -> _Sample:
     envelope = parse_envelope(record.body, "", record.stream)
     data = bytes(envelope.data)
-    raw = bytes(msgspec.json.decode(data, type=dict[str, msgspec.Raw])["email"])
+    raw = bytes(_PROBE.decode(data).email)
     value = SEALED_DECODER.decode(raw)
     both = unb64(value.iv + value.ct)
+    plaintext = cipher.decrypt(value, envelope.id, "$.email")
+    assert plaintext is not None
     return _Sample(
         record=record,
         envelope=envelope,
         data=data,
         raw=raw,
         value=value,
+        plaintext=plaintext,
         opened=plan.open(data, envelope.id, envelope.stream, cipher).data,
         nonce=both[:12],
         sealed=both[12:],
