@@ -6,10 +6,12 @@ moved, tampered or malformed sealed value is reported and skipped, never a crash
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sqlite3
 import stat
+import string
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -582,4 +584,19 @@ async def test_padded_or_null_sealed_values_open_and_a_copied_one_is_refused(
     copied = json.dumps(doc, separators=(",", ":")).encode()
     with pytest.raises(ValueError, match=r"the sealed value of `\$\.email` appears more than once"):
         open_signup(copied, cipher)
+    await cipher.close()
+
+
+async def test_a_sealed_values_iv_and_ct_are_unpadded_base64url_of_nonce_and_ciphertext(
+    tmp_path: Path,
+) -> None:
+    data, cipher = await sealed_signup(tmp_path)
+    for field in ("email", "phone"):
+        value = json.loads(data)[field]
+        assert len(base64.urlsafe_b64decode(value["iv"])) == 12
+        plaintext = json.dumps(EMAIL if field == "email" else PHONE, separators=(",", ":"))
+        ct = base64.urlsafe_b64decode(value["ct"] + "=" * (-len(value["ct"]) % 4))
+        assert len(ct) == len(plaintext.encode()) + 16  # the GCM tag after the ciphertext
+        assert "=" not in value["iv"] + value["ct"]
+        assert set(value["iv"] + value["ct"]) <= set(string.ascii_letters + string.digits + "-_")
     await cipher.close()

@@ -102,7 +102,10 @@ class SubjectCipher:
         kid, aead = entry
         nonce = os.urandom(NONCE_BYTES)
         sealed = aead.encrypt(nonce, plaintext, associated_data(event_id, path, subject, kid))
-        return SealedValue(enc=ALGORITHM, sub=subject, kid=kid, iv=b64(nonce), ct=b64(sealed))
+        both = b64(nonce + sealed)  # the nonce's 12 bytes are whole base64 quanta: one call
+        return SealedValue(
+            enc=ALGORITHM, sub=subject, kid=kid, iv=both[:IV_CHARS], ct=both[IV_CHARS:]
+        )
 
     def decrypt(self, value: SealedValue, event_id: str, path: str) -> bytes | None:
         if self._generation_now() != self._generation:
