@@ -4,14 +4,16 @@ nats-server makes sure an identity publishes only where its permissions allow, b
 identities may write one subject (an agent's inbox), and the server does not say who wrote a
 message. So a connection with `Credentials` puts two headers on each message it publishes:
 
-- `Fuse-Identity`: its certificate, `<base64url JSON {"name", "role", "agent", "key"}>.<base64url
-  Ed25519 signature of that JSON by an admin's nkey>` (`fuse auth add` issues it);
+- `Fuse-Identity`: its certificate, `<base64url JSON {"name", "role", "key", "agent", "groups"}>.
+  <base64url Ed25519 signature of that JSON by an admin's nkey>` (`fuse auth add` issues it);
 - `Fuse-Signature`: base64url of the Ed25519 signature, by its own nkey, of
   `<subject> 0x0A <body>`.
 
 A reader that trusts an admin key (`Trust`) checks both and learns the sender's identity, which
 the runtime then compares with the message's `metadata.sender`. Any language with Ed25519 can
 check the same; the keys are nkeys (base32 of the 32-byte Ed25519 key, with a prefix and CRC).
+The JetStream event store checks the events it reads the same way (`RecordedEvent.signer`), so
+a fold can count only what the identity it names signed (core/review.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nats.aio.client import Client
+
+from newfuse.schemas import Certified as Certified  # re-exported: the claims of a certificate
 
 IDENTITY: Final[str] = "Fuse-Identity"
 SIGNATURE: Final[str] = "Fuse-Signature"
@@ -43,17 +47,6 @@ def _b64(raw: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class Certified(msgspec.Struct, frozen=True):
-    """What a certificate says about its holder."""
-
-    name: str
-    role: str
-    key: str
-    """The holder's public nkey (`U…`)."""
-    agent: str = ""
-    """`<type>/<key>` for an agent identity."""
 
 
 class SenderError(Exception):
@@ -77,6 +70,11 @@ class Signer:
         self._pair = _nkeys().from_seed(bytearray(seed.encode()))
         self.certificate = certificate
 
+    @property
+    def holder(self) -> Certified:
+        """What its certificate says (not checked here: it is our own)."""
+        return _claims(self.certificate)
+
     def headers(self, subject: str, body: bytes) -> dict[str, str]:
         signature = self._pair.sign(subject.encode() + b"\n" + body)
         return {IDENTITY: self.certificate, SIGNATURE: _b64(signature)}
@@ -88,6 +86,12 @@ _signers: weakref.WeakKeyDictionary[Client, Signer] = weakref.WeakKeyDictionary(
 def sign_on(nc: Client, signer: Signer) -> None:
     """Make `nc`'s publishes through newfuse carry `signer`'s headers."""
     _signers[nc] = signer
+
+
+def identity_of(nc: Client) -> Certified | None:
+    """Who `nc` signs as (None: it signs nothing)."""
+    signer = _signers.get(nc)
+    return None if signer is None else signer.holder
 
 
 def signed(nc: Client, subject: str, body: bytes, headers: dict[str, str]) -> dict[str, str]:
@@ -143,6 +147,11 @@ class Trust:
             del self._known[next(iter(self._known))]
         self._known[certificate] = (holder, key)
         return holder, key
+
+
+def _claims(certificate: str) -> Certified:
+    """The claims of a certificate, unchecked (for one's own: `Trust.sender` checks others')."""
+    return msgspec.json.decode(_unb64(certificate.partition(".")[0]), type=Certified)
 
 
 def public_key_bytes(public: str) -> bytes:
