@@ -13,7 +13,8 @@ Roles:
   event log and the message stream through JetStream, but not create, delete or purge streams,
   nor delete messages.
 - `reviewer`: a person deciding saga steps' reviews for the groups their certificate names
-  (`--group`): append to review streams (and feedback), read the event log; nothing else.
+  (`--group`): append to review streams (and feedback), read the event log and the keys'
+  bucket (what they review may hold sealed fields); nothing else.
 - `agent`: one agent instance `<type>/<key>`. It may publish only: to the inboxes of the agent
   types it declares (`send_to`), to the topics it declares (`publish_topics`), replies, its own
   markers, dead letters, model records and heartbeats, and the status events of tasks. It may
@@ -109,8 +110,7 @@ def _check_groups(name: str, role: Role, groups: Sequence[str]) -> None:
     if groups and role not in GROUPED_ROLES:
         raise IdentityError(
             name=name,
-            reason=f"a {role} decides no review: --group is for "
-            f"roles {' and '.join(GROUPED_ROLES)}",
+            reason=f"--group is for the roles {' and '.join(GROUPED_ROLES)}, not {role}",
         )
     if role == "reviewer" and not groups:
         raise IdentityError(name=name, reason="a reviewer acts for one or more --group")
@@ -343,8 +343,9 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
 
 def _reviewer(identity: Identity, s: Subjects) -> dict[str, Any]:
     # `fuse review`: read the log (a batched direct get names no subject the server could
-    # scope), append to review streams and feedback, nothing else
-    events = s.stream_name
+    # scope) and the keys' bucket (what they review may hold sealed fields), append to review
+    # streams and feedback; nothing else
+    events, keys = s.stream_name, f"KV_{keys_bucket(s.prefix)}"
     publish = [
         s.category("review"),
         s.category("feedback"),
@@ -352,6 +353,8 @@ def _reviewer(identity: Identity, s: Subjects) -> dict[str, Any]:
         f"{API}.STREAM.INFO.{events}",
         f"{API}.DIRECT.GET.{events}",
         f"{API}.DIRECT.GET.{events}.>",
+        f"{API}.STREAM.INFO.{keys}",
+        f"{API}.STREAM.MSG.GET.{keys}",
     ]
     return {
         "publish": {"allow": publish},
