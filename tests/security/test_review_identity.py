@@ -30,7 +30,7 @@ from newfuse.errors import ReviewerIdentityError, ReviewerNotAllowedError
 from newfuse.eventstore import EventFilter, EventStore, InvalidEventReport, open_event_store
 from newfuse.eventstore.jetstream import JetStreamEventStore
 from newfuse.nats import NatsServer, Subjects, connect
-from newfuse.nats.signing import IDENTITY, SIGNATURE
+from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer
 from newfuse.schemas import (
     Envelope,
     NewEvent,
@@ -292,6 +292,10 @@ async def test_fuse_review_approve_takes_the_reviewer_from_the_credentials(
                 env=env,
             )
             assert msgspec.json.decode(approved.stdout)["decided_by"] == "ada"
+            listed = run_fuse("review", "list", "--json", "--credentials", ada, *flags, env=env)
+            rows = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
+            mine = [row for row in rows if row["id"] == pending.id]
+            assert [(row["status"], row["ignored"]) for row in mine] == [("approved", [])]
             done = await orch.wait(saga_id, timeout=30)
     finally:
         await orchestrator.close()
@@ -315,3 +319,29 @@ async def test_a_sqlite_store_checks_no_signers_its_events_have_none(
             reviews.signed_reviewer(store)
         await store.append("note.a", NewEvent(type="note", data={}))
         assert [event.signer async for event in store.read("note.a")] == [None]
+
+
+def test_fuse_auth_add_issues_a_reviewer_certificate_naming_its_groups(tmp_path: Path) -> None:
+    env = {**os.environ, "FUSE_STATE_DIR": str(tmp_path / "state")}
+    auth = ["auth", "--dir", str(tmp_path / "auth")]
+    run_fuse(*auth, "add", "root", "--role", "admin", env=env)
+    added = run_fuse(
+        *auth,
+        "add",
+        "cy",
+        "--role",
+        "reviewer",
+        "--group",
+        "ops",
+        "--group",
+        "leads",
+        "--json",
+        env=env,
+    )
+    assert msgspec.json.decode(added.stdout)["groups"] == ["ops", "leads"]
+    credentials = IdentityStore(tmp_path / "auth").credentials("cy")
+    signer = Signer(credentials.seed, credentials.certificate)
+    assert signer.holder.groups == ("ops", "leads")
+    refused = run_fuse(*auth, "add", "dee", "--role", "reviewer", env=env, check=False)
+    assert refused.returncode != 0
+    assert "a reviewer acts for one or more --group" in refused.stderr

@@ -335,10 +335,9 @@ def signed_reviewer(
             a group the certificate does not.
     """
     identity = store.identity
-    claimed = name or (identity.name if identity is not None else "?")
     if identity is None:
         raise ReviewerIdentityError(
-            reviewer=claimed,
+            reviewer=name or "?",
             signed_as=None,
             reason="this connection signs nothing, and the bus counts only signed decisions "
             "(connect with your credentials: --credentials or $FUSE_NATS_CREDENTIALS)",

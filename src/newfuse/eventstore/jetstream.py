@@ -16,6 +16,11 @@ reconnect or a server restart: for as long as it takes behind `subscribe`, for t
 `timeout` behind a finite `read_all` (then ReadInterruptedError names the position reached).
 `close()` ends the feeds still open (StoreClosedError), deletes their consumers, and fails appends
 waiting for an acknowledgement.
+
+On a connection that trusts admin keys (one opened with credentials), every event read carries
+who signed it (`RecordedEvent.signer`, checked as `newfuse.nats.signing` says: one Ed25519
+verification per signed event); a signature that does not verify is reported to `on_invalid`
+and the event read unsigned. Without a Trust nothing is checked and nothing costs more.
 """
 
 from __future__ import annotations
