@@ -90,6 +90,7 @@ async def main(sizes: Sizes) -> None:
                 await store.close()
             await writer_nc.close()
             await reader_nc.close()
+    progress("done")
 
 
 if __name__ == "__main__":

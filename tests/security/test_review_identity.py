@@ -11,6 +11,7 @@ takes the reviewer from the credentials and refuses a `--as` that is someone els
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,40 +260,12 @@ async def test_fuse_review_approve_takes_the_reviewer_from_the_credentials(
         async with Orchestrator(orchestrator, [_shipping(log)], safety_poll=3600) as orch:
             saga_id = await orch.start("shipping", {"to": "cusco"})
             pending = await _pending(orchestrator, saga_id)
-            flags = ["--nats", secure.server.url, "--prefix", "fuse"]
-            env = {**os.environ}
-            env.pop("FUSE_REVIEWER", None)
-            env.pop("FUSE_REVIEWER_GROUPS", None)
-            bob = str(secure.identities.seed_file("bob"))
-            refused = run_fuse(
-                "review",
-                "approve",
-                pending.id,
-                "--as",
-                "ada",
-                "--credentials",
-                bob,
-                *flags,
-                env=env,
-                check=False,
-            )
+            refused = _review_cli(secure, "bob", "approve", pending.id, "--as", "ada", check=False)
             assert refused.returncode != 0
             assert "reviewer 'ada', signed as 'bob': your credentials are bob's" in refused.stderr
-            ada = str(secure.identities.seed_file("ada"))
-            approved = run_fuse(
-                "review",
-                "approve",
-                pending.id,
-                "--comment",
-                "ok",
-                "--json",
-                "--credentials",
-                ada,
-                *flags,
-                env=env,
-            )
+            approved = _review_cli(secure, "ada", "approve", pending.id, "--comment", "ok")
             assert msgspec.json.decode(approved.stdout)["decided_by"] == "ada"
-            listed = run_fuse("review", "list", "--json", "--credentials", ada, *flags, env=env)
+            listed = _review_cli(secure, "ada", "list")
             rows = [msgspec.json.decode(line) for line in listed.stdout.splitlines()]
             mine = [row for row in rows if row["id"] == pending.id]
             assert [(row["status"], row["ignored"]) for row in mine] == [("approved", [])]
@@ -302,6 +275,18 @@ async def test_fuse_review_approve_takes_the_reviewer_from_the_credentials(
     assert done.status == "committed" and log == [({"to": "cusco"}, "ada")]
     types = [event.type async for event in _read(secure, saga_stream(saga_id))]
     assert types.count("saga.step_reviewed") == 1
+
+
+def _review_cli(
+    secure: Secure, identity: str, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`fuse review ... --json` under `identity`'s credentials (no reviewer named otherwise)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FUSE_REVIEWER", "FUSE_REVIEWER_GROUPS")
+    }
+    credentials = str(secure.identities.seed_file(identity))
+    flags = ["--nats", secure.server.url, "--prefix", "fuse", "--credentials", credentials]
+    return run_fuse("review", *args, "--json", *flags, env=env, check=check)
 
 
 async def _read(secure: Secure, stream: str) -> AsyncIterator[Any]:
