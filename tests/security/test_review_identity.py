@@ -22,7 +22,6 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from newfuse.agents.secure import provision
 from newfuse.core import Orchestrator, Saga, StepContext
 from newfuse.core import review as reviews
 from newfuse.core.orchestrator import read_saga, saga_stream
@@ -30,7 +29,7 @@ from newfuse.core.review import Review, Reviewer, ReviewState
 from newfuse.errors import ReviewerIdentityError, ReviewerNotAllowedError
 from newfuse.eventstore import EventFilter, EventStore, InvalidEventReport, open_event_store
 from newfuse.eventstore.jetstream import JetStreamEventStore
-from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.nats import NatsServer, connect
 from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer
 from newfuse.schemas import (
     Envelope,
@@ -40,8 +39,8 @@ from newfuse.schemas import (
     new_event_id,
     utcnow,
 )
-from newfuse.security.identities import IdentityStore, server_config
-from support import run_fuse, wait_for
+from newfuse.security.identities import IdentityStore
+from support import run_fuse, secured_nats, wait_for
 
 
 @dataclass
@@ -73,14 +72,7 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities.add("ada", "reviewer", groups=["ops"])
     identities.add("bob", "reviewer", groups=["ops"])
     identities.add("lea", "reviewer", groups=["leads"])
-    config = folder / "auth.conf"
-    config.write_text(server_config(identities.list(), Subjects("fuse")))
-    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
-        admin = await connect(server.url, credentials=identities.credentials("admin"))
-        try:
-            await provision(admin, identities.list(), "fuse")  # the streams services use
-        finally:
-            await admin.close()
+    async with secured_nats(folder, identities) as server:
         yield Secure(server, identities)
 
 
