@@ -1285,7 +1285,13 @@ class ReviewerNotAllowedError(ReviewError):
     """The reviewer names none of the groups the review says may decide it."""
 
     def __init__(
-        self, *, review_id: str, reviewer: str, groups: list[str], allowed: list[str]
+        self,
+        *,
+        review_id: str,
+        reviewer: str,
+        groups: list[str],
+        allowed: list[str],
+        hint: str | None = None,
     ) -> None:
         self.review_id = review_id
         self.reviewer = reviewer
@@ -1293,8 +1299,23 @@ class ReviewerNotAllowedError(ReviewError):
         self.allowed = allowed
         super().__init__(
             f"review {_shown(review_id)} is decided by group {' or '.join(allowed)}; "
-            f"{reviewer} acts for {', '.join(groups) or 'no group'} (give --group or "
-            f"$FUSE_REVIEWER_GROUPS)"
+            f"{reviewer} acts for {', '.join(groups) or 'no group'} "
+            f"({hint or 'give --group or $FUSE_REVIEWER_GROUPS'})"
+        )
+
+
+class ReviewerIdentityError(ReviewError):
+    """On a bus whose store checks signatures, a decision counts only when the reviewer it
+    names signed it: the reviewer given is not who this connection signs as, or names a group
+    their certificate does not, or the connection signs nothing."""
+
+    def __init__(self, *, reviewer: str, signed_as: str | None, reason: str) -> None:
+        self.reviewer = reviewer
+        self.signed_as = signed_as
+        self.reason = reason
+        shown = _shown(signed_as) if signed_as is not None else "no one"
+        super().__init__(
+            f"reviewer {_shown(reviewer)}, signed as {shown}: {reason}; nothing stored"
         )
 
 

@@ -79,6 +79,7 @@ SAGA_LINES = {
     *(f"sagas.deadlock_detection.{p}" for p in ("p50", "p99")),
 }
 AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
+SIGNER_LINES = {"jetstream.read_all.signers_checked", "jetstream.read.signers_checked"}
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,7 @@ AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.ve
         ("tasks.py", TASK_LINES),
         ("sagas.py", SAGA_LINES),
         ("audit.py", AUDIT_LINES),
+        ("signers.py", SIGNER_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(

@@ -58,6 +58,12 @@ def register(commands: Commands) -> None:
     add.add_argument(
         "--publish-topic", action="append", default=[], metavar="TOPIC", help="topics it writes"
     )
+    add.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        help="a review group it decides for (repeatable; roles reviewer and admin)",
+    )
     add.add_argument("--as", dest="by", help="who makes it, in the log (default: user@host)")
     add.set_defaults(handler=run_add)
     listing = actions.add_parser("list", help="every identity: role, public key, permissions")
@@ -95,6 +101,7 @@ def identity_json(identity: Identity, store: IdentityStore) -> dict[str, Any]:
         "send_to": list(identity.send_to),
         "topics": list(identity.topics),
         "publish_topics": list(identity.publish_topics),
+        "groups": list(identity.groups),
         "created": identity.created,
         "revoked": identity.revoked,
         "credentials": None if identity.revoked else str(store.seed_file(identity.name)),
@@ -110,6 +117,7 @@ async def run_add(args: argparse.Namespace) -> int:
         send_to=args.send_to,
         publish_topics=args.publish_topic,
         topics=args.topic,
+        groups=args.group,
     )
     if args.json:
         print_json(identity_json(identity, store))

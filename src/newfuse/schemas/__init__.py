@@ -41,6 +41,7 @@ from newfuse.schemas.card import (
     AgentSubjects,
     ProtocolVersions,
 )
+from newfuse.schemas.certificate import Certified
 from newfuse.schemas.circuit import (
     CIRCUIT_TYPES,
     BreakerState,
@@ -209,6 +210,7 @@ __all__ = [
     "AuditCheckpoint",
     "AuthFailed",
     "BreakerState",
+    "Certified",
     "ChatMessage",
     "ChatRole",
     "CircuitChange",

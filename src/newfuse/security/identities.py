@@ -12,6 +12,9 @@ Roles:
 - `service`: the bus's own processes (projections, orchestrators, detectors): read and write the
   event log and the message stream through JetStream, but not create, delete or purge streams,
   nor delete messages.
+- `reviewer`: a person deciding saga steps' reviews for the groups their certificate names
+  (`--group`): append to review streams (and feedback), read the event log and the keys'
+  bucket (what they review may hold sealed fields); nothing else.
 - `agent`: one agent instance `<type>/<key>`. It may publish only: to the inboxes of the agent
   types it declares (`send_to`), to the topics it declares (`publish_topics`), replies, its own
   markers, dead letters, model records and heartbeats, and the status events of tasks. It may
@@ -47,8 +50,10 @@ from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
 from newfuse.security.keys import bucket_name as keys_bucket
 
-Role = Literal["admin", "service", "agent", "system"]
-ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent", "system")
+Role = Literal["admin", "service", "agent", "system", "reviewer"]
+ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent", "system", "reviewer")
+GROUPED_ROLES: Final[tuple[Role, ...]] = ("admin", "reviewer")
+"""Roles whose certificate may name review groups (a reviewer's must name one)."""
 REGISTRY_FILE: Final[str] = "identities.json"
 API: Final[str] = "$JS.API"
 SYSTEM_ACCOUNT: Final[str] = "SYS"
@@ -70,6 +75,8 @@ class Identity:
     publish_topics: tuple[str, ...] = ()
     topics: tuple[str, ...] = ()
     """Topics it subscribes to (its shared consumer's filters)."""
+    groups: tuple[str, ...] = ()
+    """The review groups its certificate names (admins and reviewers)."""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     revoked: str | None = None
 
@@ -97,6 +104,21 @@ def check_identity_name(name: str) -> str:
     if not all(c.isalnum() or c in "-_" for c in name) or len(name) > 64:
         raise IdentityError(name=name, reason="use 1-64 letters, digits, '-' and '_'")
     return name
+
+
+def _check_groups(name: str, role: Role, groups: Sequence[str]) -> None:
+    if groups and role not in GROUPED_ROLES:
+        raise IdentityError(
+            name=name,
+            reason=f"--group is for the roles {' and '.join(GROUPED_ROLES)}, not {role}",
+        )
+    if role == "reviewer" and not groups:
+        raise IdentityError(name=name, reason="a reviewer acts for one or more --group")
+    for group in groups:
+        if not 0 < len(group) <= 64 or not all(c.isalnum() or c in "-_." for c in group):
+            raise IdentityError(
+                name=name, reason=f"group {group!r}: use 1-64 letters, digits, '-', '_' and '.'"
+            )
 
 
 def _nkeys() -> Any:
@@ -170,11 +192,15 @@ class IdentityStore:
         send_to: Sequence[str] = (),
         publish_topics: Sequence[str] = (),
         topics: Sequence[str] = (),
+        groups: Sequence[str] = (),
     ) -> Identity:
-        """Create an identity: its seed file (mode 600) and its entry; refuses a name in use."""
+        """Create an identity: its seed file (mode 600) and its entry; refuses a name in use.
+        `groups` (admins and reviewers) go into its certificate: the review groups it acts
+        for."""
         check_identity_name(name)
         if role not in ROLES:
             raise IdentityError(name=name, reason=f"role {role!r} is not one of {list(ROLES)}")
+        _check_groups(name, role, groups)
         agent_type, _, agent_key = agent.partition("/")
         if role == "agent":
             if not agent_type or not agent_key:
@@ -194,7 +220,10 @@ class IdentityStore:
                 reason="make an admin first (`fuse auth add NAME "
                 "--role admin`; `fuse dev --secure` makes one)",
             )
-        certificate = issue(issuer, Certified(name=name, role=role, key=public, agent=agent))
+        certificate = issue(
+            issuer,
+            Certified(name=name, role=role, key=public, agent=agent, groups=tuple(groups)),
+        )
         trusted = tuple(i.public_key for i in admins) or (public,)
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
@@ -215,6 +244,7 @@ class IdentityStore:
             send_to=tuple(send_to),
             publish_topics=tuple(publish_topics),
             topics=tuple(topics),
+            groups=tuple(groups),
         )
         self._write([*existing, identity])
         return identity
@@ -256,6 +286,8 @@ def permissions(identity: Identity, subjects: Subjects) -> dict[str, Any] | None
         return None
     if identity.role == "service":
         return _service(identity, subjects)
+    if identity.role == "reviewer":
+        return _reviewer(identity, subjects)
     return _agent(identity, subjects)
 
 
@@ -306,6 +338,27 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
                 f"$KV.{keys_bucket(s.prefix)}.>",  # a key store hears of others' forgets
             ]
         },
+    }
+
+
+def _reviewer(identity: Identity, s: Subjects) -> dict[str, Any]:
+    # `fuse review`: read the log (a batched direct get names no subject the server could
+    # scope) and the keys' bucket (what they review may hold sealed fields), append to review
+    # streams and feedback; nothing else
+    events, keys = s.stream_name, f"KV_{keys_bucket(s.prefix)}"
+    publish = [
+        s.category("review"),
+        s.category("feedback"),
+        f"{API}.INFO",
+        f"{API}.STREAM.INFO.{events}",
+        f"{API}.DIRECT.GET.{events}",
+        f"{API}.DIRECT.GET.{events}.>",
+        f"{API}.STREAM.INFO.{keys}",
+        f"{API}.STREAM.MSG.GET.{keys}",
+    ]
+    return {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": [f"{identity.inbox_prefix}.>"]},
     }
 
 
