@@ -9,14 +9,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import nats
 import redis.asyncio as redis
+
+from newfuse.agents.secure import provision
+from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.security.identities import IdentityStore, server_config
 
 
 async def wait_for(
@@ -161,6 +165,22 @@ def start_fuse_dev(
         process.send_signal(signal.SIGTERM)
         _, errors = process.communicate(timeout=60)
     assert process.returncode == 0, errors
+
+
+@asynccontextmanager
+async def secured_nats(folder: Path, identities: IdentityStore) -> AsyncIterator[NatsServer]:
+    """A nats-server under `folder` that lets in `identities` with their permissions (prefix
+    `fuse`), with what their agents read made for them by the first admin (`provision`)."""
+    config = folder / "auth.conf"
+    config.write_text(server_config(identities.list(), Subjects("fuse")))
+    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
+        admin_name = next(i.name for i in identities.list() if i.role == "admin")
+        admin = await connect(server.url, credentials=identities.credentials(admin_name))
+        try:
+            await provision(admin, identities.list(), "fuse")
+        finally:
+            await admin.close()
+        yield server
 
 
 ECHO_AGENT = """

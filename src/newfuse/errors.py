@@ -1285,7 +1285,13 @@ class ReviewerNotAllowedError(ReviewError):
     """The reviewer names none of the groups the review says may decide it."""
 
     def __init__(
-        self, *, review_id: str, reviewer: str, groups: list[str], allowed: list[str]
+        self,
+        *,
+        review_id: str,
+        reviewer: str,
+        groups: list[str],
+        allowed: list[str],
+        hint: str | None = None,
     ) -> None:
         self.review_id = review_id
         self.reviewer = reviewer
@@ -1293,8 +1299,23 @@ class ReviewerNotAllowedError(ReviewError):
         self.allowed = allowed
         super().__init__(
             f"review {_shown(review_id)} is decided by group {' or '.join(allowed)}; "
-            f"{reviewer} acts for {', '.join(groups) or 'no group'} (give --group or "
-            f"$FUSE_REVIEWER_GROUPS)"
+            f"{reviewer} acts for {', '.join(groups) or 'no group'} "
+            f"({hint or 'give --group or $FUSE_REVIEWER_GROUPS'})"
+        )
+
+
+class ReviewerIdentityError(ReviewError):
+    """On a bus whose store checks signatures, a decision counts only when the reviewer it
+    names signed it: the reviewer given is not who this connection signs as, or names a group
+    their certificate does not, or the connection signs nothing."""
+
+    def __init__(self, *, reviewer: str, signed_as: str | None, reason: str) -> None:
+        self.reviewer = reviewer
+        self.signed_as = signed_as
+        self.reason = reason
+        shown = _shown(signed_as) if signed_as is not None else "no one"
+        super().__init__(
+            f"reviewer {_shown(reviewer)}, signed as {shown}: {reason}; nothing stored"
         )
 
 
@@ -1478,6 +1499,33 @@ class PermissionDeniedError(SecurityError):
         super().__init__(
             f"permission denied: identity {_shown(identity)} may not {operation} "
             f"{_shown(subject, 200)} (the server refused it; see `fuse auth list`)"
+        )
+
+
+class MessageDeniedError(RequestFailedError, SecurityError):
+    """The receiving agent's message policy (`Agent(accepts=...)`) does not accept this message
+    type from this sender: the message was not handled. Retrying does not help; the receiver's
+    policy decides. `sender` is the identity that signed the request (on a secured bus), else
+    the sender it claimed; `reason` says what the receiver accepts from it."""
+
+    def __init__(
+        self,
+        *,
+        sender: str,
+        message_type: str,
+        receiver: str,
+        reason: str,
+        reply_id: str | None = None,
+    ) -> None:
+        self.receiver = receiver
+        self.sender = sender
+        self.reason = reason
+        super().__init__(
+            agent=receiver,
+            message_type=message_type,
+            error=f"message denied: {_shown(sender)} may not send it ({reason}; see its "
+            "`accepts` policy)",
+            reply_id=reply_id,
         )
 
 

@@ -108,6 +108,33 @@ async def test_each_task_goes_to_exactly_one_of_three_workers(
     assert {key for key, _ in runs} == {"a", "b", "c"}
 
 
+async def test_a_handler_running_past_ack_wait_keeps_its_task_also_while_its_worker_stops(
+    nc: Client, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
+) -> None:
+    runs: list[str] = []
+    started = asyncio.Event()
+
+    def handler_of(key: str) -> Handler:
+        async def work(ctx: TaskContext, job: dict[str, Any]) -> str:
+            runs.append(key)
+            started.set()
+            await asyncio.sleep(2.5)  # past ack_wait: only in-progress acks keep the task here
+            return key
+
+        return work
+
+    async with running(nc, prefix, stream, "long", handler_of("a"), key="a", ack_wait=1.0) as a:
+        task_id = await tasks.submit("long", {})
+        await asyncio.wait_for(started.wait(), timeout=20)
+        async with running(nc, prefix, stream, "long", handler_of("b"), key="b", ack_wait=1.0):
+            await a.close(grace=20)  # stopping: the running handler is let finish
+            task = await tasks.wait(task_id, timeout=20)
+            await settled(nc, prefix, consumer_name("long", 0))
+    assert runs == ["a"], "the task was redelivered while its handler ran"
+    assert states(task) == ["submitted", "working", "completed"]
+    assert task.agent == "task-long/a"
+
+
 async def test_higher_priorities_go_first(
     nc: Client, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
 ) -> None:

@@ -56,11 +56,15 @@ A2A_LINES = {
 }
 
 CRYPTO_LINES = {
-    "crypto.append.latency.p50",
-    "crypto.append.concurrent",
-    "crypto.append.concurrent.cpu",
-    "crypto.read_all",
-    "crypto.read_all.cpu",
+    f"crypto.{backend}{line}"
+    for backend in ("", "sqlite.")
+    for line in (
+        "append.latency.p50",
+        "append.concurrent",
+        "append.concurrent.cpu",
+        "read_all",
+        "read_all.cpu",
+    )
 }
 
 TASK_LINES = {
@@ -75,6 +79,7 @@ SAGA_LINES = {
     *(f"sagas.deadlock_detection.{p}" for p in ("p50", "p99")),
 }
 AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
+SIGNER_LINES = {"jetstream.read_all.signers_checked", "jetstream.read.signers_checked"}
 
 
 @pytest.mark.parametrize(
@@ -87,6 +92,7 @@ AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.ve
         ("tasks.py", TASK_LINES),
         ("sagas.py", SAGA_LINES),
         ("audit.py", AUDIT_LINES),
+        ("signers.py", SIGNER_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(
@@ -123,3 +129,21 @@ def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(
             assert all(share > 0 for share in line["shares"]), line
             assert math.isclose(sum(line["shares"]), 1.0, abs_tol=0.01), line
     assert "done" in done.stderr
+
+
+def test_the_crypto_steps_table_names_each_step_of_a_sealed_read_with_its_cost() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "crypto.py"), "--quick", "--steps"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.rsplit(None, 2) for line in done.stdout.splitlines() if line.strip()]
+    assert [label.strip() for label, _, _ in rows][:2] == [
+        "decode, plain event (all of it)",
+        "decode, sealed event (all of it)",
+    ]
+    assert any("AES-256-GCM decrypt" in label for label, _, _ in rows)
+    assert all(unit == "us" and float(us) > 0 for _, us, unit in rows), done.stdout

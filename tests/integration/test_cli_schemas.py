@@ -46,6 +46,7 @@ BUILT_IN = [
     "aggregate.closed",
     "aggregate.late",
     "audit.checkpoint",
+    "auth.failed",
     "circuit.closed",
     "circuit.half_opened",
     "circuit.opened",

@@ -6,10 +6,12 @@ moved, tampered or malformed sealed value is reported and skipped, never a crash
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sqlite3
 import stat
+import string
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +21,12 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 
-from newfuse.errors import KeyStoreError, SchemaRegistrationError, SealingUnavailableError
+from newfuse.errors import (
+    KeyStoreError,
+    SchemaRegistrationError,
+    SealedValueError,
+    SealingUnavailableError,
+)
 from newfuse.eventstore import EventStore, InvalidEventReport, open_event_store
 from newfuse.projections import rebuild
 from newfuse.projections.agent_state import AgentStateView
@@ -44,6 +51,7 @@ from newfuse.security import (
     KeyStore,
     KVKeyStore,
     SQLiteKeyStore,
+    SubjectCipher,
     forget,
     use_keys,
 )
@@ -512,3 +520,83 @@ def test_unusable_declarations_are_refused_at_registration() -> None:
         SchemaRegistry().add("x.no_subject", 1, NoSubject)
     with pytest.raises(SchemaRegistrationError, match=r"give Personal\(replacement=\.\.\.\)"):
         SchemaRegistry().add("x.bad", 1, BadReplacement)
+
+
+EVENT_ID = "0192f0c1-7a1b-7c3d-8e4f-0123456789ab"
+
+
+async def sealed_signup(tmp_path: Path, phone: str | None = PHONE) -> tuple[bytes, SubjectCipher]:
+    """A `customer.signed_up` payload as a store would keep it (fields sealed), and its cipher."""
+    plan = registry().sealed("customer.signed_up", 1)
+    assert plan is not None
+    cipher = SubjectCipher(await SQLiteKeyStore.open(tmp_path / "keys.sqlite"), owns_keys=True)
+    await cipher.load(["c-42"], create=True)
+    clear = msgspec.json.encode(SignedUp(customer="c-42", email=EMAIL, phone=phone, plan="pro"))
+    return plan.seal(clear, EVENT_ID, "customer.c-42", cipher), cipher
+
+
+def open_signup(data: bytes, cipher: SubjectCipher) -> Any:
+    plan = registry().sealed("customer.signed_up", 1)
+    assert plan is not None
+    opened = plan.open(data, EVENT_ID, "customer.c-42", cipher)
+    return msgspec.json.decode(opened.data, type=SignedUp), opened.redacted
+
+
+@pytest.mark.parametrize(
+    ("iv", "ct", "reason"),
+    [
+        ("AAAAAAAAAAAAAA==", None, "its iv is 10 bytes long, AES-GCM here uses 12"),
+        ("A" * 24, None, "its iv is 18 bytes long, AES-GCM here uses 12"),
+        ("AAAAAAAAAAAAAAA!", None, "its iv or ct is not base64url"),
+        (None, "not base64!", "its iv or ct is not base64url"),
+        (None, "é" * 8, "its iv or ct is not base64url"),
+        (None, "A", "its iv or ct is not base64url"),
+    ],
+)
+async def test_a_sealed_value_whose_iv_or_ct_does_not_decode_says_which(
+    tmp_path: Path, iv: str | None, ct: str | None, reason: str
+) -> None:
+    data, cipher = await sealed_signup(tmp_path)
+    doc = json.loads(data)
+    doc["email"] |= {k: v for k, v in (("iv", iv), ("ct", ct)) if v is not None}
+    with pytest.raises(SealedValueError) as raised:
+        open_signup(json.dumps(doc).encode(), cipher)
+    assert str(raised.value) == f"sealed field $.email of event '{EVENT_ID}': {reason}"
+    await cipher.close()
+
+
+async def test_padded_or_null_sealed_values_open_and_a_copied_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    data, cipher = await sealed_signup(tmp_path, phone=None)
+    assert json.loads(data)["phone"] is None  # null is not sealed, and opens as null
+    assert open_signup(data, cipher) == (
+        SignedUp(customer="c-42", email=EMAIL, phone=None, plan="pro"),
+        (),
+    )
+    doc = json.loads(data)
+    doc["email"]["ct"] += "=" * (-len(doc["email"]["ct"]) % 4)  # padding is allowed
+    assert open_signup(json.dumps(doc).encode(), cipher)[0].email == EMAIL
+    del doc["phone"]  # absent: the default
+    assert open_signup(json.dumps(doc).encode(), cipher)[0].phone is None
+
+    doc["plan"] = {"copy": doc["email"]}  # the same sealed value twice: which one is the field's?
+    copied = json.dumps(doc, separators=(",", ":")).encode()
+    with pytest.raises(ValueError, match=r"the sealed value of `\$\.email` appears more than once"):
+        open_signup(copied, cipher)
+    await cipher.close()
+
+
+async def test_a_sealed_values_iv_and_ct_are_unpadded_base64url_of_nonce_and_ciphertext(
+    tmp_path: Path,
+) -> None:
+    data, cipher = await sealed_signup(tmp_path)
+    for field in ("email", "phone"):
+        value = json.loads(data)[field]
+        assert len(base64.urlsafe_b64decode(value["iv"])) == 12
+        plaintext = json.dumps(EMAIL if field == "email" else PHONE, separators=(",", ":"))
+        ct = base64.urlsafe_b64decode(value["ct"] + "=" * (-len(value["ct"]) % 4))
+        assert len(ct) == len(plaintext.encode()) + 16  # the GCM tag after the ciphertext
+        assert "=" not in value["iv"] + value["ct"]
+        assert set(value["iv"] + value["ct"]) <= set(string.ascii_letters + string.digits + "-_")
+    await cipher.close()

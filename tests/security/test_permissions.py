@@ -19,7 +19,6 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from newfuse.agents import Agent, AgentClient, Context
-from newfuse.agents.secure import provision
 from newfuse.core import Orchestrator, Saga, StepContext
 from newfuse.errors import PermissionDeniedError
 from newfuse.eventstore import open_event_store
@@ -27,6 +26,7 @@ from newfuse.nats import NatsServer, Subjects, connect
 from newfuse.nats.connection import Credentials
 from newfuse.security.identities import IdentityStore, server_config
 from newfuse.security.keys import KVKeyStore
+from support import secured_nats
 
 echo = Agent("echo", description="answers with what it was sent")
 
@@ -60,14 +60,7 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities.add("caller", "agent", agent="caller/1", send_to=["echo"])
     identities.add("mallory", "agent", agent="mallory/1")
     identities.add("orchestrator", "service")
-    config = folder / "auth.conf"
-    config.write_text(server_config(identities.list(), Subjects("fuse")))
-    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
-        admin = await connect(server.url, credentials=identities.credentials("admin"))
-        try:
-            await provision(admin, identities.list(), "fuse")
-        finally:
-            await admin.close()
+    async with secured_nats(folder, identities) as server:
         yield Secure(server, identities, "fuse")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from newfuse.agents import AgentClient
 from newfuse.nats import connect
 from newfuse.nats.connection import Credentials
-from support import dev_environment, run_fuse, start_echo_agent, start_fuse_dev
+from support import dev_environment, run_fuse, start_echo_agent, start_fuse_dev, wait_for
 
 
 async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
@@ -66,6 +66,7 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
         ]
         assert {row["name"]: row["role"] for row in listed} == {
             "admin": "admin",
+            "system": "system",
             "echo-1": "agent",
             "caller": "agent",
         }
@@ -106,4 +107,13 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
         seen = {(r["type"], r["data"]["name"]) for r in rows if r["type"].startswith("identity.")}
         assert {("identity.created", "echo-1"), ("identity.revoked", "caller")} <= seen
         assert any(kind == "identity.created" and name != "echo-1" for kind, name in seen)
+
+        # the anonymous login refused above, heard by the dev in the server's system account
+        # (written as soon as it was heard: polled, not assumed)
+        async def refusal_recorded() -> bool:
+            listed = run_fuse("audit", "security", "--json", env=env).stdout.splitlines()
+            refused = [r["data"] for r in map(json.loads, listed) if r["type"] == "auth.failed"]
+            return any(r["presented"] == "" and r["seenBy"] == "fuse dev" for r in refused)
+
+        await wait_for(refusal_recorded, timeout=30)
     assert not os.path.exists(tmp_path / "state" / "dev.json")

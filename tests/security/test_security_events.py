@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from newfuse.agents.secure import provision
 from newfuse.eventstore import EventStore, open_event_store
-from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.nats import NatsServer
 from newfuse.schemas import (
     DENIALS_STREAM,
     IDENTITIES_STREAM,
@@ -22,9 +21,9 @@ from newfuse.schemas import (
     IdentityRevoked,
     PermissionDenied,
 )
-from newfuse.security.events import DenialRecorder, sync_identities
-from newfuse.security.identities import IdentityStore, server_config
-from support import run_fuse
+from newfuse.security.events import MAX_TRACKED, OTHERS, DenialRecorder, sync_identities
+from newfuse.security.identities import IdentityStore
+from support import run_fuse, secured_nats
 
 
 @dataclass
@@ -45,14 +44,7 @@ async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sec
     identities.add("admin", "admin")
     identities.add("runner", "service")
     identities.add("echo-1", "agent", agent="echo/1")
-    config = folder / "auth.conf"
-    config.write_text(server_config(identities.list(), Subjects("fuse")))
-    async with NatsServer(data_dir=folder / "nats", extra_args=["--config", str(config)]) as server:
-        admin = await connect(server.url, credentials=identities.credentials("admin"))
-        try:
-            await provision(admin, identities.list(), "fuse")
-        finally:
-            await admin.close()
+    async with secured_nats(folder, identities) as server:
         yield Secured(server, identities, folder)
 
 
@@ -96,7 +88,7 @@ async def test_refusals_a_service_sees_are_recorded_bounded_per_identity_and_sub
                 await asyncio.sleep(0.02)
         # the server reports each refusal once: wait until all five were counted
         async with asyncio.timeout(10):
-            while sum(s.count for s in recorder._seen.values()) < 4:
+            while recorder.pending < 4:
                 await asyncio.sleep(0.02)
         await recorder.close()
         events = [e for e in await _payloads(store, DENIALS_STREAM)]
@@ -130,3 +122,45 @@ def test_fuse_auth_sync_and_fuse_audit_security_list_what_happened(secured: Secu
     assert writer[0]["stream"] == IDENTITIES_STREAM
     table = run_fuse("audit", "security", env=env).stdout
     assert "identity.created" in table and "writer-1" in table and "agent writer/1" in table
+
+
+async def test_a_flood_claiming_ever_new_identities_still_makes_a_bounded_number_of_events(
+    tmp_path: Path,
+) -> None:
+    flood = 1000
+    async with await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store:
+        recorder = DenialRecorder(store, seen_by="coder/1", stream="agent.coder-1")
+        for n in range(flood):  # each refusal in the name of an identity never seen before
+            recorder.record(
+                identity=f"claimed-{n}",
+                operation="send",
+                subject="fuse.a2a.coder",
+                message_type="x",
+            )
+        await recorder.close()
+        events = [e for e in await _payloads(store, "agent.coder-1")]
+    denied = [e for e in events if isinstance(e, PermissionDenied)]
+    # each tracked identity once; the rest together: at its first refusal, and at close
+    assert len(denied) == MAX_TRACKED + 2
+    assert sum(e.count for e in denied) == flood  # every refusal is counted in one of them
+    others = [e for e in denied if e.identity == OTHERS]
+    assert sorted((e.subject, e.count) for e in others) == [
+        (OTHERS, 1),
+        (OTHERS, flood - MAX_TRACKED - 1),
+    ]
+
+
+async def test_a_count_still_pending_goes_out_when_its_window_is_over_without_a_close(
+    tmp_path: Path,
+) -> None:
+    async with await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store:
+        recorder = DenialRecorder(store, seen_by="coder/1", stream="agent.coder-1", window=0.4)
+        for _ in range(5):
+            recorder.record(identity="rogue-1", operation="send", subject="fuse.a2a.coder")
+        async with asyncio.timeout(10):  # the first at once, the other four when the window ends
+            while recorder.written < 2:
+                await asyncio.sleep(0.02)
+        assert recorder.pending == 0
+        events = [e for e in await _payloads(store, "agent.coder-1")]
+        await recorder.close()
+    assert [e.count for e in events if isinstance(e, PermissionDenied)] == [1, 4]

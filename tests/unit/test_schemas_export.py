@@ -74,6 +74,7 @@ def test_export_writes_envelope_each_type_and_version_and_the_index(tmp_path: Pa
         ("aggregate.closed", 1, "aggregate.closed.v1.json", True),
         ("aggregate.late", 1, "aggregate.late.v1.json", True),
         ("audit.checkpoint", 1, "audit.checkpoint.v1.json", True),
+        ("auth.failed", 1, "auth.failed.v1.json", True),
         ("circuit.closed", 1, "circuit.closed.v1.json", True),
         ("circuit.half_opened", 1, "circuit.half_opened.v1.json", True),
         ("circuit.opened", 1, "circuit.opened.v1.json", True),

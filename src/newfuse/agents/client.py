@@ -25,6 +25,7 @@ from newfuse.agents.tasks import read_task, task_id_for
 from newfuse.errors import (
     AgentClosedError,
     FuseError,
+    MessageDeniedError,
     RequestFailedError,
     RequestTimeoutError,
     TaskAnswerRefusedError,
@@ -37,6 +38,7 @@ from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.micro import ERROR_HEADER
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
+from newfuse.nats.signing import signed
 from newfuse.nats.subjects import Subjects
 from newfuse.reliability import CircuitBreaker, RetryPolicy
 from newfuse.schemas import (
@@ -416,7 +418,8 @@ class AgentClient:
 
         Raises:
             RequestTimeoutError: no reply within `timeout` (names agent, type, time waited).
-            RequestFailedError: the agent gave up on the request (its dead letter's error).
+            RequestFailedError: the agent gave up on the request (its dead letter's error);
+                MessageDeniedError (a subclass) when its policy does not accept the request.
             RetriesExhaustedError: with `retry`, every attempt failed (the last error is its
                 cause).
             CircuitOpenError: with `breaker`, the circuit is open.
@@ -555,7 +558,8 @@ class AgentClient:
 
         Raises:
             RequestTimeoutError: no answer within `timeout`, or no instance listens.
-            RequestFailedError: the handler failed.
+            RequestFailedError: the handler failed; MessageDeniedError (a subclass) when the
+                agent's policy does not accept the request.
         """
         check_agent_name(agent_type, kind="agent type")
         message_id = new_event_id()
@@ -571,8 +575,12 @@ class AgentClient:
             # them): a call carries just the trace context, when there is one
             carried_headers = {k: v for k, v in wire_headers.items() if k in _TRACE_HEADERS}
             try:
+                # signed like a stored message, so a receiver with a policy knows who asks
                 answer = await self._nc.request(
-                    subject, body, timeout=timeout, headers=carried_headers or None
+                    subject,
+                    body,
+                    timeout=timeout,
+                    headers=signed(self._nc, subject, body, carried_headers) or None,
                 )
             except (NoRespondersError, NatsError):
                 raise RequestTimeoutError(
@@ -582,9 +590,7 @@ class AgentClient:
             if refused or answer.data.startswith(b'{"error"'):  # ADR-32's error answer
                 decoded = msgspec.json.decode(answer.data)
                 if isinstance(decoded, dict) and "error" in decoded and "type" not in decoded:
-                    raise RequestFailedError(
-                        agent=agent_type, message_type=message_type, error=str(decoded["error"])
-                    )
+                    raise _failure(agent_type, message_type, decoded)
         _, reply = wire.decode(answer.data, f"fast-path answer of {agent_type!r}")
         return Reply(type=reply.type, payload=reply.payload, message=reply)
 
@@ -592,10 +598,24 @@ class AgentClient:
 def _answered(reply: Reply, to: AgentId | str, message_type: str) -> Reply:
     """`reply`, unless it is the agent's error answer (`<type>.error`): RequestFailedError."""
     if reply.type == f"{message_type}.error":
-        raise RequestFailedError(
-            agent=str(to),
-            message_type=message_type,
-            error=str(reply.payload.get("error")),
-            reply_id=reply.event_id,
-        )
+        raise _failure(str(to), message_type, reply.payload, reply.event_id)
     return reply
+
+
+def _failure(
+    agent: str, message_type: str, answer: dict[str, Any], reply_id: str | None = None
+) -> RequestFailedError:
+    """The error an error answer stands for: MessageDeniedError when the receiver's policy
+    denied the request (the answer's `denied` says who and why), else RequestFailedError."""
+    denied = answer.get("denied")
+    if isinstance(denied, dict):
+        return MessageDeniedError(
+            sender=str(denied.get("sender", "")),
+            message_type=message_type,
+            receiver=str(denied.get("receiver", agent)),
+            reason=str(denied.get("reason", "")),
+            reply_id=reply_id,
+        )
+    return RequestFailedError(
+        agent=agent, message_type=message_type, error=str(answer.get("error")), reply_id=reply_id
+    )

@@ -50,7 +50,15 @@ from nats.errors import Error as NatsError
 from newfuse.agents import wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, read_liveness
-from newfuse.agents.runtime import Agent, Context, Effect, RunningAgent, _as_payload, _Route
+from newfuse.agents.runtime import (
+    Agent,
+    Context,
+    Effect,
+    RunningAgent,
+    _as_payload,
+    _Route,
+    run_handler,
+)
 from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, decode_task_event, read_task
 from newfuse.errors import (
     AgentConfigError,
@@ -450,14 +458,14 @@ class TaskContext(Context):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._cancel = asyncio.Event()
+        self._canceled = False  # a flag, not an asyncio.Event: nothing waits on it
         self._result: Any = None
         self._scope: asyncio.Timeout | None = None
 
     @property
     def cancelled(self) -> bool:
         """True once the task was canceled (the handler is being cancelled, too)."""
-        return self._cancel.is_set()
+        return self._canceled
 
     @property
     def priority(self) -> int:
@@ -604,6 +612,7 @@ class RunningWorker(RunningAgent):
         self._lanes: list[_Lane] = []
         self._keeper: asyncio.Task[None] | None = None
         self._running: dict[str, TaskContext] = {}
+        self._held: dict[TaskContext, Msg] = {}  # each running delivery: the keeper beats for it
         self._cancels: Subscription | None = None
 
     def _consumers(self) -> list[DurableSpec]:
@@ -662,26 +671,31 @@ class RunningWorker(RunningAgent):
         return msg
 
     async def _keep(self) -> None:
-        """Pulled tasks waiting in a lane say `in progress`, so none is redelivered meanwhile."""
+        """Every ack_wait / 3, the tasks this worker holds say `in progress`, so none is
+        redelivered meanwhile: those running (one loop for all of them, where the runtime would
+        start and cancel a beat task per handler) and, until the worker stops, those pulled and
+        waiting in a lane (stopping, it hands those back)."""
         while True:
             await asyncio.sleep(self.agent.ack_wait / 3)
-            for lane in self._lanes:
-                for msg in list(lane.msgs):
-                    with contextlib.suppress(NatsError):
-                        await msg.in_progress()
+            held = list(self._held.values())
+            if not self._stopping:
+                held += [msg for lane in self._lanes for msg in lane.msgs]
+            for msg in held:
+                with contextlib.suppress(NatsError):
+                    await msg.in_progress()
 
     async def close(self, *, grace: float | None = None) -> None:
         """Stop taking tasks (those pulled and not started go back at once), let the running
         ones finish (at most `grace` seconds, default ack_wait), deregister. Idempotent."""
+        self._stopping = True
+        await self._hand_back()
+        await super().close(grace=grace)  # the keeper beats for the running ones meanwhile
+        await self._hand_back()
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
             self._keeper = None
-        self._stopping = True
-        await self._hand_back()
-        await super().close(grace=grace)
-        await self._hand_back()
         if self._cancels is not None:
             with contextlib.suppress(Exception):
                 await self._cancels.unsubscribe()
@@ -713,6 +727,7 @@ class RunningWorker(RunningAgent):
                 attempts=ctx.attempt - 1,
                 last_error="delivered without an outcome each time (did its worker die?)",
             )
+        self._held[ctx] = msg
         self._running[task_id] = ctx  # from here on, an announced cancel reaches it
         try:
             loop = asyncio.get_running_loop()
@@ -736,7 +751,9 @@ class RunningWorker(RunningAgent):
             self.started.append((terms.priority, (datetime.now(UTC) - submitted).total_seconds()))
             await self._run(route, ctx, msg, task_id, due, limit)
         finally:
-            self._running.pop(task_id, None)
+            del self._held[ctx]
+            if self._running.get(task_id) is ctx:  # not a second delivery's (a stalled first)
+                del self._running[task_id]
 
     async def _start_working(
         self, ctx: TaskContext, terms: TaskTerms, task_id: str, subject: str
@@ -768,13 +785,14 @@ class RunningWorker(RunningAgent):
             ctx._result = await route.handler(inner, payload)
 
         # One scope ends the handler at its deadline or at a cancel (which reschedules it to
-        # now): the handler sees an asyncio cancellation either way, and no task is spawned.
+        # now): the handler sees an asyncio cancellation either way, and no task is spawned
+        # (its in-progress acks are the keeper's, see `_keep`).
         try:
             async with asyncio.timeout_at(due) as scope:
                 ctx._scope = scope
                 if ctx.cancelled:
                     scope.reschedule(asyncio.get_running_loop().time())
-                await super()._call(_Route(keep_result, route.payload), ctx, msg)
+                await run_handler(_Route(keep_result, route.payload), ctx)
         except Exception as error:
             ended = isinstance(error, TimeoutError) and scope.expired()  # not the handler's own
             if ctx.cancelled:  # ended by the cancel, or it raised on seeing it
@@ -862,7 +880,7 @@ class RunningWorker(RunningAgent):
             log.warning("worker %s: cancel of %s not checked: %s", self.agent_id, task_id, error)
             return
         if state == "canceled":
-            ctx._cancel.set()
+            ctx._canceled = True
             if ctx._scope is not None:
                 ctx._scope.reschedule(asyncio.get_running_loop().time())
 

@@ -79,7 +79,7 @@ def stream_of(agent_type: str, key: str) -> str:
 
 def card_of(agent: Agent, subjects: Subjects, *, fast_path: bool = True) -> AgentCard:
     """The card of an agent type: its declared fields, the message types it handles, where it
-    is reached."""
+    is reached, and (when it declares one) its message policy: what it accepts from whom."""
     return AgentCard(
         name=agent.name,
         description=agent.description,
@@ -100,6 +100,7 @@ def card_of(agent: Agent, subjects: Subjects, *, fast_path: bool = True) -> Agen
             rpc=subjects.rpc(agent.type) if fast_path else None,
             topics=[subjects.topic(topic) for topic in agent.topics],
         ),
+        accepts=agent.policy.as_card() if agent.policy is not None else None,
     )
 
 

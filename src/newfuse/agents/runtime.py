@@ -20,9 +20,9 @@ import logging
 import time
 import typing
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 from nats.aio.client import Client
@@ -43,7 +43,8 @@ from newfuse.agents.models.recording import (
     RecordWriter,
     decode_invoked,
 )
-from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of
+from newfuse.agents.policy import MessagePolicy, sender_type
+from newfuse.agents.registry import DEFAULT_HEARTBEAT, Registration, card_of, stream_of
 from newfuse.agents.tasks import (
     SENDER,
     STATUS_TYPE,
@@ -57,6 +58,7 @@ from newfuse.errors import (
     FuseError,
     HandlerRegistrationError,
     InvalidPayloadError,
+    MessageDeniedError,
     ProtocolVersionError,
     PublishTimeoutError,
 )
@@ -100,6 +102,7 @@ from newfuse.schemas import (
     VersionRange,
     check_token,
 )
+from newfuse.security.events import DenialRecorder
 
 log = logging.getLogger("newfuse.agents")
 
@@ -399,6 +402,29 @@ class Context:
         )
 
 
+class _Sender(NamedTuple):
+    """Who sent a message, as far as the receiving runtime can tell."""
+
+    identity: str
+    """Who answers for it: the identity that signed it, or (no Trust) the sender it claims."""
+    type: str
+    """The sender type the policy checks: a signing agent's type; the claimed sender's type
+    for an admin or service signer, or where no Trust is configured."""
+    unverified: str | None = None
+    """Why its signature does not verify (then nothing is known of its sender)."""
+    forged: str | None = None
+    """Why the sender it claims is not the agent that signed it."""
+
+
+def _denied_answer(error: MessageDeniedError) -> dict[str, Any]:
+    """The error answer to a denied request: `{error}` as any error answer, and `denied` with
+    the facts, from which AgentClient raises MessageDeniedError."""
+    return {
+        "error": error.error,
+        "denied": {"sender": error.sender, "receiver": error.receiver, "reason": error.reason},
+    }
+
+
 def _asked_once(message: A2AMessage) -> bool:
     """Whether `message` is a request asked once per key (its reply token says so)."""
     return message.reply_to is not None and message.reply_to.startswith(wire.ONCE_PREFIX)
@@ -553,6 +579,14 @@ class Agent:
             election or a reconnect (retried to one deadline) before the delivery fails and
             the message is handed back; without it, each refusal of an electing stream would
             spend one of the message's attempts.
+        accepts: its message policy: sender type -> the message types it accepts from it
+            (`{"planner": ["task.assign"], "*": ["ping"]}`; `*` is any sender or any type).
+            The runtime checks each message before its handler runs, against the identity
+            that signed it where the connection has a Trust, else its `metadata.sender`. A
+            denied message is not handled and not redelivered; a requester is answered at
+            once (MessageDeniedError) and the refusals make a bounded `permission.denied`
+            on the instance's stream. None (the default): no policy, every type from every
+            sender is accepted; `{}` accepts nothing.
     """
 
     def __init__(
@@ -574,6 +608,7 @@ class Agent:
         protocols: str = DEFAULT_PROTOCOLS,
         registry: SchemaRegistry | None = None,
         election_timeout: float = 15.0,
+        accepts: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         self.type = check_agent_name(agent_type, kind="agent type")
         if not isinstance(version, str) or not SEMVER_RE.match(version):
@@ -613,6 +648,8 @@ class Agent:
         self.protocols = VersionRange.parse(protocols)
         self.registry = wire.reading_registry(registry or wire.REGISTRY, self.type)
         self.routes: dict[str, _Route] = {}
+        self.policy = MessagePolicy(self.type, accepts) if accepts is not None else None
+        """What it accepts from whom (None: everything from everyone)."""
 
     def handler(self, message_type: str) -> Callable[[Handler], Handler]:
         """Decorator: `async def f(ctx, payload)` handles messages of `message_type`.
@@ -717,6 +754,8 @@ class RunningAgent:
         self.dead_lettered = 0
         self.already_handled = 0
         """Redeliveries whose effects were stored already (acked without running the handler)."""
+        self.denied = 0
+        """Messages its policy did not accept (not handled; see Agent's `accepts`)."""
         self._nc = nc
         self._stream = stream
         self._fast_path = fast_path
@@ -738,6 +777,10 @@ class RunningAgent:
         """Envelope id -> the handling in flight of a copy of that request asked once."""
         self._own_store = store is None
         self._store: EventStore = store or JetStreamEventStore(nc, prefix=subjects.prefix)
+        # on the instance's own stream: an agent identity may write it, not security.denials
+        self._denials = DenialRecorder(
+            self._store, seen_by=str(agent_id), stream=stream_of(agent.type, agent_id.key)
+        )
         self.registration = Registration(
             nc,
             self._store,
@@ -847,6 +890,7 @@ class RunningAgent:
                 await task
         self._tasks.clear()
         await self._records.flush()  # a clean stop loses no model record in flight
+        await self._denials.close()  # the refusals counted since the last event
         if self._registered:
             self._registered = False
             await self.registration.stop()
@@ -914,33 +958,71 @@ class RunningAgent:
             log.warning("agent %s: %s", self.agent_id, error)
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
             return
-        forged = self._forged(msg, message)
-        if forged is not None:  # refused like a hostile message: a dead letter says why
-            log.warning("agent %s: %s: %s", self.agent_id, where, forged)
-            await self._dead_letter(msg, consumer, envelope, message, attempt, forged)
+        who = self._sender(msg, message)
+        if who.unverified is None and not self._accepts(who, message):
+            await self._deny(msg, consumer, envelope, message, who)
+            return
+        hostile = who.unverified or who.forged
+        if hostile is not None:  # refused like a hostile message: a dead letter says why
+            log.warning("agent %s: %s: %s", self.agent_id, where, hostile)
+            await self._dead_letter(msg, consumer, envelope, message, attempt, hostile)
             return
         with self._span(msg, envelope, message, consumer, attempt, position) as span:
             async with self._one_copy_at_a_time(envelope, message):
                 await self._handle(msg, consumer, envelope, message, span)
 
-    def _forged(self, msg: Msg, message: A2AMessage) -> str | None:
-        """Why the message's `sender` is not who signed it (None: it is, or this connection
-        trusts no admin, so senders are not checked). Admins and services may send as anyone
-        (a person answering a task through the CLI, an orchestrator for its saga)."""
+    def _sender(self, msg: Msg, message: A2AMessage) -> _Sender:
+        """Who sent `msg`: the identity that signed it, checked against the sender it claims,
+        where this connection trusts an admin; else the sender it claims. Admins and services
+        may send as anyone (a person answering a task through the CLI, an orchestrator for its
+        saga), so for them the policy checks the claimed sender."""
+        claimed = message.metadata.sender
         trust = trust_of(self._nc)
         if trust is None:
-            return None
-        claimed = message.metadata.sender
+            return _Sender(claimed, sender_type(claimed))
         try:
             holder = trust.sender(msg.subject, msg.data, msg.headers)
         except SenderError as error:
-            return f"sender {claimed!r} not verified: {error}"
+            return _Sender(claimed, "", unverified=f"sender {claimed!r} not verified: {error}")
         if holder.role in ("admin", "service"):
-            return None
-        agent_type = holder.agent.partition("/")[0]
-        if claimed in {holder.name, holder.agent, agent_type} - {""}:
-            return None
-        return f"forged sender: the message says {claimed!r}, but {holder.name!r} signed it"
+            return _Sender(holder.name, sender_type(claimed))
+        agent_type = sender_type(holder.agent) or holder.name
+        forged = None
+        if claimed not in {holder.name, holder.agent, agent_type} - {""}:
+            forged = f"forged sender: the message says {claimed!r}, but {holder.name!r} signed it"
+        return _Sender(holder.name, agent_type, forged=forged)
+
+    def _accepts(self, who: _Sender, message: A2AMessage) -> bool:
+        policy = self.agent.policy
+        return policy is None or policy.allows(who.type, message.type)
+
+    def _denial(self, who: _Sender, message: A2AMessage, subject: str) -> MessageDeniedError:
+        """Count a message the policy denies (a bounded `permission.denied`) and say why."""
+        self.denied += 1
+        self._denials.record(
+            identity=who.identity, operation="send", subject=subject, message_type=message.type
+        )
+        policy = self.agent.policy
+        reason = policy.refusal(who.type) if policy is not None else ""
+        log.debug("agent %s: denied %r from %r", self.agent_id, message.type, who.identity)
+        return MessageDeniedError(
+            sender=who.identity, message_type=message.type, receiver=self.agent.type, reason=reason
+        )
+
+    async def _deny(
+        self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, who: _Sender
+    ) -> None:
+        """Refuse a message the policy does not accept: not handled, acked (a redelivery would
+        be refused again), and a requester answered at once with `<type>.error` saying so. No
+        dead letter: replaying it would be refused again, and a flood would flood them."""
+        denied = self._denial(who, message, msg.subject)
+        position, attempt = msg.metadata.sequence.stream, msg.metadata.num_delivered
+        ctx = self._context_class(
+            self, envelope, message, consumer=consumer, attempt=attempt, position=position
+        )
+        ctx._reply(_denied_answer(denied), f"{message.type}.error")
+        await self._commit(ctx._effects, consumer, position, attempt)
+        await self._ack(msg)
 
     async def _handle(
         self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, span: trace.Span
@@ -1278,10 +1360,13 @@ class RunningAgent:
             self._rpc_endpoint.record(time.perf_counter_ns() - started, text)
         if msg.reply:  # ADR-32: an error answer says so in two headers
             one_line = " ".join(text.split())[:1024]
+            answer: dict[str, Any] = {"error": text}
+            if isinstance(error, MessageDeniedError):
+                answer = _denied_answer(error)
             with contextlib.suppress(Exception):
                 await self._nc.publish(
                     msg.reply,
-                    msgspec.json.encode({"error": text}),
+                    msgspec.json.encode(answer),
                     headers={ERROR_HEADER: one_line, ERROR_CODE_HEADER: code},
                 )
 
@@ -1289,6 +1374,18 @@ class RunningAgent:
         self, msg: Msg, envelope: Envelope, message: A2AMessage, span: trace.Span, started: int
     ) -> None:
         code = "400"  # until the request is understood, a failure is the caller's
+        if self.agent.policy is not None:  # (no policy: no sender check, as before policies)
+            who = self._sender(msg, message)
+            if who.unverified is None and not self._accepts(who, message):
+                await self._refuse_call(
+                    msg, self._denial(who, message, msg.subject), started, "403"
+                )
+                return
+            if who.unverified or who.forged:
+                await self._refuse_call(
+                    msg, PermissionError(who.unverified or who.forged), started, "403"
+                )
+                return
         try:
             route = self.agent.routes.get(message.type)
             if route is None:

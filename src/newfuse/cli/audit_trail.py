@@ -1,5 +1,6 @@
 """`fuse audit keygen|checkpoint|verify|security`: the tamper-evident audit trail
-(security/audit.py) and the security events (security/events.py).
+(security/audit.py) and the security events (security/events.py), with the messages receiving
+agents' policies denied (on each instance's own `agent.<type>-<key>` stream).
 
 Keys live in `<state dir>/audit/` unless a path is given: `<name>.key` (the private key, owner
 only) and `<name>.pub` (the verifier key, for anyone who checks). `verify` trusts every `.pub`
@@ -20,10 +21,18 @@ from newfuse.cli._common import open_store, positive_int, settings_from_args
 from newfuse.cli._output import note, print_json, print_table, progress, rfc3339
 from newfuse.errors import KeyFileError
 from newfuse.eventstore import EventFilter
-from newfuse.schemas import IdentityCreated, IdentityRevoked, KeyForgotten, PermissionDenied
+from newfuse.schemas import (
+    AuthFailed,
+    IdentityCreated,
+    IdentityRevoked,
+    KeyForgotten,
+    PermissionDenied,
+    RecordedEvent,
+)
 from newfuse.security import SigningKey, VerifierKey, checkpoint, verify
 
 DEFAULT_KEY = "newfuse-audit"
+DENIED_TYPE = "permission.denied"
 
 
 def add_actions(actions: Any) -> None:
@@ -72,10 +81,11 @@ def add_actions(actions: Any) -> None:
     check.set_defaults(handler=run_verify)
     security = actions.add_parser(
         "security",
-        help="what happened to who may do what: identities, denials, forgotten keys",
+        help="what happened to who may do what: identities, denials, refused logins, keys",
         description="The events of the security category, oldest first: identity.created and "
         "identity.revoked (fuse auth), permission.denied (refusals the bus's own connections "
-        "saw), key.forgotten (fuse forget). A table, or JSON Lines with --json.",
+        "saw, and messages a receiving agent's policy denied), auth.failed (logins the server "
+        "refused), key.forgotten (fuse forget). A table, or JSON Lines with --json.",
     )
     security.add_argument("--limit", type=positive_int, help="at most this many (the newest)")
     security.set_defaults(handler=run_security)
@@ -197,18 +207,28 @@ def _what(data: Any) -> tuple[str, str]:
     if isinstance(data, IdentityRevoked):
         return data.name, f"key {data.key[:12]}…"
     if isinstance(data, PermissionDenied):
-        return data.identity, f"{data.operation} {data.subject} ({data.count} time(s))"
+        what = f"{data.operation} {data.message_type} on" if data.message_type else data.operation
+        return data.identity, f"{what} {data.subject} ({data.count} time(s))"
     if isinstance(data, KeyForgotten):
         return data.subject, f"key {data.kid or '(none held)'}"
+    if isinstance(data, AuthFailed):
+        who = data.presented if len(data.presented) <= 16 else f"{data.presented[:12]}…"
+        known = f" ({data.identity})" if data.identity else ""
+        return f"{who}{known}", f"from {data.address}: {data.reason} ({data.count} time(s))"
     return "", ""
+
+
+def _is_security(event: RecordedEvent) -> bool:
+    """An event of the security category, or a denial a receiving agent stored on its own
+    stream (an agent identity may write no security stream)."""
+    return event.stream.startswith("security.") or event.type == DENIED_TYPE
 
 
 async def run_security(args: argparse.Namespace) -> int:
     store = await open_store(args, create=False)
+    where = EventFilter(categories=("security", "agent"))  # narrowed on the server
     async with store:
-        events = [
-            event async for event in store.read_all(filter=EventFilter(categories=("security",)))
-        ]
+        events = [event async for event in store.read_all(filter=where) if _is_security(event)]
     if args.limit is not None:
         events = events[-args.limit :]
     if args.json:

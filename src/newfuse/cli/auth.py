@@ -1,6 +1,10 @@
 """`fuse auth add|list|revoke|sync|config`: identities (nkeys) and the nats-server authorization
 that enforces their permissions (security/identities.py).
 
+A `system` identity (`--role system`) is a user of the server's system account, where the
+server reports the logins it refused: a secure `fuse dev` makes one and records those refusals
+as `auth.failed` (security/auth_events.py).
+
 Identities live in `<state dir>/auth/` (or `--dir`): `identities.json` and one credentials file
 per identity (`<name>.creds`, owner-only), which `--credentials` / FUSE_NATS_CREDENTIALS point
 at. With a `fuse dev --secure` running, `add` and `revoke` also rewrite its server's
@@ -55,6 +59,12 @@ def register(commands: Commands) -> None:
     add.add_argument(
         "--publish-topic", action="append", default=[], metavar="TOPIC", help="topics it writes"
     )
+    add.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        help="a review group it decides for (repeatable; roles reviewer and admin)",
+    )
     add.add_argument("--as", dest="by", help="who makes it, in the log (default: user@host)")
     add.set_defaults(handler=run_add)
     listing = actions.add_parser("list", help="every identity: role, public key, permissions")
@@ -71,7 +81,9 @@ def register(commands: Commands) -> None:
     )
     sync.add_argument("--as", dest="by", help="who records them (default: user@host)")
     sync.set_defaults(handler=run_sync)
-    config = actions.add_parser("config", help="print the nats-server authorization block")
+    config = actions.add_parser(
+        "config", help="print the nats-server configuration: users, the system account"
+    )
     config.add_argument("--out", type=Path, help="write it to this file instead")
     config.set_defaults(handler=run_config)
 
@@ -90,6 +102,7 @@ def identity_json(identity: Identity, store: IdentityStore) -> dict[str, Any]:
         "send_to": list(identity.send_to),
         "topics": list(identity.topics),
         "publish_topics": list(identity.publish_topics),
+        "groups": list(identity.groups),
         "created": identity.created,
         "revoked": identity.revoked,
         "credentials": None if identity.revoked else str(store.seed_file(identity.name)),
@@ -105,6 +118,7 @@ async def run_add(args: argparse.Namespace) -> int:
         send_to=args.send_to,
         publish_topics=args.publish_topic,
         topics=args.topic,
+        groups=args.group,
     )
     if args.json:
         print_json(identity_json(identity, store))
@@ -228,6 +242,19 @@ async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[
         finally:
             await nc.close()
     note(f"fuse dev (pid {state.pid}) reloaded its authorization")
+
+
+def ensure_system_identity(store: IdentityStore) -> Identity:
+    """The first active `system` identity of `store`, made (named `system`, or `system-2`…
+    if that name is taken) when there is none: what a secure `fuse dev` hears the server's
+    refused logins as."""
+    identities = store.list()
+    active = [i for i in identities if i.role == "system" and not i.revoked]
+    if active:
+        return active[0]
+    taken = {i.name for i in identities}
+    name = next(n for n in ("system", *(f"system-{k}" for k in range(2, 10**6))) if n not in taken)
+    return store.add(name, "system")
 
 
 def write_dev_config(path: Path, store: IdentityStore, prefix: str, server_name: str) -> None:

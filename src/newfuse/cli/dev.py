@@ -27,7 +27,12 @@ from newfuse.cli._common import (
     write_dev_state,
 )
 from newfuse.cli._read_models import extra_projections
-from newfuse.cli.auth import AUTH_CONFIG, DEV_SERVER_NAME, write_dev_config
+from newfuse.cli.auth import (
+    AUTH_CONFIG,
+    DEV_SERVER_NAME,
+    ensure_system_identity,
+    write_dev_config,
+)
 from newfuse.config import Settings
 from newfuse.errors import ConfigError, DevAlreadyRunningError
 from newfuse.eventstore import open_event_store
@@ -45,6 +50,7 @@ from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
 from newfuse.security import with_keys
+from newfuse.security.auth_events import recording_auth_failures
 from newfuse.security.events import sync_identities
 from newfuse.security.identities import IdentityStore
 from newfuse.security.valkey import ensure_projection_user, with_user
@@ -85,7 +91,8 @@ def register(commands: Any) -> None:
         "--secure",
         action="store_true",
         help="require identities (`fuse auth`): the server enforces each one's permissions; "
-        "an admin identity is made if there is none, and every other command uses it",
+        "an admin identity is made if there is none, and every other command uses it; "
+        "refused logins are recorded (auth.failed), heard as a system identity",
     )
     parser.add_argument(
         "--tls",
@@ -212,6 +219,7 @@ async def run_dev(args: argparse.Namespace) -> int:
                 extra=extra_projections(),
             ) as builtin,
             operations(settings, store, runners := builtin.runners(store), health=args.health),
+            contextlib.AsyncExitStack() as listeners,
         ):
             servers: dict[str, NatsServer | ValkeyServer] = (
                 {f"nats-server {node.server_name}": node for node in nats.nodes}
@@ -238,13 +246,25 @@ async def run_dev(args: argparse.Namespace) -> int:
             )
             if admin is not None:
                 made = await _provision(nats.url, credentials, settings, ca)
+                identities = IdentityStore(Path(admin).parent)
                 # identities made or revoked while no bus ran: into the log now
-                await sync_identities(
-                    store, IdentityStore(Path(admin).parent).list(), by="fuse dev"
+                await sync_identities(store, identities.list(), by="fuse dev")
+                # the logins the server refuses, heard in its system account: into the log
+                system = ensure_system_identity(identities).name
+                await listeners.enter_async_context(
+                    recording_auth_failures(
+                        nats.url,
+                        identities.credentials(system),
+                        store,
+                        seen_by="fuse dev",
+                        identify=identities.name_of,
+                        ca=ca,
+                    )
                 )
                 print(
                     f"fuse dev: secure: identities in {Path(admin).parent} ({made} agent "
-                    f"consumer(s) made); other commands connect as {Path(admin).stem}",
+                    f"consumer(s) made); other commands connect as {Path(admin).stem}; refused "
+                    f"logins are recorded (auth.failed, heard as {system})",
                     file=sys.stderr,
                 )
             projections = ProjectionGroup(runners)
@@ -296,11 +316,13 @@ async def run_dev(args: argparse.Namespace) -> int:
 
 
 def _secure(settings: Settings, root: Path) -> Path:
-    """The identities of a secure dev (an `admin` made when there is no admin), the server's
-    authorization written to `<root>/auth.conf`; returns the admin's credentials file."""
+    """The identities of a secure dev (an `admin` made when there is no admin, a `system` one
+    when there is none), the server's authorization written to `<root>/auth.conf`; returns the
+    admin's credentials file."""
     store = IdentityStore(Path(settings.state_dir) / "auth")
     admins = [i for i in store.list() if i.role == "admin" and not i.revoked]
     admin = admins[0] if admins else store.add("admin", "admin")
+    ensure_system_identity(store)
     write_dev_config(root / AUTH_CONFIG, store, settings.prefix, DEV_SERVER_NAME)
     return store.seed_file(admin.name)
 

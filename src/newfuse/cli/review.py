@@ -1,9 +1,13 @@
 """`fuse review list|show|claim|approve|reject|edit|feedback`: people decide saga steps that
 wait for review, and score agents' results.
 
-Who you are is what you say: `--as NAME` (else $FUSE_REVIEWER, else the OS user) and `--group
-G` (repeatable; else $FUSE_REVIEWER_GROUPS, comma-separated). The review checks the group
-against the ones it declares; there is no authentication yet.
+On a secured bus (the store connects with credentials and checks who signed each event) you
+are who your credentials say: the name and the groups come from their certificate (`fuse auth
+add NAME --role reviewer --group ops`); `--as` and `--group` (or $FUSE_REVIEWER and
+$FUSE_REVIEWER_GROUPS) are not needed, and naming someone else, or a group the certificate does
+not, is an error. Elsewhere you are what you say: `--as NAME` (else $FUSE_REVIEWER, else the
+OS user) and `--group G` (repeatable; else $FUSE_REVIEWER_GROUPS, comma-separated). Either way
+the review checks the group against the ones it declares.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from newfuse.cli._output import note, print_json, print_table, rfc3339
 from newfuse.core import feedback, review
 from newfuse.core.review import Reviewer, ReviewState
 from newfuse.errors import ConfigError, FuseError, ReviewNotFoundError
+from newfuse.eventstore import EventStore
 
 REVIEWER_ENV = "FUSE_REVIEWER"
 GROUPS_ENV = "FUSE_REVIEWER_GROUPS"
@@ -76,7 +81,10 @@ def register(commands: Commands) -> None:
 
 def _identity(parser: argparse.ArgumentParser, *, groups: bool = True) -> None:
     parser.add_argument(
-        "--as", dest="reviewer", metavar="NAME", help=f"who you are (${REVIEWER_ENV}, OS user)"
+        "--as",
+        dest="reviewer",
+        metavar="NAME",
+        help=f"who you are (${REVIEWER_ENV}, OS user; on a secured bus your credentials say it)",
     )
     if groups:
         parser.add_argument(
@@ -88,13 +96,17 @@ def _identity(parser: argparse.ArgumentParser, *, groups: bool = True) -> None:
         )
 
 
-def reviewer_of(args: argparse.Namespace) -> Reviewer:
-    """The reviewer the flags, else the environment, else the OS user name."""
-    name = args.reviewer or os.environ.get(REVIEWER_ENV) or getpass.getuser()
+def reviewer_of(args: argparse.Namespace, store: EventStore | None = None) -> Reviewer:
+    """The reviewer `store` signs as, when it checks signers (the flags or the environment,
+    when given, must agree); else the one the flags, else the environment, else the OS user
+    name say."""
+    name = args.reviewer or os.environ.get(REVIEWER_ENV)
     given = getattr(args, "group", None)
     if given is None:
         given = [g.strip() for g in os.environ.get(GROUPS_ENV, "").split(",") if g.strip()]
-    return Reviewer(name, tuple(given))
+    if store is not None and store.verifies_signers:
+        return review.signed_reviewer(store, name, given)
+    return Reviewer(name or getpass.getuser(), tuple(given))
 
 
 def review_json(state: ReviewState) -> dict[str, Any]:
@@ -118,6 +130,7 @@ def review_json(state: ReviewState) -> dict[str, Any]:
         "comment": state.comment,
         "requested_at": rfc3339(state.requested_at),
         "history": state.history,
+        "ignored": state.ignored,
         "version": state.version,
     }
 
@@ -174,8 +187,8 @@ def _print(state: ReviewState, args: argparse.Namespace) -> None:
 
 
 async def run_decide(args: argparse.Namespace) -> int:
-    reviewer = reviewer_of(args)
     async with await open_store(args, create=False) as store:
+        reviewer = reviewer_of(args, store)
         action = args.review_action
         if action == "claim":
             state = await review.claim(store, args.review, reviewer)

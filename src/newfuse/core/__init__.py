@@ -15,6 +15,7 @@ from newfuse.core.review import (
     list_reviews,
     read_review,
     review_id,
+    signed_reviewer,
 )
 from newfuse.core.saga import Saga, SagaState, Step, StepContext, StepState, moves, next_move
 from newfuse.core.steps import ask, enqueue
@@ -52,5 +53,6 @@ __all__ = [
     "resolve_saga",
     "review_id",
     "saga_stream",
+    "signed_reviewer",
     "start_saga",
 ]

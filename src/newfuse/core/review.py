@@ -14,9 +14,21 @@ A deadline rejects the review or escalates it to another group, as the request d
 process may apply it (`expire_if_due`), since the outcome is a function of the review's stream
 and the time, and the write is fenced like the others.
 
-Who a reviewer is, is what they say (`Reviewer(name, groups)`, from `--as` / `--group` or
-$FUSE_REVIEWER / $FUSE_REVIEWER_GROUPS): the group check compares it with what the review
-declares. Authentication comes later; nothing here stops someone from naming another group.
+Who a reviewer is depends on the store. When it checks who signed what it reads (a JetStream
+store on a secured bus, `EventStore.verifies_signers`), an event counts only if the right
+identity signed it (`RecordedEvent.signer`, `newfuse.nats.signing`): a claim, an edit or a
+decision only when its signer is the reviewer it names (`by`) and their certificate names one
+of the review's groups (`fuse auth add NAME --role reviewer --group ops`); a request, an
+escalation or an expiry only when the bus itself signed it (an admin or a service, such as the
+orchestrator). The fold ignores any other event and says why in `ignored` (`fuse review show`
+prints it), so an approval forged with plain nats-py, or appended by one identity in another's
+name, never runs a step: the saga waits on. There `claim`, `approve`, ... refuse, before
+writing, a reviewer who is not the one the store signs as (ReviewerIdentityError), and
+`signed_reviewer` is that one, from the credentials.
+
+Elsewhere (SQLite, whose file's writer is its owner; a bus without credentials) a reviewer is
+what they say (`Reviewer(name, groups)`, from `--as` / `--group` or $FUSE_REVIEWER /
+$FUSE_REVIEWER_GROUPS), and the group check compares it with what the review declares.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import msgspec
 from newfuse.errors import (
     ReviewClaimedError,
     ReviewDecidedError,
+    ReviewerIdentityError,
     ReviewerNotAllowedError,
     ReviewInputError,
     ReviewNotFoundError,
@@ -40,6 +53,7 @@ from newfuse.errors import (
 )
 from newfuse.eventstore import NO_STREAM, EventStore
 from newfuse.schemas import (
+    Certified,
     NewEvent,
     RecordedEvent,
     ReviewApproved,
@@ -69,6 +83,9 @@ MAX_INPUT_BYTES = 64 * 1024
 
 ReviewStatus = Literal["pending", "claimed", "approved", "rejected", "expired"]
 STATUSES: tuple[ReviewStatus, ...] = ("pending", "claimed", "approved", "rejected", "expired")
+BUS_ROLES: tuple[str, ...] = ("admin", "service")
+"""Roles whose signature counts on a request, an escalation or an expiry: the bus's own
+processes (the orchestrator opens reviews and applies their deadlines)."""
 
 
 def _groups(group: str | Sequence[str], *, what: str) -> tuple[str, ...]:
@@ -181,7 +198,11 @@ class ReviewState:
     history: list[str] = field(default_factory=list)
     """Who did what, when: one line per event (the audit, for `fuse review show`)."""
     ignored: list[str] = field(default_factory=list)
-    """Events read and not applied (foreign, out of place), each with its position and why."""
+    """Events read and not applied (foreign, out of place, not signed by whom they must be),
+    each with its position and why."""
+    signed: bool = False
+    """Whether events count only when the right identity signed them (the store checks
+    signers; see the module docstring)."""
 
     @property
     def requested(self) -> bool:
@@ -192,8 +213,12 @@ class ReviewState:
         return self.status in ("approved", "rejected", "expired")
 
     @classmethod
-    def fold(cls, review: str, events: Iterable[RecordedEvent]) -> ReviewState:
-        state = cls(review)
+    def fold(
+        cls, review: str, events: Iterable[RecordedEvent], *, signed: bool = False
+    ) -> ReviewState:
+        """The state of `review` after `events`; `signed`: count only what the right identity
+        signed (events read from a store that `verifies_signers`)."""
+        state = cls(review, signed=signed)
         for event in events:
             state.apply(event)
         return state
@@ -206,6 +231,11 @@ class ReviewState:
         if getattr(data, "review_id", None) != self.id:
             self.ignored.append(f"{where}: not an event of review {self.id!r}")
             return
+        if self.signed:
+            refused = self._unsigned(data, event.signer)
+            if refused is not None:
+                self.ignored.append(f"{where}: {refused}")
+                return
         if isinstance(data, ReviewRequested):
             if self.requested:
                 self.ignored.append(f"{where}: the review was requested already")
@@ -239,6 +269,23 @@ class ReviewState:
         else:
             self.ignored.append(f"{where}: not a review event")
 
+    def _unsigned(self, data: Any, signer: Certified | None) -> str | None:
+        """Why `data` does not count as signed by `signer` (None: it counts)."""
+        who = "unsigned" if signer is None else f"signed by {signer.name} ({signer.role})"
+        if isinstance(data, ReviewRequested | ReviewEscalated | ReviewExpired):
+            if signer is None or signer.role not in BUS_ROLES:
+                return f"{who}, not by the bus (an admin or a service)"
+            return None
+        by = getattr(data, "by", None)
+        if by is None:
+            return None  # not a review event: apply says so
+        if signer is None or signer.name != by:
+            return f"{who}, not by {by}, whom it names"
+        if self.requested and not set(signer.groups) & set(self.groups):
+            held = ", ".join(signer.groups) or "no group"
+            return f"{by}'s certificate names {held}, not {' or '.join(self.groups)}"
+        return None
+
     def _request(self, data: ReviewRequested) -> None:
         self.saga_id, self.step, self.summary, self.action = (
             data.saga_id,
@@ -270,8 +317,48 @@ class ReviewState:
 
 
 async def read_review(store: EventStore, review: str) -> ReviewState:
-    """The fold of `review.<id>` (not `requested` when it has no request)."""
-    return ReviewState.fold(review, [e async for e in store.read(review_stream(review))])
+    """The fold of `review.<id>` (not `requested` when it has no request); on a store that
+    checks signers, only what the right identities signed counts."""
+    events = [e async for e in store.read(review_stream(review))]
+    return ReviewState.fold(review, events, signed=store.verifies_signers)
+
+
+def signed_reviewer(
+    store: EventStore, name: str | None = None, groups: Sequence[str] | None = None
+) -> Reviewer:
+    """The reviewer `store` signs as (its credentials' certificate): their name and groups.
+    `name` and `groups`, when given, must be theirs (`fuse review approve --as`), and
+    `groups` narrows the ones they act for.
+
+    Raises:
+        ReviewerIdentityError: the store signs nothing, or as someone else, or `groups` names
+            a group the certificate does not.
+    """
+    identity = store.identity
+    if identity is None:
+        raise ReviewerIdentityError(
+            reviewer=name or "?",
+            signed_as=None,
+            reason="this connection signs nothing, and the bus counts only signed decisions "
+            "(connect with your credentials: --credentials or $FUSE_NATS_CREDENTIALS)",
+        )
+    if name is not None and name != identity.name:
+        raise ReviewerIdentityError(
+            reviewer=name,
+            signed_as=identity.name,
+            reason=f"your credentials are {identity.name}'s (leave out --as, or use your own)",
+        )
+    chosen = tuple(groups) if groups else identity.groups
+    foreign = [group for group in chosen if group not in identity.groups]
+    if foreign:
+        held = ", ".join(identity.groups) or "no group"
+        raise ReviewerIdentityError(
+            reviewer=identity.name,
+            signed_as=identity.name,
+            reason=f"the certificate names {held}, not {', '.join(foreign)} "
+            "(`fuse auth add NAME --role reviewer --group G` issues one that does)",
+        )
+    return Reviewer(identity.name, chosen)
 
 
 async def list_reviews(store: EventStore) -> AsyncIterator[ReviewState]:
@@ -333,7 +420,8 @@ def _text(value: str, *, what: str) -> str:
 
 
 def _check(state: ReviewState, reviewer: Reviewer) -> None:
-    """Raise unless `reviewer` may act on `state` now."""
+    """Raise unless `reviewer` may act on `state` now (on a signed store, `reviewer` is the
+    one the store signs as: `_act` made sure)."""
     if not state.requested:
         raise ReviewNotFoundError(review_id=state.id)
     if state.decided:
@@ -344,11 +432,13 @@ def _check(state: ReviewState, reviewer: Reviewer) -> None:
             at=state.decided_at.isoformat(timespec="seconds") if state.decided_at else "?",
         )
     if not set(reviewer.groups) & set(state.groups):
+        hint = "their certificate names the groups they act for" if state.signed else None
         raise ReviewerNotAllowedError(
             review_id=state.id,
             reviewer=reviewer.name,
             groups=list(reviewer.groups),
             allowed=state.groups,
+            hint=hint,
         )
     if state.claimed_by not in (None, reviewer.name):
         raise ReviewClaimedError(review_id=state.id, by=state.claimed_by, wanted=reviewer.name)
@@ -361,7 +451,10 @@ async def _act(
     make: Callable[[ReviewState], Any | None],
 ) -> ReviewState:
     """Read, check, and append `make(state)` expecting the version read (None: nothing to do);
-    a lost race reads again, so the loser learns who decided. The state after."""
+    a lost race reads again, so the loser learns who decided. The state after. On a store
+    that checks signers, `reviewer` must be who it signs as (else nothing would count)."""
+    if store.verifies_signers:
+        reviewer = signed_reviewer(store, reviewer.name, reviewer.groups)
     for _ in range(CONFLICT_RETRIES):
         state = await read_review(store, review)
         _check(state, reviewer)

@@ -38,6 +38,7 @@ from newfuse.errors import (
 from newfuse.schemas import (
     ENVELOPE_ENCODER,
     MAX_NESTING_DEPTH,
+    Certified,
     Envelope,
     FieldCipher,
     NewEvent,
@@ -557,6 +558,18 @@ class EventStore(AsyncClosing, abc.ABC):
     _max_event_bytes_name: str = "the store's limit"
     """How `max_event_bytes` is named in EventTooLargeError."""
 
+    @property
+    def verifies_signers(self) -> bool:
+        """Whether what this store reads carries its checked signer (`RecordedEvent.signer`):
+        a JetStream store on a connection that trusts admin keys. When False, `signer` is
+        always None and who wrote an event is what the event says."""
+        return False
+
+    @property
+    def identity(self) -> Certified | None:
+        """Who this store's appends are signed as (its credentials' certificate), if anyone."""
+        return None
+
     def _prepare(self, stream: StreamName, event: NewEvent) -> PreparedEvent:
         check_event_id(event.id)
         type_name, version = event.type, event.schema_version
@@ -849,6 +862,7 @@ class EventStore(AsyncClosing, abc.ABC):
         stream: str,
         versions: VersionCheck | None = None,
         version: int | None = None,
+        signer: Certified | None = None,
     ) -> RecordedEvent | None:
         """The one place where a stored body becomes a RecordedEvent, for every reader.
 
@@ -856,7 +870,8 @@ class EventStore(AsyncClosing, abc.ABC):
         names; with `versions` its version must follow the stream's previous valid event, and
         with `version` (a row's) it must be that one. Then the payload is decoded. A body that
         fails any of it is reported to `on_invalid` with its position and reason, and None is
-        returned; nothing here raises.
+        returned; nothing here raises. `signer` is who the backend found signed it (its
+        `verifies_signers`), kept on the event.
         """
         try:
             envelope = parse_envelope(body, where, stream, bounded=self.bounded_reads)
@@ -877,10 +892,16 @@ class EventStore(AsyncClosing, abc.ABC):
         except Exception as error:  # a decoder bug must not stop a reader either
             self._report(position, where, f"decoding raised {type(error).__name__}: {error}")
             return None
-        return self._payload(position, where, envelope)
+        return self._payload(position, where, envelope, signer=signer)
 
     def _payload(
-        self, position: int, where: str, envelope: Envelope, cipher: FieldCipher | None = None
+        self,
+        position: int,
+        where: str,
+        envelope: Envelope,
+        cipher: FieldCipher | None = None,
+        *,
+        signer: Certified | None = None,
     ) -> RecordedEvent | None:
         """The event of a checked envelope: its payload opened (sealed fields decrypted, or
         their replacements) and decoded; None, reported, when it is not valid. An event whose
@@ -906,6 +927,7 @@ class EventStore(AsyncClosing, abc.ABC):
                 data=None,
                 missing=(missing.subject, missing.kid),
                 where=where,
+                signer=signer,
             )
         except ValueError as error:  # sealed fields that are no sealed values (plan.open)
             if not isinstance(error, FuseError):
@@ -918,7 +940,9 @@ class EventStore(AsyncClosing, abc.ABC):
         except Exception as error:  # a decoder or upcaster bug must not stop a reader either
             self._report(position, where, f"decoding raised {type(error).__name__}: {error}")
             return None
-        return RecordedEvent(position=position, envelope=envelope, data=data, redacted=redacted)
+        return RecordedEvent(
+            position=position, envelope=envelope, data=data, redacted=redacted, signer=signer
+        )
 
     def _opener(self) -> FieldCipher:
         return self.cipher or _NO_KEYS
@@ -955,7 +979,9 @@ class EventStore(AsyncClosing, abc.ABC):
             if not isinstance(result, _Unopened):
                 return result
             await cipher.fetch([result.missing])
-            result = self._payload(event.position, event.where, event.envelope, cipher)
+            result = self._payload(
+                event.position, event.where, event.envelope, cipher, signer=event.signer
+            )
         if isinstance(result, _Unopened):
             self._report(event.position, event.where, "its sealed fields name too many keys")
             return None

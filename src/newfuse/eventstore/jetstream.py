@@ -16,6 +16,11 @@ reconnect or a server restart: for as long as it takes behind `subscribe`, for t
 `timeout` behind a finite `read_all` (then ReadInterruptedError names the position reached).
 `close()` ends the feeds still open (StoreClosedError), deletes their consumers, and fails appends
 waiting for an acknowledgement.
+
+On a connection that trusts admin keys (one opened with credentials), every event read carries
+who signed it (`RecordedEvent.signer`, checked as `newfuse.nats.signing` says: one Ed25519
+verification per signed event); a signature that does not verify is reported to `on_invalid`
+and the event read unsigned. Without a Trust nothing is checked and nothing costs more.
 """
 
 from __future__ import annotations
@@ -74,8 +79,10 @@ from newfuse.nats.ordered import OrderedPushConsumer
 from newfuse.nats.placement import Placement, placement_of
 from newfuse.nats.provision import EventStreamSpec, ensure_event_stream, server_version
 from newfuse.nats.publish import PubAckInbox
+from newfuse.nats.signing import IDENTITY, SenderError, Trust, identity_of, trust_of
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
+    Certified,
     Envelope,
     RecordedEvent,
     SchemaRegistry,
@@ -119,6 +126,7 @@ class JetStreamEventStore(EventStore):
         heartbeat: float = 1.0,
         owns_connection: bool = False,
         create: bool = True,
+        signers: bool = True,
     ) -> None:
         """Wrap a connected client; the stream is provisioned on first use (or `ensure_stream`).
 
@@ -144,6 +152,9 @@ class JetStreamEventStore(EventStore):
             owns_connection: close `nc` when the store closes.
             create: provision the stream when it is missing; False, for a reader, raises
                 StoreNotFoundError instead (naming the prefixes that exist).
+            signers: check who signed each event read (`RecordedEvent.signer`) against the
+                admin keys `nc` trusts (its credentials'), when it trusts any; False reads
+                without the check (one Ed25519 verification per signed event).
         """
         super().__init__(registry=registry, on_invalid=on_invalid)
         self.nc = nc
@@ -176,6 +187,7 @@ class JetStreamEventStore(EventStore):
         self._feeds: weakref.WeakSet[OrderedPushConsumer] = weakref.WeakSet()
         self._direct = DirectGet(nc, self.stream_name, timeout=timeout, patience=election_timeout)
         self._scoped = reads_own_subjects_only(nc)
+        self._trust = trust_of(nc) if signers else None
 
     @classmethod
     async def connect(
@@ -566,6 +578,34 @@ class JetStreamEventStore(EventStore):
                 break
         return found
 
+    # -- who signed what --------------------------------------------------------------------------
+
+    @property
+    def verifies_signers(self) -> bool:
+        return self._trust is not None
+
+    @property
+    def identity(self) -> Certified | None:
+        return identity_of(self.nc)
+
+    def _signer(
+        self, subject: str, body: bytes, found: dict[str, str] | None, position: int, where: str
+    ) -> Certified | None:
+        """Who signed the message stored at `position` on `subject`; None when it is unsigned,
+        or when its signature does not verify, which is reported like an invalid message (the
+        event is still read: its version holds its place, and unsigned it counts for nothing
+        that asks who wrote it)."""
+        trust: Trust | None = self._trust
+        if trust is None or not found or IDENTITY not in found:
+            return None
+        try:
+            return trust.sender(subject, body, found)
+        except SenderError as error:
+            self._report(position, where, f"read as unsigned: {error}")
+        except Exception as error:  # a checker's bug must not stop a reader either
+            self._report(position, where, f"read as unsigned: checking raised {error!r}")
+        return None
+
     # -- reading one stream -----------------------------------------------------------------------
 
     def _subject_messages(self, subject: str, stream: str, start: int = 1) -> AsyncIterator[Msg]:
@@ -576,7 +616,7 @@ class JetStreamEventStore(EventStore):
     ) -> AsyncIterator[RecordedEvent]:
         subject = self._event_prefix + stream
         where = f"on {subject}"
-        decode = self.decode
+        decode, trust = self.decode, self._trust
         if backwards:
             top = from_version  # None: from the last event
             if top is None:
@@ -586,7 +626,13 @@ class JetStreamEventStore(EventStore):
             kept: deque[RecordedEvent] = deque(maxlen=limit)
             start, versions = await self._seek(subject, stream, first)
             async for msg in self._subject_messages(subject, stream, start):
-                event = decode(msg.data, _seq_of(msg), where, stream, versions)
+                seq = _seq_of(msg)
+                signer = (
+                    None
+                    if trust is None
+                    else self._signer(subject, msg.data, msg.headers, seq, where)
+                )
+                event = decode(msg.data, seq, where, stream, versions, signer=signer)
                 if event is None:
                     continue
                 if event.version > top:
@@ -599,7 +645,11 @@ class JetStreamEventStore(EventStore):
         first_wanted = from_version or 1
         start, versions = await self._seek(subject, stream, first_wanted)
         async for msg in self._subject_messages(subject, stream, start):
-            event = decode(msg.data, _seq_of(msg), where, stream, versions)
+            seq = _seq_of(msg)
+            signer = (
+                None if trust is None else self._signer(subject, msg.data, msg.headers, seq, where)
+            )
+            event = decode(msg.data, seq, where, stream, versions, signer=signer)
             if event is None or event.version < first_wanted:
                 continue
             yield event
@@ -798,13 +848,15 @@ class JetStreamEventStore(EventStore):
         try:
             if await feed.start() == 0:
                 return
-            decode, matches, count = self.decode, filter.matches, 0
+            decode, matches, count, trust = self.decode, filter.matches, 0, self._trust
             skip, start = len(self._event_prefix), from_position == 1 and since is None
             versions = VersionCheck(from_start=start)
-            async for seq, stamp, pending, subject, data in feed:
+            async for seq, stamp, pending, subject, data, found in feed:
                 if seq > head or (until_ns is not None and stamp > until_ns):
                     return
-                event = decode(data, seq, f"on {subject}", subject[skip:], versions)
+                where = f"on {subject}"
+                signer = None if trust is None else self._signer(subject, data, found, seq, where)
+                event = decode(data, seq, where, subject[skip:], versions, signer=signer)
                 if event is not None and matches(event.envelope):
                     yield event
                     count += 1
@@ -825,7 +877,7 @@ class JetStreamEventStore(EventStore):
             if await feed.start() == 0:
                 return
             skip = len(self._event_prefix)
-            async for seq, _, pending, subject, data in feed:
+            async for seq, _, pending, subject, data, _ in feed:
                 if seq > head:
                     return
                 yield StoredRecord(seq, subject[skip:], data)
@@ -841,10 +893,12 @@ class JetStreamEventStore(EventStore):
         feed = self._feed(filter, from_position, None, patience=None, description=name)
         try:
             await feed.recreate()  # a live feed waits for the server instead of failing
-            decode, matches = self.decode, filter.matches
+            decode, matches, trust = self.decode, filter.matches, self._trust
             versions, skip = VersionCheck(from_start=from_position == 1), len(self._event_prefix)
-            async for seq, _stamp, _pending, subject, data in feed:
-                event = decode(data, seq, f"on {subject}", subject[skip:], versions)
+            async for seq, _stamp, _pending, subject, data, found in feed:
+                where = f"on {subject}"
+                signer = None if trust is None else self._signer(subject, data, found, seq, where)
+                event = decode(data, seq, where, subject[skip:], versions, signer=signer)
                 if event is not None and matches(event.envelope):
                     yield event
         finally:

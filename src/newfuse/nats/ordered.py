@@ -63,6 +63,8 @@ class FeedMessage(NamedTuple):
     """How many messages matching the filters follow it in the stream (when it was sent)."""
     subject: str
     data: bytes
+    headers: dict[str, str] | None = None
+    """Its stored headers (the signature's among them: `newfuse.nats.signing`)."""
 
 
 class _Created(NamedTuple):
@@ -430,7 +432,7 @@ class OrderedPushConsumer:
             return
         self._expected_cseq += 1
         self._queue.put_nowait(
-            FeedMessage(int(sseq), int(stamp), int(pending), msg.subject, msg.data)
+            FeedMessage(int(sseq), int(stamp), int(pending), msg.subject, msg.data, found)
         )
 
     def _reset(self) -> None:

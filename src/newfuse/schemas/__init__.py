@@ -41,6 +41,7 @@ from newfuse.schemas.card import (
     AgentSubjects,
     ProtocolVersions,
 )
+from newfuse.schemas.certificate import Certified
 from newfuse.schemas.circuit import (
     CIRCUIT_TYPES,
     BreakerState,
@@ -147,9 +148,11 @@ from newfuse.schemas.sealed import (
     open_unregistered,
 )
 from newfuse.schemas.security import (
+    AUTH_FAILURES_STREAM,
     DENIALS_STREAM,
     IDENTITIES_STREAM,
     SECURITY_TYPES,
+    AuthFailed,
     IdentityCreated,
     IdentityRevoked,
     PermissionDenied,
@@ -157,6 +160,7 @@ from newfuse.schemas.security import (
 
 __all__ = [
     "AUDIT_TYPES",
+    "AUTH_FAILURES_STREAM",
     "CIRCUIT_TYPES",
     "DEFAULT_PROTOCOLS",
     "DENIALS_STREAM",
@@ -204,7 +208,9 @@ __all__ = [
     "Artifact",
     "Asked",
     "AuditCheckpoint",
+    "AuthFailed",
     "BreakerState",
+    "Certified",
     "ChatMessage",
     "ChatRole",
     "CircuitChange",

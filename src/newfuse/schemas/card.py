@@ -78,3 +78,6 @@ class AgentCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The range as the agent declares it (`Agent(protocols=...)`, e.g. `>=1.0,<2.0`): what
     it accepts; `protocolVersions` says the oldest it accepts and the newest it reads as is."""
     subjects: AgentSubjects | None = None
+    accepts: dict[str, list[str]] | None = None
+    """The agent's message policy (`Agent(accepts=...)`): sender type -> the message types it
+    accepts from it (`*`: any). None: no policy declared, every type from every sender."""

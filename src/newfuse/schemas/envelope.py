@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from newfuse.schemas.certificate import Certified
 from newfuse.schemas.ids import new_event_id
 from newfuse.schemas.payloads import Timestamp
 
@@ -87,12 +88,19 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     When the payload's type declares sealed (personal, secret) fields, `envelope.data` and
     `data` hold them opened (decrypted); `redacted` lists the paths (`$.email`) of those that
     read as their replacement because their data subject's key is forgotten.
+
+    `signer` is who signed the stored message, checked against the store's trusted admins
+    (`newfuse.nats.signing`): None when the store checks no signatures (no Trust, or a backend
+    whose writer is its owner, as SQLite's), or when the message is unsigned or its signature
+    does not verify (the store reports that one as invalid and still delivers the event: it
+    holds its place in its stream all the same).
     """
 
     position: int
     envelope: Envelope
     data: Any
     redacted: tuple[str, ...] = ()
+    signer: Certified | None = None
 
     @property
     def id(self) -> str:

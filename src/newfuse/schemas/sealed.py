@@ -91,11 +91,12 @@ class SealedValue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 SEALED_DECODER: Final = msgspec.json.Decoder(SealedValue)
+_decode_sealed: Final = SEALED_DECODER.decode
 
 
 def associated_data(event_id: str, path: str, subject: str, kid: str) -> bytes:
     """The AEAD associated data of a sealed value (see `SealedValue`)."""
-    return "\0".join(("newfuse-sealed/1", event_id, path, subject, kid)).encode()
+    return f"newfuse-sealed/1\0{event_id}\0{path}\0{subject}\0{kid}".encode()
 
 
 _TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
@@ -215,23 +216,30 @@ class SealPlan:
         """`data` (payload JSON as stored) with each sealed value replaced by its plaintext, or
         by its field's replacement when the key is forgotten.
 
+        Every event of a sealed type reads through here, so it is kept to one probe decode, one
+        SealedValue decode and one splice per field, each straight from the probe's `Raw`
+        views (no copies); null is told apart only when the value does not decode.
+
         Raises:
             ValueError: a sealed field holds something that is not a SealedValue, or one of
                 another subject than the payload names.
             KeyNotLoadedError, SealedValueError: from the cipher.
         """
         found = self._probe.decode(data)
-        redacted: list[str] = []
+        redacted: tuple[str, ...] = ()
         for field in self.fields:
-            raw = bytes(getattr(found, field.wire))
-            if not raw or raw == b"null":
+            raw = getattr(found, field.wire)
+            if not raw:  # absent
                 continue
             try:
-                value = SEALED_DECODER.decode(raw)
+                value = _decode_sealed(raw)
             except msgspec.DecodeError as error:
+                if bytes(raw) == b"null":
+                    continue
                 raise ValueError(
                     f"`{field.path}` is declared {field.kind}: its value must be a sealed value "
-                    f'{{"enc": "A256GCM", "sub", "kid", "iv", "ct"}}, not {raw[:60]!r} ({error})'
+                    f'{{"enc": "A256GCM", "sub", "kid", "iv", "ct"}}, not {bytes(raw)[:60]!r} '
+                    f"({error})"
                 ) from None
             subject = stream if field.subject is None else getattr(found, field.subject)
             if value.sub != subject:
@@ -242,9 +250,9 @@ class SealPlan:
             plaintext = cipher.decrypt(value, event_id, field.path)
             if plaintext is None:
                 plaintext = field.replacement
-                redacted.append(field.path)
+                redacted += (field.path,)
             data = _splice(data, raw, plaintext, field.path)
-        return Opened(data=data, redacted=tuple(redacted))
+        return Opened(data=data, redacted=redacted)
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -285,11 +293,17 @@ def open_unregistered(data: bytes, event_id: str, cipher: FieldCipher) -> Opened
     return Opened(data=data, redacted=tuple(redacted)) if opened else None
 
 
-def _splice(data: bytes, raw: bytes, plaintext: bytes, path: str) -> bytes:
+def _splice(data: bytes, raw: bytes | msgspec.Raw, plaintext: bytes, path: str) -> bytes:
+    """`data` with `raw`, which must appear in it once, replaced by `plaintext`.
+
+    The second search starts after the first match: a sealed value is an object of strings, so
+    one occurrence cannot begin inside another.
+    """
     start = data.find(raw)
-    if start < 0 or data.find(raw, start + 1) >= 0:
+    end = start + len(raw)
+    if start < 0 or data.find(raw, end) >= 0:
         raise ValueError(f"the sealed value of `{path}` appears more than once")
-    return data[:start] + plaintext + data[start + len(raw) :]
+    return data[:start] + plaintext + data[end:]
 
 
 def _meta_spec(annotation: Any) -> dict[str, Any] | None:

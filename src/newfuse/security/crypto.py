@@ -30,6 +30,8 @@ from newfuse.schemas.sealed import ALGORITHM, associated_data, b64, unb64
 from newfuse.security.keys import KeyStore, KVKeyStore, SQLiteKeyStore, SubjectKey
 
 NONCE_BYTES: Final = 12
+IV_CHARS: Final = 16
+"""Length of a sealed value's `iv`: 12 bytes are 16 base64url characters, never padded."""
 CACHE_SUBJECTS: Final = 65_536
 """Subjects whose keys one process keeps in memory (the one cached first is dropped first)."""
 KEYS_FILE: Final = "keys.sqlite"
@@ -49,6 +51,7 @@ class SubjectCipher:
         self._owns = owns_keys
         self._current: dict[str, tuple[str, AESGCM]] = {}
         self._gone: dict[tuple[str, str], None] = {}
+        self._generation_now = keys.generation
         self._generation = keys.generation()
         keys.changed = self._changed
 
@@ -66,7 +69,7 @@ class SubjectCipher:
         self._gone[(subject, kid)] = None
 
     def _check_generation(self) -> None:
-        generation = self.keys.generation()
+        generation = self._generation_now()
         if generation != self._generation:  # notices may have been missed: trust nothing cached
             self._generation = generation
             self._current.clear()
@@ -99,28 +102,27 @@ class SubjectCipher:
         kid, aead = entry
         nonce = os.urandom(NONCE_BYTES)
         sealed = aead.encrypt(nonce, plaintext, associated_data(event_id, path, subject, kid))
-        return SealedValue(enc=ALGORITHM, sub=subject, kid=kid, iv=b64(nonce), ct=b64(sealed))
+        both = b64(nonce + sealed)  # the nonce's 12 bytes are whole base64 quanta: one call
+        return SealedValue(
+            enc=ALGORITHM, sub=subject, kid=kid, iv=both[:IV_CHARS], ct=both[IV_CHARS:]
+        )
 
     def decrypt(self, value: SealedValue, event_id: str, path: str) -> bytes | None:
-        if self.keys.generation() != self._generation:
+        if self._generation_now() != self._generation:
             self._check_generation()
         entry = self._current.get(value.sub)
         if entry is None or entry[0] != value.kid:
             if (value.sub, value.kid) in self._gone:
                 return None
             raise KeyNotLoadedError(subject=value.sub, kid=value.kid)
-        try:
-            nonce, sealed = unb64(value.iv), unb64(value.ct)
+        iv = value.iv
+        try:  # the iv's 16 characters are whole base64 quanta: one call decodes iv and ct
+            if len(iv) != IV_CHARS:
+                raise ValueError(iv)
+            both = unb64(iv + value.ct)
+            nonce, sealed = both[:NONCE_BYTES], both[NONCE_BYTES:]
         except ValueError:
-            raise SealedValueError(
-                event_id=event_id, path=path, reason="its iv or ct is not base64url"
-            ) from None
-        if len(nonce) != NONCE_BYTES:
-            raise SealedValueError(
-                event_id=event_id,
-                path=path,
-                reason=f"its iv is {len(nonce)} bytes long, AES-GCM here uses {NONCE_BYTES}",
-            )
+            nonce, sealed = _parts(value, event_id, path)
         try:
             return entry[1].decrypt(
                 nonce, sealed, associated_data(event_id, path, value.sub, value.kid)
@@ -145,6 +147,24 @@ class SubjectCipher:
         """Close the key store if this cipher owns it. Idempotent."""
         if self._owns:
             await self.keys.close()
+
+
+def _parts(value: SealedValue, event_id: str, path: str) -> tuple[bytes, bytes]:
+    """The nonce and sealed bytes of `value`, decoded one by one (when decoding its iv and ct
+    as one failed), or SealedValueError saying which is wrong."""
+    try:
+        nonce, sealed = unb64(value.iv), unb64(value.ct)
+    except ValueError:
+        raise SealedValueError(
+            event_id=event_id, path=path, reason="its iv or ct is not base64url"
+        ) from None
+    if len(nonce) != NONCE_BYTES:
+        raise SealedValueError(
+            event_id=event_id,
+            path=path,
+            reason=f"its iv is {len(nonce)} bytes long, AES-GCM here uses {NONCE_BYTES}",
+        )
+    return nonce, sealed
 
 
 def use_keys(store: EventStore, keys: KeyStore, *, owns_keys: bool = False) -> SubjectCipher:

@@ -8,21 +8,24 @@ made while no bus ran is recorded then, with the time the identity says it was m
 
 `DenialRecorder` appends `permission.denied` for each refusal nats-server reports on one of the
 bus's own connections (an admin's or a service's: an agent identity may not write the security
-streams). A loop of refusals cannot flood the log: one identity, operation and subject make at
-most one event per `WINDOW` seconds, which counts the refusals since the previous one; at most
-`MAX_TRACKED` of them are tracked at once (beyond, the oldest are written out first).
+streams), and for each message a receiving agent's policy denies (`record`, called by the agent
+runtime, which stores them on the instance's own stream: an agent identity may write that one).
+A loop of refusals cannot flood the log: one identity, operation, subject and message type make
+at most one event per `WINDOW` seconds, which counts the refusals since the previous one (a
+count still pending goes out when its window is over, or at close). At most `MAX_TRACKED` of
+them are tracked at once; beyond, a new one is counted under `OTHERS` (identity and subject `*`,
+one such entry per operation). So a recorder writes at most `MAX_TRACKED` + one per operation
+events a window, however many identities a flood claims (security/_tally.py, which the
+`auth.failed` recorder shares).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-import time
 from datetime import UTC, datetime
 from typing import Final
 
-from newfuse.errors import FuseError, PermissionDeniedError
+from newfuse.errors import PermissionDeniedError
 from newfuse.eventstore import EventStore
 from newfuse.schemas import (
     DENIALS_STREAM,
@@ -32,14 +35,15 @@ from newfuse.schemas import (
     NewEvent,
     PermissionDenied,
 )
+from newfuse.security._tally import Batch, BoundedRecorder
 from newfuse.security.identities import Identity
-
-log = logging.getLogger("newfuse.security")
 
 WINDOW: Final[float] = 60.0
 """Seconds within which refusals of one identity, operation and subject make one event."""
 MAX_TRACKED: Final[int] = 256
-"""(identity, operation, subject) triples tracked at once by one recorder."""
+"""(identity, operation, subject, message type) keys tracked at once by one recorder."""
+OTHERS: Final[str] = "*"
+"""The identity and subject of the refusals counted beyond `MAX_TRACKED` keys."""
 
 
 def _time(text: str | None) -> datetime:
@@ -93,27 +97,38 @@ async def sync_identities(store: EventStore, identities: list[Identity], *, by: 
     return len(events)
 
 
-class _Seen:
-    __slots__ = ("count", "first", "written")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first = datetime.now(UTC)
-        self.written = 0.0
+_Key = tuple[str, str, str, str]
+"""(identity, operation, subject, message type)."""
 
 
-class DenialRecorder:
-    """Appends `permission.denied` for the refusals reported on `store`'s connection (a
-    JetStream store opened with credentials; a no-op otherwise). Use `start()` and `close()`
-    (which writes out the refusals counted and not yet written)."""
+def _others(key: _Key) -> _Key:
+    return (OTHERS, key[1], OTHERS, "")
 
-    def __init__(self, store: EventStore, *, seen_by: str) -> None:
-        self.store = store
-        self.seen_by = seen_by
-        self.written = 0
-        """Events appended."""
-        self._seen: dict[tuple[str, str, str], _Seen] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+
+class DenialRecorder(BoundedRecorder[_Key, None]):
+    """Appends `permission.denied` to `stream` (default `security.denials`) for the refusals
+    reported on `store`'s connection (`start()`: a JetStream store opened with credentials; a
+    no-op otherwise) and for those passed to `record`. `close()` writes out the refusals
+    counted and not yet written."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        seen_by: str,
+        stream: str = DENIALS_STREAM,
+        window: float = WINDOW,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
+        super().__init__(
+            store,
+            stream=stream,
+            seen_by=seen_by,
+            what="permission.denied",
+            overflow=_others,
+            window=window,
+            max_tracked=max_tracked,
+        )
         self._remove: object = None
 
     def start(self) -> DenialRecorder:
@@ -125,50 +140,30 @@ class DenialRecorder:
         return self
 
     def _denied(self, error: PermissionDeniedError) -> int:
-        key = (error.identity, error.operation, error.subject)
-        seen = self._seen.get(key)
-        if seen is None:
-            if len(self._seen) >= MAX_TRACKED:
-                oldest = next(iter(self._seen))
-                self._write(oldest, self._seen.pop(oldest))
-            seen = self._seen[key] = _Seen()
-        seen.count += 1
-        if time.monotonic() - seen.written >= WINDOW:
-            self._write(key, seen)
+        self.record(identity=error.identity, operation=error.operation, subject=error.subject)
         return 0  # it fails no operation: it only records
 
-    def _write(self, key: tuple[str, str, str], seen: _Seen) -> None:
-        if not seen.count:
-            return
-        event = PermissionDenied(
-            identity=key[0],
-            operation=key[1],
-            subject=key[2],
-            count=seen.count,
-            first_at=seen.first,
+    def record(
+        self, *, identity: str, operation: str, subject: str, message_type: str = ""
+    ) -> None:
+        """Count one refusal (call from a running event loop); see BoundedRecorder.count."""
+        self.count((identity, operation, subject, message_type), None)
+
+    async def _payload(self, batch: Batch[_Key, None]) -> PermissionDenied:
+        identity, operation, subject, message_type = batch.key
+        return PermissionDenied(
+            identity=identity,
+            operation=operation,
+            subject=subject,
+            message_type=message_type,
+            count=batch.count,
+            first_at=batch.first,
             seen_by=self.seen_by,
         )
-        seen.count, seen.first, seen.written = 0, datetime.now(UTC), time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._append(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _append(self, event: PermissionDenied) -> None:
-        try:
-            await self.store.append(
-                DENIALS_STREAM, NewEvent(data=event, metadata={"sender": self.seen_by})
-            )
-            self.written += 1
-        except FuseError as error:  # refused too, or the store is down: say so, go on
-            log.warning("permission.denied of %s not recorded: %s", event.identity, error)
 
     async def close(self) -> None:
         """Stop listening; write out what was counted and wait for the appends (5 s at most)."""
         remove, self._remove = self._remove, None
         if callable(remove):
             remove()
-        for key, seen in list(self._seen.items()):
-            self._write(key, seen)
-        self._seen.clear()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5.0)
+        await super().close()

@@ -4,13 +4,17 @@ An identity is an Ed25519 nkey: the seed stays in a file only its owner reads
 (`<dir>/<name>.nk`), and the server knows only the public key (`U…`): it sends a nonce at
 connect and checks the signature, so it never sees the seed. `identities.json` beside the seeds
 lists each identity's name, role, public key and what its role lets it do; `server_config()`
-turns that list into the `authorization` block of nats-server's configuration.
+turns that list into nats-server's configuration: the bus's users in the `authorization` block
+(the global account, where the streams are), the system identities in the system account.
 
 Roles:
 - `admin`: everything (the CLI of an operator, `fuse dev` itself).
 - `service`: the bus's own processes (projections, orchestrators, detectors): read and write the
   event log and the message stream through JetStream, but not create, delete or purge streams,
   nor delete messages.
+- `reviewer`: a person deciding saga steps' reviews for the groups their certificate names
+  (`--group`): append to review streams (and feedback), read the event log and the keys'
+  bucket (what they review may hold sealed fields); nothing else.
 - `agent`: one agent instance `<type>/<key>`. It may publish only: to the inboxes of the agent
   types it declares (`send_to`), to the topics it declares (`publish_topics`), replies, its own
   markers, dead letters, model records and heartbeats, and the status events of tasks. It may
@@ -18,6 +22,11 @@ Roles:
   and its fast-path service. No other direct get, no stream read, no consumer of another inbox.
   Streams and consumers are created by an admin or service first (`fuse dev --secure` does it
   for the identities it knows).
+- `system`: a user of nats-server's system account (`SYS`), which sees nothing of the bus's
+  subjects and streams, only the server's own: its advisories, among them the authentication
+  failures that no other account hears of (security/auth_events.py listens as one). It has the
+  whole system account, as an admin has the bus's: that is also what an operator's `nats server`
+  tooling needs.
 """
 
 from __future__ import annotations
@@ -41,10 +50,15 @@ from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
 from newfuse.security.keys import bucket_name as keys_bucket
 
-Role = Literal["admin", "service", "agent"]
-ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent")
+Role = Literal["admin", "service", "agent", "system", "reviewer"]
+ROLES: Final[tuple[Role, ...]] = ("admin", "service", "agent", "system", "reviewer")
+GROUPED_ROLES: Final[tuple[Role, ...]] = ("admin", "reviewer")
+"""Roles whose certificate may name review groups (a reviewer's must name one)."""
 REGISTRY_FILE: Final[str] = "identities.json"
 API: Final[str] = "$JS.API"
+SYSTEM_ACCOUNT: Final[str] = "SYS"
+"""The account nats-server sends its own events to (`system_account`), with the `system`
+identities as its users."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class Identity:
     publish_topics: tuple[str, ...] = ()
     topics: tuple[str, ...] = ()
     """Topics it subscribes to (its shared consumer's filters)."""
+    groups: tuple[str, ...] = ()
+    """The review groups its certificate names (admins and reviewers)."""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     revoked: str | None = None
 
@@ -88,6 +104,21 @@ def check_identity_name(name: str) -> str:
     if not all(c.isalnum() or c in "-_" for c in name) or len(name) > 64:
         raise IdentityError(name=name, reason="use 1-64 letters, digits, '-' and '_'")
     return name
+
+
+def _check_groups(name: str, role: Role, groups: Sequence[str]) -> None:
+    if groups and role not in GROUPED_ROLES:
+        raise IdentityError(
+            name=name,
+            reason=f"--group is for the roles {' and '.join(GROUPED_ROLES)}, not {role}",
+        )
+    if role == "reviewer" and not groups:
+        raise IdentityError(name=name, reason="a reviewer acts for one or more --group")
+    for group in groups:
+        if not 0 < len(group) <= 64 or not all(c.isalnum() or c in "-_." for c in group):
+            raise IdentityError(
+                name=name, reason=f"group {group!r}: use 1-64 letters, digits, '-', '_' and '.'"
+            )
 
 
 def _nkeys() -> Any:
@@ -147,6 +178,11 @@ class IdentityStore:
         known = ", ".join(i.name for i in self.list()) or "none"
         raise IdentityError(name=name, reason=f"no such identity (known: {known})")
 
+    def name_of(self, public_key: str) -> str:
+        """The name of the identity, revoked or not, whose public nkey is `public_key` ('' if
+        none is)."""
+        return next((i.name for i in self.list() if i.public_key == public_key), "")
+
     def add(
         self,
         name: str,
@@ -156,11 +192,15 @@ class IdentityStore:
         send_to: Sequence[str] = (),
         publish_topics: Sequence[str] = (),
         topics: Sequence[str] = (),
+        groups: Sequence[str] = (),
     ) -> Identity:
-        """Create an identity: its seed file (mode 600) and its entry; refuses a name in use."""
+        """Create an identity: its seed file (mode 600) and its entry; refuses a name in use.
+        `groups` (admins and reviewers) go into its certificate: the review groups it acts
+        for."""
         check_identity_name(name)
         if role not in ROLES:
             raise IdentityError(name=name, reason=f"role {role!r} is not one of {list(ROLES)}")
+        _check_groups(name, role, groups)
         agent_type, _, agent_key = agent.partition("/")
         if role == "agent":
             if not agent_type or not agent_key:
@@ -180,7 +220,10 @@ class IdentityStore:
                 reason="make an admin first (`fuse auth add NAME "
                 "--role admin`; `fuse dev --secure` makes one)",
             )
-        certificate = issue(issuer, Certified(name=name, role=role, key=public, agent=agent))
+        certificate = issue(
+            issuer,
+            Certified(name=name, role=role, key=public, agent=agent, groups=tuple(groups)),
+        )
         trusted = tuple(i.public_key for i in admins) or (public,)
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
@@ -201,6 +244,7 @@ class IdentityStore:
             send_to=tuple(send_to),
             publish_topics=tuple(publish_topics),
             topics=tuple(topics),
+            groups=tuple(groups),
         )
         self._write([*existing, identity])
         return identity
@@ -236,11 +280,14 @@ class IdentityStore:
 
 
 def permissions(identity: Identity, subjects: Subjects) -> dict[str, Any] | None:
-    """The nats-server `permissions` of `identity` (None: no block, everything allowed)."""
-    if identity.role == "admin":
+    """The nats-server `permissions` of `identity` (None: no block, everything allowed in its
+    account)."""
+    if identity.role in ("admin", "system"):
         return None
     if identity.role == "service":
         return _service(identity, subjects)
+    if identity.role == "reviewer":
+        return _reviewer(identity, subjects)
     return _agent(identity, subjects)
 
 
@@ -294,6 +341,27 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
     }
 
 
+def _reviewer(identity: Identity, s: Subjects) -> dict[str, Any]:
+    # `fuse review`: read the log (a batched direct get names no subject the server could
+    # scope) and the keys' bucket (what they review may hold sealed fields), append to review
+    # streams and feedback; nothing else
+    events, keys = s.stream_name, f"KV_{keys_bucket(s.prefix)}"
+    publish = [
+        s.category("review"),
+        s.category("feedback"),
+        f"{API}.INFO",
+        f"{API}.STREAM.INFO.{events}",
+        f"{API}.DIRECT.GET.{events}",
+        f"{API}.DIRECT.GET.{events}.>",
+        f"{API}.STREAM.INFO.{keys}",
+        f"{API}.STREAM.MSG.GET.{keys}",
+    ]
+    return {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": [f"{identity.inbox_prefix}.>"]},
+    }
+
+
 def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
     kind, key = identity.agent_type, identity.agent_key
     own, shared = f"{kind}__{key}", kind
@@ -342,9 +410,17 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
 
 
 def server_config(identities: Iterable[Identity], subjects: Subjects) -> str:
-    """The `authorization` block of nats-server's configuration for `identities` (revoked ones
-    left out): one nkey user each, with its permissions."""
-    users = []
+    """nats-server's configuration for `identities` (revoked ones left out): one nkey user
+    each, with its permissions.
+
+    The bus's users stay in the top-level `authorization` block, which puts them in the global
+    account: that is where the streams of a server that ran without a system account are, so
+    a store directory keeps its streams when the configuration gains one. The `system`
+    identities are the users of the system account `SYS`; the account is declared even with
+    none, so adding one later is a reload, not a restart.
+    """
+    users: list[dict[str, Any]] = []
+    system: list[dict[str, Any]] = []
     for identity in identities:
         if identity.revoked:
             continue
@@ -352,9 +428,17 @@ def server_config(identities: Iterable[Identity], subjects: Subjects) -> str:
         allowed = permissions(identity, subjects)
         if allowed is not None:
             user["permissions"] = allowed
-        users.append(user)
+        (system if identity.role == "system" else users).append(user)
     if not users:
         raise IdentityError(name="*", reason="no identity to let in: add one with `fuse auth add`")
+    return (
+        f"authorization {{\n{_users(users, '  ')}}}\n"
+        f"accounts {{\n  {SYSTEM_ACCOUNT} {{\n{_users(system, '    ')}  }}\n}}\n"
+        f"system_account: {SYSTEM_ACCOUNT}\n"
+    )
+
+
+def _users(users: list[dict[str, Any]], indent: str) -> str:
     # nats-server's configuration format accepts JSON values; each user is one line of JSON
-    lines = ",\n".join(f"    {json.dumps(user)}" for user in users)
-    return f"authorization {{\n  users = [\n{lines}\n  ]\n}}\n"
+    lines = "".join(f"{indent}  {json.dumps(user)},\n" for user in users)
+    return f"{indent}users = [\n{lines}{indent}]\n"
