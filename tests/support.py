@@ -118,7 +118,14 @@ async def remove_keys(redis_url: str, prefixes: Iterable[str]) -> int:
 
 
 # What points a command at servers; a reader of the README with only `fuse dev` running has none.
-SERVER_VARIABLES = ("FUSE_NATS_URL", "FUSE_REDIS_URL", "FUSE_STORE", "FUSE_AUDIT_DB", "FUSE_PREFIX")
+SERVER_VARIABLES = (
+    "FUSE_NATS_URL",
+    "FUSE_NATS_CA",
+    "FUSE_REDIS_URL",
+    "FUSE_STORE",
+    "FUSE_AUDIT_DB",
+    "FUSE_PREFIX",
+)
 
 
 def dev_environment(state_dir: Path, **extra: str) -> dict[str, str]:
@@ -174,3 +181,30 @@ async def secured_nats(folder: Path, identities: IdentityStore) -> AsyncIterator
         finally:
             await admin.close()
         yield server
+
+
+ECHO_AGENT = """
+from newfuse.agents import Agent, Context
+
+echo = Agent("echo")
+
+
+@echo.handler("ping")
+async def ping(ctx: Context, body: dict) -> dict:
+    return {"pong": body}
+"""
+"""An agent module a user writes: echo/KEY answers `ping` with what it was sent."""
+
+
+def start_echo_agent(folder: Path, env: dict[str, str], credentials: Path) -> subprocess.Popen[str]:
+    """`fuse agents run` of ECHO_AGENT (written to `folder`) as echo/1, with `credentials`;
+    the caller terminates it (and `communicate`s, for its output)."""
+    (folder / "echo_mod.py").write_text(ECHO_AGENT)
+    agent_env = {**env, "PYTHONPATH": str(folder), "FUSE_NATS_CREDENTIALS": str(credentials)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "newfuse", "agents", "run", "echo_mod:echo", "--key", "1"],
+        env=agent_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -52,6 +52,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             retryable error.
         nats_credentials: a credentials file of `fuse auth add` (the identity to connect as);
             None: a running `fuse dev --secure`'s admin when its servers are used, else none.
+        nats_ca: the CA certificate (PEM file) NATS servers' TLS certificates are verified
+            with; given, connections are TLS (a `nats://` URL is upgraded). None: the `ca` of
+            the credentials file, else a running `fuse dev --tls`'s when its servers are used,
+            else TLS only for `tls://` URLs (against the system's CAs).
     """
 
     nats_url: str | None = None
@@ -66,6 +70,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     replicas: int | None = None
     election_timeout: float = 15.0
     nats_credentials: str | None = None
+    nats_ca: str | None = None
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.match(self.prefix):
@@ -95,6 +100,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.health_addr is not None:
             split_address(self.health_addr, variable="FUSE_HEALTH_ADDR")
+        if self.nats_ca is not None:
+            _check_readable(self.nats_ca, variable="FUSE_NATS_CA")
         for variable, url, schemes in (
             ("FUSE_NATS_URL", self.nats_url, ("nats", "tls", "ws", "wss")),
             ("FUSE_REDIS_URL", self.redis_url, ("redis", "rediss", "unix")),
@@ -154,7 +161,24 @@ _VARIABLES: dict[str, str] = {
     "replicas": "FUSE_REPLICAS",
     "election_timeout": "FUSE_ELECTION_TIMEOUT",
     "nats_credentials": "FUSE_NATS_CREDENTIALS",
+    "nats_ca": "FUSE_NATS_CA",
 }
+
+
+def _check_readable(path: str, *, variable: str) -> None:
+    """Fail now, naming the variable, rather than at the first connect with a TLS error."""
+    where = Path(path)
+    if not where.is_file():
+        raise ConfigError(
+            variable=variable,
+            value=path,
+            reason="no such file: give the CA certificate (PEM) that signed the server's "
+            "certificate (`fuse dev --tls` prints its FUSE_NATS_CA=)",
+        )
+    if not os.access(where, os.R_OK):
+        raise ConfigError(
+            variable=variable, value=path, reason="cannot be read (check its permissions)"
+        )
 
 
 def split_address(address: str, *, variable: str = "--health") -> tuple[str, int]:
@@ -206,6 +230,8 @@ class DevState(msgspec.Struct, frozen=True, kw_only=True):
     servers: tuple[DevServer, ...] = ()
     credentials: str | None = None
     """The admin's credentials file when it runs with `--secure` (None: no authentication)."""
+    ca: str | None = None
+    """The CA certificate its nats-server's is signed by, with `--tls` (None: no TLS)."""
 
 
 def process_started(pid: int) -> int | None:
@@ -302,6 +328,17 @@ def resolve_nats_credentials(settings: Settings) -> str | None:
         return None
     state = read_dev_state(settings)
     return state.credentials if state is not None else None
+
+
+def resolve_nats_ca(settings: Settings) -> str | None:
+    """FUSE_NATS_CA / --ca, else the CA of a running `fuse dev --tls` when its servers are the
+    ones used (no FUSE_NATS_URL), else None (a credentials file's `ca` may still give one)."""
+    if settings.nats_ca:
+        return settings.nats_ca
+    if settings.nats_url:
+        return None
+    state = read_dev_state(settings)
+    return state.ca if state is not None else None
 
 
 def resolve_store_url(settings: Settings) -> str:

@@ -1527,3 +1527,20 @@ class MessageDeniedError(RequestFailedError, SecurityError):
             "`accepts` policy)",
             reply_id=reply_id,
         )
+
+
+class UntrustedServerError(SecurityError):
+    """The NATS server's TLS certificate was not signed by the CA the client trusts, names
+    another host, or the server offers no TLS where TLS was asked for. Not retryable: the
+    certificate (or the CA given) has to change, not the timing."""
+
+    def __init__(self, *, url: str, ca: str | None, reason: str) -> None:
+        self.url = url
+        self.ca = ca
+        self.reason = reason
+        trusted = f"the CA in {ca}" if ca else "the system's CAs (no CA given)"
+        super().__init__(
+            f"nats-server at {url} is not trusted with {trusted}: {reason}; give the CA "
+            "certificate that signed the server's (--ca, FUSE_NATS_CA, or `ca` in the "
+            "credentials file)"
+        )

@@ -7,25 +7,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 from newfuse.agents import AgentClient
 from newfuse.nats import connect
 from newfuse.nats.connection import Credentials
-from support import dev_environment, run_fuse, start_fuse_dev, wait_for
-
-AGENT = """
-from newfuse.agents import Agent, Context
-
-echo = Agent("echo")
-
-
-@echo.handler("ping")
-async def ping(ctx: Context, body: dict) -> dict:
-    return {"pong": body}
-"""
+from support import dev_environment, run_fuse, start_echo_agent, start_fuse_dev, wait_for
 
 
 async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
@@ -85,19 +72,7 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
         }
         assert all("seed" not in json.dumps(row).lower() for row in listed)
 
-        (tmp_path / "echo_mod.py").write_text(AGENT)
-        agent_env = {
-            **env,
-            "PYTHONPATH": str(tmp_path),
-            "FUSE_NATS_CREDENTIALS": str(auth / "echo-1.creds"),
-        }
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "newfuse", "agents", "run", "echo_mod:echo", "--key", "1"],
-            env=agent_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        agent = start_echo_agent(tmp_path, env, auth / "echo-1.creds")
         try:
             caller = {**env, "FUSE_NATS_CREDENTIALS": str(auth / "caller.creds")}
             url = json.loads((tmp_path / "state" / "dev.json").read_text())["nats_url"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import msgspec
 import pytest
 
-from newfuse.config import Settings
+from newfuse.config import DevState, Settings, dev_state_path, resolve_nats_ca
 from newfuse.errors import ConfigError
 
 FULL_ENV = {
@@ -168,3 +172,34 @@ def test_a_bad_replica_count_names_the_variable_and_value(
 def test_a_bad_election_timeout_names_the_variable(raw: str) -> None:
     with pytest.raises(ConfigError, match=r"^FUSE_ELECTION_TIMEOUT=.*seconds"):
         Settings.from_env({"FUSE_ELECTION_TIMEOUT": raw})
+
+
+def test_the_nats_ca_comes_from_the_environment_and_a_missing_file_is_named(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert Settings.from_env({"FUSE_NATS_CA": str(ca)}).nats_ca == str(ca)
+    with pytest.raises(ConfigError, match=r"^FUSE_NATS_CA=.*no such file") as caught:
+        Settings.from_env({}, nats_ca=str(tmp_path / "gone.pem"))  # as `--ca` passes it
+    assert caught.value.variable == "FUSE_NATS_CA"
+    with pytest.raises(ConfigError, match=r"^FUSE_NATS_CA=.*no such file"):
+        Settings.from_env({"FUSE_NATS_CA": str(tmp_path)})  # a directory is no CA file
+
+
+def test_the_nats_ca_of_a_running_dev_is_used_only_on_its_servers(tmp_path: Path) -> None:
+    """As with credentials: the dev's CA goes with the dev's URL, never to a URL given."""
+    settings = Settings(state_dir=str(tmp_path))
+    state = DevState(
+        pid=os.getpid(),
+        nats_url="tls://127.0.0.1:4222",
+        redis_url="redis://127.0.0.1:6379/0",
+        audit_db=str(tmp_path / "a.db"),
+        prefix="fuse",
+        data_dir=str(tmp_path),
+        ca=str(tmp_path / "ca.pem"),
+    )
+    dev_state_path(settings).write_bytes(msgspec.json.encode(state))
+    assert resolve_nats_ca(settings) == str(tmp_path / "ca.pem")
+    elsewhere = msgspec.structs.replace(settings, nats_url="tls://nats.example:4222")
+    assert resolve_nats_ca(elsewhere) is None

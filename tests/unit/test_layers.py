@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2] / "src" / "newfuse"
-LEAVES = {"errors", "config", "telemetry", "reliability", "health", "_closing"}
+LEAVES = {"errors", "config", "telemetry", "reliability", "health", "_closing", "_files"}
 LAYERS = ["schemas", "nats", "eventstore", "security", "projections", "agents", "core", "cli"]
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from newfuse._files import write_private
+
 # The dev state and the URL resolvers live in the library so the API resolves as the CLI does;
 # re-exported here for the commands.
 from newfuse.config import DEV_STATE_FILE as DEV_STATE_FILE
@@ -26,6 +28,7 @@ from newfuse.config import process_started as process_started
 from newfuse.config import read_dev_state as read_dev_state
 from newfuse.config import recorded_dev_state as recorded_dev_state
 from newfuse.config import resolve_audit_db as resolve_audit_db
+from newfuse.config import resolve_nats_ca as resolve_nats_ca
 from newfuse.config import resolve_nats_credentials as resolve_nats_credentials
 from newfuse.config import resolve_nats_url as resolve_nats_url
 from newfuse.config import resolve_redis_url as resolve_redis_url
@@ -65,6 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         audit_db=getattr(args, "audit_db", None),
         replicas=_replicas_flag(getattr(args, "replicas", None)),
         nats_credentials=getattr(args, "credentials", None),
+        nats_ca=getattr(args, "ca", None),
     )
 
 
@@ -80,12 +84,8 @@ def nats_credentials(settings: Settings) -> Credentials | None:
 def write_dev_state(settings: Settings, state: DevState) -> Path:
     path = dev_state_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     # owner-only: a secure dev's Redis URL carries the admin's password
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(msgspec.json.encode(state))
-    tmp.replace(path)
+    write_private(path, msgspec.json.encode(state))
     return path
 
 
@@ -100,6 +100,7 @@ async def open_store(args: argparse.Namespace, *, create: bool) -> EventStore:
     options: dict[str, Any] = {}
     if not url.startswith("sqlite:"):
         options["credentials"] = nats_credentials(settings)
+        options["ca"] = resolve_nats_ca(settings)
     store = await open_event_store(
         url,
         **options,
@@ -121,7 +122,10 @@ async def message_stream(
 
     settings = settings_from_args(args)
     nc = await connect(
-        resolve_nats_url(settings), name=name, credentials=nats_credentials(settings)
+        resolve_nats_url(settings),
+        name=name,
+        credentials=nats_credentials(settings),
+        ca=resolve_nats_ca(settings),
     )
     try:
         spec = MessageStreamSpec(subjects=Subjects(settings.prefix))

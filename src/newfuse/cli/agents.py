@@ -21,6 +21,7 @@ from newfuse.cli._common import (
     nats_credentials,
     open_store,
     parse_time,
+    resolve_nats_ca,
     resolve_nats_url,
     settings_from_args,
 )
@@ -109,6 +110,7 @@ async def run_agent(args: argparse.Namespace) -> int:
         resolve_nats_url(settings),
         name=f"fuse-agent-{agent.type}",
         credentials=nats_credentials(settings),
+        ca=resolve_nats_ca(settings),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -245,7 +247,10 @@ async def run_agents_list(args: argparse.Namespace) -> int:
     at = None if args.at is None else parse_time(args.at, flag="--at")
     subjects = Subjects(settings.prefix)
     nc = await connect(
-        resolve_nats_url(settings), name="fuse-agents-list", credentials=nats_credentials(settings)
+        resolve_nats_url(settings),
+        name="fuse-agents-list",
+        credentials=nats_credentials(settings),
+        ca=resolve_nats_ca(settings),
     )
     try:
         try:

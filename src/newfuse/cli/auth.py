@@ -24,6 +24,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from newfuse._files import write_private  # owner-only: it lists every public key
 from newfuse.cli._common import Commands, open_store, settings_from_args
 from newfuse.cli._output import note, print_json, print_table
 from newfuse.config import Settings, read_dev_state
@@ -197,7 +198,10 @@ async def _record(args: argparse.Namespace, store: IdentityStore) -> None:
     from newfuse.nats.connection import Credentials
 
     events = await open_event_store(
-        state.nats_url, prefix=settings.prefix, credentials=Credentials.load(state.credentials)
+        state.nats_url,
+        prefix=settings.prefix,
+        credentials=Credentials.load(state.credentials),
+        ca=state.ca,
     )
     async with events:
         appended = await sync_identities(events, store.list(), by=_by(args))
@@ -215,15 +219,6 @@ async def run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by its owner only (it lists every public key)."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    temporary.replace(path)
-
-
 async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[Identity]) -> None:
     """A running `fuse dev --secure` on these identities: rewrite its server's authorization,
     signal it to reload, and make the consumers of new agents."""
@@ -239,7 +234,9 @@ async def _reload_dev(args: argparse.Namespace, store: IdentityStore, new: list[
         from newfuse.nats import connect
         from newfuse.nats.connection import Credentials
 
-        nc = await connect(state.nats_url, credentials=Credentials.load(state.credentials))
+        nc = await connect(
+            state.nats_url, credentials=Credentials.load(state.credentials), ca=state.ca
+        )
         try:
             await provision(nc, new, settings.prefix)
         finally:

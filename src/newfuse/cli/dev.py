@@ -1,4 +1,5 @@
-"""`fuse dev`: embedded NATS (JetStream) and valkey, kept up until Ctrl-C or SIGTERM."""
+"""`fuse dev`: embedded NATS (JetStream) and valkey, kept up until Ctrl-C or SIGTERM; with
+`--secure`, identities the server enforces; with `--tls`, TLS to the server under a throwaway CA."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from newfuse.nats.embedded import (
     describe_exit,
     keep_alive,
 )
+from newfuse.nats.tls import Certificates, make_certificates
 from newfuse.projections import ProjectionGroup
 from newfuse.projections.builtin import BuiltinProjections
 from newfuse.projections.health import add_health_option, operations
@@ -67,7 +69,8 @@ def register(commands: Any) -> None:
         description=(
             "Start nats-server (JetStream) and valkey-server on free loopback ports, run the "
             "built-in projections (agent state, audit index, transactions), print FUSE_NATS_URL=, "
-            "FUSE_REDIS_URL= and FUSE_AUDIT_DB= lines, and run until Ctrl-C or SIGTERM. "
+            "FUSE_REDIS_URL= and FUSE_AUDIT_DB= lines (and FUSE_NATS_CA= with --tls), and run "
+            "until Ctrl-C or SIGTERM. "
             "A server that dies is restarted on the same port with the same data (said on "
             "stderr and in the state file). Other fuse commands find them when nothing is "
             "configured."
@@ -90,6 +93,12 @@ def register(commands: Any) -> None:
         help="require identities (`fuse auth`): the server enforces each one's permissions; "
         "an admin identity is made if there is none, and every other command uses it; "
         "refused logins are recorded (auth.failed), heard as a system identity",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="nats-server requires TLS, with a certificate of a throwaway CA made in the data "
+        "directory (printed as FUSE_NATS_CA=; other commands find it); one server only",
     )
     add_health_option(parser)
     parser.set_defaults(handler=run_dev)
@@ -164,18 +173,22 @@ async def run_dev(args: argparse.Namespace) -> int:
         )
         root.mkdir(parents=True, exist_ok=True)
         audit_db = str(root / "read-models.db")
+        for flag, given in (("--secure", args.secure), ("--tls", args.tls)):
+            if given and args.cluster:
+                raise ConfigError(
+                    variable=flag, value=True, reason="not with --cluster yet: use one server"
+                )
         admin = _secure(settings, root) if args.secure else None
-        if admin is not None and args.cluster:
-            raise ConfigError(
-                variable="--secure", value=True, reason="not with --cluster yet: use one server"
-            )
+        certificates = _certificates(root) if args.tls else None
+        ca = None if certificates is None else str(certificates.ca)
         nats: NatsServer | NatsCluster = (
             NatsCluster(size=args.cluster, data_dir=root / "nats", name="fuse-dev")
             if args.cluster
             else NatsServer(
                 data_dir=root / "nats",
                 server_name=DEV_SERVER_NAME,
-                extra_args=["--config", str(root / AUTH_CONFIG)] if admin else None,
+                config=root / AUTH_CONFIG if admin else None,
+                tls=certificates,
             )
         )
         credentials = Credentials.load(admin) if admin is not None else None
@@ -195,6 +208,7 @@ async def run_dev(args: argparse.Namespace) -> int:
                     replicas=settings.replicas,
                     election_timeout=settings.election_timeout,
                     credentials=credentials,
+                    ca=ca,
                 ),
                 settings,
             ) as store,
@@ -226,11 +240,12 @@ async def run_dev(args: argparse.Namespace) -> int:
                     data_dir=str(root),
                     started=process_started(os.getpid()),
                     credentials=str(admin) if admin is not None else None,
+                    ca=ca,
                 ),
                 servers,
             )
             if admin is not None:
-                made = await _provision(nats.url, credentials, settings)
+                made = await _provision(nats.url, credentials, settings, ca)
                 identities = IdentityStore(Path(admin).parent)
                 # identities made or revoked while no bus ran: into the log now
                 await sync_identities(store, identities.list(), by="fuse dev")
@@ -243,6 +258,7 @@ async def run_dev(args: argparse.Namespace) -> int:
                         store,
                         seen_by="fuse dev",
                         identify=identities.name_of,
+                        ca=ca,
                     )
                 )
                 print(
@@ -266,6 +282,8 @@ async def run_dev(args: argparse.Namespace) -> int:
                 print(f"FUSE_NATS_URL={nats.url}")
                 print(f"FUSE_REDIS_URL={valkey.url}")
                 print(f"FUSE_AUDIT_DB={audit_db}")
+                if ca is not None:
+                    print(f"FUSE_NATS_CA={ca}")
                 sys.stdout.flush()
                 pids = ", ".join(f"{label} pid {server.pid}" for label, server in servers.items())
                 # the store picks the replica count on a cluster: say what it chose
@@ -316,12 +334,21 @@ async def _runners_redis(url: str, password: str | None, prefix: str) -> str:
     return await ensure_projection_user(with_user(url, "default", password), prefix)
 
 
-async def _provision(url: str, credentials: Credentials | None, settings: Settings) -> int:
+def _certificates(root: Path) -> Certificates:
+    """The TLS certificates of this dev's nats-server: the ones a `--data-dir` kept from an
+    earlier run (its clients' CA stays valid), else a new throwaway CA and server certificate."""
+    folder = root / "tls"
+    return Certificates.existing(folder) or make_certificates(folder)
+
+
+async def _provision(
+    url: str, credentials: Credentials | None, settings: Settings, ca: str | None
+) -> int:
     from newfuse.agents.secure import provision
     from newfuse.nats import connect
 
     store = IdentityStore(Path(settings.state_dir) / "auth")
-    nc = await connect(url, name="fuse-dev-provision", credentials=credentials)
+    nc = await connect(url, name="fuse-dev-provision", credentials=credentials, ca=ca)
     try:
         return len(await provision(nc, store.list(), settings.prefix))
     finally:

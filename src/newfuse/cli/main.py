@@ -63,6 +63,12 @@ _VALUED_FLAGS: tuple[tuple[str, str, str], ...] = (
         "FILE",
         "connect to NATS as this identity, a file of `fuse auth add` ($FUSE_NATS_CREDENTIALS)",
     ),
+    (
+        "--ca",
+        "FILE",
+        "verify NATS servers' TLS certificates with this CA (PEM); connections are then TLS "
+        "($FUSE_NATS_CA; default: the credentials' `ca`, else the running fuse dev's)",
+    ),
     ("--prefix", "NAME", "subject prefix (default: $FUSE_PREFIX, the running fuse dev's, 'fuse')"),
     ("--audit-db", "PATH", "SQLite file of the read models ($FUSE_AUDIT_DB)"),
     (

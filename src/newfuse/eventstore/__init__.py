@@ -7,6 +7,7 @@ from typing import Any
 from newfuse.config import (
     Settings,
     load_settings,
+    resolve_nats_ca,
     resolve_nats_credentials,
     resolve_store_url,
 )
@@ -71,6 +72,8 @@ async def open_event_store(
             path = resolve_nats_credentials(settings)
             if path is not None:
                 options["credentials"] = Credentials.load(path)
+        if settings is not None and "ca" not in options:
+            options["ca"] = resolve_nats_ca(settings)
         return await JetStreamEventStore.connect(
             url, prefix=prefix, registry=registry, replicas=replicas, **options
         )

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 from nats.aio.client import Client
@@ -198,6 +199,7 @@ class JetStreamEventStore(EventStore):
         name: str = "newfuse-eventstore",
         timeout: float = 5.0,  # noqa: ASYNC109 - a per-answer deadline, as in nats.py's API
         credentials: Credentials | None = None,
+        ca: str | Path | None = None,
         **options: Any,
     ) -> JetStreamEventStore:
         """Connect to NATS, provision the events' stream, and return a store owning the link.
@@ -209,17 +211,21 @@ class JetStreamEventStore(EventStore):
             name: the connection's name on the server.
             timeout: seconds for the first connect and for each server answer.
             credentials: connect as this identity (`fuse auth`); None: anonymously.
+            ca: the CA certificate (PEM) to verify the server's TLS certificate with; the
+                connection is then TLS (see `newfuse.nats.connect`).
             **options: the other keyword arguments of the constructor (replicas,
                 election_timeout, max_age, max_bytes, duplicate_window, heartbeat, on_invalid,
                 create).
 
         Raises:
             ConnectionLostError: no server answered.
+            UntrustedServerError: TLS was asked for and the server's certificate is not
+                signed by the CA (or names another host), or the server offers no TLS.
             StreamConfigError: the stream exists with a configuration newfuse cannot use.
             StreamCreateError: JetStream refused to create the stream (it says what to change).
             StoreNotFoundError: `create=False` and the stream does not exist.
         """
-        nc = await connect(url, name=name, timeout=timeout, credentials=credentials)
+        nc = await connect(url, name=name, timeout=timeout, credentials=credentials, ca=ca)
         store = cls(
             nc, prefix=prefix, registry=registry, timeout=timeout, owns_connection=True, **options
         )

@@ -20,12 +20,18 @@ from newfuse.nats.provision import (
 )
 from newfuse.nats.publish import PubAckInbox
 from newfuse.nats.subjects import Subjects
+from newfuse.nats.tls import Certificates, client_context, make_certificates, server_tls_block
 
 __all__ = [
     # connecting and naming
     "Subjects",
     "connect",
     "headers",
+    # TLS: certificates (a throwaway CA), the server's block, the client's context
+    "Certificates",
+    "client_context",
+    "make_certificates",
+    "server_tls_block",
     # the events' stream
     "EventStreamSpec",
     "StreamState",

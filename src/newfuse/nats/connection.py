@@ -1,4 +1,5 @@
-"""Connecting to NATS: reconnect forever once connected, log (never print) connection events."""
+"""Connecting to NATS: reconnect forever once connected, log (never print) connection events;
+TLS checked against a CA of the caller's (nats/tls.py) when one is given."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import contextlib
 import logging
 import os
 import re
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
 from nats.aio.client import Client
 
-from newfuse.errors import ConfigError, ConnectionLostError, PermissionDeniedError
+from newfuse.errors import (
+    ConfigError,
+    ConnectionLostError,
+    PermissionDeniedError,
+    UntrustedServerError,
+)
 from newfuse.nats.signing import Signer, Trust, sign_on, trust_on
+from newfuse.nats.tls import client_context
 
 log = logging.getLogger("newfuse.nats")
 
@@ -26,6 +35,29 @@ _listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = (
     weakref.WeakKeyDictionary()
 )
 _T = TypeVar("_T")
+_R = TypeVar("_R")
+_RECANCEL = 0.5
+"""Seconds a cancelled operation has to end before it is cancelled again (see `_unless`)."""
+_ABANDON_WITHIN = 2.0
+"""Seconds the close of a client that never connected may take (see `_abandon`)."""
+
+_TLS_EOF_NOISE = "returning true from eof_received() has no effect when using ssl"
+
+
+class _TLSEofNoise(logging.Filter):
+    """Drops asyncio's warning at the close of each TLS connection of nats-py.
+
+    nats-py upgrades a connection with `loop.start_tls` and a new StreamReaderProtocol, which
+    asyncio does not tell it is over SSL (no `connection_made`); at the server's EOF that
+    protocol asks to keep the transport half open, which SSL cannot, and asyncio says so. The
+    connection closes as it should: the line is noise on every `fuse` command's stderr.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _TLS_EOF_NOISE
+
+
+_tls_eof_noise = _TLSEofNoise()
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
 
 
@@ -44,11 +76,14 @@ class Credentials:
     """Who it is, signed by an admin (nats/signing.py): what its messages carry."""
     trust: tuple[str, ...] = ()
     """The admins' public nkeys whose certificates it accepts on what it reads."""
+    ca: str = ""
+    """The CA certificate (PEM) the server's TLS certificate must be signed by; a relative
+    path is relative to the credentials file. Empty: no TLS unless asked for otherwise."""
 
     @classmethod
     def load(cls, path: str | Path) -> Credentials:
         """Read a credentials file (`fuse auth add` writes them: JSON with identity, seed,
-        inbox_prefix, scoped); refuses one that others may read.
+        inbox_prefix, scoped, and optionally `ca`); refuses one that others may read.
 
         Raises:
             ConfigError: the file is missing, unreadable, open to others, or malformed.
@@ -68,13 +103,17 @@ class Credentials:
                 reason=f"others may read it (mode {mode & 0o777:o}); chmod 600 it",
             )
         try:
-            return msgspec.json.decode(raw, type=cls)
+            loaded = msgspec.json.decode(raw, type=cls)
         except (msgspec.DecodeError, msgspec.ValidationError) as error:
             raise ConfigError(
                 variable="FUSE_NATS_CREDENTIALS",
                 value=str(path),
                 reason=f"not a credentials file of `fuse auth add` ({error})",
             ) from None
+        if loaded.ca and not Path(loaded.ca).is_absolute():
+            # the file and its CA travel together: wherever they are copied, the pair works
+            loaded = replace(loaded, ca=str(where.parent / loaded.ca))
+        return loaded
 
     def save(self, path: Path) -> None:
         """Write the file `load` reads, owner-only; never overwrites one."""
@@ -165,24 +204,45 @@ async def guarded(nc: Client, subject: str, operation: Awaitable[_T]) -> _T:
     key = subject.lower()  # nats-py lower-cases the server's error text
     waiting = denials.waiting.setdefault(key, [])
     waiting.append(denied)
-    task = asyncio.ensure_future(operation)
     try:
-        await asyncio.wait((task, denied), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        reported = denied.result()
-        raise PermissionDeniedError(
-            identity=reported.identity, operation=reported.operation, subject=subject
+        return await _unless(
+            operation,
+            denied,
+            lambda reported: PermissionDeniedError(
+                identity=reported.identity, operation=reported.operation, subject=subject
+            ),
         )
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
         with contextlib.suppress(ValueError):
             waiting.remove(denied)
         if not waiting and denials.waiting.get(key) is waiting:
             del denials.waiting[key]
+
+
+async def _unless(
+    operation: Awaitable[_T],
+    refused: asyncio.Future[_R],
+    error: Callable[[_R], BaseException],
+) -> _T:
+    """What `operation` returns, unless `refused` gets a result first: then `operation` is
+    cancelled and `error(result)` raised (a refusal nats-py reports only to its error callback
+    fails the operation at once instead of by a timeout)."""
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.wait((task, refused), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise error(refused.result())
+    finally:
+        # cancelled again until it ends, and our own cancellation never swallowed: before
+        # Python 3.12 asyncio.wait_for (nats-py's connect awaits it) can lose a cancellation
+        # that lands as its inner future completes (CPython gh-86296), and nats-py's connect
+        # loop would go on
+        while not task.done():
+            task.cancel()
+            await asyncio.wait((task,), timeout=_RECANCEL)
+        if not task.cancelled():
+            task.exception()  # retrieved: asyncio logs an exception nobody looked at
 
 
 def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
@@ -220,8 +280,14 @@ async def connect(
     timeout: float = 5.0,  # noqa: ASYNC109 - bounds the first connect over all its attempts
     reconnect_wait: float = 0.25,
     credentials: Credentials | None = None,
+    ca: str | Path | None = None,
 ) -> Client:
     """Connect to NATS and keep the connection: after the first connect it reconnects forever.
+
+    With a CA (`ca`, else the credentials' `ca`) or a `tls://` URL the connection is TLS and
+    the server's certificate is verified (against that CA only, else the system's CAs) with
+    its host name; a plain `nats://` URL with a CA is upgraded the same way. A server that
+    offers no TLS then is refused rather than used in plain text.
 
     Args:
         url: one server URL or several, comma separated (`nats://a:4222,nats://b:4222`).
@@ -229,6 +295,7 @@ async def connect(
         timeout: seconds allowed for the first connect, over every attempt.
         reconnect_wait: seconds between reconnect attempts to one server.
         credentials: connect as this identity (nkey); without, anonymously.
+        ca: the CA certificate (PEM file) the server's certificate must be signed by.
 
     Returns:
         A connected nats-py client; close it with `await nc.close()` (or `drain()`).
@@ -236,17 +303,32 @@ async def connect(
     Raises:
         ConnectionLostError: no server answered within `timeout`.
         PermissionDeniedError: the server refused the identity (or asks for one).
+        UntrustedServerError: TLS was asked for and the server's certificate failed
+            verification (at the first failure, not after `timeout`), or it offers no TLS.
+        ConfigError: the CA file is missing, unreadable or not a PEM certificate.
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
+    if ca is None and credentials is not None and credentials.ca:
+        ca = credentials.ca
+    ca_path = None if ca is None else str(ca)
+    wants_tls = ca_path is not None or any(urlsplit(s).scheme == "tls" for s in servers)
     nc = Client()
     failures: list[BaseException] = []
     connected = False
+    loop = asyncio.get_running_loop()
+    untrusted: asyncio.Future[str] = loop.create_future()
 
     denials = _Denials(credentials.identity, credentials.scoped) if credentials else None
 
     async def on_error(error: Exception) -> None:
         if not connected:  # first connect: the error goes into ConnectionLostError instead
             failures.append(error)
+            # nats-py retries every failure; a certificate that failed verification fails
+            # again (one deployment's servers share a CA), so it ends the connect at once
+            if isinstance(error, ssl.SSLCertVerificationError) and not untrusted.done():
+                untrusted.set_result(
+                    f"its certificate failed verification ({error.verify_message or error})"
+                )
             return
         violation = _VIOLATION.search(str(error))
         if violation is not None and denials is not None:
@@ -265,24 +347,36 @@ async def connect(
     async def on_closed() -> None:
         log.debug("nats %s: connection closed", name)
 
+    options = _auth(credentials)
+    if ca_path is not None:
+        options["tls"] = client_context(ca_path)
+    # a server may require TLS even where none was asked for (then its certificate is checked
+    # against the system's CAs): the filter goes on for every connection
+    logging.getLogger("asyncio").addFilter(_tls_eof_noise)  # once: a filter is added once
     try:
         async with asyncio.timeout(timeout):
-            await nc.connect(
-                servers,
-                name=name,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-                closed_cb=on_closed,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
-                connect_timeout=max(1, int(timeout)),
-                **_auth(credentials),
+            await _unless(
+                nc.connect(
+                    servers,
+                    name=name,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                    closed_cb=on_closed,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
+                    connect_timeout=max(1, int(timeout)),
+                    **options,
+                ),
+                untrusted,
+                lambda reason: UntrustedServerError(url=url, ca=ca_path, reason=reason),
             )
+    except UntrustedServerError:
+        await _abandon(nc)
+        raise
     except (TimeoutError, OSError, nats.errors.Error) as error:
-        with contextlib.suppress(Exception):
-            await nc.close()
+        await _abandon(nc)
         reason = str(failures[-1]) if failures else (str(error) or type(error).__name__)
         # the server says so once, then drops the connection: a later attempt's failure may be
         # only a reset, so any attempt refused for authorization tells
@@ -292,6 +386,13 @@ async def connect(
         raise ConnectionLostError(
             server="nats-server", url=url, reason=f"no connection within {timeout:g}s ({reason})"
         ) from None
+    # nats-py upgrades to TLS only when the server requires it, whatever was asked: a server
+    # without TLS would otherwise carry this connection in plain text
+    if wants_tls and not nc._server_info.get("tls_required"):
+        await _abandon(nc)
+        raise UntrustedServerError(
+            url=url, ca=ca_path, reason="it offers no TLS (a plain nats-server, or a proxy)"
+        )
     connected = True
     if credentials is not None and denials is not None:
         _denials[nc] = denials
@@ -300,6 +401,18 @@ async def connect(
         if credentials.trust:
             trust_on(nc, Trust(credentials.trust))
     return nc
+
+
+async def _abandon(nc: Client) -> None:
+    """Close a client whose first connect failed, giving up after `_ABANDON_WITHIN` seconds.
+
+    nats-py's close closes the socket, then waits for the transport to report it closed. After
+    a TLS connect the server refused (Authorization Violation) on a busy event loop, that
+    report was seen never to come, and the close waited forever; only that wait is cut short.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_ABANDON_WITHIN):
+            await nc.close()
 
 
 def _auth(credentials: Credentials | None) -> dict[str, Any]:

@@ -6,6 +6,8 @@ FUSE_NATS_SERVER / FUSE_VALKEY_SERVER variable, then PATH, then the binary the `
 ready, keep the log, and stop exactly the process they started. A server that fails to start
 raises ServerStartError quoting the last lines of its log. `keep_alive` restarts a server that
 dies on its own port and data directory (what `fuse dev` runs for each of its servers).
+A nats-server may run with TLS (`tls=`, certificates of nats/tls.py): then every client
+connection is TLS.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -31,6 +34,7 @@ from types import TracebackType
 from typing import Self
 
 from newfuse.errors import ServerNotFoundError, ServerStartError
+from newfuse.nats.tls import Certificates, server_tls_block
 
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
@@ -368,6 +372,8 @@ class NatsServer(_EmbeddedServer):
         cluster_port: int | None = None,
         routes: Sequence[str] = (),
         extra_args: list[str] | None = None,
+        config: str | Path | None = None,
+        tls: Certificates | None = None,
     ) -> None:
         """A nats-server on 127.0.0.1 (not started yet).
 
@@ -381,6 +387,10 @@ class NatsServer(_EmbeddedServer):
             cluster_port: the port this node listens on for routes from the others.
             routes: `nats://127.0.0.1:<cluster port>` of the nodes to connect to.
             extra_args: more command-line options.
+            config: a configuration file (`--config`), e.g. an authorization.
+            tls: require TLS of every client with these certificates (`url` is then
+                `tls://`); the server reads `tls.conf` in its data directory, which includes
+                `config`, so a reload (SIGHUP) after `config` changed keeps TLS on.
         """
         super().__init__(binary=binary or find_nats_server(), data_dir=data_dir, port=port)
         self.server_name = server_name
@@ -389,6 +399,22 @@ class NatsServer(_EmbeddedServer):
         self.cluster_port = cluster_port
         self.routes = list(routes)
         self.extra_args = list(extra_args or [])
+        self.tls = tls
+        self.config: Path | None = None if config is None else Path(config).resolve()
+        if tls is not None:
+            self.config = self._write_tls_config(tls, self.config)
+
+    def _write_tls_config(self, tls: Certificates, included: Path | None) -> Path:
+        """`<data dir>/tls.conf`: the `tls` block, and `included` (nats-server resolves an
+        include relative to the including file, so the path is written relative to it)."""
+        path = self.data_dir / "tls.conf"
+        lines = ["# written by newfuse (NatsServer with tls=): TLS for every client\n"]
+        if included is not None:
+            relative = os.path.relpath(included, path.parent)
+            lines.append(f"include {json.dumps(relative)}\n")
+        lines.append(server_tls_block(tls.cert, tls.key))
+        path.write_text("".join(lines))
+        return path
 
     def _needs_port(self) -> bool:
         return False  # `-p -1` makes nats-server pick a free port itself and log it
@@ -406,6 +432,8 @@ class NatsServer(_EmbeddedServer):
             "--server_name",
             self.server_name,
         ]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
         if self.monitor_port is not None:
             argv += ["--http_port", str(self.monitor_port)]
         if self.cluster_name is not None:
@@ -433,7 +461,8 @@ class NatsServer(_EmbeddedServer):
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        scheme = "nats" if self.tls is None else "tls"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
 
 class ValkeyServer(_EmbeddedServer):

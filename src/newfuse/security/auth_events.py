@@ -213,12 +213,13 @@ async def recording_auth_failures(
     *,
     seen_by: str,
     identify: Callable[[str], str] | None = None,
+    ca: str | None = None,
 ) -> AsyncIterator[AuthFailureRecorder]:
     """An `AuthFailureRecorder` on a connection of its own, as the `system` identity of
-    `credentials`, closed on the way out."""
+    `credentials` (over TLS verified with `ca` when given), closed on the way out."""
     from newfuse.nats import connect
 
-    nc = await connect(url, name=f"{seen_by} (auth failures)", credentials=credentials)
+    nc = await connect(url, name=f"{seen_by} (auth failures)", credentials=credentials, ca=ca)
     try:
         async with AuthFailureRecorder(store, nc, seen_by=seen_by, identify=identify) as recorder:
             yield recorder
