@@ -209,6 +209,9 @@ async def run_dev(args: argparse.Namespace) -> int:
                     election_timeout=settings.election_timeout,
                     credentials=credentials,
                     ca=ca,
+                    # its readers are the projections and the security recorders, which never
+                    # look at who signed an event: a signature check would make them ~4x slower
+                    signers=False,
                 ),
                 settings,
             ) as store,

@@ -215,7 +215,7 @@ class JetStreamEventStore(EventStore):
                 connection is then TLS (see `newfuse.nats.connect`).
             **options: the other keyword arguments of the constructor (replicas,
                 election_timeout, max_age, max_bytes, duplicate_window, heartbeat, on_invalid,
-                create).
+                create, signers).
 
         Raises:
             ConnectionLostError: no server answered.
