@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from newfuse.core.deadlock import DeadlockDetector, find_cycles
+from newfuse.core import locks
 from newfuse.core.locks import LockState, read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
 from newfuse.core.saga import Saga, SagaState, StepContext
@@ -378,3 +379,24 @@ async def test_locks_belong_to_sagas_so_another_orchestrator_carries_on_a_wait(
     assert held.outputs["hold"] == held.locks["desk"]
     states = await _locks_free(store, ["desk", "chair"])
     assert all(s.holder is None and not s.waiters for s in states), states
+
+
+async def test_a_saga_that_committed_or_rolled_back_is_never_granted_a_lock_again(
+    store: JetStreamEventStore,
+) -> None:
+    # an orchestrator whose view of saga `late` is behind asks for its lock after its end
+    await locks.request(store, "after", "late", "s")
+    token = await locks.try_grant(store, "after", "late", "s")
+    assert token is not None
+    assert await locks.release(store, "after", "late", "saga committed", final=True)
+    ended_at = (await read_lock(store, "after")).version
+    assert (await locks.request(store, "after", "late", "s")).finished == {"late"}
+    assert await locks.try_grant(store, "after", "late", "s") is None
+    state = await read_lock(store, "after")
+    assert (state.version, state.holder, state.waiters, state.ignored) == (ended_at, None, {}, [])
+    # a stuck saga's release is not final: a retry may ask again, and another saga still can
+    await locks.request(store, "after", "stuck", "s")
+    assert await locks.try_grant(store, "after", "stuck", "s") is not None
+    assert await locks.release(store, "after", "stuck", "saga stuck")
+    await locks.request(store, "after", "stuck", "s")
+    assert await locks.try_grant(store, "after", "stuck", "s") is not None

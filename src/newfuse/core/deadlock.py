@@ -272,7 +272,8 @@ class DeadlockDetector:
                 if not _older(state.ended_at, now, self.stale_after):
                     continue
                 reason = f"swept by detector {self.name}: saga {state.status}"
-                if await locks.release(self.store, lock.resource, saga_id, reason):
+                settled = state.settled
+                if await locks.release(self.store, lock.resource, saga_id, reason, final=settled):
                     released += 1
         self.swept += released
         return released

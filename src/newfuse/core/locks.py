@@ -10,7 +10,10 @@ elsewhere carrying a lower token than one already seen comes from a stale holder
 Locks belong to sagas, not to processes: a saga holds its locks until it ends, whichever
 orchestrator drives it, and any of them may acquire or release on its behalf (each operation is
 idempotent). A free lock goes to whichever waiter writes the grant first (no queue order: a
-waiter whose process died does not block the others).
+waiter whose process died does not block the others). The release at a saga's commit or
+rollback is `final`: from then on neither a request nor a grant is written in its name, so an
+orchestrator whose view of the saga is behind (it has not seen the end yet) cannot take the
+lock again for a saga that is over.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class LockState:
     version: int = 0
     ignored: list[str] = field(default_factory=list)
     """Events read and not applied (foreign, malformed, contradictory), with why."""
+    finished: set[str] = field(default_factory=set)
+    """Sagas whose release was final (they committed or rolled back)."""
 
     @classmethod
     def fold(cls, resource: str, events: Iterable[RecordedEvent]) -> LockState:
@@ -101,11 +106,14 @@ class LockState:
                 return
             self.waiters.pop(data.saga_id, None)
             self.holder = Holder(data.saga_id, data.step, event.version, data.timestamp)
-        elif self.holder is not None and self.holder.saga_id == data.saga_id:
-            self.holder = None
-            self.waiters.pop(data.saga_id, None)
-        elif self.waiters.pop(data.saga_id, None) is None:
-            self.ignored.append(f"{where}: {data.saga_id!r} neither holds nor waits")
+        else:
+            if data.final:
+                self.finished.add(data.saga_id)
+            if self.holder is not None and self.holder.saga_id == data.saga_id:
+                self.holder = None
+                self.waiters.pop(data.saga_id, None)
+            elif self.waiters.pop(data.saga_id, None) is None:
+                self.ignored.append(f"{where}: {data.saga_id!r} neither holds nor waits")
 
     def held_by(self, saga_id: str) -> bool:
         return self.holder is not None and self.holder.saga_id == saga_id
@@ -135,11 +143,11 @@ async def _write(store: EventStore, state: LockState, event: Any) -> bool:
 
 
 async def request(store: EventStore, resource: str, saga_id: str, step: str) -> LockState:
-    """Make `saga_id` a waiter for `resource` unless it holds or waits already; the lock's
-    state after."""
+    """Make `saga_id` a waiter for `resource` unless it holds or waits already, or its release
+    was final; the lock's state after."""
     for _ in range(CONFLICT_RETRIES):
         state = await read_lock(store, resource)
-        if state.held_by(saga_id) or saga_id in state.waiters:
+        if state.held_by(saga_id) or saga_id in state.waiters or saga_id in state.finished:
             return state
         if await _write(store, state, LockRequested(resource=resource, saga_id=saga_id, step=step)):
             return await read_lock(store, resource)
@@ -148,12 +156,13 @@ async def request(store: EventStore, resource: str, saga_id: str, step: str) -> 
 
 async def try_grant(store: EventStore, resource: str, saga_id: str, step: str) -> int | None:
     """The fencing token of `saga_id`'s grant of `resource`: granted now when the lock is free
-    and the saga waits for it; None while another saga holds it (or the saga does not wait)."""
+    and the saga waits for it; None while another saga holds it (or the saga does not wait, or
+    its release was final)."""
     for _ in range(CONFLICT_RETRIES):
         state = await read_lock(store, resource)
         if state.holder is not None:
             return state.holder.token if state.holder.saga_id == saga_id else None
-        if saga_id not in state.waiters:
+        if saga_id not in state.waiters or saga_id in state.finished:
             return None
         token = state.version + 1
         granted = LockGranted(resource=resource, saga_id=saga_id, step=step, token=token)
@@ -162,9 +171,12 @@ async def try_grant(store: EventStore, resource: str, saga_id: str, step: str) -
     return None
 
 
-async def release(store: EventStore, resource: str, saga_id: str, reason: str) -> bool:
+async def release(
+    store: EventStore, resource: str, saga_id: str, reason: str, *, final: bool = False
+) -> bool:
     """Let go of `resource` for `saga_id`: its grant, or its request; False when it had
-    neither (releasing twice is harmless)."""
+    neither (releasing twice is harmless). `final`: the saga committed or rolled back (see the
+    module's text)."""
     for _ in range(CONFLICT_RETRIES):
         state = await read_lock(store, resource)
         if state.held_by(saga_id):
@@ -174,7 +186,9 @@ async def release(store: EventStore, resource: str, saga_id: str, reason: str) -
             token = 0
         else:
             return False
-        released = LockReleased(resource=resource, saga_id=saga_id, token=token, reason=reason)
+        released = LockReleased(
+            resource=resource, saga_id=saga_id, token=token, reason=reason, final=final
+        )
         if await _write(store, state, released):
             return True
     return False

@@ -671,7 +671,8 @@ class Orchestrator:
         """Let go of every lock an ended saga holds or asked for (idempotent: each
         orchestrator that sees it ended may do it)."""
         for resource in state.requested:
-            if await locks.release(self.store, resource, state.id, f"saga {state.status}"):
+            reason = f"saga {state.status}"
+            if await locks.release(self.store, resource, state.id, reason, final=state.settled):
                 log.debug("saga %s released %s", state.id, resource)
 
     async def _claim(

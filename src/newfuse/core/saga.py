@@ -303,6 +303,11 @@ class SagaState:
     def ended(self) -> bool:
         return self.status in ("committed", "rolled_back", "stuck")
 
+    @property
+    def settled(self) -> bool:
+        """Committed or rolled back: nothing of it runs again (a stuck saga may be retried)."""
+        return self.status in ("committed", "rolled_back")
+
     def copy(self) -> SagaState:
         """A copy that folding more events into leaves this one as it was: what a fold
         changes in place (the steps, the lists, the locks) is copied, what it only replaces

@@ -38,12 +38,16 @@ class LockGranted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
 class LockReleased(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Type `lock.released`: saga `sagaId` let go of `resource`: the grant of `token`, or (token
-    0) its request, withdrawn before a grant. `reason` says why (committed, rolled back, ...)."""
+    0) its request, withdrawn before a grant. `reason` says why (committed, rolled back, ...).
+    `final`: the saga committed or rolled back, so it asks for the resource no more; a request
+    or grant in its name after this one comes from an orchestrator that has not seen the end,
+    and is not written."""
 
     resource: str
     saga_id: str = msgspec.field(name="sagaId")
     token: int = 0
     reason: str = ""
+    final: bool = False
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
 
