@@ -9,8 +9,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from newfuse.core.deadlock import DeadlockDetector, find_cycles
 from newfuse.core import locks
+from newfuse.core.deadlock import DeadlockDetector, find_cycles
 from newfuse.core.locks import LockState, read_lock
 from newfuse.core.orchestrator import Orchestrator, read_saga, saga_stream
 from newfuse.core.saga import Saga, SagaState, StepContext

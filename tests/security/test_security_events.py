@@ -44,6 +44,7 @@ async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sec
     identities.add("admin", "admin")
     identities.add("runner", "service")
     identities.add("echo-1", "agent", agent="echo/1")
+    identities.add("ada", "reviewer", groups=["ops", "finance"])
     async with secured_nats(folder, identities) as server:
         yield Secured(server, identities, folder)
 
@@ -60,14 +61,16 @@ async def test_identities_are_recorded_once_and_a_revocation_after_them(secured:
         secured.identities.revoke("echo-1")
         revoked = await sync_identities(store, secured.identities.list(), by="ops")
         events = await _payloads(store, IDENTITIES_STREAM)
-    assert (first, again, revoked) == (3, 0, 1)
+    assert (first, again, revoked) == (4, 0, 1)
     created = [e for e in events if isinstance(e, IdentityCreated)]
     assert {(e.name, e.role, e.by) for e in created} == {
         ("admin", "admin", "ops"),
         ("runner", "service", "ops"),
         ("echo-1", "agent", "ops"),
+        ("ada", "reviewer", "ops"),
     }
     assert next(e for e in created if e.name == "echo-1").agent == "echo/1"
+    assert next(e for e in created if e.name == "ada").groups == ["ops", "finance"]
     assert [(e.name, e.by) for e in events if isinstance(e, IdentityRevoked)] == [("echo-1", "ops")]
     seed = secured.identities.seed("runner")
     assert all(seed not in json.dumps(str(e)) for e in events)  # a seed never reaches the log

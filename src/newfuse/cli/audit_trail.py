@@ -203,7 +203,8 @@ def _what(data: Any) -> tuple[str, str]:
     """Who (the identity or subject concerned) and what, for the table."""
     if isinstance(data, IdentityCreated):
         agent = f" agent {data.agent}" if data.agent else ""
-        return data.name, f"{data.role}{agent} key {data.key[:12]}…"
+        groups = f" groups {','.join(data.groups)}" if data.groups else ""
+        return data.name, f"{data.role}{agent}{groups} key {data.key[:12]}…"
     if isinstance(data, IdentityRevoked):
         return data.name, f"key {data.key[:12]}…"
     if isinstance(data, PermissionDenied):

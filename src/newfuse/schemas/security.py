@@ -30,6 +30,7 @@ class IdentityCreated(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
         key: its public nkey (`U…`).
         agent: `<type>/<key>` of an agent identity.
         send_to: the agent types whose inboxes it may write to.
+        groups: the review groups its certificate names (a reviewer's or an admin's).
         by: who made it (`--as`, else the OS user).
         created_at: when the identity says it was made (its record's time).
     """
@@ -39,6 +40,7 @@ class IdentityCreated(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     key: str
     agent: str = ""
     send_to: list[str] = msgspec.field(name="sendTo", default_factory=list)
+    groups: list[str] = msgspec.field(default_factory=list)
     by: str
     created_at: Timestamp = msgspec.field(name="createdAt", default_factory=utcnow)
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)

@@ -79,6 +79,7 @@ async def sync_identities(store: EventStore, identities: list[Identity], *, by: 
                     if identity.agent_type
                     else "",
                     send_to=list(identity.send_to),
+                    groups=list(identity.groups),
                     by=by,
                     created_at=_time(identity.created),
                 )
