@@ -350,3 +350,48 @@ async def test_a_store_directory_keeps_its_streams_when_the_system_account_comes
             server.url, prefix="fuse", credentials=identities.credentials("admin")
         ) as store:
             assert [e.data async for e in store.read("agent.kept")] == [{"text": "before"}]
+
+
+async def test_refusals_are_recorded_again_after_nats_server_is_killed_and_restarted(
+    tmp_path: Path,
+) -> None:
+    identities = IdentityStore(tmp_path / "auth")
+    identities.add("admin", "admin")
+    identities.add("watcher", "system")
+    async with secured_nats(tmp_path, identities) as server:
+        store = await open_event_store(
+            server.url, prefix="fuse", credentials=identities.credentials("admin")
+        )
+        system = await connect(server.url, credentials=identities.credentials("watcher"))
+        try:
+            async with (
+                store,
+                AuthFailureRecorder(
+                    store, system, seen_by="auth-test", identify=identities.name_of
+                ) as recorder,
+            ):
+                before = await stranger_knocks(server.url)
+                await wait_for(lambda: _at_least(recorder, 1))
+                await server.kill()
+                await server.restart()  # same port, same data, same configuration
+                # strangers knock until one is heard: the system connection reconnects on its
+                # own (a refusal before it is back is told to no one)
+                after: list[str] = []
+
+                async def heard_again() -> bool:
+                    after.append(await stranger_knocks(server.url))
+                    return recorder.written >= 2
+
+                await wait_for(heard_again, timeout=30.0, interval=0.2)
+                presented = {
+                    event.data.presented
+                    async for event in store.read(AUTH_FAILURES_STREAM)
+                    if isinstance(event.data, AuthFailed)
+                }
+        finally:
+            await system.close()
+    assert before in presented and presented & set(after)
+
+
+async def _at_least(recorder: AuthFailureRecorder, count: int) -> bool:
+    return recorder.written >= count
