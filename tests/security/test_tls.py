@@ -322,3 +322,24 @@ async def test_fuse_dev_secure_tls_serves_every_command_over_tls(tmp_path: Path)
         # with the URL given, the CA is not taken from the dev: the system's CAs refuse it
         untrusted = run_fuse("--nats", url, "replay", env=env, check=False)
         assert untrusted.returncode != 0 and "not trusted" in untrusted.stderr
+
+
+async def test_a_store_over_tls_carries_on_over_tls_after_its_server_is_killed(
+    tmp_path: Path,
+) -> None:
+    certificates = make_certificates(tmp_path / "certs")
+    server = NatsServer(data_dir=tmp_path / "nats", monitor_port=-1, tls=certificates)
+    async with server:
+        restarted = TLSServer(server, certificates)
+        async with await JetStreamEventStore.connect(
+            server.url, prefix="fuse", ca=certificates.ca, name="tls-survivor"
+        ) as store:
+            await store.append("agent.t1", [NewEvent(type="note", data={"n": 1})], NO_STREAM)
+            await server.kill()
+            await server.restart()  # same port, data and certificate
+            # the append waits out the reconnect (one deadline), then goes over TLS again
+            await store.append("agent.t1", [NewEvent(type="note", data={"n": 2})], 1)
+            records = [record.data async for record in store.read("agent.t1")]
+            version = await restarted.tls_version_of("tls-survivor")
+    assert records == [{"n": 1}, {"n": 2}]
+    assert (version or "").startswith("1.")
