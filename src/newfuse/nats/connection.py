@@ -40,6 +40,10 @@ _RECANCEL = 0.5
 """Seconds a cancelled operation has to end before it is cancelled again (see `_unless`)."""
 _ABANDON_WITHIN = 2.0
 """Seconds the close of a client that never connected may take (see `_abandon`)."""
+_REFUSED_LOGINS = 3
+"""Authorization violations on a first connect that end it (about half a second of attempts:
+a login that races the server's reload of its authorization is refused once, not three
+times in a row)."""
 
 _TLS_EOF_NOISE = "returning true from eof_received() has no effect when using ssl"
 
@@ -302,7 +306,8 @@ async def connect(
 
     Raises:
         ConnectionLostError: no server answered within `timeout`.
-        PermissionDeniedError: the server refused the identity (or asks for one).
+        PermissionDeniedError: the server refused the identity (or asks for one), at its
+            third refusal in a row, not after `timeout`.
         UntrustedServerError: TLS was asked for and the server's certificate failed
             verification (at the first failure, not after `timeout`), or it offers no TLS.
         ConfigError: the CA file is missing, unreadable or not a PEM certificate.
@@ -316,19 +321,31 @@ async def connect(
     failures: list[BaseException] = []
     connected = False
     loop = asyncio.get_running_loop()
-    untrusted: asyncio.Future[str] = loop.create_future()
+    refused: asyncio.Future[BaseException] = loop.create_future()
+    """What ends the first connect before its timeout: an error no retry can mend."""
+    logins_refused = 0
+    who = credentials.identity if credentials is not None else "(anonymous)"
 
     denials = _Denials(credentials.identity, credentials.scoped) if credentials else None
 
     async def on_error(error: Exception) -> None:
+        nonlocal logins_refused
         if not connected:  # first connect: the error goes into ConnectionLostError instead
             failures.append(error)
+            if refused.done():
+                return
             # nats-py retries every failure; a certificate that failed verification fails
-            # again (one deployment's servers share a CA), so it ends the connect at once
-            if isinstance(error, ssl.SSLCertVerificationError) and not untrusted.done():
-                untrusted.set_result(
-                    f"its certificate failed verification ({error.verify_message or error})"
-                )
+            # again (one deployment's servers share a CA), so it ends the connect at once, and
+            # so do refused logins once they are not a reload's passing refusal
+            if isinstance(error, ssl.SSLCertVerificationError):
+                reason = f"its certificate failed verification ({error.verify_message or error})"
+                refused.set_result(UntrustedServerError(url=url, ca=ca_path, reason=reason))
+            elif "authorization violation" in str(error).lower():
+                logins_refused += 1
+                if logins_refused >= _REFUSED_LOGINS:
+                    refused.set_result(
+                        PermissionDeniedError(identity=who, operation="connect to", subject=url)
+                    )
             return
         violation = _VIOLATION.search(str(error))
         if violation is not None and denials is not None:
@@ -369,10 +386,10 @@ async def connect(
                     connect_timeout=max(1, int(timeout)),
                     **options,
                 ),
-                untrusted,
-                lambda reason: UntrustedServerError(url=url, ca=ca_path, reason=reason),
+                refused,
+                lambda error: error,
             )
-    except UntrustedServerError:
+    except (UntrustedServerError, PermissionDeniedError):
         await _abandon(nc)
         raise
     except (TimeoutError, OSError, nats.errors.Error) as error:
@@ -381,7 +398,6 @@ async def connect(
         # the server says so once, then drops the connection: a later attempt's failure may be
         # only a reset, so any attempt refused for authorization tells
         if any("authorization violation" in str(seen).lower() for seen in (*failures, error)):
-            who = credentials.identity if credentials is not None else "(anonymous)"
             raise PermissionDeniedError(identity=who, operation="connect to", subject=url) from None
         raise ConnectionLostError(
             server="nats-server", url=url, reason=f"no connection within {timeout:g}s ({reason})"
