@@ -1024,9 +1024,10 @@ class SQLiteEventStore(EventStore):
         A plain generator (not an async one per event). The common case runs inline: an envelope
         in its row's place (stream and version), whose stream and type names `parse_envelope`
         has checked before, whose payload decodes (straight into the newest struct when it is of
-        that version, as `registry.decode` would). Anything else goes through `decode`, which
-        checks it in full and reports why it is skipped. No depth pre-check (`bounded_reads` is
-        False: our writer bounded every row).
+        that version, as `registry.decode` would; a payload with sealed fields is opened by
+        `_payload`, as `decode` would, without parsing the envelope again). Anything else goes
+        through `decode`, which checks it in full and reports why it is skipped. No depth
+        pre-check (`bounded_reads` is False: our writer bounded every row).
         """
         where, registry = self._where, self.registry
         streams, types = checked_names()
@@ -1036,6 +1037,7 @@ class SQLiteEventStore(EventStore):
         sealed = False
         for position, body, stream, version in rows:
             event: RecordedEvent | None = None
+            reported = False
             try:
                 envelope = envelope_of(body)
                 type_name, schema_version = envelope.type, envelope.schema_version
@@ -1043,13 +1045,15 @@ class SQLiteEventStore(EventStore):
                     last_type, last_version = type_name, schema_version
                     payload = registry.newest_decoder(type_name, schema_version)
                     sealed = registry.sealed(type_name, schema_version) is not None
-                if (
-                    not sealed  # sealed fields are opened by decode
-                    and envelope.stream == stream
+                in_place = (
+                    envelope.stream == stream
                     and envelope.version == version
                     and stream in streams
                     and type_name in types
-                ):
+                )
+                if in_place and sealed:  # its fields opened from the envelope checked here
+                    event, reported = self._payload(position, where, envelope), True
+                elif in_place:
                     data = (
                         registry.decode(type_name, schema_version, envelope.data)
                         if payload is None  # an older version (upcast) or unregistered type
@@ -1058,7 +1062,7 @@ class SQLiteEventStore(EventStore):
                     event = RecordedEvent(position=position, envelope=envelope, data=data)
             except Exception:  # decode below finds it again, says what is wrong, and reports it
                 event = None
-            if event is None:
+            if event is None and not reported:  # (a sealed one _payload found invalid it told)
                 event = self.decode(body, position, where, stream, version=version)
             if event is not None:
                 yield event
