@@ -343,3 +343,21 @@ async def test_a_store_over_tls_carries_on_over_tls_after_its_server_is_killed(
             version = await restarted.tls_version_of("tls-survivor")
     assert records == [{"n": 1}, {"n": 2}]
     assert (version or "").startswith("1.")
+
+
+def test_fuse_auth_add_on_a_tls_bus_writes_the_ca_into_the_credentials(tmp_path: Path) -> None:
+    certificates = make_certificates(tmp_path / "certs")
+    env = dev_environment(tmp_path / "state", FUSE_NATS_CA=str(certificates.ca))
+    folder = tmp_path / "auth"
+    IdentityStore(folder).add("admin", "admin")  # agents' certificates are an admin's to issue
+    run_fuse(
+        "auth", "--dir", str(folder), "add", "w1", "--role", "agent", "--agent", "w/1", env=env
+    )
+    kept = Credentials.load(folder / "w1.creds")
+    assert kept.ca == os.path.abspath(certificates.ca)
+    # without a CA anywhere (no FUSE_NATS_CA, no TLS dev running) the file names none
+    plain = dev_environment(tmp_path / "state")
+    run_fuse(
+        "auth", "--dir", str(folder), "add", "w2", "--role", "agent", "--agent", "w/2", env=plain
+    )
+    assert Credentials.load(folder / "w2.creds").ca == ""

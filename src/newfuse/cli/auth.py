@@ -27,7 +27,7 @@ from typing import Any
 from newfuse._files import write_private  # owner-only: it lists every public key
 from newfuse.cli._common import Commands, open_store, settings_from_args
 from newfuse.cli._output import note, print_json, print_table
-from newfuse.config import Settings, read_dev_state
+from newfuse.config import Settings, read_dev_state, resolve_nats_ca
 from newfuse.nats import Subjects
 from newfuse.schemas import IDENTITIES_STREAM
 from newfuse.security.events import sync_identities
@@ -111,6 +111,7 @@ def identity_json(identity: Identity, store: IdentityStore) -> dict[str, Any]:
 
 async def run_add(args: argparse.Namespace) -> int:
     store = identity_store(args)
+    ca = resolve_nats_ca(settings_from_args(args))  # a TLS bus: its credentials carry the CA
     identity = store.add(
         args.name,
         args.role,
@@ -119,6 +120,7 @@ async def run_add(args: argparse.Namespace) -> int:
         publish_topics=args.publish_topic,
         topics=args.topic,
         groups=args.group,
+        ca=ca or "",
     )
     if args.json:
         print_json(identity_json(identity, store))

@@ -193,10 +193,12 @@ class IdentityStore:
         publish_topics: Sequence[str] = (),
         topics: Sequence[str] = (),
         groups: Sequence[str] = (),
+        ca: str = "",
     ) -> Identity:
         """Create an identity: its seed file (mode 600) and its entry; refuses a name in use.
         `groups` (admins and reviewers) go into its certificate: the review groups it acts
-        for."""
+        for. `ca`: the CA certificate (PEM file) of the servers it will connect to over TLS,
+        kept in its credentials file (so whoever uses them verifies the server the same way)."""
         check_identity_name(name)
         if role not in ROLES:
             raise IdentityError(name=name, reason=f"role {role!r} is not one of {list(ROLES)}")
@@ -234,6 +236,7 @@ class IdentityStore:
             scoped=role == "agent",
             certificate=certificate,
             trust=trusted,
+            ca=os.path.abspath(ca) if ca else "",  # valid from wherever the file is used
         ).save(self.seed_file(name))
         identity = Identity(
             name=name,
