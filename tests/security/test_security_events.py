@@ -21,6 +21,7 @@ from newfuse.schemas import (
     IdentityRevoked,
     PermissionDenied,
 )
+from newfuse.security._tally import MAX_TEXT
 from newfuse.security.events import MAX_TRACKED, OTHERS, DenialRecorder, sync_identities
 from newfuse.security.identities import IdentityStore
 from support import run_fuse, secured_nats
@@ -167,3 +168,14 @@ async def test_a_count_still_pending_goes_out_when_its_window_is_over_without_a_
         events = [e for e in await _payloads(store, "agent.coder-1")]
         await recorder.close()
     assert [e.count for e in events if isinstance(e, PermissionDenied)] == [1, 4]
+
+
+async def test_a_claimed_identity_of_any_length_is_recorded_clamped(tmp_path: Path) -> None:
+    async with await open_event_store(f"sqlite://{tmp_path / 'events.db'}") as store:
+        recorder = DenialRecorder(store, seen_by="coder/1", stream="agent.coder-1")
+        # what a client without identities may claim as its sender: any text it likes
+        recorder.record(identity="x" * 100_000 + "\x1b[2J", operation="send", subject="s")
+        await recorder.close()
+        [denied] = [e for e in await _payloads(store, "agent.coder-1")]
+    assert isinstance(denied, PermissionDenied)
+    assert len(denied.identity) == MAX_TEXT and denied.identity.endswith("…")

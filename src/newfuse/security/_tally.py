@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import msgspec
 
@@ -31,8 +31,18 @@ from newfuse.schemas.payloads import utcnow
 
 log = logging.getLogger("newfuse.security")
 
+MAX_TEXT: Final[int] = 256
+"""Characters kept of each text a recorded refusal quotes (what a stranger sent)."""
+
 K = TypeVar("K", bound=Hashable)
 S = TypeVar("S")
+
+
+def clamp(text: str) -> str:
+    """`text` fit for the log and a terminal: control characters escaped, at most `MAX_TEXT`
+    characters (the cut marked with '…')."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: MAX_TEXT + 1])
+    return shown if len(shown) <= MAX_TEXT else shown[: MAX_TEXT - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,8 @@ from newfuse.eventstore import EventStore
 from newfuse.nats.connection import Credentials
 from newfuse.schemas import AUTH_FAILURES_STREAM, AuthFailed
 from newfuse.schemas.payloads import utcnow
-from newfuse.security._tally import Batch, BoundedRecorder
+from newfuse.security._tally import MAX_TEXT as MAX_TEXT  # the bound its docstring names
+from newfuse.security._tally import Batch, BoundedRecorder, clamp
 
 log = logging.getLogger("newfuse.security")
 
@@ -50,8 +51,6 @@ MAX_TRACKED: Final[int] = 256
 """(presented, address) pairs tracked at once; refusals beyond are counted under `OTHERS`."""
 OTHERS: Final[tuple[str, str]] = ("*", "*")
 """The pair the refusals beyond `MAX_TRACKED` pairs are counted under."""
-MAX_TEXT: Final[int] = 256
-"""Characters kept of each text an advisory carries."""
 MAX_ADVISORY: Final[int] = 64 * 1024
 """Bytes an advisory may have (a real one has about 1 KiB; a login line at most 4 KiB)."""
 
@@ -78,13 +77,6 @@ class _Advisory(msgspec.Struct):
 
 
 _decoder: Final = msgspec.json.Decoder(_Advisory)
-
-
-def clamp(text: str) -> str:
-    """`text` fit for the log and a terminal: control characters escaped, at most `MAX_TEXT`
-    characters (the cut marked with '…')."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: MAX_TEXT + 1])
-    return shown if len(shown) <= MAX_TEXT else shown[: MAX_TEXT - 1] + "…"
 
 
 def _when(text: str) -> datetime:

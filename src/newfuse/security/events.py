@@ -35,7 +35,7 @@ from newfuse.schemas import (
     NewEvent,
     PermissionDenied,
 )
-from newfuse.security._tally import Batch, BoundedRecorder
+from newfuse.security._tally import Batch, BoundedRecorder, clamp
 from newfuse.security.identities import Identity
 
 WINDOW: Final[float] = 60.0
@@ -147,8 +147,9 @@ class DenialRecorder(BoundedRecorder[_Key, None]):
     def record(
         self, *, identity: str, operation: str, subject: str, message_type: str = ""
     ) -> None:
-        """Count one refusal (call from a running event loop); see BoundedRecorder.count."""
-        self.count((identity, operation, subject, message_type), None)
+        """Count one refusal (call from a running event loop); see BoundedRecorder.count. The
+        names are clamped: a claimed identity is whatever a stranger wrote."""
+        self.count((clamp(identity), operation, clamp(subject), clamp(message_type)), None)
 
     async def _payload(self, batch: Batch[_Key, None]) -> PermissionDenied:
         identity, operation, subject, message_type = batch.key
