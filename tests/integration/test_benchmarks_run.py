@@ -75,7 +75,7 @@ TASK_LINES = {
 SAGA_LINES = {
     *(f"sagas.latency.{p}" for p in ("p50", "p99")),
     "sagas.throughput",
-    "sagas.atomic_end.p50",
+    "sagas.end.p50",
     *(f"sagas.deadlock_detection.{p}" for p in ("p50", "p99")),
 }
 AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}

@@ -8,6 +8,8 @@ from typing import Any
 
 from newfuse.core.saga import End, Run, Saga, SagaState, StepContext, Wait, next_move
 from newfuse.schemas import (
+    SagaCommitted,
+    SagaRolledBack,
     SagaStarted,
     StepCompleted,
     StepFailed,
@@ -72,6 +74,25 @@ def test_steps_run_in_order_then_the_saga_commits() -> None:
     )
     everything = [e for s in ("reserve", "charge", "ship") for e in (_claim(s), _done(s))]
     assert next_move(order, _state(*everything), NOW) == End("committed")
+
+
+def test_the_outcome_stored_inside_an_end_is_folded_before_the_end() -> None:
+    before = [e for s in ("reserve", "charge") for e in (_claim(s), _done(s))] + [_claim("ship")]
+    last = StepCompleted(saga_id="s1", step="ship", attempt=1, output={"parcel": 7})
+    committed = _state(*before, SagaCommitted(saga_id="s1", completed=last))
+    assert committed.status == "committed" and committed.outputs["ship"] == {"parcel": 7}
+    assert committed.steps["ship"].history[-1] == "action attempt 1 completed"
+    # nothing to undo: the failure that ended the saga rides inside its rollback
+    refused = _failed("reserve", retryable=False)
+    ended = SagaRolledBack(saga_id="s1", failed_step="reserve", error="boom", failed=refused)
+    rolled_back = _state(_claim("reserve"), ended)
+    assert rolled_back.status == "rolled_back"
+    assert rolled_back.steps["reserve"].status == "failed" and not rolled_back.ignored
+    # an outcome inside naming another saga is not folded (noted), the end itself still is
+    foreign = StepCompleted(saga_id="other", step="ship", attempt=1)
+    odd = _state(*before, SagaCommitted(saga_id="s1", completed=foreign))
+    assert odd.status == "committed" and odd.steps["ship"].status == "running"
+    assert odd.ignored == [", its last outcome: it names saga 'other'"]
 
 
 def test_a_held_claim_is_waited_for_and_an_expired_one_is_claimed_again() -> None:

@@ -17,7 +17,16 @@ from newfuse.core.review import (
     review_id,
     signed_reviewer,
 )
-from newfuse.core.saga import Saga, SagaState, Step, StepContext, StepState, moves, next_move
+from newfuse.core.saga import (
+    Saga,
+    SagaState,
+    Step,
+    StepContext,
+    StepState,
+    moves,
+    next_move,
+    step_outcomes,
+)
 from newfuse.core.steps import ask, enqueue
 from newfuse.core.timers import Fire, JetStreamTimers, MemoryTimers, Timers, open_timers
 
@@ -55,4 +64,5 @@ __all__ = [
     "saga_stream",
     "signed_reviewer",
     "start_saga",
+    "step_outcomes",
 ]

@@ -21,8 +21,9 @@ meanwhile follows the saga's events (a lock wait, the other steps' outcomes).
 
 A crashed instance leaves a claim whose lease runs out; whoever looks next (the others are
 woken by the lease's end, and on restart every instance catches up on the whole category)
-claims the step again. The last step's outcome and `saga.committed` (or the last
-compensation's and `saga.rolled_back`) are appended together, in one atomic append.
+claims the step again. The last step's outcome is stored inside `saga.committed` (or the last
+compensation's, or the final failure, inside `saga.rolled_back`): one event, so the end and the
+outcome that made it are one write.
 
 Locks (core/locks.py): a step's declared locks are acquired one at a time, in their order,
 before its first claim (`saga.lock_waiting`, then the lock stream's request and grant, then
@@ -760,7 +761,9 @@ class Orchestrator:
                 retryable=retryable,
             )
 
-    async def _record(self, definition: Saga, move: Run, outcome: Any, claimed: SagaState) -> bool:
+    async def _record(
+        self, definition: Saga, move: Run, outcome: StepCompleted | StepFailed, claimed: SagaState
+    ) -> bool:
         """Append an attempt's outcome (with the saga's end when it is the last), fenced: first
         expecting the claim's version (`claimed` is the saga as the claim left it: nothing came
         after it), then, after other writes, expecting the version of a read in which the
@@ -779,10 +782,7 @@ class Orchestrator:
                         move.step,
                     )
                     return False
-            events: list[Any] = [outcome]
-            closing = self._closing(definition, state, outcome)
-            if closing is not None:
-                events.append(closing)
+            events = [self._closing(definition, state, outcome) or outcome]
             try:
                 await self.store.append(
                     saga_stream(state.id),
@@ -816,17 +816,28 @@ class Orchestrator:
             and step.attempts == move.attempt
         )
 
-    def _closing(self, definition: Saga, state: SagaState, outcome: Any) -> Any:
-        """The saga's end when `outcome` is its last outcome: stored with it, atomically."""
+    def _closing(
+        self, definition: Saga, state: SagaState, outcome: StepCompleted | StepFailed
+    ) -> SagaCommitted | SagaRolledBack | None:
+        """The saga's end, `outcome` inside it, when `outcome` is its last: one event, so the
+        last outcome and the end are stored at once (one write: no batch needed)."""
         after = state.copy()
         after.apply_data(outcome, "the outcome")
         found = moves(definition, after, _now())
         move = found[0] if len(found) == 1 else None
-        if isinstance(move, End) and move.status == "committed":
-            return SagaCommitted(saga_id=state.id)
-        if isinstance(move, End) and move.status == "rolled_back":
-            return SagaRolledBack(saga_id=state.id, failed_step=move.step, error=move.error)
-        return None
+        if not isinstance(move, End) or move.status == "stuck":
+            return None
+        completed = outcome if isinstance(outcome, StepCompleted) else None
+        if move.status == "committed":
+            return SagaCommitted(saga_id=state.id, completed=completed)
+        failed = outcome if isinstance(outcome, StepFailed) else None
+        return SagaRolledBack(
+            saga_id=state.id,
+            failed_step=move.step,
+            error=move.error,
+            completed=completed,
+            failed=failed,
+        )
 
     async def _end(self, definition: Saga, state: SagaState, move: End) -> None:
         event: Any

@@ -363,6 +363,8 @@ class SagaState:
             self.ignored.append(f"{where}: before saga.started")
             return
         if isinstance(data, SagaCommitted | SagaRolledBack | SagaStuck):
+            for outcome in step_outcomes(data):  # the outcome that ended it rides inside
+                self.apply_data(outcome, f"{where}, its last outcome")
             self._end(data)
             return
         if isinstance(data, SagaResolved):
@@ -510,6 +512,17 @@ class SagaState:
             status=status,
             timestamp=self.ended_at or self.started_at or utcnow(),
         )
+
+
+def step_outcomes(data: Any) -> tuple[StepCompleted | StepFailed, ...]:
+    """The step outcomes one event of a saga stream holds: an outcome itself, the one stored
+    inside a saga's end (`completed` or `failed`), or none."""
+    if isinstance(data, StepCompleted | StepFailed):
+        return (data,)
+    if isinstance(data, SagaCommitted | SagaRolledBack):
+        failed = data.failed if isinstance(data, SagaRolledBack) else None
+        return tuple(outcome for outcome in (data.completed, failed) if outcome is not None)
+    return ()
 
 
 class Run(msgspec.Struct, frozen=True):

@@ -7,6 +7,10 @@ outcome, `saga.step_completed` or `saga.step_failed`, is appended expecting the 
 (or, when other steps of its parallel group wrote since, the version of a read in which the
 step's latest claim is still the writer's), so an orchestrator whose lease was taken over (it
 paused, its clock ran on) cannot write it.
+
+The outcome that ends a saga is not an event of its own: it is carried inside the end
+(`saga.committed` or `saga.rolled_back`, field `completed` or `failed`), so the last outcome and
+the end are one write, atomic without a batch. A reader that folds step outcomes looks there too.
 """
 
 from __future__ import annotations
@@ -74,20 +78,25 @@ class StepFailed(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class SagaCommitted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Type `saga.committed`: every step's action succeeded (appended with the last one's
-    outcome, in one atomic append)."""
+    """Type `saga.committed`: every step's action succeeded. `completed` is the last step's
+    outcome, stored inside the commit so both are one write (absent when the commit came
+    later, on its own)."""
 
     saga_id: str = msgspec.field(name="sagaId")
+    completed: StepCompleted | None = None
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
 
 class SagaRolledBack(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Type `saga.rolled_back`: step `failed_step` failed for good (`error`) and every step
-    completed before it was compensated."""
+    completed before it was compensated. The outcome that ended it rides inside: the last
+    compensation's (`completed`) or, when nothing needed undoing, the failure (`failed`)."""
 
     saga_id: str = msgspec.field(name="sagaId")
     failed_step: str = msgspec.field(name="failedStep")
     error: str
+    completed: StepCompleted | None = None
+    failed: StepFailed | None = None
     timestamp: Timestamp = msgspec.field(default_factory=utcnow)
 
 
