@@ -110,8 +110,9 @@ async def test_a_denied_request_fails_at_once_naming_sender_type_and_receiver(
             "coder",
         )
         assert isinstance(denied, RequestFailedError)  # who catches those catches this
-        assert "agent 'coder' failed 'task.assign': message denied: 'stranger' may not send it" in (
-            str(denied)
+        assert (
+            "agent 'coder' failed 'task.assign': message denied: 'stranger' may not send "
+            "'task.assign' (" in str(denied)
         )
         assert "from sender type 'stranger' it accepts ping" in str(denied)
     assert through_log.value.reply_id  # answered through the log, where it is kept
