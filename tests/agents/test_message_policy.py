@@ -197,6 +197,13 @@ async def test_without_a_policy_every_type_from_every_sender_is_handled(
     assert (seen, running.denied, running.card.accepts) == (["whoever"], 0, None)
 
 
+def test_a_refusal_quotes_a_huge_claimed_sender_type_cut_short() -> None:
+    policy = MessagePolicy("coder", {"planner": ["task.assign"]})
+    refusal = policy.refusal("s" * 100_000)
+    assert refusal.startswith(f"it accepts nothing from sender type {'s' * 64!r}... (100000 ")
+    assert len(refusal) < 200
+
+
 def test_an_empty_policy_accepts_nothing_and_a_wildcard_type_accepts_every_type() -> None:
     assert not MessagePolicy("coder", {}).allows("planner", "task.assign")
     everything = MessagePolicy("coder", {"planner": ["*"]})
