@@ -19,7 +19,9 @@ import nats
 import redis.asyncio as redis
 
 from newfuse.agents.secure import provision
+from newfuse.eventstore import open_event_store
 from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.schemas import PermissionDenied
 from newfuse.security.identities import IdentityStore, server_config
 
 
@@ -181,6 +183,43 @@ async def secured_nats(folder: Path, identities: IdentityStore) -> AsyncIterator
         finally:
             await admin.close()
         yield server
+
+
+@dataclass
+class SecuredBus:
+    """A secured nats-server and the identities it lets in."""
+
+    server: NatsServer
+    identities: IdentityStore
+
+    async def connect(self, name: str) -> nats.aio.client.Client:
+        """A connection as identity `name`, with its credentials."""
+        return await connect(
+            self.server.url, name=name, credentials=self.identities.credentials(name)
+        )
+
+
+async def recorded_denials(bus: SecuredBus, stream: str, count: int) -> list[PermissionDenied]:
+    """The permission.denied events on `stream` (read as the first admin) once they count
+    `count` refusals."""
+    admin_name = next(i.name for i in bus.identities.list() if i.role == "admin")
+    store = await open_event_store(
+        bus.server.url, prefix="fuse", credentials=bus.identities.credentials(admin_name)
+    )
+    async with store:
+
+        async def recorded() -> list[PermissionDenied]:
+            return [
+                event.data
+                async for event in store.read(stream)
+                if isinstance(event.data, PermissionDenied)
+            ]
+
+        async def counted() -> bool:
+            return sum(e.count for e in await recorded()) == count
+
+        await wait_for(counted)
+        return await recorded()
 
 
 ECHO_AGENT = """

@@ -1523,8 +1523,8 @@ class MessageDeniedError(RequestFailedError, SecurityError):
         super().__init__(
             agent=receiver,
             message_type=message_type,
-            error=f"message denied: {_shown(sender)} may not send it ({reason}; see its "
-            "`accepts` policy)",
+            error=f"message denied: {_shown(sender)} may not send {_shown(message_type)} "
+            f"({reason}; see its `accepts` policy)",
             reply_id=reply_id,
         )
 

@@ -110,8 +110,9 @@ async def test_a_denied_request_fails_at_once_naming_sender_type_and_receiver(
             "coder",
         )
         assert isinstance(denied, RequestFailedError)  # who catches those catches this
-        assert "agent 'coder' failed 'task.assign': message denied: 'stranger' may not send it" in (
-            str(denied)
+        assert (
+            "agent 'coder' failed 'task.assign': message denied: 'stranger' may not send "
+            "'task.assign' (" in str(denied)
         )
         assert "from sender type 'stranger' it accepts ping" in str(denied)
     assert through_log.value.reply_id  # answered through the log, where it is kept
@@ -194,6 +195,13 @@ async def test_without_a_policy_every_type_from_every_sender_is_handled(
 
         await wait_for(handled)
     assert (seen, running.denied, running.card.accepts) == (["whoever"], 0, None)
+
+
+def test_a_refusal_quotes_a_huge_claimed_sender_type_cut_short() -> None:
+    policy = MessagePolicy("coder", {"planner": ["task.assign"]})
+    refusal = policy.refusal("s" * 100_000)
+    assert refusal.startswith(f"it accepts nothing from sender type {'s' * 64!r}... (100000 ")
+    assert len(refusal) < 200
 
 
 def test_an_empty_policy_accepts_nothing_and_a_wildcard_type_accepts_every_type() -> None:

@@ -10,20 +10,15 @@ and coder, under its own agent identity, records the denial on its own stream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client
 
 from newfuse.agents import Agent, AgentClient, Context
 from newfuse.agents.registry import stream_of
 from newfuse.errors import MessageDeniedError
-from newfuse.eventstore import open_event_store
-from newfuse.nats import NatsServer, connect
-from newfuse.schemas import PermissionDenied
 from newfuse.security.identities import IdentityStore
-from support import secured_nats, wait_for
+from support import SecuredBus, recorded_denials, secured_nats
 
 handled: list[tuple[str, str]] = []
 coder = Agent("coder", accepts={"planner": ["task.assign"]})
@@ -35,19 +30,8 @@ async def assign(ctx: Context, body: dict[str, object]) -> dict[str, object]:
     return {"taken": body.get("n")}
 
 
-@dataclass
-class Secure:
-    server: NatsServer
-    identities: IdentityStore
-
-    async def connect(self, name: str) -> Client:
-        return await connect(
-            self.server.url, name=name, credentials=self.identities.credentials(name)
-        )
-
-
 @pytest.fixture(scope="module")
-async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secure]:
+async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SecuredBus]:
     folder: Path = tmp_path_factory.mktemp("policy")
     identities = IdentityStore(folder / "auth")
     identities.add("admin", "admin")
@@ -55,10 +39,12 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities.add("planner-1", "agent", agent="planner/1", send_to=["coder"])
     identities.add("rogue-1", "agent", agent="rogue/1", send_to=["coder"])
     async with secured_nats(folder, identities) as server:
-        yield Secure(server, identities)
+        yield SecuredBus(server, identities)
 
 
-async def test_the_signer_not_the_claimed_sender_is_what_the_policy_checks(secure: Secure) -> None:
+async def test_the_signer_not_the_claimed_sender_is_what_the_policy_checks(
+    secure: SecuredBus,
+) -> None:
     handled.clear()
     coder_nc = await secure.connect("coder-1")
     planner_nc = await secure.connect("planner-1")
@@ -91,23 +77,7 @@ async def test_the_signer_not_the_claimed_sender_is_what_the_policy_checks(secur
         )
     assert (running.denied, running.dead_lettered) == (2, 0)
 
-    admin_store = await open_event_store(
-        secure.server.url, prefix="fuse", credentials=secure.identities.credentials("admin")
-    )
-    async with admin_store:
-
-        async def recorded() -> list[PermissionDenied]:
-            return [
-                event.data
-                async for event in admin_store.read(stream_of("coder", "1"))
-                if isinstance(event.data, PermissionDenied)
-            ]
-
-        async def both() -> bool:
-            return sum(e.count for e in await recorded()) == 2
-
-        await wait_for(both)
-        events = await recorded()
+    events = await recorded_denials(secure, stream_of("coder", "1"), count=2)
     # both by rogue-1 (the signer), none in the planner's name it claimed
     assert {(e.identity, e.operation, e.message_type, e.seen_by) for e in events} == {
         ("rogue-1", "send", "task.assign", "coder/1")

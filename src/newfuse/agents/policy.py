@@ -20,6 +20,11 @@ ANY: Final = "*"
 """As a sender type: any sender; as a message type: any type."""
 
 
+def _quoted(name: str, keep: int = 64) -> str:
+    # a claimed sender is any text a client writes (without identities): quoted cut short
+    return repr(name) if len(name) <= keep else f"{name[:keep]!r}... ({len(name)} characters)"
+
+
 def sender_type(sender: str) -> str:
     """The agent type a sender name stands for: `planner/1` (an instance, as agents sign what
     they emit) and `planner` are both `planner`."""
@@ -69,9 +74,11 @@ class MessagePolicy:
         """Why a message from `sender` (a type) was denied: what the policy accepts from it."""
         types = self._accepts.get(sender, frozenset()) | self._accepts.get(ANY, frozenset())
         if types:
-            return f"from sender type {sender!r} it accepts {', '.join(sorted(types))}"
+            return f"from sender type {_quoted(sender)} it accepts {', '.join(sorted(types))}"
         senders = ", ".join(sorted(self._accepts)) or "none"
-        return f"it accepts nothing from sender type {sender!r} (senders it accepts: {senders})"
+        return (
+            f"it accepts nothing from sender type {_quoted(sender)} (senders it accepts: {senders})"
+        )
 
     def as_card(self) -> dict[str, list[str]]:
         """The policy as an agent card carries it (`accepts`): sorted, for people and tools."""

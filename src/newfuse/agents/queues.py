@@ -37,7 +37,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -63,6 +63,7 @@ from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, decode_task_event, r
 from newfuse.errors import (
     AgentConfigError,
     FuseError,
+    InvalidNameError,
     InvalidPayloadError,
     StoreNotFoundError,
     TaskAttemptsError,
@@ -85,8 +86,10 @@ from newfuse.schemas import (
     A2AMessage,
     A2AMetadata,
     Artifact,
+    Envelope,
     Part,
     TaskStatusUpdate,
+    check_type_name,
     new_event_id,
 )
 
@@ -106,6 +109,8 @@ QUEUE_KEY: Final = "queue"
 PRIORITY_KEY: Final = "priority"
 DEADLINE_KEY: Final = "deadline"
 ATTEMPTS_KEY: Final = "max_attempts"
+KIND_KEY: Final = "kind"
+"""What kind of work the task is (`submit(kind=)`): what a worker's `accepts` policy checks."""
 STATUS_SEQ_KEY: Final = "status_seq"
 """The sequence of the task's `submitted` status: the first attempt stores `working` expecting
 it as the task subject's last (JetStream's expected last subject sequence), so a cancel stored
@@ -137,6 +142,7 @@ class TaskTerms(msgspec.Struct, frozen=True, kw_only=True):
     deadline: datetime | None = None
     max_attempts: int | None = None
     status_seq: int | None = None
+    kind: str | None = None
 
 
 def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
@@ -154,7 +160,7 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
             reason=f"{reason} ({where})",
         )
 
-    for key in (QUEUE_KEY, PRIORITY_KEY, DEADLINE_KEY, ATTEMPTS_KEY, STATUS_SEQ_KEY):
+    for key in (QUEUE_KEY, PRIORITY_KEY, DEADLINE_KEY, ATTEMPTS_KEY, STATUS_SEQ_KEY, KIND_KEY):
         value = metadata.get(key)
         if value is not None and len(value) > _MAX_TERM:
             raise bad(key, f"longer than {_MAX_TERM} characters")
@@ -180,13 +186,30 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
     seq = metadata.get(STATUS_SEQ_KEY)
     if seq is not None and not (seq.isdigit() and seq.isascii()):
         raise bad(STATUS_SEQ_KEY, f"{seq!r} is not a stream sequence")
+    kind = metadata.get(KIND_KEY)
+    if kind is not None:
+        try:
+            check_type_name(kind)
+        except InvalidNameError as error:
+            raise bad(KIND_KEY, str(error)) from None
     return TaskTerms(
         queue=queue,
         priority=int(priority),
         deadline=deadline,
         max_attempts=attempts,
         status_seq=int(seq) if seq is not None else None,
+        kind=kind,
     )
+
+
+def kind_of(metadata: dict[str, str]) -> str:
+    """The kind of a queued task as its worker's policy checks it: its `kind` term (cut to
+    `_MAX_TERM` characters and marked so, when longer: no policy names that), else the type
+    it travels as, `queue.task`."""
+    kind = metadata.get(KIND_KEY)
+    if kind is None:
+        return TASK_MESSAGE_TYPE
+    return kind if len(kind) <= _MAX_TERM else f"{kind[:_MAX_TERM]}... ({len(kind)} characters)"
 
 
 def _status(
@@ -281,6 +304,7 @@ class TaskQueue:
         task_id: str | None = None,
         context_id: str | None = None,
         parts: list[Part] | None = None,
+        kind: str | None = None,
     ) -> str:
         """Queue a task; returns its id (`task_id`, or a new UUIDv7).
 
@@ -296,6 +320,9 @@ class TaskQueue:
                 duplicate window stores nothing new, and neither does it, at any time, once a
                 worker has taken the task (its state is past `submitted`).
             context_id: the conversation (A2A `contextId`; default: the task id).
+            kind: what kind of work it is (a type name such as `thumbnail`): what the
+                worker's `accepts` policy checks, and `ctx.kind` to its handler. None: the
+                task is of kind `queue.task`.
 
         Raises:
             TaskSubmitError: a term is out of range (it names which).
@@ -327,6 +354,8 @@ class TaskQueue:
             terms[DEADLINE_KEY] = due.isoformat()
         if max_attempts is not None:
             terms[ATTEMPTS_KEY] = str(max_attempts)
+        if kind is not None:
+            terms[KIND_KEY] = _checked_kind(queue, kind)
         if task_id is not None:
             known = await read_task(self._direct, self.subjects, task_id)
             if known is not None and known.state != "submitted":
@@ -427,6 +456,18 @@ class TaskQueue:
             interval = min(interval * 2, 1.0)
 
 
+def _checked_kind(queue: str, kind: str) -> str:
+    reason = f"a type name of at most {_MAX_TERM} characters, such as 'thumbnail'"
+    try:
+        check_type_name(kind)
+    except InvalidNameError as error:
+        reason = f"{error.reason}; {reason}"
+    else:
+        if len(kind) <= _MAX_TERM:
+            return kind
+    raise TaskSubmitError(queue=queue, field="kind", value=kind, reason=reason)
+
+
 def _due(queue: str, deadline: datetime | float) -> datetime:
     now = datetime.now(UTC)
     if isinstance(deadline, datetime):
@@ -475,6 +516,12 @@ class TaskContext(Context):
     def deadline(self) -> datetime | None:
         return self.terms.deadline if self.terms is not None else None
 
+    @property
+    def kind(self) -> str:
+        """The task's kind (`submit(kind=)`; `queue.task` when it gave none)."""
+        kind = self.terms.kind if self.terms is not None else None
+        return kind or TASK_MESSAGE_TYPE
+
 
 class _Lane(asyncio.Queue[Msg]):
     """One priority's pulled messages on one worker, and since when its head waits."""
@@ -518,6 +565,14 @@ class Worker:
         ack_wait: seconds before a task whose worker went silent is handed to another.
         election_timeout: seconds a task's writes and reads ride out a leader election or a
             reconnect before its delivery fails (and spends one of its attempts).
+        accepts: which senders may submit which kinds of task (sender type -> kinds,
+            `{"planner": ["thumbnail"], "*": ["ping"]}`): the agents' message policy
+            (`Agent(accepts=)`), with the task's kind in place of the message type. The
+            sender is the identity that signed the task where the connection has a Trust,
+            else the submitter it claims (`TaskQueue(sender=)`). A denied task is not run
+            nor retried: it fails at once with the reason (`message denied: ...`), and the
+            refusals make a bounded `permission.denied` on the worker's stream. None (the
+            default): every kind from every sender runs; `{}` runs nothing.
     """
 
     def __init__(
@@ -533,6 +588,7 @@ class Worker:
         version: str = "0.0.0",
         heartbeat: float = DEFAULT_HEARTBEAT,
         election_timeout: float = 15.0,
+        accepts: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         self.queue = check_queue(queue)
         if not 1 <= max_attempts <= MAX_ATTEMPTS:
@@ -558,6 +614,7 @@ class Worker:
             version=version,
             heartbeat=heartbeat,
             election_timeout=election_timeout,
+            accepts=accepts,
         )
         self.agent.handler(TASK_MESSAGE_TYPE)(handler)  # type: ignore[arg-type]
 
@@ -709,6 +766,12 @@ class RunningWorker(RunningAgent):
                     await msg.nak()
 
     # -- one task ---------------------------------------------------------------------------------
+
+    def _policy_type(self, envelope: Envelope, message: A2AMessage) -> str:
+        """A task's kind (the runtime's policy check reads it in place of the message type)."""
+        if message.type != TASK_MESSAGE_TYPE:
+            return message.type  # not a task: as any agent
+        return kind_of(envelope.metadata)
 
     async def _call(self, route: _Route, ctx: Context, msg: Msg | None) -> None:
         if not isinstance(ctx, TaskContext) or msg is None:  # not a queued task: as any agent
@@ -884,7 +947,7 @@ class RunningWorker(RunningAgent):
             if ctx._scope is not None:
                 ctx._scope.reschedule(asyncio.get_running_loop().time())
 
-    def _give_up(self, ctx: Context, error: str, answer: dict[str, str] | None = None) -> None:
+    def _give_up(self, ctx: Context, error: str, answer: dict[str, Any] | None = None) -> None:
         super()._give_up(ctx, error, answer)
         if ctx.message.type != TASK_MESSAGE_TYPE or ctx.message.task_id is None:
             return  # not a task: no task to fail

@@ -416,13 +416,10 @@ class _Sender(NamedTuple):
     """Why the sender it claims is not the agent that signed it."""
 
 
-def _denied_answer(error: MessageDeniedError) -> dict[str, Any]:
-    """The error answer to a denied request: `{error}` as any error answer, and `denied` with
-    the facts, from which AgentClient raises MessageDeniedError."""
-    return {
-        "error": error.error,
-        "denied": {"sender": error.sender, "receiver": error.receiver, "reason": error.reason},
-    }
+def _denied_facts(error: MessageDeniedError) -> dict[str, Any]:
+    """What a denied request's error answer adds to `{error}`: `denied` with the facts, from
+    which AgentClient raises MessageDeniedError."""
+    return {"denied": {"sender": error.sender, "receiver": error.receiver, "reason": error.reason}}
 
 
 def _asked_once(message: A2AMessage) -> bool:
@@ -959,7 +956,7 @@ class RunningAgent:
             await self._dead_letter(msg, consumer, None, None, attempt, str(error))
             return
         who = self._sender(msg, message)
-        if who.unverified is None and not self._accepts(who, message):
+        if who.unverified is None and not self._accepts(who, envelope, message):
             await self._deny(msg, consumer, envelope, message, who)
             return
         hostile = who.unverified or who.forged
@@ -992,35 +989,44 @@ class RunningAgent:
             forged = f"forged sender: the message says {claimed!r}, but {holder.name!r} signed it"
         return _Sender(holder.name, agent_type, forged=forged)
 
-    def _accepts(self, who: _Sender, message: A2AMessage) -> bool:
-        policy = self.agent.policy
-        return policy is None or policy.allows(who.type, message.type)
+    def _policy_type(self, envelope: Envelope, message: A2AMessage) -> str:
+        """What the policy checks a message's sender may send: its type (a queue worker's: the
+        task's kind, agents/queues.py)."""
+        return message.type
 
-    def _denial(self, who: _Sender, message: A2AMessage, subject: str) -> MessageDeniedError:
+    def _accepts(self, who: _Sender, envelope: Envelope, message: A2AMessage) -> bool:
+        policy = self.agent.policy
+        return policy is None or policy.allows(who.type, self._policy_type(envelope, message))
+
+    def _denial(
+        self, who: _Sender, envelope: Envelope, message: A2AMessage, subject: str
+    ) -> MessageDeniedError:
         """Count a message the policy denies (a bounded `permission.denied`) and say why."""
         self.denied += 1
+        denied_type = self._policy_type(envelope, message)
         self._denials.record(
-            identity=who.identity, operation="send", subject=subject, message_type=message.type
+            identity=who.identity, operation="send", subject=subject, message_type=denied_type
         )
         policy = self.agent.policy
         reason = policy.refusal(who.type) if policy is not None else ""
-        log.debug("agent %s: denied %r from %r", self.agent_id, message.type, who.identity)
+        log.debug("agent %s: denied %r from %r", self.agent_id, denied_type, who.identity)
         return MessageDeniedError(
-            sender=who.identity, message_type=message.type, receiver=self.agent.type, reason=reason
+            sender=who.identity, message_type=denied_type, receiver=self.agent.type, reason=reason
         )
 
     async def _deny(
         self, msg: Msg, consumer: str, envelope: Envelope, message: A2AMessage, who: _Sender
     ) -> None:
         """Refuse a message the policy does not accept: not handled, acked (a redelivery would
-        be refused again), and a requester answered at once with `<type>.error` saying so. No
-        dead letter: replaying it would be refused again, and a flood would flood them."""
-        denied = self._denial(who, message, msg.subject)
+        be refused again), and what `_give_up` stores besides a dead letter (a requester's
+        answer `<type>.error` saying so; a queued task's `failed`). No dead letter: replaying
+        it would be refused again, and a flood would flood them."""
+        denied = self._denial(who, envelope, message, msg.subject)
         position, attempt = msg.metadata.sequence.stream, msg.metadata.num_delivered
         ctx = self._context_class(
             self, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
-        ctx._reply(_denied_answer(denied), f"{message.type}.error")
+        self._give_up(ctx, denied.error, _denied_facts(denied))
         await self._commit(ctx._effects, consumer, position, attempt)
         await self._ack(msg)
 
@@ -1296,7 +1302,7 @@ class RunningAgent:
         message: A2AMessage | None,
         attempts: int,
         error: str,
-        answer: dict[str, str] | None = None,
+        answer: dict[str, Any] | None = None,
     ) -> None:
         """Store the dead letter (and the error reply a requester waits for: `{error}` plus
         `answer`) once, then term."""
@@ -1332,7 +1338,7 @@ class RunningAgent:
         log.warning("agent %s: dead letter %s: %s", self.agent_id, message_id, error)
         await msg.term()
 
-    def _give_up(self, ctx: Context, error: str, answer: dict[str, str] | None = None) -> None:
+    def _give_up(self, ctx: Context, error: str, answer: dict[str, Any] | None = None) -> None:
         """What a dead letter stores besides the letter: the error reply a requester waits for
         (`{error}` plus `answer`)."""
         ctx._reply({"error": error, **(answer or {})}, f"{ctx.message.type}.error")
@@ -1362,7 +1368,7 @@ class RunningAgent:
             one_line = " ".join(text.split())[:1024]
             answer: dict[str, Any] = {"error": text}
             if isinstance(error, MessageDeniedError):
-                answer = _denied_answer(error)
+                answer = {"error": error.error, **_denied_facts(error)}
             with contextlib.suppress(Exception):
                 await self._nc.publish(
                     msg.reply,
@@ -1376,9 +1382,9 @@ class RunningAgent:
         code = "400"  # until the request is understood, a failure is the caller's
         if self.agent.policy is not None:  # (no policy: no sender check, as before policies)
             who = self._sender(msg, message)
-            if who.unverified is None and not self._accepts(who, message):
+            if who.unverified is None and not self._accepts(who, envelope, message):
                 await self._refuse_call(
-                    msg, self._denial(who, message, msg.subject), started, "403"
+                    msg, self._denial(who, envelope, message, msg.subject), started, "403"
                 )
                 return
             if who.unverified or who.forged:

@@ -16,7 +16,8 @@ Roles:
   (`--group`): append to review streams (and feedback), read the event log and the keys'
   bucket (what they review may hold sealed fields); nothing else.
 - `agent`: one agent instance `<type>/<key>`. It may publish only: to the inboxes of the agent
-  types it declares (`send_to`), to the topics it declares (`publish_topics`), replies, its own
+  types it declares (`send_to`; `task-<queue>`, a queue's workers, also lets it submit to the
+  queue), to the topics it declares (`publish_topics`), replies, its own
   markers, dead letters, model records and heartbeats, and the status events of tasks. It may
   read only its own durable consumers (by name), its own replies, its own markers (by subject),
   and its fast-path service. No other direct get, no stream read, no consumer of another inbox.
@@ -377,6 +378,13 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
     publish = [
         *(s.agent_type(t) for t in identity.send_to),
         *(f"{s.agent_type(t)}.*" for t in identity.send_to),
+        # a queue's workers are the agent type `task-<queue>` (agents/queues.py): sending to
+        # them is submitting to the queue, at any priority
+        *(
+            f"{s.prefix}.task.{t.removeprefix('task-')}.*"
+            for t in identity.send_to
+            if t.startswith("task-") and t != "task-"
+        ),
         *(s.topic(t) for t in identity.publish_topics),
         f"{a2a}._reply.*",
         f"{a2a}._task.*",
