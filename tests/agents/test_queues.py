@@ -85,10 +85,12 @@ async def test_each_task_goes_to_exactly_one_of_three_workers(
     nc: Client, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
 ) -> None:
     runs: list[tuple[str, str]] = []
+    all_up = asyncio.Event()  # until the three run, the first ones hold what they took
 
     def handler_of(key: str) -> Handler:
         async def work(ctx: TaskContext, job: dict[str, int]) -> int:
             runs.append((key, ctx.task_id))
+            await all_up.wait()
             await asyncio.sleep(0.01)
             return job["n"]
 
@@ -100,6 +102,7 @@ async def test_each_task_goes_to_exactly_one_of_three_workers(
         running(nc, prefix, stream, "share", handler_of("b"), key="b", concurrency=2),
         running(nc, prefix, stream, "share", handler_of("c"), key="c", concurrency=2),
     ):
+        all_up.set()  # a worker pulls only what it can run soon: the last one started finds work
         done = [await tasks.wait(task_id, timeout=30) for task_id in ids]
     assert sorted(task_id for _, task_id in runs) == sorted(ids)  # each ran once, no repeats
     assert all(states(task) == ["submitted", "working", "completed"] for task in done)
