@@ -167,6 +167,19 @@ def start_fuse_dev(
     assert process.returncode == 0, errors
 
 
+@dataclass
+class SecureBus:
+    """A secured nats-server (`secured_nats`) and its identities: connect as any of them."""
+
+    server: NatsServer
+    identities: IdentityStore
+
+    async def connect(self, name: str) -> nats.aio.client.Client:
+        return await connect(
+            self.server.url, name=name, credentials=self.identities.credentials(name)
+        )
+
+
 @asynccontextmanager
 async def secured_nats(folder: Path, identities: IdentityStore) -> AsyncIterator[NatsServer]:
     """A nats-server under `folder` that lets in `identities` with their permissions (prefix

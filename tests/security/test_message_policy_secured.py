@@ -10,20 +10,17 @@ and coder, under its own agent identity, records the denial on its own stream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client
 
 from newfuse.agents import Agent, AgentClient, Context
 from newfuse.agents.registry import stream_of
 from newfuse.errors import MessageDeniedError
 from newfuse.eventstore import open_event_store
-from newfuse.nats import NatsServer, connect
 from newfuse.schemas import PermissionDenied
 from newfuse.security.identities import IdentityStore
-from support import secured_nats, wait_for
+from support import SecureBus, secured_nats, wait_for
 
 handled: list[tuple[str, str]] = []
 coder = Agent("coder", accepts={"planner": ["task.assign"]})
@@ -35,15 +32,8 @@ async def assign(ctx: Context, body: dict[str, object]) -> dict[str, object]:
     return {"taken": body.get("n")}
 
 
-@dataclass
-class Secure:
-    server: NatsServer
-    identities: IdentityStore
-
-    async def connect(self, name: str) -> Client:
-        return await connect(
-            self.server.url, name=name, credentials=self.identities.credentials(name)
-        )
+class Secure(SecureBus):
+    pass
 
 
 @pytest.fixture(scope="module")

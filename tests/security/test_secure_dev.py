@@ -67,6 +67,7 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
         assert {row["name"]: row["role"] for row in listed} == {
             "admin": "admin",
             "system": "system",
+            "keys": "service",
             "echo-1": "agent",
             "caller": "agent",
         }

@@ -48,6 +48,7 @@ from newfuse.nats.micro import service_name
 from newfuse.nats.signing import Certified, issue
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
+from newfuse.security.key_service import SERVICE_NAME as KEY_SERVICE
 from newfuse.security.keys import bucket_name as keys_bucket
 
 Role = Literal["admin", "service", "agent", "system", "reviewer"]
@@ -339,8 +340,16 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
                 f"{identity.inbox_prefix}.>",
                 f"{s.prefix}.>",
                 f"$KV.{keys_bucket(s.prefix)}.>",  # a key store hears of others' forgets
+                # the key service (security/key_service.py) is found like any ADR-32 service
+                *(
+                    f"$SRV.{verb}{tail}"
+                    for verb in ("PING", "INFO", "STATS")
+                    for tail in ("", f".{KEY_SERVICE}", f".{KEY_SERVICE}.*")
+                ),
             ]
         },
+        # the key service answers agents' requests in their inboxes
+        "allow_responses": True,
     }
 
 
@@ -388,6 +397,9 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
         f"{API}.STREAM.INFO.{s.stream_name}",
         f"{API}.DIRECT.GET.{s.stream_name}.{own_events}",
         *(f"{s.rpc(t)}" for t in identity.send_to),
+        # the key service seals and opens its sealed fields (it never holds a key itself)
+        s.key_service("seal"),
+        s.key_service("open"),
         s.task_cancels,
         f"{API}.INFO",
         f"{API}.STREAM.INFO.{stream}",
