@@ -11,7 +11,8 @@ Roles:
 - `admin`: everything (the CLI of an operator, `fuse dev` itself).
 - `service`: the bus's own processes (projections, orchestrators, detectors): read and write the
   event log and the message stream through JetStream, but not create, delete or purge streams,
-  nor delete messages.
+  nor delete messages. It may answer requests: the key service (security/key_service.py) runs
+  as one.
 - `reviewer`: a person deciding saga steps' reviews for the groups their certificate names
   (`--group`): append to review streams (and feedback), read the event log and the keys'
   bucket (what they review may hold sealed fields); nothing else.
@@ -19,7 +20,8 @@ Roles:
   types it declares (`send_to`), to the topics it declares (`publish_topics`), replies, its own
   markers, dead letters, model records and heartbeats, and the status events of tasks. It may
   read only its own durable consumers (by name), its own replies, its own markers (by subject),
-  and its fast-path service. No other direct get, no stream read, no consumer of another inbox.
+  and its fast-path service. It may ask the key service to seal and open fields (it never
+  reads a key). No other direct get, no stream read, no consumer of another inbox.
   Streams and consumers are created by an admin or service first (`fuse dev --secure` does it
   for the identities it knows).
 - `system`: a user of nats-server's system account (`SYS`), which sees nothing of the bus's
