@@ -66,6 +66,11 @@ async def intake(ctx: Context, body: Intake) -> dict[str, str]:
     return {"plan": body.plan}
 
 
+@bob.handler("lookup")
+async def lookup(ctx: Context, body: dict[str, str]) -> Intake:
+    return Intake(customer=body["customer"], email=EMAIL, plan="found")  # sealed by the runtime
+
+
 @carol.handler("intake")
 async def carol_intake(ctx: Context, body: Intake) -> dict[str, str]:
     seen.append((body.email, ctx.redacted))
@@ -341,3 +346,32 @@ async def test_on_a_bus_without_identities_the_requester_is_who_it_claims(nats_u
             assert json.loads(bytes(opened.values["$.payload.email"])) == EMAIL
     finally:
         await nc.close()
+
+
+async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
+    secure: Secure,
+) -> None:
+    admin, alice_nc, bob_nc, eve_nc = [
+        await secure.connect(name) for name in ("admin", "alice-1", "bob-1", "eve-1")
+    ]
+    try:
+        async with (
+            secure.key_service(),
+            bob.run(bob_nc, key="1", fast_path=False),
+            AgentClient(alice_nc, sender="alice/1") as alice,
+        ):
+            reply = await alice.request("bob", "lookup", {"customer": "c-6"}, timeout=30)
+            assert reply.payload["plan"] == "found"
+            assert reply.payload["email"]["enc"] == "A256GCM"  # a client does not open replies
+            position, body = await last_on(admin, "fuse.a2a._reply.alice-1")
+            assert EMAIL.encode() not in body
+            opened = await KeyServiceClient(alice_nc).open(position)  # its reply subject's
+            assert json.loads(bytes(opened.values["$.payload.email"])) == EMAIL
+            with pytest.raises(KeyServiceRefusedError, match=r"'eve-1' may not open"):
+                await KeyServiceClient(eve_nc).open(position)
+            # and it is found like any ADR-32 service
+            ping = json.loads((await admin.request("$SRV.PING.newfuse-keys", b"", timeout=5)).data)
+            assert ping["name"] == "newfuse-keys"
+    finally:
+        for nc in (admin, alice_nc, bob_nc, eve_nc):
+            await nc.close()

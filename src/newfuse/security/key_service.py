@@ -233,6 +233,7 @@ class KeyService(AsyncClosing):
                 )
             )
         await self.service.start()
+        await self._nc.flush()  # subscribed at the server before anyone is told it runs
 
     async def __aenter__(self) -> Self:
         await self.start()
