@@ -1577,3 +1577,11 @@ class KeyServiceUnavailableError(KeyServiceError):
             reason=f"no answer on {subject} ({reason}); is a key service running (`fuse dev` "
             "runs one; in Python newfuse.security.KeyService)?",
         )
+
+
+class KeyServiceBusyError(KeyServiceError):
+    """The key service answered that it cannot serve this now: the requester asks too often
+    (429), or its key store or the message stream did not answer it (503). Trying again
+    later may help."""
+
+    retryable = True

@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from newfuse.agents import Agent, AgentClient, Context
 from newfuse.errors import (
     InvalidPayloadError,
+    KeyServiceBusyError,
     KeyServiceError,
     KeyServiceRefusedError,
     KeyServiceUnavailableError,
@@ -34,7 +35,7 @@ from newfuse.errors import (
 from newfuse.eventstore import EventStore, open_event_store
 from newfuse.nats import Subjects, connect
 from newfuse.nats.direct import DirectGet, sequence_of
-from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer
+from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer, signed
 from newfuse.schemas import REDACTED, DataSubject, Personal
 from newfuse.security import KeyService, KeyServiceClient, KVKeyStore, forget, use_keys
 from newfuse.security.identities import IdentityStore
@@ -86,11 +87,11 @@ class Secure(SecureBus):
         return store
 
     @contextlib.asynccontextmanager
-    async def key_service(self) -> AsyncIterator[KeyService]:
+    async def key_service(self, rate: float | None = None) -> AsyncIterator[KeyService]:
         nc = await self.connect("keys")
         try:
             keys = await KVKeyStore.open(nc, "fuse")
-            async with KeyService(nc, keys, owns_keys=True) as service:
+            async with KeyService(nc, keys, owns_keys=True, rate=rate) as service:
                 yield service
         finally:
             await nc.close()
@@ -244,7 +245,9 @@ async def test_hostile_requests_get_clear_errors_and_the_service_goes_on(secure:
 
             async def seal(body: object) -> tuple[str, str]:
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                answer = await eve_nc.request("fuse.keys.seal", data, timeout=5)
+                subject = "fuse.keys.seal"
+                signature = signed(eve_nc, subject, data, {})  # (newfuse signs its own)
+                answer = await eve_nc.request(subject, data, timeout=5, headers=signature)
                 found = answer.headers or {}
                 return found.get("Nats-Service-Error-Code", ""), found.get("Nats-Service-Error", "")
 
@@ -281,6 +284,9 @@ async def test_hostile_requests_get_clear_errors_and_the_service_goes_on(secure:
             field = SealField(path="$.payload.email", subject="c-9", value=msgspec.Raw(b'"x"'))
             sealed = await keys.seal("e-1", [field])
             assert (sealed[0].enc, sealed[0].sub) == ("A256GCM", "c-9")
+            # unsigned (plain nats-py): it cannot be told who asks, so it is not served
+            code, error = await seal_unsigned(eve_nc, [one])
+            assert code == "403" and "not signed" in error
     finally:
         await eve_nc.close()
 
@@ -374,4 +380,28 @@ async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
             assert ping["name"] == "newfuse-keys"
     finally:
         for nc in (admin, alice_nc, bob_nc, eve_nc):
+            await nc.close()
+
+
+async def seal_unsigned(nc: Client, fields: list[dict[str, str]]) -> tuple[str, str]:
+    body = json.dumps({"event": "e-1", "fields": fields}).encode()
+    answer = await nc.request("fuse.keys.seal", body, timeout=5)
+    found = answer.headers or {}
+    return found.get("Nats-Service-Error-Code", ""), found.get("Nats-Service-Error", "")
+
+
+async def test_an_identity_that_asks_too_often_is_told_to_wait(secure: Secure) -> None:
+    eve_nc, alice_nc = await secure.connect("eve-1"), await secure.connect("alice-1")
+    field = SealField(path="$.payload.email", subject="c-7", value=msgspec.Raw(b'"x"'))
+    try:
+        async with secure.key_service(rate=5):  # bursts of 10
+            eve = KeyServiceClient(eve_nc)
+            for _ in range(10):
+                await eve.seal("e-1", [field])
+            with pytest.raises(KeyServiceBusyError, match=r"\(429\).*'eve-1' asks more than 5"):
+                await eve.seal("e-1", [field])
+            assert KeyServiceBusyError.retryable
+            await KeyServiceClient(alice_nc).seal("e-1", [field])  # a bucket per identity
+    finally:
+        for nc in (eve_nc, alice_nc):
             await nc.close()

@@ -16,19 +16,22 @@ process under a service identity answers two core NATS requests for it, the shap
   who may read the keys' bucket anyway, may open any message. A forgotten subject's fields
   come back null and listed in `redacted`.
 
-Who asks is what the server and a signature bind: the request carries its sender's
-certificate and Ed25519 signature (`Fuse-Identity`, `Fuse-Signature`, nats/signing.py), checked
-against the admin keys the service's own credentials trust, and its reply subject must be in
-that identity's inbox (`_INBOX_<name>.`), where nats-server lets no one else subscribe; a
-request copied by someone else is answered to its signer. A service without a Trust (a bus
-without identities) takes the `requester` the request names, as the agent runtime takes a
-claimed sender there: a guard against mistakes, not a boundary.
+Who asks (either request: a seal is counted against its asker's rate) is what the server and
+a signature bind: a request carries its sender's certificate and Ed25519 signature
+(`Fuse-Identity`, `Fuse-Signature`, nats/signing.py), checked against the admin keys the
+service's own credentials trust, and its reply subject must be in that identity's inbox
+(`_INBOX_<name>.`), where nats-server lets no one else subscribe; a request copied by someone
+else is answered to its signer. A service without a Trust (a bus without identities) takes
+the `requester` an open request names, as the agent runtime takes a claimed sender there: a
+guard against mistakes, not a boundary.
 
 Every request is foreign input: at most `MAX_REQUEST_BYTES`, `MAX_FIELDS` fields of at most
 `MAX_VALUE_BYTES` each, paths of at most `MAX_PATH_CHARS`; anything else is answered with an
 ADR-32 error (`Nats-Service-Error`, `Nats-Service-Error-Code`: 400 malformed, 403 refused, 404
-no such message, 422 a stored value that does not open, 500 the service's own failure) and
-a body `{"error": "..."}`, never a crash. At most `IN_FLIGHT` requests are served at once.
+no such message, 422 a stored value that does not open, 429 more than `RATE` requests a
+second from one identity, 500 the service's own failure, 503 its key store or the stream did
+not answer) and a body `{"error": "..."}`, never a crash. At most `IN_FLIGHT` requests are
+served at once.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from newfuse._closing import AsyncClosing
 from newfuse.errors import (
     FuseError,
     KeyNotLoadedError,
+    KeyServiceBusyError,
     KeyServiceError,
     KeyServiceRefusedError,
     KeyServiceUnavailableError,
@@ -62,6 +66,7 @@ from newfuse.nats.direct import DirectGet
 from newfuse.nats.micro import ERROR_CODE_HEADER, ERROR_HEADER, Endpoint, MicroService
 from newfuse.nats.signing import Certified, SenderError, Trust, signed, trust_of
 from newfuse.nats.subjects import Subjects
+from newfuse.reliability import RateLimiter
 from newfuse.schemas import ENVELOPE_DECODER, SealedValue, check_depth, check_event_id
 from newfuse.schemas.sealed import ALGORITHM, SEALED_DECODER
 from newfuse.security.crypto import SubjectCipher
@@ -81,6 +86,10 @@ MAX_PATH_CHARS: Final = 256
 """Longest field path (`$.payload.email`)."""
 IN_FLIGHT: Final = 64
 """Requests served at once; the next one waits (nats-py buffers it) until one ends."""
+RATE: Final = 500.0
+"""Requests a second one identity may make by default (bursts of twice that)."""
+TRACKED: Final = 1024
+"""Identities whose request rates are tracked at once (the least recent is dropped)."""
 PRIVILEGED: Final = frozenset({"admin", "service", "reviewer"})
 """Roles that may read the keys' bucket anyway, and so may open any message."""
 PAYLOAD_PATH: Final = "$.payload."
@@ -180,6 +189,8 @@ class KeyService(AsyncClosing):
         topics: the topics an identity reads, by name (default: none, so only the sender of
             a topic message may open it).
         owns_keys: close `keys` on close.
+        rate: requests a second one identity may make (bursts of twice that; None: no
+            limit); beyond, it is answered 429, which a client raises as retryable.
     """
 
     def __init__(
@@ -191,8 +202,11 @@ class KeyService(AsyncClosing):
         trust: Trust | None = None,
         topics: Topics | None = None,
         owns_keys: bool = False,
+        rate: float | None = RATE,
     ) -> None:
         self.subjects = Subjects(prefix)
+        self.rate = rate
+        self._buckets: dict[str, RateLimiter] = {}
         self.cipher = SubjectCipher(keys, owns_keys=owns_keys)
         self.trust = trust if trust is not None else trust_of(nc)
         self.served = 0
@@ -262,7 +276,9 @@ class KeyService(AsyncClosing):
                 raise _Refusal(
                     400, f"the request has {len(msg.data)} bytes; at most {MAX_REQUEST_BYTES}"
                 )
-            answer = await (self._seal(msg) if operation == "seal" else self._open(msg))
+            holder = self._signer(msg)
+            self._within_rate(holder)
+            answer = await (self._seal(msg) if operation == "seal" else self._open(msg, holder))
         except _Refusal as refusal:
             error, code = refusal.reason, refusal.code
         except FuseError as failure:
@@ -327,9 +343,9 @@ class KeyService(AsyncClosing):
 
     # -- open ------------------------------------------------------------------------------------
 
-    async def _open(self, msg: Msg) -> bytes:
+    async def _open(self, msg: Msg, holder: Certified | None) -> bytes:
         request = _decoded(_OPEN, msg.data, "open")
-        requester = self._requester(msg, request)
+        requester = self._requester(holder, request)
         if type(request.position) is not int or not 0 < request.position < 2**63:
             raise _Refusal(400, f"`position` {request.position!r}: a stream sequence, 1 or more")
         stored = await self._direct.get("open sealed fields", seq=request.position)
@@ -375,15 +391,22 @@ class KeyService(AsyncClosing):
         except SealedValueError as error:
             raise _Refusal(422, str(error)) from None
 
-    def _requester(self, msg: Msg, request: OpenRequest) -> _Requester:
-        """Who asks: the identity that signed the request and whose inbox its answer goes to;
-        without a Trust, who the request says."""
+    def _requester(self, holder: Certified | None, request: OpenRequest) -> _Requester:
+        """Who asks: the identity that signed the request (`_signer`); without a Trust, who
+        the request says."""
+        if holder is not None:
+            return _Requester(holder.name, holder.role, holder.agent)
+        claimed = request.requester
+        if not isinstance(claimed, str) or not 0 < len(claimed) <= 256:
+            raise _Refusal(403, "this key service knows no identities: name `requester`")
+        return _Requester(claimed, "agent", claimed)
+
+    def _signer(self, msg: Msg) -> Certified | None:
+        """The identity that signed `msg` and whose inbox its answer goes to (None: this
+        service has no Trust, so it cannot tell)."""
         trust = self.trust
         if trust is None:
-            claimed = request.requester
-            if not isinstance(claimed, str) or not 0 < len(claimed) <= 256:
-                raise _Refusal(403, "this key service knows no identities: name `requester`")
-            return _Requester(claimed, "agent", claimed)
+            return None
         try:
             holder: Certified = trust.sender(msg.subject, msg.data, msg.headers)
         except SenderError as error:
@@ -394,7 +417,24 @@ class KeyService(AsyncClosing):
                 403,
                 f"the answer would go to {msg.reply!r:.80}, not to the inbox of {holder.name!r}",
             )
-        return _Requester(holder.name, holder.role, holder.agent)
+        return holder
+
+    def _within_rate(self, holder: Certified | None) -> None:
+        """Count a request of `holder` (everyone unsigned shares one bucket); a 429 past
+        `rate` a second (bursts of twice that)."""
+        if self.rate is None:
+            return
+        name = "(unsigned)" if holder is None else holder.name
+        bucket = self._buckets.pop(name, None)  # re-inserted: the least recent goes first
+        if bucket is None:
+            if len(self._buckets) >= TRACKED:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = RateLimiter(self.rate, max(1, int(self.rate * 2)))
+        self._buckets[name] = bucket
+        if not bucket.try_acquire():
+            raise _Refusal(
+                429, f"{name!r} asks more than {self.rate:g} times a second; try again shortly"
+            )
 
     def _may_open(self, who: _Requester, subject: str, stored: Msg, body: _Stored) -> bool:
         if who.role in PRIVILEGED:
@@ -554,11 +594,13 @@ class KeyServiceClient:
             except ValueError:
                 code = 500
             reason = found[ERROR_HEADER]
-            if code == 503:  # it is up, but its key store or the message stream is not
-                raise KeyServiceUnavailableError(
-                    operation=operation, subject=subject, reason=reason
-                )
-            kind = KeyServiceRefusedError if code == 403 else KeyServiceError
+            kind = (
+                KeyServiceRefusedError
+                if code == 403
+                else KeyServiceBusyError  # too many requests; or its key store did not answer
+                if code in (429, 503)
+                else KeyServiceError
+            )
             raise kind(operation=operation, code=code, reason=reason)
         try:
             decoded: SealReply | OpenReply = _REPLY_DECODERS[operation].decode(answer.data)
