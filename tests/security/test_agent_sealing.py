@@ -72,6 +72,11 @@ async def lookup(ctx: Context, body: dict[str, str]) -> Intake:
     return Intake(customer=body["customer"], email=EMAIL, plan="found")  # sealed by the runtime
 
 
+@bob.handler("note")
+async def note(ctx: Context, body: dict[str, str]) -> None:
+    seen.append((body["text"], ctx.redacted))
+
+
 @carol.handler("intake")
 async def carol_intake(ctx: Context, body: Intake) -> dict[str, str]:
     seen.append((body.email, ctx.redacted))
@@ -103,7 +108,8 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities = IdentityStore(folder / "auth")
     identities.add("admin", "admin")
     identities.add("keys", "service")
-    identities.add("alice-1", "agent", agent="alice/1", send_to=["bob", "carol"])
+    identities.add("alice-1", "agent", agent="alice/1", send_to=["bob", "carol", "dave"])
+    identities.add("dave-1", "agent", agent="dave/1")  # never runs: what is sent to it stays
     identities.add("bob-1", "agent", agent="bob/1")
     identities.add("carol-1", "agent", agent="carol/1")
     identities.add("eve-1", "agent", agent="eve/1", send_to=["bob"])
@@ -195,7 +201,7 @@ async def test_a_handler_reads_a_forgotten_subjects_field_as_its_replacement(
 async def test_forged_open_requests_are_refused(secure: Secure) -> None:
     admin, alice_nc = await secure.connect("admin"), await secure.connect("alice-1")
     eve_creds = secure.identities.credentials("eve-1")
-    bob_creds = secure.identities.credentials("bob-1")
+    dave_creds = secure.identities.credentials("dave-1")
     # eve with plain nats-py: no newfuse signing, her own login
     raw = await nats.connect(
         secure.server.url, nkeys_seed_str=eve_creds.seed, inbox_prefix=eve_creds.inbox_prefix
@@ -203,8 +209,8 @@ async def test_forged_open_requests_are_refused(secure: Secure) -> None:
     try:
         async with secure.key_service() as service:
             async with AgentClient(alice_nc, sender="alice/1") as alice:
-                await alice.send("bob", "intake", Intake(customer="c-3", email=EMAIL, plan="a"))
-            position, _ = await last_on(admin, "fuse.a2a.bob")
+                await alice.send("dave", "intake", Intake(customer="c-3", email=EMAIL, plan="a"))
+            position, _ = await last_on(admin, "fuse.a2a.dave")
             subject = "fuse.keys.open"
 
             async def ask(body: bytes, headers: dict[str, str] | None) -> tuple[str, str]:
@@ -213,19 +219,19 @@ async def test_forged_open_requests_are_refused(secure: Secure) -> None:
                 assert EMAIL.encode() not in answer.data
                 return found.get("Nats-Service-Error-Code", ""), found.get("Nats-Service-Error", "")
 
-            claim = json.dumps({"position": position, "requester": "bob/1"}).encode()
-            code, error = await ask(claim, None)  # unsigned, naming bob
+            claim = json.dumps({"position": position, "requester": "dave/1"}).encode()
+            code, error = await ask(claim, None)  # unsigned, naming dave
             assert code == "403" and "not signed" in error
 
-            # bob's certificate, eve's signature
-            eve = Signer(eve_creds.seed, bob_creds.certificate)
+            # dave's certificate, eve's signature
+            eve = Signer(eve_creds.seed, dave_creds.certificate)
             code, error = await ask(claim, eve.headers(subject, claim))
-            assert code == "403" and "the signature is not 'bob-1''s" in error
+            assert code == "403" and "the signature is not 'dave-1''s" in error
 
-            # bob's own signed request, copied: the answer would go to eve's inbox
-            copied = Signer(bob_creds.seed, bob_creds.certificate).headers(subject, claim)
+            # dave's own signed request, copied: the answer would go to eve's inbox
+            copied = Signer(dave_creds.seed, dave_creds.certificate).headers(subject, claim)
             code, error = await ask(claim, copied)
-            assert code == "403" and "not to the inbox of 'bob-1'" in error
+            assert code == "403" and "not to the inbox of 'dave-1'" in error
 
             # a garbled certificate
             code, error = await ask(claim, {IDENTITY: "x.y", SIGNATURE: "z"})
@@ -295,7 +301,9 @@ async def test_without_the_key_service_nothing_is_sent_or_handled_unopened(
     secure: Secure,
 ) -> None:
     seen.clear()
-    admin, alice_nc, carol_nc = [await secure.connect(n) for n in ("admin", "alice-1", "carol-1")]
+    admin, alice_nc, bob_nc, carol_nc = [
+        await secure.connect(n) for n in ("admin", "alice-1", "bob-1", "carol-1")
+    ]
     try:
         async with AgentClient(alice_nc, sender="alice/1") as alice:
             async with secure.key_service():
@@ -322,9 +330,14 @@ async def test_without_the_key_service_nothing_is_sent_or_handled_unopened(
                 with pytest.raises(RequestFailedError, match=r"KeyServiceUnavailableError"):
                     await asked
                 await wait_for(lambda: asyncio.sleep(0, running.dead_lettered == 1))
-        assert seen == []
+            assert seen == []
+            # a payload that only mentions the cipher's name is not sent to the key service
+            async with bob.run(bob_nc, key="1", fast_path=False):
+                await alice.send("bob", "note", {"text": "A256GCM, said the manual"})
+                await wait_for(lambda: asyncio.sleep(0, bool(seen)), timeout=30)
+        assert seen == [("A256GCM, said the manual", ())]
     finally:
-        for nc in (admin, alice_nc, carol_nc):
+        for nc in (admin, alice_nc, bob_nc, carol_nc):
             await nc.close()
 
 

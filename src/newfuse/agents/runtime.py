@@ -1116,7 +1116,8 @@ class RunningAgent:
             )
             return
         redacted: tuple[str, ...] = ()
-        if sealing.SEALED_MARK in msg.data:  # (one substring search for every other message)
+        # one substring search for every other message
+        if sealing.SEALED_MARK in msg.data and sealing.holds_sealed(message):
             try:
                 message, redacted = await sealing.open_message(
                     self._keys,

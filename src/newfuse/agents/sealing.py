@@ -20,7 +20,7 @@ from typing import Any, Final
 import msgspec
 
 from newfuse.errors import InvalidPayloadError, KeyServiceError
-from newfuse.schemas import MAX_SUBJECT_CHARS, A2AMessage
+from newfuse.schemas import MAX_SUBJECT_CHARS, A2AMessage, SealedValue
 from newfuse.schemas.sealed import ALGORITHM, SealPlan, names_a_subject, seal_plan
 from newfuse.security.key_service import PAYLOAD_PATH, KeyServiceClient, SealField
 
@@ -29,6 +29,19 @@ SEALED_MARK: Final = ALGORITHM.encode()
 
 _PLANS: dict[type, SealPlan | None] = {}
 _ENCODE: Final = msgspec.json.Encoder()
+
+
+_SEALED_KEYS: Final = frozenset(SealedValue.__struct_fields__)
+
+
+def holds_sealed(message: A2AMessage) -> bool:
+    """Whether a top-level value of `message`'s payload has a sealed value's form (asked only
+    of a body holding `SEALED_MARK`: a payload that merely mentions the word is not sent to the
+    key service)."""
+    return any(
+        isinstance(value, dict) and value.get("enc") == ALGORITHM and value.keys() == _SEALED_KEYS
+        for value in message.payload.values()
+    )
 
 
 def plan_of(payload: Any) -> SealPlan | None:
