@@ -64,6 +64,7 @@ carol = Agent("carol", max_attempts=1)
 @bob.handler("intake")
 async def intake(ctx: Context, body: Intake) -> dict[str, str]:
     seen.append((body.email, ctx.redacted))
+    ctx.task_status("completed", text="taken")  # records the message handled: as stored
     return {"plan": body.plan}
 
 
@@ -148,6 +149,10 @@ async def test_an_agent_seals_a_field_the_log_holds_ciphertext_and_only_its_part
             stored = json.loads(body)["data"]["payload"]
             assert stored["email"]["enc"] == "A256GCM" and stored["email"]["sub"] == "c-1"
             assert stored["plan"] == "pro" and stored["customer"] == "c-1"
+
+            everything = DirectGet(admin, "FUSE_A2A", timeout=5).messages("fuse.a2a.>", "test")
+            bodies = [msg.data async for msg in everything]
+            assert len(bodies) > 2 and not [b for b in bodies if EMAIL.encode() in b]
 
             alice_keys, bob_keys, eve_keys = (
                 KeyServiceClient(nc) for nc in (alice_nc, bob_nc, eve_nc)

@@ -173,6 +173,9 @@ class Context:
         self.redacted: tuple[str, ...] = ()
         """Paths of the message's sealed fields that read as their replacement: their data
         subject was forgotten (`fuse forget`)."""
+        self._opened: dict[str, Any] | None = None
+        """The payload with its sealed fields opened, what the handler is given; `message`
+        stays as stored (sealed), so what is recorded of it (a task's history) is too."""
         self._records: list[asyncio.Task[None]] = []  # model records being stored meanwhile
 
     @property
@@ -331,6 +334,14 @@ class Context:
                 message_id=self.message.message_id or self.envelope.id,
             )
             self._effect(subject, stream, wire.MESSAGE_TYPE, received)
+        if sealing.plan_of(data) is not None:  # a part is not sealed: it would be in the clear
+            raise InvalidPayloadError(
+                type_name=STATUS_TYPE,
+                version=1,
+                path="$.message.parts",
+                reason=f"{type(data).__qualname__} has sealed fields, and a status's data is "
+                "not sealed: send them in a message (ctx.send, ctx.reply)",
+            )
         parts = []
         if text is not None:
             parts.append(Part(text=text))
@@ -547,7 +558,7 @@ async def run_handler(route: _Route, ctx: Context) -> None:
     Raises:
         InvalidPayloadError: the payload does not fit the handler's type.
     """
-    payload: Any = ctx.message.payload
+    payload: Any = ctx.message.payload if ctx._opened is None else ctx._opened
     if route.payload is not dict:
         try:
             payload = msgspec.convert(payload, route.payload)
@@ -1115,11 +1126,12 @@ class RunningAgent:
                 f"(it handles {known})",
             )
             return
+        opened: A2AMessage | None = None
         redacted: tuple[str, ...] = ()
         # one substring search for every other message
         if sealing.SEALED_MARK in msg.data and sealing.holds_sealed(message):
             try:
-                message, redacted = await sealing.open_message(
+                opened, redacted = await sealing.open_message(
                     self._keys,
                     message,
                     event_id=envelope.id,
@@ -1138,7 +1150,8 @@ class RunningAgent:
         ctx = self._context_class(
             self, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
-        ctx.redacted = redacted
+        if opened is not None:
+            ctx._opened, ctx.redacted = opened.payload, redacted
         started = time.monotonic()
         try:
             await self._call(route, ctx, msg)
