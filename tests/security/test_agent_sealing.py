@@ -97,7 +97,11 @@ class Secure(SecureBus):
         nc = await self.connect("keys")
         try:
             keys = await KVKeyStore.open(nc, "fuse")
-            async with KeyService(nc, keys, owns_keys=True, rate=rate) as service:
+
+            def topics(name: str) -> tuple[str, ...]:  # fuse dev reads them from identities
+                return ("news",) if name == "bob-1" else ()
+
+            async with KeyService(nc, keys, owns_keys=True, rate=rate, topics=topics) as service:
                 yield service
         finally:
             await nc.close()
@@ -109,7 +113,13 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
     identities = IdentityStore(folder / "auth")
     identities.add("admin", "admin")
     identities.add("keys", "service")
-    identities.add("alice-1", "agent", agent="alice/1", send_to=["bob", "carol", "dave"])
+    identities.add(
+        "alice-1",
+        "agent",
+        agent="alice/1",
+        send_to=["bob", "carol", "dave"],
+        publish_topics=["news"],
+    )
     identities.add("dave-1", "agent", agent="dave/1")  # never runs: what is sent to it stays
     identities.add("bob-1", "agent", agent="bob/1")
     identities.add("carol-1", "agent", agent="carol/1")
@@ -422,4 +432,22 @@ async def test_an_identity_that_asks_too_often_is_told_to_wait(secure: Secure) -
             await KeyServiceClient(alice_nc).seal("e-1", [field])  # a bucket per identity
     finally:
         for nc in (eve_nc, alice_nc):
+            await nc.close()
+
+
+async def test_a_topic_message_opens_for_the_agents_that_read_the_topic(secure: Secure) -> None:
+    admin, alice_nc, bob_nc, eve_nc = [
+        await secure.connect(name) for name in ("admin", "alice-1", "bob-1", "eve-1")
+    ]
+    try:
+        async with secure.key_service(), AgentClient(alice_nc, sender="alice/1") as alice:
+            await alice.publish("news", "intake", Intake(customer="c-8", email=EMAIL, plan="n"))
+            position, body = await last_on(admin, "fuse.a2a._topic.news")
+            assert EMAIL.encode() not in body
+            opened = await KeyServiceClient(bob_nc).open(position)
+            assert json.loads(bytes(opened.values["$.payload.email"])) == EMAIL
+            with pytest.raises(KeyServiceRefusedError, match=r"'eve-1' may not open"):
+                await KeyServiceClient(eve_nc).open(position)
+    finally:
+        for nc in (admin, alice_nc, bob_nc, eve_nc):
             await nc.close()
