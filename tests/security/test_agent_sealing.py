@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,7 +37,7 @@ from newfuse.eventstore import EventStore, open_event_store
 from newfuse.nats import Subjects, connect
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer, signed
-from newfuse.schemas import REDACTED, DataSubject, Personal
+from newfuse.schemas import REDACTED, A2AMessage, A2AMetadata, DataSubject, Personal
 from newfuse.security import KeyService, KeyServiceClient, KVKeyStore, forget, use_keys
 from newfuse.security.identities import IdentityStore
 from newfuse.security.key_service import (
@@ -429,7 +430,10 @@ async def test_an_identity_that_asks_too_often_is_told_to_wait(secure: Secure) -
             with pytest.raises(KeyServiceBusyError, match=r"\(429\).*'eve-1' asks more than 5"):
                 await eve.seal("e-1", [field])
             assert KeyServiceBusyError.retryable
-            await KeyServiceClient(alice_nc).seal("e-1", [field])  # a bucket per identity
+            await KeyServiceClient(alice_nc).seal("e-2", [field])  # a bucket per identity
+            # an event id is whoever sealed it first's
+            with pytest.raises(KeyServiceError, match=r"\(409\).*sealed for 'eve' first"):
+                await KeyServiceClient(alice_nc).seal("e-1", [field])
     finally:
         for nc in (eve_nc, alice_nc):
             await nc.close()
@@ -450,4 +454,47 @@ async def test_a_topic_message_opens_for_the_agents_that_read_the_topic(secure: 
                 await KeyServiceClient(eve_nc).open(position)
     finally:
         for nc in (admin, alice_nc, bob_nc, eve_nc):
+            await nc.close()
+
+
+async def test_a_copied_sealed_value_under_its_event_id_does_not_open_for_its_copier(
+    secure: Secure,
+) -> None:
+    """Eve has alice's ciphertext (from a stolen backup, say) and stores it again in a message
+    of her own under the original event id, past the duplicate window, which she may then ask
+    to open as its sender: the service knows alice sealed that event, so it refuses."""
+    admin, alice_nc, eve_nc = [await secure.connect(n) for n in ("admin", "alice-1", "eve-1")]
+    js = admin.jetstream()
+    config = (await js.stream_info("FUSE_A2A")).config
+    window = config.duplicate_window
+    try:
+        await js.update_stream(dataclasses.replace(config, duplicate_window=0.1))
+        async with (
+            secure.key_service(),
+            AgentClient(alice_nc, sender="alice/1") as alice,
+            AgentClient(eve_nc, sender="eve/1") as eve,
+        ):
+            await alice.send("dave", "intake", Intake(customer="c-10", email=EMAIL, plan="x"))
+            _, body = await last_on(admin, "fuse.a2a.dave")
+            original = json.loads(body)
+            copied = A2AMessage(
+                type="intake",
+                payload=original["data"]["payload"],
+                metadata=A2AMetadata(sender="eve/1"),
+                message_id=original["id"],
+            )
+
+            async def stored_again() -> bool:  # once the duplicate window has passed
+                ack = await eve.record(
+                    "fuse.a2a.bob", "a2a.bob", "a2a.message", copied, event_id=original["id"]
+                )
+                return not ack.duplicate
+
+            await wait_for(stored_again)
+            position, _ = await last_on(admin, "fuse.a2a.bob")
+            with pytest.raises(KeyServiceRefusedError, match=r"sealed for 'alice'"):
+                await KeyServiceClient(eve_nc).open(position)
+    finally:
+        await js.update_stream(dataclasses.replace(config, duplicate_window=window))
+        for nc in (admin, alice_nc, eve_nc):
             await nc.close()

@@ -51,6 +51,7 @@ from newfuse.nats.signing import Certified, issue
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
 from newfuse.security.key_service import SERVICE_NAME as KEY_SERVICE
+from newfuse.security.key_service import sealers_bucket
 from newfuse.security.keys import bucket_name as keys_bucket
 
 Role = Literal["admin", "service", "agent", "system", "reviewer"]
@@ -301,12 +302,14 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
     # the timers' stream (saga timers, core/timers.py: a cancel purges its schedule's subject)
     # and the KV bucket of the data subjects' keys (security/keys.py) are a service's too
     keys = f"KV_{keys_bucket(s.prefix)}"
+    sealers = f"KV_{sealers_bucket(s.prefix)}"  # who sealed which event (the key service)
     streams = (
         s.stream_name,
         s.message_stream_name,
         s.liveness_stream_name,
         s.timer_stream_name,
         keys,
+        sealers,
     )
     publish = [
         s.all_events,
@@ -314,6 +317,7 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
         s.all_liveness,
         s.all_timers,
         f"$KV.{keys_bucket(s.prefix)}.>",
+        f"$KV.{sealers_bucket(s.prefix)}.>",
         f"{API}.STREAM.PURGE.{s.timer_stream_name}",
         f"{s.prefix}.rpc.>",
         f"{API}.INFO",
@@ -332,6 +336,7 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
             for stream in streams
         ),
         f"{API}.STREAM.MSG.GET.{keys}",  # a KV get (the bucket has no direct get)
+        f"{API}.STREAM.MSG.GET.{sealers}",
         f"{API}.STREAM.NAMES",
         f"{API}.STREAM.LIST",
     ]

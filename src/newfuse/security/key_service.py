@@ -16,6 +16,13 @@ process under a service identity answers two core NATS requests for it, the shap
   who may read the keys' bucket anyway, may open any message. A forgotten subject's fields
   come back null and listed in `redacted`.
 
+A sealed value is bound to its event id, and a sender chooses its event ids, so a value
+copied (from a stolen backup) into a message of one's own under the original id would open
+for its copier as that message's sender. So a service with a Trust notes who sealed each
+event id (KV bucket `<prefix>_sealers`, event id -> the sealer's agent type or name; the
+first to seal an id owns it, 409 for anyone else) and opens for others only a message whose
+signer is that sealer.
+
 Who asks (either request: a seal is counted against its asker's rate) is what the server and
 a signature bind: a request carries its sender's certificate and Ed25519 signature
 (`Fuse-Identity`, `Fuse-Signature`, nats/signing.py), checked against the admin keys the
@@ -37,6 +44,7 @@ served at once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -49,6 +57,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
 
 from newfuse._closing import AsyncClosing
 from newfuse.errors import (
@@ -58,6 +68,7 @@ from newfuse.errors import (
     KeyServiceError,
     KeyServiceRefusedError,
     KeyServiceUnavailableError,
+    KeyStoreUnavailableError,
     SealedValueError,
 )
 from newfuse.nats import headers
@@ -207,6 +218,7 @@ class KeyService(AsyncClosing):
         self.subjects = Subjects(prefix)
         self.rate = rate
         self._buckets: dict[str, RateLimiter] = {}
+        self._sealers: KeyValue | None = None
         self.cipher = SubjectCipher(keys, owns_keys=owns_keys)
         self.trust = trust if trust is not None else trust_of(nc)
         self.served = 0
@@ -237,9 +249,16 @@ class KeyService(AsyncClosing):
         }
 
     async def start(self) -> None:
-        """Answer requests (idempotent)."""
+        """Answer requests (idempotent).
+
+        Raises:
+            KeyServiceError: with a Trust, the bucket of who sealed which event
+                (`<prefix>_sealers`) is not there and cannot be made (provision it first).
+        """
         if self._subscriptions:
             return
+        if self.trust is not None and self._sealers is None:
+            self._sealers = await open_sealers(self._nc, self.subjects.prefix)
         for operation, endpoint in self._endpoints.items():
             self._subscriptions.append(
                 await self._nc.subscribe(
@@ -278,7 +297,9 @@ class KeyService(AsyncClosing):
                 )
             holder = self._signer(msg)
             self._within_rate(holder)
-            answer = await (self._seal(msg) if operation == "seal" else self._open(msg, holder))
+            answer = await (
+                self._seal(msg, holder) if operation == "seal" else self._open(msg, holder)
+            )
         except _Refusal as refusal:
             error, code = refusal.reason, refusal.code
         except FuseError as failure:
@@ -300,7 +321,7 @@ class KeyService(AsyncClosing):
 
     # -- seal ------------------------------------------------------------------------------------
 
-    async def _seal(self, msg: Msg) -> bytes:
+    async def _seal(self, msg: Msg, holder: Certified | None) -> bytes:
         request = _decoded(_SEAL, msg.data, "seal")
         try:
             check_event_id(request.event)
@@ -326,6 +347,8 @@ class KeyService(AsyncClosing):
                 raise _Refusal(
                     400, f"{where}: the value has {size} bytes; at most {MAX_VALUE_BYTES}"
                 )
+        if holder is not None:
+            await self._record(request.event, sealer_of(holder))
         subjects = {field.subject for field in request.fields}
         sealed: list[SealedValue] = []
         for attempt in range(2):
@@ -359,22 +382,26 @@ class KeyService(AsyncClosing):
             body = _STORED.decode(envelope.data)
         except (FuseError, msgspec.DecodeError, msgspec.ValidationError):
             raise _Refusal(422, f"{where} is not an A2A message") from None
-        if not self._may_open(requester, subject, stored, body):
+        signer = self._signer_of(subject, stored)
+        if not self._may_open(requester, subject, signer, body):
             raise _Refusal(
                 403,
                 f"{requester.name!r} may not open {where}: it is neither its sender nor "
                 f"addressed to it (subject {subject})",
             )
-        values: dict[str, msgspec.Raw] = {}
-        redacted: list[str] = []
+        found: list[tuple[str, SealedValue]] = []
         for name, raw in (body.payload or {}).items():
             if _MARK not in bytes(raw):
                 continue
             try:
-                value = SEALED_DECODER.decode(raw)
+                found.append((PAYLOAD_PATH + name, SEALED_DECODER.decode(raw)))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue  # not a sealed value by its form: not ours to open
-            path = PAYLOAD_PATH + name
+        if found and requester.role not in PRIVILEGED:
+            await self._check_sealer(envelope.id, signer, where)
+        values: dict[str, msgspec.Raw] = {}
+        redacted: list[str] = []
+        for path, value in found:
             plaintext = await self._decrypt(value, envelope.id, path)
             if plaintext is None:
                 redacted.append(path)
@@ -436,10 +463,12 @@ class KeyService(AsyncClosing):
                 429, f"{name!r} asks more than {self.rate:g} times a second; try again shortly"
             )
 
-    def _may_open(self, who: _Requester, subject: str, stored: Msg, body: _Stored) -> bool:
+    def _may_open(
+        self, who: _Requester, subject: str, signer: Certified | None, body: _Stored
+    ) -> bool:
         if who.role in PRIVILEGED:
             return True
-        if self._sent_by(who, subject, stored, body):
+        if self._sent_by(who, signer, body):
             return True
         prefix = f"{self.subjects.prefix}.a2a."
         if not subject.startswith(prefix):
@@ -457,16 +486,73 @@ class KeyService(AsyncClosing):
             return tokens[0] == agent_type
         return len(tokens) == 2 and tokens == [agent_type, agent_key]
 
-    def _sent_by(self, who: _Requester, subject: str, stored: Msg, body: _Stored) -> bool:
-        trust = self.trust
-        if trust is None:
+    def _sent_by(self, who: _Requester, signer: Certified | None, body: _Stored) -> bool:
+        if self.trust is None:
             claimed = body.metadata.sender if body.metadata is not None else ""
             return isinstance(claimed, str) and claimed == who.name
+        return signer is not None and signer.name == who.name
+
+    def _signer_of(self, subject: str, stored: Msg) -> Certified | None:
+        """Who signed the stored message (None: unsigned, or no Trust to check it with)."""
+        if self.trust is None:
+            return None
         try:
-            signer = trust.sender(subject, stored.data, stored.headers)
+            return self.trust.sender(subject, stored.data, stored.headers)
         except SenderError:
-            return False
-        return signer.name == who.name
+            return None
+
+    async def _record(self, event_id: str, sealer: str) -> None:
+        """Note that `sealer` sealed values for `event_id` (again, after a redelivery, is
+        fine); 409 when another sealed for that event id first."""
+        records = self._sealers
+        if records is None:
+            return
+        key = _kv_key(event_id)
+        try:
+            try:
+                await records.create(key, sealer.encode())
+                return
+            except KeyWrongLastSequenceError:
+                found = await records.get(key)
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            found = None
+        except Exception as error:
+            raise self._records_unavailable(error) from None
+        earlier = (found.value or b"").decode(errors="replace") if found is not None else ""
+        if earlier != sealer:
+            raise _Refusal(
+                409, f"event {event_id!r:.80} was sealed for {earlier!r:.80} first: use another id"
+            )
+
+    def _records_unavailable(self, error: Exception) -> KeyStoreUnavailableError:
+        bucket = sealers_bucket(self.subjects.prefix)
+        return KeyStoreUnavailableError(
+            store=f"KV bucket {bucket!r}", reason=f"{type(error).__name__}: {error}"
+        )
+
+    async def _check_sealer(self, event_id: str, signer: Certified | None, where: str) -> None:
+        """Refuse to open the sealed values of a message whose signer is not who sealed them:
+        the event id binds a sealed value, and a sender chooses its event ids, so a copy of a
+        stolen value under its own id would otherwise open for whoever stored the copy."""
+        records = self._sealers
+        if records is None:
+            return
+        try:
+            found = await records.get(_kv_key(event_id))
+        except KeyNotFoundError:
+            found = None
+        except Exception as error:
+            raise self._records_unavailable(error) from None
+        if found is None:
+            raise _Refusal(403, f"no record that event {event_id!r:.80} ({where}) was sealed here")
+        sealer = (found.value or b"").decode(errors="replace")
+        signed_by = "nobody" if signer is None else repr(signer.name)
+        if signer is None or sealer_of(signer) != sealer:
+            raise _Refusal(
+                403,
+                f"event {event_id!r:.80} was sealed for {sealer!r}, but {signed_by} signed "
+                f"{where}: a copy does not open",
+            )
 
     async def close(self) -> None:
         """Stop answering; requests being served finish first. Idempotent."""
@@ -478,6 +564,52 @@ class KeyService(AsyncClosing):
         if self._serving:
             await asyncio.wait(list(self._serving))
         await self.cipher.close()
+
+
+def sealers_bucket(prefix: str) -> str:
+    """The KV bucket of who sealed which event: `<prefix>_sealers`."""
+    return f"{prefix}_sealers"
+
+
+def sealer_of(holder: Certified) -> str:
+    """Whose an event's sealed values are: an agent identity's type (its instances handle
+    one another's redeliveries, whose effects keep their ids), any other identity's name."""
+    if holder.role == "agent":
+        return holder.agent.partition("/")[0] or holder.name
+    return holder.name
+
+
+async def open_sealers(nc: Client, prefix: str, *, replicas: int = 1) -> KeyValue:
+    """The bucket `<prefix>_sealers` (event id -> who sealed it, history 1), made when missing
+    (an admin may; a service identity only opens it: `provision` makes it).
+
+    Raises:
+        KeyServiceError: it is not there and cannot be made, or the server did not answer.
+    """
+    bucket = sealers_bucket(prefix)
+    js = nc.jetstream()
+    try:
+        try:
+            return await js.key_value(bucket)
+        except (NotFoundError, KeyNotFoundError):
+            return await js.create_key_value(
+                bucket=bucket,
+                history=1,
+                replicas=replicas,
+                description="newfuse: who sealed which event's fields (the key service)",
+            )
+    except Exception as error:
+        raise KeyServiceError(
+            operation="start",
+            code=500,
+            reason=f"KV bucket {bucket!r}: {type(error).__name__}: {error}; an admin makes it "
+            "(newfuse.agents.secure.provision, which fuse dev --secure runs)",
+        ) from None
+
+
+def _kv_key(text: str) -> str:
+    """A KV key for any text (KV keys allow `[-/_=.A-Za-z0-9]`)."""
+    return base64.urlsafe_b64encode(text.encode()).decode()
 
 
 def _decoded(decoder: msgspec.json.Decoder[Any], data: bytes, operation: str) -> Any:
