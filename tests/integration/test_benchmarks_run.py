@@ -80,7 +80,9 @@ SAGA_LINES = {
 }
 AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
 SIGNER_LINES = {"jetstream.read_all.signers_checked", "jetstream.read.signers_checked"}
-AGENT_SEALING_LINES = {f"agent_sealing.round_trip.{p}" for p in ("p50", "p99")}
+AGENT_SEALING_LINES = {
+    f"agent_sealing{bus}.round_trip.{p}" for bus in ("", ".secured") for p in ("p50", "p99")
+}
 
 
 @pytest.mark.parametrize(
