@@ -1544,3 +1544,44 @@ class UntrustedServerError(SecurityError):
             "certificate that signed the server's (--ca, FUSE_NATS_CA, or `ca` in the "
             "credentials file)"
         )
+
+
+class KeyServiceError(SecurityError):
+    """The key service (security/key_service.py) did not seal or open what an agent asked:
+    `operation` is `seal` or `open`, `code` the answer's ADR-32 error code (400 a malformed
+    request, 403 refused, 404 no such message, 500 its own failure, 503 no answer)."""
+
+    def __init__(self, *, operation: str, code: int, reason: str) -> None:
+        self.operation = operation
+        self.code = code
+        self.reason = reason
+        super().__init__(f"key service, {operation} ({code}): {reason}")
+
+
+class KeyServiceRefusedError(KeyServiceError):
+    """The key service will not open these fields for this requester (it is neither the
+    message's recipient nor its sender, or it cannot be told who asks). Retrying does not help."""
+
+
+class KeyServiceUnavailableError(KeyServiceError):
+    """No key service answered in time (none runs, or it is restarting): nothing was sealed or
+    opened, and no field was given to a handler redacted instead. Trying again later may help."""
+
+    retryable = True
+
+    def __init__(self, *, operation: str, subject: str, reason: str) -> None:
+        self.subject = subject
+        super().__init__(
+            operation=operation,
+            code=503,
+            reason=f"no answer on {subject} ({reason}); is a key service running (`fuse dev` "
+            "runs one; in Python newfuse.security.KeyService)?",
+        )
+
+
+class KeyServiceBusyError(KeyServiceError):
+    """The key service answered that it cannot serve this now: the requester asks too often
+    (429), or its key store or the message stream did not answer it (503). Trying again
+    later may help."""
+
+    retryable = True

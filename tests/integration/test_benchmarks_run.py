@@ -80,6 +80,9 @@ SAGA_LINES = {
 }
 AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
 SIGNER_LINES = {"jetstream.read_all.signers_checked", "jetstream.read.signers_checked"}
+AGENT_SEALING_LINES = {
+    f"agent_sealing{bus}.round_trip.{p}" for bus in ("", ".secured") for p in ("p50", "p99")
+}
 
 
 @pytest.mark.parametrize(
@@ -93,6 +96,7 @@ SIGNER_LINES = {"jetstream.read_all.signers_checked", "jetstream.read.signers_ch
         ("sagas.py", SAGA_LINES),
         ("audit.py", AUDIT_LINES),
         ("signers.py", SIGNER_LINES),
+        ("agent_sealing.py", AGENT_SEALING_LINES),
     ],
 )
 def test_quick_run_prints_one_json_line_per_measurement_with_numeric_fields(

@@ -22,11 +22,11 @@ from newfuse.agents import Agent, AgentClient, Context
 from newfuse.core import Orchestrator, Saga, StepContext
 from newfuse.errors import PermissionDeniedError
 from newfuse.eventstore import open_event_store
-from newfuse.nats import NatsServer, Subjects, connect
+from newfuse.nats import Subjects, connect
 from newfuse.nats.connection import Credentials
 from newfuse.security.identities import IdentityStore, server_config
 from newfuse.security.keys import KVKeyStore
-from support import secured_nats
+from support import SecuredBus, secured_nats
 
 echo = Agent("echo", description="answers with what it was sent")
 
@@ -37,15 +37,8 @@ async def ping(ctx: Context, body: dict[str, object]) -> dict[str, object]:
 
 
 @dataclass
-class Secure:
-    server: NatsServer
-    identities: IdentityStore
+class Secure(SecuredBus):
     prefix: str
-
-    async def connect(self, name: str) -> Client:
-        return await connect(
-            self.server.url, name=name, credentials=self.identities.credentials(name)
-        )
 
     def seed(self, name: str) -> str:
         return self.identities.seed(name)

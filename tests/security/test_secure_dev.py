@@ -9,9 +9,13 @@ import os
 import stat
 from pathlib import Path
 
+import msgspec
+
 from newfuse.agents import AgentClient
 from newfuse.nats import connect
 from newfuse.nats.connection import Credentials
+from newfuse.security import KeyServiceClient
+from newfuse.security.key_service import SealField
 from support import dev_environment, run_fuse, start_echo_agent, start_fuse_dev, wait_for
 
 
@@ -67,6 +71,7 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
         assert {row["name"]: row["role"] for row in listed} == {
             "admin": "admin",
             "system": "system",
+            "keys": "service",
             "echo-1": "agent",
             "caller": "agent",
         }
@@ -80,6 +85,10 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
             try:
                 async with AgentClient(nc, sender="caller") as client:
                     reply = await client.request("echo", "ping", {"n": 1}, timeout=20)
+                # the dev's key service (as its service identity `keys`) seals for an agent
+                field = SealField(path="$.payload.email", subject="c-1", value=msgspec.Raw(b'"a"'))
+                sealed = await KeyServiceClient(nc).seal("e-1", [field])
+                assert sealed[0].sub == "c-1"
             finally:
                 await nc.close()
             assert reply.payload == {"pong": {"n": 1}}

@@ -19,12 +19,13 @@ from nats.errors import NoRespondersError
 from opentelemetry import trace
 
 from newfuse import telemetry
-from newfuse.agents import wire
+from newfuse.agents import sealing, wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.tasks import read_task, task_id_for
 from newfuse.errors import (
     AgentClosedError,
     FuseError,
+    InvalidPayloadError,
     MessageDeniedError,
     RequestFailedError,
     RequestTimeoutError,
@@ -49,6 +50,7 @@ from newfuse.schemas import (
     TraceContext,
     new_event_id,
 )
+from newfuse.security.key_service import KeyServiceClient
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,9 @@ class AgentClient:
         self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
         # an identity may read only its own replies (`fuse auth`): its name is the token
         self._token = identity_of(nc) or uuid.uuid4().hex[:12]
+        self._keys = KeyServiceClient(
+            nc, prefix=prefix, requester=identity_of(nc) or sender, timeout=timeout
+        )
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._replies: Subscription | None = None
         self._unclaimed: list[UnclaimedReply] = []
@@ -227,8 +232,16 @@ class AgentClient:
             )
 
     async def _store(
-        self, subject: str, stream: str, message: A2AMessage, carried: TraceContext | None = None
+        self,
+        subject: str,
+        stream: str,
+        message: A2AMessage,
+        carried: TraceContext | None = None,
+        payload: Any = None,
     ) -> PubAck:
+        plan = sealing.plan_of(payload)
+        if plan is not None:  # `payload` declares sealed fields: the key service seals them
+            message = await sealing.seal_message(self._keys, message, plan, stream)
         return await self.record(
             subject,
             stream,
@@ -300,7 +313,7 @@ class AgentClient:
             reply_to=self._token if want_reply else None,
         )
         with self._producing(subject, stream, message) as carried:
-            await self._store(subject, stream, message, carried)
+            await self._store(subject, stream, message, carried, payload)
         return message.message_id or ""
 
     async def publish(
@@ -311,7 +324,7 @@ class AgentClient:
         message = self._message(message_type, payload, message_id=message_id or new_event_id())
         subject, stream = self.subjects.topic(topic), f"topic.{topic}"
         with self._producing(subject, stream, message) as carried:
-            await self._store(subject, stream, message, carried)
+            await self._store(subject, stream, message, carried, payload)
         return message.message_id or ""
 
     def task_id(self, to: AgentId | str, message_id: str) -> str:
@@ -441,7 +454,7 @@ class AgentClient:
         async def once(carried: TraceContext | None) -> Reply:
             started = time.monotonic()
             try:
-                await self._store(subject, stream, message, carried)
+                await self._store(subject, stream, message, carried, payload)
                 async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                     reply = await asyncio.shield(future)
             except TimeoutError:
@@ -532,7 +545,7 @@ class AgentClient:
                     reply_to=token,
                 )
                 with self._producing(subject, stream, message) as carried:
-                    await self._store(subject, stream, message, carried)
+                    await self._store(subject, stream, message, carried, payload)
             try:
                 async with asyncio.timeout(timeout):
                     reply = await future
@@ -562,6 +575,14 @@ class AgentClient:
                 agent's policy does not accept the request.
         """
         check_agent_name(agent_type, kind="agent type")
+        if sealing.plan_of(payload) is not None:
+            raise InvalidPayloadError(
+                type_name=message_type,
+                version=1,
+                path="$.payload",
+                reason="it has sealed fields, which travel through the log only: use "
+                "`request` (a call stores nothing the key service could open)",
+            )
         message_id = new_event_id()
         message = self._message(
             message_type, payload, message_id=message_id, reply_to=FAST_PATH_TOKEN

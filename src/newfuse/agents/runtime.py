@@ -32,7 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from newfuse import telemetry
-from newfuse.agents import wire
+from newfuse.agents import sealing, wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.models.base import ChatResult, ModelProvider
 from newfuse.agents.models.recording import (
@@ -102,7 +102,9 @@ from newfuse.schemas import (
     VersionRange,
     check_token,
 )
+from newfuse.schemas.sealed import SealPlan
 from newfuse.security.events import DenialRecorder
+from newfuse.security.key_service import KeyServiceClient
 
 log = logging.getLogger("newfuse.agents")
 
@@ -167,6 +169,13 @@ class Context:
         self._trace = wire.current_trace()
         self._model_log: _HandlerLog | None = None
         self._model_effects = 0
+        self._unsealed = 0  # effects whose sealed fields the key service has yet to seal
+        self.redacted: tuple[str, ...] = ()
+        """Paths of the message's sealed fields that read as their replacement: their data
+        subject was forgotten (`fuse forget`)."""
+        self._opened: dict[str, Any] | None = None
+        """The payload with its sealed fields opened, what the handler is given; `message`
+        stays as stored (sealed), so what is recorded of it (a task's history) is too."""
         self._records: list[asyncio.Task[None]] = []  # model records being stored meanwhile
 
     @property
@@ -234,9 +243,36 @@ class Context:
             role="agent",
             **fields,
         )
+        plan = sealing.plan_of(payload)
+        if plan is not None:  # sealed by the key service when the handler returns
+            self._effects.append(_Unsealed(subject, stream, message, plan))
+            self._unsealed += 1
+            return message.message_id or ""
         return self._effect(
             subject, stream, wire.MESSAGE_TYPE, message, event_id=message.message_id
         )
+
+    async def _seal_effects(self) -> None:
+        """Have the key service seal the sealed fields of the messages emitted (a failure fails
+        the handler's run, as its own error would: retried, then dead-lettered)."""
+        keys: KeyServiceClient | None = getattr(self._runtime, "_keys", None)
+        fast_reply = self._runtime.subjects.reply("_call")
+        for index, effect in enumerate(self._effects):
+            if not isinstance(effect, _Unsealed):
+                continue
+            if effect[0] == fast_reply or keys is None:
+                raise InvalidPayloadError(
+                    type_name=effect.message.type,
+                    version=1,
+                    path="$.payload",
+                    reason="it has sealed fields, which travel through the log only (a "
+                    "fast-path answer or a replay stores nothing the key service could open)",
+                )
+            message = await sealing.seal_message(keys, effect.message, effect.plan, effect.stream)
+            self._effects[index] = self._encoded(
+                effect[0], effect.stream, wire.MESSAGE_TYPE, message, event_id=effect.event_id
+            )
+        self._unsealed = 0
 
     @property
     def task_id(self) -> str:
@@ -298,6 +334,14 @@ class Context:
                 message_id=self.message.message_id or self.envelope.id,
             )
             self._effect(subject, stream, wire.MESSAGE_TYPE, received)
+        if sealing.plan_of(data) is not None:  # a part is not sealed: it would be in the clear
+            raise InvalidPayloadError(
+                type_name=STATUS_TYPE,
+                version=1,
+                path="$.message.parts",
+                reason=f"{type(data).__qualname__} has sealed fields, and a status's data is "
+                "not sealed: send them in a message (ctx.send, ctx.reply)",
+            )
         parts = []
         if text is not None:
             parts.append(Part(text=text))
@@ -402,6 +446,22 @@ class Context:
         )
 
 
+class _Unsealed(tuple[str, bytes, dict[str, str]]):
+    """An effect whose message has sealed fields still to seal. Its body stays empty until
+    `Context._seal_effects` replaces it, so its plaintext is never in an effect."""
+
+    message: A2AMessage
+    stream: str
+    plan: SealPlan
+    event_id: str
+
+    def __new__(cls, subject: str, stream: str, message: A2AMessage, plan: SealPlan) -> _Unsealed:
+        effect = super().__new__(cls, (subject, b"", {}))
+        effect.message, effect.stream, effect.plan = message, stream, plan
+        effect.event_id = message.message_id or ""
+        return effect
+
+
 class _Sender(NamedTuple):
     """Who sent a message, as far as the receiving runtime can tell."""
 
@@ -495,7 +555,7 @@ async def run_handler(route: _Route, ctx: Context) -> None:
     Raises:
         InvalidPayloadError: the payload does not fit the handler's type.
     """
-    payload: Any = ctx.message.payload
+    payload: Any = ctx.message.payload if ctx._opened is None else ctx._opened
     if route.payload is not dict:
         try:
             payload = msgspec.convert(payload, route.payload)
@@ -506,6 +566,8 @@ async def run_handler(route: _Route, ctx: Context) -> None:
     result = await route.handler(ctx, payload)
     if result is not None:
         ctx.reply(result)
+    if ctx._unsealed:
+        await ctx._seal_effects()
 
 
 def _as_payload(value: Any) -> dict[str, Any]:
@@ -762,6 +824,8 @@ class RunningAgent:
             nc, subjects.message_stream_name, timeout=5.0, patience=agent.election_timeout
         )
         self._records = RecordWriter(self._publish, limit=RECORDS_IN_FLIGHT)
+        self._keys = KeyServiceClient(nc, prefix=subjects.prefix, requester=str(agent_id))
+        """Seals and opens its messages' sealed fields (agents/sealing.py)."""
         self._server_version = ""
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._loops: dict[str, PullLoop] = {}
@@ -1068,9 +1132,32 @@ class RunningAgent:
                 f"(it handles {known})",
             )
             return
+        opened: A2AMessage | None = None
+        redacted: tuple[str, ...] = ()
+        # one substring search for every other message
+        if sealing.SEALED_MARK in msg.data and sealing.holds_sealed(message):
+            try:
+                opened, redacted = await sealing.open_message(
+                    self._keys,
+                    message,
+                    event_id=envelope.id,
+                    position=position,
+                    payload_type=route.payload,
+                )
+            except FuseError as error:  # never handled with fields it could not open
+                reason = f"{type(error).__name__}: {error}"
+                _failed(span, error, reason)
+                log.warning("agent %s: %s: %s", self.agent_id, msg.subject, reason)
+                if error.retryable and attempt < self.agent.max_attempts:
+                    await msg.nak(delay=self._backoff(attempt))
+                    return
+                await self._dead_letter(msg, consumer, envelope, message, attempt, reason)
+                return
         ctx = self._context_class(
             self, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
+        if opened is not None:
+            ctx._opened, ctx.redacted = opened.payload, redacted
         started = time.monotonic()
         try:
             await self._call(route, ctx, msg)

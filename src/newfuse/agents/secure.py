@@ -22,12 +22,14 @@ from newfuse.nats import (
 )
 from newfuse.nats.provision import server_supports_schedules, server_version
 from newfuse.security.identities import Identity
+from newfuse.security.key_service import open_sealers
 from newfuse.security.keys import KVKeyStore
 
 
 async def provision(nc: Client, identities: list[Identity], prefix: str) -> list[str]:
     """Create the streams, the timers' stream (where the server schedules messages), the KV
-    bucket of the data subjects' keys, and every agent identity's consumers (idempotent);
+    buckets of the data subjects' keys and of who sealed which event, and every agent
+    identity's consumers (idempotent);
     returns the consumers made or confirmed. `nc` must be an admin's connection (a service
     may confirm what exists, not create it)."""
     subjects = Subjects(prefix)
@@ -37,6 +39,7 @@ async def provision(nc: Client, identities: list[Identity], prefix: str) -> list
     if server_supports_schedules(server_version(nc)):
         await ensure_event_stream(nc, TimerStreamSpec(subjects=subjects))
     await (await KVKeyStore.open(nc, prefix)).close()
+    await open_sealers(nc, prefix)  # who sealed which event: the key service's
     made: list[str] = []
     for identity in identities:
         if identity.role != "agent" or identity.revoked:

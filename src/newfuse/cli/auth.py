@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from newfuse.config import Settings, read_dev_state, resolve_nats_ca
 from newfuse.nats import Subjects
 from newfuse.schemas import IDENTITIES_STREAM
 from newfuse.security.events import sync_identities
-from newfuse.security.identities import ROLES, Identity, IdentityStore, server_config
+from newfuse.security.identities import ROLES, Identity, IdentityStore, Role, server_config
 
 DEV_SERVER_NAME = "newfuse-embedded"
 """The name `fuse dev`'s nats-server has (NatsServer's default)."""
@@ -250,13 +251,25 @@ def ensure_system_identity(store: IdentityStore) -> Identity:
     """The first active `system` identity of `store`, made (named `system`, or `system-2`…
     if that name is taken) when there is none: what a secure `fuse dev` hears the server's
     refused logins as."""
+    return _ensure(store, "system", "system", lambda i: True)
+
+
+def ensure_key_service_identity(store: IdentityStore) -> Identity:
+    """The `service` identity a secure `fuse dev` runs its key service as (named `keys`, or
+    `keys-2`… if that name is taken), made when there is none."""
+    return _ensure(store, "service", "keys", lambda i: i.name.split("-")[0] == "keys")
+
+
+def _ensure(
+    store: IdentityStore, role: Role, base: str, fits: Callable[[Identity], bool]
+) -> Identity:
     identities = store.list()
-    active = [i for i in identities if i.role == "system" and not i.revoked]
+    active = [i for i in identities if i.role == role and not i.revoked and fits(i)]
     if active:
         return active[0]
     taken = {i.name for i in identities}
-    name = next(n for n in ("system", *(f"system-{k}" for k in range(2, 10**6))) if n not in taken)
-    return store.add(name, "system")
+    name = next(n for n in (base, *(f"{base}-{k}" for k in range(2, 10**6))) if n not in taken)
+    return store.add(name, role)
 
 
 def write_dev_config(path: Path, store: IdentityStore, prefix: str, server_name: str) -> None:

@@ -30,6 +30,7 @@ from newfuse.cli._read_models import extra_projections
 from newfuse.cli.auth import (
     AUTH_CONFIG,
     DEV_SERVER_NAME,
+    ensure_key_service_identity,
     ensure_system_identity,
     write_dev_config,
 )
@@ -53,6 +54,7 @@ from newfuse.security import with_keys
 from newfuse.security.auth_events import recording_auth_failures
 from newfuse.security.events import sync_identities
 from newfuse.security.identities import IdentityStore
+from newfuse.security.key_service import serving_keys
 from newfuse.security.valkey import ensure_projection_user, with_user
 
 
@@ -264,11 +266,27 @@ async def run_dev(args: argparse.Namespace) -> int:
                         ca=ca,
                     )
                 )
+                # agents seal and open fields through it, never holding a key
+                keys = ensure_key_service_identity(identities).name
+                await listeners.enter_async_context(
+                    serving_keys(
+                        nats.url,
+                        credentials=identities.credentials(keys),
+                        prefix=settings.prefix,
+                        ca=ca,
+                        topics=lambda name: _topics_of(identities, name),
+                    )
+                )
                 print(
                     f"fuse dev: secure: identities in {Path(admin).parent} ({made} agent "
                     f"consumer(s) made); other commands connect as {Path(admin).stem}; refused "
-                    f"logins are recorded (auth.failed, heard as {system})",
+                    f"logins are recorded (auth.failed, heard as {system}); the key service "
+                    f"runs as {keys}",
                     file=sys.stderr,
+                )
+            else:  # no identities: agents could read the keys, but use it all the same
+                await listeners.enter_async_context(
+                    serving_keys(nats.url, credentials=None, prefix=settings.prefix, ca=ca)
                 )
             projections = ProjectionGroup(runners)
             running = asyncio.create_task(projections.run(handle_signals=False))
@@ -318,6 +336,12 @@ async def run_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topics_of(identities: IdentityStore, name: str) -> tuple[str, ...]:
+    """The topics the agent identity `name` reads (its shared consumer's), none when unknown."""
+    found = [i for i in identities.list() if i.name == name and not i.revoked]
+    return found[0].topics if found else ()
+
+
 def _secure(settings: Settings, root: Path) -> Path:
     """The identities of a secure dev (an `admin` made when there is no admin, a `system` one
     when there is none), the server's authorization written to `<root>/auth.conf`; returns the
@@ -326,6 +350,7 @@ def _secure(settings: Settings, root: Path) -> Path:
     admins = [i for i in store.list() if i.role == "admin" and not i.revoked]
     admin = admins[0] if admins else store.add("admin", "admin")
     ensure_system_identity(store)
+    ensure_key_service_identity(store)
     write_dev_config(root / AUTH_CONFIG, store, settings.prefix, DEV_SERVER_NAME)
     return store.seed_file(admin.name)
 

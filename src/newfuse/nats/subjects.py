@@ -150,6 +150,11 @@ class Subjects:
         """The fast path (core NATS request/reply, in no stream): `<prefix>.rpc.<type>`."""
         return f"{self.prefix}.rpc.{agent_type}"
 
+    def key_service(self, operation: str) -> str:
+        """Requests to the key service (core NATS, in no stream): `<prefix>.keys.<operation>`,
+        `seal` or `open` (security/key_service.py)."""
+        return f"{self.prefix}.keys.{operation}"
+
     @property
     def task_cancels(self) -> str:
         """Where a task's cancel is announced to its workers (core NATS, in no stream; the

@@ -12,7 +12,7 @@ from __future__ import annotations
 import binascii
 import typing
 from collections.abc import Iterable
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeGuard
 
 import msgspec
 
@@ -34,6 +34,13 @@ MAX_SUBJECT_CHARS: Final = 256
 """Longest data subject id (it names a key in the key store)."""
 
 Kind = Literal["personal", "secret"]
+
+
+def names_a_subject(value: object) -> TypeGuard[str]:
+    """Whether `value` can name a data subject: a non-empty printable string of at most
+    `MAX_SUBJECT_CHARS` characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_SUBJECT_CHARS and value.isprintable()
+
 
 _UNSET: Final[Any] = object()
 
@@ -182,12 +189,7 @@ class SealPlan:
         if field.subject is None:
             return stream
         value = getattr(found, field.subject)
-        if (
-            not isinstance(value, str)
-            or not value
-            or len(value) > MAX_SUBJECT_CHARS
-            or not value.isprintable()
-        ):
+        if not names_a_subject(value):
             raise ValueError(
                 f"`$.{field.subject}` names the data subject of `{field.path}`: it must be a "
                 f"non-empty printable string of at most {MAX_SUBJECT_CHARS} characters, "

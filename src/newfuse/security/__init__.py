@@ -4,6 +4,7 @@ payload fields sealed per data subject with the key stores that forgetting empti
 from newfuse.security.audit import CHECKPOINTS, Report, checkpoint, origin_of, verify
 from newfuse.security.crypto import SubjectCipher, open_key_store, use_keys, with_keys
 from newfuse.security.forgetting import Forgotten, forget
+from newfuse.security.key_service import KeyService, KeyServiceClient, serving_keys
 from newfuse.security.keys import KeyStore, KVKeyStore, SQLiteKeyStore, SubjectKey
 from newfuse.security.notes import SigningKey, VerifierKey
 
@@ -11,6 +12,8 @@ __all__ = [
     "CHECKPOINTS",
     "Forgotten",
     "KVKeyStore",
+    "KeyService",
+    "KeyServiceClient",
     "KeyStore",
     "Report",
     "SQLiteKeyStore",
@@ -22,6 +25,7 @@ __all__ = [
     "forget",
     "open_key_store",
     "origin_of",
+    "serving_keys",
     "use_keys",
     "verify",
     "with_keys",

@@ -11,7 +11,8 @@ Roles:
 - `admin`: everything (the CLI of an operator, `fuse dev` itself).
 - `service`: the bus's own processes (projections, orchestrators, detectors): read and write the
   event log and the message stream through JetStream, but not create, delete or purge streams,
-  nor delete messages.
+  nor delete messages. It may answer requests: the key service (security/key_service.py) runs
+  as one.
 - `reviewer`: a person deciding saga steps' reviews for the groups their certificate names
   (`--group`): append to review streams (and feedback), read the event log and the keys'
   bucket (what they review may hold sealed fields); nothing else.
@@ -20,7 +21,8 @@ Roles:
   queue), to the topics it declares (`publish_topics`), replies, its own
   markers, dead letters, model records and heartbeats, and the status events of tasks. It may
   read only its own durable consumers (by name), its own replies, its own markers (by subject),
-  and its fast-path service. No other direct get, no stream read, no consumer of another inbox.
+  and its fast-path service. It may ask the key service to seal and open fields (it never
+  reads a key). No other direct get, no stream read, no consumer of another inbox.
   Streams and consumers are created by an admin or service first (`fuse dev --secure` does it
   for the identities it knows).
 - `system`: a user of nats-server's system account (`SYS`), which sees nothing of the bus's
@@ -49,6 +51,8 @@ from newfuse.nats.micro import service_name
 from newfuse.nats.signing import Certified, issue
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import check_token
+from newfuse.security.key_service import SERVICE_NAME as KEY_SERVICE
+from newfuse.security.key_service import sealers_bucket
 from newfuse.security.keys import bucket_name as keys_bucket
 
 Role = Literal["admin", "service", "agent", "system", "reviewer"]
@@ -299,12 +303,14 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
     # the timers' stream (saga timers, core/timers.py: a cancel purges its schedule's subject)
     # and the KV bucket of the data subjects' keys (security/keys.py) are a service's too
     keys = f"KV_{keys_bucket(s.prefix)}"
+    sealers = f"KV_{sealers_bucket(s.prefix)}"  # who sealed which event (the key service)
     streams = (
         s.stream_name,
         s.message_stream_name,
         s.liveness_stream_name,
         s.timer_stream_name,
         keys,
+        sealers,
     )
     publish = [
         s.all_events,
@@ -312,6 +318,7 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
         s.all_liveness,
         s.all_timers,
         f"$KV.{keys_bucket(s.prefix)}.>",
+        f"$KV.{sealers_bucket(s.prefix)}.>",
         f"{API}.STREAM.PURGE.{s.timer_stream_name}",
         f"{s.prefix}.rpc.>",
         f"{API}.INFO",
@@ -330,6 +337,7 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
             for stream in streams
         ),
         f"{API}.STREAM.MSG.GET.{keys}",  # a KV get (the bucket has no direct get)
+        f"{API}.STREAM.MSG.GET.{sealers}",
         f"{API}.STREAM.NAMES",
         f"{API}.STREAM.LIST",
     ]
@@ -340,8 +348,16 @@ def _service(identity: Identity, s: Subjects) -> dict[str, Any]:
                 f"{identity.inbox_prefix}.>",
                 f"{s.prefix}.>",
                 f"$KV.{keys_bucket(s.prefix)}.>",  # a key store hears of others' forgets
+                # the key service (security/key_service.py) is found like any ADR-32 service
+                *(
+                    f"$SRV.{verb}{tail}"
+                    for verb in ("PING", "INFO", "STATS")
+                    for tail in ("", f".{KEY_SERVICE}", f".{KEY_SERVICE}.*")
+                ),
             ]
         },
+        # the key service answers agents' requests in their inboxes
+        "allow_responses": True,
     }
 
 
@@ -396,6 +412,9 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
         f"{API}.STREAM.INFO.{s.stream_name}",
         f"{API}.DIRECT.GET.{s.stream_name}.{own_events}",
         *(f"{s.rpc(t)}" for t in identity.send_to),
+        # the key service seals and opens its sealed fields (it never holds a key itself)
+        s.key_service("seal"),
+        s.key_service("open"),
         s.task_cancels,
         f"{API}.INFO",
         f"{API}.STREAM.INFO.{stream}",
