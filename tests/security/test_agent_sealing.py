@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +25,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from newfuse.agents import Agent, AgentClient, Context
+from newfuse.agents import Agent, AgentClient, Context, wire
+from newfuse.agents.history import History
 from newfuse.errors import (
     InvalidPayloadError,
     KeyServiceBusyError,
@@ -37,7 +39,14 @@ from newfuse.eventstore import EventStore, open_event_store
 from newfuse.nats import Subjects, connect
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer, signed
-from newfuse.schemas import REDACTED, A2AMessage, A2AMetadata, DataSubject, Personal
+from newfuse.schemas import (
+    REDACTED,
+    A2AMessage,
+    A2AMetadata,
+    DataSubject,
+    Personal,
+    new_event_id,
+)
 from newfuse.security import KeyService, KeyServiceClient, KVKeyStore, forget, use_keys
 from newfuse.security.identities import IdentityStore
 from newfuse.security.key_service import (
@@ -46,7 +55,7 @@ from newfuse.security.key_service import (
     MAX_VALUE_BYTES,
     SealField,
 )
-from support import SecuredBus, new_prefix, secured_nats, wait_for
+from support import SecuredBus, new_prefix, run_fuse, secured_nats, wait_for
 
 EMAIL = "alice@example.com"
 
@@ -396,8 +405,10 @@ async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
             AgentClient(alice_nc, sender="alice/1") as alice,
         ):
             reply = await alice.request("bob", "lookup", {"customer": "c-6"}, timeout=30)
-            assert reply.payload["plan"] == "found"
-            assert reply.payload["email"]["enc"] == "A256GCM"  # a client does not open replies
+            # the client opens it through the key service; its message stays as stored
+            assert reply.payload == {"customer": "c-6", "email": EMAIL, "plan": "found"}
+            assert reply.redacted == ()
+            assert reply.message is not None and reply.message.payload["email"]["enc"] == "A256GCM"
             position, body = await last_on(admin, "fuse.a2a._reply.alice-1")
             assert EMAIL.encode() not in body
             opened = await KeyServiceClient(alice_nc).open(position)  # its reply subject's
@@ -407,9 +418,149 @@ async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
             # and it is found like any ADR-32 service
             ping = json.loads((await admin.request("$SRV.PING.newfuse-keys", b"", timeout=5)).data)
             assert ping["name"] == "newfuse-keys"
+
     finally:
         for nc in (admin, alice_nc, bob_nc, eve_nc):
             await nc.close()
+
+
+async def test_a_reply_asked_again_reads_redacted_after_forget_and_fails_without_the_service(
+    nats_url: str,
+) -> None:
+    prefix = new_prefix()
+    nc = await connect(nats_url)
+    try:
+        keys = await KVKeyStore.open(nc, prefix)
+        async with (
+            bob.run(nc, key="1", prefix=prefix, fast_path=False),
+            AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
+        ):
+            async with KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix):
+                ask = alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+                reply = await ask  # without identities, it names its reply token
+                assert reply.payload["email"] == EMAIL and reply.redacted == ()
+                await keys.forget("c-7")
+
+                async def forgotten() -> bool:  # the same stored reply, found again
+                    again = alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+                    return (await again).redacted == ("$.payload.email",)
+
+                await wait_for(forgotten, timeout=10)
+                again = alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+                assert (await again).payload == {"customer": "c-7", "email": None, "plan": "found"}
+            # the service is gone: an error, never the reply silently redacted
+            with pytest.raises(KeyServiceUnavailableError, match=r"is a key service running"):
+                await alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+        await keys.close()
+    finally:
+        await nc.close()
+
+
+def admin_env(secure: Secure) -> dict[str, str]:
+    """The environment of `fuse` run by the admin of the secured server."""
+    env = {
+        **os.environ,
+        "FUSE_NATS_URL": secure.server.url,
+        "FUSE_NATS_CREDENTIALS": str(secure.identities.seed_file("admin")),
+    }
+    env.pop("FUSE_STORE", None)
+    return env
+
+
+def history_of(secure: Secure, message_id: str) -> tuple[dict[str, object], str]:
+    """`fuse agents history --agent dave --json` as the admin: the turn of `message_id` and
+    what it said on stderr."""
+    shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=admin_env(secure))
+    turns = [json.loads(line) for line in shown.stdout.splitlines()]
+    return next(t for t in turns if t["id"] == message_id), shown.stderr
+
+
+@contextlib.asynccontextmanager
+async def admin_and_alice(secure: Secure) -> AsyncIterator[tuple[Client, AgentClient]]:
+    """The admin's connection and alice/1's client, with a key service running."""
+    admin, alice_nc = [await secure.connect(name) for name in ("admin", "alice-1")]
+    try:
+        async with secure.key_service(), AgentClient(alice_nc, sender="alice/1") as alice:
+            yield admin, alice
+    finally:
+        for nc in (admin, alice_nc):
+            await nc.close()
+
+
+async def test_an_admins_history_opens_a_sealed_message_and_redacts_it_after_forget(
+    secure: Secure,
+) -> None:
+    async with admin_and_alice(secure) as (admin, alice):
+        sent = await alice.send("dave", "intake", Intake(customer="c-h", email=EMAIL, plan="b"))
+        _, body = await last_on(admin, "fuse.a2a.dave")
+        assert EMAIL.encode() not in body  # stored sealed
+
+        turn, _ = history_of(secure, sent)  # the admin's keys open it
+        assert json.loads(str(turn["text"])) == {"customer": "c-h", "email": EMAIL, "plan": "b"}
+        assert "redacted" not in turn
+        # a reader without keys shows a marker, never the ciphertext
+        keyless = [t async for t in History(admin).turns(agent="dave") if t.id == sent]
+        assert json.loads(keyless[0].text)["email"] == REDACTED
+        assert keyless[0].redacted == ("$.payload.email",)
+
+        run_fuse("forget", "c-h", "--reason", "erasure", env=admin_env(secure))
+        turn, _ = history_of(secure, sent)
+        assert json.loads(str(turn["text"])) == {"customer": "c-h", "email": REDACTED, "plan": "b"}
+        assert turn["redacted"] == ["$.payload.email"] and turn["sender"] == "alice/1"
+        table = run_fuse("agents", "history", "--agent", "dave", env=admin_env(secure)).stdout
+        [row] = [line for line in table.splitlines() if '"c-h"' in line]
+        assert '"email":"[redacted]"' in row and '"plan":"b"' in row
+
+
+async def test_a_moved_sealed_value_is_reported_by_the_history_and_refused_to_the_client(
+    secure: Secure,
+) -> None:
+    async with admin_and_alice(secure) as (admin, alice):
+        sent = await alice.send("dave", "intake", Intake(customer="c-m", email=EMAIL, plan="b"))
+        _, body = await last_on(admin, "fuse.a2a.dave")
+        sealed = json.loads(body)["data"]["payload"]["email"]
+
+        def forged(
+            stream: str, in_reply_to: str | None = None
+        ) -> tuple[str, bytes, dict[str, str]]:
+            event_id = new_event_id()
+            message = A2AMessage(
+                type="intake",
+                payload={"customer": "c-m", "email": sealed, "plan": "moved"},
+                metadata=A2AMetadata(sender="alice/1"),
+                message_id=event_id,
+                in_reply_to=in_reply_to,
+            )
+            encoded, wire_headers = wire.encode(
+                stream, wire.MESSAGE_TYPE, message, event_id=event_id
+            )
+            return event_id, encoded, wire_headers
+
+        # the value copied into another message (the admin may write anywhere)
+        moved, encoded, wire_headers = forged("a2a.dave")
+        ack = await admin.jetstream().publish("fuse.a2a.dave", encoded, headers=wire_headers)
+        shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=admin_env(secure))
+        ids = [json.loads(line)["id"] for line in shown.stdout.splitlines()]
+        assert sent in ids and moved not in ids  # the rest reads on
+        assert f"skipped: position {ack.seq} on fuse.a2a.dave" in shown.stderr
+        assert f"sealed field $.payload.email of event '{moved}'" in shown.stderr
+        assert "does not authenticate" in shown.stderr
+
+        # a reply holding the copied value: the client reports it, it is not handed over
+        request_id = new_event_id()
+        asked = asyncio.create_task(
+            alice.request("dave", "lookup", {}, message_id=request_id, timeout=30)
+        )
+
+        async def requested() -> bool:
+            found = await DirectGet(admin, "FUSE_A2A", timeout=5).last_for("fuse.a2a.dave", "test")
+            return found is not None and json.loads(found.data)["id"] == request_id
+
+        await wait_for(requested, timeout=30)
+        _, encoded, wire_headers = forged("reply.alice-1", in_reply_to=request_id)
+        await admin.jetstream().publish("fuse.a2a._reply.alice-1", encoded, headers=wire_headers)
+        with pytest.raises(KeyServiceRefusedError, match=r"no record that event .* sealed"):
+            await asked
 
 
 async def seal_unsigned(nc: Client, fields: list[dict[str, str]]) -> tuple[str, str]:
