@@ -7,6 +7,9 @@ after `forget` both alice and bob read the field as redacted; a forged open requ
 nats-py, another identity's certificate or a copied signed request) is refused; hostile
 requests get clear errors and the service goes on; with the service gone, a sender gets
 KeyServiceUnavailableError at once and a receiver never runs its handler on unopened data.
+A client gets its sealed replies opened (redacted after forget, an error without the service);
+an admin's `fuse agents history` shows a sealed message opened, "[redacted]" after `fuse
+forget`, and reports a value moved into another message instead of showing it.
 """
 
 from __future__ import annotations
@@ -310,7 +313,18 @@ async def test_hostile_requests_get_clear_errors_and_the_service_goes_on(secure:
                 await keys.open(10**9)
             with pytest.raises(KeyServiceError, match=r"\(400\).*not a open request"):
                 await keys._ask("open", json.dumps({"position": "one"}).encode())
-            assert service.refused == len(cases) + 2
+            # found by subject and event id: a subject of the message stream, no wildcards
+            finds: list[tuple[str | None, str | None, str]] = [
+                ("fuse.a2a.>", "e-1", r"\(400\).*without wildcards"),
+                ("fuse.ev.agent.x", "e-1", r"\(400\).*a subject of fuse\.a2a\.>"),
+                ("fuse.a2a._reply.eve-1", None, r"\(400\).*name the event id"),
+                ("fuse.a2a._reply.eve-1", "e 1", r"\(400\).*`event`"),
+                ("fuse.a2a._reply.eve-1", "e-1", r"\(404\).*no message of event 'e-1'"),
+            ]
+            for subject, event, error in finds:
+                with pytest.raises(KeyServiceError, match=error):
+                    await keys.open(1, subject=subject, event=event)
+            assert service.refused == len(cases) + 2 + len(finds)
             # still serving: anyone may seal for anyone (sealing discloses nothing)
             field = SealField(path="$.payload.email", subject="c-9", value=msgspec.Raw(b'"x"'))
             sealed = await keys.seal("e-1", [field])
