@@ -9,6 +9,7 @@ submitted, and not another planner's.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,25 @@ from typing import Any
 import nats
 import pytest
 
-from newfuse.agents import TaskContext, TaskQueue, Worker
+from newfuse.agents import RunningWorker, TaskContext, TaskQueue, Worker
 from newfuse.agents.queues import _status
 from newfuse.errors import PermissionDeniedError, TaskQueueUnknownError
 from newfuse.nats import Subjects
 from newfuse.nats.connection import guarded
 from newfuse.security.identities import IdentityStore
-from support import SecuredBus, raw_nats, refused, secured_nats
+from support import SecuredBus, raw_nats, refused, secured_nats, wait_for
 
 PRINT_TASK = "fuse.a2a._task.print.planner-1.t-1"
 
 
 async def resize(ctx: TaskContext, job: dict[str, Any]) -> dict[str, Any]:
+    if job.get("slow"):
+        started.set()
+        await asyncio.sleep(60)  # until canceled
     return {"thumbnail": f"{job['image']}.small", "by": str(ctx.agent_id)}
+
+
+started = asyncio.Event()
 
 
 worker = Worker("resize", resize, heartbeat=0.5)
@@ -74,6 +81,31 @@ async def test_an_agent_submits_a_worker_agent_runs_it_and_the_submitter_waits_f
         await admin_nc.close()
     assert history is not None
     assert [s.state for s in history.statuses] == ["submitted", "working", "completed"]
+
+
+async def test_a_submitting_agent_cancels_its_running_task_and_the_worker_agent_ends_it(
+    secure: SecuredBus,
+) -> None:
+    started.clear()
+    worker_nc, planner_nc = await secure.connect("resizer-1"), await secure.connect("planner-1")
+    try:
+        async with (
+            worker.run(worker_nc, key="1") as running,
+            TaskQueue(planner_nc, sender="planner") as planner,
+        ):
+            task_id = await planner.submit("resize", {"image": "c.png", "slow": True})
+            await asyncio.wait_for(started.wait(), timeout=30)
+            assert await planner.cancel(task_id) is True
+            ended = await planner.wait(task_id, timeout=30)
+            await wait_for(lambda: _counted(running))
+    finally:
+        await worker_nc.close()
+        await planner_nc.close()
+    assert ended.state == "canceled"
+
+
+async def _counted(running: RunningWorker) -> bool:
+    return running.cancelled == 1
 
 
 async def test_the_server_refuses_a_worker_another_queues_consumers_and_task_subjects(
