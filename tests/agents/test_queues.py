@@ -223,11 +223,16 @@ async def test_a_task_canceled_while_queued_is_skipped_and_stays_canceled(
 
 
 async def test_a_queued_tasks_events_are_on_its_queue_and_submitter_subject_found_by_id_alone(
-    nc: Client, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
+    nc: Client, nats_url: str, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
 ) -> None:
     task_id = await tasks.submit("wq", {})
     subject = Subjects(prefix).queued_task_events("wq", "anonymous", task_id)
     assert [payload(e).state for e in await stored(nc, prefix, subject)] == ["submitted"]
+    fuse = ("--nats", nats_url, "--prefix", prefix, "tasks")
+    shown = await asyncio.to_thread(run_fuse, *fuse, "show", task_id, "--json")
+    assert json.loads(shown.stdout)["state"] == "submitted"
+    listed = await asyncio.to_thread(run_fuse, *fuse, "list", "--json")
+    assert task_id in [json.loads(line)["id"] for line in listed.stdout.splitlines()]
     async with TaskQueue(nc, prefix=prefix, stream=stream) as other:  # it did not submit it
         assert await other.cancel(task_id) is True
     assert [payload(e).state for e in await stored(nc, prefix, subject)] == [
