@@ -233,6 +233,13 @@ async def test_a_queued_tasks_events_are_on_its_queue_and_submitter_subject_foun
     assert json.loads(shown.stdout)["state"] == "submitted"
     listed = await asyncio.to_thread(run_fuse, *fuse, "list", "--json")
     assert task_id in [json.loads(line)["id"] for line in listed.stdout.splitlines()]
+    history = await asyncio.to_thread(
+        run_fuse, *fuse[:-1], "agents", "history", "--task", task_id, "--json"
+    )
+    turns = [json.loads(line) for line in history.stdout.splitlines()]
+    assert [(t["kind"], t["to"]) for t in turns if t["kind"] == "status"] == [
+        ("status", f"task {task_id}")
+    ]
     async with TaskQueue(nc, prefix=prefix, stream=stream) as other:  # it did not submit it
         assert await other.cancel(task_id) is True
     assert [payload(e).state for e in await stored(nc, prefix, subject)] == [
