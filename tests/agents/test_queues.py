@@ -241,6 +241,8 @@ async def test_a_queued_tasks_events_are_on_its_queue_and_submitter_subject_foun
         ("status", f"task {task_id}")
     ]
     async with TaskQueue(nc, prefix=prefix, stream=stream) as other:  # it did not submit it
+        assert (await other.get(task_id, queue="wq")) is not None  # any submitter's, in wq
+        assert (await other.get(task_id, queue="elsewhere")) is None
         assert await other.cancel(task_id) is True
     assert [payload(e).state for e in await stored(nc, prefix, subject)] == [
         "submitted",

@@ -357,15 +357,18 @@ class TaskQueue:
         return decode_pub_ack(answer, subject=subject).seq
 
     def _subject(self, task_id: str, queue: str | None) -> str:
-        """The subject of a task (TaskQueueUnknownError: its queue is needed and unknown)."""
-        if queue is not None:
-            return self.subjects.queued_task_events(check_queue(queue), self.submitter, task_id)
-        known = self._known.get(task_id)
+        """The subject of a task, or a filter that finds it (TaskQueueUnknownError: its queue
+        is needed and unknown)."""
+        known = self._known.get(task_id)  # one it submitted: its subject
         if known is not None:
             return known
-        if self._scoped:
-            raise TaskQueueUnknownError(task_id=task_id, identity=self.submitter)
-        return self.subjects.any_queued_task_events(task_id)
+        if self._scoped:  # it reads by subject, and only its own tasks'
+            if queue is None:
+                raise TaskQueueUnknownError(task_id=task_id, identity=self.submitter)
+            return self.subjects.queued_task_events(check_queue(queue), self.submitter, task_id)
+        if queue is not None:
+            check_queue(queue)
+        return self.subjects.any_queued_task_events(task_id, queue)
 
     async def _read(self, task_id: str, queue: str | None) -> tuple[Task | None, str]:
         subject = self._subject(task_id, queue)

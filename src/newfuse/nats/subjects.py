@@ -126,10 +126,11 @@ class Subjects:
         check_token(submitter, kind="task submitter")
         return f"{self._a2a}_task.{queue}.{submitter}.{_task_id(task_id)}"
 
-    def any_queued_task_events(self, task_id: str) -> str:
-        """Queued task `task_id` of any queue and submitter (a filter):
-        `<prefix>.a2a._task.*.*.<task_id>`."""
-        return f"{self._a2a}_task.*.*.{_task_id(task_id)}"
+    def any_queued_task_events(self, task_id: str, queue: str | None = None) -> str:
+        """Queued task `task_id` of any submitter, of `queue` or any queue (a filter):
+        `<prefix>.a2a._task.<queue or *>.*.<task_id>`."""
+        where = "*" if queue is None else check_token(queue, kind="task queue")
+        return f"{self._a2a}_task.{where}.*.{_task_id(task_id)}"
 
     @property
     def all_task_events(self) -> str:
