@@ -17,11 +17,13 @@ from typing import Any
 import nats
 import pytest
 
-from newfuse.agents import RunningWorker, TaskContext, TaskQueue, Worker
-from newfuse.agents.queues import _status
+from newfuse.agents import RunningWorker, TaskContext, TaskQueue, Worker, wire
+from newfuse.agents.queues import TASK_MESSAGE_TYPE, _status
 from newfuse.errors import PermissionDeniedError, TaskQueueUnknownError
 from newfuse.nats import Subjects
 from newfuse.nats.connection import guarded
+from newfuse.nats.signing import signed
+from newfuse.schemas import A2AMessage, A2AMetadata
 from newfuse.security.identities import IdentityStore
 from support import SecuredBus, raw_nats, refused, secured_nats, wait_for
 
@@ -187,3 +189,50 @@ async def test_a_submitter_reads_its_own_tasks_and_the_server_refuses_it_another
         await refused(violations, subject)
     finally:
         await nc.close()
+
+
+async def test_a_task_that_names_another_submitter_gets_its_statuses_under_its_signer(
+    secure: SecuredBus,
+) -> None:
+    # planner-2 queues a task as planner-1's (its terms name planner-1): signed, so the worker
+    # stores its statuses under planner-2, where planner-1 never reads
+    worker_nc, forger_nc = await secure.connect("resizer-1"), await secure.connect("planner-2")
+    task_id, queue_subject = "forged-1", "fuse.task.resize.0"
+    message = A2AMessage(
+        type=TASK_MESSAGE_TYPE,
+        payload={"image": "d.png"},
+        metadata=A2AMetadata(sender="planner"),
+        message_id="forged-1-message",
+        task_id=task_id,
+        role="user",
+    )
+    body, wire_headers = wire.encode(
+        "queue.resize",
+        wire.MESSAGE_TYPE,
+        message,
+        event_id="forged-1-message",
+        metadata={"queue": "resize", "priority": "0", "submitter": "planner-1"},
+    )
+    subjects = Subjects("fuse")
+    own, victim = (
+        subjects.queued_task_events("resize", name, task_id) for name in ("planner-2", "planner-1")
+    )
+    admin_nc = await secure.connect("admin")
+    js = admin_nc.jetstream()
+
+    async def stored_on(subject: str) -> dict[str, int] | None:
+        return (await js.stream_info("FUSE_A2A", subjects_filter=subject)).state.subjects
+
+    async def ended() -> bool:
+        return await stored_on(own) == {own: 2}  # working, completed
+
+    try:
+        async with worker.run(worker_nc, key="1"):
+            await forger_nc.jetstream().publish(
+                queue_subject, body, headers=signed(forger_nc, queue_subject, body, wire_headers)
+            )
+            await wait_for(ended)
+        assert not await stored_on(victim)
+    finally:
+        for nc in (worker_nc, forger_nc, admin_nc):
+            await nc.close()

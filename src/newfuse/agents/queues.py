@@ -842,17 +842,17 @@ class RunningWorker(RunningAgent):
         claimed = envelope.metadata.get(SUBMITTER_KEY)
         trust = trust_of(self._nc)
         try:
+            if claimed is None:  # an older client's: where it waits (any agent may write it)
+                return self.subjects.task_events(task_id)
             if trust is not None:
                 try:
                     submitter = trust.sender(msg.subject, msg.data, msg.headers).name
                 except SenderError as error:
                     raise InvalidNameError(
                         kind="task submitter",
-                        name=claimed or "",
+                        name=claimed,
                         reason=f"the task's signature does not verify: {error}",
                     ) from None
-            elif claimed is None:
-                return self.subjects.task_events(task_id)
             else:
                 submitter = claimed
             return self.subjects.queued_task_events(self.worker.queue, submitter, task_id)
