@@ -65,6 +65,7 @@ from newfuse.agents.runtime import (
     RunningAgent,
     _as_payload,
     _Route,
+    _Sender,
     run_handler,
 )
 from newfuse.agents.tasks import (
@@ -96,7 +97,7 @@ from newfuse.nats.jsapi import API, api_error, api_request
 from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
-from newfuse.nats.signing import SenderError, trust_of
+from newfuse.nats.signing import trust_of
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
     MAX_STREAM_ID_BYTES,
@@ -805,6 +806,7 @@ class RunningWorker(RunningAgent):
         self._running: dict[str, TaskContext] = {}
         self._held: dict[TaskContext, Msg] = {}  # each running delivery: the keeper beats for it
         self._cancels: Subscription | None = None
+        self._signers: dict[str, _Sender] = {}  # who signed each delivery being handled
 
     def _consumers(self) -> list[DurableSpec]:
         agent = self.agent
@@ -829,32 +831,44 @@ class RunningWorker(RunningAgent):
             msg, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
         if isinstance(ctx, TaskContext) and message.type == TASK_MESSAGE_TYPE:
-            ctx.status_subject = self._status_subject(msg, envelope, ctx.task_id)
+            ctx.status_subject = self._status_subject(msg, envelope, message, ctx.task_id)
             ctx._last_status_only = reads_own_subjects_only(self._nc)
         return ctx
 
-    def _status_subject(self, msg: Msg, envelope: Envelope, task_id: str) -> str | FuseError:
+    def _sender(self, msg: Msg, message: A2AMessage) -> _Sender:
+        who = super()._sender(msg, message)
+        if msg.reply:  # the delivery's ack subject: its contexts need the signer too
+            self._signers[msg.reply] = who
+        return who
+
+    async def _deliver(self, msg: Msg, consumer: str) -> None:
+        try:
+            await super()._deliver(msg, consumer)
+        finally:
+            if msg.reply:
+                self._signers.pop(msg.reply, None)
+
+    def _status_subject(
+        self, msg: Msg, envelope: Envelope, message: A2AMessage, task_id: str
+    ) -> str | FuseError:
         """Where a task's statuses go: under this worker's queue and the submitter that signed
         it (where this connection trusts signatures: a task naming another submitter cannot
         write into that one's tasks), else the submitter its terms name; a task without a
         submitter term (an older client's) on the task's own subject. An error: nowhere (its
         signature does not verify, or its task id cannot be a token)."""
         claimed = envelope.metadata.get(SUBMITTER_KEY)
-        trust = trust_of(self._nc)
         try:
             if claimed is None:  # an older client's: where it waits (any agent may write it)
                 return self.subjects.task_events(task_id)
-            if trust is not None:
-                try:
-                    submitter = trust.sender(msg.subject, msg.data, msg.headers).name
-                except SenderError as error:
+            submitter = claimed
+            if trust_of(self._nc) is not None:  # the signer (checked once per delivery)
+                who = self._signers.get(msg.reply) if msg.reply else None
+                who = who or self._sender(msg, message)
+                if who.unverified is not None:
                     raise InvalidNameError(
-                        kind="task submitter",
-                        name=claimed,
-                        reason=f"the task's signature does not verify: {error}",
-                    ) from None
-            else:
-                submitter = claimed
+                        kind="task submitter", name=claimed, reason=who.unverified
+                    )
+                submitter = who.identity
             return self.subjects.queued_task_events(self.worker.queue, submitter, task_id)
         except InvalidNameError as error:
             log.warning("worker %s: task %r: no status subject: %s", self.agent_id, task_id, error)
