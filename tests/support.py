@@ -17,6 +17,7 @@ from typing import IO
 
 import nats
 import redis.asyncio as redis
+from nats.aio.client import Client
 
 from newfuse.agents.secure import provision
 from newfuse.eventstore import open_event_store
@@ -197,6 +198,31 @@ class SecuredBus:
         return await connect(
             self.server.url, name=name, credentials=self.identities.credentials(name)
         )
+
+
+async def raw_nats(url: str, identities: IdentityStore, name: str) -> tuple[Client, list[str]]:
+    """A plain nats-py connection as identity `name` (its seed, none of our library), and the
+    violations the server reports to it."""
+    violations: list[str] = []
+
+    async def on_error(error: Exception) -> None:
+        violations.append(str(error))
+
+    nc = await nats.connect(
+        url,
+        nkeys_seed_str=identities.seed(name),
+        inbox_prefix=f"_INBOX_{name}",
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+    return nc, violations
+
+
+async def refused(violations: list[str], subject: str) -> None:
+    """Wait until the server has reported refusing `subject`."""
+    async with asyncio.timeout(10):
+        while not any(subject.lower() in v for v in violations):
+            await asyncio.sleep(0.02)
 
 
 async def recorded_denials(bus: SecuredBus, stream: str, count: int) -> list[PermissionDenied]:

@@ -1098,6 +1098,19 @@ class TaskSubmitError(AgentError, ValueError):
         super().__init__(f"submit to queue {_shown(queue)}: {field}={value!r}: {reason}")
 
 
+class TaskQueueUnknownError(AgentError, LookupError):
+    """A queued task's subject names its queue, and the queue of this task is not known here
+    (an identity that may read only its own subjects cannot look it up)."""
+
+    def __init__(self, *, task_id: str, identity: str) -> None:
+        self.task_id = task_id
+        self.identity = identity
+        super().__init__(
+            f"task {_shown(task_id)}: its queue is not known to this TaskQueue, and identity "
+            f"{_shown(identity)} may read only the subjects of its own tasks: pass queue="
+        )
+
+
 class TaskAttemptsError(AgentError):
     """A queued task failed on its last allowed attempt; the last error is kept (it becomes the
     dead letter's error and the failed status's text). Not retryable: the attempts are spent."""

@@ -225,6 +225,35 @@ async def test_a_task_canceled_while_queued_is_skipped_and_stays_canceled(
     assert await tasks.cancel(kept) is False
 
 
+async def test_a_queued_tasks_events_are_on_its_queue_and_submitter_subject_found_by_id_alone(
+    nc: Client, nats_url: str, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
+) -> None:
+    task_id = await tasks.submit("wq", {})
+    subject = Subjects(prefix).queued_task_events("wq", "anonymous", task_id)
+    assert [payload(e).state for e in await stored(nc, prefix, subject)] == ["submitted"]
+    fuse = ("--nats", nats_url, "--prefix", prefix, "tasks")
+    shown = await asyncio.to_thread(run_fuse, *fuse, "show", task_id, "--json")
+    assert json.loads(shown.stdout)["state"] == "submitted"
+    listed = await asyncio.to_thread(run_fuse, *fuse, "list", "--json")
+    assert task_id in [json.loads(line)["id"] for line in listed.stdout.splitlines()]
+    history = await asyncio.to_thread(
+        run_fuse, *fuse[:-1], "agents", "history", "--task", task_id, "--json"
+    )
+    turns = [json.loads(line) for line in history.stdout.splitlines()]
+    assert [(t["kind"], t["to"]) for t in turns if t["kind"] == "status"] == [
+        ("status", f"task {task_id}")
+    ]
+    async with TaskQueue(nc, prefix=prefix, stream=stream) as other:  # it did not submit it
+        assert (await other.get(task_id, queue="wq")) is not None  # any submitter's, in wq
+        assert (await other.get(task_id, queue="elsewhere")) is None
+        assert await other.cancel(task_id) is True
+    assert [payload(e).state for e in await stored(nc, prefix, subject)] == [
+        "submitted",
+        "canceled",
+    ]
+    assert await stored(nc, prefix, Subjects(prefix).task_events(task_id)) == []
+
+
 async def test_a_running_task_canceled_sees_the_cancellation_and_ends_canceled(
     nc: Client, prefix: str, stream: MessageStreamSpec, tasks: TaskQueue
 ) -> None:

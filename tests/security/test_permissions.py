@@ -26,7 +26,7 @@ from newfuse.nats import Subjects, connect
 from newfuse.nats.connection import Credentials
 from newfuse.security.identities import IdentityStore, server_config
 from newfuse.security.keys import KVKeyStore
-from support import SecuredBus, secured_nats
+from support import SecuredBus, raw_nats, refused, secured_nats
 
 echo = Agent("echo", description="answers with what it was sent")
 
@@ -59,26 +59,7 @@ async def secure(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secu
 
 async def raw(secure: Secure, name: str) -> tuple[Client, list[str]]:
     """A plain nats-py connection as `name`, and the violations the server reports to it."""
-    violations: list[str] = []
-
-    async def on_error(error: Exception) -> None:
-        violations.append(str(error))
-
-    nc = await nats.connect(
-        secure.server.url,
-        nkeys_seed_str=secure.seed(name),
-        inbox_prefix=f"_INBOX_{name}",
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-    return nc, violations
-
-
-async def refused(violations: list[str], subject: str) -> None:
-    """Wait until the server has reported refusing `subject`."""
-    async with asyncio.timeout(10):
-        while not any(subject.lower() in v for v in violations):
-            await asyncio.sleep(0.02)
+    return await raw_nats(secure.server.url, secure.identities, name)
 
 
 async def test_an_agent_under_its_identity_answers_a_caller_under_its_own(secure: Secure) -> None:

@@ -103,6 +103,18 @@ async def test_secure_dev_admin_agents_and_refusals(tmp_path: Path) -> None:
             agent.terminate()
             agent.communicate(timeout=30)
 
+        # a queue's worker (type task-<queue>): its queue's ten consumers are made at once
+        run_fuse("auth", "add", "resizer-1", "--role", "agent", "--agent", "task-resize/1", env=env)
+        nc = await connect(url, credentials=Credentials.load(admin))
+        try:
+            js = nc.jetstream()
+            made = {
+                (await js.consumer_info("FUSE_A2A", f"task-resize-p{n}")).name for n in range(10)
+            }
+        finally:
+            await nc.close()
+        assert made == {f"task-resize-p{n}" for n in range(10)}
+
         run_fuse("auth", "revoke", "caller", env=env)
         revoked = run_fuse(
             "replay", env={**env, "FUSE_NATS_CREDENTIALS": str(auth / "caller.creds")}, check=False

@@ -197,7 +197,7 @@ class History:
             time=event.envelope.timestamp,
             kind="status",
             sender=sender,
-            to=f"task {task}",
+            to=f"task {task.rpartition('.')[2]}",  # a queued task's: <queue>.<submitter>.<id>
             type=status.state,
             id=event.envelope.id,
             context_id=status.context_id,

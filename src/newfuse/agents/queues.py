@@ -3,7 +3,15 @@
 A task is an A2A task (agents/tasks.py) whose work waits on `<prefix>.task.<queue>.<priority>`
 of the message stream. `TaskQueue.submit` stores the task's `submitted` status (with the task's
 message) on its task subject, then the message on the queue's subject, with its terms (queue,
-priority, deadline, max attempts) in the envelope's metadata.
+priority, deadline, max attempts, submitter) in the envelope's metadata.
+
+A queued task's subject is `<prefix>.a2a._task.<queue>.<submitter>.<task_id>`: the submitter
+is the identity (`fuse auth`) the submitting connection has, `anonymous` without one. Both are
+tokens so that nats-server can scope them: a queue's worker identity writes and reads its
+queue's tasks only, a submitting agent its own. A worker stores a task's statuses under the
+submitter that signed it where it trusts signatures (a task that names another submitter
+changes nothing of that one's), else under the one its terms name. (A task submitted without
+a submitter term, by an older client, keeps the task's own subject `<prefix>.a2a._task.<id>`.)
 
 Workers of a queue are instances of the agent type `task-<queue>` and share one durable pull
 consumer per priority, `task-<queue>-p<N>`: JetStream hands each message to one of them at a
@@ -36,7 +44,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -57,9 +65,17 @@ from newfuse.agents.runtime import (
     RunningAgent,
     _as_payload,
     _Route,
+    _Sender,
     run_handler,
 )
-from newfuse.agents.tasks import SENDER, STATUS_TYPE, Task, decode_task_event, read_task
+from newfuse.agents.tasks import (
+    SENDER,
+    STATUS_TYPE,
+    Task,
+    decode_task_event,
+    read_last_status,
+    read_task,
+)
 from newfuse.errors import (
     AgentConfigError,
     FuseError,
@@ -68,17 +84,20 @@ from newfuse.errors import (
     StoreNotFoundError,
     TaskAttemptsError,
     TaskNotFoundError,
+    TaskQueueUnknownError,
     TaskSubmitError,
     TaskWaitTimeoutError,
 )
 from newfuse.eventstore import EventStore
 from newfuse.nats import headers
+from newfuse.nats.connection import identity_of, reads_own_subjects_only
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.durable import DurableSpec
 from newfuse.nats.jsapi import API, api_error, api_request
 from newfuse.nats.jserrors import WrongLastSequenceError, decode_pub_ack
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
 from newfuse.nats.publish import PubAckInbox
+from newfuse.nats.signing import trust_of
 from newfuse.nats.subjects import Subjects
 from newfuse.schemas import (
     MAX_STREAM_ID_BYTES,
@@ -89,6 +108,7 @@ from newfuse.schemas import (
     Envelope,
     Part,
     TaskStatusUpdate,
+    check_token,
     check_type_name,
     new_event_id,
 )
@@ -111,11 +131,16 @@ DEADLINE_KEY: Final = "deadline"
 ATTEMPTS_KEY: Final = "max_attempts"
 KIND_KEY: Final = "kind"
 """What kind of work the task is (`submit(kind=)`): what a worker's `accepts` policy checks."""
+SUBMITTER_KEY: Final = "submitter"
+"""The submitter token of the task's subject (`<prefix>.a2a._task.<queue>.<submitter>.<id>`)."""
+ANONYMOUS: Final = "anonymous"
+"""The submitter token of a connection without an identity."""
 STATUS_SEQ_KEY: Final = "status_seq"
 """The sequence of the task's `submitted` status: the first attempt stores `working` expecting
 it as the task subject's last (JetStream's expected last subject sequence), so a cancel stored
 in between is found without a read."""
 _MAX_TERM = 64  # characters of one term's value: anything longer is not ours
+_KNOWN_TASKS = 10_000  # the subjects of the newest tasks a TaskQueue submitted, remembered
 _PRIORITY_NAMES: Final = frozenset(str(p) for p in PRIORITIES)
 
 
@@ -134,6 +159,27 @@ def consumer_name(queue: str, priority: int) -> str:
     return f"task-{queue}-p{priority}"
 
 
+def queue_consumers(
+    queue: str,
+    subjects: Subjects,
+    *,
+    ack_wait: float = 30.0,
+    max_deliver: int = MAX_ATTEMPTS + 1,
+) -> list[DurableSpec]:
+    """The durable consumers a queue's workers share, the highest priority first (what
+    `provision` makes for a worker identity: a default Worker's settings)."""
+    return [
+        DurableSpec(
+            stream=subjects.message_stream_name,
+            name=consumer_name(queue, priority),
+            filter_subjects=(subjects.task(queue, priority),),
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+        )
+        for priority in reversed(PRIORITIES)
+    ]
+
+
 class TaskTerms(msgspec.Struct, frozen=True, kw_only=True):
     """What a queued task asks of its worker (from its envelope's metadata)."""
 
@@ -143,6 +189,7 @@ class TaskTerms(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int | None = None
     status_seq: int | None = None
     kind: str | None = None
+    submitter: str | None = None
 
 
 def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
@@ -160,7 +207,8 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
             reason=f"{reason} ({where})",
         )
 
-    for key in (QUEUE_KEY, PRIORITY_KEY, DEADLINE_KEY, ATTEMPTS_KEY, STATUS_SEQ_KEY, KIND_KEY):
+    keys = (QUEUE_KEY, PRIORITY_KEY, DEADLINE_KEY, ATTEMPTS_KEY, STATUS_SEQ_KEY, KIND_KEY)
+    for key in (*keys, SUBMITTER_KEY):
         value = metadata.get(key)
         if value is not None and len(value) > _MAX_TERM:
             raise bad(key, f"longer than {_MAX_TERM} characters")
@@ -192,6 +240,12 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
             check_type_name(kind)
         except InvalidNameError as error:
             raise bad(KIND_KEY, str(error)) from None
+    submitter = metadata.get(SUBMITTER_KEY)
+    if submitter is not None:
+        try:
+            check_token(submitter, kind="task submitter")
+        except InvalidNameError as error:
+            raise bad(SUBMITTER_KEY, str(error)) from None
     return TaskTerms(
         queue=queue,
         priority=int(priority),
@@ -199,6 +253,7 @@ def terms_of(metadata: dict[str, str], where: str) -> TaskTerms:
         max_attempts=attempts,
         status_seq=int(seq) if seq is not None else None,
         kind=kind,
+        submitter=submitter,
     )
 
 
@@ -258,6 +313,11 @@ class TaskQueue:
         >>> async with TaskQueue(nc) as queue:
         ...     task_id = await queue.submit("resize", {"image": "a.png"}, priority=7)
         ...     task = await queue.wait(task_id, timeout=30)
+
+    Its tasks' subjects name the identity of `nc` as their submitter (`anonymous` without
+    one). On a connection that may read only its own subjects (an agent identity's), a task is
+    read from its last status (one entry in `statuses`), and one this TaskQueue did not submit
+    is found by its queue (`queue=`).
     """
 
     def __init__(
@@ -274,6 +334,10 @@ class TaskQueue:
         self._nc = nc
         self._stream = stream or MessageStreamSpec(subjects=self.subjects)
         self._timeout = timeout
+        self.submitter = identity_of(nc) or ANONYMOUS
+        """The submitter token of the tasks it submits (the connection's identity)."""
+        self._scoped = reads_own_subjects_only(nc)
+        self._known: OrderedDict[str, str] = OrderedDict()  # task id -> subject, the newest
         self._pubacks = PubAckInbox(nc, f"task queue client {sender!r}")
         self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
 
@@ -292,6 +356,32 @@ class TaskQueue:
     async def _store(self, subject: str, body: bytes, wire_headers: dict[str, str]) -> int:
         answer = await self._pubacks.request(subject, body, wire_headers, self._timeout)
         return decode_pub_ack(answer, subject=subject).seq
+
+    def _subject(self, task_id: str, queue: str | None) -> str:
+        """The subject of a task, or a filter that finds it (TaskQueueUnknownError: its queue
+        is needed and unknown)."""
+        known = self._known.get(task_id)  # one it submitted: its subject
+        if known is not None:
+            return known
+        if self._scoped:  # it reads by subject, and only its own tasks'
+            if queue is None:
+                raise TaskQueueUnknownError(task_id=task_id, identity=self.submitter)
+            return self.subjects.queued_task_events(check_queue(queue), self.submitter, task_id)
+        if queue is not None:
+            check_queue(queue)
+        return self.subjects.any_queued_task_events(task_id, queue)
+
+    async def _read(self, task_id: str, queue: str | None) -> tuple[Task | None, str]:
+        subject = self._subject(task_id, queue)
+        if self._scoped:
+            return await read_last_status(self._direct, subject, task_id), subject
+        return await read_task(self._direct, self.subjects, task_id, subject), subject
+
+    def _remember(self, task_id: str, subject: str) -> None:
+        self._known[task_id] = subject
+        self._known.move_to_end(task_id)
+        while len(self._known) > _KNOWN_TASKS:
+            self._known.popitem(last=False)
 
     async def submit(
         self,
@@ -356,12 +446,13 @@ class TaskQueue:
             terms[ATTEMPTS_KEY] = str(max_attempts)
         if kind is not None:
             terms[KIND_KEY] = _checked_kind(queue, kind)
+        terms[SUBMITTER_KEY] = self.submitter
         if task_id is not None:
-            known = await read_task(self._direct, self.subjects, task_id)
+            known, _ = await self._read(task_id, queue)
             if known is not None and known.state != "submitted":
                 return task_id  # taken, or ended: a second copy would run it again
         task_id = task_id or new_event_id()
-        task_subject = self.subjects.task_events(task_id)  # checks the id
+        task_subject = self.subjects.queued_task_events(queue, self.submitter, task_id)
         context_id = context_id or task_id
         message = A2AMessage(
             type=TASK_MESSAGE_TYPE,
@@ -383,6 +474,7 @@ class TaskQueue:
             message=message,
         )
         terms[STATUS_SEQ_KEY] = str(await self._store(task_subject, *status))
+        self._remember(task_id, task_subject)
         body, wire_headers = wire.encode(
             f"queue.{queue}",
             wire.MESSAGE_TYPE,
@@ -395,8 +487,10 @@ class TaskQueue:
         await self._store(self.subjects.task(queue, priority), body, wire_headers)
         return task_id
 
-    async def cancel(self, task_id: str) -> bool:
+    async def cancel(self, task_id: str, *, queue: str | None = None) -> bool:
         """Cancel a task: queued, it is skipped; running, its worker cancels its handler.
+        `queue`: the task's queue (needed only for a task this TaskQueue did not submit, on
+        a connection that may read only its own subjects).
 
         Returns:
             True when this stored `canceled`; False when the task had ended already (its state
@@ -404,9 +498,9 @@ class TaskQueue:
 
         Raises:
             TaskNotFoundError: nothing is stored for this task.
+            TaskQueueUnknownError: its queue is needed and not known.
         """
-        subject = self.subjects.task_events(task_id)
-        task = await read_task(self._direct, self.subjects, task_id)
+        task, subject = await self._read(task_id, queue)
         if task is None:
             raise TaskNotFoundError(task_id=task_id, subject=subject)
         if task.state in TERMINAL_STATES:
@@ -418,31 +512,49 @@ class TaskQueue:
             event_id=wire.derived_id(task_id, "cancel", "canceled"),
             sender=self.sender,
         )
+        if task.position and "*" in subject:  # found by a filter: store on the task's own
+            subject = await self._found_subject(task.position, subject)
         await self._store(subject, *status)
         with contextlib.suppress(NatsError):  # the stored status is the truth; this is news
             await self._nc.publish(self.subjects.task_cancels, task_id.encode())
         return True
 
-    async def get(self, task_id: str) -> Task | None:
-        """The task as stored so far (None when it has no events)."""
-        return await read_task(self._direct, self.subjects, task_id)
+    async def _found_subject(self, position: int, pattern: str) -> str:
+        """The subject of the message at `position` (one that `pattern` matched)."""
+        msg = await self._direct.get("find a task's subject", seq=position)
+        subject = (msg.headers or {}).get(headers.SUBJECT, "") if msg is not None else ""
+        if not subject:
+            raise TaskNotFoundError(task_id=pattern.rpartition(".")[2], subject=pattern)
+        return subject
+
+    async def get(self, task_id: str, *, queue: str | None = None) -> Task | None:
+        """The task as stored so far (None when it has no events). `queue`: as for `cancel`.
+
+        Raises:
+            TaskQueueUnknownError: its queue is needed and not known.
+        """
+        task, _ = await self._read(task_id, queue)
+        return task
 
     async def wait(
         self,
         task_id: str,
         *,
+        queue: str | None = None,
         timeout: float = 30.0,  # noqa: ASYNC109 - one deadline over the polls
         interval: float = 0.05,
     ) -> Task:
         """The task once it is in a terminal state (polled every `interval`, doubling to 1 s).
+        `queue`: as for `cancel`.
 
         Raises:
             TaskWaitTimeoutError: it had not ended within `timeout` seconds.
+            TaskQueueUnknownError: its queue is needed and not known.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            task = await self.get(task_id)
+            task = await self.get(task_id, queue=queue)
             if task is not None and task.state in TERMINAL_STATES:
                 return task
             left = deadline - loop.time()
@@ -502,6 +614,29 @@ class TaskContext(Context):
         self._canceled = False  # a flag, not an asyncio.Event: nothing waits on it
         self._result: Any = None
         self._scope: asyncio.Timeout | None = None
+        self.status_subject: str | FuseError | None = None
+        """Where the task's statuses go (RunningWorker sets it), or why nowhere."""
+        self._last_status_only = False  # its worker may read only the task's last event
+
+    def _task_subject(self, task_id: str) -> str:
+        if self.message.type != TASK_MESSAGE_TYPE:
+            return super()._task_subject(task_id)  # not a queued task: as any agent's
+        if isinstance(self.status_subject, FuseError):
+            raise self.status_subject
+        if self.status_subject is None:  # a context no worker made
+            return self._runtime.subjects.task_events(task_id)
+        return self.status_subject
+
+    async def task(self) -> Task | None:
+        """The task as stored so far (as `Context.task`; on a connection that may read only
+        its own subjects, from its last status)."""
+        if self.message.type != TASK_MESSAGE_TYPE:
+            return await super().task()
+        runtime = self._runtime
+        subject = self._task_subject(self.task_id)
+        if self._last_status_only:
+            return await read_last_status(runtime._direct, subject, self.task_id)
+        return await read_task(runtime._direct, runtime.subjects, self.task_id, subject)
 
     @property
     def cancelled(self) -> bool:
@@ -671,19 +806,73 @@ class RunningWorker(RunningAgent):
         self._running: dict[str, TaskContext] = {}
         self._held: dict[TaskContext, Msg] = {}  # each running delivery: the keeper beats for it
         self._cancels: Subscription | None = None
+        self._signers: dict[str, _Sender] = {}  # who signed each delivery being handled
 
     def _consumers(self) -> list[DurableSpec]:
-        agent, queue = self.agent, self.worker.queue
-        return [
-            DurableSpec(
-                stream=self.subjects.message_stream_name,
-                name=consumer_name(queue, priority),
-                filter_subjects=(self.subjects.task(queue, priority),),
-                ack_wait=agent.ack_wait,
-                max_deliver=agent.max_attempts + 1,
-            )
-            for priority in reversed(PRIORITIES)
-        ]
+        agent = self.agent
+        return queue_consumers(
+            self.worker.queue,
+            self.subjects,
+            ack_wait=agent.ack_wait,
+            max_deliver=agent.max_attempts + 1,
+        )
+
+    def _context(
+        self,
+        msg: Msg,
+        envelope: Envelope,
+        message: A2AMessage,
+        *,
+        consumer: str,
+        attempt: int,
+        position: int,
+    ) -> Context:
+        ctx = super()._context(
+            msg, envelope, message, consumer=consumer, attempt=attempt, position=position
+        )
+        if isinstance(ctx, TaskContext) and message.type == TASK_MESSAGE_TYPE:
+            ctx.status_subject = self._status_subject(msg, envelope, message, ctx.task_id)
+            ctx._last_status_only = reads_own_subjects_only(self._nc)
+        return ctx
+
+    def _sender(self, msg: Msg, message: A2AMessage) -> _Sender:
+        who = super()._sender(msg, message)
+        if msg.reply:  # the delivery's ack subject: its contexts need the signer too
+            self._signers[msg.reply] = who
+        return who
+
+    async def _deliver(self, msg: Msg, consumer: str) -> None:
+        try:
+            await super()._deliver(msg, consumer)
+        finally:
+            if msg.reply:
+                self._signers.pop(msg.reply, None)
+
+    def _status_subject(
+        self, msg: Msg, envelope: Envelope, message: A2AMessage, task_id: str
+    ) -> str | FuseError:
+        """Where a task's statuses go: under this worker's queue and the submitter that signed
+        it (where this connection trusts signatures: a task naming another submitter cannot
+        write into that one's tasks), else the submitter its terms name; a task without a
+        submitter term (an older client's) on the task's own subject. An error: nowhere (its
+        signature does not verify, or its task id cannot be a token)."""
+        claimed = envelope.metadata.get(SUBMITTER_KEY)
+        try:
+            if claimed is None:  # an older client's: where it waits (any agent may write it)
+                return self.subjects.task_events(task_id)
+            submitter = claimed
+            if trust_of(self._nc) is not None:  # the signer (checked once per delivery)
+                who = self._signers.get(msg.reply) if msg.reply else None
+                who = who or self._sender(msg, message)
+                if who.unverified is not None:
+                    raise InvalidNameError(
+                        kind="task submitter", name=claimed, reason=who.unverified
+                    )
+                submitter = who.identity
+            return self.subjects.queued_task_events(self.worker.queue, submitter, task_id)
+        except InvalidNameError as error:
+            log.warning("worker %s: task %r: no status subject: %s", self.agent_id, task_id, error)
+            return error
 
     def _lane(self, spec: DurableSpec) -> tuple[asyncio.Queue[Msg], int]:
         lane = _Lane(int(spec.name.rsplit("-p", 1)[1]), self._arrived)
@@ -781,7 +970,7 @@ class RunningWorker(RunningAgent):
             ctx.envelope.metadata, f"at position {ctx.position} on {msg.subject}"
         )
         task_id = ctx.task_id
-        subject = self.subjects.task_events(task_id)
+        subject = ctx._task_subject(task_id)
         ctx._task_recorded = True  # the submitter stored the task's message with `submitted`
         limit = terms.max_attempts or self.worker.max_attempts
         if ctx.attempt > limit:  # the worker died in each earlier attempt
@@ -925,7 +1114,9 @@ class RunningWorker(RunningAgent):
             payload = event.payload
             if isinstance(payload, TaskStatusUpdate) and payload.task_id == task_id:
                 return payload.state
-        task = await read_task(self._direct, self.subjects, task_id)
+        if reads_own_subjects_only(self._nc):
+            return None  # it may not read the whole subject: the last event was not a status
+        task = await read_task(self._direct, self.subjects, task_id, subject)
         return task.state if task is not None else None
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -938,7 +1129,7 @@ class RunningWorker(RunningAgent):
         if ctx is None:
             return
         try:
-            state = await self._state_of(task_id, self.subjects.task_events(task_id))
+            state = await self._state_of(task_id, ctx._task_subject(task_id))
         except FuseError as error:
             log.warning("worker %s: cancel of %s not checked: %s", self.agent_id, task_id, error)
             return

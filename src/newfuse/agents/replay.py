@@ -34,10 +34,17 @@ from newfuse.agents import wire
 from newfuse.agents.address import AgentId
 from newfuse.agents.models.base import ChatChunk, ChatResult, ModelProvider, chunked
 from newfuse.agents.models.recording import INVOKED_TYPE, decode_invoked, result_of
-from newfuse.agents.queues import TASK_MESSAGE_TYPE, TaskContext, Worker, result_artifacts, terms_of
+from newfuse.agents.queues import (
+    SUBMITTER_KEY,
+    TASK_MESSAGE_TYPE,
+    TaskContext,
+    Worker,
+    result_artifacts,
+    terms_of,
+)
 from newfuse.agents.runtime import Agent, Context, _HandlerLog, _Route, run_handler
 from newfuse.agents.tasks import SENDER, STATUS_TYPE
-from newfuse.errors import FuseError, ModelReplayError, ModelUnavailableError
+from newfuse.errors import FuseError, InvalidNameError, ModelReplayError, ModelUnavailableError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.subjects import Subjects
@@ -236,6 +243,18 @@ def _compare_calls(
             )
         )
     return compared
+
+
+def _status_subject(subjects: Subjects, queue: str, ctx: TaskContext) -> str | None:
+    """Where the worker stored the task's statuses: under its submitter term (a secured
+    worker used the signer, which is the term for a submitter that did not lie)."""
+    submitter = ctx.envelope.metadata.get(SUBMITTER_KEY)
+    if submitter is None:
+        return None  # an older client's task: its own subject
+    try:
+        return subjects.queued_task_events(queue, submitter, ctx.task_id)
+    except InvalidNameError:
+        return None
 
 
 def _compare_effects(
@@ -473,6 +492,8 @@ class Replay:
                 attempt=max(1, attempts),
                 position=handled.position,
             )
+            if isinstance(ctx, TaskContext) and self.worker is not None:
+                ctx.status_subject = _status_subject(self.subjects, self.worker.queue, ctx)
             ctx._model_log = _DryLog(ctx)
             error = None
             try:

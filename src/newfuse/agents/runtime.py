@@ -291,6 +291,10 @@ class Context:
         runtime = self._runtime
         return await read_task(runtime._direct, runtime.subjects, self.task_id)
 
+    def _task_subject(self, task_id: str) -> str:
+        """Where the task's events are stored (a queued task's: agents/queues.py)."""
+        return self._runtime.subjects.task_events(task_id)
+
     def task_status(
         self,
         state: TaskState,
@@ -321,8 +325,7 @@ class Context:
                 reason=f"{state!r} is not an A2A task state ({', '.join(TASK_STATES)})",
             )
         task_id = self.task_id
-        subjects = self._runtime.subjects
-        subject, stream = subjects.task_events(task_id), f"task.{task_id}"
+        subject, stream = self._task_subject(task_id), f"task.{task_id}"
         context_id = self.message.context_id or task_id
         sender = str(self._runtime.agent_id)
         if not self._task_recorded:
@@ -1087,8 +1090,8 @@ class RunningAgent:
         it would be refused again, and a flood would flood them."""
         denied = self._denial(who, envelope, message, msg.subject)
         position, attempt = msg.metadata.sequence.stream, msg.metadata.num_delivered
-        ctx = self._context_class(
-            self, envelope, message, consumer=consumer, attempt=attempt, position=position
+        ctx = self._context(
+            msg, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
         self._give_up(ctx, denied.error, _denied_facts(denied))
         await self._commit(ctx._effects, consumer, position, attempt)
@@ -1153,8 +1156,8 @@ class RunningAgent:
                     return
                 await self._dead_letter(msg, consumer, envelope, message, attempt, reason)
                 return
-        ctx = self._context_class(
-            self, envelope, message, consumer=consumer, attempt=attempt, position=position
+        ctx = self._context(
+            msg, envelope, message, consumer=consumer, attempt=attempt, position=position
         )
         if opened is not None:
             ctx._opened, ctx.redacted = opened.payload, redacted
@@ -1415,8 +1418,8 @@ class RunningAgent:
         )
         effects: list[Effect] = [(self.subjects.dead_letters(consumer), body, wire_headers)]
         if envelope is not None and message is not None:
-            ctx = self._context_class(
-                self, envelope, message, consumer=consumer, attempt=attempts, position=position
+            ctx = self._context(
+                msg, envelope, message, consumer=consumer, attempt=attempts, position=position
             )
             self._give_up(ctx, error, answer)
             effects.extend(ctx._effects)
@@ -1424,6 +1427,21 @@ class RunningAgent:
         self.dead_lettered += 1
         log.warning("agent %s: dead letter %s: %s", self.agent_id, message_id, error)
         await msg.term()
+
+    def _context(
+        self,
+        msg: Msg,
+        envelope: Envelope,
+        message: A2AMessage,
+        *,
+        consumer: str,
+        attempt: int,
+        position: int,
+    ) -> Context:
+        """What the handler of `msg` (or what gives it up) sees: a `_context_class`."""
+        return self._context_class(
+            self, envelope, message, consumer=consumer, attempt=attempt, position=position
+        )
 
     def _give_up(self, ctx: Context, error: str, answer: dict[str, Any] | None = None) -> None:
         """What a dead letter stores besides the letter: the error reply a requester waits for

@@ -1,5 +1,8 @@
 """A2A tasks as a fold: their events on `<prefix>.a2a._task.<task_id>`, the Task, a reader.
 
+A queued task's events are on `<prefix>.a2a._task.<queue>.<submitter>.<task_id>` instead
+(agents/queues.py), so that nats-server can scope who writes and reads them.
+
 A task's events are one subject of the message stream, so its history is read with one
 filtered direct get. Two types live there: `task.status` (a TaskStatusUpdate: the agent moved
 the task, with what it said and produced) and `a2a.message` (a message the task received, as the
@@ -230,17 +233,33 @@ def fold(task_id: str, events: Iterable[TaskEvent]) -> Task | None:
     return folder.task
 
 
-async def read_task(direct: DirectGet, subjects: Subjects, task_id: str) -> Task | None:
-    """The fold of one task's subject, read by direct get; None when nothing is stored there.
+async def read_task(
+    direct: DirectGet, subjects: Subjects, task_id: str, subject: str | None = None
+) -> Task | None:
+    """The fold of one task's subject (`subject`, default the task's own A2A subject; a filter
+    such as `Subjects.any_queued_task_events` finds a queued task), read by direct get; None
+    when nothing is stored there.
 
     Raises:
         InvalidNameError: `task_id` cannot be a subject token.
         StoreUnavailableError: the stream did not answer.
     """
-    subject = subjects.task_events(task_id)
+    subject = subject or subjects.task_events(task_id)
     folder = TaskFold(task_id)
     async for msg in direct.messages(subject, f"read task {task_id!r}"):
         _apply_raw(folder, msg.data, sequence_of(msg), subject)
+    return folder.task
+
+
+async def read_last_status(direct: DirectGet, subject: str, task_id: str) -> Task | None:
+    """The task as its last event on `subject` makes it (one direct get by subject: what an
+    identity that may read only its own subjects can do): its state, the last status's message
+    and artifacts, one entry in `statuses`; None when nothing is stored there."""
+    last = await direct.last_for(subject, f"read the status of task {task_id!r}")
+    if last is None:
+        return None
+    folder = TaskFold(task_id)
+    _apply_raw(folder, last.data, sequence_of(last), subject)
     return folder.task
 
 
@@ -265,23 +284,26 @@ class Tasks:
         self.skipped: list[str] = []
 
     async def get(self, task_id: str) -> Task | None:
-        """One task, or None when it has no events."""
-        return await read_task(self._direct, self.subjects, task_id)
+        """One task (an agent's, or else a queued one), or None when it has no events."""
+        task = await read_task(self._direct, self.subjects, task_id)
+        if task is None:
+            subject = self.subjects.any_queued_task_events(task_id)
+            task = await read_task(self._direct, self.subjects, task_id, subject)
+        return task
 
     async def all(self, *, state: str | None = None) -> list[Task]:
-        """Every task (in `state` only, if given), oldest first."""
-        cut = len(self.subjects.all_task_events) - 1
+        """Every task, queued or not (in `state` only, if given), oldest first."""
         folds: dict[str, TaskFold] = {}
         self.skipped = []
         async for msg in self._direct.messages(self.subjects.all_task_events, "list the tasks"):
             subject = (msg.headers or {}).get(headers.SUBJECT, "")
-            task_id = subject[cut:]
+            task_id = subject.rpartition(".")[2]
             if not subject or not task_id:
                 self.skipped.append(f"position {sequence_of(msg)}: no subject in the answer")
                 continue
-            folder = folds.get(task_id)
+            folder = folds.get(subject)  # by subject: one id may be a task of two queues
             if folder is None:
-                folder = folds[task_id] = TaskFold(task_id)
+                folder = folds[subject] = TaskFold(task_id)
             _apply_raw(folder, msg.data, sequence_of(msg), subject)
         tasks = [f.task for f in folds.values() if f.task is not None]
         self.skipped.extend(note for f in folds.values() if f.task is None for note in f._ignored)

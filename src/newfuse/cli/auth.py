@@ -52,7 +52,12 @@ def register(commands: Commands) -> None:
     add = actions.add_parser("add", help="create an identity and its credentials file")
     add.add_argument("name", help="letters, digits, '-' and '_'")
     add.add_argument("--role", choices=ROLES, required=True)
-    add.add_argument("--agent", default="", metavar="TYPE/KEY", help="the agent (role agent)")
+    add.add_argument(
+        "--agent",
+        default="",
+        metavar="TYPE/KEY",
+        help="the agent (role agent); type task-QUEUE: a worker of task queue QUEUE",
+    )
     add.add_argument(
         "--send-to", action="append", default=[], metavar="TYPE", help="inboxes it may write to"
     )

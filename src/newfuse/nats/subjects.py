@@ -115,15 +115,28 @@ class Subjects:
 
     def task_events(self, task_id: str) -> str:
         """Status events and messages of one A2A task: `<prefix>.a2a._task.<task_id>`."""
-        check_token(
-            task_id, kind="task id", max_bytes=MAX_STREAM_ID_BYTES, limit_name="MAX_STREAM_ID_BYTES"
-        )
-        return f"{self._a2a}_task.{task_id}"
+        return f"{self._a2a}_task.{_task_id(task_id)}"
+
+    def queued_task_events(self, queue: str, submitter: str, task_id: str) -> str:
+        """Status events of one queued task (agents/queues.py):
+        `<prefix>.a2a._task.<queue>.<submitter>.<task_id>`. The queue and the submitter are
+        tokens of their own so that nats-server can scope who writes and reads them: a queue's
+        workers their queue's tasks, a submitter its own."""
+        check_token(queue, kind="task queue")
+        check_token(submitter, kind="task submitter")
+        return f"{self._a2a}_task.{queue}.{submitter}.{_task_id(task_id)}"
+
+    def any_queued_task_events(self, task_id: str, queue: str | None = None) -> str:
+        """Queued task `task_id` of any submitter, of `queue` or any queue (a filter):
+        `<prefix>.a2a._task.<queue or *>.*.<task_id>`."""
+        where = "*" if queue is None else check_token(queue, kind="task queue")
+        return f"{self._a2a}_task.{where}.*.{_task_id(task_id)}"
 
     @property
     def all_task_events(self) -> str:
-        """Every task's events: `<prefix>.a2a._task.*`."""
-        return f"{self._a2a}_task.*"
+        """Every task's events, queued or not: `<prefix>.a2a._task.>` (the task id is the last
+        token)."""
+        return f"{self._a2a}_task.>"
 
     def aggregate(self, aggregate_id: str) -> str:
         """Events of one result aggregation (closed, late replies):
@@ -197,3 +210,9 @@ class Subjects:
 
     def __repr__(self) -> str:
         return f"Subjects({self.prefix!r})"
+
+
+def _task_id(task_id: str) -> str:
+    return check_token(
+        task_id, kind="task id", max_bytes=MAX_STREAM_ID_BYTES, limit_name="MAX_STREAM_ID_BYTES"
+    )

@@ -18,13 +18,18 @@ Roles:
   bucket (what they review may hold sealed fields); nothing else.
 - `agent`: one agent instance `<type>/<key>`. It may publish only: to the inboxes of the agent
   types it declares (`send_to`; `task-<queue>`, a queue's workers, also lets it submit to the
-  queue), to the topics it declares (`publish_topics`), replies, its own
-  markers, dead letters, model records and heartbeats, and the status events of tasks. It may
-  read only its own durable consumers (by name), its own replies, its own markers (by subject),
-  and its fast-path service. It may ask the key service to seal and open fields (it never
-  reads a key). No other direct get, no stream read, no consumer of another inbox.
-  Streams and consumers are created by an admin or service first (`fuse dev --secure` does it
-  for the identities it knows).
+  queue and store and read the statuses of the tasks it submits there,
+  `<prefix>.a2a._task.<queue>.<its name>.*`), to the topics it declares (`publish_topics`),
+  replies, its own markers, dead letters, model records and heartbeats, and the status events
+  of (unqueued) A2A tasks. It may read only its own durable consumers (by name), its own
+  replies, its own markers (by subject), and its fast-path service. No other direct get, no
+  stream read, no consumer of another inbox. It may ask the key service to seal and open
+  fields (it never reads a key). Streams and consumers are created by an admin or
+  service first (`fuse dev --secure` does it for the identities it knows).
+  An agent of type `task-<queue>` is a worker of that queue: in place of an agent's two
+  consumers it has the queue's ten (`task-<queue>-p0` ... `-p9`), and it may store and read by
+  subject the statuses of the queue's tasks (`<prefix>.a2a._task.<queue>.*.*`), nothing of
+  another queue's.
 - `system`: a user of nats-server's system account (`SYS`), which sees nothing of the bus's
   subjects and streams, only the server's own: its advisories, among them the authentication
   failures that no other account hears of (security/auth_events.py listens as one). It has the
@@ -382,12 +387,31 @@ def _reviewer(identity: Identity, s: Subjects) -> dict[str, Any]:
     }
 
 
+def worker_queue(agent_type: str) -> str | None:
+    """The queue whose worker an agent of type `agent_type` is: `task-<queue>` (the type of a
+    queue's workers, agents/queues.py), else None."""
+    queue = agent_type.removeprefix("task-")
+    if queue == agent_type or not queue:
+        return None
+    return queue
+
+
 def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
     kind, key = identity.agent_type, identity.agent_key
     own, shared = f"{kind}__{key}", kind
-    consumers = (shared, own)
+    consumers: tuple[str, ...] = (shared, own)
     stream = s.message_stream_name
     a2a = f"{s.prefix}.a2a"
+    tasks = f"{a2a}._task"
+    queue = worker_queue(kind)
+    # a queued task's events are `<a2a>._task.<queue>.<submitter>.<task_id>` (agents/queues.py)
+    worker: list[str] = []
+    if queue is not None:
+        # a queue's worker: its queue's ten consumers in place of an agent's two, and the
+        # statuses of its queue's tasks (store; read the last by subject), of every submitter
+        consumers = tuple(f"task-{queue}-p{priority}" for priority in range(10))
+        worker = [f"{tasks}.{queue}.*.*", f"{API}.DIRECT.GET.{stream}.{tasks}.{queue}.*.*"]
+    submits = [t.removeprefix("task-") for t in identity.send_to if worker_queue(t) is not None]
     own_events = s.events(f"agent.{kind}-{key}")  # its registration (agents/registry.py)
     service = service_name(kind)  # NATS micro (ADR-32): its service is named after its type
     discovery = ("", f".{service}", f".{service}.*")
@@ -396,11 +420,11 @@ def _agent(identity: Identity, s: Subjects) -> dict[str, Any]:
         *(f"{s.agent_type(t)}.*" for t in identity.send_to),
         # a queue's workers are the agent type `task-<queue>` (agents/queues.py): sending to
         # them is submitting to the queue, at any priority
-        *(
-            f"{s.prefix}.task.{t.removeprefix('task-')}.*"
-            for t in identity.send_to
-            if t.startswith("task-") and t != "task-"
-        ),
+        *(f"{s.prefix}.task.{q}.*" for q in submits),
+        # ... and storing and reading the statuses of the tasks it submits (under its name)
+        *(f"{tasks}.{q}.{identity.name}.*" for q in submits),
+        *(f"{API}.DIRECT.GET.{stream}.{tasks}.{q}.{identity.name}.*" for q in submits),
+        *worker,
         *(s.topic(t) for t in identity.publish_topics),
         f"{a2a}._reply.*",
         f"{a2a}._task.*",
