@@ -30,6 +30,7 @@ from nats.aio.client import Client
 
 from newfuse.agents import Agent, AgentClient, Context, wire
 from newfuse.agents.history import History
+from newfuse.agents.replay import Replay
 from newfuse.errors import (
     InvalidPayloadError,
     KeyServiceBusyError,
@@ -50,7 +51,14 @@ from newfuse.schemas import (
     Personal,
     new_event_id,
 )
-from newfuse.security import KeyService, KeyServiceClient, KVKeyStore, forget, use_keys
+from newfuse.security import (
+    KeyService,
+    KeyServiceClient,
+    KVKeyStore,
+    SubjectCipher,
+    forget,
+    use_keys,
+)
 from newfuse.security.identities import IdentityStore
 from newfuse.security.key_service import (
     MAX_FIELDS,
@@ -432,19 +440,30 @@ async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
             # and it is found like any ADR-32 service
             ping = json.loads((await admin.request("$SRV.PING.newfuse-keys", b"", timeout=5)).data)
             assert ping["name"] == "newfuse-keys"
-
     finally:
         for nc in (admin, alice_nc, bob_nc, eve_nc):
             await nc.close()
 
 
-async def test_a_reply_asked_again_reads_redacted_after_forget_and_fails_without_the_service(
-    nats_url: str,
-) -> None:
+@contextlib.asynccontextmanager
+async def plain_bus(nats_url: str) -> AsyncIterator[tuple[Client, str, KVKeyStore]]:
+    """A connection on the bus without identities, a prefix of its own and its key store."""
     prefix = new_prefix()
     nc = await connect(nats_url)
     try:
         keys = await KVKeyStore.open(nc, prefix)
+        try:
+            yield nc, prefix, keys
+        finally:
+            await keys.close()
+    finally:
+        await nc.close()
+
+
+async def test_a_reply_asked_again_reads_redacted_after_forget_and_fails_without_the_service(
+    nats_url: str,
+) -> None:
+    async with plain_bus(nats_url) as (nc, prefix, keys):
         async with (
             bob.run(nc, key="1", prefix=prefix, fast_path=False),
             AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
@@ -465,9 +484,32 @@ async def test_a_reply_asked_again_reads_redacted_after_forget_and_fails_without
             # the service is gone: an error, never the reply silently redacted
             with pytest.raises(KeyServiceUnavailableError, match=r"is a key service running"):
                 await alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
-        await keys.close()
-    finally:
-        await nc.close()
+
+
+async def test_a_replay_with_the_keys_hands_the_handler_what_the_runtime_did(
+    nats_url: str,
+) -> None:
+    async with plain_bus(nats_url) as (nc, prefix, keys):
+        async with (
+            KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True),
+            bob.run(nc, key="1", prefix=prefix, fast_path=False),
+            AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
+        ):
+            intake = Intake(customer="c-8", email=EMAIL, plan="pro")
+            await alice.request("bob", "intake", intake, timeout=30, context_id="conv-8")
+
+        async def replayed(cipher: SubjectCipher | None) -> tuple[str, tuple[str, ...]]:
+            seen.clear()
+            replay = Replay(nc, bob, prefix=prefix, cipher=cipher)
+            [result] = [r async for r in replay.messages("conv-8")]
+            assert result.error is None and replay.skipped == []
+            [handed] = seen
+            return handed
+
+        assert await replayed(SubjectCipher(keys)) == (EMAIL, ())
+        assert await replayed(None) == (REDACTED, ("$.payload.email",))  # no keys
+        await keys.forget("c-8")
+        assert await replayed(SubjectCipher(keys)) == (REDACTED, ("$.payload.email",))
 
 
 def admin_env(secure: Secure) -> dict[str, str]:

@@ -69,10 +69,13 @@ async def open_held(
     event_id: str,
     *,
     replacement: Any = REDACTED,
+    payload_type: Any = None,
 ) -> tuple[A2AMessage, tuple[str, ...]]:
     """`message` (of event `event_id`) with the sealed values of its payload opened by a
-    reader that holds the keys itself, and the paths that read as `replacement`: forgotten,
-    or every one when `cipher` is None (a reader without keys, as the event store reads them).
+    reader that holds the keys itself, and the paths that read as their replacement:
+    forgotten, or every one when `cipher` is None (a reader without keys, as the event store
+    reads them). The replacement is the one `payload_type` (a handler's struct) declares for
+    the field, else `replacement`.
 
     A value of a sealed value's form whose members are not all strings is not one, and stays.
 
@@ -83,6 +86,8 @@ async def open_held(
     payload = dict(message.payload)
     redacted: list[str] = []
     opened = False
+    plan = plan_of_type(payload_type) if payload_type is not None else None
+    declared = {f.wire: f.replacement for f in (plan.fields if plan else ())}
     for name, value in message.payload.items():
         if not _has_form(value):
             continue
@@ -100,7 +105,7 @@ async def open_held(
                 await cipher.fetch([(sealed.sub, sealed.kid)])  # it opens or is known forgotten
                 plaintext = cipher.decrypt(sealed, event_id, path)
         if plaintext is None:
-            payload[name] = replacement
+            payload[name] = msgspec.json.decode(declared[name]) if name in declared else replacement
             redacted.append(path)
             continue
         try:

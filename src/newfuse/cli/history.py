@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
-
-from nats.aio.client import Client
+from typing import Any
 
 from newfuse.agents.history import History, Turn
-from newfuse.cli._common import message_stream, positive_int
+from newfuse.cli._common import message_keys, message_stream, positive_int
 from newfuse.cli._output import StreamedTable, note, print_json, rfc3339
-from newfuse.errors import KeyStoreMissingError
-
-if TYPE_CHECKING:
-    from newfuse.security import SubjectCipher
 
 
 def register_history_action(actions: Any) -> None:
@@ -56,25 +48,6 @@ def turn_json(turn: Turn) -> dict[str, Any]:
         "text": turn.text,
         **({"redacted": list(turn.redacted)} if turn.redacted else {}),
     }
-
-
-@contextlib.asynccontextmanager
-async def message_keys(nc: Client, prefix: str) -> AsyncIterator[SubjectCipher | None]:
-    """The deployment's keys (the bucket `<prefix>_keys`, which an admin may read), so that
-    sealed values of messages show opened; None when there is no bucket (nothing was sealed
-    with it: they read as redacted, as an event store without keys reads them)."""
-    from newfuse.security import KVKeyStore, SubjectCipher  # cryptography: only when reading
-
-    try:
-        keys = await KVKeyStore.open(nc, prefix, create=False)
-    except KeyStoreMissingError:
-        yield None
-        return
-    cipher = SubjectCipher(keys, owns_keys=True)
-    try:
-        yield cipher
-    finally:
-        await cipher.close()
 
 
 async def run_history(args: argparse.Namespace) -> int:
