@@ -7,6 +7,9 @@ after `forget` both alice and bob read the field as redacted; a forged open requ
 nats-py, another identity's certificate or a copied signed request) is refused; hostile
 requests get clear errors and the service goes on; with the service gone, a sender gets
 KeyServiceUnavailableError at once and a receiver never runs its handler on unopened data.
+A client gets its sealed replies opened (redacted after forget, an error without the service);
+an admin's `fuse agents history` shows a sealed message opened, "[redacted]" after `fuse
+forget`, and reports a value moved into another message instead of showing it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +28,9 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from newfuse.agents import Agent, AgentClient, Context
+from newfuse.agents import Agent, AgentClient, Context, wire
+from newfuse.agents.history import History
+from newfuse.agents.replay import Replay
 from newfuse.errors import (
     InvalidPayloadError,
     KeyServiceBusyError,
@@ -37,8 +43,22 @@ from newfuse.eventstore import EventStore, open_event_store
 from newfuse.nats import Subjects, connect
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.signing import IDENTITY, SIGNATURE, Signer, signed
-from newfuse.schemas import REDACTED, A2AMessage, A2AMetadata, DataSubject, Personal
-from newfuse.security import KeyService, KeyServiceClient, KVKeyStore, forget, use_keys
+from newfuse.schemas import (
+    REDACTED,
+    A2AMessage,
+    A2AMetadata,
+    DataSubject,
+    Personal,
+    new_event_id,
+)
+from newfuse.security import (
+    KeyService,
+    KeyServiceClient,
+    KVKeyStore,
+    SubjectCipher,
+    forget,
+    use_keys,
+)
 from newfuse.security.identities import IdentityStore
 from newfuse.security.key_service import (
     MAX_FIELDS,
@@ -46,7 +66,7 @@ from newfuse.security.key_service import (
     MAX_VALUE_BYTES,
     SealField,
 )
-from support import SecuredBus, new_prefix, secured_nats, wait_for
+from support import SecuredBus, new_prefix, run_fuse, secured_nats, wait_for
 
 EMAIL = "alice@example.com"
 
@@ -301,7 +321,18 @@ async def test_hostile_requests_get_clear_errors_and_the_service_goes_on(secure:
                 await keys.open(10**9)
             with pytest.raises(KeyServiceError, match=r"\(400\).*not a open request"):
                 await keys._ask("open", json.dumps({"position": "one"}).encode())
-            assert service.refused == len(cases) + 2
+            # found by subject and event id: a subject of the message stream, no wildcards
+            finds: list[tuple[str | None, str | None, str]] = [
+                ("fuse.a2a.>", "e-1", r"\(400\).*without wildcards"),
+                ("fuse.ev.agent.x", "e-1", r"\(400\).*a subject of fuse\.a2a\.>"),
+                ("fuse.a2a._reply.eve-1", None, r"\(400\).*name the event id"),
+                ("fuse.a2a._reply.eve-1", "e 1", r"\(400\).*`event`"),
+                ("fuse.a2a._reply.eve-1", "e-1", r"\(404\).*no message of event 'e-1'"),
+            ]
+            for subject, event, error in finds:
+                with pytest.raises(KeyServiceError, match=error):
+                    await keys.open(1, subject=subject, event=event)
+            assert service.refused == len(cases) + 2 + len(finds)
             # still serving: anyone may seal for anyone (sealing discloses nothing)
             field = SealField(path="$.payload.email", subject="c-9", value=msgspec.Raw(b'"x"'))
             sealed = await keys.seal("e-1", [field])
@@ -396,8 +427,10 @@ async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
             AgentClient(alice_nc, sender="alice/1") as alice,
         ):
             reply = await alice.request("bob", "lookup", {"customer": "c-6"}, timeout=30)
-            assert reply.payload["plan"] == "found"
-            assert reply.payload["email"]["enc"] == "A256GCM"  # a client does not open replies
+            # the client opens it through the key service; its message stays as stored
+            assert reply.payload == {"customer": "c-6", "email": EMAIL, "plan": "found"}
+            assert reply.redacted == ()
+            assert reply.message is not None and reply.message.payload["email"]["enc"] == "A256GCM"
             position, body = await last_on(admin, "fuse.a2a._reply.alice-1")
             assert EMAIL.encode() not in body
             opened = await KeyServiceClient(alice_nc).open(position)  # its reply subject's
@@ -410,6 +443,180 @@ async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
     finally:
         for nc in (admin, alice_nc, bob_nc, eve_nc):
             await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def plain_bus(nats_url: str) -> AsyncIterator[tuple[Client, str, KVKeyStore]]:
+    """A connection on the bus without identities, a prefix of its own and its key store."""
+    prefix = new_prefix()
+    nc = await connect(nats_url)
+    try:
+        keys = await KVKeyStore.open(nc, prefix)
+        try:
+            yield nc, prefix, keys
+        finally:
+            await keys.close()
+    finally:
+        await nc.close()
+
+
+async def test_a_reply_asked_again_reads_redacted_after_forget_and_fails_without_the_service(
+    nats_url: str,
+) -> None:
+    async with plain_bus(nats_url) as (nc, prefix, keys):
+        async with (
+            bob.run(nc, key="1", prefix=prefix, fast_path=False),
+            AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
+        ):
+            async with KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix):
+                ask = alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+                reply = await ask  # without identities, it names its reply token
+                assert reply.payload["email"] == EMAIL and reply.redacted == ()
+                await keys.forget("c-7")
+
+                async def forgotten() -> bool:  # the same stored reply, found again
+                    again = alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+                    return (await again).redacted == ("$.payload.email",)
+
+                await wait_for(forgotten, timeout=10)
+                again = alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+                assert (await again).payload == {"customer": "c-7", "email": None, "plan": "found"}
+            # the service is gone: an error, never the reply silently redacted
+            with pytest.raises(KeyServiceUnavailableError, match=r"is a key service running"):
+                await alice.request_once("bob", "lookup", {"customer": "c-7"}, key="k-7")
+
+
+async def test_a_replay_with_the_keys_hands_the_handler_what_the_runtime_did(
+    nats_url: str,
+) -> None:
+    async with plain_bus(nats_url) as (nc, prefix, keys):
+        async with (
+            KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True),
+            bob.run(nc, key="1", prefix=prefix, fast_path=False),
+            AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
+        ):
+            intake = Intake(customer="c-8", email=EMAIL, plan="pro")
+            await alice.request("bob", "intake", intake, timeout=30, context_id="conv-8")
+
+        async def replayed(cipher: SubjectCipher | None) -> tuple[str, tuple[str, ...]]:
+            seen.clear()
+            replay = Replay(nc, bob, prefix=prefix, cipher=cipher)
+            [result] = [r async for r in replay.messages("conv-8")]
+            assert result.error is None and replay.skipped == []
+            [handed] = seen
+            return handed
+
+        assert await replayed(SubjectCipher(keys)) == (EMAIL, ())
+        assert await replayed(None) == (REDACTED, ("$.payload.email",))  # no keys
+        await keys.forget("c-8")
+        assert await replayed(SubjectCipher(keys)) == (REDACTED, ("$.payload.email",))
+
+
+def admin_env(secure: Secure) -> dict[str, str]:
+    """The environment of `fuse` run by the admin of the secured server."""
+    env = {
+        **os.environ,
+        "FUSE_NATS_URL": secure.server.url,
+        "FUSE_NATS_CREDENTIALS": str(secure.identities.seed_file("admin")),
+    }
+    env.pop("FUSE_STORE", None)
+    return env
+
+
+def history_of(secure: Secure, message_id: str) -> tuple[dict[str, object], str]:
+    """`fuse agents history --agent dave --json` as the admin: the turn of `message_id` and
+    what it said on stderr."""
+    shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=admin_env(secure))
+    turns = [json.loads(line) for line in shown.stdout.splitlines()]
+    return next(t for t in turns if t["id"] == message_id), shown.stderr
+
+
+@contextlib.asynccontextmanager
+async def admin_and_alice(secure: Secure) -> AsyncIterator[tuple[Client, AgentClient]]:
+    """The admin's connection and alice/1's client, with a key service running."""
+    admin, alice_nc = [await secure.connect(name) for name in ("admin", "alice-1")]
+    try:
+        async with secure.key_service(), AgentClient(alice_nc, sender="alice/1") as alice:
+            yield admin, alice
+    finally:
+        for nc in (admin, alice_nc):
+            await nc.close()
+
+
+async def test_an_admins_history_opens_a_sealed_message_and_redacts_it_after_forget(
+    secure: Secure,
+) -> None:
+    async with admin_and_alice(secure) as (admin, alice):
+        sent = await alice.send("dave", "intake", Intake(customer="c-h", email=EMAIL, plan="b"))
+        _, body = await last_on(admin, "fuse.a2a.dave")
+        assert EMAIL.encode() not in body  # stored sealed
+
+        turn, _ = history_of(secure, sent)  # the admin's keys open it
+        assert json.loads(str(turn["text"])) == {"customer": "c-h", "email": EMAIL, "plan": "b"}
+        assert "redacted" not in turn
+        # a reader without keys shows a marker, never the ciphertext
+        keyless = [t async for t in History(admin).turns(agent="dave") if t.id == sent]
+        assert json.loads(keyless[0].text)["email"] == REDACTED
+        assert keyless[0].redacted == ("$.payload.email",)
+
+        run_fuse("forget", "c-h", "--reason", "erasure", env=admin_env(secure))
+        turn, _ = history_of(secure, sent)
+        assert json.loads(str(turn["text"])) == {"customer": "c-h", "email": REDACTED, "plan": "b"}
+        assert turn["redacted"] == ["$.payload.email"] and turn["sender"] == "alice/1"
+        table = run_fuse("agents", "history", "--agent", "dave", env=admin_env(secure)).stdout
+        [row] = [line for line in table.splitlines() if '"c-h"' in line]
+        assert '"email":"[redacted]"' in row and '"plan":"b"' in row
+
+
+async def test_a_moved_sealed_value_is_reported_by_the_history_and_refused_to_the_client(
+    secure: Secure,
+) -> None:
+    async with admin_and_alice(secure) as (admin, alice):
+        sent = await alice.send("dave", "intake", Intake(customer="c-m", email=EMAIL, plan="b"))
+        _, body = await last_on(admin, "fuse.a2a.dave")
+        sealed = json.loads(body)["data"]["payload"]["email"]
+
+        def forged(
+            stream: str, in_reply_to: str | None = None
+        ) -> tuple[str, bytes, dict[str, str]]:
+            event_id = new_event_id()
+            message = A2AMessage(
+                type="intake",
+                payload={"customer": "c-m", "email": sealed, "plan": "moved"},
+                metadata=A2AMetadata(sender="alice/1"),
+                message_id=event_id,
+                in_reply_to=in_reply_to,
+            )
+            encoded, wire_headers = wire.encode(
+                stream, wire.MESSAGE_TYPE, message, event_id=event_id
+            )
+            return event_id, encoded, wire_headers
+
+        # the value copied into another message (the admin may write anywhere)
+        moved, encoded, wire_headers = forged("a2a.dave")
+        ack = await admin.jetstream().publish("fuse.a2a.dave", encoded, headers=wire_headers)
+        shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=admin_env(secure))
+        ids = [json.loads(line)["id"] for line in shown.stdout.splitlines()]
+        assert sent in ids and moved not in ids  # the rest reads on
+        assert f"skipped: position {ack.seq} on fuse.a2a.dave" in shown.stderr
+        assert f"sealed field $.payload.email of event '{moved}'" in shown.stderr
+        assert "does not authenticate" in shown.stderr
+
+        # a reply holding the copied value: the client reports it, it is not handed over
+        request_id = new_event_id()
+        asked = asyncio.create_task(
+            alice.request("dave", "lookup", {}, message_id=request_id, timeout=30)
+        )
+
+        async def requested() -> bool:
+            found = await DirectGet(admin, "FUSE_A2A", timeout=5).last_for("fuse.a2a.dave", "test")
+            return found is not None and json.loads(found.data)["id"] == request_id
+
+        await wait_for(requested, timeout=30)
+        _, encoded, wire_headers = forged("reply.alice-1", in_reply_to=request_id)
+        await admin.jetstream().publish("fuse.a2a._reply.alice-1", encoded, headers=wire_headers)
+        with pytest.raises(KeyServiceRefusedError, match=r"no record that event .* sealed"):
+            await asked
 
 
 async def seal_unsigned(nc: Client, fields: list[dict[str, str]]) -> tuple[str, str]:

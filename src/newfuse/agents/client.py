@@ -26,6 +26,7 @@ from newfuse.errors import (
     AgentClosedError,
     FuseError,
     InvalidPayloadError,
+    KeyServiceError,
     MessageDeniedError,
     RequestFailedError,
     RequestTimeoutError,
@@ -34,7 +35,7 @@ from newfuse.errors import (
 )
 from newfuse.nats import headers
 from newfuse.nats.connection import identity_of
-from newfuse.nats.direct import DirectGet
+from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.jserrors import PubAck, decode_pub_ack
 from newfuse.nats.micro import ERROR_HEADER
 from newfuse.nats.provision import MessageStreamSpec, ensure_event_stream
@@ -61,12 +62,18 @@ _TRACE_HEADERS: Final = frozenset({headers.TRACEPARENT, headers.TRACESTATE})
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):
     """An agent's answer to a request: its message type, payload, the whole message and, for
-    a reply through the log, its event id on the message stream."""
+    a reply through the log, its event id on the message stream.
+
+    A reply that `request` or `request_once` returns has its sealed values opened by the key
+    service in `payload` (null once their subject is forgotten, listed in `redacted`);
+    `message` stays as stored. One given to `on_unclaimed_reply` callbacks is as stored.
+    """
 
     type: str
     payload: dict[str, Any]
     message: A2AMessage | None = None
     event_id: str | None = None
+    redacted: tuple[str, ...] = ()
 
 
 UnclaimedReply = Callable[[Reply], None]
@@ -171,6 +178,41 @@ class AgentClient:
                 callback(reply)
             except Exception:
                 log.exception("agent client %r: an unclaimed-reply callback failed", self.sender)
+
+    async def _opened(self, reply: Reply, token: str, *, after: int) -> Reply:
+        """`reply` (on the reply subject of `token`, stored after position `after`) with its
+        sealed values opened by the key service, from the stored copy: a form check for any
+        other reply. A reply heard on core NATS may not be stored yet: not found (404), it is
+        asked for again within the client's timeout.
+
+        Raises:
+            KeyServiceUnavailableError: no key service answered (never silent redaction).
+            KeyServiceRefusedError, KeyServiceError: it refused (a value that does not open
+                is 422).
+        """
+        message = reply.message
+        if message is None or reply.event_id is None or not sealing.holds_sealed(message):
+            return reply
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self._timeout, 0.01
+        while True:
+            try:
+                opened, redacted = await sealing.open_message(
+                    self._keys,
+                    message,
+                    event_id=reply.event_id,
+                    position=after,
+                    payload_type=None,
+                    subject=self.subjects.reply(token),
+                    requester=identity_of(self._nc) or token,  # without identities: its token
+                )
+            except KeyServiceError as error:
+                if error.code != 404 or loop.time() + pause >= deadline:
+                    raise
+            else:
+                return msgspec.structs.replace(reply, payload=opened.payload, redacted=redacted)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     def _address(self, to: AgentId | str) -> tuple[str, str]:
         if isinstance(to, AgentId):
@@ -454,13 +496,14 @@ class AgentClient:
         async def once(carried: TraceContext | None) -> Reply:
             started = time.monotonic()
             try:
-                await self._store(subject, stream, message, carried, payload)
+                ack = await self._store(subject, stream, message, carried, payload)
                 async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                     reply = await asyncio.shield(future)
             except TimeoutError:
                 raise RequestTimeoutError(
                     agent=str(to), message_type=message_type, waited=timeout, path="through the log"
                 ) from None
+            reply = await self._opened(reply, self._token, after=ack.seq)
             return _answered(reply, to, message_type)  # a failure raises, for the breaker too
 
         # One PRODUCER span for the request until its reply, however many attempts it takes.
@@ -534,8 +577,10 @@ class AgentClient:
         subscription = await self._nc.subscribe(replies, cb=on_reply)
         try:
             earlier = await self._direct.last_for(replies, "look up an earlier reply")
+            after = 1
             if earlier is not None:
                 take(earlier.data, f"the last message on {replies}")
+                after = sequence_of(earlier)
             if not future.done():
                 message = self._message(
                     message_type,
@@ -545,7 +590,7 @@ class AgentClient:
                     reply_to=token,
                 )
                 with self._producing(subject, stream, message) as carried:
-                    await self._store(subject, stream, message, carried, payload)
+                    after = (await self._store(subject, stream, message, carried, payload)).seq
             try:
                 async with asyncio.timeout(timeout):
                     reply = await future
@@ -553,7 +598,7 @@ class AgentClient:
                 raise RequestTimeoutError(
                     agent=str(to), message_type=message_type, waited=timeout, path="through the log"
                 ) from None
-            return _answered(reply, to, message_type)
+            return _answered(await self._opened(reply, token, after=after), to, message_type)
         finally:
             with contextlib.suppress(NatsError):
                 await subscription.unsubscribe()

@@ -7,6 +7,12 @@ written), decodes each body as the runtime would (hostile or broken bodies are l
 `skipped` with their position, never raised) and filters by conversation, agent or task.
 Handled markers (`_handled`), model call records (`_model`) and the copies of messages a task
 keeps are bookkeeping, not turns of the conversation: they are passed over.
+
+Sealed values (`$.payload.<field>`, agents/sealing.py) are opened with the reader's own keys
+(`cipher`: an admin's, who may read the keys' bucket); without keys, or once their subject is
+forgotten, they read as "[redacted]" and `Turn.redacted` lists them. A value that does not
+open (moved from another message or field, altered) makes its turn skipped and reported, as
+the event store skips such an event.
 """
 
 from __future__ import annotations
@@ -18,16 +24,16 @@ from typing import Literal
 import msgspec
 from nats.aio.client import Client
 
-from newfuse.agents import wire
+from newfuse.agents import sealing, wire
 from newfuse.agents.aggregate import SENDER as AGGREGATE_SENDER
 from newfuse.agents.aggregate import decode_aggregate_event
 from newfuse.agents.dead_letters import StoredDeadLetter, decode_dead_letter
 from newfuse.agents.tasks import SENDER, STATUS_TYPE, decode_task_event
-from newfuse.errors import FuseError
+from newfuse.errors import FuseError, KeyStoreError
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.subjects import Subjects
-from newfuse.schemas import A2AMessage, AggregateClosed, TaskStatusUpdate
+from newfuse.schemas import A2AMessage, AggregateClosed, FieldCipher, TaskStatusUpdate
 
 Kind = Literal["message", "reply", "topic", "status", "dead-letter", "aggregate"]
 
@@ -48,7 +54,9 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
         id: the event id.
         context_id: the conversation it belongs to.
         task_id: the task it belongs to, if any.
-        text: its text parts, or a short form of its payload.
+        text: its text parts, or a short form of its payload (sealed values opened).
+        redacted: the payload paths that read as "[redacted]": their subject is forgotten,
+            or the reader holds no keys.
     """
 
     position: int
@@ -61,6 +69,7 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     context_id: str | None = None
     task_id: str | None = None
     text: str = ""
+    redacted: tuple[str, ...] = ()
 
 
 def _text_of(message: A2AMessage) -> str:
@@ -75,11 +84,20 @@ def _text_of(message: A2AMessage) -> str:
 class History:
     """Reads the conversation stored on the message stream of `prefix` (never writes).
 
-    `skipped` lists what the last `turns` could not read (position and why).
+    `skipped` lists what the last `turns` could not read (position and why). With `cipher`
+    (a SubjectCipher over the deployment's key store) sealed values show opened.
     """
 
-    def __init__(self, nc: Client, *, prefix: str = "fuse", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        prefix: str = "fuse",
+        timeout: float = 5.0,
+        cipher: FieldCipher | None = None,
+    ) -> None:
         self.subjects = Subjects(prefix)
+        self.cipher = cipher
         self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
         self._cut = len(self.subjects.prefix) + len(".a2a.")
         self.skipped: list[str] = []
@@ -103,7 +121,7 @@ class History:
         everything = f"{self.subjects.prefix}.a2a.>"
         async for msg in self._direct.messages(everything, "read the conversation", start):
             subject = (msg.headers or {}).get(headers.SUBJECT, "")
-            turn = self._turn(msg.data, sequence_of(msg), subject)
+            turn = await self._turn(msg.data, sequence_of(msg), subject)
             if turn is None:
                 continue
             if context_id is not None and turn.context_id != context_id:
@@ -114,14 +132,14 @@ class History:
                 continue
             yield turn
 
-    def _turn(self, body: bytes, position: int, subject: str) -> Turn | None:
+    async def _turn(self, body: bytes, position: int, subject: str) -> Turn | None:
         where = subject[self._cut :]
         head, _, rest = where.partition(".")
         if head in ("_handled", "_model") or not where:
             return None
         try:
             if head == "_task":
-                return self._status(body, position, subject, rest)
+                return await self._status(body, position, subject, rest)
             if head == "_aggregate":
                 return self._aggregate(body, position, subject, rest)
             if head == "_dead":
@@ -129,6 +147,11 @@ class History:
                     decode_dead_letter(body, position=position, subject=subject)
                 )
             envelope, message = wire.decode(body, f"at position {position} on {subject}")
+            redacted: tuple[str, ...] = ()
+            if sealing.SEALED_MARK in body:  # one substring search for every other message
+                message, redacted = await sealing.open_held(self.cipher, message, envelope.id)
+        except KeyStoreError:
+            raise  # the keys did not answer: an error, never a turn silently left out
         except FuseError as error:
             self.skipped.append(f"position {position} on {subject}: {error}")
             return None
@@ -149,14 +172,23 @@ class History:
             context_id=message.context_id or envelope.correlation_id,
             task_id=message.task_id,
             text=_text_of(message),
+            redacted=redacted,
         )
 
-    def _status(self, body: bytes, position: int, subject: str, task: str) -> Turn | None:
+    async def _status(self, body: bytes, position: int, subject: str, task: str) -> Turn | None:
         event = decode_task_event(body, position=position, subject=subject)
         status = event.payload
         if event.envelope.type != STATUS_TYPE or not isinstance(status, TaskStatusUpdate):
             return None  # the copy of a message the task received: shown where it was sent
-        said = _text_of(status.message) if status.message is not None else ""
+        said = ""
+        redacted: tuple[str, ...] = ()
+        if status.message is not None:
+            said_in = status.message
+            if sealing.SEALED_MARK in body:  # a copy keeps the values its message was sent with
+                said_in, redacted = await sealing.open_held(
+                    self.cipher, said_in, said_in.message_id or event.envelope.id
+                )
+            said = _text_of(said_in)
         sender = event.envelope.metadata.get(SENDER) or (
             status.message.metadata.sender if status.message is not None else ""
         )
@@ -171,6 +203,7 @@ class History:
             context_id=status.context_id,
             task_id=status.task_id,
             text=said,
+            redacted=redacted,
         )
 
     def _aggregate(self, body: bytes, position: int, subject: str, aggregate_id: str) -> Turn:

@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import msgspec
 from nats.aio.client import Client
 
-from newfuse.agents import wire
+from newfuse.agents import sealing, wire
 from newfuse.agents.address import AgentId
 from newfuse.agents.models.base import ChatChunk, ChatResult, ModelProvider, chunked
 from newfuse.agents.models.recording import INVOKED_TYPE, decode_invoked, result_of
@@ -44,7 +44,13 @@ from newfuse.agents.queues import (
 )
 from newfuse.agents.runtime import Agent, Context, _HandlerLog, _Route, run_handler
 from newfuse.agents.tasks import SENDER, STATUS_TYPE
-from newfuse.errors import FuseError, InvalidNameError, ModelReplayError, ModelUnavailableError
+from newfuse.errors import (
+    FuseError,
+    InvalidNameError,
+    ModelReplayError,
+    ModelUnavailableError,
+    SealedValueError,
+)
 from newfuse.nats import headers
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.subjects import Subjects
@@ -52,6 +58,7 @@ from newfuse.schemas import (
     ENVELOPE_DECODER,
     ChatMessage,
     Envelope,
+    FieldCipher,
     ModelInvoked,
     Tool,
     check_depth,
@@ -326,6 +333,9 @@ class Replay:
         provider: answer model calls with this provider instead of the records.
         model: ask for this model instead of the one the handler names (with the handler's
             own provider unless `provider` is given).
+        cipher: the deployment's keys (an admin's): a message's sealed values reach the
+            handler opened, as the runtime gave them; without keys, or once forgotten, as the
+            replacement its struct declares (and `Context.redacted` lists them).
     """
 
     def __init__(
@@ -337,7 +347,9 @@ class Replay:
         provider: ModelProvider | None = None,
         model: str | None = None,
         timeout: float = 5.0,
+        cipher: FieldCipher | None = None,
     ) -> None:
+        self.cipher = cipher
         self.worker = agent if isinstance(agent, Worker) else None
         self.agent = agent.agent if isinstance(agent, Worker) else agent
         self.subjects = Subjects(prefix)
@@ -495,6 +507,19 @@ class Replay:
             if isinstance(ctx, TaskContext) and self.worker is not None:
                 ctx.status_subject = _status_subject(self.subjects, self.worker.queue, ctx)
             ctx._model_log = _DryLog(ctx)
+            if sealing.holds_sealed(handled.message):  # a form check for every other message
+                try:
+                    opened, ctx.redacted = await sealing.open_held(
+                        self.cipher,
+                        handled.message,
+                        handled.envelope.id,
+                        replacement=None,
+                        payload_type=route.payload,
+                    )
+                except SealedValueError as failure:
+                    self.skipped.append(f"at position {handled.position}: {failure}")
+                    continue
+                ctx._opened = opened.payload
             error = None
             try:
                 if isinstance(ctx, TaskContext):

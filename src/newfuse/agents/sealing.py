@@ -6,7 +6,9 @@ value for the event id and the path `$.payload.<field>`, with the key of the str
 `DataSubject()` field (else of the message's stream, `a2a.<type>`). A received message whose
 body holds a sealed value is opened by the key service from the stored copy at its position
 before the handler sees it; a field whose subject was forgotten reads as the replacement the
-handler's struct declares for it (else null), and `Context.redacted` lists it.
+handler's struct declares for it (else null), and `Context.redacted` lists it. A reader of the
+log that holds the keys itself (an admin's `fuse agents history`) opens them with its own
+cipher (`open_held`); without keys, or once forgotten, they read as `REDACTED`.
 
 Messages without sealed fields pay one `isinstance` when sent and one substring search when
 received. The fast path (`call`) stores nothing, so nothing could be opened: a sealed payload
@@ -19,8 +21,21 @@ from typing import Any, Final
 
 import msgspec
 
-from newfuse.errors import InvalidPayloadError, KeyServiceError
-from newfuse.schemas import MAX_SUBJECT_CHARS, A2AMessage, SealedValue
+from newfuse.errors import (
+    FuseError,
+    InvalidPayloadError,
+    KeyNotLoadedError,
+    KeyServiceError,
+    SealedValueError,
+)
+from newfuse.schemas import (
+    MAX_SUBJECT_CHARS,
+    REDACTED,
+    A2AMessage,
+    FieldCipher,
+    SealedValue,
+    check_depth,
+)
 from newfuse.schemas.sealed import ALGORITHM, SealPlan, names_a_subject, seal_plan
 from newfuse.security.key_service import PAYLOAD_PATH, KeyServiceClient, SealField
 
@@ -34,14 +49,75 @@ _ENCODE: Final = msgspec.json.Encoder()
 _SEALED_KEYS: Final = frozenset(SealedValue.__struct_fields__)
 
 
+def _has_form(value: object) -> bool:
+    """Whether `value` (decoded JSON) has the members of a sealed value, `enc` A256GCM."""
+    return (
+        isinstance(value, dict) and value.get("enc") == ALGORITHM and value.keys() == _SEALED_KEYS
+    )
+
+
 def holds_sealed(message: A2AMessage) -> bool:
     """Whether a top-level value of `message`'s payload has a sealed value's form (asked only
     of a body holding `SEALED_MARK`: a payload that merely mentions the word is not sent to the
     key service)."""
-    return any(
-        isinstance(value, dict) and value.get("enc") == ALGORITHM and value.keys() == _SEALED_KEYS
-        for value in message.payload.values()
-    )
+    return any(_has_form(value) for value in message.payload.values())
+
+
+async def open_held(
+    cipher: FieldCipher | None,
+    message: A2AMessage,
+    event_id: str,
+    *,
+    replacement: Any = REDACTED,
+    payload_type: Any = None,
+) -> tuple[A2AMessage, tuple[str, ...]]:
+    """`message` (of event `event_id`) with the sealed values of its payload opened by a
+    reader that holds the keys itself, and the paths that read as their replacement:
+    forgotten, or every one when `cipher` is None (a reader without keys, as the event store
+    reads them). The replacement is the one `payload_type` (a handler's struct) declares for
+    the field, else `replacement`.
+
+    A value of a sealed value's form whose members are not all strings is not one, and stays.
+
+    Raises:
+        SealedValueError: a value does not open (moved from another event or field, altered)
+            or opens to something that is not JSON.
+    """
+    payload = dict(message.payload)
+    redacted: list[str] = []
+    opened = False
+    plan = plan_of_type(payload_type) if payload_type is not None else None
+    declared = {f.wire: f.replacement for f in (plan.fields if plan else ())}
+    for name, value in message.payload.items():
+        if not _has_form(value):
+            continue
+        try:
+            sealed = msgspec.convert(value, SealedValue)
+        except msgspec.ValidationError:
+            continue  # not a sealed value by its form: not ours to open
+        path = PAYLOAD_PATH + name
+        opened = True
+        plaintext = None
+        if cipher is not None:
+            try:
+                plaintext = cipher.decrypt(sealed, event_id, path)
+            except KeyNotLoadedError:
+                await cipher.fetch([(sealed.sub, sealed.kid)])  # it opens or is known forgotten
+                plaintext = cipher.decrypt(sealed, event_id, path)
+        if plaintext is None:
+            payload[name] = msgspec.json.decode(declared[name]) if name in declared else replacement
+            redacted.append(path)
+            continue
+        try:
+            check_depth(plaintext, f"event {event_id}")
+            payload[name] = msgspec.json.decode(plaintext)
+        except (FuseError, msgspec.DecodeError) as error:
+            raise SealedValueError(
+                event_id=event_id, path=path, reason=f"it opens to no usable JSON ({error})"
+            ) from None
+    if not opened:
+        return message, ()
+    return msgspec.structs.replace(message, payload=payload), tuple(redacted)
 
 
 def plan_of(payload: Any) -> SealPlan | None:
@@ -117,16 +193,22 @@ async def open_message(
     event_id: str,
     position: int,
     payload_type: Any,
+    subject: str | None = None,
+    requester: str | None = None,
 ) -> tuple[A2AMessage, tuple[str, ...]]:
-    """`message` (stored at `position`) with its sealed values opened by the key service, and
-    the paths that read as their replacement (forgotten). A forgotten field takes the
-    replacement `payload_type` (the handler's struct) declares for it, else null.
+    """`message` (stored at `position`; with `subject`, on that subject at or after it) with
+    its sealed values opened by the key service, and the paths that read as their
+    replacement (forgotten). A forgotten field takes the replacement `payload_type` (the
+    handler's struct) declares for it, else null.
 
     Raises:
         KeyServiceRefusedError: this identity may not open it.
         KeyServiceUnavailableError, KeyServiceError: from the key service.
     """
-    reply = await keys.open(position)
+    if subject is None:
+        reply = await keys.open(position, requester=requester)
+    else:
+        reply = await keys.open(position, subject=subject, event=event_id, requester=requester)
     if reply.event != event_id:
         raise KeyServiceError(
             operation="open",

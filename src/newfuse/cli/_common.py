@@ -33,13 +33,14 @@ from newfuse.config import resolve_nats_credentials as resolve_nats_credentials
 from newfuse.config import resolve_nats_url as resolve_nats_url
 from newfuse.config import resolve_redis_url as resolve_redis_url
 from newfuse.config import resolve_store_url as resolve_store_url
-from newfuse.errors import ConfigError
+from newfuse.errors import ConfigError, KeyStoreMissingError
 from newfuse.eventstore import EventStore, open_event_store
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
     from newfuse.nats.connection import Credentials
+    from newfuse.security import SubjectCipher
 
 
 class Commands(Protocol):
@@ -133,6 +134,25 @@ async def message_stream(
         yield nc, settings.prefix
     finally:
         await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def message_keys(nc: Client, prefix: str) -> AsyncIterator[SubjectCipher | None]:
+    """The deployment's keys (the bucket `<prefix>_keys`, which an admin may read), so that
+    sealed values of messages show opened; None when there is no bucket (nothing was sealed
+    with it: they read as redacted, as an event store without keys reads them)."""
+    from newfuse.security import KVKeyStore, SubjectCipher  # cryptography: only when reading
+
+    try:
+        keys = await KVKeyStore.open(nc, prefix, create=False)
+    except KeyStoreMissingError:
+        yield None
+        return
+    cipher = SubjectCipher(keys, owns_keys=True)
+    try:
+        yield cipher
+    finally:
+        await cipher.close()
 
 
 def positive_int(text: str) -> int:

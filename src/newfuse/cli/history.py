@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from newfuse.agents.history import History, Turn
-from newfuse.cli._common import message_stream, positive_int
+from newfuse.cli._common import message_keys, message_stream, positive_int
 from newfuse.cli._output import StreamedTable, note, print_json, rfc3339
 
 
@@ -46,12 +46,16 @@ def turn_json(turn: Turn) -> dict[str, Any]:
         "context_id": turn.context_id,
         "task_id": turn.task_id,
         "text": turn.text,
+        **({"redacted": list(turn.redacted)} if turn.redacted else {}),
     }
 
 
 async def run_history(args: argparse.Namespace) -> int:
-    async with message_stream(args, name="fuse-history") as (nc, prefix):
-        history = History(nc, prefix=prefix)
+    async with (
+        message_stream(args, name="fuse-history") as (nc, prefix),
+        message_keys(nc, prefix) as cipher,
+    ):
+        history = History(nc, prefix=prefix, cipher=cipher)
         table = (
             None
             if args.json

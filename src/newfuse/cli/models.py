@@ -15,7 +15,13 @@ from newfuse.agents import Agent, Worker
 from newfuse.agents.models import LocalModelProvider, ModelProvider, OpenAICompatibleProvider
 from newfuse.agents.models.usage import ModelCalls, Usage, usage
 from newfuse.agents.replay import Replay, ReplayedMessage
-from newfuse.cli._common import Commands, load_attribute, message_stream, optional_time
+from newfuse.cli._common import (
+    Commands,
+    load_attribute,
+    message_keys,
+    message_stream,
+    optional_time,
+)
 from newfuse.cli._output import note, print_json, print_table, rfc3339, stdout_console
 from newfuse.errors import ConfigError
 
@@ -221,8 +227,13 @@ async def run_replay(args: argparse.Namespace) -> int:
     agent = load_replayable(args.agent)
     provider = load_provider(args.provider) if args.provider else None
     try:
-        async with message_stream(args, name="fuse-agents-replay") as (nc, prefix):
-            replay = Replay(nc, agent, prefix=prefix, provider=provider, model=args.model)
+        async with (
+            message_stream(args, name="fuse-agents-replay") as (nc, prefix),
+            message_keys(nc, prefix) as cipher,
+        ):
+            replay = Replay(
+                nc, agent, prefix=prefix, provider=provider, model=args.model, cipher=cipher
+            )
             results = [
                 replayed async for replayed in replay.messages(args.context, task_id=args.task)
             ]

@@ -9,7 +9,10 @@ process under a service identity answers two core NATS requests for it, the shap
   any sealed value (schemas/sealed.py). Sealing discloses nothing: anyone may seal for anyone.
 - `<prefix>.keys.open`: `{"position"}` -> `{"event", "values": {path: plaintext JSON},
   "redacted": [path, ...]}`. The service reads the message at that position of the message
-  stream itself, never trusting bytes the requester sends, and opens the sealed values of
+  stream itself (or, with `subject` and `event`, the message of that event id on that
+  subject at or after the position, among its next `MAX_SCAN`: how a client that got a reply
+  through core NATS, without its position, names it), never trusting bytes the requester
+  sends, and opens the sealed values of
   its payload (`$.payload.<name>`) only for whom the message is for or from: the identity
   that signed it, an agent instance or type it is addressed to, the client its reply
   subject names, the agents `topics` says read its topic. Admins, services and reviewers,
@@ -73,7 +76,7 @@ from newfuse.errors import (
 )
 from newfuse.nats import headers
 from newfuse.nats.connection import Credentials, connect, guarded
-from newfuse.nats.direct import DirectGet
+from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.nats.micro import ERROR_CODE_HEADER, ERROR_HEADER, Endpoint, MicroService
 from newfuse.nats.signing import Certified, SenderError, Trust, signed, trust_of
 from newfuse.nats.subjects import Subjects
@@ -95,6 +98,8 @@ MAX_VALUE_BYTES: Final = 64 * 1024
 """Largest JSON value one field may seal."""
 MAX_PATH_CHARS: Final = 256
 """Longest field path (`$.payload.email`)."""
+MAX_SCAN: Final = 256
+"""Messages on a subject an open by event id looks through after the position it names."""
 IN_FLIGHT: Final = 64
 """Requests served at once; the next one waits (nats-py buffers it) until one ends."""
 RATE: Final = 2000.0
@@ -132,10 +137,13 @@ class SealReply(msgspec.Struct, frozen=True, kw_only=True):
 
 class OpenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`<prefix>.keys.open`: the message stream position of the message to open, and (for a
-    service without a Trust only) who asks."""
+    service without a Trust only) who asks. With `subject` and `event`: the message of that
+    event id on that subject (of the message stream) at or after `position`."""
 
     position: int
     requester: str | None = None
+    subject: str | None = None
+    event: str | None = None
 
 
 class OpenReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -377,11 +385,16 @@ class KeyService(AsyncClosing):
         requester = self._requester(holder, request)
         if type(request.position) is not int or not 0 < request.position < 2**63:
             raise _Refusal(400, f"`position` {request.position!r}: a stream sequence, 1 or more")
-        stored = await self._direct.get("open sealed fields", seq=request.position)
-        if stored is None:
-            raise _Refusal(404, f"no message at position {request.position} of the message stream")
+        if request.subject is None and request.event is None:
+            stored = await self._direct.get("open sealed fields", seq=request.position)
+            if stored is None:
+                raise _Refusal(
+                    404, f"no message at position {request.position} of the message stream"
+                )
+        else:
+            stored = await self._find(request)
         subject = (stored.headers or {}).get(headers.SUBJECT, "")
-        where = f"the message at position {request.position}"
+        where = f"the message at position {sequence_of(stored)}"
         try:
             check_depth(stored.data, where)
             envelope = ENVELOPE_DECODER.decode(stored.data)
@@ -413,6 +426,40 @@ class KeyService(AsyncClosing):
                 redacted.append(path)
             values[path] = msgspec.Raw(b"null" if plaintext is None else plaintext)
         return _ENCODE.encode(OpenReply(event=envelope.id, values=values, redacted=redacted))
+
+    async def _find(self, request: OpenRequest) -> Msg:
+        """The message of event `request.event` on `request.subject` at or after its position,
+        among the next `MAX_SCAN` messages there (a reply follows its request)."""
+        subject, event = request.subject, request.event
+        prefix = f"{self.subjects.prefix}.a2a."
+        if not (
+            isinstance(subject, str)
+            and subject.startswith(prefix)
+            and len(subject) <= MAX_PATH_CHARS
+            and subject.isprintable()
+            and not {"*", ">", " "} & set(subject)
+        ):
+            raise _Refusal(
+                400, f"`subject` {subject!r:.80}: a subject of {prefix}> without wildcards"
+            )
+        if event is None:
+            raise _Refusal(400, "`event`: name the event id to find on `subject`")
+        try:
+            check_event_id(event)
+        except FuseError as error:
+            raise _Refusal(400, f"`event`: {error}") from None
+        seen = 0
+        async for msg in self._direct.messages(subject, "find a message to open", request.position):
+            if (msg.headers or {}).get(headers.MSG_ID) == event and _id_of(msg.data) == event:
+                return msg
+            seen += 1
+            if seen >= MAX_SCAN:
+                break
+        raise _Refusal(
+            404,
+            f"no message of event {event!r} on {subject} among the {MAX_SCAN} from position "
+            f"{request.position} on (not stored yet?)",
+        )
 
     async def _decrypt(self, value: SealedValue, event_id: str, path: str) -> bytes | None:
         try:
@@ -588,6 +635,22 @@ class KeyService(AsyncClosing):
         await self.cipher.close()
 
 
+class _Id(msgspec.Struct, frozen=True):
+    id: Any = None
+
+
+_ID: Final = msgspec.json.Decoder(_Id)
+
+
+def _id_of(body: bytes) -> object:
+    """The `id` of a stored envelope (None when the body is not one)."""
+    try:
+        check_depth(body, "a stored message")
+        return _ID.decode(body).id
+    except (FuseError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 def sealers_bucket(prefix: str) -> str:
     """The KV bucket of who sealed which event: `<prefix>_sealers`."""
     return f"{prefix}_sealers"
@@ -706,15 +769,33 @@ class KeyServiceClient:
             )
         return reply.sealed
 
-    async def open(self, position: int) -> OpenReply:
-        """The opened sealed fields of the message at `position` of the message stream.
+    async def open(
+        self,
+        position: int,
+        *,
+        subject: str | None = None,
+        event: str | None = None,
+        requester: str | None = None,
+    ) -> OpenReply:
+        """The opened sealed fields of the message at `position` of the message stream (with
+        `subject` and `event`: of the message of that event id on that subject at or after
+        `position`, for a message that came without its position).
+
+        Args:
+            requester: who asks this time, for a key service without identities (default:
+                `self.requester`).
 
         Raises:
             KeyServiceUnavailableError: no key service answered.
             KeyServiceRefusedError: this identity may not open that message.
-            KeyServiceError: any other refusal (the reason says why).
+            KeyServiceError: any other refusal (the reason says why; 404: not found).
         """
-        request = OpenRequest(position=position, requester=self.requester or None)
+        request = OpenRequest(
+            position=position,
+            requester=requester or self.requester or None,
+            subject=subject,
+            event=event,
+        )
         reply = await self._ask("open", _ENCODE.encode(request))
         assert isinstance(reply, OpenReply)
         return reply
