@@ -15,9 +15,10 @@ process under a service identity answers two core NATS requests for it, the shap
   sends, and opens the sealed values of
   its payload (`$.payload.<name>`) only for whom the message is for or from: the identity
   that signed it, an agent instance or type it is addressed to, the client its reply
-  subject names, the agents `topics` says read its topic. Admins, services and reviewers,
-  who may read the keys' bucket anyway, may open any message. A forgotten subject's fields
-  come back null and listed in `redacted`.
+  subject names, the agents `topics` says read its topic, the workers of the task queue
+  (agent type `task-<queue>`) a `<prefix>.task.<queue>.<priority>` message waits on.
+  Admins, services and reviewers, who may read the keys' bucket anyway, may open any
+  message. A forgotten subject's fields come back null and listed in `redacted`.
 
 A sealed value is bound to its event id, and a sender chooses its event ids, so a value
 copied (from a stolen backup) into a message of one's own under the original id would open
@@ -524,11 +525,15 @@ class KeyService(AsyncClosing):
             return True
         if self._sent_by(who, signer, body):
             return True
+        agent_type, _, agent_key = who.agent.partition("/")
+        queued = f"{self.subjects.prefix}.task."
+        if subject.startswith(queued):  # `<prefix>.task.<queue>.<priority>`: for its workers
+            tokens = subject[len(queued) :].split(".")
+            return len(tokens) == 2 and agent_type == f"task-{tokens[0]}"  # (agents/queues.py)
         prefix = f"{self.subjects.prefix}.a2a."
         if not subject.startswith(prefix):
             return False
         tokens = subject[len(prefix) :].split(".")
-        agent_type, _, agent_key = who.agent.partition("/")
         if tokens[0] == "_reply":
             return len(tokens) == 2 and tokens[1] == who.name
         if tokens[0] == "_topic":
