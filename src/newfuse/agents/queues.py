@@ -35,6 +35,12 @@ failed (the last attempt's error, with a dead letter; or a deadline) or canceled
 once (its handler gets an asyncio cancellation and `ctx.cancelled` is true) and what it emitted
 is dropped. A task past its deadline is not started (failed, "deadline passed"); a running one
 is cancelled at its deadline and fails the same way; neither is retried nor dead-lettered.
+
+Sealed fields (agents/sealing.py): a payload struct's `Personal()` / `Secret()` fields are
+sealed by the key service in `submit`, once, before the status or the message is stored; a
+worker's delivery is opened by the runtime as an agent's, within the task's attempts. A
+handler's result is a status's artifact, which is not sealed: a struct with sealed fields
+there fails the task.
 """
 
 from __future__ import annotations
