@@ -7,7 +7,8 @@ task-resize/1's handler sees plaintext; the key service opens it for the submitt
 queue's worker only, and refuses a third agent and another queue's worker. After `fuse forget`
 the worker reads the replacement. Without the key service a submit stores nothing, and a
 worker retries the task, then fails it with the reason, never running the handler on sealed
-data. A handler that returns sealed fields fails its task instead of storing them.
+data. A handler that returns sealed fields fails its task instead of storing them. On a bus
+without identities the same holds for whom the requests claim to be.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from nats.aio.client import Client
 
 from newfuse.agents import TaskContext, TaskQueue, Worker
 from newfuse.errors import KeyServiceRefusedError, KeyServiceUnavailableError
+from newfuse.nats import Subjects, connect
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.schemas import REDACTED, DataSubject, Personal
-from newfuse.security import KeyServiceClient
+from newfuse.security import KeyService, KeyServiceClient, KVKeyStore
 from newfuse.security.identities import IdentityStore
-from support import SecuredBus, run_fuse, secured_nats, wait_for
+from support import SecuredBus, new_prefix, run_fuse, secured_nats, wait_for
 
 EMAIL = "carol@example.com"
 
@@ -194,3 +196,33 @@ async def test_a_handler_that_returns_sealed_fields_fails_its_task(secure: Secur
     finally:
         for nc in (planner_nc, echoer_nc):
             await nc.close()
+
+
+async def test_on_a_bus_without_identities_a_worker_opens_what_its_queue_was_sent(
+    nats_url: str,
+) -> None:
+    seen.clear()
+    prefix = new_prefix()
+    nc = await connect(nats_url)
+    try:
+        async with (
+            KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True),
+            TaskQueue(nc, prefix=prefix, sender="planner/1") as planner,
+            worker.run(nc, key="1", prefix=prefix),
+        ):
+            job = Job(customer="c-5", email=EMAIL, image="e.png")
+            done = await planner.wait(await planner.submit("resize", job), timeout=30)
+            assert done.state == "completed" and seen == [(EMAIL, ())]
+            stream = Subjects(prefix).message_stream_name
+            found = await DirectGet(nc, stream, timeout=5).last_for(f"{prefix}.task.resize.0", "t")
+            assert found is not None and EMAIL.encode() not in found.data
+            # no signatures to check: who asks is who it claims (a guard against mistakes)
+            position = sequence_of(found)
+            for claimed in ("planner/1", "task-resize/2"):
+                keys = KeyServiceClient(nc, prefix=prefix, requester=claimed)
+                assert (await keys.open(position)).values["$.payload.email"]
+            for claimed in ("eve/1", "task-print/1"):
+                with pytest.raises(KeyServiceRefusedError, match=rf"'{claimed}' may not open"):
+                    await KeyServiceClient(nc, prefix=prefix, requester=claimed).open(position)
+    finally:
+        await nc.close()
