@@ -226,6 +226,19 @@ class SecuredBus:
         return env
 
 
+@asynccontextmanager
+async def anonymous_keys(nats_url: str) -> AsyncIterator[tuple[Client, str]]:
+    """A connection to a server without identities, a new prefix, and a key service on both
+    (it takes the requester a request names)."""
+    prefix = new_prefix()
+    nc = await connect(nats_url)
+    try:
+        async with KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True):
+            yield nc, prefix
+    finally:
+        await nc.close()
+
+
 async def raw_nats(url: str, identities: IdentityStore, name: str) -> tuple[Client, list[str]]:
     """A plain nats-py connection as identity `name` (its seed, none of our library), and the
     violations the server reports to it."""

@@ -66,7 +66,7 @@ from newfuse.security.key_service import (
     SealField,
     Topics,
 )
-from support import SecuredBus, new_prefix, run_fuse, secured_nats, wait_for
+from support import SecuredBus, anonymous_keys, new_prefix, run_fuse, secured_nats, wait_for
 
 EMAIL = "alice@example.com"
 
@@ -385,11 +385,8 @@ async def test_without_the_key_service_nothing_is_sent_or_handled_unopened(
 
 async def test_on_a_bus_without_identities_the_requester_is_who_it_claims(nats_url: str) -> None:
     seen.clear()
-    prefix = new_prefix()
-    nc = await connect(nats_url)
-    try:
+    async with anonymous_keys(nats_url) as (nc, prefix):
         async with (
-            KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True),
             bob.run(nc, key="1", prefix=prefix, fast_path=False),
             AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
         ):
@@ -405,8 +402,6 @@ async def test_on_a_bus_without_identities_the_requester_is_who_it_claims(nats_u
                 await KeyServiceClient(nc, prefix=prefix, requester="eve/1").open(position)
             opened = await KeyServiceClient(nc, prefix=prefix, requester="bob/1").open(position)
             assert json.loads(bytes(opened.values["$.payload.email"])) == EMAIL
-    finally:
-        await nc.close()
 
 
 async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(

@@ -25,12 +25,12 @@ from nats.aio.client import Client
 
 from newfuse.agents import TaskContext, TaskQueue, Worker
 from newfuse.errors import KeyServiceRefusedError, KeyServiceUnavailableError
-from newfuse.nats import Subjects, connect
+from newfuse.nats import Subjects
 from newfuse.nats.direct import DirectGet, sequence_of
 from newfuse.schemas import REDACTED, DataSubject, Personal
-from newfuse.security import KeyService, KeyServiceClient, KVKeyStore
+from newfuse.security import KeyServiceClient
 from newfuse.security.identities import IdentityStore
-from support import SecuredBus, new_prefix, run_fuse, secured_nats, wait_for
+from support import SecuredBus, anonymous_keys, run_fuse, secured_nats, wait_for
 
 EMAIL = "carol@example.com"
 
@@ -202,11 +202,8 @@ async def test_on_a_bus_without_identities_a_worker_opens_what_its_queue_was_sen
     nats_url: str,
 ) -> None:
     seen.clear()
-    prefix = new_prefix()
-    nc = await connect(nats_url)
-    try:
+    async with anonymous_keys(nats_url) as (nc, prefix):
         async with (
-            KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True),
             TaskQueue(nc, prefix=prefix, sender="planner/1") as planner,
             worker.run(nc, key="1", prefix=prefix),
         ):
@@ -224,5 +221,3 @@ async def test_on_a_bus_without_identities_a_worker_opens_what_its_queue_was_sen
             for claimed in ("eve/1", "task-print/1"):
                 with pytest.raises(KeyServiceRefusedError, match=rf"'{claimed}' may not open"):
                     await KeyServiceClient(nc, prefix=prefix, requester=claimed).open(position)
-    finally:
-        await nc.close()
