@@ -23,7 +23,9 @@ from newfuse.agents.secure import provision
 from newfuse.eventstore import open_event_store
 from newfuse.nats import NatsServer, Subjects, connect
 from newfuse.schemas import PermissionDenied
+from newfuse.security import KeyService, KVKeyStore
 from newfuse.security.identities import IdentityStore, server_config
+from newfuse.security.key_service import Topics
 
 
 async def wait_for(
@@ -198,6 +200,43 @@ class SecuredBus:
         return await connect(
             self.server.url, name=name, credentials=self.identities.credentials(name)
         )
+
+    @asynccontextmanager
+    async def key_service(
+        self, rate: float | None = None, topics: Topics | None = None, *, name: str = "keys"
+    ) -> AsyncIterator[KeyService]:
+        """A key service as the service identity `name` (which the bus must let in)."""
+        nc = await self.connect(name)
+        try:
+            keys = await KVKeyStore.open(nc, "fuse")
+            async with KeyService(nc, keys, owns_keys=True, rate=rate, topics=topics) as service:
+                yield service
+        finally:
+            await nc.close()
+
+    def admin_env(self) -> dict[str, str]:
+        """The environment of `fuse` run by the bus's first admin."""
+        admin_name = next(i.name for i in self.identities.list() if i.role == "admin")
+        env = {
+            **os.environ,
+            "FUSE_NATS_URL": self.server.url,
+            "FUSE_NATS_CREDENTIALS": str(self.identities.seed_file(admin_name)),
+        }
+        env.pop("FUSE_STORE", None)
+        return env
+
+
+@asynccontextmanager
+async def anonymous_keys(nats_url: str) -> AsyncIterator[tuple[Client, str]]:
+    """A connection to a server without identities, a new prefix, and a key service on both
+    (it takes the requester a request names)."""
+    prefix = new_prefix()
+    nc = await connect(nats_url)
+    try:
+        async with KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True):
+            yield nc, prefix
+    finally:
+        await nc.close()
 
 
 async def raw_nats(url: str, identities: IdentityStore, name: str) -> tuple[Client, list[str]]:

@@ -81,7 +81,10 @@ SAGA_LINES = {
 AUDIT_LINES = {"audit.checkpoint.jetstream", "audit.verify.jetstream", "audit.verify.sqlite"}
 SIGNER_LINES = {"jetstream.read_all.signers_checked", "jetstream.read.signers_checked"}
 AGENT_SEALING_LINES = {
-    f"agent_sealing{bus}.round_trip.{p}" for bus in ("", ".secured") for p in ("p50", "p99")
+    f"agent_sealing{bus}.{what}.{p}"
+    for bus in ("", ".secured")
+    for what in ("round_trip", "task_submit")
+    for p in ("p50", "p99")
 }
 
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
@@ -65,8 +64,9 @@ from newfuse.security.key_service import (
     MAX_REQUEST_BYTES,
     MAX_VALUE_BYTES,
     SealField,
+    Topics,
 )
-from support import SecuredBus, new_prefix, run_fuse, secured_nats, wait_for
+from support import SecuredBus, anonymous_keys, new_prefix, run_fuse, secured_nats, wait_for
 
 EMAIL = "alice@example.com"
 
@@ -113,19 +113,14 @@ class Secure(SecuredBus):
         use_keys(store, await KVKeyStore.open(admin, "fuse"), owns_keys=True)
         return store
 
-    @contextlib.asynccontextmanager
-    async def key_service(self, rate: float | None = None) -> AsyncIterator[KeyService]:
-        nc = await self.connect("keys")
-        try:
-            keys = await KVKeyStore.open(nc, "fuse")
+    def key_service(
+        self, rate: float | None = None, topics: Topics | None = None, *, name: str = "keys"
+    ) -> contextlib.AbstractAsyncContextManager[KeyService]:
 
-            def topics(name: str) -> tuple[str, ...]:  # fuse dev reads them from identities
-                return ("news",) if name == "bob-1" else ()
+        def read_by(identity: str) -> tuple[str, ...]:  # fuse dev reads them from identities
+            return ("news",) if identity == "bob-1" else ()
 
-            async with KeyService(nc, keys, owns_keys=True, rate=rate, topics=topics) as service:
-                yield service
-        finally:
-            await nc.close()
+        return super().key_service(rate, topics or read_by, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -390,11 +385,8 @@ async def test_without_the_key_service_nothing_is_sent_or_handled_unopened(
 
 async def test_on_a_bus_without_identities_the_requester_is_who_it_claims(nats_url: str) -> None:
     seen.clear()
-    prefix = new_prefix()
-    nc = await connect(nats_url)
-    try:
+    async with anonymous_keys(nats_url) as (nc, prefix):
         async with (
-            KeyService(nc, await KVKeyStore.open(nc, prefix), prefix=prefix, owns_keys=True),
             bob.run(nc, key="1", prefix=prefix, fast_path=False),
             AgentClient(nc, prefix=prefix, sender="alice/1") as alice,
         ):
@@ -410,8 +402,6 @@ async def test_on_a_bus_without_identities_the_requester_is_who_it_claims(nats_u
                 await KeyServiceClient(nc, prefix=prefix, requester="eve/1").open(position)
             opened = await KeyServiceClient(nc, prefix=prefix, requester="bob/1").open(position)
             assert json.loads(bytes(opened.values["$.payload.email"])) == EMAIL
-    finally:
-        await nc.close()
 
 
 async def test_a_sealed_reply_is_opened_for_the_client_its_reply_subject_names(
@@ -512,21 +502,10 @@ async def test_a_replay_with_the_keys_hands_the_handler_what_the_runtime_did(
         assert await replayed(SubjectCipher(keys)) == (REDACTED, ("$.payload.email",))
 
 
-def admin_env(secure: Secure) -> dict[str, str]:
-    """The environment of `fuse` run by the admin of the secured server."""
-    env = {
-        **os.environ,
-        "FUSE_NATS_URL": secure.server.url,
-        "FUSE_NATS_CREDENTIALS": str(secure.identities.seed_file("admin")),
-    }
-    env.pop("FUSE_STORE", None)
-    return env
-
-
 def history_of(secure: Secure, message_id: str) -> tuple[dict[str, object], str]:
     """`fuse agents history --agent dave --json` as the admin: the turn of `message_id` and
     what it said on stderr."""
-    shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=admin_env(secure))
+    shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=secure.admin_env())
     turns = [json.loads(line) for line in shown.stdout.splitlines()]
     return next(t for t in turns if t["id"] == message_id), shown.stderr
 
@@ -559,11 +538,11 @@ async def test_an_admins_history_opens_a_sealed_message_and_redacts_it_after_for
         assert json.loads(keyless[0].text)["email"] == REDACTED
         assert keyless[0].redacted == ("$.payload.email",)
 
-        run_fuse("forget", "c-h", "--reason", "erasure", env=admin_env(secure))
+        run_fuse("forget", "c-h", "--reason", "erasure", env=secure.admin_env())
         turn, _ = history_of(secure, sent)
         assert json.loads(str(turn["text"])) == {"customer": "c-h", "email": REDACTED, "plan": "b"}
         assert turn["redacted"] == ["$.payload.email"] and turn["sender"] == "alice/1"
-        table = run_fuse("agents", "history", "--agent", "dave", env=admin_env(secure)).stdout
+        table = run_fuse("agents", "history", "--agent", "dave", env=secure.admin_env()).stdout
         [row] = [line for line in table.splitlines() if '"c-h"' in line]
         assert '"email":"[redacted]"' in row and '"plan":"b"' in row
 
@@ -595,7 +574,7 @@ async def test_a_moved_sealed_value_is_reported_by_the_history_and_refused_to_th
         # the value copied into another message (the admin may write anywhere)
         moved, encoded, wire_headers = forged("a2a.dave")
         ack = await admin.jetstream().publish("fuse.a2a.dave", encoded, headers=wire_headers)
-        shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=admin_env(secure))
+        shown = run_fuse("agents", "history", "--agent", "dave", "--json", env=secure.admin_env())
         ids = [json.loads(line)["id"] for line in shown.stdout.splitlines()]
         assert sent in ids and moved not in ids  # the rest reads on
         assert f"skipped: position {ack.seq} on fuse.a2a.dave" in shown.stderr

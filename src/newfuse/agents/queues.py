@@ -35,6 +35,12 @@ failed (the last attempt's error, with a dead letter; or a deadline) or canceled
 once (its handler gets an asyncio cancellation and `ctx.cancelled` is true) and what it emitted
 is dropped. A task past its deadline is not started (failed, "deadline passed"); a running one
 is cancelled at its deadline and fails the same way; neither is retried nor dead-lettered.
+
+Sealed fields (agents/sealing.py): a payload struct's `Personal()` / `Secret()` fields are
+sealed by the key service in `submit`, once, before the status or the message is stored; a
+worker's delivery is opened by the runtime as an agent's, within the task's attempts. A
+handler's result is a status's artifact, which is not sealed: a struct with sealed fields
+there fails the task.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
-from newfuse.agents import wire
+from newfuse.agents import sealing, wire
 from newfuse.agents.address import AgentId, check_agent_name
 from newfuse.agents.registry import DEFAULT_HEARTBEAT, read_liveness
 from newfuse.agents.runtime import (
@@ -112,6 +118,7 @@ from newfuse.schemas import (
     check_type_name,
     new_event_id,
 )
+from newfuse.security.key_service import KeyServiceClient
 
 log = logging.getLogger("newfuse.agents")
 
@@ -293,7 +300,20 @@ def _status(
 
 def result_artifacts(result: Any) -> list[Artifact]:
     """A handler's return value as the task's artifacts (None: none; text: a text part; anything
-    else: a data part)."""
+    else: a data part).
+
+    Raises:
+        InvalidPayloadError: `result`'s struct declares sealed fields: a status is not sealed,
+            so they would be stored in the clear.
+    """
+    if sealing.plan_of(result) is not None:
+        raise InvalidPayloadError(
+            type_name=STATUS_TYPE,
+            version=1,
+            path="$.artifacts",
+            reason=f"{type(result).__qualname__} has sealed fields, and a task's result is "
+            "not sealed: return what may be stored in the clear, send the rest in a message",
+        )
     if result is None:
         return []
     if isinstance(result, str):
@@ -340,6 +360,9 @@ class TaskQueue:
         self._known: OrderedDict[str, str] = OrderedDict()  # task id -> subject, the newest
         self._pubacks = PubAckInbox(nc, f"task queue client {sender!r}")
         self._direct = DirectGet(nc, self.subjects.message_stream_name, timeout=timeout)
+        self._keys = KeyServiceClient(
+            nc, prefix=prefix, requester=identity_of(nc) or sender, timeout=timeout
+        )
 
     async def __aenter__(self) -> TaskQueue:
         await ensure_event_stream(self._nc, self._stream)
@@ -400,7 +423,9 @@ class TaskQueue:
 
         Args:
             queue: the queue's name.
-            payload: what the worker's handler gets (a dict or a msgspec Struct).
+            payload: what the worker's handler gets (a dict or a msgspec Struct). A struct's
+                `Personal()` / `Secret()` fields are sealed by the key service before anything
+                is stored (agents/sealing.py); the worker's handler gets them opened.
             priority: 0 (lowest) to 9 (highest).
             deadline: when the task must have finished: a time (with a zone), or seconds from
                 now. Past it, the task is not started, and a running one is cancelled; either
@@ -417,6 +442,8 @@ class TaskQueue:
         Raises:
             TaskSubmitError: a term is out of range (it names which).
             InvalidNameError: the queue or task id cannot be a subject token.
+            KeyServiceUnavailableError, KeyServiceError: the payload has sealed fields and
+                the key service did not seal them (nothing was stored).
         """
         check_queue(queue)
         if (
@@ -464,6 +491,9 @@ class TaskQueue:
             role="user",
             parts=parts or [],
         )
+        plan = sealing.plan_of(payload)
+        if plan is not None:  # sealed once, for the task's message: its status holds it too
+            message = await sealing.seal_message(self._keys, message, plan, f"queue.{queue}")
         # The status first: a worker never sees a task whose `submitted` is not stored.
         status = _status(
             task_id,
@@ -955,6 +985,14 @@ class RunningWorker(RunningAgent):
                     await msg.nak()
 
     # -- one task ---------------------------------------------------------------------------------
+
+    def _open_attempts(self, envelope: Envelope) -> int:
+        """A task whose sealed values do not open spends its own attempts (not the runtime's
+        ten): retried while the key service is out, then failed with the reason."""
+        with contextlib.suppress(InvalidPayloadError):  # bad terms: `_call` fails it, later
+            terms = terms_of(envelope.metadata, "its sealed values")
+            return min(terms.max_attempts or self.worker.max_attempts, self.agent.max_attempts)
+        return self.agent.max_attempts
 
     def _policy_type(self, envelope: Envelope, message: A2AMessage) -> str:
         """A task's kind (the runtime's policy check reads it in place of the message type)."""

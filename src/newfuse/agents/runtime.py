@@ -1151,7 +1151,7 @@ class RunningAgent:
                 reason = f"{type(error).__name__}: {error}"
                 _failed(span, error, reason)
                 log.warning("agent %s: %s: %s", self.agent_id, msg.subject, reason)
-                if error.retryable and attempt < self.agent.max_attempts:
+                if error.retryable and attempt < self._open_attempts(envelope):
                     await msg.nak(delay=self._backoff(attempt))
                     return
                 await self._dead_letter(msg, consumer, envelope, message, attempt, reason)
@@ -1192,6 +1192,11 @@ class RunningAgent:
         await self._commit(ctx._effects, consumer, position, attempt, marker=bool(ctx._records))
         self.handled += 1
         await self._ack(msg)
+
+    def _open_attempts(self, envelope: Envelope) -> int:
+        """Deliveries of a message whose sealed values the key service could not open
+        (unavailable, busy) before it is given up."""
+        return self.agent.max_attempts
 
     @contextlib.asynccontextmanager
     async def _one_copy_at_a_time(

@@ -42,7 +42,7 @@ async def provision(nc: Client, identities: list[Identity], prefix: str) -> list
     if server_supports_schedules(server_version(nc)):
         await ensure_event_stream(nc, TimerStreamSpec(subjects=subjects))
     await (await KVKeyStore.open(nc, prefix)).close()
-    await open_sealers(nc, prefix)  # who sealed which event: the key service's
+    await open_sealers(nc, prefix, align=True)  # who sealed which event, as long as the messages
     made: list[str] = []
     for identity in identities:
         if identity.role != "agent" or identity.revoked:

@@ -15,9 +15,10 @@ process under a service identity answers two core NATS requests for it, the shap
   sends, and opens the sealed values of
   its payload (`$.payload.<name>`) only for whom the message is for or from: the identity
   that signed it, an agent instance or type it is addressed to, the client its reply
-  subject names, the agents `topics` says read its topic. Admins, services and reviewers,
-  who may read the keys' bucket anyway, may open any message. A forgotten subject's fields
-  come back null and listed in `redacted`.
+  subject names, the agents `topics` says read its topic, the workers of the task queue
+  (agent type `task-<queue>`) a `<prefix>.task.<queue>.<priority>` message waits on.
+  Admins, services and reviewers, who may read the keys' bucket anyway, may open any
+  message. A forgotten subject's fields come back null and listed in `redacted`.
 
 A sealed value is bound to its event id, and a sender chooses its event ids, so a value
 copied (from a stolen backup) into a message of one's own under the original id would open
@@ -49,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -524,11 +526,15 @@ class KeyService(AsyncClosing):
             return True
         if self._sent_by(who, signer, body):
             return True
+        agent_type, _, agent_key = who.agent.partition("/")
+        queued = f"{self.subjects.prefix}.task."
+        if subject.startswith(queued):  # `<prefix>.task.<queue>.<priority>`: for its workers
+            tokens = subject[len(queued) :].split(".")
+            return len(tokens) == 2 and agent_type == f"task-{tokens[0]}"  # (agents/queues.py)
         prefix = f"{self.subjects.prefix}.a2a."
         if not subject.startswith(prefix):
             return False
         tokens = subject[len(prefix) :].split(".")
-        agent_type, _, agent_key = who.agent.partition("/")
         if tokens[0] == "_reply":
             return len(tokens) == 2 and tokens[1] == who.name
         if tokens[0] == "_topic":
@@ -664,9 +670,14 @@ def sealer_of(holder: Certified) -> str:
     return holder.name
 
 
-async def open_sealers(nc: Client, prefix: str, *, replicas: int = 1) -> KeyValue:
+async def open_sealers(
+    nc: Client, prefix: str, *, replicas: int = 1, align: bool = False
+) -> KeyValue:
     """The bucket `<prefix>_sealers` (event id -> who sealed it, history 1), made when missing
-    (an admin may; a service identity only opens it: `provision` makes it).
+    (an admin may; a service identity only opens it: `provision` makes it). Its entries live
+    as long as the messages they are about: its max age is the message stream's (forever
+    when that has none, or is not there yet). With `align` (an admin's `provision`), an
+    existing bucket's max age is set to the message stream's again, when that changed.
 
     Raises:
         KeyServiceError: it is not there and cannot be made, or the server did not answer.
@@ -675,14 +686,21 @@ async def open_sealers(nc: Client, prefix: str, *, replicas: int = 1) -> KeyValu
     js = nc.jetstream()
     try:
         try:
-            return await js.key_value(bucket)
+            records = await js.key_value(bucket)
         except (NotFoundError, KeyNotFoundError):
             return await js.create_key_value(
                 bucket=bucket,
                 history=1,
                 replicas=replicas,
+                ttl=await _message_max_age(nc, prefix) or None,
                 description="newfuse: who sealed which event's fields (the key service)",
             )
+        if align:
+            info = await js.stream_info(f"KV_{bucket}")
+            wanted = await _message_max_age(nc, prefix)
+            if (info.config.max_age or 0.0) != wanted:
+                await js.update_stream(dataclasses.replace(info.config, max_age=wanted))
+        return records
     except Exception as error:
         raise KeyServiceError(
             operation="start",
@@ -690,6 +708,15 @@ async def open_sealers(nc: Client, prefix: str, *, replicas: int = 1) -> KeyValu
             reason=f"KV bucket {bucket!r}: {type(error).__name__}: {error}; an admin makes it "
             "(newfuse.agents.secure.provision, which fuse dev --secure runs)",
         ) from None
+
+
+async def _message_max_age(nc: Client, prefix: str) -> float:
+    """The message stream's max age in seconds (0: forever, or no such stream yet)."""
+    try:
+        info = await nc.jetstream().stream_info(Subjects(prefix).message_stream_name)
+    except NotFoundError:
+        return 0.0
+    return float(info.config.max_age or 0.0)
 
 
 def _kv_key(text: str) -> str:
