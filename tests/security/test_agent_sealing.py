@@ -307,6 +307,12 @@ async def test_hostile_requests_get_clear_errors_and_the_service_goes_on(secure:
                     f"at most {MAX_VALUE_BYTES}",
                 ),
                 (b" " * (MAX_REQUEST_BYTES + 1), f"at most {MAX_REQUEST_BYTES}"),
+                # a value nested 20,000 deep: msgspec's RecursionError, were it decoded
+                (
+                    b'{"event": "e-1", "fields": [{"path": "$.payload.email", "subject": "c-9",'
+                    b' "value": ' + b"[" * 20_000 + b"]" * 20_000 + b"}]}",
+                    "the body nests 20003 deep",
+                ),
             ]
             for body, reason in cases:
                 code, error = await seal(body)

@@ -108,16 +108,25 @@ async def open_held(
             payload[name] = msgspec.json.decode(declared[name]) if name in declared else replacement
             redacted.append(path)
             continue
-        try:
-            check_depth(plaintext, f"event {event_id}")
-            payload[name] = msgspec.json.decode(plaintext)
-        except (FuseError, msgspec.DecodeError) as error:
-            raise SealedValueError(
-                event_id=event_id, path=path, reason=f"it opens to no usable JSON ({error})"
-            ) from None
+        payload[name] = _plaintext(plaintext, event_id, path)
     if not opened:
         return message, ()
     return msgspec.structs.replace(message, payload=payload), tuple(redacted)
+
+
+def _plaintext(data: bytes, event_id: str, path: str) -> Any:
+    """The JSON value a sealed value opened to (what any agent sealed: checked as foreign).
+
+    Raises:
+        SealedValueError: it is not JSON, or nests deeper than the wire contract allows.
+    """
+    try:
+        check_depth(data, f"event {event_id}")
+        return msgspec.json.decode(data)
+    except (FuseError, msgspec.DecodeError) as error:
+        raise SealedValueError(
+            event_id=event_id, path=path, reason=f"it opens to no usable JSON ({error})"
+        ) from None
 
 
 def plan_of(payload: Any) -> SealPlan | None:
@@ -224,5 +233,5 @@ async def open_message(
         if not path.startswith(PAYLOAD_PATH):
             continue
         data = replacements.get(path, b"null") if path in reply.redacted else bytes(raw)
-        payload[path[len(PAYLOAD_PATH) :]] = msgspec.json.decode(data)
+        payload[path[len(PAYLOAD_PATH) :]] = _plaintext(data, event_id, path)
     return msgspec.structs.replace(message, payload=payload), tuple(reply.redacted)

@@ -68,6 +68,7 @@ from nats.js.kv import KeyValue
 from newfuse._closing import AsyncClosing
 from newfuse.errors import (
     FuseError,
+    InvalidEnvelopeError,
     KeyNotLoadedError,
     KeyServiceBusyError,
     KeyServiceError,
@@ -311,6 +312,10 @@ class KeyService(AsyncClosing):
                 raise _Refusal(
                     400, f"the request has {len(msg.data)} bytes; at most {MAX_REQUEST_BYTES}"
                 )
+            try:  # before any decode: a deep body is a RecursionError in msgspec
+                check_depth(msg.data, f"the {operation} request")
+            except InvalidEnvelopeError as deep:
+                raise _Refusal(400, f"the request is refused: {deep.reason}") from None
             holder = self._signer(msg)
             self._within_rate(holder)
             answer = await (
